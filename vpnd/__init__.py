@@ -1,2 +1,3 @@
 """vpnd: a Trio daemon that runs a VPN subscription business from a Telegram bot."""
+
 __version__ = "0.1.0"

@@ -1,0 +1,253 @@
+-- vpnd — the whole current database schema, for people to read and for fresh installs.
+--
+-- PostgreSQL is the single source of truth: Xray's user list, messages to users and broadcast
+-- progress are all derived from these tables after commit. A fresh database gets this file in one
+-- transaction; an existing one gets the numbered files in vpnd/db/migrations/ (see vpnd/db/migrations.py).
+-- Money is integer minor units (cents) of one currency ([payments].currency), never float.
+
+CREATE TABLE schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- Telegram users. `id` is the Telegram user id (= the private chat id).
+CREATE TABLE users (
+    id                  bigint PRIMARY KEY,
+    username            text,
+    first_name          text NOT NULL DEFAULT '',
+    language            text NOT NULL DEFAULT 'en',
+    language_chosen     boolean NOT NULL DEFAULT false,
+    referral_code       text NOT NULL UNIQUE,
+    referred_by         bigint REFERENCES users (id),
+    balance_minor       bigint NOT NULL DEFAULT 0 CHECK (balance_minor >= 0),
+    pending_promo_code  text,
+    reachable           boolean NOT NULL DEFAULT true,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    CHECK (referred_by IS NULL OR referred_by <> id)
+);
+CREATE INDEX users_username_idx ON users (lower(username));
+CREATE INDEX users_created_at_idx ON users (created_at);
+
+-- One subscription per user: the user's VPN identity (UUID, subscription token) and its validity.
+-- Renewal extends `expires_at` and keeps the UUID; reissue replaces UUID and token.
+CREATE TABLE subscriptions (
+    user_id      bigint PRIMARY KEY REFERENCES users (id),
+    kind         text NOT NULL CHECK (kind IN ('trial', 'paid')),
+    status       text NOT NULL CHECK (status IN ('active', 'expired', 'revoked')),
+    uuid         uuid NOT NULL UNIQUE,
+    sub_token    text NOT NULL UNIQUE,
+    plan_code    text,
+    starts_at    timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz NOT NULL,
+    auto_renew   boolean NOT NULL DEFAULT false,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX subscriptions_active_expiry_idx ON subscriptions (expires_at, user_id) WHERE status = 'active';
+
+-- A trial is granted once per user, ever: the primary key is the guarantee.
+CREATE TABLE trials (
+    user_id     bigint PRIMARY KEY REFERENCES users (id),
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    ends_at     timestamptz NOT NULL
+);
+
+-- Key reissues, for the per-user rate limit.
+CREATE TABLE key_reissues (
+    user_id  bigint NOT NULL REFERENCES users (id),
+    at       timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX key_reissues_user_at_idx ON key_reissues (user_id, at);
+
+-- Who invited whom; recorded once, for a new user only.
+CREATE TABLE referrals (
+    referred_id  bigint PRIMARY KEY REFERENCES users (id),
+    referrer_id  bigint NOT NULL REFERENCES users (id),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    CHECK (referred_id <> referrer_id)
+);
+CREATE INDEX referrals_referrer_idx ON referrals (referrer_id);
+
+-- Conversation states (e.g. "waiting for a promo code"): durable, with an expiry.
+CREATE TABLE conversation_states (
+    user_id     bigint PRIMARY KEY REFERENCES users (id),
+    state       text NOT NULL,
+    data        jsonb NOT NULL DEFAULT '{}',
+    expires_at  timestamptz NOT NULL
+);
+CREATE INDEX conversation_states_expires_idx ON conversation_states (expires_at);
+
+-- Every update taken from getUpdates is recorded here before the offset moves past it; a row is
+-- handled once (handled_at set in the handler's own transaction) and survives a crash.
+CREATE TABLE telegram_inbox (
+    update_id    bigint PRIMARY KEY,
+    chat_id      bigint,
+    payload      jsonb NOT NULL,
+    received_at  timestamptz NOT NULL DEFAULT now(),
+    handled_at   timestamptz,
+    outcome      text
+);
+CREATE INDEX telegram_inbox_pending_idx ON telegram_inbox (update_id) WHERE handled_at IS NULL;
+
+-- Small durable key/value facts of the daemon (e.g. the getUpdates offset).
+CREATE TABLE daemon_state (
+    key    text PRIMARY KEY,
+    value  jsonb NOT NULL
+);
+
+-- Messages to users, written in the transaction that causes them and delivered after commit.
+CREATE TABLE outbox (
+    id           bigserial PRIMARY KEY,
+    chat_id      bigint NOT NULL,
+    dedupe_key   text UNIQUE,
+    method       text NOT NULL DEFAULT 'sendMessage',
+    payload      jsonb NOT NULL,
+    not_before   timestamptz NOT NULL DEFAULT now(),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    attempts     integer NOT NULL DEFAULT 0,
+    status       text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'dropped', 'failed')),
+    sent_at      timestamptz,
+    last_error   text
+);
+CREATE INDEX outbox_due_idx ON outbox (not_before, id) WHERE status = 'pending';
+
+CREATE TABLE promo_codes (
+    code          text PRIMARY KEY,
+    percent       integer NOT NULL CHECK (percent BETWEEN 1 AND 100),
+    max_uses      integer CHECK (max_uses IS NULL OR max_uses > 0),
+    used_count    integer NOT NULL DEFAULT 0,
+    expires_at    timestamptz,
+    active        boolean NOT NULL DEFAULT true,
+    created_by    bigint,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    CHECK (max_uses IS NULL OR used_count <= max_uses)
+);
+
+CREATE TABLE promo_redemptions (
+    code         text NOT NULL REFERENCES promo_codes (code),
+    user_id      bigint NOT NULL REFERENCES users (id),
+    purchase_id  bigint NOT NULL,
+    redeemed_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (code, user_id)
+);
+
+-- A purchase is the intent to pay: a plan (or a balance top-up) at a price, by a method.
+CREATE TABLE purchases (
+    id                bigserial PRIMARY KEY,
+    user_id           bigint NOT NULL REFERENCES users (id),
+    kind              text NOT NULL CHECK (kind IN ('plan', 'topup')),
+    plan_code         text,
+    days              integer,
+    method            text NOT NULL CHECK (method IN ('cryptopay', 'stars', 'balance')),
+    amount_minor      bigint NOT NULL CHECK (amount_minor >= 0),
+    currency          text NOT NULL,
+    stars             integer,
+    promo_code        text,
+    discount_percent  integer NOT NULL DEFAULT 0,
+    status            text NOT NULL DEFAULT 'pending'
+                      CHECK (status IN ('pending', 'paid', 'expired', 'cancelled')),
+    invoice_id        bigint UNIQUE,
+    invoice_url       text,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    expires_at        timestamptz NOT NULL,
+    paid_at           timestamptz,
+    paid_late         boolean NOT NULL DEFAULT false
+);
+CREATE INDEX purchases_pending_idx ON purchases (id) WHERE status = 'pending';
+CREATE INDEX purchases_user_idx ON purchases (user_id, created_at);
+
+-- Money received. The unique provider id makes finalize idempotent across webhook and watcher.
+CREATE TABLE payments (
+    id                   bigserial PRIMARY KEY,
+    purchase_id          bigint NOT NULL UNIQUE REFERENCES purchases (id),
+    user_id              bigint NOT NULL REFERENCES users (id),
+    provider             text NOT NULL CHECK (provider IN ('cryptopay', 'stars', 'balance')),
+    provider_payment_id  text NOT NULL,
+    amount_minor         bigint NOT NULL,
+    currency             text NOT NULL,
+    outcome              text NOT NULL CHECK (outcome IN ('granted', 'amount_mismatch', 'refunded')),
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (provider, provider_payment_id)
+);
+CREATE INDEX payments_created_idx ON payments (created_at);
+
+-- Every change of a balance; the balance equals the sum of its ledger.
+CREATE TABLE balance_ledger (
+    id           bigserial PRIMARY KEY,
+    user_id      bigint NOT NULL REFERENCES users (id),
+    delta_minor  bigint NOT NULL,
+    reason       text NOT NULL,
+    reference    text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (reason, reference)
+);
+CREATE INDEX balance_ledger_user_idx ON balance_ledger (user_id);
+
+-- Auto-renewal attempts, one per subscription and period end (charged or notified).
+CREATE TABLE auto_renewals (
+    user_id     bigint NOT NULL REFERENCES users (id),
+    period_end  timestamptz NOT NULL,
+    outcome     text NOT NULL CHECK (outcome IN ('charged', 'insufficient_balance')),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, period_end)
+);
+
+-- Monotonic traffic totals per user, from Xray's counters read without reset.
+CREATE TABLE traffic (
+    user_id          bigint PRIMARY KEY REFERENCES users (id),
+    uplink_total     bigint NOT NULL DEFAULT 0,
+    downlink_total   bigint NOT NULL DEFAULT 0,
+    uplink_seen      bigint NOT NULL DEFAULT 0,
+    downlink_seen    bigint NOT NULL DEFAULT 0,
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+
+-- Current state of each health check, for alerts on a change of state.
+CREATE TABLE health_checks (
+    name           text PRIMARY KEY,
+    ok             boolean NOT NULL,
+    detail         text NOT NULL DEFAULT '',
+    since          timestamptz NOT NULL DEFAULT now(),
+    last_alert_at  timestamptz
+);
+
+CREATE TABLE broadcasts (
+    id                   bigserial PRIMARY KEY,
+    created_by           bigint NOT NULL,
+    text                 text NOT NULL,
+    button_text          text,
+    button_url           text,
+    segment              text NOT NULL,
+    segment_days         integer,
+    status               text NOT NULL CHECK (status IN ('running', 'paused', 'cancelled', 'done')),
+    total                integer NOT NULL DEFAULT 0,
+    progress_chat_id     bigint,
+    progress_message_id  bigint,
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    finished_at          timestamptz
+);
+
+CREATE TABLE broadcast_recipients (
+    broadcast_id  bigint NOT NULL REFERENCES broadcasts (id),
+    user_id       bigint NOT NULL REFERENCES users (id),
+    status        text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sent', 'failed', 'skipped')),
+    message_id    bigint,
+    error         text,
+    sent_at       timestamptz,
+    PRIMARY KEY (broadcast_id, user_id)
+);
+CREATE INDEX broadcast_recipients_pending_idx ON broadcast_recipients (broadcast_id, user_id)
+    WHERE status = 'pending';
+
+-- Every admin action (and refused attempt), bot or command line.
+CREATE TABLE admin_audit (
+    id          bigserial PRIMARY KEY,
+    admin_id    bigint NOT NULL,
+    action      text NOT NULL,
+    target      text,
+    result      text NOT NULL,
+    details     jsonb NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT now()
+);

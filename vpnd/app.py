@@ -1,0 +1,102 @@
+"""The composition root: `open_app(config)` builds everything the services share.
+
+There are no module-level clients or singletons: the pool, the health registry, the metrics
+registry and (in later layers) the Telegram and Crypto Pay clients are built here, handed down
+as arguments, and closed here in reverse order — the database pool last.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import psycopg
+import trio
+from prometheus_client import CollectorRegistry
+
+from vpnd.config import Config
+from vpnd.db import Database, open_database
+from vpnd.db.migrations import Schema, check_version, migrate, packaged_schema
+from vpnd.health import CheckResult, Health
+from vpnd.instance_lock import InstanceLock, hold_instance_lock
+from vpnd.lifecycle import Lifecycle
+from vpnd.metrics import Metrics
+
+log = logging.getLogger("vpnd.app")
+
+
+@attrs.define(eq=False)
+class App:
+    config: Config
+    db: Database
+    schema: Schema
+    lifecycle: Lifecycle
+    health: Health
+    metrics: Metrics
+    instance_lock: InstanceLock | None = None
+
+
+async def prepare_schema(dsn: str, schema: Schema, *, apply: bool, timeout: float = 10.0) -> None:
+    """Migrate (when `apply`) or just check that the database is at `schema.version`."""
+
+    def work() -> None:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, int(timeout))) as conn:
+            if apply:
+                migrate(conn, schema)
+            else:
+                version = check_version(conn, schema)
+                if version != schema.version:
+                    from vpnd.db.migrations import SchemaError
+
+                    raise SchemaError(
+                        f"the database schema is at version {version or 'none'}, this vpnd needs "
+                        f"{schema.version}; run `vpnd migrate` (or set [database].migrate_on_start = true)"
+                    )
+
+    await trio.to_thread.run_sync(work)
+
+
+@asynccontextmanager
+async def open_app(config: Config, *, single_instance: bool = True) -> AsyncIterator[App]:
+    db_config = config.database
+    schema = packaged_schema()
+    async with _maybe_instance_lock(config, single_instance) as lock:
+        await prepare_schema(
+            db_config.dsn, schema, apply=db_config.migrate_on_start, timeout=db_config.connect_timeout_seconds
+        )
+        async with open_database(
+            db_config.dsn,
+            min_size=db_config.pool_min,
+            max_size=db_config.pool_max,
+            statement_timeout_ms=db_config.statement_timeout_ms,
+            connect_timeout=db_config.connect_timeout_seconds,
+        ) as db:
+            health = Health()
+            metrics = Metrics(CollectorRegistry(), db)
+            app = App(config, db, schema, Lifecycle(), health, metrics, lock)
+            health.add_check("database", lambda: database_ready(app))
+            yield app
+
+
+@asynccontextmanager
+async def _maybe_instance_lock(config: Config, wanted: bool) -> AsyncIterator[InstanceLock | None]:
+    if not wanted:
+        yield None
+        return
+    async with hold_instance_lock(config.database.dsn, timeout=config.database.connect_timeout_seconds) as lock:
+        yield lock
+
+
+async def database_ready(app: App) -> CheckResult:
+    """The database answers and its schema is the one this code needs."""
+
+    def version(conn: psycopg.Connection[Any]) -> int | None:
+        return check_version(conn, app.schema)
+
+    found = await app.db.run(version)
+    if found != app.schema.version:
+        return CheckResult(False, f"schema version {found}, need {app.schema.version}")
+    return CheckResult(True, f"schema version {found}")

@@ -1,0 +1,155 @@
+"""The `vpnd` command: run, check-config, migrate (and sandbox, admin from later layers).
+
+Exit codes: 0 ok, 1 failure (logged with its cause, once), 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import psycopg
+import trio
+
+from vpnd.config import Config, ConfigError, load_config, render_effective, require_runtime_secrets
+from vpnd.db import DatabaseUnavailable
+from vpnd.db.migrations import SchemaError, migrate, packaged_schema, pending
+from vpnd.errors import describe, leaf_exceptions
+from vpnd.instance_lock import InstanceLockHeld, InstanceLockLost
+from vpnd.logs import setup_logging
+
+log = logging.getLogger("vpnd")
+
+DEFAULT_CONFIG = os.environ.get("VPND_CONFIG", "/etc/vpnd/config.toml")
+
+#: Failures whose message is the whole story: no traceback in the log.
+EXPECTED_FAILURES: tuple[type[BaseException], ...] = (
+    DatabaseUnavailable,
+    SchemaError,
+    InstanceLockHeld,
+    InstanceLockLost,
+    psycopg.OperationalError,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpnd", description="Run a VPN subscription shop from a Telegram bot.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+        return p
+
+    with_config(sub.add_parser("run", help="run the daemon (systemd: Type=notify)"))
+    with_config(sub.add_parser("check-config", help="validate the config and print it, secrets masked"))
+    migrate_parser = with_config(sub.add_parser("migrate", help="apply pending database migrations"))
+    migrate_parser.add_argument("--check", action="store_true", help="only report pending migrations (exit 1 if any)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"vpnd: {exc}", file=sys.stderr)
+        return 2
+    secrets = [config.telegram.token, config.cryptopay.token, config.metrics.password, _dsn_password(config)]
+    setup_logging(config.log.level, config.log.format, secrets)
+    handler = COMMANDS[args.command]
+    return handler(config, args)
+
+
+def _dsn_password(config: Config) -> str:
+    try:
+        return str(psycopg.conninfo.conninfo_to_dict(config.database.dsn).get("password") or "")
+    except psycopg.ProgrammingError:
+        return ""
+
+
+def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
+    sys.stdout.write(render_effective(config))
+    print(f"# {config.path}: OK", file=sys.stderr)
+    return 0
+
+
+def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
+    try:
+        require_runtime_secrets_db(config)
+        schema = packaged_schema()
+        with psycopg.connect(config.database.dsn, autocommit=True, connect_timeout=10) as conn:
+            if args.check:
+                todo = list(pending(conn, schema))
+                print(f"pending migrations: {', '.join(map(str, todo)) or 'none'} (code version {schema.version})")
+                return 1 if todo else 0
+            applied = migrate(conn, schema)
+        print(f"database at version {schema.version}; applied: {', '.join(map(str, applied)) or 'nothing'}")
+        return 0
+    except ConfigError as exc:
+        print(f"vpnd: {exc}", file=sys.stderr)
+        return 2
+    except EXPECTED_FAILURES as exc:
+        log.error("event=migrate_failed cause=%s", _quote(describe(exc)))
+        return 1
+
+
+def require_runtime_secrets_db(config: Config) -> None:
+    if not config.database.dsn:
+        raise ConfigError(config.path, "[database].dsn", "required (or set VPND_DATABASE_DSN)")
+
+
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from vpnd.nurseries.root import run_daemon
+
+    try:
+        require_runtime_secrets(config)
+    except ConfigError as exc:
+        print(f"vpnd: {exc}", file=sys.stderr)
+        return 2
+    log.info("event=starting version=%s config=%s", _version(), config.path)
+    try:
+        trio.run(run_daemon, config)
+    except BaseException as exc:  # the daemon's one error boundary: classify, log once, exit code
+        return _report_crash(exc)
+    return 0
+
+
+def _report_crash(exc: BaseException) -> int:
+    leaves = leaf_exceptions(exc)
+    if not leaves:  # only cancellations: a second signal cut the shutdown short
+        log.warning("event=stopped_by_signal detail=%s", _quote("cancelled before the grace period ended"))
+        return 0
+    if all(isinstance(e, KeyboardInterrupt | SystemExit) for e in leaves):
+        raise exc
+    cause = leaves[0]
+    if isinstance(cause, EXPECTED_FAILURES):
+        log.error("event=crashed cause=%s", _quote(describe(cause)))
+    else:
+        log.error("event=crashed cause=%s", _quote(describe(cause)), exc_info=cause)
+    return 1
+
+
+def _quote(text: str) -> str:
+    from vpnd.logs import quote
+
+    return quote(text)
+
+
+def _version() -> str:
+    from vpnd import __version__
+
+    return __version__
+
+
+COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "check-config": cmd_check_config,
+    "migrate": cmd_migrate,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

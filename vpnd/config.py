@@ -1,0 +1,651 @@
+"""Configuration: `config.toml` loaded into frozen attrs values.
+
+Every section is a frozen attrs class; `load_config(path)` parses the file, applies defaults, takes
+secrets from the environment or systemd credentials, and validates everything at once. Any problem
+raises `ConfigError` whose message names the file, the key path and what was expected, e.g.::
+
+    config.toml: [http].listen: expected "host:port", got "8080"
+
+The keys are a public interface: operators and outside tools rely on them. `config.toml` at the
+repository root documents every key with its default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+T = TypeVar("T")
+
+#: Secrets that may come from the environment or `$CREDENTIALS_DIRECTORY/<credential>`.
+#: (section, key) -> (environment variable, systemd credential name)
+SECRET_SOURCES: dict[tuple[str, str], tuple[str, str]] = {
+    ("telegram", "token"): ("VPND_TELEGRAM_TOKEN", "telegram_token"),
+    ("database", "dsn"): ("VPND_DATABASE_DSN", "database_dsn"),
+    ("cryptopay", "token"): ("VPND_CRYPTOPAY_TOKEN", "cryptopay_token"),
+    ("metrics", "password"): ("VPND_METRICS_PASSWORD", "metrics_password"),
+}
+
+SUPPORTED_LANGUAGES = ("en", "ru")
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message fit to show an operator as is."""
+
+    def __init__(self, file: str, key: str | None, message: str) -> None:
+        self.file = file
+        self.key = key
+        self.detail = message
+        where = f"{file}: {key}: " if key else f"{file}: "
+        super().__init__(where + message)
+
+
+# --- values -----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class TelegramConfig:
+    token: str = ""
+    api_base_url: str = "https://api.telegram.org"
+    admin_ids: tuple[int, ...] = ()
+    poll_timeout: int = 25
+    max_concurrent_updates: int = 20
+    handler_timeout_seconds: float = 30.0
+    rate_per_second: float = 25.0
+    per_chat_per_second: float = 1.0
+    poll_dead_after_seconds: float = 120.0
+    support_contact: str = "@support"
+    default_language: str = "en"
+
+
+@attrs.frozen
+class DatabaseConfig:
+    dsn: str = ""
+    pool_min: int = 2
+    pool_max: int = 10
+    statement_timeout_ms: int = 15000
+    connect_timeout_seconds: float = 10.0
+    migrate_on_start: bool = True
+
+
+@attrs.frozen
+class HttpConfig:
+    listen: HostPort = HostPort("127.0.0.1", 8080)
+    public_base_url: str = "http://127.0.0.1:8080"
+    max_body_bytes: int = 65536
+
+
+@attrs.frozen
+class MetricsConfig:
+    username: str = ""
+    password: str = ""
+
+
+@attrs.frozen
+class ShutdownConfig:
+    grace_seconds: float = 10.0
+
+
+@attrs.frozen
+class LogConfig:
+    level: str = "info"
+    format: str = "kv"
+
+
+@attrs.frozen
+class TrialConfig:
+    enabled: bool = True
+    days: int = 3
+
+
+@attrs.frozen
+class ReferralConfig:
+    percent: int = 10
+
+
+@attrs.frozen
+class Plan:
+    code: str
+    title: Mapping[str, str]
+    days: int
+    price: Decimal
+    currency: str
+    stars: int
+
+
+@attrs.frozen
+class PaymentsConfig:
+    purchase_ttl_minutes: int = 30
+    min_price: Decimal = Decimal("0.10")
+    topup_presets: tuple[Decimal, ...] = (Decimal("5"), Decimal("10"), Decimal("25"))
+    topup_min: Decimal = Decimal("1")
+    topup_max: Decimal = Decimal("500")
+    currency: str = "USD"
+
+
+@attrs.frozen
+class CryptoPayConfig:
+    enabled: bool = False
+    token: str = ""
+    api_base_url: str = "https://pay.crypt.bot/api"
+    poll_interval: float = 30.0
+    accepted_assets: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class StarsConfig:
+    enabled: bool = True
+
+
+@attrs.frozen
+class XrayConfig:
+    enabled: bool = False
+    template_path: str = "/etc/vpnd/xray-template.json"
+    config_path: str = "/usr/local/etc/xray/config.json"
+    inbound_tag: str = "vless-reality"
+    flow: str = "xtls-rprx-vision"
+    api_address: str = "127.0.0.1:10085"
+    api_prefix: str = "xray."
+    reconcile_interval: float = 60.0
+    restart_command: str = ""
+    host: str = "vpn.example.com"
+    port: int = 443
+    public_key: str = ""
+    short_id: str = ""
+    sni: str = "www.microsoft.com"
+    fingerprint: str = "chrome"
+    link_name: str = "vpnd"
+
+
+@attrs.frozen
+class WorkersConfig:
+    reminders_interval: float = 300.0
+    trial_interval: float = 300.0
+    expiry_interval: float = 60.0
+    renewal_interval: float = 600.0
+    renewal_window_hours: float = 24.0
+    health_interval: float = 60.0
+    housekeeping_interval: float = 3600.0
+    retention_days: int = 30
+    batch_size: int = 500
+
+
+@attrs.frozen
+class BroadcastConfig:
+    paid: bool = False
+    progress_interval: float = 3.0
+
+
+@attrs.frozen
+class Config:
+    path: str
+    telegram: TelegramConfig = TelegramConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    http: HttpConfig = HttpConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    log: LogConfig = LogConfig()
+    trial: TrialConfig = TrialConfig()
+    referral: ReferralConfig = ReferralConfig()
+    payments: PaymentsConfig = PaymentsConfig()
+    cryptopay: CryptoPayConfig = CryptoPayConfig()
+    stars: StarsConfig = StarsConfig()
+    xray: XrayConfig = XrayConfig()
+    workers: WorkersConfig = WorkersConfig()
+    broadcast: BroadcastConfig = BroadcastConfig()
+    plans: tuple[Plan, ...] = ()
+
+    def plan(self, code: str) -> Plan | None:
+        return next((p for p in self.plans if p.code == code), None)
+
+
+# --- field readers ----------------------------------------------------------------------------
+# Each reader takes the raw TOML value and returns the typed value or raises ValueError with the
+# "expected ..., got ..." text; the loader adds the file and key path.
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _expected(what: str, value: object) -> ValueError:
+    return ValueError(f"expected {what}, got {_show(value)}")
+
+
+def read_str(value: object) -> str:
+    if not isinstance(value, str):
+        raise _expected("a string", value)
+    return value
+
+
+def read_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _expected("true or false", value)
+    return value
+
+
+def read_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _expected("an integer", value)
+    return value
+
+
+def read_number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _expected("a number", value)
+    return float(value)
+
+
+def read_decimal(value: object) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _expected('a decimal string such as "4.99"', value)
+    try:
+        result = Decimal(str(value))
+    except InvalidOperation:
+        raise _expected('a decimal string such as "4.99"', value) from None
+    if not result.is_finite():
+        raise _expected("a finite decimal", value)
+    return result
+
+
+def read_host_port(value: object) -> HostPort:
+    text = read_str(value) if isinstance(value, str) else None
+    if text is None:
+        raise _expected('"host:port"', value)
+    match = re.fullmatch(r"\[(?P<v6>[0-9a-fA-F:.]+)\]:(?P<port>\d+)|(?P<host>[^:\[\]]+):(?P<port2>\d+)", text)
+    if not match:
+        raise _expected('"host:port"', value)
+    host = match.group("v6") or match.group("host")
+    port = int(match.group("port") or match.group("port2"))
+    if not 0 <= port <= 65535:
+        raise _expected("a port between 0 and 65535", value)
+    return HostPort(host, port)
+
+
+def read_url(value: object) -> str:
+    text = read_str(value)
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
+        raise _expected("an http:// or https:// URL", value)
+    return text.rstrip("/")
+
+
+def read_list(item: Callable[[object], T]) -> Callable[[object], tuple[T, ...]]:
+    def read(value: object) -> tuple[T, ...]:
+        if not isinstance(value, list):
+            raise _expected("a list", value)
+        out = []
+        for index, element in enumerate(value):
+            try:
+                out.append(item(element))
+            except ValueError as exc:
+                raise ValueError(f"item {index}: {exc}") from None
+        return tuple(out)
+
+    return read
+
+
+def one_of(*choices: str) -> Callable[[object], str]:
+    def read(value: object) -> str:
+        text = read_str(value)
+        if text not in choices:
+            raise _expected("one of " + ", ".join(f'"{c}"' for c in choices), value)
+        return text
+
+    return read
+
+
+def positive(reader: Callable[[object], T]) -> Callable[[object], T]:
+    def read(value: object) -> T:
+        result = reader(value)
+        if result <= 0:  # type: ignore[operator]
+            raise _expected("a positive value", value)
+        return result
+
+    return read
+
+
+def non_negative(reader: Callable[[object], T]) -> Callable[[object], T]:
+    def read(value: object) -> T:
+        result = reader(value)
+        if result < 0:  # type: ignore[operator]
+            raise _expected("zero or a positive value", value)
+        return result
+
+    return read
+
+
+def in_range(reader: Callable[[object], T], low: float, high: float) -> Callable[[object], T]:
+    def read(value: object) -> T:
+        result = reader(value)
+        if not low <= result <= high:  # type: ignore[operator]
+            raise _expected(f"a value from {low:g} to {high:g}", value)
+        return result
+
+    return read
+
+
+def read_language(value: object) -> str:
+    return one_of(*SUPPORTED_LANGUAGES)(value)
+
+
+# Section -> key -> reader. Keys not listed are refused (catches typos such as `grace_second`).
+SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
+    "telegram": {
+        "token": read_str,
+        "api_base_url": read_url,
+        "admin_ids": read_list(read_int),
+        "poll_timeout": in_range(read_int, 0, 50),
+        "max_concurrent_updates": in_range(read_int, 1, 1000),
+        "handler_timeout_seconds": positive(read_number),
+        "rate_per_second": in_range(read_number, 0.1, 1000),
+        "per_chat_per_second": in_range(read_number, 0.01, 100),
+        "poll_dead_after_seconds": positive(read_number),
+        "support_contact": read_str,
+        "default_language": read_language,
+    },
+    "database": {
+        "dsn": read_str,
+        "pool_min": in_range(read_int, 1, 100),
+        "pool_max": in_range(read_int, 1, 100),
+        "statement_timeout_ms": non_negative(read_int),
+        "connect_timeout_seconds": positive(read_number),
+        "migrate_on_start": read_bool,
+    },
+    "http": {
+        "listen": read_host_port,
+        "public_base_url": read_url,
+        "max_body_bytes": in_range(read_int, 1024, 16 * 1024 * 1024),
+    },
+    "metrics": {"username": read_str, "password": read_str},
+    "shutdown": {"grace_seconds": in_range(read_number, 0, 3600)},
+    "log": {
+        "level": one_of("debug", "info", "warning", "error"),
+        "format": one_of("kv", "json"),
+    },
+    "trial": {"enabled": read_bool, "days": in_range(read_int, 1, 365)},
+    "referral": {"percent": in_range(read_int, 0, 100)},
+    "payments": {
+        "purchase_ttl_minutes": in_range(read_int, 1, 7 * 24 * 60),
+        "min_price": non_negative(read_decimal),
+        "topup_presets": read_list(positive(read_decimal)),
+        "topup_min": positive(read_decimal),
+        "topup_max": positive(read_decimal),
+        "currency": read_str,
+    },
+    "cryptopay": {
+        "enabled": read_bool,
+        "token": read_str,
+        "api_base_url": read_url,
+        "poll_interval": positive(read_number),
+        "accepted_assets": read_list(read_str),
+    },
+    "stars": {"enabled": read_bool},
+    "xray": {
+        "enabled": read_bool,
+        "template_path": read_str,
+        "config_path": read_str,
+        "inbound_tag": read_str,
+        "flow": read_str,
+        "api_address": lambda v: str(read_host_port(v)),
+        "api_prefix": one_of("xray.", "v2ray.core."),
+        "reconcile_interval": positive(read_number),
+        "restart_command": read_str,
+        "host": read_str,
+        "port": in_range(read_int, 1, 65535),
+        "public_key": read_str,
+        "short_id": read_str,
+        "sni": read_str,
+        "fingerprint": read_str,
+        "link_name": read_str,
+    },
+    "workers": {
+        "reminders_interval": positive(read_number),
+        "trial_interval": positive(read_number),
+        "expiry_interval": positive(read_number),
+        "renewal_interval": positive(read_number),
+        "renewal_window_hours": positive(read_number),
+        "health_interval": positive(read_number),
+        "housekeeping_interval": positive(read_number),
+        "retention_days": in_range(read_int, 1, 3650),
+        "batch_size": in_range(read_int, 1, 10000),
+    },
+    "broadcast": {"paid": read_bool, "progress_interval": positive(read_number)},
+}
+
+SECTION_CLASSES: dict[str, type] = {
+    "telegram": TelegramConfig,
+    "database": DatabaseConfig,
+    "http": HttpConfig,
+    "metrics": MetricsConfig,
+    "shutdown": ShutdownConfig,
+    "log": LogConfig,
+    "trial": TrialConfig,
+    "referral": ReferralConfig,
+    "payments": PaymentsConfig,
+    "cryptopay": CryptoPayConfig,
+    "stars": StarsConfig,
+    "xray": XrayConfig,
+    "workers": WorkersConfig,
+    "broadcast": BroadcastConfig,
+}
+
+PLAN_KEYS = {"code", "title", "days", "price", "currency", "stars"}
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and return the configuration at `path`; raise `ConfigError` on any problem."""
+    environ = os.environ if environ is None else environ
+    name = str(path)
+    try:
+        raw_bytes = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(name, None, "file not found") from None
+    except OSError as exc:
+        raise ConfigError(name, None, f"cannot read the file: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(raw_bytes.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(name, None, "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(name, None, f"invalid TOML: {exc}") from None
+    return config_from_dict(raw, name, environ)
+
+
+def config_from_dict(raw: Mapping[str, Any], name: str, environ: Mapping[str, str]) -> Config:
+    sections: dict[str, Any] = {}
+    for section, value in raw.items():
+        if section == "plans":
+            continue
+        if section not in SECTION_READERS:
+            known = ", ".join(sorted([*SECTION_READERS, "plans"]))
+            raise ConfigError(name, f"[{section}]", f"unknown section (known: {known})")
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"[{section}]", f"expected a table, got {_show(value)}")
+        sections[section] = _read_section(name, section, value)
+
+    for (section, key), (env_name, credential) in SECRET_SOURCES.items():
+        secret = _secret_from_outside(env_name, credential, environ)
+        if secret is not None:
+            sections.setdefault(section, {})[key] = secret
+
+    values = {s: SECTION_CLASSES[s](**kwargs) for s, kwargs in sections.items()}
+    plans = _read_plans(name, raw.get("plans", []))
+    config = Config(path=name, plans=plans, **values)
+    _check_whole(name, config)
+    return config
+
+
+def _read_section(name: str, section: str, table: Mapping[str, Any]) -> dict[str, Any]:
+    readers = SECTION_READERS[section]
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        reader = readers.get(key)
+        if reader is None:
+            raise ConfigError(name, f"[{section}].{key}", f"unknown key (known: {', '.join(readers)})")
+        try:
+            out[key] = reader(value)
+        except ValueError as exc:
+            raise ConfigError(name, f"[{section}].{key}", str(exc)) from None
+    return out
+
+
+def _secret_from_outside(env_name: str, credential: str, environ: Mapping[str, str]) -> str | None:
+    """The environment wins over systemd credentials, which win over the file."""
+    if environ.get(env_name):
+        return environ[env_name]
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        candidate = Path(directory) / credential
+        if candidate.is_file():
+            return candidate.read_text("utf-8").strip()
+    return None
+
+
+def _read_plans(name: str, raw: object) -> tuple[Plan, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(name, "[[plans]]", f"expected an array of tables, got {_show(raw)}")
+    plans = [_read_plan(name, f"[[plans]][{index}]", table) for index, table in enumerate(raw)]
+    codes = [p.code for p in plans]
+    for index, code in enumerate(codes):
+        if codes.index(code) != index:
+            raise ConfigError(name, f"[[plans]][{index}].code", f'duplicate plan code "{code}"')
+    return tuple(plans)
+
+
+def _read_plan(name: str, where: str, table: object) -> Plan:
+    if not isinstance(table, dict):
+        raise ConfigError(name, where, f"expected a table, got {_show(table)}")
+    unknown = set(table) - PLAN_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(name, f"{where}.{key}", f"unknown key (known: {', '.join(sorted(PLAN_KEYS))})")
+    missing = PLAN_KEYS - set(table) - {"title", "stars"}
+    if missing:
+        raise ConfigError(name, f"{where}.{sorted(missing)[0]}", "missing required key")
+
+    def field(key: str, reader: Callable[[object], T], default: object = None) -> T:
+        try:
+            return reader(table.get(key, default))
+        except ValueError as exc:
+            raise ConfigError(name, f"{where}.{key}", str(exc)) from None
+
+    code = field("code", read_str)
+    if not re.fullmatch(r"[a-z0-9_]{1,32}", code):
+        raise ConfigError(name, f"{where}.code", f"expected 1-32 of a-z, 0-9, _, got {_show(code)}")
+    return Plan(
+        code=code,
+        title=field("title", _read_title, code),
+        days=field("days", in_range(read_int, 1, 3650)),
+        price=field("price", positive(read_decimal)),
+        currency=field("currency", read_str),
+        stars=field("stars", non_negative(read_int), 0),
+    )
+
+
+def _read_title(value: object) -> Mapping[str, str]:
+    if isinstance(value, str):
+        return {lang: value for lang in SUPPORTED_LANGUAGES}
+    if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+        for lang in value:
+            read_language(lang)
+        return dict(value)
+    raise _expected('a string or a table of languages such as { en = "1 month", ru = "1 месяц" }', value)
+
+
+def _check_whole(name: str, config: Config) -> None:
+    """Checks that involve more than one key."""
+    if config.database.pool_min > config.database.pool_max:
+        raise ConfigError(
+            name,
+            "[database].pool_min",
+            f"expected at most pool_max ({config.database.pool_max}), got {config.database.pool_min}",
+        )
+    if config.payments.topup_min > config.payments.topup_max:
+        raise ConfigError(name, "[payments].topup_min", "expected at most [payments].topup_max")
+    if config.cryptopay.enabled and not config.cryptopay.token:
+        raise ConfigError(
+            name, "[cryptopay].token", "required when [cryptopay].enabled = true (or VPND_CRYPTOPAY_TOKEN)"
+        )
+
+
+def require_runtime_secrets(config: Config) -> None:
+    """What `vpnd run` needs beyond what `check-config` accepts."""
+    if not config.database.dsn:
+        raise ConfigError(config.path, "[database].dsn", "required (or set VPND_DATABASE_DSN)")
+    if not config.telegram.token:
+        raise ConfigError(config.path, "[telegram].token", "required (or set VPND_TELEGRAM_TOKEN)")
+
+
+# --- printing ---------------------------------------------------------------------------------
+
+SECRET_KEYS = {("telegram", "token"), ("database", "dsn"), ("cryptopay", "token"), ("metrics", "password")}
+
+
+def mask_secret(value: str) -> str:
+    if not value:
+        return ""
+    return "***" if len(value) < 12 else value[:3] + "***" + value[-2:]
+
+
+def mask_dsn(dsn: str) -> str:
+    """Hide the password in a DSN (URL or key=value form), keep what helps an operator."""
+    masked = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", masked)
+
+
+def render_effective(config: Config) -> str:
+    """The effective configuration as TOML, secrets masked (for `vpnd check-config`)."""
+    lines = [f"# effective configuration of {config.path} (secrets masked)"]
+    for section in SECTION_CLASSES:
+        value = getattr(config, section)
+        lines.append(f"\n[{section}]")
+        for field in attrs.fields(type(value)):
+            item = getattr(value, field.name)
+            if (section, field.name) == ("database", "dsn"):
+                item = mask_dsn(item)
+            elif (section, field.name) in SECRET_KEYS:
+                item = mask_secret(item)
+            lines.append(f"{field.name} = {_toml(item)}")
+    for plan in config.plans:
+        lines.append("\n[[plans]]")
+        lines.append(f"code = {_toml(plan.code)}")
+        lines.append("title = { " + ", ".join(f"{k} = {_toml(v)}" for k, v in plan.title.items()) + " }")
+        lines.append(f"days = {plan.days}")
+        lines.append(f"price = {_toml(plan.price)}")
+        lines.append(f"currency = {_toml(plan.currency)}")
+        lines.append(f"stars = {plan.stars}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | HostPort | Decimal):
+        text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{text}"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)

@@ -1,0 +1,214 @@
+"""The one way async code reaches PostgreSQL: `await db.run(fn, *args)`.
+
+`fn` is a plain synchronous function `fn(conn, *args)` that runs in a worker thread inside one
+transaction on one pooled connection, and returns a value. Because it is synchronous it cannot
+await Telegram, Crypto Pay or Xray, and because it receives its connection it has no reason to
+take a second one: "no network I/O inside a transaction" and "no nested acquire" hold by
+construction. Work that must happen outside (a message, an Xray change) is written as a row in the
+same transaction and carried out after commit by its owner task.
+
+Cancellation: Trio's `to_thread.run_sync` either waits for the thread (and lets the cancelled work
+commit) or abandons it (and leaks the connection until the query ends). `run` does neither: when
+the calling scope is cancelled it sends PostgreSQL a cancel request for the running statement,
+marks the call so that the transaction is rolled back instead of committed, waits for the thread
+to return the connection clean, and only then lets `trio.Cancelled` propagate.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import attrs
+import outcome
+import psycopg
+import psycopg_pool
+import trio
+
+log = logging.getLogger("vpnd.db")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: How long a cancelled call may take to roll back and return its connection before we give up
+#: waiting politely (the thread is still awaited; this only bounds the server-side cancel).
+CANCEL_REQUEST_TIMEOUT = 5.0
+
+
+class DatabaseUnavailable(Exception):
+    """The pool could not hand out a working connection in time."""
+
+
+class _CallCancelled(Exception):
+    """Raised inside the worker thread to roll back a call whose Trio caller was cancelled."""
+
+
+@attrs.define(eq=False)
+class _Call:
+    """Shared state between a Trio caller and the worker thread running its transaction."""
+
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+    conn: psycopg.Connection[Any] | None = None
+    cancelled: bool = False
+    finished: bool = False
+
+    def attach(self, conn: psycopg.Connection[Any]) -> None:
+        with self.lock:
+            if self.cancelled:
+                raise _CallCancelled
+            self.conn = conn
+
+    def detach(self) -> None:
+        with self.lock:
+            self.conn = None
+            self.finished = True
+
+    def check(self) -> None:
+        with self.lock:
+            if self.cancelled:
+                raise _CallCancelled
+
+    def cancel(self) -> psycopg.Connection[Any] | None:
+        """Mark cancelled; return the connection whose statement must be cancelled, if any."""
+        with self.lock:
+            if self.finished:
+                return None
+            self.cancelled = True
+            return self.conn
+
+
+@attrs.define(eq=False)
+class Database:
+    """A psycopg connection pool bridged to Trio. Build it with `open_database`."""
+
+    pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]]
+    limiter: trio.CapacityLimiter
+    acquire_timeout: float
+    #: Calls currently running in a worker thread (for /metrics and tests).
+    in_flight: int = 0
+
+    async def run(
+        self,
+        fn: Callable[Concatenate[psycopg.Connection[Any], P], R],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """Run `fn(conn, *args, **kwargs)` in one transaction in a worker thread; return its result."""
+        call = _Call()
+
+        def work() -> R:
+            try:
+                with self.pool.connection(timeout=self.acquire_timeout) as conn:
+                    call.attach(conn)
+                    try:
+                        with conn.transaction():
+                            result = fn(conn, *args, **kwargs)
+                            call.check()  # a cancel that came during fn rolls back instead of committing
+                        return result
+                    finally:
+                        call.detach()
+            except psycopg_pool.PoolTimeout as exc:
+                raise DatabaseUnavailable(f"no database connection within {self.acquire_timeout:g}s") from exc
+
+        self.in_flight += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._cancel_when_cancelled, call)
+                result = await outcome.acapture(partial(trio.to_thread.run_sync, work, limiter=self.limiter))
+                nursery.cancel_scope.cancel()
+        finally:
+            self.in_flight -= 1
+        if isinstance(result, outcome.Error) and (
+            isinstance(result.error, _CallCancelled)
+            or (call.cancelled and isinstance(result.error, psycopg.errors.QueryCanceled))
+        ):
+            # We rolled back because the caller was cancelled: this checkpoint raises trio.Cancelled,
+            # which is what the caller must see.
+            await trio.lowlevel.checkpoint()
+            raise AssertionError("a database call was rolled back without a cancel")
+        return result.unwrap()
+
+    async def _cancel_when_cancelled(self, call: _Call) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            conn = call.cancel()
+            if conn is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_REQUEST_TIMEOUT):
+                    await trio.to_thread.run_sync(_cancel_statement, conn, abandon_on_cancel=True)
+
+    def stats(self) -> dict[str, int]:
+        """Pool counters (size, available, waiting) for /metrics."""
+        raw = self.pool.get_stats()
+        return {
+            "size": raw.get("pool_size", 0),
+            "available": raw.get("pool_available", 0),
+            "waiting": raw.get("requests_waiting", 0),
+            "in_flight": self.in_flight,
+        }
+
+
+def _cancel_statement(conn: psycopg.Connection[Any]) -> None:
+    try:
+        conn.cancel_safe(timeout=CANCEL_REQUEST_TIMEOUT)
+    except psycopg.Error as exc:  # the statement may have ended meanwhile; the rollback still happens
+        log.debug("event=db_cancel_failed error=%s", type(exc).__name__)
+
+
+@asynccontextmanager
+async def open_database(
+    dsn: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    statement_timeout_ms: int = 15000,
+    connect_timeout: float = 10.0,
+    application_name: str = "vpnd",
+) -> AsyncIterator[Database]:
+    """Open the pool (waiting until `min_size` connections work) and close it on exit.
+
+    The worker-thread limiter equals the pool size, so a thread never waits for a connection that
+    another thread of ours holds; callers wait in Trio instead, where they can be cancelled.
+    """
+    options = f"-c statement_timeout={statement_timeout_ms}" if statement_timeout_ms else ""
+    pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = psycopg_pool.ConnectionPool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        timeout=connect_timeout,
+        kwargs={
+            "autocommit": True,
+            "options": options,
+            "application_name": application_name,
+            "connect_timeout": max(1, int(connect_timeout)),
+        },
+        check=psycopg_pool.ConnectionPool.check_connection,
+        name="vpnd",
+    )
+    try:
+        with trio.fail_after(connect_timeout + 1):
+            await trio.to_thread.run_sync(lambda: pool.open(wait=True, timeout=connect_timeout), abandon_on_cancel=True)
+    except (psycopg_pool.PoolTimeout, trio.TooSlowError) as exc:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(pool.close)
+            reason = await trio.to_thread.run_sync(_describe_connect_error, dsn)
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL within {connect_timeout:g}s: {reason}") from exc
+    try:
+        yield Database(pool=pool, limiter=trio.CapacityLimiter(max_size), acquire_timeout=connect_timeout)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(lambda: pool.close(timeout=5.0))
+
+
+def _describe_connect_error(dsn: str) -> str:
+    """Try one direct connection to get PostgreSQL's own reason (the pool only says 'timeout')."""
+    try:
+        with psycopg.connect(dsn, connect_timeout=3):
+            return "the server answered, but the pool could not fill"
+    except psycopg.Error as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,118 @@
+"""One daemon per database: a PostgreSQL advisory lock held on a dedicated session.
+
+The lock lives as long as its connection, so it is kept outside the pool. A keeper task checks the
+session every few seconds; if PostgreSQL restarted, it reconnects and takes the lock again within
+`reacquire_within` seconds, and otherwise crashes the daemon (systemd restarts it) — two daemons on
+one database must never run at once, and a daemon that cannot prove it is alone must stop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import psycopg
+import trio
+
+log = logging.getLogger("vpnd.instance")
+
+#: pg_advisory_lock key naming "the vpnd daemon" ("vpnd" + "dmon").
+INSTANCE_LOCK_KEY = 0x76706E64_646D6F6E
+LOCK_NAME = f"pg_advisory_lock({INSTANCE_LOCK_KEY})"
+
+
+class InstanceLockHeld(Exception):
+    """Another vpnd holds the lock on this database."""
+
+
+class InstanceLockLost(Exception):
+    """The lock's session ended and could not be re-established."""
+
+
+def _connect_and_lock(dsn: str, timeout: float) -> psycopg.Connection[Any]:
+    conn = psycopg.connect(
+        dsn, autocommit=True, connect_timeout=max(1, int(timeout)), application_name="vpnd-instance-lock"
+    )
+    row = None
+    try:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (INSTANCE_LOCK_KEY,)).fetchone()
+    finally:
+        if row is None:
+            conn.close()
+    if not row or not row[0]:
+        holder = conn.execute(
+            "SELECT a.pid, a.application_name, a.client_addr::text FROM pg_locks l "
+            "JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' "
+            "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s LIMIT 1",
+            (INSTANCE_LOCK_KEY,),
+        ).fetchone()
+        conn.close()
+        who = f" (held by backend pid {holder[0]}, {holder[1] or 'unknown'})" if holder else ""
+        raise InstanceLockHeld(f"another vpnd is already running on this database: {LOCK_NAME} is taken{who}")
+    return conn
+
+
+def _still_alive(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("SELECT 1")
+
+
+@attrs.define(eq=False)
+class InstanceLock:
+    dsn: str
+    timeout: float
+    conn: psycopg.Connection[Any]
+    check_interval: float = 5.0
+    reacquire_within: float = 30.0
+
+    async def keep(self) -> None:
+        while True:
+            await trio.sleep(self.check_interval)
+            try:
+                await trio.to_thread.run_sync(_still_alive, self.conn, abandon_on_cancel=True)
+                continue
+            except psycopg.OperationalError as exc:
+                log.warning("event=instance_lock_session_lost error=%s", _first_line(exc))
+            await self._reacquire()
+
+    async def _reacquire(self) -> None:
+        await trio.to_thread.run_sync(self.conn.close)
+        deadline = trio.current_time() + self.reacquire_within
+        while True:
+            try:
+                self.conn = await trio.to_thread.run_sync(
+                    _connect_and_lock, self.dsn, self.timeout, abandon_on_cancel=True
+                )
+                log.info("event=instance_lock_reacquired")
+                return
+            except InstanceLockHeld as exc:
+                raise InstanceLockLost(str(exc)) from None
+            except psycopg.OperationalError as exc:
+                if trio.current_time() > deadline:
+                    raise InstanceLockLost(
+                        f"lost the database session holding {LOCK_NAME} and could not reconnect "
+                        f"within {self.reacquire_within:g}s: {_first_line(exc)}"
+                    ) from None
+            await trio.sleep(1.0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@asynccontextmanager
+async def hold_instance_lock(dsn: str, *, timeout: float = 10.0) -> AsyncIterator[InstanceLock]:
+    """Take the lock or raise InstanceLockHeld; keep it (and watch it) until the block exits."""
+    conn = await trio.to_thread.run_sync(_connect_and_lock, dsn, timeout, abandon_on_cancel=True)
+    lock = InstanceLock(dsn, timeout, conn)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lock.keep)
+            yield lock
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(lock.conn.close)

@@ -1,0 +1,104 @@
+"""The root of the task tree: signals, sd_notify, start order and the graceful deadline.
+
+    outer nursery ── signal watcher (1st signal: stop; 2nd: cancel now)
+    └── open_app (instance lock, schema, database pool — closed last)
+        └── root nursery ── http, telegram, xray, workers, outbox, broadcasts, watchdog
+
+Children start in dependency order with `await nursery.start(...)`; READY=1 goes to systemd only
+after the last one reported started. On the first SIGTERM/SIGINT `app.lifecycle.stopping` is set
+(services stop taking new work and drain) and the root nursery gets a deadline of
+`[shutdown].grace_seconds`; what is still running then is cancelled. A second signal cancels at
+once. A child that crashes cancels its siblings and the exception travels up to the CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from vpnd.app import App, open_app
+from vpnd.config import Config
+from vpnd.nurseries.http import build_router, run_http
+from vpnd.sdnotify import Notifier, watchdog_interval
+
+log = logging.getLogger("vpnd.root")
+
+
+async def run_daemon(
+    config: Config,
+    *,
+    notifier: Notifier | None = None,
+    task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run vpnd until a signal (or a crash); return normally after a clean shutdown."""
+    notifier = notifier or Notifier.from_environ()
+    try:
+        async with trio.open_nursery() as outer:
+            cancel_all = trio.CancelScope()
+            app_box: list[App] = []
+            outer.start_soon(_watch_signals, app_box, cancel_all, notifier)
+            with cancel_all:
+                await notifier.notify("STATUS=starting: database")
+                async with open_app(config) as app:
+                    app_box.append(app)
+                    await _run_tree(app, notifier, task_status)
+            outer.cancel_scope.cancel()
+    finally:
+        notifier.close()
+
+
+async def _run_tree(app: App, notifier: Notifier, task_status: trio.TaskStatus[App]) -> None:
+    async with trio.open_nursery() as root:
+        router = build_router(app)
+        await notifier.notify("STATUS=starting: services")
+        # Later layers start here, in dependency order, before HTTP (which serves their routes):
+        #   telegram (polling + handler nursery), xray writer, workers, outbox sender, broadcasts.
+        url = await root.start(run_http, app, router)
+        root.start_soon(_watchdog, app, notifier)
+        await notifier.notify("READY=1", f"STATUS=serving on {url}")
+        log.info("event=ready http=%s", url)
+        task_status.started(app)
+
+        await app.lifecycle.stopping.wait()
+        grace = app.config.shutdown.grace_seconds
+        await notifier.notify("STOPPING=1", f"STATUS=stopping ({app.lifecycle.reason}), grace {grace:g}s")
+        log.info("event=stopping reason=%s grace_seconds=%g", app.lifecycle.reason, grace)
+        root.cancel_scope.deadline = trio.current_time() + grace
+    if root.cancel_scope.cancelled_caught:
+        log.warning("event=grace_expired detail=%s", "work still running after the grace period was cancelled")
+    log.info("event=stopped")
+
+
+async def _watch_signals(app_box: list[App], cancel_all: trio.CancelScope, notifier: Notifier) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            name = signal.Signals(signum).name
+            if count == 1 and app_box:
+                app_box[0].lifecycle.request_stop(name)
+            else:
+                log.warning("event=cancel_now signal=%s", name)
+                await notifier.notify("STOPPING=1")
+                cancel_all.cancel()
+
+
+async def _watchdog(app: App, notifier: Notifier) -> None:
+    """WATCHDOG=1 at half of WATCHDOG_USEC, only while every critical loop is beating."""
+    interval = watchdog_interval()
+    if interval is None:
+        return
+
+    async def loop() -> None:
+        while True:
+            stale = app.health.stale_loops()
+            if stale:
+                log.error("event=watchdog_withheld stalled=%s", ",".join(stale))
+                await notifier.notify(f"STATUS=stalled: {', '.join(stale)}")
+            else:
+                await notifier.notify("WATCHDOG=1")
+            await trio.sleep(interval)
+
+    await app.lifecycle.run_until_stopping(loop)
