@@ -471,7 +471,7 @@ async def open_cryptopay_client(
     token: str,
     base_url: str = DEFAULT_BASE_URL,
     *,
-    timeout: float = 10,  # noqa: ASYNC109 - per-request HTTP timeout, not a bound on this function
+    timeout: float = 10,
 ) -> AsyncIterator[CryptoPayClient]:
     """A :class:`CryptoPayClient` for ``base_url`` (e.g. ``https://pay.crypt.bot/api``).
 
