@@ -46,6 +46,14 @@ class Traffic(NamedTuple):
     downlink: int
 
 
+_CHANNEL_OPTIONS = (
+    # Xray's API is local: never route it through an http_proxy from the environment.
+    ("grpc.enable_http_proxy", 0),
+    # After Xray restarts, be back within seconds rather than grpc's default backoff of up to 2 min.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 3000),
+)
 _UNAVAILABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _USER_COUNTER = re.compile(r"user>>>(?P<email>.+)>>>traffic>>>(?P<direction>uplink|downlink)\Z", re.DOTALL)
 
@@ -111,7 +119,7 @@ class XrayApi:
             raise ValueError(f"unknown Xray API prefix {self.prefix!r}; use 'xray.' or 'v2ray.core.'")
         if self.timeout <= 0:
             raise ValueError("timeout must be positive")
-        self._channel = grpc.insecure_channel(self.address)
+        self._channel = grpc.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
 
     def close(self) -> None:
         self._channel.close()
