@@ -54,7 +54,13 @@ FIATS: Final = (
     "USD", "EUR", "RUB", "BYN", "UAH", "GBP", "CNY", "KZT", "UZS", "GEL",
     "TRY", "AMD", "THB", "INR", "BRL", "IDR", "AZN", "AED", "PLN", "ILS",
 )  # fmt: skip
-PAID_BTN_NAMES: Final = frozenset({"viewItem", "openChannel", "openBot", "callback"})
+PAID_BTN_LABELS: Final[Mapping[str, str]] = {
+    "viewItem": "View Item",
+    "openChannel": "Open Channel",
+    "openBot": "Open Bot",
+    "callback": "Return",
+}
+PAID_BTN_NAMES: Final = frozenset(PAID_BTN_LABELS)
 
 # Rough, fixed exchange rates: enough to fill paid_amount / paid_fiat_rate plausibly.
 ASSET_USD_RATES: Final[Mapping[str, Decimal]] = {
@@ -804,7 +810,8 @@ def _invoice_page(inv: _StoredInvoice) -> bytes:
     elif inv.status == "paid":
         action = f"<p>Paid {html.escape(_fmt(inv.paid_amount))} {html.escape(str(inv.paid_asset))}.</p>"
         if inv.paid_btn_url:
-            action += f'<a class="btn" href="{html.escape(inv.paid_btn_url)}">Return</a>'
+            label = PAID_BTN_LABELS.get(inv.paid_btn_name or "", "Return")
+            action += f'<a class="btn" href="{html.escape(inv.paid_btn_url)}">{html.escape(label)}</a>'
     else:
         action = "<p>This invoice has expired.</p>"
     page = _PAGE.format(
