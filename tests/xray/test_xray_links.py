@@ -67,7 +67,7 @@ def test_empty_flow_is_omitted():
 
 def test_parse_rejects_duplicates_and_garbage():
     with pytest.raises(ValueError, match="repeats"):
-        parse_vless_link(link() .replace("&fp=chrome", "&fp=chrome&fp=firefox"))
+        parse_vless_link(link().replace("&fp=chrome", "&fp=chrome&fp=firefox"))
     for bad in ["vmess://x@h:1", "vless://h:1", "vless://u@h", "vless://u@h:99999", "vless://u@[::1:443"]:
         with pytest.raises(ValueError):
             parse_vless_link(bad)

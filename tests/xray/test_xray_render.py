@@ -59,9 +59,7 @@ def test_render_replaces_clients_and_keeps_the_rest(tmp_path):
     people = clients(3)
     rendered = json.loads(render_config(template, people))
     expected = reality_template()
-    expected["inbounds"][1]["settings"]["clients"] = [
-        {"id": c.uuid, "email": c.email, "flow": c.flow} for c in people
-    ]
+    expected["inbounds"][1]["settings"]["clients"] = [{"id": c.uuid, "email": c.email, "flow": c.flow} for c in people]
     assert rendered == expected
 
 
@@ -105,7 +103,8 @@ def test_render_100k_clients_streams(tmp_path):
         rng = random.Random(1)
         for start in range(0, n, 1000):  # keyset batches of 1000
             yield from (
-                Client(uuid=str(uuid.UUID(int=rng.getrandbits(128))), email=f"u{i:07d}") for i in range(start, start + 1000)
+                Client(uuid=str(uuid.UUID(int=rng.getrandbits(128))), email=f"u{i:07d}")
+                for i in range(start, start + 1000)
             )
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
