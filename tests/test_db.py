@@ -12,9 +12,7 @@ from vpnd.db import Database, DatabaseUnavailable, open_database
 
 
 def insert_user(conn: psycopg.Connection[Any], user_id: int, sleep: float = 0.0) -> int:
-    conn.execute(
-        "INSERT INTO users (id, first_name, referral_code) VALUES (%s, 'x', %s)", (user_id, f"r{user_id}")
-    )
+    conn.execute("INSERT INTO users (id, first_name, referral_code) VALUES (%s, 'x', %s)", (user_id, f"r{user_id}"))
     if sleep:
         conn.execute("SELECT pg_sleep(%s)", (sleep,))
     return user_id

@@ -20,6 +20,7 @@ import trio
 
 from vpnd.app import App, open_app
 from vpnd.config import Config
+from vpnd.logs import quote
 from vpnd.nurseries.http import build_router, run_http
 from vpnd.sdnotify import Notifier, watchdog_interval
 
@@ -57,6 +58,7 @@ async def _run_tree(app: App, notifier: Notifier, task_status: trio.TaskStatus[A
         #   telegram (polling + handler nursery), xray writer, workers, outbox sender, broadcasts.
         url = await root.start(run_http, app, router)
         root.start_soon(_watchdog, app, notifier)
+        await _wait_until_ready(app, notifier)
         await notifier.notify("READY=1", f"STATUS=serving on {url}")
         log.info("event=ready http=%s", url)
         task_status.started(app)
@@ -69,6 +71,22 @@ async def _run_tree(app: App, notifier: Notifier, task_status: trio.TaskStatus[A
     if root.cancel_scope.cancelled_caught:
         log.warning("event=grace_expired detail=%s", "work still running after the grace period was cancelled")
     log.info("event=stopped")
+
+
+async def _wait_until_ready(app: App, notifier: Notifier) -> None:
+    """READY=1 means /readyz answers 200: wait for every readiness check to pass.
+
+    systemd's TimeoutStartSec bounds this wait; a check that keeps failing is logged every round.
+    """
+    while True:
+        results = await app.health.readiness()
+        failing = {name: r.detail for name, r in results.items() if not r.ok}
+        if not failing:
+            return
+        detail = "; ".join(f"{name}: {text}" for name, text in sorted(failing.items()))
+        log.warning("event=not_ready_yet failing=%s", quote(detail))
+        await notifier.notify(f"STATUS=starting: waiting for {', '.join(sorted(failing))}")
+        await trio.sleep(1.0)
 
 
 async def _watch_signals(app_box: list[App], cancel_all: trio.CancelScope, notifier: Notifier) -> None:

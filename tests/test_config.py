@@ -1,0 +1,122 @@
+"""Configuration: the documented example loads, and every mistake is named precisely (exit 2)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from vpnd.config import SECTION_READERS, ConfigError, load_config, render_effective
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vpnd", *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_example_config_loads_and_documents_every_key() -> None:
+    config = load_config(REPO / "config.toml", environ={})
+    assert [p.code for p in config.plans] == ["m1", "m3"]
+    text = (REPO / "config.toml").read_text()
+    for section, readers in SECTION_READERS.items():
+        assert f"[{section}]" in text, section
+        for key in readers:
+            assert re.search(rf"^{key} = ", text, re.M), f"[{section}].{key} is not documented in config.toml"
+
+
+def test_check_config_prints_effective_config_with_secrets_masked(write_config: Callable[..., Path]) -> None:
+    path = write_config(
+        telegram={"token": "123456:SECRET-TOKEN-VALUE", "admin_ids": [1, 2]},
+        database={"dsn": "postgresql://vpnd:hunter2-password@db.internal/vpnd"},
+    )
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "SECRET-TOKEN" not in result.stdout and "hunter2" not in result.stdout
+    assert "postgresql://vpnd:***@db.internal/vpnd" in result.stdout
+    assert "admin_ids = [1, 2]" in result.stdout
+    assert "OK" in result.stderr
+
+
+def test_secrets_from_environment_and_credentials(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    path = write_config(telegram={"token": "from-file"})
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "telegram_token").write_text("from-credential\n")
+    (creds / "database_dsn").write_text("postgresql://c@/x\n")
+    config = load_config(path, environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert config.telegram.token == "from-credential"
+    assert config.database.dsn == "postgresql://c@/x"
+    config = load_config(path, environ={"CREDENTIALS_DIRECTORY": str(creds), "VPND_TELEGRAM_TOKEN": "from-env"})
+    assert config.telegram.token == "from-env"
+
+
+CASES = [
+    ('[http]\nlisten = "8080"\n', '[http].listen: expected "host:port", got "8080"'),
+    ("[http]\nlisten = 8080\n", '[http].listen: expected "host:port", got 8080'),
+    ('[http]\nlisten = "[::1]:99999"\n', "[http].listen: expected a port between 0 and 65535"),
+    ('[telegram]\npoll_timeout = "25"\n', '[telegram].poll_timeout: expected an integer, got "25"'),
+    ("[telegram]\nmax_concurrent_updates = 0\n", "[telegram].max_concurrent_updates: expected a value from 1 to 1000"),
+    ('[telegram]\nadmin_ids = [1, "x"]\n', '[telegram].admin_ids: item 1: expected an integer, got "x"'),
+    ('[telegram]\napi_base_url = "api.telegram.org"\n', "[telegram].api_base_url: expected an http:// or https:// URL"),
+    ("[shutdown]\ngrace_second = 3\n", "[shutdown].grace_second: unknown key (known: grace_seconds)"),
+    ("[nonsense]\nx = 1\n", "[nonsense]: unknown section"),
+    ('[log]\nformat = "xml"\n', '[log].format: expected one of "kv", "json", got "xml"'),
+    ("[database]\npool_min = 5\npool_max = 2\n", "[database].pool_min: expected at most pool_max (2), got 5"),
+    ("[database]\nmigrate_on_start = 1\n", "[database].migrate_on_start: expected true or false, got 1"),
+    ("[telegram\ntoken = 1\n", "invalid TOML"),
+    ('[[plans]]\ncode = "m1"\ndays = 30\nprice = "abc"\ncurrency = "USD"\n', "[[plans]][0].price: expected a decimal"),
+    (
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "-1"\ncurrency = "USD"\n',
+        "[[plans]][0].price: expected a positive value",
+    ),
+    ('[[plans]]\ncode = "m1"\nprice = "1"\ncurrency = "USD"\n', "[[plans]][0].days: missing required key"),
+    (
+        '[[plans]]\ncode = "a"\ndays = 1\nprice = "1"\ncurrency = "USD"\n'
+        '[[plans]]\ncode = "a"\ndays = 2\nprice = "2"\ncurrency = "USD"\n',
+        '[[plans]][1].code: duplicate plan code "a"',
+    ),
+    ("[cryptopay]\nenabled = true\n", "[cryptopay].token: required when [cryptopay].enabled = true"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), CASES)
+def test_config_errors_name_file_key_and_expectation(
+    write_config: Callable[..., Path], text: str, message: str
+) -> None:
+    path = write_config(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value).startswith(f"{path}: ")
+    assert message in str(info.value)
+
+
+def test_cli_config_error_exit_2_without_traceback(write_config: Callable[..., Path]) -> None:
+    path = write_config('[http]\nlisten = "8080"\n')
+    for command in ("check-config", "run", "migrate"):
+        result = run_cli(command, "--config", str(path))
+        assert result.returncode == 2, (command, result.stderr)
+        assert f'{path}: [http].listen: expected "host:port", got "8080"' in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_missing_file_and_missing_secrets(tmp_path: Path, write_config: Callable[..., Path]) -> None:
+    result = run_cli("check-config", "--config", str(tmp_path / "absent.toml"))
+    assert result.returncode == 2
+    assert "absent.toml: file not found" in result.stderr
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("VPND_")}
+    result = run_cli("run", "--config", str(write_config()), env=env)
+    assert result.returncode == 2
+    assert "[database].dsn: required" in result.stderr
+
+
+def test_render_effective_round_trips(write_config: Callable[..., Path]) -> None:
+    config = load_config(REPO / "config.toml", environ={})
+    path = write_config(render_effective(config))
+    again = load_config(path, environ={})
+    assert again.plans == config.plans
+    assert again.http == config.http and again.workers == config.workers

@@ -1,0 +1,158 @@
+"""`vpnd run` as a real process: READY after readiness, clean SIGTERM, crashes, single instance."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import trio
+
+from tests.daemon import start_daemon, wait_ready
+from vpnd.instance_lock import INSTANCE_LOCK_KEY
+from vpnd.sandbox.postgres import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def daemon_config(write_config: Callable[..., Path], db_dsn: str) -> tuple[Path, str]:
+    port = free_port()
+    path = write_config(
+        telegram={"token": "123:TEST"},
+        database={"dsn": db_dsn, "pool_min": 1, "pool_max": 4},
+        http={"listen": f"127.0.0.1:{port}"},
+        shutdown={"grace_seconds": 4.0},
+    )
+    return path, f"http://127.0.0.1:{port}"
+
+
+async def test_ready_after_readyz_then_sigterm_exits_zero(daemon_config: tuple[Path, str], tmp_path: Path) -> None:
+    config, url = daemon_config
+    async with trio.open_nursery() as nursery:
+        daemon = await start_daemon(nursery, config, tmp_path)
+        await wait_ready(daemon, url)
+        ready = await daemon.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"]["database"]["ok"] is True
+        assert (await daemon.get("/healthz")).json()["status"] == "ok"
+        metrics = await daemon.get("/metrics")
+        assert "vpnd_db_pool_size" in metrics.text
+        lines = daemon.notify.lines()
+        assert lines.index("READY=1") > 0 and any(line.startswith("STATUS=") for line in lines)
+
+        stop_at = trio.current_time()
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait(timeout=4.0 + 1.0) == 0, daemon.log()
+        assert trio.current_time() - stop_at < 5.0
+        await daemon.notify.wait_for("STOPPING=1", timeout=1)
+        assert "event=stopped" in daemon.log()
+        assert "Traceback" not in daemon.log()
+        nursery.cancel_scope.cancel()
+
+
+async def test_in_flight_request_finishes_before_exit(
+    daemon_config: tuple[Path, str], db_dsn: str, tmp_path: Path
+) -> None:
+    """A /readyz held up by a locked table is answered before the daemon exits on SIGTERM."""
+    config, url = daemon_config
+    async with trio.open_nursery() as nursery:
+        daemon = await start_daemon(nursery, config, tmp_path)
+        await wait_ready(daemon, url)
+        blocker = await trio.to_thread.run_sync(lambda: psycopg.connect(db_dsn))
+        await trio.to_thread.run_sync(lambda: blocker.execute("LOCK TABLE schema_migrations IN ACCESS EXCLUSIVE MODE"))
+        responses: list[httpx.Response] = []
+
+        async def slow_request() -> None:
+            responses.append(await daemon.get("/readyz", timeout=10))
+
+        nursery.start_soon(slow_request)
+        await trio.sleep(0.5)
+        daemon.signal(signal.SIGTERM)
+        await trio.sleep(1.0)
+        assert daemon.process.returncode is None  # still serving the request in flight
+        await trio.to_thread.run_sync(blocker.rollback)  # the request can now finish
+        assert await daemon.wait(timeout=6) == 0, daemon.log()
+        assert len(responses) == 1 and responses[0].status_code == 200, responses
+        blocker.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_second_instance_is_refused(daemon_config: tuple[Path, str], tmp_path: Path) -> None:
+    config, url = daemon_config
+    async with trio.open_nursery() as nursery:
+        first = await start_daemon(nursery, config, tmp_path)
+        await wait_ready(first, url)
+        second = await start_daemon(nursery, config, tmp_path)
+        assert await second.wait(timeout=15) == 1
+        assert "another vpnd is already running on this database" in second.log()
+        assert f"pg_advisory_lock({INSTANCE_LOCK_KEY})" in second.log()
+        assert "Traceback" not in second.log()
+        first.signal(signal.SIGTERM)
+        assert await first.wait() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_crashing_child_exits_nonzero_with_cause_logged_once(
+    daemon_config: tuple[Path, str], db_dsn: str, tmp_path: Path
+) -> None:
+    """Take the instance lock away (terminate its session, grab the lock): the keeper crashes the
+    daemon, its siblings (the HTTP server) are cancelled, and the cause is logged once."""
+    config, url = daemon_config
+    async with trio.open_nursery() as nursery:
+        daemon = await start_daemon(nursery, config, tmp_path)
+        await wait_ready(daemon, url)
+
+        def steal_lock() -> psycopg.Connection[tuple[object, ...]]:
+            conn = psycopg.connect(db_dsn, autocommit=True)
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'vpnd-instance-lock'"
+            )
+            for _ in range(50):
+                row = conn.execute("SELECT pg_try_advisory_lock(%s)", (INSTANCE_LOCK_KEY,)).fetchone()
+                if row and row[0]:
+                    return conn
+                import time
+
+                time.sleep(0.1)
+            raise AssertionError("could not take the lock")
+
+        thief = await trio.to_thread.run_sync(steal_lock)
+        code = await daemon.wait(timeout=20)
+        thief.close()
+        log = daemon.log()
+        assert code == 1, log
+        assert log.count("event=crashed") == 1, log
+        assert "InstanceLockLost" in log and "another vpnd is already running" in log
+        with pytest.raises(httpx.ConnectError):
+            await daemon.get("/healthz")
+        nursery.cancel_scope.cancel()
+
+
+async def test_database_newer_than_code_is_refused(
+    daemon_config: tuple[Path, str], db_dsn: str, tmp_path: Path
+) -> None:
+    config, _ = daemon_config
+    with psycopg.connect(db_dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations (version, name) VALUES (999, 'from the future')")
+    async with trio.open_nursery() as nursery:
+        daemon = await start_daemon(nursery, config, tmp_path)
+        assert await daemon.wait(timeout=20) == 1
+        assert "schema is at version 999, newer than this vpnd knows" in daemon.log()
+        assert "Traceback" not in daemon.log()
+        nursery.cancel_scope.cancel()
+
+
+async def test_unreachable_database_exits_one_with_reason(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    config = write_config(
+        telegram={"token": "1:T"},
+        database={"dsn": f"postgresql://nobody@127.0.0.1:{free_port()}/x", "connect_timeout_seconds": 2.0},
+    )
+    async with trio.open_nursery() as nursery:
+        daemon = await start_daemon(nursery, config, tmp_path)
+        assert await daemon.wait(timeout=20) == 1
+        assert "event=crashed" in daemon.log() and "Traceback" not in daemon.log()
+        nursery.cancel_scope.cancel()
