@@ -16,7 +16,7 @@ import uuid
 import pytest
 import trio
 
-from vpnd.xray.api import XrayApi, XrayUnavailable
+from vpnd.xray.api import XrayApi, XrayApiError, XrayUnavailable
 from vpnd.xray.render import Client, load_template, render_config, write_atomically
 
 V2RAY = shutil.which("v2ray")
@@ -252,6 +252,8 @@ async def test_live_user_add_and_remove_gate_a_real_vless_client(tmp_path, proce
                 assert traffic["from-file"].downlink > len(PAGE)
 
                 with trio.fail_after(10):
+                    with pytest.raises(XrayApiError, match="handler not found"):
+                        await api.remove_user("no-such-inbound", "live-user")
                     assert await api.remove_user(TAG, "live-user") is True
                     assert await api.remove_user(TAG, "live-user") is False
                 assert PAGE not in await fetch_via_socks(socks[live], http_port)

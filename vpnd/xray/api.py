@@ -150,9 +150,9 @@ class XrayApi:
         future.add_done_callback(wake)
         try:
             await done.wait()
-        except trio.Cancelled:
-            future.cancel()
-            raise
+        finally:
+            if not future.done():
+                future.cancel()  # the task was cancelled: don't leave the RPC running
         try:
             response: bytes = future.result()
         except grpc.RpcError as exc:

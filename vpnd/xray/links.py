@@ -28,9 +28,7 @@ _SHORT_ID = re.compile(r"[0-9a-fA-F]*\Z")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*\Z")
 
 #: uTLS fingerprints Xray accepts in ``fp`` (client side).
-FINGERPRINTS = frozenset(
-    {"chrome", "firefox", "safari", "ios", "android", "edge", "360", "qq", "random", "randomized"}
-)
+FINGERPRINTS = frozenset({"chrome", "firefox", "safari", "ios", "android", "edge", "360", "qq", "random", "randomized"})
 
 #: Flows a VLESS user can have; "" is plain VLESS.
 FLOWS = frozenset({"", "xtls-rprx-vision", "xtls-rprx-vision-udp443"})
@@ -61,9 +59,7 @@ def validate_reality_public_key(value: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"REALITY public key must be a string, got {type(value).__name__}")
     if len(value) != 43:
-        raise ValueError(
-            f"REALITY public key must be 43 characters of unpadded base64url (x25519), got {len(value)}"
-        )
+        raise ValueError(f"REALITY public key must be 43 characters of unpadded base64url (x25519), got {len(value)}")
     if not _BASE64URL.match(value):
         raise ValueError("REALITY public key must use only base64url characters A-Z a-z 0-9 - _ (no padding)")
     raw = base64.urlsafe_b64decode(value + "=")
@@ -87,9 +83,7 @@ def validate_short_id(value: str) -> str:
     if not _SHORT_ID.match(value):
         raise ValueError(f"REALITY short id must be hex digits, got {value!r}")
     if len(value) % 2 or len(value) > 16:
-        raise ValueError(
-            f"REALITY short id must have an even length of at most 16, got {len(value)}: {value!r}"
-        )
+        raise ValueError(f"REALITY short id must have an even length of at most 16, got {len(value)}: {value!r}")
     return value
 
 

@@ -154,9 +154,7 @@ def load_template(path: str | os.PathLike[str], *, inbound_tag: str) -> Template
         got = "missing" if inbounds is None else _type_name(inbounds)
         raise _fail(file, f"'inbounds' must be an array, got {got}")
     matches = [
-        i
-        for i, inbound in enumerate(inbounds)
-        if isinstance(inbound, dict) and inbound.get("tag") == inbound_tag
+        i for i, inbound in enumerate(inbounds) if isinstance(inbound, dict) and inbound.get("tag") == inbound_tag
     ]
     if not matches:
         tags = [inbound.get("tag") for inbound in inbounds if isinstance(inbound, dict)]
@@ -227,9 +225,7 @@ def iter_config_chunks(template: Template, clients: Iterable[Client]) -> Iterato
                 f"after {previous!r}"
             )
         previous = client.email
-        entry = json.dumps(
-            {"id": client.uuid, "email": client.email, "flow": client.flow}, ensure_ascii=False
-        )
+        entry = json.dumps({"id": client.uuid, "email": client.email, "flow": client.flow}, ensure_ascii=False)
         yield f"{separator}{template.client_indent}{entry}".encode()
         separator = ",\n"
     if previous is not None:
