@@ -24,6 +24,7 @@ from vpnd.health import CheckResult, Health
 from vpnd.instance_lock import InstanceLock, hold_instance_lock
 from vpnd.lifecycle import Lifecycle
 from vpnd.metrics import Metrics
+from vpnd.nudge import Nudge
 
 log = logging.getLogger("vpnd.app")
 
@@ -37,6 +38,10 @@ class App:
     health: Health
     metrics: Metrics
     instance_lock: InstanceLock | None = None
+    #: Nudged after a commit that changes who may connect; the Xray writer re-reads the database.
+    xray_changed: Nudge = attrs.field(factory=Nudge)
+    #: Nudged after a commit that queues outbox messages; the outbox sender wakes up.
+    outbox_changed: Nudge = attrs.field(factory=Nudge)
 
 
 async def prepare_schema(dsn: str, schema: Schema, *, apply: bool, timeout: float = 10.0) -> None:

@@ -1,0 +1,15 @@
+"""Small helpers shared by the per-domain query modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+
+def one(cursor: psycopg.Cursor[Any]) -> Any:
+    """The single row a statement must return (an INSERT ... RETURNING, an aggregate)."""
+    row = cursor.fetchone()
+    if row is None:
+        raise LookupError("the statement returned no row")
+    return row

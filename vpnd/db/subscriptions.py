@@ -1,0 +1,178 @@
+"""Subscriptions: the one place that grants, extends, reissues and revokes VPN access.
+
+Every path that gives access (trial, purchase, balance, auto-renewal, admin grant) calls
+`grant_days` on the connection of its own transaction, so the rules live here once: an active
+subscription is extended from its current expiry, an expired one from now; the UUID is kept on
+renewal (no remove/add flap in Xray) and replaced only by `reissue_key`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import uuid
+from typing import Any
+
+import attrs
+import psycopg
+from psycopg.rows import class_row
+
+from vpnd.db.rows import one
+
+
+class ReissueRateLimited(Exception):
+    def __init__(self, retry_after_seconds: int) -> None:
+        super().__init__(f"too many key reissues; try again in {retry_after_seconds}s")
+        self.retry_after_seconds = retry_after_seconds
+
+
+class NoSubscription(Exception):
+    pass
+
+
+@attrs.frozen
+class Subscription:
+    user_id: int
+    kind: str
+    status: str
+    uuid: uuid.UUID
+    sub_token: str
+    plan_code: str | None
+    starts_at: dt.datetime
+    expires_at: dt.datetime
+    auto_renew: bool
+
+    def is_active(self, now: dt.datetime) -> bool:
+        return self.status == "active" and self.expires_at > now
+
+    @property
+    def xray_email(self) -> str:
+        """The stable per-user key Xray knows the client by (survives reissues)."""
+        return f"u{self.user_id}"
+
+
+COLUMNS = "user_id, kind, status, uuid, sub_token, plan_code, starts_at, expires_at, auto_renew"
+
+
+def new_sub_token() -> str:
+    """A random, unguessable subscription URL token (192 bits)."""
+    return secrets.token_urlsafe(24)
+
+
+GRANT = f"""
+INSERT INTO subscriptions AS s (user_id, kind, status, uuid, sub_token, plan_code, starts_at, expires_at)
+VALUES (%(user_id)s, %(kind)s, 'active', %(uuid)s, %(token)s, %(plan)s, now(), now() + %(days)s * interval '1 day')
+ON CONFLICT (user_id) DO UPDATE SET
+    kind = CASE WHEN %(kind)s = 'paid' THEN 'paid' ELSE s.kind END,
+    plan_code = coalesce(%(plan)s, s.plan_code),
+    status = 'active',
+    starts_at = CASE WHEN s.status = 'active' AND s.expires_at > now() THEN s.starts_at ELSE now() END,
+    expires_at = CASE WHEN s.status = 'active' AND s.expires_at > now() THEN s.expires_at ELSE now() END
+                 + %(days)s * interval '1 day',
+    updated_at = now()
+RETURNING {COLUMNS}
+"""
+
+
+def grant_days(
+    conn: psycopg.Connection[Any], user_id: int, days: int, *, kind: str, plan_code: str | None = None
+) -> Subscription:
+    """Give `days` of access (creating the subscription if needed); return the new state."""
+    if days <= 0:
+        raise ValueError("days must be positive")
+    with conn.cursor(row_factory=class_row(Subscription)) as cur:
+        sub: Subscription = one(
+            cur.execute(
+                GRANT,
+                {
+                    "user_id": user_id,
+                    "kind": kind,
+                    "uuid": uuid.uuid4(),
+                    "token": new_sub_token(),
+                    "plan": plan_code,
+                    "days": days,
+                },
+            )
+        )
+        return sub
+
+
+def get_subscription(conn: psycopg.Connection[Any], user_id: int) -> Subscription | None:
+    with conn.cursor(row_factory=class_row(Subscription)) as cur:
+        return cur.execute(f"SELECT {COLUMNS} FROM subscriptions WHERE user_id = %s", (user_id,)).fetchone()
+
+
+def get_by_token(conn: psycopg.Connection[Any], token: str) -> Subscription | None:
+    with conn.cursor(row_factory=class_row(Subscription)) as cur:
+        return cur.execute(f"SELECT {COLUMNS} FROM subscriptions WHERE sub_token = %s", (token,)).fetchone()
+
+
+def reissue_key(
+    conn: psycopg.Connection[Any], user_id: int, *, limit: int = 3, window_seconds: int = 300
+) -> Subscription:
+    """New UUID and subscription token (the old ones stop working); at most `limit` per window."""
+    conn.execute("SELECT 1 FROM users WHERE id = %s FOR UPDATE", (user_id,))  # serialize per user
+    recent = conn.execute(
+        "SELECT count(*), min(at) FROM key_reissues WHERE user_id = %s AND at > now() - %s * interval '1 second'",
+        (user_id, window_seconds),
+    ).fetchone()
+    if recent and recent[0] >= limit:
+        oldest: dt.datetime = recent[1]
+        wait = window_seconds - (dt.datetime.now(dt.UTC) - oldest).total_seconds()
+        raise ReissueRateLimited(max(1, int(wait) + 1))
+    with conn.cursor(row_factory=class_row(Subscription)) as cur:
+        sub = cur.execute(
+            f"UPDATE subscriptions SET uuid = %s, sub_token = %s, updated_at = now() WHERE user_id = %s "
+            f"RETURNING {COLUMNS}",
+            (uuid.uuid4(), new_sub_token(), user_id),
+        ).fetchone()
+    if sub is None:
+        raise NoSubscription
+    conn.execute("INSERT INTO key_reissues (user_id) VALUES (%s)", (user_id,))
+    return sub
+
+
+def set_auto_renew(conn: psycopg.Connection[Any], user_id: int, enabled: bool) -> Subscription | None:
+    with conn.cursor(row_factory=class_row(Subscription)) as cur:
+        return cur.execute(
+            f"UPDATE subscriptions SET auto_renew = %s, updated_at = now() WHERE user_id = %s RETURNING {COLUMNS}",
+            (enabled, user_id),
+        ).fetchone()
+
+
+def revoke(conn: psycopg.Connection[Any], user_id: int) -> Subscription | None:
+    with conn.cursor(row_factory=class_row(Subscription)) as cur:
+        return cur.execute(
+            f"UPDATE subscriptions SET status = 'revoked', updated_at = now() WHERE user_id = %s RETURNING {COLUMNS}",
+            (user_id,),
+        ).fetchone()
+
+
+@attrs.frozen
+class TrialOutcome:
+    granted: bool
+    subscription: Subscription | None
+
+
+def grant_trial(conn: psycopg.Connection[Any], user_id: int, days: int) -> TrialOutcome:
+    """Once per user, ever: the `trials` primary key decides, not a check-then-insert."""
+    if get_subscription(conn, user_id) is not None:
+        # Someone who already had access (paid or trial) is not eligible.
+        return TrialOutcome(False, None)
+    inserted = conn.execute(
+        "INSERT INTO trials (user_id, ends_at) VALUES (%s, now() + %s * interval '1 day') "
+        "ON CONFLICT (user_id) DO NOTHING RETURNING user_id",
+        (user_id, days),
+    ).fetchone()
+    if inserted is None:
+        return TrialOutcome(False, None)
+    return TrialOutcome(True, grant_days(conn, user_id, days, kind="trial"))
+
+
+def trial_eligible(conn: psycopg.Connection[Any], user_id: int) -> bool:
+    row = conn.execute(
+        "SELECT NOT EXISTS (SELECT 1 FROM trials WHERE user_id = %(id)s) "
+        "AND NOT EXISTS (SELECT 1 FROM subscriptions WHERE user_id = %(id)s)",
+        {"id": user_id},
+    ).fetchone()
+    return bool(row and row[0])

@@ -1,0 +1,33 @@
+"""A coalescing wake-up signal: many `nudge()`s while the owner is busy cause one more round.
+
+Used by owners of derived state (the Xray writer, the outbox sender): other code commits to the
+database, then nudges; the owner re-reads the database. A nudge carries no data, so nothing is lost
+if the daemon dies between commit and nudge — the periodic round catches up.
+"""
+
+from __future__ import annotations
+
+import attrs
+import trio
+
+
+@attrs.define(eq=False)
+class Nudge:
+    _pending: bool = False
+    _event: trio.Event = attrs.field(factory=trio.Event)
+    count: int = 0
+
+    def nudge(self) -> None:
+        self.count += 1
+        self._pending = True
+        self._event.set()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a nudge (or the timeout); consume it. True when nudged."""
+        if not self._pending:
+            with trio.move_on_after(float("inf") if timeout is None else timeout):
+                await self._event.wait()
+        nudged = self._pending
+        self._pending = False
+        self._event = trio.Event()
+        return nudged
