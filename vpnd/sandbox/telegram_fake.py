@@ -534,9 +534,14 @@ class FakeTelegram:
     def _changed(self) -> int:
         """Record a visible change (message, edit, notice): wakes every waiter, returns the new seq."""
         self.change_seq += 1
+        self._wake_waiters()
+        return self.change_seq
+
+    def _wake_waiters(self) -> None:
+        """Let :meth:`wait_until` conditions be re-checked (also after invisible changes: a request
+        counted, a poll started or ended)."""
         self._change_event.set()
         self._change_event = trio.Event()
-        return self.change_seq
 
     def _wake_polls(self) -> None:
         self._updates_event.set()
@@ -571,11 +576,13 @@ class FakeTelegram:
         """Run one Bot API call as received over HTTP; never raises for a bad request."""
         entry = self._methods.get(method.lower())
         self.requests[entry[0] if entry else method] += 1
+        self._wake_waiters()
         reply = await self._dispatch(token, method, entry, content_type, body, query_string)
         if reply.body is not None:
             self.responses[reply.status] += 1
             if reply.status == 429:
                 self.too_many_requests_sent += 1
+        self._wake_waiters()
         return reply
 
     async def _dispatch(
@@ -905,6 +912,7 @@ class FakeTelegram:
         self._wake_polls()  # an older waiting poll must notice it was superseded
         deadline = trio.current_time() + timeout
         self._polls_waiting += 1
+        self._wake_waiters()
         try:
             while True:
                 if generation != self._poll_generation:
@@ -916,6 +924,7 @@ class FakeTelegram:
                     await event.wait()
         finally:
             self._polls_waiting -= 1
+            self._wake_waiters()
 
     def _set_webhook(self, params: Params) -> bool:
         url = params.get_str("url") or ""
