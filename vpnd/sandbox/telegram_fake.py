@@ -445,7 +445,7 @@ class FakeTelegram:
     global_rate: float = 30.0
     global_burst: float = 30.0
     chat_rate: float = 1.0
-    chat_burst: float = 3.0
+    chat_burst: float = 5.0
     pre_checkout_timeout: float | None = None
     max_pending_updates: int = 100_000
     seed: int = 0
@@ -1612,3 +1612,35 @@ async def serve_fake_telegram(
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(serve, FakeTelegramApp(fake), config)
         task_status.started(binds[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vpnd.sandbox.telegram_fake [--host H] [--port P] [--token T]``: serve a fresh fake.
+
+    Prints the base URL as the first line of stdout (subprocess tests read it), then serves until killed.
+    """
+    import argparse
+    import functools
+
+    parser = argparse.ArgumentParser(description="Fake Telegram Bot API + web chat (vpnd sandbox)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--token", default=FakeTelegram.__attrs_attrs__.token.default)
+    parser.add_argument("--bot-username", default="vpnd_demo_bot")
+    args = parser.parse_args(argv)
+    fake = FakeTelegram(token=args.token, bot_username=args.bot_username)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            base_url = await nursery.start(functools.partial(serve_fake_telegram, fake, host=args.host, port=args.port))
+            print(base_url, flush=True)
+            print(f"web chat: {base_url}/   bot API: {base_url}/bot{fake.token}/getMe", flush=True)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
