@@ -6,12 +6,15 @@ flood limits, HTML and keyboard validation, the Stars payment flow, faults, and 
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
 import httpx
+import hypothesis
+import hypothesis.strategies
 import pytest
 import telegram
 import telegram.error
@@ -19,7 +22,7 @@ import trio
 import trio.testing
 
 from vpnd.sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
-from vpnd.sandbox.telegram_html import EntityParseError, detect_bot_commands, parse_html
+from vpnd.sandbox.telegram_html import EntityParseError, detect_bot_commands, parse_html, utf16_len
 
 IO_TIMEOUT = 10
 ALICE = 1001
@@ -274,6 +277,23 @@ def test_html_entities_use_utf16_offsets_and_decode_references() -> None:
     pre = parse_html('<pre><code class="language-json">{"a": 1}</code></pre>')
     assert pre.entities == ({"type": "pre", "offset": 0, "length": 8, "language": "json"},)
     assert parse_html("a & b; <tg-spoiler>s</tg-spoiler>").text == "a & b; s"
+
+
+@hypothesis.given(hypothesis.strategies.text())
+def test_html_parser_total_and_escaped_text_round_trips(text: str) -> None:
+    try:
+        parsed = parse_html(text)
+    except EntityParseError:
+        pass
+    else:
+        length = utf16_len(parsed.text)
+        for entity in parsed.entities:
+            assert 0 <= entity["offset"] < entity["offset"] + entity["length"] <= length
+    assert parse_html(html.escape(text, quote=False)).text == text.strip()
+    wrapped = parse_html("<b>" + html.escape(text) + "</b>")
+    assert wrapped.text == text.strip()
+    bold = {"type": "bold", "offset": 0, "length": utf16_len(text.strip())}
+    assert wrapped.entities == ((bold,) if text.strip() else ())
 
 
 def test_bot_commands_are_detected_like_telegram() -> None:
