@@ -15,6 +15,8 @@ stop/start (Xray down), a delay per call (Xray slow), or the next N calls failin
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 import uuid as uuid_module
@@ -71,6 +73,7 @@ class FakeXray:
     _failure_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
     _failure_details: str = ""
     _calls: list[str] = attrs.field(factory=list)
+    _operations: list[tuple[str, str, str]] = attrs.field(factory=list)
     _server: Any = None
     _stopping: threading.Event = attrs.field(factory=threading.Event)
     _started_at: float = attrs.field(factory=time.monotonic)
@@ -81,17 +84,22 @@ class FakeXray:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, *, reset: bool = False) -> None:
+    def start(self, *, reset: bool = False, config_path: str | os.PathLike[str] | None = None) -> None:
         """Start serving (again, on the same port after :meth:`stop`).  ``reset`` drops every live
-        user and counter, as a real Xray restart does (it comes back with the config file's users
-        only; set those with :meth:`set_users`)."""
+        user and counter and restarts the uptime clock, as a real Xray restart does; it then comes
+        back with the users of ``config_path`` (an Xray config file) for the inbounds it knows, or
+        with none (set them with :meth:`set_users`).  Without ``reset`` the fake plays an API that
+        was unreachable for a while with Xray itself still running."""
         if self._server is not None:
             raise RuntimeError("fake Xray is already running")
         if reset:
+            loaded = users_from_config(config_path) if config_path is not None else {}
             with self._lock:
-                for users in self._inbounds.values():
+                for tag, users in self._inbounds.items():
                     users.clear()
+                    users.update({user.email.lower(): user for user in loaded.get(tag, [])})
                 self._counters.clear()
+                self._started_at = time.monotonic()
         self._stopping.clear()
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="fake-xray"))
         server.add_generic_rpc_handlers(
@@ -174,6 +182,12 @@ class FakeXray:
         with self._lock:
             return list(self._calls)
 
+    def operations(self) -> list[tuple[str, str, str]]:
+        """User changes done so far, in order: ``("add", email, uuid)`` / ``("remove", email, "")``
+        (only those that changed something; refused duplicates and unknown users are not listed)."""
+        with self._lock:
+            return list(self._operations)
+
     # --- gRPC handlers ---------------------------------------------------------------------------
 
     def _wrap(self, method: str) -> Any:
@@ -227,12 +241,14 @@ class FakeXray:
                 if user.email and key in users:
                     raise _unknown(f"proxy/vless/inbound: User {user.email} already exists.")
                 users[key or f"\0{user.uuid}"] = user
+                self._operations.append(("add", user.email, user.uuid))
             else:
                 email = pw.last_string(pw.decode_fields(op_value), 1)
                 if not email:
                     raise _unknown("proxy/vless/inbound: Email must not be empty.")
                 if users.pop(email.lower(), None) is None:
                     raise _unknown(f"proxy/vless/inbound: User {email} not found.")
+                self._operations.append(("remove", email, ""))
         return b""
 
     def _parse_user(self, data: bytes) -> FakeUser:
@@ -282,6 +298,27 @@ class FakeXray:
     def _get_sys_stats(self, request: bytes) -> bytes:
         uptime = int(time.monotonic() - self._started_at)
         return pw.field_varint(1, threading.active_count()) + pw.field_varint(10, uptime)
+
+
+def users_from_config(path: str | os.PathLike[str]) -> dict[str, list[FakeUser]]:
+    """The VLESS users of each inbound tag in an Xray config file, as Xray loads them at start."""
+    with open(path, encoding="utf-8") as file:
+        document = json.load(file)
+    out: dict[str, list[FakeUser]] = {}
+    for inbound in document.get("inbounds", []):
+        if inbound.get("protocol") != "vless" or "tag" not in inbound:
+            continue
+        clients = inbound.get("settings", {}).get("clients", [])
+        out[inbound["tag"]] = [
+            FakeUser(
+                email=client.get("email", ""),
+                uuid=str(uuid_module.UUID(client["id"])),
+                flow=client.get("flow", ""),
+                level=int(client.get("level", 0)),
+            )
+            for client in clients
+        ]
+    return out
 
 
 def start_fake_xray(prefix: str = "xray.", *, inbound_tags: tuple[str, ...] = ("vless-in",)) -> FakeXray:

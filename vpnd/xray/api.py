@@ -207,10 +207,19 @@ class XrayApi:
 
     async def ping(self) -> None:
         """A cheap round trip (StatsService.GetSysStats); raises XrayUnavailable/XrayApiError."""
+        await self.uptime()
+
+    async def uptime(self) -> int:
+        """Seconds since Xray started (``SysStatsResponse.Uptime``, field 10), 0 if it does not say.
+
+        A value smaller than expected from the last reading means Xray restarted: its live users are
+        then the config file's, and its counters start from zero.
+        """
         try:
-            await self._call("app.stats.command.StatsService", "GetSysStats", b"")
+            response = await self._call("app.stats.command.StatsService", "GetSysStats", b"")
         except _RpcFailure as exc:
             raise exc.to_api_error() from None
+        return pw.last_int(pw.decode_fields(response), 10)
 
 
 class _RpcFailure(Exception):

@@ -205,6 +205,45 @@ def load_template(path: str | os.PathLike[str], *, inbound_tag: str) -> Template
     )
 
 
+@attrs.define(eq=False)
+class ConfigRenderer:
+    """Push-style rendering for callers that get clients in batches (the writer, from the DB).
+
+    ``begin()``, then ``clients(batch)`` for each batch, then ``end()``: the concatenated bytes are the
+    config file.  Clients must come in strictly ascending ``email`` order across all batches (see
+    :func:`iter_config_chunks`); the renderer keeps only the last email to check that.
+    """
+
+    template: Template
+    count: int = attrs.field(default=0, init=False)
+    _previous: str | None = attrs.field(default=None, init=False)
+
+    def begin(self) -> bytes:
+        return self.template.head + b"["
+
+    def clients(self, clients: Iterable[Client]) -> bytes:
+        """The JSON text of these clients (one bytes object for the whole batch)."""
+        indent = self.template.client_indent
+        pieces = []
+        for client in clients:
+            previous = self._previous
+            if previous is not None and client.email <= previous:
+                problem = "duplicate" if client.email == previous else "out of order"
+                raise ValueError(
+                    f"Xray clients must be sorted by email without duplicates: {client.email!r} is {problem} "
+                    f"after {previous!r}"
+                )
+            self._previous = client.email
+            entry = json.dumps({"id": client.uuid, "email": client.email, "flow": client.flow}, ensure_ascii=False)
+            pieces.append(f"{',' if self.count else ''}\n{indent}{entry}")
+            self.count += 1
+        return "".join(pieces).encode()
+
+    def end(self) -> bytes:
+        closing = f"\n{self.template.client_indent[:-2]}]" if self.count else "]"
+        return closing.encode() + self.template.tail
+
+
 def iter_config_chunks(template: Template, clients: Iterable[Client]) -> Iterator[bytes]:
     """The rendered config as a stream of byte chunks (one per client plus the surrounding JSON).
 
@@ -213,26 +252,11 @@ def iter_config_chunks(template: Template, clients: Iterable[Client]) -> Iterato
     set alone and proves there are no duplicate emails, which Xray would refuse.  Raises ValueError
     on the first client out of order.
     """
-    yield template.head
-    yield b"["
-    previous: str | None = None
-    separator = "\n"
+    renderer = ConfigRenderer(template)
+    yield renderer.begin()
     for client in clients:
-        if previous is not None and client.email <= previous:
-            problem = "duplicate" if client.email == previous else "out of order"
-            raise ValueError(
-                f"Xray clients must be sorted by email without duplicates: {client.email!r} is {problem} "
-                f"after {previous!r}"
-            )
-        previous = client.email
-        entry = json.dumps({"id": client.uuid, "email": client.email, "flow": client.flow}, ensure_ascii=False)
-        yield f"{separator}{template.client_indent}{entry}".encode()
-        separator = ",\n"
-    if previous is not None:
-        yield f"\n{template.client_indent[:-2]}]".encode()
-    else:
-        yield b"]"
-    yield template.tail
+        yield renderer.clients((client,))
+    yield renderer.end()
 
 
 def render_config(template: Template, clients: Iterable[Client]) -> bytes:
