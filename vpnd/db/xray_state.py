@@ -1,0 +1,192 @@
+"""Queries of the Xray writer: the desired user set, its sync marker, and per-user traffic totals.
+
+The desired set is every subscription that is active and not expired. It is streamed in keyset
+batches ordered by the Xray email in byte order (`COLLATE "C"`, the order the renderer checks), so
+no query returns "all users" and each batch is its own short transaction.
+
+The *sync marker* (`daemon_state['xray_synced_at']`) is the database time of the last round after
+which Xray's live users and its config file both matched the database. A user whose row changed
+after it (minus a safety margin) may be in any state in Xray after a crash or a restart; everyone
+else is exactly as the database says. That bounds the work of a resync after a start without a
+list of Xray's live users (V2Ray and older Xray cannot list them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import psycopg
+
+from vpnd.db.subscriptions import Subscription, get_by_token
+
+#: Xray's key for a user, in SQL; must equal `Subscription.xray_email` ("u<user_id>").
+XRAY_EMAIL = "('u' || s.user_id::text)"
+
+SYNC_MARKER_KEY = "xray_synced_at"
+
+
+@attrs.frozen
+class DesiredClient:
+    email: str
+    uuid: str
+    #: The row changed after the `changed_since` given to the query (always True without one).
+    changed: bool
+
+
+@attrs.frozen
+class DesiredBatch:
+    clients: list[DesiredClient]
+    #: The database clock when the batch was read.
+    db_now: dt.datetime
+    #: The next time an active subscription expires (None: none will), so the writer can wake then.
+    next_expiry: dt.datetime | None
+
+
+DESIRED_BATCH = f"""
+SELECT {XRAY_EMAIL} COLLATE "C" AS email,
+       s.uuid,
+       coalesce(s.updated_at > %(since)s::timestamptz, true) AS changed
+FROM subscriptions s
+WHERE s.status = 'active' AND s.expires_at > now() AND {XRAY_EMAIL} COLLATE "C" > %(after)s
+ORDER BY 1
+LIMIT %(limit)s
+"""
+
+CLOCK_AND_NEXT_EXPIRY = """
+SELECT now(), (SELECT min(expires_at) FROM subscriptions WHERE status = 'active' AND expires_at > now())
+"""
+
+
+def desired_batch(
+    conn: psycopg.Connection[Any], after: str, limit: int, changed_since: dt.datetime | None = None
+) -> DesiredBatch:
+    """Up to `limit` users who may connect, with email greater than `after` (byte order)."""
+    rows = conn.execute(DESIRED_BATCH, {"after": after, "limit": limit, "since": changed_since}).fetchall()
+    clock = conn.execute(CLOCK_AND_NEXT_EXPIRY).fetchone()
+    assert clock is not None
+    return DesiredBatch(
+        clients=[DesiredClient(email, str(user_uuid), bool(changed)) for email, user_uuid, changed in rows],
+        db_now=clock[0],
+        next_expiry=clock[1],
+    )
+
+
+UNDESIRED_CHANGED_BATCH = f"""
+SELECT s.user_id, {XRAY_EMAIL}
+FROM subscriptions s
+WHERE NOT (s.status = 'active' AND s.expires_at > now())
+  AND (%(since)s::timestamptz IS NULL OR s.updated_at > %(since)s OR s.expires_at > %(since)s)
+  AND s.user_id > %(after)s
+ORDER BY s.user_id
+LIMIT %(limit)s
+"""
+
+
+def undesired_changed_batch(
+    conn: psycopg.Connection[Any], after_user_id: int, limit: int, since: dt.datetime | None
+) -> list[tuple[int, str]]:
+    """(user_id, email) of users who may not connect and whose row changed or expired after `since`
+    (every such user when `since` is None), in user_id order after `after_user_id`."""
+    rows = conn.execute(UNDESIRED_CHANGED_BATCH, {"after": after_user_id, "limit": limit, "since": since}).fetchall()
+    return [(int(user_id), str(email)) for user_id, email in rows]
+
+
+def get_sync_marker(conn: psycopg.Connection[Any]) -> dt.datetime | None:
+    row = conn.execute(
+        "SELECT (value #>> '{}')::timestamptz FROM daemon_state WHERE key = %s", (SYNC_MARKER_KEY,)
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def set_sync_marker(conn: psycopg.Connection[Any], at: dt.datetime) -> None:
+    """Record that Xray matched the database as read at `at` (never moves the marker back)."""
+    conn.execute(
+        "INSERT INTO daemon_state (key, value) VALUES (%(key)s, to_jsonb(%(at)s::timestamptz)) "
+        "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value "
+        "WHERE (daemon_state.value #>> '{}')::timestamptz < %(at)s::timestamptz",
+        {"key": SYNC_MARKER_KEY, "at": at},
+    )
+
+
+# --- traffic -------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class TrafficTotals:
+    uplink: int = 0
+    downlink: int = 0
+
+
+STORE_TRAFFIC = """
+INSERT INTO traffic AS t (user_id, uplink_total, downlink_total, uplink_seen, downlink_seen)
+SELECT c.user_id, c.up, c.down, c.up, c.down
+FROM unnest(%(ids)s::bigint[], %(ups)s::bigint[], %(downs)s::bigint[]) AS c (user_id, up, down)
+WHERE EXISTS (SELECT 1 FROM users u WHERE u.id = c.user_id)
+ON CONFLICT (user_id) DO UPDATE SET
+    uplink_total = t.uplink_total + CASE
+        WHEN %(reset)s OR EXCLUDED.uplink_seen < t.uplink_seen OR EXCLUDED.downlink_seen < t.downlink_seen
+        THEN EXCLUDED.uplink_seen ELSE EXCLUDED.uplink_seen - t.uplink_seen END,
+    downlink_total = t.downlink_total + CASE
+        WHEN %(reset)s OR EXCLUDED.uplink_seen < t.uplink_seen OR EXCLUDED.downlink_seen < t.downlink_seen
+        THEN EXCLUDED.downlink_seen ELSE EXCLUDED.downlink_seen - t.downlink_seen END,
+    uplink_seen = EXCLUDED.uplink_seen,
+    downlink_seen = EXCLUDED.downlink_seen,
+    updated_at = now()
+WHERE %(reset)s OR EXCLUDED.uplink_seen <> t.uplink_seen OR EXCLUDED.downlink_seen <> t.downlink_seen
+"""
+
+
+def store_traffic(
+    conn: psycopg.Connection[Any], samples: Sequence[tuple[int, int, int]], *, counters_reset: bool = False
+) -> int:
+    """Fold raw Xray counters `(user_id, uplink, downlink)` (read without reset) into monotonic totals.
+
+    The delta since the last reading is added; a counter lower than last seen means Xray restarted
+    and counts from zero, so the raw value itself is the traffic since then. `counters_reset` says
+    the caller knows Xray restarted since the last reading (a counter may already have grown past
+    its old value). Counters of unknown users are ignored. Returns the number of rows changed.
+    """
+    if not samples:
+        return 0
+    cursor = conn.execute(
+        STORE_TRAFFIC,
+        {
+            "ids": [s[0] for s in samples],
+            "ups": [max(0, s[1]) for s in samples],
+            "downs": [max(0, s[2]) for s in samples],
+            "reset": counters_reset,
+        },
+    )
+    return cursor.rowcount
+
+
+def traffic_totals(conn: psycopg.Connection[Any], user_id: int) -> TrafficTotals:
+    """Bytes a user has sent and received in total (zeros before the first reading)."""
+    row = conn.execute("SELECT uplink_total, downlink_total FROM traffic WHERE user_id = %s", (user_id,)).fetchone()
+    return TrafficTotals() if row is None else TrafficTotals(int(row[0]), int(row[1]))
+
+
+@attrs.frozen
+class SubscriptionUsage:
+    subscription: Subscription
+    traffic: TrafficTotals
+
+
+def subscription_by_token(conn: psycopg.Connection[Any], token: str) -> SubscriptionUsage | None:
+    """The subscription behind a subscription-URL token, with its traffic totals."""
+    subscription = get_by_token(conn, token)
+    if subscription is None:
+        return None
+    return SubscriptionUsage(subscription, traffic_totals(conn, subscription.user_id))
+
+
+def user_id_from_email(email: str) -> int | None:
+    """The user id of an Xray email written by vpnd ("u<digits>"), or None for anything else."""
+    digits = email[1:]
+    if email[:1] != "u" or not digits.isascii() or not digits.isdigit() or digits != str(int(digits)):
+        return None
+    return int(digits)
+

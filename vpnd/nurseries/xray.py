@@ -1,0 +1,659 @@
+"""The Xray writer: the only task that touches Xray's config file and its live user list.
+
+Other code commits to the database and nudges `app.xray_changed`; this task re-reads the desired set
+(active, unexpired subscriptions) and makes Xray match it. One round:
+
+1. **Look at Xray.** `GetSysStats` uptime tells whether Xray restarted since the last look (its live
+   users are then the config file's, its counters zero). A restart, the daemon's start, and the API
+   coming back after an outage all call for a *resync*.
+2. **Live apply.** Stream the desired set in keyset batches (each batch its own short transaction;
+   no connection is held across a gRPC call) and compare with `applied`, the in-memory map
+   email → UUID of what this task knows to be live: add what is missing, replace (remove, then add)
+   a user whose UUID changed (a reissue), then remove what is live and no longer desired. A renewal
+   keeps the UUID, so it changes nothing live. "Already exists"/"not found" are success.
+3. **Traffic** (every `reconcile_interval`): per-user counters read without reset, folded into
+   monotonic totals in the `traffic` table.
+4. **File.** When the desired set or the template changed, stream the set again, render the
+   operator's template with it and replace the file atomically (at most once per
+   `MIN_WRITE_INTERVAL`; live apply is not rate-limited, so a user connects at once and the file
+   follows within a second). Unchanged content is never rewritten.
+
+**Resync without a user list.** V2Ray and older Xray cannot list live users, so after a start or an
+Xray restart `applied` is rebuilt from the desired set: every desired user is added ("already
+exists" is trusted), except users whose row changed after the *sync marker* (the database time of
+the last round in which live users and file both matched the database, kept in `daemon_state`) —
+their UUID may be stale in Xray, so they are replaced — and every undesired user whose row changed
+or expired after the marker is removed. Users unchanged since the marker are exactly as the
+database says, whatever crashed when.
+
+**Failures** (API down, template broken, directory read-only, database unreachable) never crash
+the daemon and never leave a partial file: each component retries on its own backoff, the round
+goes on with the others, and `/readyz` ("xray") and `/metrics` (`vpnd_xray_pending_ops{op=...}`,
+`vpnd_xray_seconds_since_sync`) say how far behind Xray is and why.
+
+Removing a user does not cut a connection Xray already accepted; it refuses the next one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import math
+import os
+import shlex
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Literal
+
+import attrs
+import psycopg
+import trio
+
+from vpnd.app import App
+from vpnd.config import XrayConfig
+from vpnd.db.pool import DatabaseUnavailable
+from vpnd.db.xray_state import (
+    DesiredBatch,
+    desired_batch,
+    get_sync_marker,
+    set_sync_marker,
+    store_traffic,
+    undesired_changed_batch,
+    user_id_from_email,
+)
+from vpnd.health import CheckResult
+from vpnd.logs import quote
+from vpnd.xray import links
+from vpnd.xray.api import XrayApi, XrayApiError, XrayError, XrayUnavailable
+from vpnd.xray.render import Client, ConfigRenderer, Template, TemplateError, load_template, write_atomically
+
+log = logging.getLogger("vpnd.xray")
+
+#: Rows per database batch (one short transaction each).
+BATCH_SIZE = 2000
+#: gRPC calls in flight at once while applying a batch.
+APPLY_CONCURRENCY = 16
+#: The config file is replaced at most this often; live apply is not limited.
+MIN_WRITE_INTERVAL = 1.0
+#: Retry delays of a failing component: first, then doubling up to the cap (and `reconcile_interval`).
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+#: Rows changed this long before the sync marker are still treated as uncertain (transactions that
+#: started before the marker's read but committed after it).
+SYNC_MARKER_MARGIN = dt.timedelta(minutes=10)
+#: The sync marker is refreshed at most this often while in sync.
+SYNC_MARKER_INTERVAL = 30.0
+#: Xray reports whole seconds of uptime; a start estimate later than this past the known one is a restart.
+RESTART_TOLERANCE = 1.5
+#: Error answers (not outages) in one round after which the round stops calling Xray.
+MAX_API_ERRORS_PER_ROUND = 20
+#: Bound on running `[xray] restart_command`.
+RESTART_COMMAND_TIMEOUT = 60.0
+
+Component = Literal["config", "links", "template", "file", "api", "database", "restart_command"]
+
+
+@attrs.define(eq=False)
+class XrayStatus:
+    """What the writer knows about how far Xray is behind; read by /readyz, /metrics and the admin.
+
+    Times are `time.monotonic()` seconds (readable from any thread, e.g. the metrics exporter).
+    """
+
+    enabled: bool
+    mode: Literal["api", "restart-command", "disabled"]
+    started_at: float = attrs.field(factory=time.monotonic)
+    rounds: int = 0
+    live_in_sync: bool = False
+    file_current: bool = False
+    synced_at: float | None = None
+    pending_adds: int = 0
+    pending_removes: int = 0
+    desired_users: int = 0
+    live_users: int = 0
+    file_writes: int = 0
+    api_calls: int = 0
+    restarts_detected: int = 0
+    last_round_seconds: float = 0.0
+    #: Component → what is wrong with it now (empty when everything works).
+    problems: dict[str, str] = attrs.field(factory=dict)
+    last_error: str = ""
+
+    @property
+    def in_sync(self) -> bool:
+        return self.live_in_sync and self.file_current
+
+    def seconds_since_sync(self) -> float:
+        """0 while in sync; otherwise how long since the last moment it was (or since start)."""
+        if self.in_sync:
+            return 0.0
+        since = self.synced_at if self.synced_at is not None else self.started_at
+        return max(0.0, time.monotonic() - since)
+
+    def summary(self) -> str:
+        if self.rounds == 0:
+            return "starting: first reconcile not done"
+        parts = [f"{name}: {text}" for name, text in sorted(self.problems.items())]
+        if self.in_sync:
+            parts.append(f"in sync, {self.live_users} users live")
+        else:
+            parts.append(
+                f"behind {self.seconds_since_sync():.0f}s: {self.pending_adds} adds, "
+                f"{self.pending_removes} removes pending, file {'current' if self.file_current else 'stale'}"
+            )
+        return "; ".join(parts)
+
+    async def readiness(self) -> CheckResult:
+        """Ready when every component works (a round in progress may still be catching up)."""
+        return CheckResult(self.rounds > 0 and not self.problems, self.summary()[:500])
+
+
+@attrs.frozen
+class _Op:
+    kind: Literal["add", "add-trust", "replace", "remove"]
+    email: str
+    uuid: str = ""
+
+
+@attrs.frozen
+class _FileKey:
+    """What the config file's content is a function of."""
+
+    set_digest: bytes
+    template_stamp: tuple[int, int, int]
+
+
+@attrs.define
+class _Backoff:
+    delay: float = 0.0
+    retry_at: float = 0.0
+
+    def failed(self, now: float, cap: float) -> None:
+        self.delay = min(cap, max(FIRST_BACKOFF, self.delay * 2))
+        self.retry_at = now + self.delay
+
+    def succeeded(self) -> None:
+        self.delay = 0.0
+        self.retry_at = 0.0
+
+    def due(self, now: float) -> bool:
+        return now >= self.retry_at
+
+
+@attrs.define(eq=False)
+class XrayWriter:
+    """The writer's state between rounds. Bounded by the number of active users."""
+
+    app: App
+    status: XrayStatus
+    api: XrayApi | None
+    applied: dict[str, str] = attrs.field(factory=dict)
+    resync_needed: bool = True
+    boot_estimate: float | None = None
+    boots_seen: int = 0
+    traffic_boots_seen: int = 0
+    traffic_due: float = 0.0
+    api_backoff: _Backoff = attrs.field(factory=_Backoff)
+    file_backoff: _Backoff = attrs.field(factory=_Backoff)
+    db_backoff: _Backoff = attrs.field(factory=_Backoff)
+    restart_pending: bool = False
+    last_write_at: float = -math.inf
+    file_key: _FileKey | None = None
+    file_stat: tuple[int, int, int] | None = None
+    template: Template | None = None
+    template_stamp: tuple[int, int, int] | None = None
+    next_round_at: float = 0.0
+    expiry_wake_at: float = math.inf
+    api_outage: bool = False
+    marker_written_at: float = -math.inf
+    _round_api_up: bool = False
+    _round_api_errors: int = 0
+
+    @property
+    def xray(self) -> XrayConfig:
+        return self.app.config.xray
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        while True:
+            await self.app.xray_changed.wait(timeout=max(0.0, self.next_round_at - time.monotonic()))
+            await self.reconcile()
+
+    async def reconcile(self) -> None:
+        """One round; never raises for an outside failure (they are recorded in `status`)."""
+        started = time.monotonic()
+        if not self.db_backoff.due(started):
+            self.next_round_at = self.db_backoff.retry_at
+            return
+        self.status.rounds += 1
+        try:
+            await self._round(started)
+        except (DatabaseUnavailable, psycopg.OperationalError) as exc:
+            self._problem("database", f"{type(exc).__name__}: {exc}".strip())
+            self.db_backoff.failed(time.monotonic(), self._backoff_cap())
+            self.status.live_in_sync = False
+        else:
+            self._solved("database")
+            self.db_backoff.succeeded()
+        finished = time.monotonic()
+        self.status.last_round_seconds = finished - started
+        if self.status.in_sync:
+            self.status.synced_at = finished
+        self._publish_metrics()
+        self.next_round_at = self._next_round(started, finished)
+
+    def _next_round(self, started: float, now: float) -> float:
+        at = min(started + self.xray.reconcile_interval, self.expiry_wake_at)
+        if self.db_backoff.retry_at:
+            at = min(at, self.db_backoff.retry_at)
+        if self.api is not None and self.api_backoff.retry_at:
+            at = min(at, self.api_backoff.retry_at)
+        if not self.status.file_current and self.template is not None:
+            at = min(at, max(self.file_backoff.retry_at, self.last_write_at + MIN_WRITE_INTERVAL))
+        if self.restart_pending:
+            at = min(at, self.file_backoff.retry_at)
+        return at
+
+    def _backoff_cap(self) -> float:
+        return min(MAX_BACKOFF, self.xray.reconcile_interval)
+
+    # --- one round -------------------------------------------------------------------------------
+
+    async def _round(self, now: float) -> None:
+        self._round_api_up = self.api is not None and self.api_backoff.due(now)
+        self._round_api_errors = 0
+        if self._round_api_up:
+            await self._observe_xray()
+        resync = self.resync_needed and self._round_api_up
+        since: dt.datetime | None = None
+        if resync:
+            marker = await self.app.db.run(get_sync_marker)
+            since = None if marker is None else marker - SYNC_MARKER_MARGIN
+            self.applied = {}
+
+        db_now, next_expiry, set_digest, pending_adds, seen = await self._apply_desired(resync, since)
+        pending_removes = await self._apply_removals(seen, resync, since)
+        if resync and self._round_api_up and not pending_adds and not pending_removes:
+            self.resync_needed = False
+            log.info("event=xray_resynced live_users=%d", len(self.applied))
+
+        if self._round_api_up and self.api is not None:
+            await self._collect_traffic(time.monotonic())
+        if self._round_api_up and self._round_api_errors == 0:
+            self.api_backoff.succeeded()
+            self._solved("api")
+        elif self._round_api_up:
+            # Xray answered, but refused some changes: retry them later, not in a tight loop.
+            self.api_backoff.failed(time.monotonic(), self._backoff_cap())
+
+        await self._maintain_file(set_digest, time.monotonic())
+
+        status = self.status
+        status.desired_users = len(seen)
+        status.live_users = len(self.applied)
+        if self.api is None:
+            status.pending_adds = status.pending_removes = 0
+            status.live_in_sync = status.file_current and not self.restart_pending
+        else:
+            status.pending_adds, status.pending_removes = pending_adds, pending_removes
+            status.live_in_sync = not pending_adds and not pending_removes and not self.resync_needed
+        self.expiry_wake_at = math.inf
+        if next_expiry is not None:
+            # Wake when the next subscription runs out, so it is removed at once, not at the next period.
+            self.expiry_wake_at = time.monotonic() + max(0.0, (next_expiry - db_now).total_seconds()) + 0.05
+        if status.in_sync and self.api is not None:
+            await self._refresh_sync_marker(db_now)
+
+    async def _observe_xray(self) -> None:
+        """Detect an Xray restart (uptime went back) or an API that came back after an outage."""
+        assert self.api is not None
+        try:
+            uptime = await self.api.uptime()
+        except XrayError as exc:
+            self._api_failed(exc)
+            return
+        finally:
+            self.status.api_calls += 1
+        now = time.monotonic()
+        if uptime > 0:
+            boot = now - uptime
+            if self.boot_estimate is not None and boot > self.boot_estimate + RESTART_TOLERANCE:
+                self.boots_seen += 1
+                self.status.restarts_detected += 1
+                self.resync_needed = True
+                self.boot_estimate = boot
+                log.warning("event=xray_restart_detected uptime_seconds=%d", uptime)
+            elif self.boot_estimate is None or boot < self.boot_estimate:
+                self.boot_estimate = boot
+        if self.api_outage:
+            # Xray may have restarted while its API was unreachable: check every user.
+            self.api_outage = False
+            self.resync_needed = True
+            log.info("event=xray_api_back action=resync")
+
+    async def _apply_desired(
+        self, resync: bool, since: dt.datetime | None
+    ) -> tuple[dt.datetime, dt.datetime | None, bytes, int, set[str]]:
+        digest = hashlib.sha256(self.xray.flow.encode() + b"\n")
+        seen: set[str] = set()
+        pending = 0
+        after = ""
+        first: DesiredBatch | None = None
+        while True:
+            batch = await self.app.db.run(desired_batch, after, BATCH_SIZE, since if resync else None)
+            first = first or batch
+            ops: list[_Op] = []
+            for client in batch.clients:
+                seen.add(client.email)
+                have = self.applied.get(client.email)
+                if have == client.uuid:
+                    continue
+                if resync:
+                    ops.append(_Op("replace" if client.changed else "add-trust", client.email, client.uuid))
+                else:
+                    ops.append(_Op("add" if have is None else "replace", client.email, client.uuid))
+            digest.update("".join(f"{c.email} {c.uuid}\n" for c in batch.clients).encode())
+            pending += await self._apply(ops)
+            if len(batch.clients) < BATCH_SIZE:
+                return first.db_now, first.next_expiry, digest.digest(), pending, seen
+            after = batch.clients[-1].email
+
+    async def _apply_removals(self, seen: set[str], resync: bool, since: dt.datetime | None) -> int:
+        pending = await self._apply([_Op("remove", email) for email in self.applied if email not in seen])
+        if not resync:
+            return pending
+        # Users who lost access after the marker may still be live (a crash or restart in between).
+        after = 0
+        while True:
+            rows = await self.app.db.run(undesired_changed_batch, after, BATCH_SIZE, since)
+            pending += await self._apply([_Op("remove", email) for _user_id, email in rows])
+            if len(rows) < BATCH_SIZE:
+                return pending
+            after = rows[-1][0]
+
+    async def _apply(self, ops: Sequence[_Op]) -> int:
+        """Carry out `ops` with bounded concurrency; return how many are still to do."""
+        if not ops:
+            return 0
+        if self.api is None:
+            return 0
+        remaining = iter(ops)
+        failed = 0
+
+        async def worker() -> None:
+            nonlocal failed
+            for op in remaining:
+                if not self._round_api_up:
+                    failed += 1
+                    continue
+                try:
+                    await self._do(op)
+                except XrayUnavailable as exc:
+                    self._api_failed(exc)
+                    failed += 1
+                except XrayApiError as exc:
+                    failed += 1
+                    self._round_api_errors += 1
+                    self._problem("api", str(exc))
+                    if self._round_api_errors >= MAX_API_ERRORS_PER_ROUND:
+                        self._api_failed(exc)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(APPLY_CONCURRENCY, len(ops))):
+                nursery.start_soon(worker)
+        return failed
+
+    async def _do(self, op: _Op) -> None:
+        assert self.api is not None
+        api, tag, flow = self.api, self.xray.inbound_tag, self.xray.flow
+        calls = 0
+        try:
+            if op.kind in ("remove", "replace"):
+                calls += 1
+                await api.remove_user(tag, op.email)
+                self.applied.pop(op.email, None)
+                if op.kind == "remove":
+                    return
+            calls += 1
+            added = await api.add_vless_user(tag, op.email, op.uuid, flow)
+            if not added and op.kind != "add-trust":
+                # Live with a UUID we cannot see: make it the desired one.
+                calls += 2
+                await api.remove_user(tag, op.email)
+                await api.add_vless_user(tag, op.email, op.uuid, flow)
+            self.applied[op.email] = op.uuid
+        finally:
+            self.status.api_calls += calls
+
+    def _api_failed(self, exc: XrayError) -> None:
+        """Stop calling Xray for the rest of this round and retry after a backoff."""
+        if not self._round_api_up:
+            return
+        self._round_api_up = False
+        self.api_backoff.failed(time.monotonic(), self._backoff_cap())
+        if isinstance(exc, XrayUnavailable):
+            self.api_outage = True
+            self.resync_needed = True
+            self._problem("api", f"Xray API at {self.xray.api_address} unreachable: {exc}")
+        else:
+            self._problem("api", str(exc))
+
+    # --- traffic -----------------------------------------------------------------------------------
+
+    async def _collect_traffic(self, now: float) -> None:
+        assert self.api is not None
+        if now < self.traffic_due or not self._round_api_up:
+            return
+        boots_seen = self.boots_seen
+        try:
+            counters = await self.api.query_user_traffic(reset=False)
+        except XrayError as exc:
+            self._api_failed(exc)
+            return
+        finally:
+            self.status.api_calls += 1
+        samples = []
+        for email, traffic in counters.items():
+            user_id = user_id_from_email(email)
+            if user_id is not None:
+                samples.append((user_id, traffic.uplink, traffic.downlink))
+        reset = boots_seen != self.traffic_boots_seen
+        for start in range(0, len(samples), BATCH_SIZE):
+            await self.app.db.run(store_traffic, samples[start : start + BATCH_SIZE], counters_reset=reset)
+        self.traffic_boots_seen = boots_seen
+        self.traffic_due = now + self.xray.reconcile_interval
+
+    # --- the file ----------------------------------------------------------------------------------
+
+    async def _maintain_file(self, set_digest: bytes, now: float) -> None:
+        template = await self._current_template()
+        if template is None or self.template_stamp is None:
+            self.status.file_current = False
+            return
+        key = _FileKey(set_digest, self.template_stamp)
+        path = self.xray.config_path
+        stat = await trio.to_thread.run_sync(_stat_stamp, path)
+        if key == self.file_key and stat == self.file_stat and stat is not None:
+            self.status.file_current = True
+        elif now < self.last_write_at + MIN_WRITE_INTERVAL or not self.file_backoff.due(now):
+            self.status.file_current = False
+        else:
+            await self._write_file(template, path)
+        if self.restart_pending and self.file_backoff.due(time.monotonic()):
+            await self._run_restart_command()
+
+    async def _current_template(self) -> Template | None:
+        path = self.xray.template_path
+        stamp = await trio.to_thread.run_sync(_stat_stamp, path)
+        if stamp is not None and stamp == self.template_stamp and self.template is not None:
+            return self.template
+        try:
+            template = await trio.to_thread.run_sync(
+                lambda: load_template(path, inbound_tag=self.xray.inbound_tag)
+            )
+        except TemplateError as exc:
+            self.template, self.template_stamp = None, None
+            self._problem("template", f"{exc} (the config file is left as it is until the template is fixed)")
+            return None
+        self.template, self.template_stamp = template, stamp or (0, 0, 0)
+        self._solved("template")
+        return template
+
+    async def _write_file(self, template: Template, path: str) -> None:
+        """Render the current desired set (a second streaming read) and replace the file if it changed."""
+        renderer = ConfigRenderer(template)
+        parts = [renderer.begin()]
+        digest = hashlib.sha256(self.xray.flow.encode() + b"\n")
+        after = ""
+        flow = self.xray.flow
+        while True:
+            batch = await self.app.db.run(desired_batch, after, BATCH_SIZE)
+            rows = [(c.email, c.uuid) for c in batch.clients]
+            digest.update("".join(f"{email} {uuid}\n" for email, uuid in rows).encode())
+            parts.append(await trio.to_thread.run_sync(_render_batch, renderer, rows, flow))
+            if len(rows) < BATCH_SIZE:
+                break
+            after = rows[-1][0]
+        parts.append(renderer.end())
+        assert self.template_stamp is not None
+        key = _FileKey(digest.digest(), self.template_stamp)
+        try:
+            changed, stat = await trio.to_thread.run_sync(_write_parts, path, parts)
+        except OSError as exc:
+            self.file_backoff.failed(time.monotonic(), self._backoff_cap())
+            self.status.file_current = False
+            self._problem("file", f"cannot write {path}: {exc.strerror or exc}")
+            return
+        self.file_backoff.succeeded()
+        self._solved("file")
+        self.file_key, self.file_stat = key, stat
+        self.status.file_current = True
+        if changed:
+            self.last_write_at = time.monotonic()
+            self.status.file_writes += 1
+            log.info("event=xray_config_written path=%s clients=%d", quote(path), renderer.count)
+            if self.api is None and self.xray.restart_command:
+                self.restart_pending = True
+
+    async def _run_restart_command(self) -> None:
+        """Only for a config without an API: Xray reloads the file by restarting."""
+        command = shlex.split(self.xray.restart_command)
+        try:
+            with trio.fail_after(RESTART_COMMAND_TIMEOUT):
+                result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+        except (OSError, trio.TooSlowError) as exc:
+            message = f"{exc}" if isinstance(exc, OSError) else f"no exit within {RESTART_COMMAND_TIMEOUT:g}s"
+            self._problem("restart_command", message)
+            self.file_backoff.failed(time.monotonic(), self._backoff_cap())
+            return
+        if result.returncode != 0:
+            output = (result.stderr or result.stdout or b"").decode(errors="replace").strip()[-300:]
+            self._problem("restart_command", f"exit status {result.returncode}: {output}")
+            self.file_backoff.failed(time.monotonic(), self._backoff_cap())
+            return
+        self.restart_pending = False
+        self._solved("restart_command")
+        log.info("event=xray_restarted command=%s", quote(self.xray.restart_command))
+
+    # --- bookkeeping -------------------------------------------------------------------------------
+
+    async def _refresh_sync_marker(self, db_now: dt.datetime) -> None:
+        now = time.monotonic()
+        if now - self.marker_written_at >= SYNC_MARKER_INTERVAL:
+            await self.app.db.run(set_sync_marker, db_now)
+            self.marker_written_at = now
+
+    def _problem(self, component: Component, message: str) -> None:
+        previous = self.status.problems.get(component)
+        self.status.problems[component] = message
+        self.status.last_error = f"{component}: {message}"
+        if previous != message:
+            log.error("event=xray_problem component=%s detail=%s", component, quote(message))
+
+    def _solved(self, component: Component) -> None:
+        if self.status.problems.pop(component, None) is not None:
+            log.info("event=xray_recovered component=%s", component)
+
+    def _publish_metrics(self) -> None:
+        metrics = self.app.metrics
+        metrics.xray_pending.labels(op="add").set(self.status.pending_adds)
+        metrics.xray_pending.labels(op="remove").set(self.status.pending_removes)
+
+
+def _stat_stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _render_batch(renderer: ConfigRenderer, rows: list[tuple[str, str]], flow: str) -> bytes:
+    return renderer.clients(Client(uuid=uuid, email=email, flow=flow) for email, uuid in rows)
+
+
+def _write_parts(path: str, parts: list[bytes]) -> tuple[bool, tuple[int, int, int] | None]:
+    changed = write_atomically(path, b"".join(parts))
+    return changed, _stat_stamp(path)
+
+
+def check_link_settings(config: XrayConfig) -> str | None:
+    """What is wrong with the `[xray]` settings that go into share links, or None."""
+    try:
+        links.build_vless_reality_link(
+            uuid="00000000-0000-4000-8000-000000000000",
+            host=config.host,
+            port=config.port,
+            public_key=config.public_key,
+            short_id=config.short_id,
+            sni=config.sni,
+            fingerprint=config.fingerprint,
+            flow=config.flow,
+            name=config.link_name,
+        )
+    except ValueError as exc:
+        return f"[xray] link settings: {exc}"
+    return None
+
+
+async def run_xray(app: App, *, task_status: trio.TaskStatus[XrayStatus] = trio.TASK_STATUS_IGNORED) -> None:
+    """The Xray nursery. `task_status.started(status)` after the first round, whatever its outcome.
+
+    With `[xray] enabled = false` nothing runs (the returned status says so). Otherwise a readiness
+    check "xray" is registered and the writer runs until shutdown begins (nothing to drain: a round
+    cut short is redone by the next start).
+    """
+    config = app.config.xray
+    if not config.enabled:
+        task_status.started(XrayStatus(enabled=False, mode="disabled"))
+        return
+    restart_mode = bool(config.restart_command)
+    status = XrayStatus(enabled=True, mode="restart-command" if restart_mode else "api")
+    app.health.add_check("xray", status.readiness)
+    app.metrics.xray_lag.set_function(status.seconds_since_sync)
+    with ExitStack() as stack:
+        api = None if restart_mode else stack.enter_context(XrayApi(config.api_address, prefix=config.api_prefix))
+        writer = XrayWriter(app, status, api)
+        link_problem = check_link_settings(config)
+        if link_problem:
+            writer._problem("links", link_problem)
+        try:
+            links.validate_flow(config.flow)
+        except ValueError as exc:
+            writer._problem("config", f"[xray] flow: {exc}")
+            task_status.started(status)
+            await app.lifecycle.stopping.wait()
+            return
+        log.info(
+            "event=xray_writer_starting mode=%s api=%s config=%s",
+            status.mode,
+            config.api_address if api else "-",
+            quote(config.config_path),
+        )
+        await writer.reconcile()
+        task_status.started(status)
+        await app.lifecycle.run_until_stopping(writer.run_forever)
+

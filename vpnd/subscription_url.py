@@ -1,0 +1,120 @@
+"""The subscription URL (`GET /sub/<token>`) and the share links the bot shows as text and QR code.
+
+Client apps (v2rayN, Hiddify, Streisand, ...) poll the URL: the body is the v2rayN format (base64 of
+the links, one per line) and two headers tell them when to poll again and what to show as usage and
+expiry. The token is the user's random `sub_token` (192 bits); a reissue replaces it, so an old URL
+answers 404 from then on. An expired or revoked subscription answers a valid, empty list with its
+expiry, so apps show "expired" instead of an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import math
+import re
+import time
+from collections import OrderedDict
+
+import attrs
+
+from vpnd.app import App
+from vpnd.config import Config
+from vpnd.db.subscriptions import Subscription
+from vpnd.db.xray_state import subscription_by_token
+from vpnd.web import Request, Response, Router
+from vpnd.xray.links import build_vless_reality_link, subscription_body, subscription_userinfo_header
+
+#: Hours between client refreshes (the `profile-update-interval` header).
+PROFILE_UPDATE_INTERVAL_HOURS = 12
+#: Per-token limit: a burst of this many requests, then one more every `REFILL_SECONDS`.
+RATE_BURST = 10
+RATE_REFILL_SECONDS = 6.0
+#: Tokens remembered by the limiter; the least recently seen is forgotten beyond this.
+RATE_MAX_TOKENS = 10_000
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
+
+
+def user_links(config: Config, subscription: Subscription) -> list[str]:
+    """The share links of a subscription (one VLESS + REALITY link today), whatever its status.
+
+    Raises ValueError when an `[xray]` link setting is invalid (the writer's readiness check
+    "xray" reports that at start).
+    """
+    xray = config.xray
+    return [
+        build_vless_reality_link(
+            uuid=str(subscription.uuid),
+            host=xray.host,
+            port=xray.port,
+            public_key=xray.public_key,
+            short_id=xray.short_id,
+            sni=xray.sni,
+            fingerprint=xray.fingerprint,
+            flow=xray.flow,
+            name=xray.link_name,
+        )
+    ]
+
+
+@attrs.define(eq=False)
+class TokenRateLimiter:
+    """Token buckets per key, in bounded memory (least recently used keys are forgotten)."""
+
+    burst: int = RATE_BURST
+    refill_seconds: float = RATE_REFILL_SECONDS
+    max_keys: int = RATE_MAX_TOKENS
+    _buckets: OrderedDict[str, tuple[float, float]] = attrs.field(factory=OrderedDict)
+
+    def acquire(self, key: str, now: float) -> float:
+        """Take one request for `key`: 0 when allowed, else the seconds until the next one is."""
+        tokens, updated = self._buckets.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - updated) / self.refill_seconds)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[key] = (tokens, now)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return 0.0 if allowed else (1.0 - tokens) * self.refill_seconds
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def subscription_response(config: Config, subscription: Subscription, upload: int, download: int) -> Response:
+    now = dt.datetime.now(dt.UTC)
+    active = subscription.is_active(now)
+    body = subscription_body(user_links(config, subscription) if active else [])
+    title = base64.b64encode(config.xray.link_name.encode()).decode("ascii")
+    headers = [
+        ("profile-update-interval", str(PROFILE_UPDATE_INTERVAL_HOURS)),
+        (
+            "subscription-userinfo",
+            subscription_userinfo_header(upload, download, 0, int(subscription.expires_at.timestamp())),
+        ),
+        ("profile-title", f"base64:{title}"),
+        ("cache-control", "no-store"),
+    ]
+    return Response(200, body, headers)
+
+
+def add_subscription_routes(router: Router, app: App, *, limiter: TokenRateLimiter | None = None) -> None:
+    """Serve `GET /sub/{token}` on `router` (the HTTP nursery's)."""
+    limiter = limiter or TokenRateLimiter()
+    not_found = Response.text("not found\n", 404)
+
+    async def subscription(request: Request) -> Response:
+        token = request.params["token"]
+        if not _TOKEN.fullmatch(token):
+            return not_found
+        wait = limiter.acquire(token, time.monotonic())
+        if wait > 0:
+            return Response.text("too many requests\n", 429, [("retry-after", str(math.ceil(wait)))])
+        usage = await app.db.run(subscription_by_token, token)
+        if usage is None:
+            return not_found
+        return subscription_response(app.config, usage.subscription, usage.traffic.uplink, usage.traffic.downlink)
+
+    router.add("GET", "/sub/{token}", subscription)
