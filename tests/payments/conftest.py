@@ -1,0 +1,155 @@
+"""Payments fixtures: a real PostgreSQL, the fake Crypto Pay over HTTP, vpnd's App and its HTTP server.
+
+`env` opens the App exactly as the daemon does (`open_app`), serves `build_router(app)` plus the
+payment routes with `run_http` on 127.0.0.1, and points the fake Crypto Pay's webhooks at it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import psycopg
+import pytest
+import trio
+
+from vpnd.app import App, open_app
+from vpnd.config import load_config
+from vpnd.cryptopay import CryptoPayClient, open_cryptopay_client
+from vpnd.db.users import upsert_user
+from vpnd.nurseries.http import build_router, run_http
+from vpnd.payments.webhook import WEBHOOK_PATH, add_payment_routes
+from vpnd.sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
+
+IO_TIMEOUT = 20
+ADMINS = (900001, 900002)
+
+PLANS = """
+[[plans]]
+code = "m1"
+title = "1 month"
+days = 30
+price = "4.99"
+currency = "USD"
+stars = 250
+
+[[plans]]
+code = "m3"
+title = "3 months"
+days = 90
+price = "12.00"
+currency = "USD"
+stars = 600
+
+[[plans]]
+code = "eur"
+title = "1 month (EUR)"
+days = 30
+price = "5.00"
+currency = "EUR"
+"""
+
+
+@attrs.define(eq=False)
+class Env:
+    app: App
+    fake: FakeCryptoPay
+    client: CryptoPayClient
+    http_url: str
+    dsn: str
+
+    @property
+    def webhook_url(self) -> str:
+        return self.http_url + WEBHOOK_PATH
+
+    def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        """Read (or set up) state on a separate, direct connection — the test's own view."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def scalar(self, query: str, params: Any = None) -> Any:
+        rows = self.sql(query, params)
+        return rows[0][0] if rows else None
+
+    async def add_user(self, user_id: int, *, balance_minor: int = 0, referred_by: int | None = None) -> int:
+        def create(conn: psycopg.Connection[Any]) -> None:
+            upsert_user(conn, user_id, f"user{user_id}", f"User {user_id}", "en")
+            if referred_by is not None:
+                conn.execute(
+                    "INSERT INTO referrals (referred_id, referrer_id) VALUES (%s, %s)", (user_id, referred_by)
+                )
+                conn.execute("UPDATE users SET referred_by = %s WHERE id = %s", (referred_by, user_id))
+            if balance_minor:
+                # Through the ledger, as every balance change goes.
+                from vpnd.db import ledger
+
+                ledger.record(conn, user_id, balance_minor, ledger.ADMIN, f"test-seed:{user_id}")
+
+        await self.app.db.run(create)
+        return user_id
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a payment can change, to assert that nothing did."""
+        return {
+            "purchases": self.sql("SELECT id, status, paid_at, invoice_id, paid_late FROM purchases ORDER BY id"),
+            "payments": self.sql("SELECT * FROM payments ORDER BY id"),
+            "subscriptions": self.sql("SELECT user_id, expires_at, status FROM subscriptions ORDER BY user_id"),
+            "ledger": self.sql("SELECT * FROM balance_ledger ORDER BY id"),
+            "balances": self.sql("SELECT id, balance_minor, pending_promo_code FROM users ORDER BY id"),
+            "outbox": self.sql("SELECT id, chat_id, dedupe_key FROM outbox ORDER BY id"),
+            "promo": self.sql("SELECT code, used_count FROM promo_codes ORDER BY code"),
+        }
+
+
+@pytest.fixture
+def make_config(write_config: Callable[..., Path], db_dsn: str) -> Callable[..., Any]:
+    def make(fake: FakeCryptoPay, **overrides: dict[str, Any]) -> Any:
+        sections: dict[str, dict[str, Any]] = {
+            "database": {"dsn": db_dsn, "pool_min": 2, "pool_max": 12},
+            "http": {"listen": "127.0.0.1:0"},
+            "telegram": {"admin_ids": list(ADMINS)},
+            "referral": {"percent": 10},
+            "payments": {"purchase_ttl_minutes": 30, "min_price": "0.50", "currency": "USD"},
+            "cryptopay": {
+                "enabled": True,
+                "token": fake.token,
+                "api_base_url": f"{fake.base_url}/api",
+                "poll_interval": 0.5,
+            },
+            "shutdown": {"grace_seconds": 1},
+        }
+        for section, values in overrides.items():
+            sections.setdefault(section, {}).update(values)
+        # Sections first, plans last: keys after a [[plans]] header would belong to that plan.
+        path = write_config("", **sections)
+        path.write_text(path.read_text() + PLANS)
+        return load_config(path, environ={})
+
+    return make
+
+
+@pytest.fixture
+async def env(make_config: Callable[..., Any], db_dsn: str) -> AsyncIterator[Env]:
+    fake = FakeCryptoPay(webhook_retry_delay=0.05)
+    async with trio.open_nursery() as outer:
+        with trio.fail_after(IO_TIMEOUT):
+            await outer.start(serve_fake_cryptopay, fake)
+        config = make_config(fake)
+        async with (
+            open_app(config, single_instance=False) as app,
+            open_cryptopay_client(fake.token, f"{fake.base_url}/api", timeout=5) as client,
+        ):
+            router = build_router(app)
+            add_payment_routes(router, app, config.cryptopay.token)
+            async with trio.open_nursery() as inner:
+                with trio.fail_after(IO_TIMEOUT):
+                    url = await inner.start(run_http, app, router)
+                env = Env(app, fake, client, url.rstrip("/"), db_dsn)
+                fake.webhook_url = env.webhook_url
+                yield env
+                fake.webhooks_enabled = False
+                inner.cancel_scope.cancel()
+        outer.cancel_scope.cancel()

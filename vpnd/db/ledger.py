@@ -1,0 +1,134 @@
+"""The balance ledger: every change of a user's balance, with its reason and reference.
+
+`record` is the only way a balance changes: it inserts the ledger row and moves `users.balance_minor`
+by the same delta in the caller's transaction, so the balance always equals the sum of its ledger.
+The ledger's `UNIQUE (reason, reference)` makes each change happen at most once (a top-up credited
+twice, a referral reward paid twice, a purchase charged twice are all the same no-op).
+
+Callers must already hold the user's row lock (`SELECT ... FOR UPDATE`) when they debit, so the
+balance they checked is the balance they change; `record` checks again and refuses to go below zero
+before PostgreSQL's `CHECK (balance_minor >= 0)` would abort the transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import attrs
+import psycopg
+from psycopg.rows import class_row
+
+from vpnd.db.rows import one
+
+# Reasons (the ledger's vocabulary; admin tools and auto-renewal add their own the same way).
+TOPUP = "topup"
+PURCHASE = "purchase"
+REFERRAL_REWARD = "referral_reward"
+REFUND = "refund"
+ADMIN = "admin"
+
+
+class InsufficientBalance(Exception):
+    """A debit larger than the balance. Nothing was changed."""
+
+    reason_key = "payments.insufficient_balance"
+
+    def __init__(self, needed_minor: int, balance_minor: int) -> None:
+        super().__init__(f"balance {balance_minor} does not cover {needed_minor}")
+        self.needed_minor = needed_minor
+        self.balance_minor = balance_minor
+
+
+@attrs.frozen
+class LedgerEntry:
+    id: int
+    user_id: int
+    delta_minor: int
+    reason: str
+    reference: str
+    created_at: dt.datetime
+
+
+ENTRY_COLUMNS = "id, user_id, delta_minor, reason, reference, created_at"
+
+
+def purchase_reference(purchase_id: int) -> str:
+    return f"purchase:{purchase_id}"
+
+
+def record(
+    conn: psycopg.Connection[Any], user_id: int, delta_minor: int, reason: str, reference: str
+) -> LedgerEntry | None:
+    """Apply one balance change; None when `(reason, reference)` was already applied (a no-op).
+
+    Raises InsufficientBalance (before writing anything) when a debit exceeds the balance.
+    """
+    if delta_minor == 0:
+        raise ValueError("a ledger entry must change the balance")
+    if delta_minor < 0:
+        balance = balance_of(conn, user_id)
+        if balance + delta_minor < 0:
+            # Only refuse a debit that would really happen: a replay of an applied one is a no-op.
+            if _exists(conn, reason, reference):
+                return None
+            raise InsufficientBalance(-delta_minor, balance)
+    with conn.cursor(row_factory=class_row(LedgerEntry)) as cur:
+        entry = cur.execute(
+            f"INSERT INTO balance_ledger (user_id, delta_minor, reason, reference) VALUES (%s, %s, %s, %s) "
+            f"ON CONFLICT (reason, reference) DO NOTHING RETURNING {ENTRY_COLUMNS}",
+            (user_id, delta_minor, reason, reference),
+        ).fetchone()
+    if entry is None:
+        return None
+    conn.execute(
+        "UPDATE users SET balance_minor = balance_minor + %s, updated_at = now() WHERE id = %s",
+        (delta_minor, user_id),
+    )
+    return entry
+
+
+def _exists(conn: psycopg.Connection[Any], reason: str, reference: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM balance_ledger WHERE reason = %s AND reference = %s", (reason, reference)
+    ).fetchone()
+    return row is not None
+
+
+def balance_of(conn: psycopg.Connection[Any], user_id: int) -> int:
+    row = conn.execute("SELECT balance_minor FROM users WHERE id = %s", (user_id,)).fetchone()
+    if row is None:
+        raise LookupError(f"no user {user_id}")
+    return int(row[0])
+
+
+def ledger_sum(conn: psycopg.Connection[Any], user_id: int) -> int:
+    """The sum of a user's ledger (equals `balance_of`; checked by tests and the health check)."""
+    return int(
+        one(conn.execute("SELECT coalesce(sum(delta_minor), 0) FROM balance_ledger WHERE user_id = %s", (user_id,)))[0]
+    )
+
+
+def entries(
+    conn: psycopg.Connection[Any], user_id: int, *, before_id: int | None = None, limit: int = 20
+) -> list[LedgerEntry]:
+    """A user's ledger, newest first, in keyset pages (`before_id` = the last id of the previous page)."""
+    with conn.cursor(row_factory=class_row(LedgerEntry)) as cur:
+        return cur.execute(
+            f"SELECT {ENTRY_COLUMNS} FROM balance_ledger WHERE user_id = %s AND id < %s ORDER BY id DESC LIMIT %s",
+            (user_id, before_id if before_id is not None else 2**63 - 1, limit),
+        ).fetchall()
+
+
+def mismatched_balances(conn: psycopg.Connection[Any], *, after_user_id: int = 0, limit: int = 500) -> list[int]:
+    """Users (a keyset page) whose balance differs from their ledger sum; should always be empty."""
+    rows = conn.execute(
+        """
+        SELECT u.id FROM (SELECT id, balance_minor FROM users WHERE id > %s ORDER BY id LIMIT %s) AS u
+        CROSS JOIN LATERAL (SELECT sum(delta_minor) AS total FROM balance_ledger WHERE user_id = u.id) AS l
+        WHERE u.balance_minor <> coalesce(l.total, 0)
+        ORDER BY u.id
+        """,
+        (after_user_id, limit),
+    ).fetchall()
+    return [int(r[0]) for r in rows]

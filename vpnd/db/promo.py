@@ -1,0 +1,229 @@
+"""Promo codes: validation for a user, the remembered code, reservation and consumption, admin verbs.
+
+A code's use limit is guarded twice:
+
+* **Reservation** (`reserve_discount`, called by `create_purchase`): the promo row is locked and a
+  discount is given only while `used_count + pending purchases of other users carrying the code`
+  is below `max_uses`. So with one use left, of ten people buying at once exactly one gets the
+  discounted price.
+* **Consumption** (`consume`, called by `finalize_purchase`): `used_count` is incremented only
+  `WHERE used_count < max_uses`, and `promo_redemptions (code, user_id)` records the use once per
+  user. A late payment whose reservation had lapsed is still granted (the money was taken) but does
+  not push the count past its limit — PostgreSQL's `CHECK (used_count <= max_uses)` backs this.
+
+Codes are case-insensitive: they are stored and looked up in upper case.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+import attrs
+import psycopg
+from psycopg.rows import class_row
+
+PromoReason = Literal["promo.not_found", "promo.inactive", "promo.expired", "promo.exhausted", "promo.already_used"]
+
+
+class PromoExists(Exception):
+    pass
+
+
+class InvalidPromoCode(ValueError):
+    pass
+
+
+@attrs.frozen
+class PromoCode:
+    code: str
+    percent: int
+    max_uses: int | None
+    used_count: int
+    expires_at: dt.datetime | None
+    active: bool
+    created_by: int | None
+    created_at: dt.datetime
+
+    def uses_left(self) -> int | None:
+        return None if self.max_uses is None else max(0, self.max_uses - self.used_count)
+
+
+@attrs.frozen
+class PromoCheck:
+    """The result of validating a code for a user: usable when `reason` is None (else a locale key)."""
+
+    promo: PromoCode | None
+    reason: PromoReason | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.promo is not None and self.reason is None
+
+
+PROMO_COLUMNS = "code, percent, max_uses, used_count, expires_at, active, created_by, created_at"
+
+_CODE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def normalize_code(code: str) -> str:
+    """Upper-case, trimmed; InvalidPromoCode for anything that cannot be a code (1-32 of A-Z 0-9 _ -)."""
+    text = code.strip().upper()
+    if not 1 <= len(text) <= 32 or not set(text) <= _CODE_CHARS:
+        raise InvalidPromoCode(f"not a promo code: {code!r}")
+    return text
+
+
+def get_promo(conn: psycopg.Connection[Any], code: str, *, lock: bool = False) -> PromoCode | None:
+    try:
+        key = normalize_code(code)
+    except InvalidPromoCode:
+        return None
+    with conn.cursor(row_factory=class_row(PromoCode)) as cur:
+        return cur.execute(
+            f"SELECT {PROMO_COLUMNS} FROM promo_codes WHERE code = %s" + (" FOR UPDATE" if lock else ""), (key,)
+        ).fetchone()
+
+
+def _reserved_by_others(conn: psycopg.Connection[Any], code: str, user_id: int) -> int:
+    """Pending, unexpired purchases of other users that carry this code's discount."""
+    row = conn.execute(
+        "SELECT count(*) FROM purchases WHERE status = 'pending' AND promo_code = %s AND user_id <> %s "
+        "AND expires_at > now()",
+        (code, user_id),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _already_used(conn: psycopg.Connection[Any], code: str, user_id: int) -> bool:
+    row = conn.execute("SELECT 1 FROM promo_redemptions WHERE code = %s AND user_id = %s", (code, user_id)).fetchone()
+    return row is not None
+
+
+def _check(conn: psycopg.Connection[Any], promo: PromoCode | None, user_id: int) -> PromoCheck:
+    if promo is None:
+        return PromoCheck(None, "promo.not_found")
+    if not promo.active:
+        return PromoCheck(promo, "promo.inactive")
+    now = conn.execute("SELECT now()").fetchone()
+    if promo.expires_at is not None and now is not None and promo.expires_at <= now[0]:
+        return PromoCheck(promo, "promo.expired")
+    if _already_used(conn, promo.code, user_id):
+        return PromoCheck(promo, "promo.already_used")
+    if promo.max_uses is not None:
+        taken = promo.used_count + _reserved_by_others(conn, promo.code, user_id)
+        if taken >= promo.max_uses:
+            return PromoCheck(promo, "promo.exhausted")
+    return PromoCheck(promo)
+
+
+def validate_promo(conn: psycopg.Connection[Any], user_id: int, code: str) -> PromoCheck:
+    """Exists, active, not expired, uses left (counting other users' reservations), not used by this user."""
+    return _check(conn, get_promo(conn, code), user_id)
+
+
+def apply_promo(conn: psycopg.Connection[Any], user_id: int, code: str) -> PromoCheck:
+    """Validate and, when usable, remember the code on `users.pending_promo_code` for the next purchase."""
+    check = validate_promo(conn, user_id, code)
+    if check.ok and check.promo is not None:
+        conn.execute(
+            "UPDATE users SET pending_promo_code = %s, updated_at = now() WHERE id = %s", (check.promo.code, user_id)
+        )
+    return check
+
+
+def clear_pending_promo(conn: psycopg.Connection[Any], user_id: int, code: str | None = None) -> None:
+    """Forget the remembered code (only if it is still `code`, when given)."""
+    conn.execute(
+        "UPDATE users SET pending_promo_code = NULL, updated_at = now() "
+        "WHERE id = %s AND pending_promo_code IS NOT NULL AND (%s::text IS NULL OR pending_promo_code = %s)",
+        (user_id, code, code),
+    )
+
+
+def reserve_discount(conn: psycopg.Connection[Any], user_id: int, code: str) -> PromoCheck:
+    """Validate `code` for a purchase being created, with the promo row locked (see the module doc).
+
+    The caller holds the user's row lock and has already expired the user's older pending
+    purchases. A code that can never apply again (gone, disabled, expired, used by this user) is
+    forgotten; one that is only fully reserved by others stays remembered for later.
+    """
+    check = _check(conn, get_promo(conn, code, lock=True), user_id)
+    if check.reason == "promo.exhausted":
+        promo = check.promo
+        if promo is not None and promo.max_uses is not None and promo.used_count >= promo.max_uses:
+            clear_pending_promo(conn, user_id, code)
+    elif check.reason is not None:
+        clear_pending_promo(conn, user_id, code)
+    return check
+
+
+def consume(conn: psycopg.Connection[Any], code: str, user_id: int, purchase_id: int) -> bool:
+    """Count one use of `code` by `user_id` for a paid purchase; False when it cannot count (limit/used).
+
+    The caller holds the user's row lock (one redemption per user is then check-then-insert safe).
+    """
+    if _already_used(conn, code, user_id):
+        return False
+    counted = conn.execute(
+        "UPDATE promo_codes SET used_count = used_count + 1 "
+        "WHERE code = %s AND (max_uses IS NULL OR used_count < max_uses) RETURNING code",
+        (code,),
+    ).fetchone()
+    if counted is None:
+        return False
+    conn.execute(
+        "INSERT INTO promo_redemptions (code, user_id, purchase_id) VALUES (%s, %s, %s)", (code, user_id, purchase_id)
+    )
+    clear_pending_promo(conn, user_id, code)
+    return True
+
+
+# --- admin verbs ------------------------------------------------------------------------------
+
+
+def create_promo(
+    conn: psycopg.Connection[Any],
+    code: str,
+    percent: int,
+    *,
+    max_uses: int | None = None,
+    expires_at: dt.datetime | None = None,
+    created_by: int | None = None,
+) -> PromoCode:
+    """A new code; PromoExists if the code is taken, ValueError for a bad percent or limit."""
+    key = normalize_code(code)
+    if not 1 <= percent <= 100:
+        raise ValueError("percent must be from 1 to 100")
+    if max_uses is not None and max_uses <= 0:
+        raise ValueError("max_uses must be positive")
+    with conn.cursor(row_factory=class_row(PromoCode)) as cur:
+        promo = cur.execute(
+            f"INSERT INTO promo_codes (code, percent, max_uses, expires_at, created_by) VALUES (%s, %s, %s, %s, %s) "
+            f"ON CONFLICT (code) DO NOTHING RETURNING {PROMO_COLUMNS}",
+            (key, percent, max_uses, expires_at, created_by),
+        ).fetchone()
+    if promo is None:
+        raise PromoExists(key)
+    return promo
+
+
+def list_promos(conn: psycopg.Connection[Any], *, after_code: str | None = None, limit: int = 50) -> list[PromoCode]:
+    """Codes in code order, a keyset page at a time (`after_code` = the last code of the previous page)."""
+    with conn.cursor(row_factory=class_row(PromoCode)) as cur:
+        return cur.execute(
+            f"SELECT {PROMO_COLUMNS} FROM promo_codes WHERE code > %s ORDER BY code LIMIT %s",
+            (after_code or "", limit),
+        ).fetchall()
+
+
+def disable_promo(conn: psycopg.Connection[Any], code: str) -> bool:
+    """Switch a code off (it stays listed with its usage); False if there is no such active code."""
+    try:
+        key = normalize_code(code)
+    except InvalidPromoCode:
+        return False
+    row = conn.execute(
+        "UPDATE promo_codes SET active = false WHERE code = %s AND active RETURNING code", (key,)
+    ).fetchone()
+    return row is not None

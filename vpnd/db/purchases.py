@@ -1,0 +1,265 @@
+"""Purchases: the intent to pay for a plan or a balance top-up, by one method, at one price.
+
+A purchase is created `pending` with an expiry (`[payments].purchase_ttl_minutes`); creating one
+expires the user's older pending purchases, so a user has at most one payable purchase (the user's
+row lock serializes this). It then becomes `paid` exactly once (`vpnd.db.payments.finalize_purchase`),
+or `expired` / `cancelled`. A payment that arrives for an expired or cancelled purchase still grants
+(the money was taken) and is flagged `paid_late`.
+
+Lock order, everywhere in payments: the user's row, then the purchase's, then the referrer's user
+row, then the promo code's. Follow it in any new transaction that touches these rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+import attrs
+import psycopg
+from psycopg.rows import class_row
+
+from vpnd.db import promo
+from vpnd.db.rows import one
+from vpnd.pricing import Offer, price_offer
+
+Method = Literal["cryptopay", "stars", "balance"]
+PurchaseStatus = Literal["pending", "paid", "expired", "cancelled"]
+
+
+# --- domain errors (mapped to user text at the edge by their `reason_key`) ---------------------
+
+
+class PaymentError(Exception):
+    """A payment request that cannot proceed; nothing was changed. `reason_key` is a locale key."""
+
+    reason_key = "payments.error"
+
+
+class UnknownUser(PaymentError):
+    reason_key = "payments.unknown_user"
+
+
+class UnknownPlan(PaymentError):
+    reason_key = "payments.unknown_plan"
+
+
+class MethodUnavailable(PaymentError):
+    """The method cannot pay for this (no Stars price, top-up by Stars, other currency than the balance)."""
+
+    reason_key = "payments.method_unavailable"
+
+
+class PurchaseNotFound(PaymentError):
+    reason_key = "payments.purchase_not_found"
+
+
+class PurchaseNotPayable(PaymentError):
+    """The purchase is no longer pending (paid, expired, cancelled) or is not for this method."""
+
+    def __init__(self, reason_key: str) -> None:
+        super().__init__(reason_key)
+        self.reason_key = reason_key
+
+
+class ProviderUnavailable(PaymentError):
+    """The payment provider refused or failed to create an invoice."""
+
+    reason_key = "payments.provider_unavailable"
+
+
+# --- values -----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Purchase:
+    id: int
+    user_id: int
+    kind: str
+    plan_code: str | None
+    days: int | None
+    method: str
+    amount_minor: int
+    currency: str
+    stars: int | None
+    promo_code: str | None
+    discount_percent: int
+    status: str
+    invoice_id: int | None
+    invoice_url: str | None
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    paid_at: dt.datetime | None
+    paid_late: bool
+
+    def is_payable(self, now: dt.datetime) -> bool:
+        return self.status == "pending" and self.expires_at > now
+
+
+@attrs.frozen
+class InvoiceRef:
+    """A purchase the Crypto Pay watcher asks about."""
+
+    purchase_id: int
+    invoice_id: int
+
+
+PURCHASE_COLUMNS = (
+    "id, user_id, kind, plan_code, days, method, amount_minor, currency, stars, promo_code, discount_percent, "
+    "status, invoice_id, invoice_url, created_at, expires_at, paid_at, paid_late"
+)
+
+
+# --- verbs ------------------------------------------------------------------------------------
+
+
+def lock_user(conn: psycopg.Connection[Any], user_id: int) -> str | None:
+    """Take the user's row lock (first in the lock order); return their remembered promo code."""
+    row = conn.execute("SELECT pending_promo_code FROM users WHERE id = %s FOR UPDATE", (user_id,)).fetchone()
+    if row is None:
+        raise UnknownUser(user_id)
+    return row[0] if row[0] else None
+
+
+def create_purchase(
+    conn: psycopg.Connection[Any],
+    user_id: int,
+    offer: Offer,
+    *,
+    method: Method,
+    ttl_minutes: int,
+    min_price_minor: int,
+    use_promo: bool = True,
+) -> Purchase:
+    """A new pending purchase of `offer`; the user's older pending purchases are expired.
+
+    The user's remembered promo code discounts a plan when `reserve_discount` allows it; the
+    price never goes below `min_price_minor`. Stars need the offer's Stars price.
+    """
+    if method == "stars" and (offer.kind != "plan" or not offer.stars):
+        raise MethodUnavailable("this cannot be bought with Telegram Stars")
+    if method == "balance" and offer.kind != "plan":
+        raise MethodUnavailable("the balance cannot top up itself")
+    remembered = lock_user(conn, user_id)
+    conn.execute("UPDATE purchases SET status = 'expired' WHERE user_id = %s AND status = 'pending'", (user_id,))
+    percent = 0
+    code: str | None = None
+    if use_promo and remembered and offer.kind == "plan":
+        check = promo.reserve_discount(conn, user_id, remembered)
+        if check.ok and check.promo is not None:
+            percent, code = check.promo.percent, check.promo.code
+    price = price_offer(offer, percent, min_price_minor)
+    with conn.cursor(row_factory=class_row(Purchase)) as cur:
+        purchase: Purchase = one(
+            cur.execute(
+                f"""
+                INSERT INTO purchases (user_id, kind, plan_code, days, method, amount_minor, currency, stars,
+                                       promo_code, discount_percent, expires_at)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + %s * interval '1 minute')
+                RETURNING {PURCHASE_COLUMNS}
+                """,
+                (
+                    user_id,
+                    offer.kind,
+                    offer.plan_code,
+                    offer.days,
+                    method,
+                    price.amount_minor,
+                    price.currency,
+                    price.stars if method == "stars" else None,
+                    code,
+                    price.discount_percent,
+                    ttl_minutes,
+                ),
+            )
+        )
+    return purchase
+
+
+def get_purchase(conn: psycopg.Connection[Any], purchase_id: int, *, lock: bool = False) -> Purchase | None:
+    with conn.cursor(row_factory=class_row(Purchase)) as cur:
+        return cur.execute(
+            f"SELECT {PURCHASE_COLUMNS} FROM purchases WHERE id = %s" + (" FOR UPDATE" if lock else ""),
+            (purchase_id,),
+        ).fetchone()
+
+
+def get_by_invoice(conn: psycopg.Connection[Any], invoice_id: int) -> Purchase | None:
+    with conn.cursor(row_factory=class_row(Purchase)) as cur:
+        return cur.execute(f"SELECT {PURCHASE_COLUMNS} FROM purchases WHERE invoice_id = %s", (invoice_id,)).fetchone()
+
+
+def attach_invoice(conn: psycopg.Connection[Any], purchase_id: int, invoice_id: int, invoice_url: str) -> bool:
+    """Remember the provider's invoice (once; whatever the purchase's status, so a late payment matches)."""
+    row = conn.execute(
+        "UPDATE purchases SET invoice_id = %s, invoice_url = %s WHERE id = %s AND invoice_id IS NULL RETURNING id",
+        (invoice_id, invoice_url, purchase_id),
+    ).fetchone()
+    return row is not None
+
+
+def expire_purchase(
+    conn: psycopg.Connection[Any], purchase_id: int, *, status: Literal["expired", "cancelled"] = "expired"
+) -> bool:
+    """Compare-and-set pending → expired (or cancelled); False if it was no longer pending."""
+    row = conn.execute(
+        "UPDATE purchases SET status = %s WHERE id = %s AND status = 'pending' RETURNING id", (status, purchase_id)
+    ).fetchone()
+    return row is not None
+
+
+def pending_invoices(conn: psycopg.Connection[Any], *, after_id: int = 0, limit: int = 100) -> list[InvoiceRef]:
+    """Pending purchases with a Crypto Pay invoice, in id order after `after_id` (a keyset page)."""
+    rows = conn.execute(
+        "SELECT id, invoice_id FROM purchases WHERE status = 'pending' AND invoice_id IS NOT NULL AND id > %s "
+        "ORDER BY id LIMIT %s",
+        (after_id, limit),
+    ).fetchall()
+    return [InvoiceRef(int(r[0]), int(r[1])) for r in rows]
+
+
+def superseded_invoices(
+    conn: psycopg.Connection[Any], *, after_id: int = 0, limit: int = 100, grace_seconds: int = 600
+) -> list[InvoiceRef]:
+    """Expired purchases whose invoice may still be payable (expired early by a newer purchase).
+
+    Crypto Pay keeps such an invoice open until the purchase's own `expires_at`; if it is paid and
+    the webhook is lost, only the watcher can notice. (Index suggestion in the payments report:
+    `ON purchases (expires_at) WHERE status = 'expired' AND invoice_id IS NOT NULL`.)
+    """
+    rows = conn.execute(
+        "SELECT id, invoice_id FROM purchases WHERE status = 'expired' AND invoice_id IS NOT NULL "
+        "AND expires_at > now() - %s * interval '1 second' AND id > %s ORDER BY id LIMIT %s",
+        (grace_seconds, after_id, limit),
+    ).fetchall()
+    return [InvoiceRef(int(r[0]), int(r[1])) for r in rows]
+
+
+def expire_stale(conn: psycopg.Connection[Any], *, limit: int = 500) -> int:
+    """Expire up to `limit` pending purchases past their expiry that have no invoice to ask about.
+
+    (Those with a Crypto Pay invoice are expired by the watcher once Crypto Pay says so, because
+    their invoice may have been paid at the last moment.)
+    """
+    rows = conn.execute(
+        """
+        UPDATE purchases SET status = 'expired'
+        WHERE id IN (SELECT id FROM purchases
+                     WHERE status = 'pending' AND invoice_id IS NULL AND expires_at < now()
+                     ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)
+        RETURNING id
+        """,
+        (limit,),
+    ).fetchall()
+    return len(rows)
+
+
+def recent_purchases(
+    conn: psycopg.Connection[Any], user_id: int, *, before_id: int | None = None, limit: int = 20
+) -> list[Purchase]:
+    """A user's purchases, newest first, in keyset pages."""
+    with conn.cursor(row_factory=class_row(Purchase)) as cur:
+        return cur.execute(
+            f"SELECT {PURCHASE_COLUMNS} FROM purchases WHERE user_id = %s AND id < %s ORDER BY id DESC LIMIT %s",
+            (user_id, before_id if before_id is not None else 2**63 - 1, limit),
+        ).fetchall()

@@ -1,0 +1,394 @@
+"""Payment orchestration for the Telegram layer: async functions over `app.db.run` and providers.
+
+Every database step is its own short transaction; provider calls (Crypto Pay) happen between
+them, never inside one. After a transaction that granted access or queued messages, the Xray
+writer and the outbox sender are nudged.
+
+Crypto Pay: `start_cryptopay_purchase` commits the purchase first, then creates the invoice
+(payload = the purchase id), then attaches it — so a crash at any point leaves either nothing
+payable or a purchase the webhook and the watcher can both match.
+
+Telegram Stars: `start_stars_purchase` gives what `sendInvoice` needs (currency "XTR", one price,
+payload = the purchase id); `check_pre_checkout` answers the pre_checkout_query; and
+`finalize_stars_payment` handles successful_payment, keyed by `telegram_payment_charge_id`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+import attrs
+import psycopg
+import trio
+
+from vpnd.app import App
+from vpnd.config import Plan
+from vpnd.cryptopay import CryptoPayClient, CryptoPayError, Invoice
+from vpnd.db import ledger, promo, purchases
+from vpnd.db.payments import FinalizeOutcome, PaymentRules, finalize_purchase, pay_from_balance
+from vpnd.db.purchases import (
+    MethodUnavailable,
+    ProviderUnavailable,
+    Purchase,
+    UnknownPlan,
+)
+from vpnd.pricing import (
+    STARS_CURRENCY,
+    InvalidAmount,
+    Offer,
+    Price,
+    from_minor,
+    min_price_minor,
+    plan_offer,
+    price_offer,
+    received_to_minor,
+    topup_offer,
+)
+
+log = logging.getLogger("vpnd.payments")
+
+# TODO(i18n): the lead moves these to the locale files (keys as named here).
+TEXTS: dict[str, str] = {
+    "payments.invoice_plan": "VPN access: {title}, {days} days",
+    "payments.invoice_topup": "Balance top-up: {amount}",
+}
+
+PRE_CHECKOUT_UNKNOWN = "payments.precheckout.unknown"
+PRE_CHECKOUT_ALREADY_PAID = "payments.precheckout.already_paid"
+PRE_CHECKOUT_EXPIRED = "payments.precheckout.expired"
+PRE_CHECKOUT_MISMATCH = "payments.precheckout.amount_mismatch"
+
+#: Crypto Pay refuses an `expires_in` below one second; leave room for clock skew.
+MIN_INVOICE_SECONDS = 60
+
+
+def rules_of(app: App) -> PaymentRules:
+    return PaymentRules.from_config(app.config)
+
+
+def after_commit(app: App, outcome: FinalizeOutcome, provider: str) -> None:
+    """Nudge the owners of derived state and count the payment, once its transaction committed."""
+    if outcome.access_changed:
+        app.xray_changed.nudge()
+    if outcome.notified:
+        app.outbox_changed.nudge()
+    app.metrics.payments.labels(provider, outcome.status).inc()
+    if outcome.applied:
+        log.info(
+            "event=payment_finalized provider=%s purchase_id=%s user_id=%s status=%s paid_late=%s",
+            provider,
+            outcome.purchase_id,
+            outcome.user_id,
+            outcome.status,
+            outcome.paid_late,
+        )
+
+
+def _plan(app: App, plan_code: str) -> Plan:
+    plan = app.config.plan(plan_code)
+    if plan is None:
+        raise UnknownPlan(plan_code)
+    return plan
+
+
+async def _create_purchase(app: App, user_id: int, offer: Offer, method: purchases.Method) -> Purchase:
+    payments = app.config.payments
+    return await app.db.run(
+        purchases.create_purchase,
+        user_id,
+        offer,
+        method=method,
+        ttl_minutes=payments.purchase_ttl_minutes,
+        min_price_minor=min_price_minor(payments, offer.currency),
+    )
+
+
+# --- quotes and promo codes -------------------------------------------------------------------
+
+
+@attrs.frozen
+class Quote:
+    """What a plan costs this user now (with their remembered promo code), for the buy screen."""
+
+    plan: Plan
+    price: Price
+    promo_code: str | None
+    balance_minor: int
+    balance_currency: str
+
+    @property
+    def balance_covers(self) -> bool:
+        return (
+            self.price.currency.upper() == self.balance_currency.upper()
+            and self.balance_minor >= self.price.amount_minor
+        )
+
+
+async def quote_plan(app: App, user_id: int, plan_code: str) -> Quote:
+    """The price shown before buying; the purchase itself re-checks the promo code under lock."""
+    plan = _plan(app, plan_code)
+    offer = plan_offer(plan)
+    payments = app.config.payments
+
+    def read(conn: psycopg.Connection[Any]) -> tuple[int, promo.PromoCheck | None]:
+        row = conn.execute("SELECT balance_minor, pending_promo_code FROM users WHERE id = %s", (user_id,)).fetchone()
+        if row is None:
+            raise purchases.UnknownUser(user_id)
+        check = promo.validate_promo(conn, user_id, row[1]) if row[1] else None
+        return int(row[0]), check
+
+    balance, check = await app.db.run(read)
+    percent = check.promo.percent if check is not None and check.ok and check.promo is not None else 0
+    price = price_offer(offer, percent, min_price_minor(payments, offer.currency))
+    code = check.promo.code if percent and check is not None and check.promo is not None else None
+    return Quote(plan, price, code, balance, payments.currency)
+
+
+async def apply_promo_code(app: App, user_id: int, code: str) -> promo.PromoCheck:
+    """Validate a code typed by the user and remember it for their next purchase."""
+    return await app.db.run(promo.apply_promo, user_id, code)
+
+
+# --- Crypto Pay -------------------------------------------------------------------------------
+
+
+async def start_cryptopay_purchase(
+    app: App,
+    client: CryptoPayClient,
+    user_id: int,
+    *,
+    plan_code: str | None = None,
+    topup_minor: int | None = None,
+    paid_btn_url: str | None = None,
+    language: str = "en",
+) -> tuple[Purchase, str]:
+    """Create a purchase (a plan, or a top-up of `topup_minor`) and its Crypto Pay invoice.
+
+    Returns the purchase (with its invoice attached) and the URL to pay at. Raises UnknownPlan,
+    pricing.InvalidAmount (top-up out of bounds), UnknownUser, ProviderUnavailable (Crypto Pay
+    refused or failed; the purchase is then cancelled).
+    """
+    if (plan_code is None) == (topup_minor is None):
+        raise ValueError("give exactly one of plan_code and topup_minor")
+    if plan_code is not None:
+        plan = _plan(app, plan_code)
+        offer = plan_offer(plan)
+        description = TEXTS["payments.invoice_plan"].format(title=plan.title.get(language, plan.code), days=plan.days)
+    else:
+        assert topup_minor is not None
+        offer = topup_offer(topup_minor, app.config.payments)
+        description = TEXTS["payments.invoice_topup"].format(
+            amount=f"{from_minor(topup_minor, offer.currency)} {offer.currency}"
+        )
+
+    purchase = await _create_purchase(app, user_id, offer, "cryptopay")  # committed before any HTTP
+    expires_in = max(MIN_INVOICE_SECONDS, int((purchase.expires_at - dt.datetime.now(dt.UTC)).total_seconds()))
+    try:
+        invoice = await client.create_invoice(
+            amount=from_minor(purchase.amount_minor, purchase.currency),
+            fiat=purchase.currency,
+            payload=str(purchase.id),
+            description=description[:1024],
+            expires_in=expires_in,
+            paid_btn_name="callback" if paid_btn_url else None,
+            paid_btn_url=paid_btn_url,
+            accepted_assets=app.config.cryptopay.accepted_assets or None,
+        )
+    except CryptoPayError as exc:
+        log.warning("event=invoice_failed purchase_id=%s error=%s", purchase.id, exc)
+        await app.db.run(purchases.expire_purchase, purchase.id, status="cancelled")
+        raise ProviderUnavailable(str(exc)) from exc
+    await app.db.run(purchases.attach_invoice, purchase.id, invoice.invoice_id, invoice.bot_invoice_url)
+    return attrs.evolve(purchase, invoice_id=invoice.invoice_id, invoice_url=invoice.bot_invoice_url), (
+        invoice.bot_invoice_url
+    )
+
+
+def _finalize_invoice(conn: psycopg.Connection[Any], invoice: Invoice, rules: PaymentRules) -> FinalizeOutcome:
+    """The purchase an invoice pays is its payload (our purchase id), else the purchase it is attached to."""
+    purchase_id = _purchase_id(invoice.payload) if invoice.payload is not None else None
+    if purchase_id is None or purchases.get_purchase(conn, purchase_id) is None:
+        attached = purchases.get_by_invoice(conn, invoice.invoice_id)
+        if attached is not None:
+            purchase_id = attached.id
+    currency = (invoice.fiat if invoice.currency_type == "fiat" else invoice.asset) or "?"
+    try:
+        amount_minor = received_to_minor(invoice.amount, currency)
+    except InvalidAmount:
+        amount_minor = -1
+    return finalize_purchase(
+        conn,
+        purchase_id if purchase_id is not None else -1,
+        provider="cryptopay",
+        provider_payment_id=str(invoice.invoice_id),
+        amount_minor=amount_minor,
+        currency=currency,
+        rules=rules,
+    )
+
+
+async def finalize_cryptopay_invoice(app: App, invoice: Invoice) -> FinalizeOutcome:
+    """Finalize a paid Crypto Pay invoice (from the webhook or the watcher); idempotent."""
+    if not invoice.is_paid:
+        raise ValueError(f"invoice {invoice.invoice_id} is {invoice.status}, not paid")
+    outcome = await app.db.run(_finalize_invoice, invoice, rules_of(app))
+    after_commit(app, outcome, "cryptopay")
+    return outcome
+
+
+# --- Telegram Stars ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class StarsInvoice:
+    """What `sendInvoice` needs: `prices=[LabeledPrice(title, amount)]`, `currency="XTR"`, no provider token."""
+
+    purchase: Purchase
+    title: str
+    description: str
+    payload: str
+    currency: str
+    amount: int
+
+
+async def start_stars_purchase(app: App, user_id: int, plan_code: str, *, language: str = "en") -> StarsInvoice:
+    """Create a Stars purchase of a plan. Raises UnknownPlan, MethodUnavailable (no Stars price), UnknownUser."""
+    if not app.config.stars.enabled:
+        raise MethodUnavailable("Telegram Stars are switched off")
+    plan = _plan(app, plan_code)
+    purchase = await _create_purchase(app, user_id, plan_offer(plan), "stars")
+    assert purchase.stars is not None
+    title = plan.title.get(language, plan.code)
+    description = TEXTS["payments.invoice_plan"].format(title=title, days=plan.days)
+    return StarsInvoice(purchase, title[:32], description[:255], str(purchase.id), STARS_CURRENCY, purchase.stars)
+
+
+def _purchase_id(payload: str | int) -> int | None:
+    if isinstance(payload, int):
+        return payload
+    text = payload.strip()
+    return int(text) if text.isdigit() and len(text) < 19 else None
+
+
+async def check_pre_checkout(
+    app: App, purchase_id: str | int, amount: int, currency: str, *, user_id: int | None = None
+) -> tuple[bool, str | None]:
+    """Answer a pre_checkout_query: (True, None), or (False, reason locale key).
+
+    OK only when the purchase (the invoice payload) exists, is the user's (when `user_id` is given),
+    is a pending, unexpired Stars purchase, and `amount`/`currency` are its Stars price and "XTR".
+    Answer Telegram within 10 s: bound the call (e.g. `trio.move_on_after(8)`) and refuse on timeout.
+    """
+    wanted = _purchase_id(purchase_id)
+    if wanted is None:
+        return False, PRE_CHECKOUT_UNKNOWN
+
+    def read(conn: psycopg.Connection[Any]) -> tuple[Purchase | None, dt.datetime]:
+        row = conn.execute("SELECT now()").fetchone()
+        assert row is not None
+        return purchases.get_purchase(conn, wanted), row[0]
+
+    purchase, now = await app.db.run(read)
+    if purchase is None or (user_id is not None and purchase.user_id != user_id):
+        return False, PRE_CHECKOUT_UNKNOWN
+    if purchase.status == "paid":
+        return False, PRE_CHECKOUT_ALREADY_PAID
+    if not purchase.is_payable(now):
+        return False, PRE_CHECKOUT_EXPIRED
+    if purchase.method != "stars" or currency != STARS_CURRENCY or amount != purchase.stars:
+        return False, PRE_CHECKOUT_MISMATCH
+    return True, None
+
+
+async def finalize_stars_payment(
+    app: App,
+    purchase_id: str | int,
+    *,
+    telegram_payment_charge_id: str,
+    total_amount: int,
+    currency: str,
+) -> FinalizeOutcome:
+    """Handle a successful_payment (`invoice_payload`, its charge id, `total_amount`, `currency`).
+
+    Idempotent on the charge id: a second delivery answers `already_paid` and changes nothing.
+    """
+    wanted = _purchase_id(purchase_id)
+    outcome = await app.db.run(
+        finalize_purchase,
+        wanted if wanted is not None else -1,
+        provider="stars",
+        provider_payment_id=telegram_payment_charge_id,
+        amount_minor=total_amount,
+        currency=currency,
+        rules=rules_of(app),
+    )
+    after_commit(app, outcome, "stars")
+    return outcome
+
+
+# --- balance ----------------------------------------------------------------------------------
+
+
+def _buy_with_balance(
+    conn: psycopg.Connection[Any],
+    user_id: int,
+    offer: Offer,
+    ttl_minutes: int,
+    floor_minor: int,
+    rules: PaymentRules,
+) -> FinalizeOutcome:
+    purchase = purchases.create_purchase(
+        conn, user_id, offer, method="balance", ttl_minutes=ttl_minutes, min_price_minor=floor_minor
+    )
+    return pay_from_balance(conn, user_id, purchase.id, rules=rules)
+
+
+async def pay_with_balance(app: App, user_id: int, plan_code: str) -> FinalizeOutcome:
+    """Buy a plan from the balance in one transaction (purchase created, debited, granted).
+
+    Raises (nothing changed): UnknownPlan, UnknownUser, MethodUnavailable (plan in another
+    currency), ledger.InsufficientBalance (`.needed_minor`, `.balance_minor`).
+    """
+    plan = _plan(app, plan_code)
+    offer = plan_offer(plan)
+    payments = app.config.payments
+    if offer.currency.upper() != payments.currency.upper():
+        raise MethodUnavailable("the plan is priced in another currency than the balance")
+    outcome = await app.db.run(
+        _buy_with_balance,
+        user_id,
+        offer,
+        payments.purchase_ttl_minutes,
+        min_price_minor(payments, offer.currency),
+        rules_of(app),
+    )
+    after_commit(app, outcome, "balance")
+    return outcome
+
+
+async def pay_purchase_with_balance(app: App, user_id: int, purchase_id: int) -> FinalizeOutcome:
+    """Pay an existing pending `balance` purchase (e.g. after a confirmation button)."""
+    outcome = await app.db.run(pay_from_balance, user_id, purchase_id, rules=rules_of(app))
+    after_commit(app, outcome, "balance")
+    return outcome
+
+
+async def balance_of(app: App, user_id: int) -> int:
+    return await app.db.run(ledger.balance_of, user_id)
+
+
+# --- housekeeping -----------------------------------------------------------------------------
+
+
+async def expire_stale_purchases(app: App, *, batch_size: int = 500, max_batches: int = 100) -> int:
+    """Expire pending purchases without an invoice past their expiry, in bounded batches."""
+    total = 0
+    for _ in range(max_batches):
+        done = await app.db.run(purchases.expire_stale, limit=batch_size)
+        total += done
+        if done < batch_size:
+            break
+        await trio.lowlevel.checkpoint()
+    return total

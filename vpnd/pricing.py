@@ -1,0 +1,182 @@
+"""Prices, discounts and rewards: pure functions over integers, no I/O.
+
+Money is an integer number of minor units (cents) of a currency, never a float. Config prices are
+`Decimal` strings ("4.99"); they become minor units here, exactly or not at all. Discounts round in
+the shop's favour by at most one minor unit (the customer pays the ceiling), rewards round down,
+and no price goes below the configured minimum — nor below one minor unit (one Star), because a
+zero-amount invoice cannot be paid by any provider.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_DOWN, Decimal, DecimalException, InvalidOperation
+from typing import Literal
+
+import attrs
+
+from vpnd.config import PaymentsConfig, Plan
+
+#: Currencies whose minor unit is not 1/100 (ISO 4217). Everything else has two decimals.
+_EXPONENTS: dict[str, int] = {"JPY": 0, "KRW": 0, "VND": 0, "CLP": 0, "ISK": 0, "XTR": 0, "KWD": 3, "BHD": 3}
+
+STARS_CURRENCY = "XTR"
+
+#: Amounts beyond this are refused (PostgreSQL's bigint holds them, but no real price is near it).
+MAX_MINOR = 10**15
+
+
+class InvalidAmount(ValueError):
+    """An amount that is not a positive number of whole minor units (or is out of bounds)."""
+
+
+def minor_exponent(currency: str) -> int:
+    """How many decimal places the currency's minor unit has (USD: 2, JPY: 0)."""
+    return _EXPONENTS.get(currency.upper(), 2)
+
+
+def to_minor(amount: Decimal, currency: str) -> int:
+    """`Decimal("4.99")` → 499 for USD; InvalidAmount when the amount has finer precision than a cent."""
+    if not amount.is_finite() or abs(amount) >= MAX_MINOR:
+        raise InvalidAmount(f"not a usable amount: {amount}")
+    try:
+        scaled = amount.scaleb(minor_exponent(currency))
+        if scaled != scaled.to_integral_value():
+            raise InvalidAmount(f"{amount} is not a whole number of {currency} minor units")
+        minor = int(scaled)
+    except DecimalException:
+        raise InvalidAmount(f"not a usable amount: {amount}") from None
+    if abs(minor) > MAX_MINOR:
+        raise InvalidAmount(f"not a usable amount: {amount}")
+    return minor
+
+
+def received_to_minor(amount: Decimal, currency: str) -> int:
+    """A provider's reported amount in minor units, rounded down (paying a fraction less is short)."""
+    if not amount.is_finite() or abs(amount) >= MAX_MINOR:
+        raise InvalidAmount(f"not a usable amount: {amount}")
+    return int(amount.scaleb(minor_exponent(currency)).to_integral_value(rounding=ROUND_DOWN))
+
+
+def from_minor(minor: int, currency: str) -> Decimal:
+    """499 → `Decimal("4.99")` for USD (exact; the inverse of `to_minor`)."""
+    exponent = minor_exponent(currency)
+    return Decimal(minor).scaleb(-exponent).quantize(Decimal(1).scaleb(-exponent))
+
+
+def format_money(minor: int, currency: str) -> str:
+    """499, "USD" → "4.99 USD"; for messages."""
+    if currency.upper() == STARS_CURRENCY:
+        return f"{minor} ⭐"
+    return f"{from_minor(minor, currency)} {currency}"
+
+
+def parse_amount(text: str, currency: str) -> int:
+    """A user-typed amount ("10", "7.50", "7,5") → minor units; InvalidAmount if it is not one."""
+    cleaned = text.strip().replace(",", ".").replace(" ", "")
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        raise InvalidAmount(f"not a number: {text!r}") from None
+    minor = to_minor(value, currency)
+    if minor <= 0:
+        raise InvalidAmount("the amount must be positive")
+    return minor
+
+
+def discounted(price_minor: int, percent: int, floor_minor: int) -> int:
+    """The price after a `percent` discount, never below `floor_minor` (nor 1) and never above the price.
+
+    The customer pays the ceiling of `price * (100 - percent) / 100`, computed on integers.
+    """
+    if price_minor <= 0:
+        raise InvalidAmount("a price must be positive")
+    if not 0 <= percent <= 100:
+        raise ValueError(f"discount percent out of range: {percent}")
+    after = -((-price_minor * (100 - percent)) // 100)  # ceiling division
+    return min(price_minor, max(after, floor_minor, 1))
+
+
+def referral_reward(amount_minor: int, percent: int) -> int:
+    """The referrer's share of a payment, rounded down to a whole minor unit."""
+    if amount_minor <= 0 or percent <= 0:
+        return 0
+    return amount_minor * percent // 100
+
+
+def stars_price(stars: int, percent: int) -> int:
+    """A price in Telegram Stars after a discount (ceiling, at least one Star)."""
+    if stars <= 0:
+        raise InvalidAmount("a Stars price must be positive")
+    return discounted(stars, percent, 1)
+
+
+# --- what is being bought --------------------------------------------------------------------
+
+
+@attrs.frozen
+class Offer:
+    """A thing for sale at its list price (before any promo discount)."""
+
+    kind: Literal["plan", "topup"]
+    price_minor: int
+    currency: str
+    plan_code: str | None = None
+    days: int | None = None
+    #: List price in Telegram Stars; None when the thing cannot be bought with Stars.
+    stars: int | None = None
+
+
+def plan_offer(plan: Plan) -> Offer:
+    return Offer(
+        kind="plan",
+        price_minor=to_minor(plan.price, plan.currency),
+        currency=plan.currency,
+        plan_code=plan.code,
+        days=plan.days,
+        stars=plan.stars or None,
+    )
+
+
+def topup_offer(amount_minor: int, payments: PaymentsConfig) -> Offer:
+    """A balance top-up of `amount_minor` in the balance currency, within the configured bounds."""
+    check_topup_amount(amount_minor, payments)
+    return Offer(kind="topup", price_minor=amount_minor, currency=payments.currency)
+
+
+def check_topup_amount(amount_minor: int, payments: PaymentsConfig) -> None:
+    low = to_minor(payments.topup_min, payments.currency)
+    high = to_minor(payments.topup_max, payments.currency)
+    if not low <= amount_minor <= high:
+        raise InvalidAmount(
+            f"a top-up must be between {format_money(low, payments.currency)} "
+            f"and {format_money(high, payments.currency)}"
+        )
+
+
+def topup_presets_minor(payments: PaymentsConfig) -> tuple[int, ...]:
+    """The preset top-up amounts (for buttons), in minor units."""
+    return tuple(to_minor(amount, payments.currency) for amount in payments.topup_presets)
+
+
+def min_price_minor(payments: PaymentsConfig, currency: str) -> int:
+    """The configured minimum price, in the minor units of `currency` (rounded down)."""
+    return received_to_minor(payments.min_price, currency)
+
+
+@attrs.frozen
+class Price:
+    """What a purchase of an offer costs with a given discount."""
+
+    amount_minor: int
+    currency: str
+    discount_percent: int
+    #: Price in Stars, when the offer can be bought with Stars.
+    stars: int | None
+
+
+def price_offer(offer: Offer, discount_percent: int, floor_minor: int) -> Price:
+    """Apply a promo discount (plans only; a top-up is never discounted)."""
+    percent = discount_percent if offer.kind == "plan" else 0
+    amount = discounted(offer.price_minor, percent, floor_minor) if percent else offer.price_minor
+    stars = stars_price(offer.stars, percent) if offer.stars else None
+    return Price(amount, offer.currency, percent, stars)
