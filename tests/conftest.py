@@ -103,3 +103,13 @@ def toml_value(value: object) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return repr(value)
+
+
+@pytest.fixture
+async def fake_telegram(nursery: Any) -> tuple[Any, str]:
+    """The fake Bot API served on 127.0.0.1: (fake, base_url)."""
+    from vpnd.sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
+
+    fake = FakeTelegram()
+    base_url = await nursery.start(serve_fake_telegram, fake)
+    return fake, base_url

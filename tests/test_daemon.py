@@ -14,15 +14,19 @@ import trio
 from tests.daemon import start_daemon, wait_ready
 from vpnd.instance_lock import INSTANCE_LOCK_KEY
 from vpnd.sandbox.postgres import free_port
+from vpnd.sandbox.telegram_fake import FakeTelegram
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def daemon_config(write_config: Callable[..., Path], db_dsn: str) -> tuple[Path, str]:
+def daemon_config(
+    write_config: Callable[..., Path], db_dsn: str, fake_telegram: tuple[FakeTelegram, str]
+) -> tuple[Path, str]:
+    fake, base_url = fake_telegram
     port = free_port()
     path = write_config(
-        telegram={"token": "123:TEST"},
+        telegram={"token": fake.token, "api_base_url": base_url, "poll_timeout": 1},
         database={"dsn": db_dsn, "pool_min": 1, "pool_max": 4},
         http={"listen": f"127.0.0.1:{port}"},
         shutdown={"grace_seconds": 4.0},

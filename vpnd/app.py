@@ -38,6 +38,10 @@ class App:
     health: Health
     metrics: Metrics
     instance_lock: InstanceLock | None = None
+    #: The bot's @username, known after getMe (links such as t.me/<bot>?start=ref_...).
+    bot_username: str = ""
+    #: Where the HTTP server listens, once it does (e.g. "http://127.0.0.1:8080").
+    http_url: str = ""
     #: Nudged after a commit that changes who may connect; the Xray writer re-reads the database.
     xray_changed: Nudge = attrs.field(factory=Nudge)
     #: Nudged after a commit that queues outbox messages; the outbox sender wakes up.

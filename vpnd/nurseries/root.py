@@ -22,7 +22,13 @@ from vpnd.app import App, open_app
 from vpnd.config import Config
 from vpnd.logs import quote
 from vpnd.nurseries.http import build_router, run_http
+from vpnd.nurseries.telegram import run_telegram
 from vpnd.sdnotify import Notifier, watchdog_interval
+from vpnd.telegram.client import Sender, open_bot
+from vpnd.telegram.ratelimit import OutboundLimiter
+from vpnd.telegram.router import make_apology, make_update_handler
+from vpnd.telegram.texts import Texts
+from vpnd.telegram.turn import BotContext
 
 log = logging.getLogger("vpnd.root")
 
@@ -44,32 +50,47 @@ async def run_daemon(
                 await notifier.notify("STATUS=starting: database")
                 async with open_app(config) as app:
                     app_box.append(app)
-                    await _run_tree(app, notifier, task_status)
+                    await serve_app(app, notifier, task_status=task_status)
             outer.cancel_scope.cancel()
     finally:
         notifier.close()
 
 
-async def _run_tree(app: App, notifier: Notifier, task_status: trio.TaskStatus[App]) -> None:
-    async with trio.open_nursery() as root:
-        router = build_router(app)
-        await notifier.notify("STATUS=starting: services")
-        # Later layers start here, in dependency order, before HTTP (which serves their routes):
-        #   telegram (polling + handler nursery), xray writer, workers, outbox sender, broadcasts.
-        url = await root.start(run_http, app, router)
-        root.start_soon(_watchdog, app, notifier)
-        await _wait_until_ready(app, notifier)
-        await notifier.notify("READY=1", f"STATUS=serving on {url}")
-        log.info("event=ready http=%s", url)
-        task_status.started(app)
+async def serve_app(
+    app: App, notifier: Notifier | None = None, *, task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run every service of `app` until `app.lifecycle.stopping`, then drain within the grace period.
 
-        await app.lifecycle.stopping.wait()
-        grace = app.config.shutdown.grace_seconds
-        await notifier.notify("STOPPING=1", f"STATUS=stopping ({app.lifecycle.reason}), grace {grace:g}s")
-        log.info("event=stopping reason=%s grace_seconds=%g", app.lifecycle.reason, grace)
-        root.cancel_scope.deadline = trio.current_time() + grace
-    if root.cancel_scope.cancelled_caught:
-        log.warning("event=grace_expired detail=%s", "work still running after the grace period was cancelled")
+    `run_daemon` calls this under signal handling; tests call it directly and stop it with
+    `app.lifecycle.request_stop(...)`.
+    """
+    notifier = notifier or Notifier(None)
+    async with open_bot(app.config.telegram) as bot:
+        sender = Sender(
+            bot,
+            OutboundLimiter(app.config.telegram.rate_per_second, app.config.telegram.per_chat_per_second),
+            app.metrics,
+        )
+        ctx = BotContext(app, bot, sender, Texts.load())
+        async with trio.open_nursery() as root:
+            router = build_router(app)
+            await notifier.notify("STATUS=starting: services")
+            # Dependency order: what others need first; HTTP last, since it serves their routes.
+            await root.start(run_telegram, app, bot, make_update_handler(ctx), make_apology(ctx))
+            url = app.http_url = await root.start(run_http, app, router)
+            root.start_soon(_watchdog, app, notifier)
+            await _wait_until_ready(app, notifier)
+            await notifier.notify("READY=1", f"STATUS=serving on {url}")
+            log.info("event=ready http=%s", url)
+            task_status.started(app)
+
+            await app.lifecycle.stopping.wait()
+            grace = app.config.shutdown.grace_seconds
+            await notifier.notify("STOPPING=1", f"STATUS=stopping ({app.lifecycle.reason}), grace {grace:g}s")
+            log.info("event=stopping reason=%s grace_seconds=%g", app.lifecycle.reason, grace)
+            root.cancel_scope.deadline = trio.current_time() + grace
+        if root.cancel_scope.cancelled_caught:
+            log.warning("event=grace_expired detail=%s", "work still running after the grace period was cancelled")
     log.info("event=stopped")
 
 

@@ -105,6 +105,7 @@ class XrayStatus:
     enabled: bool
     mode: Literal["api", "restart-command", "disabled"]
     started_at: float = attrs.field(factory=time.monotonic)
+    #: Rounds completed.
     rounds: int = 0
     live_in_sync: bool = False
     file_current: bool = False
@@ -228,7 +229,6 @@ class XrayWriter:
         if not self.db_backoff.due(started):
             self.next_round_at = self.db_backoff.retry_at
             return
-        self.status.rounds += 1
         try:
             await self._round(started)
         except (DatabaseUnavailable, psycopg.OperationalError) as exc:
@@ -239,6 +239,7 @@ class XrayWriter:
             self._solved("database")
             self.db_backoff.succeeded()
         finished = time.monotonic()
+        self.status.rounds += 1
         self.status.last_round_seconds = finished - started
         if self.status.in_sync:
             self.status.synced_at = finished
@@ -491,9 +492,7 @@ class XrayWriter:
         if stamp is not None and stamp == self.template_stamp and self.template is not None:
             return self.template
         try:
-            template = await trio.to_thread.run_sync(
-                lambda: load_template(path, inbound_tag=self.xray.inbound_tag)
-            )
+            template = await trio.to_thread.run_sync(lambda: load_template(path, inbound_tag=self.xray.inbound_tag))
         except TemplateError as exc:
             self.template, self.template_stamp = None, None
             self._problem("template", f"{exc} (the config file is left as it is until the template is fixed)")
@@ -656,4 +655,3 @@ async def run_xray(app: App, *, task_status: trio.TaskStatus[XrayStatus] = trio.
         await writer.reconcile()
         task_status.started(status)
         await app.lifecycle.run_until_stopping(writer.run_forever)
-

@@ -1,0 +1,186 @@
+"""The polling nursery and the handler nursery: errors, faults, exactly-once across SIGTERM, limits."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import trio
+
+from tests.daemon import start_daemon, wait_ready
+from tests.harness import bot_config, start_vpnd
+from vpnd.sandbox.postgres import free_port
+from vpnd.sandbox.telegram_fake import FakeTelegram
+
+ALICE = 1001
+
+
+async def test_broken_update_is_answered_politely_and_the_loop_goes_on(
+    nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    fake, base_url = fake_telegram
+    vpnd = await start_vpnd(nursery, bot_config(write_config, db_dsn, fake, base_url))
+    fake.add_user(ALICE, "Alice")
+    with trio.fail_after(30):
+        fake.user_sends(ALICE, "/start")
+        await fake.wait_for_bot_message(ALICE)
+        seq = fake.change_seq
+        # A callback query whose message lacks required fields: parsing it raises inside the handler.
+        broken = fake.inject_update(
+            {
+                "callback_query": {
+                    "id": "broken-1",
+                    "from": fake.users[ALICE].to_api(),
+                    "message": {"message_id": "not-a-number"},
+                    "chat_instance": "1",
+                    "data": "sub",
+                }
+            }
+        )
+        sorry = await fake.wait_for_bot_message(ALICE, since=seq)
+        assert "something went wrong" in (sorry.text or "")
+        fake.user_sends(ALICE, "/help")
+        help_message = await fake.wait_for_bot_message(ALICE)
+        assert "Help" in (help_message.text or "")
+    with psycopg.connect(db_dsn) as conn:
+        row = conn.execute("SELECT outcome FROM telegram_inbox WHERE update_id = %s", (broken,)).fetchone()
+    assert row == ("error",)
+    await vpnd.stop()
+
+
+async def test_telegram_faults_back_off_without_busy_loop_or_loss(
+    nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    fake, base_url = fake_telegram
+    vpnd = await start_vpnd(nursery, bot_config(write_config, db_dsn, fake, base_url))
+    fake.add_user(ALICE, "Alice")
+    with trio.fail_after(60):
+        fake.user_sends(ALICE, "/start")
+        await fake.wait_for_bot_message(ALICE)
+
+        # 5xx and dropped connections on every poll for 3 s: backoff, not a busy loop.
+        before = fake.requests["getUpdates"]
+        fake.inject_fault("5xx", probability=0.5, duration=3.0, methods=["getUpdates"])
+        fake.inject_fault("drop", probability=1.0, duration=3.0, methods=["getUpdates"])
+        fake.user_sends(ALICE, "/help")
+        await trio.sleep(3.0)
+        assert fake.requests["getUpdates"] - before < 15  # a busy loop would make hundreds
+        reply = await fake.wait_for_bot_message(ALICE, timeout=20)  # served once the faults end
+        assert "Help" in (reply.text or "")
+
+        # 429 with retry_after: no poll before it has passed.
+        fake.inject_fault("429", count=1, retry_after=2, methods=["getUpdates"])
+        await fake.wait_until(lambda: fake.responses[429] >= 1, timeout=10)
+        after_429 = fake.requests["getUpdates"]
+        await trio.sleep(1.5)
+        assert fake.requests["getUpdates"] == after_429
+        fake.user_sends(ALICE, "/help")  # polling works again (and its backoff starts over)
+        await fake.wait_for_bot_message(ALICE, timeout=20)
+
+        # 409 (another poller): logged, backed off, recovered.
+        fake.inject_fault("409", count=3, methods=["getUpdates"])
+        fake.user_sends(ALICE, "/start")
+        menu = await fake.wait_for_bot_message(ALICE, timeout=30)
+        assert "Main menu" in (menu.text or "")
+    ready = await vpnd.app.health.readiness()
+    assert ready["telegram"].ok
+    await vpnd.stop()
+
+
+async def test_blocked_handlers_do_not_block_other_work(
+    nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    """With every update slot taken by handlers stuck on Telegram, the rest of the daemon still works:
+    HTTP answers, the database answers, and polling keeps recording new updates durably."""
+    fake, base_url = fake_telegram
+    config = bot_config(write_config, db_dsn, fake, base_url, telegram={"max_concurrent_updates": 20})
+    vpnd = await start_vpnd(nursery, config)
+    users = list(range(5000, 5025))
+    for uid in users:
+        fake.add_user(uid, f"U{uid}")
+    with trio.fail_after(60):
+        fake.inject_fault("timeout", count=25, hold_seconds=8.0, methods=["sendMessage"])
+        for uid in users:
+            fake.user_sends(uid, "/start")
+        await fake.wait_until(lambda: fake.requests["sendMessage"] >= 20, timeout=20)
+        await trio.sleep(0.5)
+        # 20 handlers hold the limiter (waiting on Telegram); 5 updates wait their turn.
+        assert fake.requests["sendMessage"] == 20
+        async with httpx.AsyncClient(base_url=vpnd.app.http_url, timeout=5) as client:
+            assert (await client.get("/healthz")).status_code == 200
+            ready = await client.get("/readyz")
+        assert ready.json()["checks"]["database"]["ok"] is True
+        fake.add_user(7777, "Late")
+        late = fake.user_sends(7777, "/start")
+        with psycopg.connect(db_dsn) as conn:
+            for _ in range(50):
+                if conn.execute(
+                    "SELECT 1 FROM telegram_inbox WHERE payload->'message'->>'message_id' = %s AND chat_id = 7777",
+                    (str(late.message_id),),
+                ).fetchone():
+                    break
+                await trio.sleep(0.1)
+            else:
+                raise AssertionError("polling stopped recording updates while handlers were blocked")
+        # When Telegram answers again, every update gets its reply.
+        await fake.wait_until(lambda: all(fake.bot_messages(uid) for uid in [*users, 7777]), timeout=40)
+    await vpnd.stop()
+
+
+@pytest.mark.slow
+async def test_sigterm_during_burst_then_restart_handles_every_update_once_in_order(
+    fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    fake, base_url = fake_telegram
+    port = free_port()
+    config = write_config(
+        telegram={"token": fake.token, "api_base_url": base_url, "poll_timeout": 1, "max_concurrent_updates": 20},
+        database={"dsn": db_dsn, "pool_min": 1, "pool_max": 8},
+        http={"listen": f"127.0.0.1:{port}"},
+        shutdown={"grace_seconds": 5.0},
+    )
+    users = list(range(3000, 3050))
+    for uid in users:
+        fake.add_user(uid, f"User{uid}")
+    sent: Counter[int] = Counter()
+    async with trio.open_nursery() as nursery:
+        daemon = await start_daemon(nursery, config, tmp_path)
+        await wait_ready(daemon, f"http://127.0.0.1:{port}")
+        for round_ in range(10):
+            for uid in users:
+                fake.user_sends(uid, f"message {round_}")
+                sent[uid] += 1
+        with trio.fail_after(60):
+            await fake.wait_until(lambda: sum(len(fake.bot_messages(u)) for u in users) >= 100, timeout=60)
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait(timeout=5.0 + 3.0) == 0, daemon.log()[-3000:]
+        replied_before = sum(len(fake.bot_messages(u)) for u in users)
+        assert replied_before < 500  # the burst really was interrupted
+
+        restarted = await start_daemon(nursery, config, tmp_path)
+        await wait_ready(restarted, f"http://127.0.0.1:{port}")
+        with trio.fail_after(90):
+            await fake.wait_until(lambda: sum(len(fake.bot_messages(u)) for u in users) >= 500, timeout=90)
+        await trio.sleep(1.0)  # any duplicate would arrive now
+        restarted.signal(signal.SIGTERM)
+        assert await restarted.wait() == 0
+        nursery.cancel_scope.cancel()
+
+    for uid in users:
+        assert len(fake.bot_messages(uid)) == sent[uid] == 10, uid  # exactly one reply per message
+    with psycopg.connect(db_dsn) as conn:
+        rows = conn.execute(
+            "SELECT chat_id, update_id, handled_at, outcome FROM telegram_inbox ORDER BY chat_id, update_id"
+        ).fetchall()
+    assert len(rows) == 500 and all(r[3] == "ok" for r in rows)
+    by_chat: dict[int, list[tuple[int, object]]] = {}
+    for chat_id, update_id, handled_at, _ in rows:
+        by_chat.setdefault(chat_id, []).append((update_id, handled_at))
+    for chat_id, handled in by_chat.items():
+        times = [t for _, t in handled]
+        assert times == sorted(times), f"chat {chat_id} handled out of order"

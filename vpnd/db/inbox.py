@@ -1,0 +1,74 @@
+"""The Telegram update inbox: every update is recorded before the getUpdates offset moves past it.
+
+`record_updates` inserts a batch and the next offset in one transaction, returning only the update
+ids that were new (a re-delivered update is not dispatched twice). A handler's outcome is recorded
+with `mark_handled`; rows still unhandled at start-up are dispatched again (`unhandled`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+OFFSET_KEY = "telegram_offset"
+
+
+def record_updates(
+    conn: psycopg.Connection[Any], updates: Sequence[tuple[int, int | None, dict[str, Any]]], next_offset: int
+) -> list[int]:
+    """Insert `(update_id, chat_id, payload)` rows; store `next_offset`; return the new update ids."""
+    new_ids: list[int] = []
+    if updates:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO telegram_inbox (update_id, chat_id, payload) VALUES (%s, %s, %s) "
+                "ON CONFLICT (update_id) DO NOTHING RETURNING update_id",
+                [(uid, chat, Jsonb(payload)) for uid, chat, payload in updates],
+                returning=True,
+            )
+            while True:
+                row = cur.fetchone()
+                if row is not None:
+                    new_ids.append(int(row[0]))
+                if not cur.nextset():
+                    break
+    conn.execute(
+        "INSERT INTO daemon_state (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        (OFFSET_KEY, Jsonb(next_offset)),
+    )
+    return new_ids
+
+
+def load_offset(conn: psycopg.Connection[Any]) -> int | None:
+    row = conn.execute("SELECT value FROM daemon_state WHERE key = %s", (OFFSET_KEY,)).fetchone()
+    return int(row[0]) if row else None
+
+
+def unhandled(conn: psycopg.Connection[Any], after_update_id: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+    """Unhandled updates in update order, keyset-paginated."""
+    rows = conn.execute(
+        "SELECT update_id, payload FROM telegram_inbox WHERE handled_at IS NULL AND update_id > %s "
+        "ORDER BY update_id LIMIT %s",
+        (after_update_id, limit),
+    ).fetchall()
+    return [(int(uid), payload) for uid, payload in rows]
+
+
+def mark_handled(conn: psycopg.Connection[Any], update_id: int, outcome: str) -> None:
+    conn.execute(
+        "UPDATE telegram_inbox SET handled_at = now(), outcome = %s WHERE update_id = %s AND handled_at IS NULL",
+        (outcome, update_id),
+    )
+
+
+def delete_handled_before(conn: psycopg.Connection[Any], days: int, limit: int) -> int:
+    """Housekeeping: drop handled rows older than `days`, at most `limit` per call."""
+    cur = conn.execute(
+        "DELETE FROM telegram_inbox WHERE update_id IN (SELECT update_id FROM telegram_inbox "
+        "WHERE handled_at < now() - %s * interval '1 day' ORDER BY update_id LIMIT %s)",
+        (days, limit),
+    )
+    return cur.rowcount

@@ -1,0 +1,1 @@
+"""Locale catalogs (JSON), one per supported language."""

@@ -1,0 +1,191 @@
+"""The Telegram nursery: getUpdates long polling feeding the update handler nursery.
+
+No update is lost or handled twice across a crash or SIGTERM: each batch is written to the inbox
+(with the next offset) *before* the offset is confirmed to Telegram by the next poll; handlers record
+their outcome; rows left unhandled are dispatched again at start-up, before polling resumes.
+
+Telegram errors: network errors and 5xx → exponential backoff with jitter (cap 30 s); 429 → sleep
+`retry_after`; 401 → the daemon exits with a clear "bad token" message; 409 (another poller or a
+webhook) → logged clearly, backed off, retried. `/readyz` reports the time since the last successful
+poll, and the watchdog stops pinging when polling has been dead longer than
+`[telegram].poll_dead_after_seconds`. SIGTERM cancels the pending long poll at once; running handlers
+finish within the grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import trio
+from telegram.error import Conflict, InvalidToken, NetworkError, RetryAfter, TimedOut
+
+from vpnd.app import App
+from vpnd.db import inbox
+from vpnd.health import CheckResult
+from vpnd.telegram.client import TrioBot, backoff, retry_after_seconds
+from vpnd.telegram.dispatch import Apology, Handler, chat_key, open_dispatcher
+
+log = logging.getLogger("vpnd.telegram")
+
+ALLOWED_UPDATES = ["message", "callback_query", "pre_checkout_query", "my_chat_member"]
+RECOVERY_BATCH = 500
+
+
+class BadToken(Exception):
+    """Telegram rejected the bot token: nothing will work until the operator fixes it."""
+
+
+@attrs.define(eq=False)
+class PollState:
+    last_ok: float
+    offset: int | None = None
+    polls: int = 0
+    errors: int = 0
+    last_error: str = ""
+
+
+async def run_telegram(
+    app: App,
+    bot: TrioBot,
+    handler: Handler,
+    apology: Apology,
+    *,
+    task_status: trio.TaskStatus[PollState] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    config = app.config.telegram
+    me = await _call_with_retries(app, "getMe", bot.get_me)
+    app.bot_username = me.username or ""
+    log.info("event=telegram_bot username=%s id=%s", me.username, me.id)
+    await _call_with_retries(app, "deleteWebhook", lambda: bot.delete_webhook(drop_pending_updates=False))
+
+    state = PollState(last_ok=trio.current_time())
+    state.offset = await app.db.run(inbox.load_offset)
+    app.health.add_check("telegram", lambda: _poll_health(app, state))
+    app.health.watch("telegram_poll", config.poll_dead_after_seconds)
+
+    async def record(update_id: int, outcome: str) -> None:
+        await app.db.run(inbox.mark_handled, update_id, outcome)
+
+    def on_done(outcome: str, seconds: float) -> None:
+        app.metrics.updates.labels(outcome).inc()
+        app.metrics.update_latency.observe(seconds)
+
+    async with open_dispatcher(
+        handler,
+        apology,
+        record,
+        max_concurrent_updates=config.max_concurrent_updates,
+        handler_timeout=config.handler_timeout_seconds,
+        on_done=on_done,
+    ) as dispatcher:
+        recovered = 0
+        after = 0
+        while True:
+            rows = await app.db.run(inbox.unhandled, after, RECOVERY_BATCH)
+            if not rows:
+                break
+            for update_id, payload in rows:
+                await dispatcher.submit(update_id, payload)
+            recovered += len(rows)
+            after = rows[-1][0]
+        if recovered:
+            log.info("event=inbox_recovered updates=%d", recovered)
+        task_status.started(state)
+
+        async def poll_forever() -> None:
+            await _poll(app, bot, state, dispatcher.submit)
+
+        await app.lifecycle.run_until_stopping(poll_forever)
+        log.info("event=polling_stopped handlers_running=%d", dispatcher.in_handler)
+        dispatcher.stop_accepting()
+    app.health.unwatch("telegram_poll")
+
+
+async def _poll(app: App, bot: TrioBot, state: PollState, submit: Any) -> None:
+    config = app.config.telegram
+    failures = 0
+    while True:
+        try:
+            updates = await bot.get_raw_updates(
+                offset=state.offset, timeout=config.poll_timeout, limit=100, allowed_updates=ALLOWED_UPDATES
+            )
+        except RetryAfter as exc:
+            seconds = retry_after_seconds(exc)
+            log.warning("event=poll_rate_limited retry_after=%g", seconds)
+            _failed(state, exc)
+            await trio.sleep(seconds)
+            continue
+        except InvalidToken as exc:
+            raise BadToken(
+                "Telegram rejected the bot token (401 Unauthorized): check [telegram].token / VPND_TELEGRAM_TOKEN"
+            ) from exc
+        except Conflict as exc:
+            failures += 1
+            _failed(state, exc)
+            log.error(
+                "event=poll_conflict detail=%s",
+                '"another getUpdates poller (a second bot process?) or a webhook is active for this token"',
+            )
+            await trio.sleep(backoff(failures, 30.0))
+            continue
+        except (NetworkError, TimedOut) as exc:
+            failures += 1
+            _failed(state, exc)
+            delay = backoff(failures, 30.0)
+            log.warning("event=poll_failed error=%s retry_in=%.2f", type(exc).__name__, delay)
+            await trio.sleep(delay)
+            continue
+        failures = 0
+        state.polls += 1
+        state.last_ok = trio.current_time()
+        app.health.beat("telegram_poll")
+        log.debug("event=poll_ok updates=%d offset=%s", len(updates), state.offset)
+        if not updates:
+            continue
+        rows = []
+        for update in updates:
+            update_id = update.get("update_id")
+            if isinstance(update_id, int):
+                rows.append((update_id, chat_key(update), update))
+        if not rows:
+            continue
+        next_offset = max(r[0] for r in rows) + 1
+        new_ids = set(await app.db.run(inbox.record_updates, rows, next_offset))
+        state.offset = next_offset
+        for update_id, _, payload in rows:
+            if update_id in new_ids:
+                await submit(update_id, payload)
+
+
+def _failed(state: PollState, exc: BaseException) -> None:
+    state.errors += 1
+    state.last_error = f"{type(exc).__name__}: {exc}"[:200]
+
+
+async def _poll_health(app: App, state: PollState) -> CheckResult:
+    age = trio.current_time() - state.last_ok
+    detail = f"last successful poll {age:.1f}s ago"
+    if state.last_error and age > 1:
+        detail += f"; last error: {state.last_error}"
+    return CheckResult(age <= app.config.telegram.poll_dead_after_seconds, detail)
+
+
+async def _call_with_retries(app: App, what: str, fn: Any) -> Any:
+    """Start-up calls: retry transient failures with backoff until they work (or stop/401)."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await fn()
+        except InvalidToken as exc:
+            raise BadToken(
+                "Telegram rejected the bot token (401 Unauthorized): check [telegram].token / VPND_TELEGRAM_TOKEN"
+            ) from exc
+        except RetryAfter as exc:
+            await trio.sleep(retry_after_seconds(exc))
+        except (NetworkError, TimedOut) as exc:
+            delay = backoff(attempt, 30.0)
+            log.warning("event=telegram_start_retry call=%s error=%s retry_in=%.2f", what, type(exc).__name__, delay)
+            await trio.sleep(delay)

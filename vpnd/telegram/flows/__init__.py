@@ -1,0 +1,1 @@
+"""User flows: each function handles one user intent for one `Turn`."""

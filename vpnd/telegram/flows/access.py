@@ -1,0 +1,144 @@
+"""Free trial and "My subscription": status, key, QR code, subscription URL, reissue, auto-renew."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from typing import Any
+
+import attrs
+import psycopg
+import segno
+import trio
+
+from vpnd.db import subscriptions
+from vpnd.db.subscriptions import Subscription
+from vpnd.subscription_url import user_links
+from vpnd.telegram import keyboards as kb
+from vpnd.telegram.flows.menu import show_menu
+from vpnd.telegram.texts import Html
+from vpnd.telegram.turn import Turn
+
+
+async def trial(turn: Turn) -> None:
+    config = turn.app.config.trial
+    if not config.enabled:
+        await turn.show(turn.t("trial.disabled"), kb.back_to_menu(turn.t))
+        return
+    outcome = await turn.app.db.run(subscriptions.grant_trial, turn.user.id, config.days)
+    if not outcome.granted or outcome.subscription is None:
+        await turn.show(turn.t("trial.refused"), kb.back_to_menu(turn.t))
+        return
+    turn.app.xray_changed.nudge()
+    text = turn.t("trial.granted", days=config.days, expires=turn.format_date(outcome.subscription.expires_at))
+    await turn.show(
+        text, kb.keyboard([kb.button(turn.t("menu.subscription"), "sub")], [kb.button(turn.t("common.menu"), "menu")])
+    )
+
+
+@attrs.frozen
+class SubscriptionView:
+    subscription: Subscription | None
+    upload: int = 0
+    download: int = 0
+
+
+def load_view(conn: psycopg.Connection[Any], user_id: int) -> SubscriptionView:
+    sub = subscriptions.get_subscription(conn, user_id)
+    row = conn.execute("SELECT uplink_total, downlink_total FROM traffic WHERE user_id = %s", (user_id,)).fetchone()
+    return SubscriptionView(sub, int(row[0]), int(row[1])) if row else SubscriptionView(sub)
+
+
+def format_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TB"
+
+
+def subscription_url(turn: Turn, sub: Subscription) -> str:
+    return f"{turn.app.config.http.public_base_url}/sub/{sub.sub_token}"
+
+
+async def my_subscription(turn: Turn, notice: str = "") -> None:
+    view = await turn.app.db.run(load_view, turn.user.id)
+    sub = view.subscription
+    if sub is None:
+        await show_menu(turn, turn.t("sub.none"))
+        return
+    now = dt.datetime.now(dt.UTC)
+    status = "active" if sub.is_active(now) else ("revoked" if sub.status == "revoked" else "expired")
+    days_left = max(0, (sub.expires_at - now).days) if status == "active" else 0
+    links = user_links(turn.app.config, sub)
+    link_html = Html("\n".join(f"<code>{_escape(link)}</code>" for link in links))
+    text = turn.t(
+        "sub.details",
+        kind=turn.t(f"sub.kind.{sub.kind}"),
+        status=turn.t(f"sub.status.{status}"),
+        expires=turn.format_date(sub.expires_at),
+        days_left=days_left,
+        upload=format_bytes(view.upload),
+        download=format_bytes(view.download),
+        auto_renew=turn.t("sub.auto_renew.on" if sub.auto_renew else "sub.auto_renew.off"),
+        link=link_html,
+        sub_url=Html(f"<code>{_escape(subscription_url(turn, sub))}</code>"),
+    )
+    if notice:
+        text = notice + "\n\n" + text
+    toggle = "sub.auto_renew_toggle_off" if sub.auto_renew else "sub.auto_renew_toggle_on"
+    await turn.show(
+        text,
+        kb.keyboard(
+            [kb.button(turn.t("sub.qr"), "qr"), kb.button(turn.t("sub.reissue"), "reissue")],
+            [kb.button(turn.t(toggle), "ar:off" if sub.auto_renew else "ar:on")],
+            [kb.button(turn.t("menu.renew"), "buy")],
+            [kb.button(turn.t("common.menu"), "menu")],
+        ),
+    )
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=False)
+
+
+def qr_png(text: str) -> bytes:
+    buffer = io.BytesIO()
+    segno.make(text, error="m").save(buffer, kind="png", scale=6, border=2)
+    return buffer.getvalue()
+
+
+async def send_qr(turn: Turn) -> None:
+    sub = await turn.app.db.run(subscriptions.get_subscription, turn.user.id)
+    if sub is None:
+        await show_menu(turn, turn.t("sub.none"))
+        return
+    links = user_links(turn.app.config, sub)
+    png = await trio.to_thread.run_sync(qr_png, links[0])
+    await turn.answer()
+    await turn.ctx.sender.send_photo(turn.chat_id, png, caption=turn.t("sub.qr_caption"))
+
+
+async def reissue(turn: Turn) -> None:
+    try:
+        await turn.app.db.run(subscriptions.reissue_key, turn.user.id)
+    except subscriptions.ReissueRateLimited as exc:
+        await turn.answer(turn.t("sub.reissue_limited", seconds=exc.retry_after_seconds), alert=True)
+        return
+    except subscriptions.NoSubscription:
+        await show_menu(turn, turn.t("sub.none"))
+        return
+    turn.app.xray_changed.nudge()
+    await my_subscription(turn, turn.t("sub.reissued"))
+
+
+async def set_auto_renew(turn: Turn, enabled: bool) -> None:
+    sub = await turn.app.db.run(subscriptions.set_auto_renew, turn.user.id, enabled)
+    if sub is None:
+        await show_menu(turn, turn.t("sub.none"))
+        return
+    await turn.answer(turn.t("sub.auto_renew_set_on" if enabled else "sub.auto_renew_set_off"))
+    await my_subscription(turn)

@@ -1,0 +1,85 @@
+"""Start, the main menu, language, invite friends, help."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import attrs
+import psycopg
+
+from vpnd.db import subscriptions, users
+from vpnd.telegram import keyboards as kb
+from vpnd.telegram.turn import Turn
+
+
+@attrs.frozen
+class MenuFacts:
+    trial_eligible: bool
+    has_subscription: bool
+
+
+def menu_facts(conn: psycopg.Connection[Any], user_id: int) -> MenuFacts:
+    return MenuFacts(
+        trial_eligible=subscriptions.trial_eligible(conn, user_id),
+        has_subscription=subscriptions.get_subscription(conn, user_id) is not None,
+    )
+
+
+def format_money(minor: int, currency: str) -> str:
+    amount = (Decimal(minor) / 100).quantize(Decimal("0.01"))
+    return f"{amount} {currency}"
+
+
+async def show_menu(turn: Turn, prefix: str = "") -> None:
+    facts = await turn.app.db.run(menu_facts, turn.user.id)
+    eligible = facts.trial_eligible and turn.app.config.trial.enabled
+    text = turn.t("menu.title")
+    if turn.user.balance_minor:
+        text += "\n" + turn.t("menu.balance", balance=format_money(turn.user.balance_minor, _currency(turn)))
+    if prefix:
+        text = prefix + "\n\n" + text
+    await turn.show(text, kb.main_menu(turn.t, trial_eligible=eligible, has_subscription=facts.has_subscription))
+
+
+def _currency(turn: Turn) -> str:
+    return turn.app.config.payments.currency
+
+
+async def start(turn: Turn, argument: str, created: bool) -> None:
+    greeting = turn.t("start.welcome", name=turn.user.first_name or "friend")
+    if created and argument.startswith("ref_"):
+        referrer = await turn.app.db.run(users.record_referral, turn.user.id, argument[4:])
+        if referrer is not None:
+            greeting += "\n" + turn.t("start.referred")
+    await show_menu(turn, greeting)
+
+
+async def choose_language(turn: Turn) -> None:
+    await turn.show(turn.t("language.choose"), kb.languages(turn.t))
+
+
+async def set_language(turn: Turn, code: str) -> None:
+    if code not in turn.ctx.texts.catalogs:
+        await choose_language(turn)
+        return
+    await turn.app.db.run(users.set_language, turn.user.id, code)
+    turn.lang = code
+    await show_menu(turn, turn.t("language.set"))
+
+
+async def invite(turn: Turn) -> None:
+    stats = await turn.app.db.run(users.referral_stats, turn.user.id)
+    link = f"https://t.me/{turn.app.bot_username}?start=ref_{turn.user.referral_code}"
+    text = turn.t(
+        "invite.text",
+        percent=turn.app.config.referral.percent,
+        link=link,
+        invited=stats.invited,
+        earned=format_money(stats.earned_minor, _currency(turn)),
+    )
+    await turn.show(text, kb.back_to_menu(turn.t))
+
+
+async def help_text(turn: Turn) -> None:
+    await turn.show(turn.t("help.text", support=turn.app.config.telegram.support_contact), kb.back_to_menu(turn.t))

@@ -1,0 +1,55 @@
+"""Inline keyboards and callback data (pure). Callback data is short ASCII, always ≤ 64 bytes.
+
+Callback data scheme (`verb` or `verb:arg[:arg]`):
+    menu, sub, buy, trial, promo, promo_cancel, invite, lang, lang:<code>, help, qr, reissue, ar:<on|off>,
+    plan:<code>, pay:<code>:<method>
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+MAX_CALLBACK_BYTES = 64
+
+Button = dict[str, str]
+Keyboard = dict[str, list[list[Button]]]
+
+
+def button(text: str, data: str) -> Button:
+    if len(data.encode()) > MAX_CALLBACK_BYTES:
+        raise ValueError(f"callback data over {MAX_CALLBACK_BYTES} bytes: {data!r}")
+    return {"text": text, "callback_data": data}
+
+
+def url_button(text: str, url: str) -> Button:
+    return {"text": text, "url": url}
+
+
+def keyboard(*rows: Sequence[Button]) -> Keyboard:
+    return {"inline_keyboard": [list(row) for row in rows if row]}
+
+
+def parse_callback(data: str) -> tuple[str, list[str]]:
+    verb, *args = data.split(":")
+    return verb, args
+
+
+def main_menu(t: Callable[[str], str], *, trial_eligible: bool, has_subscription: bool) -> Keyboard:
+    return keyboard(
+        [button(t("menu.subscription"), "sub")],
+        [button(t("menu.renew") if has_subscription else t("menu.buy"), "buy")],
+        [button(t("menu.trial"), "trial")] if trial_eligible else [],
+        [button(t("menu.promo"), "promo"), button(t("menu.invite"), "invite")],
+        [button(t("menu.language"), "lang"), button(t("menu.help"), "help")],
+    )
+
+
+def back_to_menu(t: Callable[[str], str]) -> Keyboard:
+    return keyboard([button(t("common.menu"), "menu")])
+
+
+def languages(t: Callable[[str], str]) -> Keyboard:
+    return keyboard(
+        [button("🇬🇧 English", "lang:en"), button("🇷🇺 Русский", "lang:ru")],
+        [button(t("common.back"), "menu")],
+    )

@@ -1,0 +1,79 @@
+"""What a handler works with: the shared bot context and one update's "turn".
+
+`BotContext` is built once (app, bot, sender, texts). A `Turn` is one update from one user: their
+row, their language, and reply helpers that go through the shared outbound limiter with reply
+priority. A button press edits the message it was on (no chat spam); everything else replies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import attrs
+import telegram
+
+from vpnd.app import App
+from vpnd.db.users import User
+from vpnd.telegram.client import Sender, TrioBot
+from vpnd.telegram.keyboards import Keyboard
+from vpnd.telegram.texts import Texts
+
+
+@attrs.define(eq=False)
+class BotContext:
+    app: App
+    bot: TrioBot
+    sender: Sender
+    texts: Texts
+
+
+@attrs.define(eq=False)
+class Turn:
+    ctx: BotContext
+    update_id: int
+    update: telegram.Update
+    user: User
+    lang: str
+    chat_id: int
+    callback: telegram.CallbackQuery | None = None
+    answered: bool = False
+
+    @property
+    def app(self) -> App:
+        return self.ctx.app
+
+    def t(self, key: str, **values: object) -> str:
+        return self.ctx.texts.get(self.lang, key, **values)
+
+    async def reply(self, text: str, keyboard: Keyboard | None = None, **kwargs: Any) -> telegram.Message:
+        return await self.ctx.sender.send_message(self.chat_id, text, reply_markup=_markup(keyboard), **kwargs)
+
+    async def show(self, text: str, keyboard: Keyboard | None = None) -> None:
+        """Edit the message the pressed button was on, or send a new one."""
+        message = self.callback.message if self.callback else None
+        if isinstance(message, telegram.Message) and message.text is not None:
+            await self.ctx.sender.edit_text(
+                self.chat_id,
+                message.message_id,
+                text,
+                reply_markup=_markup(keyboard),
+                link_preview_options=telegram.LinkPreviewOptions(is_disabled=True),
+            )
+        else:
+            await self.reply(text, keyboard, link_preview_options=telegram.LinkPreviewOptions(is_disabled=True))
+
+    async def answer(self, text: str | None = None, *, alert: bool = False) -> None:
+        """Answer the callback query (every callback query is answered, once)."""
+        if self.callback is not None and not self.answered:
+            self.answered = True
+            await self.ctx.sender.answer_callback(self.chat_id, self.callback.id, text, alert)
+
+    def format_date(self, when: dt.datetime) -> str:
+        return when.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _markup(keyboard: Keyboard | None) -> telegram.InlineKeyboardMarkup | None:
+    if keyboard is None:
+        return None
+    return telegram.InlineKeyboardMarkup.de_json(keyboard, None)
