@@ -47,12 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("check-config", help="validate the config and print it, secrets masked"))
     migrate_parser = with_config(sub.add_parser("migrate", help="apply pending database migrations"))
     migrate_parser.add_argument("--check", action="store_true", help="only report pending migrations (exit 1 if any)")
+    sandbox = sub.add_parser("sandbox", help="run the demo: PostgreSQL, fake Telegram (web chat), fakes, vpnd")
+    sandbox.add_argument("--port", type=int, default=8090, help="port of the web chat (default 8090)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "sandbox":
+        from vpnd.sandbox.demo import main as sandbox_main
+
+        return sandbox_main(args.port)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
