@@ -78,9 +78,7 @@ class Env:
         def create(conn: psycopg.Connection[Any]) -> None:
             upsert_user(conn, user_id, f"user{user_id}", f"User {user_id}", "en")
             if referred_by is not None:
-                conn.execute(
-                    "INSERT INTO referrals (referred_id, referrer_id) VALUES (%s, %s)", (user_id, referred_by)
-                )
+                conn.execute("INSERT INTO referrals (referred_id, referrer_id) VALUES (%s, %s)", (user_id, referred_by))
                 conn.execute("UPDATE users SET referred_by = %s WHERE id = %s", (referred_by, user_id))
             if balance_minor:
                 # Through the ledger, as every balance change goes.
