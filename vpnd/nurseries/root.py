@@ -26,7 +26,7 @@ from vpnd.nurseries.telegram import run_telegram
 from vpnd.sdnotify import Notifier, watchdog_interval
 from vpnd.telegram.client import Sender, open_bot
 from vpnd.telegram.ratelimit import OutboundLimiter
-from vpnd.telegram.router import make_apology, make_update_handler
+from vpnd.telegram.router import default_routes, make_apology, make_update_handler
 from vpnd.telegram.texts import Texts
 from vpnd.telegram.turn import BotContext
 
@@ -76,7 +76,7 @@ async def serve_app(
             router = build_router(app)
             await notifier.notify("STATUS=starting: services")
             # Dependency order: what others need first; HTTP last, since it serves their routes.
-            await root.start(run_telegram, app, bot, make_update_handler(ctx), make_apology(ctx))
+            await root.start(run_telegram, app, bot, make_update_handler(ctx, default_routes()), make_apology(ctx))
             url = app.http_url = await root.start(run_http, app, router)
             root.start_soon(_watchdog, app, notifier)
             await _wait_until_ready(app, notifier)

@@ -193,6 +193,7 @@ class XrayWriter:
     applied: dict[str, str] = attrs.field(factory=dict)
     resync_needed: bool = True
     boot_estimate: float | None = None
+    uptime_reported: bool = False
     boots_seen: int = 0
     traffic_boots_seen: int = 0
     traffic_due: float = 0.0
@@ -319,7 +320,9 @@ class XrayWriter:
         finally:
             self.status.api_calls += 1
         now = time.monotonic()
-        if uptime > 0:
+        # 0 is what a fresh Xray says, and also what one says that does not report uptime at all.
+        self.uptime_reported = self.uptime_reported or uptime > 0
+        if self.uptime_reported:
             boot = now - uptime
             if self.boot_estimate is not None and boot > self.boot_estimate + RESTART_TOLERANCE:
                 self.boots_seen += 1

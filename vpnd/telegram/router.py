@@ -1,15 +1,20 @@
 """From a raw update to a flow: parse, upsert the user, route by command, state or button.
 
-`make_update_handler(ctx)` returns the function the dispatcher calls for each update (inside the
-update limiter and the error boundary). `make_apology(ctx)` returns what the boundary calls when a
+`Routes` is the routing table: callback verbs, commands, conversation states, and hooks for updates
+that are not from a person's message or button (pre-checkout queries, payments). Each flow module
+adds its entries with a `register(routes)` function; `default_routes()` registers them all.
+`make_update_handler(ctx, routes)` returns the function the dispatcher calls for each update (inside
+the update limiter and the error boundary); `make_apology(ctx)` what the boundary calls when a
 handler failed: a polite, localized "something went wrong" in the user's chat.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
 
+import attrs
+import psycopg
 import telegram
 
 from vpnd.db import conversation, users
@@ -20,40 +25,129 @@ from vpnd.telegram.turn import BotContext, Turn
 
 log = logging.getLogger("vpnd.updates")
 
-#: Extra flows register here: verb -> handler(turn, args). Payments and admin add theirs.
-CallbackRoute = Any
+#: A button press: handler(turn, args) for callback data "verb:arg1:arg2".
+CallbackRoute = Callable[[Turn, list[str]], Awaitable[None]]
+#: A command: handler(turn, argument) for "/command argument".
+CommandRoute = Callable[[Turn, str], Awaitable[None]]
+#: Text while in a conversation state: handler(turn, text).
+StateRoute = Callable[[Turn, str], Awaitable[None]]
+#: An update that is not a person's message/button (e.g. pre_checkout_query): return True if handled.
+UpdateHook = Callable[[BotContext, int, telegram.Update], Awaitable[bool]]
+#: A message carrying something other than text (e.g. successful_payment): return True if handled.
+MessageHook = Callable[[Turn, telegram.Message], Awaitable[bool]]
 
 
-def make_update_handler(
-    ctx: BotContext, extra_callbacks: dict[str, CallbackRoute] | None = None, extra_updates: Any = None
-) -> Handler:
-    callbacks: dict[str, CallbackRoute] = {**CALLBACKS, **(extra_callbacks or {})}
+@attrs.define(eq=False)
+class Routes:
+    callbacks: dict[str, CallbackRoute] = attrs.field(factory=dict)
+    commands: dict[str, CommandRoute] = attrs.field(factory=dict)
+    states: dict[str, StateRoute] = attrs.field(factory=dict)
+    update_hooks: list[UpdateHook] = attrs.field(factory=list)
+    message_hooks: list[MessageHook] = attrs.field(factory=list)
+    #: Commands not shown in the menu and answered only for some users (e.g. /admin) say so here.
+    hidden_commands: set[str] = attrs.field(factory=set)
 
+
+def register(routes: Routes) -> None:
+    """The core flows: menu, language, trial, subscription, invite, help."""
+
+    async def menu_route(turn: Turn, args: list[str]) -> None:
+        await menu.show_menu(turn)
+
+    async def lang(turn: Turn, args: list[str]) -> None:
+        if args:
+            await menu.set_language(turn, args[0])
+        else:
+            await menu.choose_language(turn)
+
+    async def auto_renew(turn: Turn, args: list[str]) -> None:
+        await access.set_auto_renew(turn, args[:1] == ["on"])
+
+    def no_args(flow: Callable[[Turn], Awaitable[None]]) -> CallbackRoute:
+        async def route(turn: Turn, args: list[str]) -> None:
+            await flow(turn)
+
+        return route
+
+    routes.callbacks.update(
+        {
+            "menu": menu_route,
+            "sub": no_args(access.my_subscription),
+            "trial": no_args(access.trial),
+            "qr": no_args(access.send_qr),
+            "reissue": no_args(access.reissue),
+            "ar": auto_renew,
+            "lang": lang,
+            "invite": no_args(menu.invite),
+            "help": no_args(menu.help_text),
+        }
+    )
+
+    async def start(turn: Turn, argument: str) -> None:
+        await menu.start(turn, argument, turn.user_created)
+
+    def via_callback(verb: str) -> CommandRoute:
+        async def route(turn: Turn, argument: str) -> None:
+            await routes.callbacks[verb](turn, [])
+
+        return route
+
+    routes.commands["start"] = start
+    for command, verb in {
+        "menu": "menu",
+        "help": "help",
+        "language": "lang",
+        "subscription": "sub",
+        "trial": "trial",
+        "invite": "invite",
+    }.items():
+        routes.commands[command] = via_callback(verb)
+
+
+def default_routes() -> Routes:
+    """Every flow vpnd has, registered in one table."""
+    from vpnd.telegram.flows import register_all
+
+    routes = Routes()
+    register(routes)
+    register_all(routes)
+    return routes
+
+
+def make_update_handler(ctx: BotContext, routes: Routes) -> Handler:
     async def handle(update_id: int, payload: Payload) -> None:
         update = telegram.Update.de_json(payload, ctx.bot)
         if update.my_chat_member is not None:
             await _membership(ctx, update.my_chat_member)
             return
-        if extra_updates is not None and await extra_updates(ctx, update_id, update):
-            return
+        for hook in routes.update_hooks:
+            if await hook(ctx, update_id, update):
+                return
         sender = update.effective_user
         chat = update.effective_chat
         if sender is None or sender.is_bot or (chat is not None and chat.type != "private"):
             return  # vpnd talks to people in private chats only
         language = ctx.texts.language(sender.language_code, ctx.app.config.telegram.default_language)
         result = await ctx.app.db.run(users.upsert_user, sender.id, sender.username, sender.first_name or "", language)
-        user = result.user
-        turn = Turn(ctx, update_id, update, user, user.language, chat.id if chat else sender.id)
+        turn = Turn(ctx, update_id, update, result.user, result.user.language, chat.id if chat else sender.id)
+        turn.user_created = result.created
         if update.callback_query is not None:
             turn.callback = update.callback_query
             try:
-                await _route_callback(turn, callbacks, update.callback_query.data or "")
+                await _route_callback(turn, routes, update.callback_query.data or "")
             finally:
                 await turn.answer()
         elif update.message is not None:
-            await _route_message(turn, update.message, result.created)
+            for message_hook in routes.message_hooks:
+                if await message_hook(turn, update.message):
+                    return
+            await _route_message(turn, routes, update.message)
 
     return handle
+
+
+def _set_reachable(conn: psycopg.Connection[tuple[object, ...]], user_id: int) -> None:
+    conn.execute("UPDATE users SET reachable = true, updated_at = now() WHERE id = %s", (user_id,))
 
 
 async def _membership(ctx: BotContext, member: telegram.ChatMemberUpdated) -> None:
@@ -62,68 +156,38 @@ async def _membership(ctx: BotContext, member: telegram.ChatMemberUpdated) -> No
     if status in ("kicked", "left"):
         await ctx.app.db.run(users.mark_unreachable, member.chat.id)
     elif status == "member":
-        await ctx.app.db.run(
-            lambda conn: conn.execute("UPDATE users SET reachable = true WHERE id = %s", (member.chat.id,))
-        )
+        await ctx.app.db.run(_set_reachable, member.chat.id)
 
 
-async def _route_message(turn: Turn, message: telegram.Message, created: bool) -> None:
+async def _route_message(turn: Turn, routes: Routes, message: telegram.Message) -> None:
     text = (message.text or "").strip()
     if text.startswith("/"):
         command, _, argument = text.partition(" ")
-        command = command[1:].split("@", 1)[0].lower()
-        await turn.app.db.run(conversation.clear_state, turn.user.id)
-        if command == "start":
-            await menu.start(turn, argument.strip(), created)
-        elif command in ("menu", "help", "language", "subscription", "buy", "trial", "promo", "invite"):
-            await _route_callback(turn, CALLBACKS, {"subscription": "sub", "language": "lang"}.get(command, command))
-        else:
-            await menu.show_menu(turn, turn.t("common.unknown"))
+        name = command[1:].split("@", 1)[0].lower()
+        route = routes.commands.get(name)
+        if route is not None:
+            await turn.app.db.run(conversation.clear_state, turn.user.id)
+            await route(turn, argument.strip())
+            return
+        await menu.show_menu(turn, turn.t("common.unknown"))
         return
     state = await turn.app.db.run(conversation.get_state, turn.user.id)
     if state is not None and text:
-        handler = STATES.get(state.name)
-        if handler is not None:
-            await handler(turn, text)
+        state_route = routes.states.get(state.name)
+        if state_route is not None:
+            await state_route(turn, text)
             return
     await menu.show_menu(turn, turn.t("common.unknown"))
 
 
-async def _route_callback(turn: Turn, callbacks: dict[str, CallbackRoute], data: str) -> None:
+async def _route_callback(turn: Turn, routes: Routes, data: str) -> None:
     verb, args = kb.parse_callback(data)
-    route = callbacks.get(verb)
+    route = routes.callbacks.get(verb)
     if route is None:
-        log.info("event=unknown_callback update_id=%d data=%s", turn.update_id, data[:64].encode().hex())
+        log.info("event=unknown_callback update_id=%d data_hex=%s", turn.update_id, data[:64].encode().hex())
         await menu.show_menu(turn)
         return
     await route(turn, args)
-
-
-async def _lang(turn: Turn, args: list[str]) -> None:
-    if args:
-        await menu.set_language(turn, args[0])
-    else:
-        await menu.choose_language(turn)
-
-
-async def _auto_renew(turn: Turn, args: list[str]) -> None:
-    await access.set_auto_renew(turn, args[:1] == ["on"])
-
-
-CALLBACKS: dict[str, CallbackRoute] = {
-    "menu": lambda turn, args: menu.show_menu(turn),
-    "sub": lambda turn, args: access.my_subscription(turn),
-    "trial": lambda turn, args: access.trial(turn),
-    "qr": lambda turn, args: access.send_qr(turn),
-    "reissue": lambda turn, args: access.reissue(turn),
-    "ar": _auto_renew,
-    "lang": _lang,
-    "invite": lambda turn, args: menu.invite(turn),
-    "help": lambda turn, args: menu.help_text(turn),
-}
-
-#: Conversation states -> handler(turn, text). The promo flow adds "promo".
-STATES: dict[str, Any] = {}
 
 
 def make_apology(ctx: BotContext) -> Apology:

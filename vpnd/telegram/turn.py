@@ -38,6 +38,8 @@ class Turn:
     chat_id: int
     callback: telegram.CallbackQuery | None = None
     answered: bool = False
+    #: True when this update created the user's row (their first contact).
+    user_created: bool = False
 
     @property
     def app(self) -> App:
