@@ -102,7 +102,7 @@ def subscription_response(config: Config, subscription: Subscription, upload: in
 
 def add_subscription_routes(router: Router, app: App, *, limiter: TokenRateLimiter | None = None) -> None:
     """Serve `GET /sub/{token}` on `router` (the HTTP nursery's)."""
-    limiter = limiter or TokenRateLimiter()
+    limiter = TokenRateLimiter() if limiter is None else limiter
     not_found = Response.text("not found\n", 404)
 
     async def subscription(request: Request) -> Response:
