@@ -11,7 +11,7 @@ import trio
 from tests.payments.conftest import ADMINS, IO_TIMEOUT, Env
 from vpnd.db.subscriptions import grant_days
 from vpnd.payments import ProviderUnavailable
-from vpnd.payments.service import start_cryptopay_purchase
+from vpnd.payments.service import start_cryptopay_purchase, start_stars_purchase
 from vpnd.payments.watcher import run_payment_watcher, watch_once
 
 
@@ -236,3 +236,19 @@ async def test_invoice_failure_cancels_the_purchase(env: Env) -> None:
     with trio.fail_after(IO_TIMEOUT), pytest.raises(ProviderUnavailable):
         await start_cryptopay_purchase(env.app, env.client, user, plan_code="m1")
     assert env.sql("SELECT status, invoice_id FROM purchases") == [("cancelled", None)]
+
+
+async def test_watcher_expires_stale_and_unknown_invoice_purchases(env: Env) -> None:
+    user, other = await env.add_user(1011), await env.add_user(1012)
+    with trio.fail_after(IO_TIMEOUT):
+        stars = await start_stars_purchase(env.app, user, "m1")
+        lost, _ = await start_cryptopay_purchase(env.app, env.client, other, plan_code="m1")
+    # A Stars purchase nobody paid, and an invoice Crypto Pay no longer knows, both long expired.
+    env.sql("UPDATE purchases SET expires_at = now() - interval '1 hour'")
+    env.sql("UPDATE purchases SET invoice_id = 424242 WHERE id = %s", (lost.id,))
+    with trio.fail_after(IO_TIMEOUT):
+        assert await watch_once(env.app, env.client) == 2
+    assert env.sql("SELECT id, status FROM purchases ORDER BY id") == [
+        (stars.purchase.id, "expired"),
+        (lost.id, "expired"),
+    ]

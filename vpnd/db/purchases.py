@@ -102,6 +102,7 @@ class InvoiceRef:
 
     purchase_id: int
     invoice_id: int
+    expires_at: dt.datetime
 
 
 PURCHASE_COLUMNS = (
@@ -211,11 +212,11 @@ def expire_purchase(
 def pending_invoices(conn: psycopg.Connection[Any], *, after_id: int = 0, limit: int = 100) -> list[InvoiceRef]:
     """Pending purchases with a Crypto Pay invoice, in id order after `after_id` (a keyset page)."""
     rows = conn.execute(
-        "SELECT id, invoice_id FROM purchases WHERE status = 'pending' AND invoice_id IS NOT NULL AND id > %s "
-        "ORDER BY id LIMIT %s",
+        "SELECT id, invoice_id, expires_at FROM purchases WHERE status = 'pending' AND invoice_id IS NOT NULL "
+        "AND id > %s ORDER BY id LIMIT %s",
         (after_id, limit),
     ).fetchall()
-    return [InvoiceRef(int(r[0]), int(r[1])) for r in rows]
+    return [InvoiceRef(int(r[0]), int(r[1]), r[2]) for r in rows]
 
 
 def superseded_invoices(
@@ -228,11 +229,11 @@ def superseded_invoices(
     `ON purchases (expires_at) WHERE status = 'expired' AND invoice_id IS NOT NULL`.)
     """
     rows = conn.execute(
-        "SELECT id, invoice_id FROM purchases WHERE status = 'expired' AND invoice_id IS NOT NULL "
+        "SELECT id, invoice_id, expires_at FROM purchases WHERE status = 'expired' AND invoice_id IS NOT NULL "
         "AND expires_at > now() - %s * interval '1 second' AND id > %s ORDER BY id LIMIT %s",
         (grace_seconds, after_id, limit),
     ).fetchall()
-    return [InvoiceRef(int(r[0]), int(r[1])) for r in rows]
+    return [InvoiceRef(int(r[0]), int(r[1]), r[2]) for r in rows]
 
 
 def expire_stale(conn: psycopg.Connection[Any], *, limit: int = 500) -> int:

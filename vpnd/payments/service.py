@@ -172,6 +172,8 @@ async def start_cryptopay_purchase(
     """
     if (plan_code is None) == (topup_minor is None):
         raise ValueError("give exactly one of plan_code and topup_minor")
+    if not app.config.cryptopay.enabled:
+        raise MethodUnavailable("Crypto Pay is switched off")
     if plan_code is not None:
         plan = _plan(app, plan_code)
         offer = plan_offer(plan)

@@ -10,6 +10,7 @@ across an HTTP call. It also expires invoice-less purchases past their expiry.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -28,6 +29,8 @@ log = logging.getLogger("vpnd.payments")
 WORKER_NAME = "payment_watcher"
 #: Invoices per getInvoices call (Crypto Pay allows up to 1000 per page).
 DEFAULT_BATCH = 100
+#: A pending purchase whose invoice Crypto Pay no longer knows is expired this long after its expiry.
+UNKNOWN_INVOICE_GRACE = dt.timedelta(minutes=10)
 
 
 async def watch_once(app: App, client: CryptoPayClient, *, batch_size: int = DEFAULT_BATCH) -> int:
@@ -57,6 +60,9 @@ async def _walk(
         for ref in batch:
             invoice = by_id.get(ref.invoice_id)
             if invoice is None:
+                if expire and ref.expires_at + UNKNOWN_INVOICE_GRACE < dt.datetime.now(dt.UTC):
+                    log.warning("event=invoice_unknown purchase_id=%s invoice_id=%s", ref.purchase_id, ref.invoice_id)
+                    changed += await app.db.run(purchases.expire_purchase, ref.purchase_id)
                 continue
             if invoice.is_paid:
                 outcome = await finalize_cryptopay_invoice(app, invoice)
