@@ -460,6 +460,34 @@ async def test_wrong_inbound_tag_is_an_error_with_backoff(make_config):
             await until(lambda: not s.status.problems, timeout=5)
 
 
+async def test_restart_command_mode_for_a_config_without_an_api(make_config, tmp_path):
+    """No API: the file is written and Xray restarted by the operator's command when it changed."""
+    restarts = tmp_path / "restarts.log"
+    script = tmp_path / "restart-xray.sh"
+    script.write_text(
+        f'#!/bin/sh\n[ -e "{tmp_path}/broken" ] && {{ echo "unit failed" >&2; exit 3; }}\necho x >> "{restarts}"\n'
+    )
+    script.chmod(0o755)
+    async with running_writer(make_config("127.0.0.1:1", restart_command=str(script))) as s:
+        assert s.status.mode == "restart-command"
+        await until(lambda: restarts.exists() and restarts.read_text() == "x\n", timeout=5)
+        await s.grant(1)
+        await until(lambda: "u1" in s.file_clients(), timeout=5)
+        await until(lambda: restarts.read_text() == "x\nx\n", timeout=5)
+        await s.round_done()
+        assert restarts.read_text() == "x\nx\n"  # unchanged file: no restart
+        assert s.status.in_sync and (await s.status.readiness()).ok
+
+        (tmp_path / "broken").touch()
+        await s.grant(2)
+        await until(lambda: "restart_command" in s.status.problems, timeout=5)
+        assert "exit status 3: unit failed" in s.status.problems["restart_command"]
+        assert not s.status.in_sync
+        (tmp_path / "broken").unlink()
+        await until(lambda: restarts.read_text() == "x\nx\nx\n", timeout=10)
+        await until(lambda: s.status.in_sync and not s.status.problems, timeout=5)
+
+
 # --- end to end against a real V2Ray ---------------------------------------------------------------
 
 V2RAY = shutil.which("v2ray")
