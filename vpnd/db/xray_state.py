@@ -189,4 +189,3 @@ def user_id_from_email(email: str) -> int | None:
     if email[:1] != "u" or not digits.isascii() or not digits.isdigit() or digits != str(int(digits)):
         return None
     return int(digits)
-
