@@ -1,0 +1,429 @@
+"""Admin queries and verbs: the audit log, stats, user lookup, admin actions, CSV exports, health facts.
+
+Every admin action — from the bot or the command line, done or refused — writes one `admin_audit`
+row in the transaction of the action itself (who, what, target, result, details). Attempts by people
+who are not admins are audited too (result ``denied``).
+
+Confirmed actions carry a *nonce* (from the confirmation button): an action whose nonce already has
+an ``ok`` audit row is not done again, so a double press of "Confirm" changes nothing twice. Balance
+changes use the nonce as their ledger reference as well (`UNIQUE (reason, reference)`).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+import attrs
+import psycopg
+from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
+
+from vpnd.db import ledger, outbox, subscriptions
+from vpnd.db.payments import PaymentRecord, payments_of
+from vpnd.db.rows import one
+from vpnd.db.subscriptions import Subscription
+from vpnd.db.users import ReferralStats, User, find_user, get_user, referral_stats
+from vpnd.db.xray_state import get_sync_marker
+
+#: The admin id recorded for actions taken on the command line (no Telegram identity there).
+CLI_ADMIN_ID = 0
+
+
+class UserNotFound(LookupError):
+    pass
+
+
+# --- audit ------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class AuditEntry:
+    id: int
+    admin_id: int
+    action: str
+    target: str | None
+    result: str
+    details: dict[str, Any]
+    created_at: dt.datetime
+
+
+def audit(
+    conn: psycopg.Connection[Any],
+    admin_id: int,
+    action: str,
+    target: object | None,
+    result: str,
+    details: dict[str, Any] | None = None,
+) -> int:
+    """Append one audit row; return its id."""
+    row = one(
+        conn.execute(
+            "INSERT INTO admin_audit (admin_id, action, target, result, details) VALUES (%s, %s, %s, %s, %s) "
+            "RETURNING id",
+            (admin_id, action, None if target is None else str(target)[:200], result[:200], Jsonb(details or {})),
+        )
+    )
+    return int(row[0])
+
+
+def recent_audit(
+    conn: psycopg.Connection[Any], *, admin_id: int | None = None, before_id: int | None = None, limit: int = 50
+) -> list[AuditEntry]:
+    with conn.cursor(row_factory=class_row(AuditEntry)) as cur:
+        return cur.execute(
+            "SELECT id, admin_id, action, target, result, details, created_at FROM admin_audit "
+            "WHERE id < %s AND (%s::bigint IS NULL OR admin_id = %s) ORDER BY id DESC LIMIT %s",
+            (before_id if before_id is not None else 2**63 - 1, admin_id, admin_id, limit),
+        ).fetchall()
+
+
+def nonce_used(conn: psycopg.Connection[Any], nonce: str) -> bool:
+    """Whether an action confirmed with `nonce` was already done."""
+    row = conn.execute(
+        "SELECT 1 FROM admin_audit WHERE details @> %s AND result = 'ok' LIMIT 1", (Jsonb({"nonce": nonce}),)
+    ).fetchone()
+    return row is not None
+
+
+# --- stats ------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class RevenueRow:
+    key: str  # a day (YYYY-MM-DD), a plan code ("topup" for top-ups) or a method
+    currency: str
+    amount_minor: int
+    payments: int
+
+
+@attrs.frozen
+class Stats:
+    users_total: int
+    users_today: int
+    users_7d: int
+    reachable: int
+    unreachable: int
+    active_paid: int
+    active_trials: int
+    trials_total: int
+    trials_converted: int
+    revenue_by_day: list[RevenueRow]
+    revenue_by_plan: list[RevenueRow]
+    revenue_by_method: list[RevenueRow]
+
+    @property
+    def conversion_percent(self) -> float:
+        return 100.0 * self.trials_converted / self.trials_total if self.trials_total else 0.0
+
+
+_TODAY_UTC = "(date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')"
+
+USER_COUNTS = f"""
+SELECT count(*),
+       count(*) FILTER (WHERE created_at >= {_TODAY_UTC}),
+       count(*) FILTER (WHERE created_at >= now() - interval '7 days'),
+       count(*) FILTER (WHERE reachable),
+       count(*) FILTER (WHERE NOT reachable)
+FROM users
+"""
+
+SUBSCRIPTION_COUNTS = """
+SELECT count(*) FILTER (WHERE kind = 'paid'), count(*) FILTER (WHERE kind = 'trial')
+FROM subscriptions WHERE status = 'active' AND expires_at > now()
+"""
+
+TRIAL_CONVERSION = """
+SELECT count(*),
+       count(*) FILTER (WHERE EXISTS (
+           SELECT 1 FROM payments p JOIN purchases pu ON pu.id = p.purchase_id
+           WHERE p.user_id = t.user_id AND pu.kind = 'plan' AND p.outcome = 'granted' AND p.created_at >= t.granted_at))
+FROM trials t
+"""
+
+#: Money received: granted payments, not those paid from the balance (that money was counted as a top-up).
+_REVENUE = """
+SELECT {key} AS key, p.currency, sum(p.amount_minor)::bigint, count(*)
+FROM payments p JOIN purchases pu ON pu.id = p.purchase_id
+WHERE p.outcome = 'granted' AND p.provider <> 'balance' {where}
+GROUP BY 1, 2 ORDER BY 1 {order}, 2
+"""
+
+REVENUE_BY_DAY = _REVENUE.format(
+    key="to_char(p.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    where=f"AND p.created_at >= {_TODAY_UTC} - interval '29 days'",
+    order="DESC",
+)
+REVENUE_BY_PLAN = _REVENUE.format(key="coalesce(pu.plan_code, pu.kind)", where="", order="")
+REVENUE_BY_METHOD = _REVENUE.format(key="p.provider", where="", order="")
+
+
+def stats(conn: psycopg.Connection[Any]) -> Stats:
+    users_row = one(conn.execute(USER_COUNTS))
+    subs_row = one(conn.execute(SUBSCRIPTION_COUNTS))
+    trials_row = one(conn.execute(TRIAL_CONVERSION))
+
+    def revenue(sql: str) -> list[RevenueRow]:
+        return [RevenueRow(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in conn.execute(sql).fetchall()]
+
+    return Stats(
+        users_total=int(users_row[0]),
+        users_today=int(users_row[1]),
+        users_7d=int(users_row[2]),
+        reachable=int(users_row[3]),
+        unreachable=int(users_row[4]),
+        active_paid=int(subs_row[0]),
+        active_trials=int(subs_row[1]),
+        trials_total=int(trials_row[0]),
+        trials_converted=int(trials_row[1]),
+        revenue_by_day=revenue(REVENUE_BY_DAY),
+        revenue_by_plan=revenue(REVENUE_BY_PLAN),
+        revenue_by_method=revenue(REVENUE_BY_METHOD),
+    )
+
+
+# --- user lookup ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class UserDetails:
+    user: User
+    created_at: dt.datetime
+    subscription: Subscription | None
+    trial_ends_at: dt.datetime | None
+    payments: Sequence[PaymentRecord]
+    referrals: ReferralStats
+    now: dt.datetime
+
+
+def user_details(conn: psycopg.Connection[Any], query: str | int, *, payments_limit: int = 5) -> UserDetails | None:
+    """A user by id or @username with status, expiry, recent payments, balance and referrals."""
+    user = get_user(conn, query) if isinstance(query, int) else find_user(conn, query)
+    if user is None:
+        return None
+    row = one(
+        conn.execute(
+            "SELECT u.created_at, (SELECT ends_at FROM trials WHERE user_id = u.id), now() "
+            "FROM users u WHERE u.id = %s",
+            (user.id,),
+        )
+    )
+    return UserDetails(
+        user=user,
+        created_at=row[0],
+        subscription=subscriptions.get_subscription(conn, user.id),
+        trial_ends_at=row[1],
+        payments=payments_of(conn, user.id, limit=payments_limit),
+        referrals=referral_stats(conn, user.id),
+        now=row[2],
+    )
+
+
+def _require_user(conn: psycopg.Connection[Any], user_id: int) -> User:
+    user = conn.execute("SELECT id FROM users WHERE id = %s FOR UPDATE", (user_id,)).fetchone()
+    if user is None:
+        raise UserNotFound(f"no user {user_id}")
+    found = get_user(conn, user_id)
+    assert found is not None
+    return found
+
+
+# --- admin verbs (each: the change and its audit row, in the caller's transaction) --------------
+
+
+@attrs.frozen
+class Done:
+    """What an admin verb did: `repeated` when its nonce had been used already (nothing changed)."""
+
+    subscription: Subscription | None = None
+    balance_minor: int | None = None
+    repeated: bool = False
+
+
+def grant(
+    conn: psycopg.Connection[Any],
+    admin_id: int,
+    user_id: int,
+    days: int,
+    *,
+    notify_text: Callable[[str, Subscription], str] | None = None,
+    nonce: str | None = None,
+    via: str = "bot",
+) -> Done:
+    """Give `days` of access (a paid-kind subscription).
+
+    With `notify_text(language, subscription)` (a pure renderer), the user's message is queued in the
+    outbox in the same transaction.
+    """
+    if nonce is not None and nonce_used(conn, nonce):
+        return Done(subscriptions.get_subscription(conn, user_id), repeated=True)
+    user = _require_user(conn, user_id)
+    sub = subscriptions.grant_days(conn, user_id, days, kind="paid")
+    if notify_text is not None:
+        dedupe = f"admin_grant:{nonce}" if nonce else None
+        outbox.enqueue(conn, user_id, notify_text(user.language, sub), dedupe_key=dedupe)
+    details: dict[str, Any] = {
+        "days": days,
+        "notify": notify_text is not None,
+        "expires_at": sub.expires_at.isoformat(),
+    }
+    audit(conn, admin_id, "grant", user_id, "ok", {**details, **_extra(nonce, via)})
+    return Done(sub)
+
+
+def _extra(nonce: str | None, via: str) -> dict[str, Any]:
+    return {"via": via, **({"nonce": nonce} if nonce else {})}
+
+
+def revoke(
+    conn: psycopg.Connection[Any], admin_id: int, user_id: int, *, nonce: str | None = None, via: str = "bot"
+) -> Done:
+    if nonce is not None and nonce_used(conn, nonce):
+        return Done(subscriptions.get_subscription(conn, user_id), repeated=True)
+    _require_user(conn, user_id)
+    sub = subscriptions.revoke(conn, user_id)
+    audit(conn, admin_id, "revoke", user_id, "ok" if sub else "no_subscription", _extra(nonce, via))
+    return Done(sub)
+
+
+def reissue(
+    conn: psycopg.Connection[Any], admin_id: int, user_id: int, *, nonce: str | None = None, via: str = "bot"
+) -> Done:
+    """New key for the user (the admin is not held to the user's reissue rate limit)."""
+    if nonce is not None and nonce_used(conn, nonce):
+        return Done(subscriptions.get_subscription(conn, user_id), repeated=True)
+    _require_user(conn, user_id)
+    try:
+        sub = subscriptions.reissue_key(conn, user_id, limit=1_000_000, window_seconds=1)
+    except subscriptions.NoSubscription:
+        audit(conn, admin_id, "reissue", user_id, "no_subscription", _extra(nonce, via))
+        return Done(None)
+    audit(conn, admin_id, "reissue", user_id, "ok", _extra(nonce, via))
+    return Done(sub)
+
+
+def set_auto_renew(
+    conn: psycopg.Connection[Any], admin_id: int, user_id: int, enabled: bool, *, via: str = "bot"
+) -> Done:
+    _require_user(conn, user_id)
+    sub = subscriptions.set_auto_renew(conn, user_id, enabled)
+    audit(conn, admin_id, "auto_renew", user_id, "ok" if sub else "no_subscription", {"enabled": enabled, "via": via})
+    return Done(sub)
+
+
+def adjust_balance(
+    conn: psycopg.Connection[Any], admin_id: int, user_id: int, delta_minor: int, *, nonce: str, via: str = "bot"
+) -> Done:
+    """Credit (delta > 0) or debit (delta < 0) the balance through the ledger, once per nonce.
+
+    Raises ledger.InsufficientBalance for a debit larger than the balance (nothing changed, but the
+    refusal is audited by the caller in its own transaction).
+    """
+    _require_user(conn, user_id)
+    entry = ledger.record(conn, user_id, delta_minor, ledger.ADMIN, f"admin:{nonce}")
+    balance = ledger.balance_of(conn, user_id)
+    if entry is None:
+        return Done(balance_minor=balance, repeated=True)
+    audit(conn, admin_id, "balance", user_id, "ok", {"delta_minor": delta_minor, "nonce": nonce, "via": via})
+    return Done(balance_minor=balance)
+
+
+# --- health facts -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class HealthFacts:
+    db_now: dt.datetime
+    outbox_pending: int
+    outbox_oldest: dt.datetime | None
+    xray_synced_at: dt.datetime | None
+    running_broadcasts: int
+    paused_broadcasts: int
+
+    @property
+    def xray_lag_seconds(self) -> float | None:
+        return None if self.xray_synced_at is None else max(0.0, (self.db_now - self.xray_synced_at).total_seconds())
+
+    @property
+    def outbox_age_seconds(self) -> float:
+        return 0.0 if self.outbox_oldest is None else max(0.0, (self.db_now - self.outbox_oldest).total_seconds())
+
+
+def health_facts(conn: psycopg.Connection[Any]) -> HealthFacts:
+    row = one(
+        conn.execute(
+            "SELECT now(), (SELECT count(*) FROM outbox WHERE status = 'pending'), "
+            "(SELECT min(created_at) FROM outbox WHERE status = 'pending'), "
+            "(SELECT count(*) FROM broadcasts WHERE status = 'running'), "
+            "(SELECT count(*) FROM broadcasts WHERE status = 'paused')"
+        )
+    )
+    return HealthFacts(
+        db_now=row[0],
+        outbox_pending=int(row[1]),
+        outbox_oldest=row[2],
+        xray_synced_at=get_sync_marker(conn),
+        running_broadcasts=int(row[3]),
+        paused_broadcasts=int(row[4]),
+    )
+
+
+# --- CSV exports ------------------------------------------------------------------------------
+
+USERS_CSV_HEADER = (
+    "id", "username", "first_name", "language", "reachable", "balance_minor", "referred_by", "created_at",
+    "subscription_kind", "subscription_status", "expires_at", "auto_renew",
+)  # fmt: skip
+USERS_CSV_QUERY = """
+SELECT u.id, u.username, u.first_name, u.language, u.reachable, u.balance_minor, u.referred_by, u.created_at,
+       s.kind, s.status, s.expires_at, s.auto_renew
+FROM users u LEFT JOIN subscriptions s ON s.user_id = u.id
+WHERE u.id > %s ORDER BY u.id LIMIT %s
+"""
+
+PAYMENTS_CSV_HEADER = (
+    "id", "created_at", "user_id", "purchase_id", "kind", "plan_code", "provider", "provider_payment_id",
+    "amount_minor", "currency", "outcome",
+)  # fmt: skip
+PAYMENTS_CSV_QUERY = """
+SELECT p.id, p.created_at, p.user_id, p.purchase_id, pu.kind, pu.plan_code, p.provider, p.provider_payment_id,
+       p.amount_minor, p.currency, p.outcome
+FROM payments p JOIN purchases pu ON pu.id = p.purchase_id
+WHERE p.id > %s ORDER BY p.id LIMIT %s
+"""
+
+
+def _csv_value(value: object) -> object:
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).isoformat()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+        return "'" + value  # no formula injection when the file is opened in a spreadsheet
+    return value
+
+
+def _export(conn: psycopg.Connection[Any], out: TextIO, header: Sequence[str], query: str, batch_size: int) -> int:
+    writer = csv.writer(out)
+    writer.writerow(header)
+    after, written = 0, 0
+    while True:
+        rows = conn.execute(query, (after, batch_size)).fetchall()
+        for row in rows:
+            writer.writerow([_csv_value(v) for v in row])
+        written += len(rows)
+        if len(rows) < batch_size:
+            return written
+        after = int(rows[-1][0])
+
+
+def export_users_csv(conn: psycopg.Connection[Any], out: TextIO, *, batch_size: int = 1000) -> int:
+    """Every user as CSV, read in keyset batches of `batch_size`; returns the number of rows."""
+    return _export(conn, out, USERS_CSV_HEADER, USERS_CSV_QUERY, batch_size)
+
+
+def export_payments_csv(conn: psycopg.Connection[Any], out: TextIO, *, batch_size: int = 1000) -> int:
+    """Every payment as CSV, read in keyset batches of `batch_size`; returns the number of rows."""
+    return _export(conn, out, PAYMENTS_CSV_HEADER, PAYMENTS_CSV_QUERY, batch_size)

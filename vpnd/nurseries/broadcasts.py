@@ -1,0 +1,336 @@
+"""The broadcasts nursery: one child task per running broadcast, progress persisted per recipient.
+
+    broadcasts (run_broadcasts) ── supervisor loop: which broadcasts are running?
+    └── one task per running broadcast
+        ├── feeder: pending recipients in user id order (keyset batches) → a zero-size channel
+        ├── MAX_IN_FLIGHT workers: re-check the segment → send (shared limiter, BULK) → mark
+        └── progress: edits the admin's message every [broadcast].progress_interval
+
+The database says what runs. The supervisor re-reads it when nudged (`Broadcasts.changed`, after
+an admin flow committed a change) and at least every `poll_interval` seconds (so `vpnd broadcast
+pause|resume|cancel` from the command line is noticed without a nudge). At start-up the running
+broadcasts are resumed from their pending recipients.
+
+Stopping, and what the restart guarantee rests on:
+
+* **pause** and **shutdown** (SIGTERM: `app.lifecycle.stopping`) stop the feeder; the workers finish
+  the sends they started and persist them, then the task ends. Every recipient is either marked or
+  still pending, so a resume (or restart) sends each one exactly once.
+* **cancel** cancels the task at once (within a second of the press); a send in flight at that
+  moment may be delivered without being marked — the broadcast is over, nobody resends it.
+* **SIGKILL** loses only the marks of the sends in flight (at most `max_in_flight` per broadcast):
+  those few recipients may get the message twice after the restart.
+
+Sending shares the daemon's `Sender` (its `OutboundLimiter`) with BULK priority, so replies to users
+keep priority, a 429 pauses everything, and 403 marks the user unreachable.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any
+
+import attrs
+import telegram
+import trio
+from telegram.error import TelegramError
+
+from vpnd.app import App
+from vpnd.db import broadcasts as bdb
+from vpnd.db.broadcasts import Broadcast, Counts
+from vpnd.db.users import get_user
+from vpnd.nudge import Nudge
+from vpnd.telegram import admin_views as views
+from vpnd.telegram.client import ChatNotFound, ChatUnreachable, Sender, SendFailed, describe_telegram_error
+from vpnd.telegram.ratelimit import Priority
+from vpnd.telegram.texts import Texts
+
+log = logging.getLogger("vpnd.broadcasts")
+
+#: Sends in flight per broadcast: enough to keep the limiter busy at ~100 ms Bot API latency, and the
+#: bound on duplicates after a SIGKILL.
+MAX_IN_FLIGHT = 8
+#: Pending recipients read per query.
+BATCH_SIZE = 200
+#: How long the final edit/summary after a broadcast ends may take.
+FINAL_MESSAGE_TIMEOUT = 5.0
+
+
+def broadcasts_changed(app: App) -> Nudge | None:
+    """The App's broadcasts nudge, when the App has one (`App.broadcasts_changed`)."""
+    nudge = getattr(app, "broadcasts_changed", None)
+    return nudge if isinstance(nudge, Nudge) else None
+
+
+@attrs.define(eq=False)
+class Progress:
+    """Live counts of one broadcast task (seeded from the database when it starts)."""
+
+    counts: Counts
+    started_at: float
+    processed_at_start: int
+    #: (trio time, processed) samples for the recent rate.
+    samples: collections.deque[tuple[float, int]] = attrs.field(factory=lambda: collections.deque(maxlen=20))
+
+    def record(self, outcome: str) -> None:
+        c = self.counts
+        self.counts = Counts(
+            total=c.total,
+            pending=max(0, c.pending - 1),
+            sent=c.sent + (outcome == "sent"),
+            failed=c.failed + (outcome == "failed"),
+            skipped=c.skipped + (outcome == "skipped"),
+        )
+
+    def rate(self, now: float) -> float | None:
+        """Recipients per second over the recent samples (or since the start)."""
+        self.samples.append((now, self.counts.processed))
+        first_at, first_done = self.samples[0]
+        if now - first_at < 0.5:
+            first_at, first_done = self.started_at, self.processed_at_start
+        elapsed = now - first_at
+        return (self.counts.processed - first_done) / elapsed if elapsed > 0.5 else None
+
+
+@attrs.define(eq=False)
+class BroadcastTask:
+    broadcast_id: int
+    cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    stop: trio.Event = attrs.field(factory=trio.Event)
+    progress: Progress | None = None
+    finished: trio.Event = attrs.field(factory=trio.Event)
+
+
+@attrs.define(eq=False)
+class Broadcasts:
+    """The broadcasts this daemon is running (handed out by `run_broadcasts` via task_status)."""
+
+    app: App
+    sender: Sender
+    texts: Texts
+    changed: Nudge
+    max_in_flight: int = MAX_IN_FLIGHT
+    poll_interval: float = 0.5
+    tasks: dict[int, BroadcastTask] = attrs.field(factory=dict)
+
+    # --- supervisor ---------------------------------------------------------------------------
+
+    async def reconcile(self, nursery: trio.Nursery) -> None:
+        """Start a task for every running broadcast; stop or cancel tasks whose broadcast changed."""
+        current = await self.app.db.run(bdb.statuses, list(self.tasks))
+        stopping = self.app.lifecycle.stopping.is_set()
+        for broadcast_id, status in current.items():
+            task = self.tasks.get(broadcast_id)
+            if task is None:
+                if status == "running" and not stopping:
+                    task = self.tasks[broadcast_id] = BroadcastTask(broadcast_id)
+                    nursery.start_soon(self._run_task, task, name=f"broadcast-{broadcast_id}")
+            elif status == "cancelled":
+                task.cancel_scope.cancel()
+            elif status != "running":
+                task.stop.set()
+
+    async def _run_task(self, task: BroadcastTask) -> None:
+        log.info("event=broadcast_started id=%d", task.broadcast_id)
+        try:
+            with task.cancel_scope:
+                await self._deliver(task)
+        finally:
+            self.tasks.pop(task.broadcast_id, None)
+            task.finished.set()
+        if not self.app.lifecycle.stopping.is_set():
+            with trio.move_on_after(FINAL_MESSAGE_TIMEOUT):
+                await self._show_final_state(task)
+
+    # --- one broadcast ------------------------------------------------------------------------
+
+    async def _deliver(self, task: BroadcastTask) -> None:
+        broadcast = await self.app.db.run(bdb.get_broadcast, task.broadcast_id)
+        if broadcast is None or broadcast.status != "running":
+            return
+        counts = await self.app.db.run(bdb.counts, broadcast.id)
+        task.progress = Progress(counts, trio.current_time(), counts.processed)
+        lang = await self._admin_language(broadcast)
+        markup = _markup(broadcast)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._report_progress, task, broadcast, lang)
+            while not self._stopped(task):
+                handed_out = await self._one_pass(task, broadcast, markup)
+                if handed_out == 0:
+                    break
+            nursery.cancel_scope.cancel()
+        if self._stopped(task):
+            log.info("event=broadcast_stopped id=%d pending=%d", broadcast.id, task.progress.counts.pending)
+            return
+        done = await self.app.db.run(bdb.finish_if_complete, broadcast.id)
+        if done is not None:
+            log.info("event=broadcast_done id=%d", broadcast.id)
+
+    def _stopped(self, task: BroadcastTask) -> bool:
+        return task.stop.is_set() or self.app.lifecycle.stopping.is_set()
+
+    async def _one_pass(self, task: BroadcastTask, broadcast: Broadcast, markup: Any) -> int:
+        """Hand every pending recipient (user id order) to the workers; return how many were handed out."""
+        send_channel, receive_channel = trio.open_memory_channel[int](0)
+        handed_out = 0
+        async with trio.open_nursery() as workers:
+            for _ in range(self.max_in_flight):
+                workers.start_soon(self._worker, task, broadcast, markup, receive_channel.clone())
+            await receive_channel.aclose()
+            async with send_channel:
+                after = 0
+                while not self._stopped(task):
+                    batch = await self.app.db.run(bdb.next_pending, broadcast.id, after, BATCH_SIZE)
+                    if not batch:
+                        break
+                    for user_id in batch:
+                        if self._stopped(task):
+                            break
+                        await send_channel.send(user_id)
+                        handed_out += 1
+                    after = batch[-1]
+        return handed_out
+
+    async def _worker(
+        self, task: BroadcastTask, broadcast: Broadcast, markup: Any, receive: trio.MemoryReceiveChannel[int]
+    ) -> None:
+        async with receive:
+            async for user_id in receive:
+                outcome = await self._deliver_one(broadcast, markup, user_id)
+                if outcome != "not_pending" and task.progress is not None:
+                    task.progress.record(outcome)
+                self.app.metrics.broadcast_sent.labels(outcome).inc()
+
+    async def _deliver_one(self, broadcast: Broadcast, markup: Any, user_id: int) -> str:
+        db = self.app.db
+        eligibility = await db.run(bdb.skip_if_ineligible, broadcast.id, user_id, broadcast.target)
+        if eligibility != "send":
+            return eligibility
+        bot = self.sender.bot
+        paid = True if self.app.config.broadcast.paid else None
+
+        async def send() -> telegram.Message:
+            return await bot.send_message(
+                user_id, broadcast.text, parse_mode="HTML", reply_markup=markup, allow_paid_broadcast=paid
+            )
+
+        try:
+            message = await self.sender.call(user_id, send, priority=Priority.BULK)
+        except ChatUnreachable as exc:
+            await db.run(bdb.mark_failed, broadcast.id, user_id, f"unreachable: {exc}", unreachable=True)
+            return "failed"
+        except ChatNotFound as exc:
+            await db.run(bdb.mark_failed, broadcast.id, user_id, f"chat not found: {exc}", unreachable=True)
+            return "failed"
+        except SendFailed as exc:
+            await db.run(bdb.mark_failed, broadcast.id, user_id, str(exc))
+            return "failed"
+        except TelegramError as exc:  # e.g. a BadRequest for this one chat: record it and go on
+            await db.run(bdb.mark_failed, broadcast.id, user_id, describe_telegram_error(exc))
+            return "failed"
+        await db.run(bdb.mark_sent, broadcast.id, user_id, message.message_id)
+        return "sent"
+
+    # --- the admin's progress message ---------------------------------------------------------
+
+    async def _admin_language(self, broadcast: Broadcast) -> str:
+        user = await self.app.db.run(get_user, broadcast.created_by)
+        return user.language if user is not None else self.app.config.telegram.default_language
+
+    async def _report_progress(self, task: BroadcastTask, broadcast: Broadcast, lang: str) -> None:
+        interval = self.app.config.broadcast.progress_interval
+        next_at = trio.current_time()
+        while True:
+            next_at += interval
+            await trio.sleep_until(next_at)
+            if next_at < trio.current_time():
+                next_at = trio.current_time()
+            progress = task.progress
+            if progress is None or broadcast.progress_chat_id is None or broadcast.progress_message_id is None:
+                continue
+            t = self._t(lang)
+            rate = progress.rate(trio.current_time())
+            text = views.progress_text(t, broadcast, "running", progress.counts, rate)
+            await self._edit_progress(broadcast, text, views.progress_keyboard(t, broadcast.id, "running"))
+
+    async def _show_final_state(self, task: BroadcastTask) -> None:
+        """After the task ends (paused, cancelled, done): the progress message shows the final state."""
+        broadcast = await self.app.db.run(bdb.get_broadcast, task.broadcast_id)
+        if broadcast is None or broadcast.progress_chat_id is None:
+            return
+        counts = await self.app.db.run(bdb.counts, broadcast.id)
+        lang = await self._admin_language(broadcast)
+        t = self._t(lang)
+        text = views.progress_text(t, broadcast, broadcast.status, counts, None)
+        await self._edit_progress(broadcast, text, views.progress_keyboard(t, broadcast.id, broadcast.status))
+        if broadcast.status in ("done", "cancelled"):
+            seconds = None
+            if broadcast.finished_at is not None:
+                seconds = (broadcast.finished_at - broadcast.created_at).total_seconds()
+            summary = views.summary_text(t, broadcast, broadcast.status, counts, seconds)
+            try:
+                await self.sender.send_message(broadcast.progress_chat_id, summary)
+            except (TelegramError, ChatUnreachable, ChatNotFound, SendFailed) as exc:
+                log.warning("event=broadcast_summary_failed id=%d error=%s", broadcast.id, type(exc).__name__)
+
+    async def _edit_progress(self, broadcast: Broadcast, text: str, keyboard: Any) -> None:
+        if broadcast.progress_chat_id is None or broadcast.progress_message_id is None:
+            return
+        markup = telegram.InlineKeyboardMarkup.de_json(keyboard, None) if keyboard else None
+        try:
+            await self.sender.edit_text(
+                broadcast.progress_chat_id, broadcast.progress_message_id, text, reply_markup=markup
+            )
+        except (TelegramError, ChatUnreachable, ChatNotFound, SendFailed) as exc:
+            log.info("event=broadcast_progress_edit_failed id=%d error=%s", broadcast.id, type(exc).__name__)
+
+    def _t(self, lang: str) -> views.T:
+        def t(key: str, **values: object) -> str:
+            return self.texts.get(lang, key, **values)
+
+        return t
+
+
+def _markup(broadcast: Broadcast) -> telegram.InlineKeyboardMarkup | None:
+    if not broadcast.button_text or not broadcast.button_url:
+        return None
+    return telegram.InlineKeyboardMarkup(
+        [[telegram.InlineKeyboardButton(broadcast.button_text, url=broadcast.button_url)]]
+    )
+
+
+async def run_broadcasts(
+    app: App,
+    sender: Sender,
+    *,
+    texts: Texts | None = None,
+    max_in_flight: int = MAX_IN_FLIGHT,
+    poll_interval: float = 0.5,
+    task_status: trio.TaskStatus[Broadcasts] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run every running broadcast until shutdown; `task_status.started(broadcasts)` once resumed.
+
+    On `app.lifecycle.stopping` no new broadcast starts and the running ones stop feeding, finish
+    the sends in flight and return (their status stays "running": the next start resumes them).
+    """
+    broadcasts = Broadcasts(
+        app,
+        sender,
+        texts or Texts.load(),
+        broadcasts_changed(app) or Nudge(),
+        max_in_flight=max_in_flight,
+        poll_interval=poll_interval,
+    )
+    async with trio.open_nursery() as nursery:
+        await broadcasts.reconcile(nursery)
+        if broadcasts.tasks:
+            log.info("event=broadcasts_resumed ids=%s", ",".join(map(str, sorted(broadcasts.tasks))))
+        task_status.started(broadcasts)
+        while not app.lifecycle.stopping.is_set():
+            await broadcasts.changed.wait(poll_interval)
+            if not app.lifecycle.stopping.is_set():
+                await broadcasts.reconcile(nursery)
+        for task in list(broadcasts.tasks.values()):
+            task.stop.set()
+    log.info("event=broadcasts_stopped")

@@ -1,0 +1,324 @@
+"""Admin screens as pure functions: texts and keyboards from values (no I/O).
+
+`t` is a text lookup `t(key, **values)` (a `Turn.t`, or `Texts.get` bound to a language).
+Admin callback data all start with the verb ``adm`` (see `vpnd.telegram.admin`):
+
+    adm                    the admin menu             adm:st / adm:hl        stats / health
+    adm:fu                 find a user                adm:u:<uid>            a user's card
+    adm:g:<uid>            grant days (asks N)        adm:gc:<uid>:<n>:<notify>:<nonce>   confirm grant
+    adm:rv:<uid>           revoke (asks)              adm:rvc:<uid>:<nonce>  confirm revoke
+    adm:rk:<uid>           reissue (asks)             adm:rkc:<uid>:<nonce>  confirm reissue
+    adm:bal:<uid>          balance (asks amount)      adm:balc:<uid>:<delta>:<nonce>      confirm balance
+    adm:ar:<uid>:<on|off>  auto-renew                 adm:x                  cancel a pending action
+    adm:pr / adm:pn        promo list / new code      adm:pd:<code>          disable a code
+    adm:ex:<users|payments> CSV export                adm:bc                 compose a broadcast
+    adm:bn                 no URL button              adm:bs:<segment>[:<days>]           choose the segment
+    adm:bgo:<nonce>        start the broadcast        adm:bl                 list broadcasts
+    adm:bp|br|bx:<id>      pause / resume / cancel
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+from vpnd.db.admin import HealthFacts, RevenueRow, Stats, UserDetails
+from vpnd.db.broadcasts import Broadcast, Counts, Segment
+from vpnd.db.promo import PromoCode
+from vpnd.health import CheckResult
+from vpnd.pricing import format_money
+from vpnd.telegram import keyboards as kb
+from vpnd.telegram.texts import Html
+
+T = Callable[..., str]
+
+VERB = "adm"
+
+
+def data(*parts: object) -> str:
+    """Admin callback data: ``adm:part:part`` (≤ 64 bytes, checked by `kb.button`)."""
+    return ":".join([VERB, *(str(p) for p in parts)])
+
+
+def esc(text: object) -> str:
+    return html.escape(str(text), quote=False)
+
+
+def fmt_time(when: dt.datetime | None, never: str = "—") -> str:
+    return never if when is None else when.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def fmt_duration(seconds: float) -> str:
+    """3725 → "1h 2m", 95 → "1m 35s", 7 → "7s"."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "—"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+# --- menu -------------------------------------------------------------------------------------
+
+
+def menu_keyboard(t: T) -> kb.Keyboard:
+    return kb.keyboard(
+        [kb.button(t("admin.menu.stats"), data("st")), kb.button(t("admin.menu.health"), data("hl"))],
+        [kb.button(t("admin.menu.user"), data("fu")), kb.button(t("admin.menu.promo"), data("pr"))],
+        [kb.button(t("admin.menu.broadcast"), data("bc")), kb.button(t("admin.menu.broadcasts"), data("bl"))],
+        [
+            kb.button(t("admin.menu.export_users"), data("ex", "users")),
+            kb.button(t("admin.menu.export_payments"), data("ex", "payments")),
+        ],
+    )
+
+
+def back_keyboard(t: T) -> kb.Keyboard:
+    return kb.keyboard([kb.button(t("admin.back"), VERB)])
+
+
+def confirm_keyboard(t: T, confirm_data: str, confirm_label: str | None = None) -> kb.Keyboard:
+    return kb.keyboard(
+        [kb.button(confirm_label or t("admin.confirm"), confirm_data), kb.button(t("admin.cancel"), data("x"))]
+    )
+
+
+# --- stats ------------------------------------------------------------------------------------
+
+
+def _revenue_lines(t: T, rows: Sequence[RevenueRow]) -> str:
+    if not rows:
+        return t("admin.none")
+    return "\n".join(f"{esc(r.key)}: {esc(format_money(r.amount_minor, r.currency))} ({r.payments})" for r in rows)
+
+
+def stats_text(t: T, s: Stats) -> str:
+    return t(
+        "admin.stats",
+        total=s.users_total,
+        today=s.users_today,
+        week=s.users_7d,
+        reachable=s.reachable,
+        unreachable=s.unreachable,
+        paid=s.active_paid,
+        trials=s.active_trials,
+        converted=s.trials_converted,
+        trials_total=s.trials_total,
+        conversion=f"{s.conversion_percent:.1f}",
+        by_day=Html(_revenue_lines(t, s.revenue_by_day)),
+        by_plan=Html(_revenue_lines(t, s.revenue_by_plan)),
+        by_method=Html(_revenue_lines(t, s.revenue_by_method)),
+    )
+
+
+# --- user -------------------------------------------------------------------------------------
+
+
+def user_text(t: T, d: UserDetails, currency: str) -> str:
+    sub = d.subscription
+    if sub is None:
+        subscription = t("admin.user.sub_none")
+    else:
+        status = sub.status if sub.status != "active" or sub.expires_at > d.now else "expired"
+        subscription = t(
+            "admin.user.sub",
+            kind=sub.kind,
+            status=status,
+            expires=fmt_time(sub.expires_at),
+            auto_renew=t("admin.on" if sub.auto_renew else "admin.off"),
+        )
+    payments = "\n".join(
+        f"#{p.id} {esc(fmt_time(p.created_at))} · {esc(format_money(p.amount_minor, p.currency))} · "
+        f"{esc(p.provider)} · {esc(p.outcome)}"
+        for p in d.payments
+    ) or t("admin.none")
+    return t(
+        "admin.user.details",
+        id=d.user.id,
+        username=f"@{d.user.username}" if d.user.username else "",
+        name=d.user.first_name,
+        lang=d.user.language,
+        joined=fmt_time(d.created_at),
+        reachable=t("admin.user.reachable" if d.user.reachable else "admin.user.unreachable"),
+        balance=format_money(d.user.balance_minor, currency),
+        invited=d.referrals.invited,
+        earned=format_money(d.referrals.earned_minor, currency),
+        subscription=Html(subscription),
+        trial=fmt_time(d.trial_ends_at, t("admin.never")),
+        payments=Html(payments),
+    )
+
+
+def user_keyboard(t: T, d: UserDetails) -> kb.Keyboard:
+    uid = d.user.id
+    rows: list[list[kb.Button]] = [
+        [kb.button(t("admin.user.grant"), data("g", uid)), kb.button(t("admin.user.balance"), data("bal", uid))]
+    ]
+    if d.subscription is not None:
+        auto = d.subscription.auto_renew
+        rows.append(
+            [kb.button(t("admin.user.revoke"), data("rv", uid)), kb.button(t("admin.user.reissue"), data("rk", uid))]
+        )
+        rows.append(
+            [
+                kb.button(
+                    t("admin.user.auto_renew", state=t("admin.on" if auto else "admin.off")),
+                    data("ar", uid, "off" if auto else "on"),
+                )
+            ]
+        )
+    rows.append([kb.button(t("admin.back"), VERB)])
+    return kb.keyboard(*rows)
+
+
+# --- promo ------------------------------------------------------------------------------------
+
+
+def promo_text(t: T, promos: Sequence[PromoCode]) -> str:
+    if not promos:
+        return t("admin.promo.none")
+    lines = [
+        t(
+            "admin.promo.line",
+            code=p.code,
+            percent=p.percent,
+            used=p.used_count,
+            max=t("admin.unlimited") if p.max_uses is None else p.max_uses,
+            expires=fmt_time(p.expires_at, t("admin.never")),
+            state=t("admin.promo.active" if p.active else "admin.promo.disabled"),
+        )
+        for p in promos
+    ]
+    return t("admin.promo.list", codes=Html("\n".join(lines)))
+
+
+def promo_keyboard(t: T, promos: Iterable[PromoCode]) -> kb.Keyboard:
+    disable = [[kb.button(t("admin.promo.disable", code=p.code), data("pd", p.code))] for p in promos if p.active]
+    return kb.keyboard([kb.button(t("admin.promo.create"), data("pn"))], *disable, [kb.button(t("admin.back"), VERB)])
+
+
+# --- health -----------------------------------------------------------------------------------
+
+
+def health_text(t: T, checks: dict[str, CheckResult], facts: HealthFacts) -> str:
+    lines = "\n".join(
+        t("admin.health.line", mark="✅" if r.ok else "❌", name=name, detail=r.detail)
+        for name, r in sorted(checks.items())
+    )
+    lag = facts.xray_lag_seconds
+    return t(
+        "admin.health",
+        checks=Html(lines or t("admin.none")),
+        xray=t("admin.health.never") if lag is None else fmt_duration(lag),
+        outbox=facts.outbox_pending,
+        outbox_age=fmt_duration(facts.outbox_age_seconds),
+        running=facts.running_broadcasts,
+        paused=facts.paused_broadcasts,
+    )
+
+
+# --- broadcasts -------------------------------------------------------------------------------
+
+
+def segment_label(t: T, segment: Segment) -> str:
+    return t(f"admin.segment.{segment.name}", days=segment.days or 0)
+
+
+def segment_keyboard(t: T) -> kb.Keyboard:
+    def seg(name: str, *args: object) -> kb.Button:
+        label = t(f"admin.segment.{name}", days=args[0] if args else 0)
+        return kb.button(label, data("bs", name, *args))
+
+    return kb.keyboard(
+        [seg("all")],
+        [seg("active"), seg("trial")],
+        [seg("nosub")],
+        [seg("expiring", 1), seg("expiring", 3), seg("expiring", 7)],
+        [kb.button(t("admin.cancel"), data("x"))],
+    )
+
+
+def status_label(t: T, status: str) -> str:
+    return t(f"admin.bc.status.{status}")
+
+
+def progress_keyboard(t: T, broadcast_id: int, status: str) -> kb.Keyboard | None:
+    if status == "running":
+        return kb.keyboard(
+            [
+                kb.button(t("admin.bc.pause"), data("bp", broadcast_id)),
+                kb.button(t("admin.bc.cancel"), data("bx", broadcast_id)),
+            ]
+        )
+    if status == "paused":
+        return kb.keyboard(
+            [
+                kb.button(t("admin.bc.resume"), data("br", broadcast_id)),
+                kb.button(t("admin.bc.cancel"), data("bx", broadcast_id)),
+            ]
+        )
+    return None
+
+
+def progress_text(t: T, b: Broadcast, status: str, counts: Counts, rate: float | None) -> str:
+    """The admin's progress message: counts, rate (recipients per second) and ETA."""
+    eta = counts.pending / rate if rate and rate > 0 and status == "running" else math.inf
+    return t(
+        "admin.bc.progress",
+        id=b.id,
+        status=status_label(t, status),
+        segment=segment_label(t, b.target),
+        sent=counts.sent,
+        failed=counts.failed,
+        skipped=counts.skipped,
+        pending=counts.pending,
+        total=counts.total,
+        rate="—" if rate is None else f"{rate:.1f}",
+        eta=fmt_duration(eta),
+    )
+
+
+def summary_text(t: T, b: Broadcast, status: str, counts: Counts, seconds: float | None) -> str:
+    return t(
+        "admin.bc.summary",
+        id=b.id,
+        status=status_label(t, status),
+        sent=counts.sent,
+        failed=counts.failed,
+        skipped=counts.skipped,
+        total=counts.total,
+        duration=fmt_duration(seconds if seconds is not None else math.inf),
+    )
+
+
+def broadcasts_text(t: T, items: Sequence[Broadcast]) -> str:
+    if not items:
+        return t("admin.bc.none")
+    lines = [
+        t(
+            "admin.bc.list_item",
+            id=b.id,
+            status=status_label(t, b.status),
+            segment=segment_label(t, b.target),
+            total=b.total,
+            created=fmt_time(b.created_at),
+        )
+        for b in items
+    ]
+    return t("admin.bc.list", items=Html("\n".join(lines)))
+
+
+def broadcasts_keyboard(t: T, items: Sequence[Broadcast]) -> kb.Keyboard:
+    rows: list[list[kb.Button]] = []
+    for b in items:
+        markup = progress_keyboard(t, b.id, b.status)
+        if markup is not None:
+            rows.append([{**button, "text": f"#{b.id} {button['text']}"} for button in markup["inline_keyboard"][0]])
+    rows.append([kb.button(t("admin.back"), VERB)])
+    return kb.keyboard(*rows)
