@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import psycopg
@@ -26,6 +26,9 @@ from vpnd.lifecycle import Lifecycle
 from vpnd.metrics import Metrics
 from vpnd.nudge import Nudge
 
+if TYPE_CHECKING:
+    from vpnd.nurseries.xray import XrayStatus
+
 log = logging.getLogger("vpnd.app")
 
 
@@ -40,6 +43,8 @@ class App:
     instance_lock: InstanceLock | None = None
     #: The bot's @username, known after getMe (links such as t.me/<bot>?start=ref_...).
     bot_username: str = ""
+    #: The Xray writer's state (sync lag, pending operations), once it started.
+    xray_status: XrayStatus | None = None
     #: Where the HTTP server listens, once it does (e.g. "http://127.0.0.1:8080").
     http_url: str = ""
     #: Nudged after a commit that changes who may connect; the Xray writer re-reads the database.

@@ -15,15 +15,22 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 
 from vpnd.app import App, open_app
 from vpnd.config import Config
+from vpnd.cryptopay import CryptoPayClient, open_cryptopay_client
 from vpnd.logs import quote
 from vpnd.nurseries.http import build_router, run_http
 from vpnd.nurseries.telegram import run_telegram
+from vpnd.nurseries.xray import run_xray
+from vpnd.payments.watcher import run_payment_watcher
+from vpnd.payments.webhook import add_payment_routes
 from vpnd.sdnotify import Notifier, watchdog_interval
+from vpnd.subscription_url import add_subscription_routes
 from vpnd.telegram.client import Sender, open_bot
 from vpnd.telegram.ratelimit import OutboundLimiter
 from vpnd.telegram.router import default_routes, make_apology, make_update_handler
@@ -65,17 +72,22 @@ async def serve_app(
     `app.lifecycle.request_stop(...)`.
     """
     notifier = notifier or Notifier(None)
-    async with open_bot(app.config.telegram) as bot:
-        sender = Sender(
-            bot,
-            OutboundLimiter(app.config.telegram.rate_per_second, app.config.telegram.per_chat_per_second),
-            app.metrics,
-        )
-        ctx = BotContext(app, bot, sender, Texts.load())
+    config = app.config
+    async with open_bot(config.telegram) as bot, _open_cryptopay(app) as cryptopay:
+        limiter = OutboundLimiter(config.telegram.rate_per_second, config.telegram.per_chat_per_second)
+        sender = Sender(bot, limiter, app.metrics)
+        ctx = BotContext(app, bot, sender, Texts.load(), cryptopay)
         async with trio.open_nursery() as root:
             router = build_router(app)
+            add_subscription_routes(router, app)
+            if cryptopay is not None:
+                add_payment_routes(router, app, config.cryptopay.token)
             await notifier.notify("STATUS=starting: services")
-            # Dependency order: what others need first; HTTP last, since it serves their routes.
+            # Dependency order: the owners of derived state first, then the sources of work
+            # (updates), HTTP last since it serves everyone's routes.
+            app.xray_status = await root.start(run_xray, app)
+            if cryptopay is not None:
+                await root.start(run_payment_watcher, app, cryptopay)
             await root.start(run_telegram, app, bot, make_update_handler(ctx, default_routes()), make_apology(ctx))
             url = app.http_url = await root.start(run_http, app, router)
             root.start_soon(_watchdog, app, notifier)
@@ -85,7 +97,7 @@ async def serve_app(
             task_status.started(app)
 
             await app.lifecycle.stopping.wait()
-            grace = app.config.shutdown.grace_seconds
+            grace = config.shutdown.grace_seconds
             await notifier.notify("STOPPING=1", f"STATUS=stopping ({app.lifecycle.reason}), grace {grace:g}s")
             log.info("event=stopping reason=%s grace_seconds=%g", app.lifecycle.reason, grace)
             root.cancel_scope.deadline = trio.current_time() + grace
@@ -94,15 +106,39 @@ async def serve_app(
     log.info("event=stopped")
 
 
-async def _wait_until_ready(app: App, notifier: Notifier) -> None:
-    """READY=1 means /readyz answers 200: wait for every readiness check to pass.
+@asynccontextmanager
+async def _open_cryptopay(app: App) -> AsyncIterator[CryptoPayClient | None]:
+    if not app.config.cryptopay.enabled:
+        yield None
+        return
+    async with open_cryptopay_client(app.config.cryptopay.token, app.config.cryptopay.api_base_url) as client:
+        yield client
 
-    systemd's TimeoutStartSec bounds this wait; a check that keeps failing is logged every round.
+
+#: Checks without which vpnd cannot do its job at all: READY=1 waits for them (systemd's
+#: TimeoutStartSec bounds the wait). Other checks get STARTUP_PATIENCE seconds, then vpnd serves
+#: degraded (and /readyz says why) rather than never starting because, say, Xray is down.
+CRITICAL_CHECKS = {"database", "telegram"}
+STARTUP_PATIENCE = 20.0
+
+
+async def _wait_until_ready(app: App, notifier: Notifier) -> None:
+    """READY=1 means /readyz answers 200: wait for the readiness checks to pass.
+
+    A check that keeps failing is logged every round.
     """
+    patience_until = trio.current_time() + STARTUP_PATIENCE
     while True:
         results = await app.health.readiness()
         failing = {name: r.detail for name, r in results.items() if not r.ok}
         if not failing:
+            return
+        if not (set(failing) & CRITICAL_CHECKS) and trio.current_time() > patience_until:
+            # What is left is degraded, not broken (e.g. Xray's API is down): the bot, payments and
+            # the database work, and the failing part retries on its own. Say so and serve.
+            detail = "; ".join(f"{name}: {text}" for name, text in sorted(failing.items()))
+            log.error("event=ready_degraded failing=%s", quote(detail))
+            await notifier.notify(f"STATUS=degraded: {', '.join(sorted(failing))}")
             return
         detail = "; ".join(f"{name}: {text}" for name, text in sorted(failing.items()))
         log.warning("event=not_ready_yet failing=%s", quote(detail))

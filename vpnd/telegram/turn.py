@@ -14,6 +14,7 @@ import attrs
 import telegram
 
 from vpnd.app import App
+from vpnd.cryptopay import CryptoPayClient
 from vpnd.db.users import User
 from vpnd.telegram.client import Sender, TrioBot
 from vpnd.telegram.keyboards import Keyboard
@@ -26,6 +27,8 @@ class BotContext:
     bot: TrioBot
     sender: Sender
     texts: Texts
+    #: The Crypto Pay client when `[cryptopay] enabled`, else None (the method is not offered).
+    cryptopay: CryptoPayClient | None = None
 
 
 @attrs.define(eq=False)
