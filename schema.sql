@@ -46,6 +46,9 @@ CREATE TABLE subscriptions (
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX subscriptions_active_expiry_idx ON subscriptions (expires_at, user_id) WHERE status = 'active';
+-- The Xray writer streams the desired set ordered by its client email ("u<user_id>", byte order).
+CREATE INDEX subscriptions_xray_email_idx ON subscriptions ((('u' || user_id::text) COLLATE "C"))
+    WHERE status = 'active';
 
 -- A trial is granted once per user, ever: the primary key is the guarantee.
 CREATE TABLE trials (
@@ -157,6 +160,8 @@ CREATE TABLE purchases (
 );
 CREATE INDEX purchases_pending_idx ON purchases (id) WHERE status = 'pending';
 CREATE INDEX purchases_user_idx ON purchases (user_id, created_at);
+-- The payment watcher re-checks invoices of purchases expired early (a newer purchase replaced them).
+CREATE INDEX purchases_expired_invoice_idx ON purchases (expires_at) WHERE status = 'expired' AND invoice_id IS NOT NULL;
 
 -- Money received. The unique provider id makes finalize idempotent across webhook and watcher.
 CREATE TABLE payments (

@@ -81,6 +81,12 @@ CASES = [
         '[[plans]][1].code: duplicate plan code "a"',
     ),
     ("[cryptopay]\nenabled = true\n", "[cryptopay].token: required when [cryptopay].enabled = true"),
+    ("[xray]\nenabled = true\n", "[xray].public_key: REALITY public key must be 43 characters"),
+    (
+        '[xray]\nenabled = true\npublic_key = "Z84J2IelR9ch3k8VtlVhhs5ycBUlXA7wHBWcBrjqnAw"\nshort_id = "zz"\n',
+        "[xray].short_id: REALITY short id must be hex digits",
+    ),
+    ('[xray]\napi_prefix = "v3."\n', '[xray].api_prefix: expected one of "xray.", "v2ray.core.", got "v3."'),
 ]
 
 

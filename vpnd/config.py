@@ -585,10 +585,31 @@ def _check_whole(name: str, config: Config) -> None:
         )
     if config.payments.topup_min > config.payments.topup_max:
         raise ConfigError(name, "[payments].topup_min", "expected at most [payments].topup_max")
+    if config.xray.enabled:
+        _check_link_settings(name, config.xray)
     if config.cryptopay.enabled and not config.cryptopay.token:
         raise ConfigError(
             name, "[cryptopay].token", "required when [cryptopay].enabled = true (or VPND_CRYPTOPAY_TOKEN)"
         )
+
+
+def _check_link_settings(name: str, xray: XrayConfig) -> None:
+    """With Xray enabled, every value that goes into users' links must be valid at load time."""
+    from vpnd.xray import links
+
+    checks: list[tuple[str, Callable[[Any], object], object]] = [
+        ("public_key", links.validate_reality_public_key, xray.public_key),
+        ("short_id", links.validate_short_id, xray.short_id),
+        ("host", links.validate_host, xray.host),
+        ("sni", links.validate_hostname, xray.sni),
+        ("fingerprint", links.validate_fingerprint, xray.fingerprint),
+        ("flow", links.validate_flow, xray.flow),
+    ]
+    for key, validate, value in checks:
+        try:
+            validate(value)
+        except ValueError as exc:
+            raise ConfigError(name, f"[xray].{key}", str(exc)) from None
 
 
 def require_runtime_secrets(config: Config) -> None:
