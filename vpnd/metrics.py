@@ -39,6 +39,11 @@ class Metrics:
     xray_pending: Gauge = attrs.field(init=False)
     xray_lag: Gauge = attrs.field(init=False)
     broadcast_sent: Counter = attrs.field(init=False)
+    outbox_backlog: Gauge = attrs.field(init=False)
+    outbox_oldest_seconds: Gauge = attrs.field(init=False)
+    auto_renewals: Counter = attrs.field(init=False)
+    health_check_ok: Gauge = attrs.field(init=False)
+    disk_free_bytes: Gauge = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -59,4 +64,13 @@ class Metrics:
         self.xray_pending = Gauge("vpnd_xray_pending_ops", "Xray operations not yet applied", ["op"], registry=r)
         self.xray_lag = Gauge("vpnd_xray_seconds_since_sync", "Seconds since Xray was last in sync", registry=r)
         self.broadcast_sent = Counter("vpnd_broadcast_messages", "Broadcast messages by result", ["result"], registry=r)
+        self.outbox_backlog = Gauge("vpnd_outbox_backlog", "Outbox messages due and not yet sent", registry=r)
+        self.outbox_oldest_seconds = Gauge(
+            "vpnd_outbox_oldest_seconds", "Seconds the oldest due outbox message has waited", registry=r
+        )
+        self.auto_renewals = Counter("vpnd_auto_renewals", "Auto-renewal decisions by outcome", ["outcome"], registry=r)
+        self.health_check_ok = Gauge("vpnd_health_check_ok", "1 when the health check passes", ["check"], registry=r)
+        self.disk_free_bytes = Gauge(
+            "vpnd_disk_free_bytes", "Free bytes on the filesystem of the Xray config directory", registry=r
+        )
         r.register(_PoolCollector(self.db))

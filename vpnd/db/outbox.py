@@ -11,8 +11,12 @@ import datetime as dt
 import json
 from typing import Any
 
+import attrs
 import psycopg
+from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
+
+from vpnd.db.users import mark_unreachable
 
 
 def enqueue(
@@ -40,3 +44,127 @@ def enqueue(
 
 def payload_json(payload: dict[str, Any]) -> str:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+# --- the sender's side: due rows, outcomes, backlog, retention ----------------------------------
+
+
+@attrs.frozen
+class OutboxRow:
+    id: int
+    chat_id: int
+    method: str
+    payload: dict[str, Any]
+    not_before: dt.datetime
+    attempts: int
+
+    @property
+    def key(self) -> tuple[dt.datetime, int]:
+        """The keyset position of this row in the due order."""
+        return (self.not_before, self.id)
+
+
+#: The beginning of the due order (before any real row).
+START_KEY: tuple[dt.datetime, int] = (dt.datetime(1970, 1, 1, tzinfo=dt.UTC), 0)
+
+DUE_BATCH = """
+SELECT id, chat_id, method, payload, not_before, attempts FROM outbox
+WHERE status = 'pending' AND not_before <= now() AND (not_before, id) > (%s, %s)
+ORDER BY not_before, id
+LIMIT %s
+"""
+
+
+def due_batch(conn: psycopg.Connection[Any], after: tuple[dt.datetime, int], limit: int) -> list[OutboxRow]:
+    """Pending rows that are due, in delivery order `(not_before, id)`, after the keyset position `after`.
+
+    One sender task owns delivery (the instance lock guarantees one daemon), so reading is claiming:
+    a row stays `pending` until its outcome is recorded right after Telegram answered.
+    """
+    with conn.cursor(row_factory=class_row(OutboxRow)) as cur:
+        return cur.execute(DUE_BATCH, (*after, limit)).fetchall()
+
+
+def mark_sent(conn: psycopg.Connection[Any], row_id: int) -> bool:
+    cur = conn.execute(
+        "UPDATE outbox SET status = 'sent', sent_at = now(), attempts = attempts + 1, last_error = NULL "
+        "WHERE id = %s AND status = 'pending'",
+        (row_id,),
+    )
+    return cur.rowcount == 1
+
+
+def mark_dropped(conn: psycopg.Connection[Any], row_id: int, error: str) -> bool:
+    """Give up on a row that can never be delivered (chat not found, user unreachable)."""
+    cur = conn.execute(
+        "UPDATE outbox SET status = 'dropped', attempts = attempts + 1, last_error = %s "
+        "WHERE id = %s AND status = 'pending'",
+        (error[:500], row_id),
+    )
+    return cur.rowcount == 1
+
+
+def drop_unreachable(conn: psycopg.Connection[Any], row_id: int, chat_id: int, error: str) -> bool:
+    """403: the user blocked the bot (or is gone). Mark them unreachable and drop the row, together."""
+    mark_unreachable(conn, chat_id)
+    return mark_dropped(conn, row_id, error)
+
+
+def mark_failed(conn: psycopg.Connection[Any], row_id: int, error: str) -> bool:
+    """Give up visibly: the row stays in the table as `failed` with its last error."""
+    cur = conn.execute(
+        "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = %s "
+        "WHERE id = %s AND status = 'pending'",
+        (error[:500], row_id),
+    )
+    return cur.rowcount == 1
+
+
+def reschedule(conn: psycopg.Connection[Any], row_id: int, delay_seconds: float, error: str) -> bool:
+    """A transient failure: try again after `delay_seconds` (the row keeps its place among equals)."""
+    cur = conn.execute(
+        "UPDATE outbox SET attempts = attempts + 1, last_error = %s, "
+        "not_before = now() + %s * interval '1 second' WHERE id = %s AND status = 'pending'",
+        (error[:500], delay_seconds, row_id),
+    )
+    return cur.rowcount == 1
+
+
+@attrs.frozen
+class Backlog:
+    #: Pending rows that are due now (counted up to `BACKLOG_COUNT_CAP`).
+    due: int
+    #: When the oldest due row became due (None: nothing is due).
+    oldest_due: dt.datetime | None
+    #: The database's clock when this was read.
+    now: dt.datetime
+
+    @property
+    def oldest_age_seconds(self) -> float:
+        return 0.0 if self.oldest_due is None else max(0.0, (self.now - self.oldest_due).total_seconds())
+
+
+#: Counting a huge backlog exactly is not worth a long scan; past this we say "at least".
+BACKLOG_COUNT_CAP = 100_000
+
+
+def backlog(conn: psycopg.Connection[Any]) -> Backlog:
+    """How many rows are due and how long the oldest has waited (bounded scan of the due index)."""
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox WHERE status = 'pending' AND not_before <= now() "
+        "LIMIT %s) AS due), "
+        "(SELECT min(not_before) FROM outbox WHERE status = 'pending' AND not_before <= now()), now()",
+        (BACKLOG_COUNT_CAP,),
+    ).fetchone()
+    assert row is not None
+    return Backlog(int(row[0]), row[1], row[2])
+
+
+def delete_finished_before(conn: psycopg.Connection[Any], days: int, limit: int) -> int:
+    """Housekeeping: delete sent/dropped/failed rows created more than `days` ago, at most `limit`."""
+    cur = conn.execute(
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE status <> 'pending' "
+        "AND created_at < now() - %s * interval '1 day' ORDER BY id LIMIT %s)",
+        (days, limit),
+    )
+    return cur.rowcount

@@ -1,0 +1,100 @@
+"""Expiry: active subscriptions past `expires_at` become `expired`, and the user is told.
+
+The change is ONE statement that re-checks `status` and `expires_at` on the row it updates, so a
+renewal that commits first wins (PostgreSQL re-evaluates the condition on the newest row version
+after waiting for the renewal's lock). A subscription whose auto-renewal is still owed is left for
+the renewal worker (`renewal.RENEWAL_PENDING`). After each batch commits, the Xray writer is nudged
+(it re-reads who may connect) and the outbox sender wakes for the "expired" messages.
+
+An expired trial gets the trial worker's "trial ended" message under the same dedupe key, so a user
+gets one of the two.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+import attrs
+import psycopg
+
+from vpnd.app import App
+from vpnd.db import outbox
+from vpnd.telegram.texts import Texts
+from vpnd.workers import trials
+from vpnd.workers.common import START, BatchResult, PlanPrices, format_date, instant_key, renew_button
+from vpnd.workers.renewal import RENEWAL_GRACE, RENEWAL_PENDING
+
+log = logging.getLogger("vpnd.workers.expiry")
+
+WORKER_NAME = "expiry"
+
+CANDIDATES = """
+SELECT user_id, expires_at FROM subscriptions
+WHERE status = 'active' AND expires_at <= now() AND (expires_at, user_id) > (%(after_at)s, %(after_id)s)
+ORDER BY expires_at, user_id
+LIMIT %(limit)s
+"""
+
+EXPIRE = f"""
+UPDATE subscriptions AS s SET status = 'expired', updated_at = now()
+FROM users u
+WHERE u.id = s.user_id AND s.user_id = ANY(%(ids)s)
+  AND s.status = 'active' AND s.expires_at <= now()
+  AND NOT {RENEWAL_PENDING}
+RETURNING s.user_id, s.kind, s.expires_at, u.language, u.reachable
+"""
+
+
+@attrs.frozen
+class ExpirySettings:
+    plans: PlanPrices
+    grace: dt.timedelta = RENEWAL_GRACE
+
+    def sql_params(self) -> dict[str, object]:
+        return {"grace": self.grace, **self.plans.sql_params()}
+
+
+def dedupe_key(user_id: int, expires_at: dt.datetime) -> str:
+    return f"expired:{user_id}:{instant_key(expires_at)}"
+
+
+def expire_batch(
+    conn: psycopg.Connection[Any], texts: Texts, settings: ExpirySettings, after: tuple[dt.datetime, int], limit: int
+) -> BatchResult:
+    candidates = conn.execute(CANDIDATES, {"after_at": after[0], "after_id": after[1], "limit": limit}).fetchall()
+    if not candidates:
+        return BatchResult(0, 0, None)
+    expired = conn.execute(EXPIRE, {"ids": [c[0] for c in candidates], **settings.sql_params()}).fetchall()
+    queued = False
+    for user_id, kind, expires_at, lang, reachable in expired:
+        log.info("event=subscription_expired user_id=%s kind=%s expires_at=%s", user_id, kind, instant_key(expires_at))
+        if not reachable:
+            continue
+        if kind == "trial":
+            text, markup = trials.render(texts, lang, "ended", expires_at, "")
+            key = trials.dedupe_key(user_id, "ended")
+        else:
+            text = texts.get(lang, "expiry.expired", expires=format_date(expires_at))
+            markup, key = renew_button(texts, lang), dedupe_key(user_id, expires_at)
+        queued |= outbox.enqueue(conn, user_id, text, dedupe_key=key, reply_markup=markup)
+    last = (candidates[-1][1], candidates[-1][0])
+    return BatchResult(len(candidates), len(expired), last, queued=queued, access_changed=bool(expired))
+
+
+async def expiry_round(app: App, texts: Texts, *, batch_size: int, settings: ExpirySettings | None = None) -> int:
+    """Expire everything that is due; returns how many subscriptions were expired."""
+    settings = settings or ExpirySettings(PlanPrices.from_config(app.config))
+    after = START
+    total = 0
+    while True:
+        result = await app.db.run(expire_batch, texts, settings, after, batch_size)
+        total += result.handled
+        if result.access_changed:
+            app.xray_changed.nudge()
+        if result.queued:
+            app.outbox_changed.nudge()
+        if result.last is None or result.seen < batch_size:
+            return total
+        after = result.last
