@@ -119,7 +119,7 @@ def seed_subscriptions(
 def query(dsn: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
     """Run one statement in its own transaction; its rows, if it returns any."""
     with psycopg.connect(dsn) as conn:
-        cur = conn.execute(sql, args)
+        cur = conn.execute(sql, args or None)
         return cur.fetchall() if cur.description is not None else []
 
 

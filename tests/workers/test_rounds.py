@@ -158,7 +158,7 @@ async def test_housekeeping_deletes_old_rows_in_batches(db_dsn: str, make_config
                 )
                 outbox.enqueue(conn, 1, f"old {n}", dedupe_key=f"old:{n}")
                 outbox.enqueue(conn, 1, f"new {n}", dedupe_key=f"new:{n}")
-            conn.execute("UPDATE outbox SET created_at = now() - interval '30 days' WHERE dedupe_key LIKE 'old:%%'")
+            conn.execute("UPDATE outbox SET created_at = now() - interval '30 days' WHERE dedupe_key LIKE 'old:%'")
             conn.execute("UPDATE outbox SET status = 'sent' WHERE dedupe_key IN ('old:0', 'old:1', 'old:2', 'new:0')")
             conn.execute("UPDATE outbox SET status = 'failed' WHERE dedupe_key = 'old:3'")
 

@@ -1,0 +1,99 @@
+"""The health check: an outage of the Bot API or of PostgreSQL → one alert; recovery → one message."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+import trio
+
+from tests.harness import bot_config
+from tests.workers.conftest import StoppableFake, query, running, start_users
+from vpnd.db.migrations import migrate, packaged_schema
+from vpnd.nurseries.outbox import OutboxSettings
+from vpnd.sandbox.postgres import throwaway_cluster
+from vpnd.sandbox.telegram_fake import FakeTelegram
+
+ADMIN = 1  # bot_config's [telegram].admin_ids
+RETRY_SOON = OutboxSettings(poll_interval=0.2, retry_base=0.3, retry_cap=0.5, max_attempts=100)
+
+
+def admin_alerts(fake: FakeTelegram) -> list[str]:
+    return [m.text or "" for m in fake.bot_messages(ADMIN)]
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.05)
+
+
+async def test_bot_api_outage_one_alert_then_one_recovery(
+    nursery: trio.Nursery, db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    fake = FakeTelegram()
+    api = StoppableFake(fake, nursery)
+    base_url = await api.start()
+    start_users(fake, [ADMIN])
+    config = bot_config(write_config, db_dsn, fake, base_url, workers={"health_interval": 0.3})
+    async with running(config, outbox_settings=RETRY_SOON, workers=["health"], max_attempts=2) as services:
+        app = services.app
+        ready = await app.health.readiness()
+        assert {k: v.ok for k, v in ready.items() if k.startswith("health.")} == {
+            "health.database": True,
+            "health.telegram": True,
+            "health.outbox": True,
+        }
+        await api.stop()
+        await wait_for(lambda: bool(query(db_dsn, "SELECT 1 FROM outbox WHERE dedupe_key LIKE 'health:telegram:%'")), 10)
+        assert not (await app.health.readiness())["health.telegram"].ok
+        assert app.metrics.registry.get_sample_value("vpnd_health_check_ok", {"check": "telegram"}) == 0
+        await trio.sleep(1.5)  # five more failing rounds: still one alert
+        assert len(query(db_dsn, "SELECT 1 FROM outbox WHERE dedupe_key LIKE 'health:%'")) == 1
+
+        await api.start()  # the same address again
+        await wait_for(lambda: len(admin_alerts(fake)) >= 2, 20)
+        await trio.sleep(1.0)  # nothing else follows
+        assert (await app.health.readiness())["health.telegram"].ok
+    alerts = admin_alerts(fake)
+    assert len(alerts) == 2, alerts
+    assert alerts[0].startswith("🚨 Health check telegram is failing")
+    assert alerts[1].startswith("✅ Health check telegram recovered: getMe: @vpnd_demo_bot")
+
+
+@pytest.mark.slow
+async def test_database_outage_is_reported_after_it_ends(
+    fake_telegram: tuple[FakeTelegram, str], write_config: Callable[..., Path]
+) -> None:
+    """While PostgreSQL is down nothing can be queued; the outage is remembered and, once the
+    database answers again, the admins get one "failing" and one "recovered" message."""
+    fake, base_url = fake_telegram
+    start_users(fake, [ADMIN])
+    with throwaway_cluster(prefix="vpnd-health-") as cluster:
+        dsn = cluster.create_database("health")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            migrate(conn, packaged_schema())
+        config = bot_config(
+            write_config,
+            dsn,
+            fake,
+            base_url,
+            workers={"health_interval": 0.3},
+            database={"connect_timeout_seconds": 1.0, "pool_min": 1, "pool_max": 4},
+        )
+        async with running(config, outbox_settings=RETRY_SOON, workers=["health"], max_attempts=2) as services:
+            app = services.app
+            await trio.to_thread.run_sync(cluster.stop)
+            with trio.fail_after(20):
+                while (await app.health.readiness())["health.database"].ok:
+                    await trio.sleep(0.2)
+            await trio.sleep(1.0)
+            await trio.to_thread.run_sync(cluster.start)
+            await wait_for(lambda: len(admin_alerts(fake)) >= 2, 30)
+            await trio.sleep(1.0)
+        alerts = admin_alerts(fake)
+    assert len(alerts) == 2, alerts
+    assert alerts[0].startswith("🚨 Health check database is failing")
+    assert alerts[1].startswith("✅ Health check database recovered")
