@@ -113,3 +113,13 @@ async def fake_telegram(nursery: Any) -> tuple[Any, str]:
     fake = FakeTelegram()
     base_url = await nursery.start(serve_fake_telegram, fake)
     return fake, base_url
+
+
+@pytest.fixture
+async def fake_cryptopay(nursery: Any) -> tuple[Any, str]:
+    """The fake Crypto Pay served on 127.0.0.1: (fake, api_base_url)."""
+    from vpnd.sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
+
+    fake = FakeCryptoPay()
+    base_url = await nursery.start(serve_fake_cryptopay, fake)
+    return fake, f"{base_url}/api"

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 import trio
 
-from vpnd.sandbox.daemon_process import start_daemon, wait_ready
 from tests.harness import bot_config, start_vpnd
+from vpnd.sandbox.daemon_process import start_daemon, wait_ready
 from vpnd.sandbox.postgres import free_port
 from vpnd.sandbox.telegram_fake import FakeTelegram
 

@@ -13,5 +13,8 @@ if TYPE_CHECKING:
 
 
 def register_all(routes: Routes) -> None:
-    """Flows beyond the core (promo codes, buying, admin) — each registers its own routes."""
-    del routes  # no extra flows yet
+    """Flows beyond the core: promo codes and buying (admin adds its own)."""
+    from vpnd.telegram.flows import buy, promo
+
+    promo.register(routes)
+    buy.register(routes)

@@ -1,0 +1,264 @@
+"""Buying and renewing: plan → method → invoice; Telegram Stars pre-checkout and payment; top-ups.
+
+Prices come from `vpnd.payments.service.quote_plan` (with the remembered promo code); purchases and
+invoices from the payments service, which commits the purchase before calling any provider. The
+"payment received" message is queued by finalize itself (outbox), so every path — webhook, watcher,
+Stars, balance — tells the user the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import telegram
+import trio
+
+from vpnd import pricing
+from vpnd.db import conversation
+from vpnd.db.ledger import InsufficientBalance
+from vpnd.db.purchases import PaymentError, ProviderUnavailable
+from vpnd.payments import service
+from vpnd.telegram import keyboards as kb
+from vpnd.telegram.flows.access import my_subscription
+from vpnd.telegram.texts import Html
+from vpnd.telegram.turn import BotContext, Turn
+
+if TYPE_CHECKING:
+    from vpnd.telegram.router import Routes
+
+log = logging.getLogger("vpnd.payments")
+
+TOPUP_STATE = "topup_amount"
+METHOD_CODES = {"c": "cryptopay", "s": "stars", "b": "balance"}
+#: Telegram wants an answer to a pre-checkout query within 10 s; refuse rather than be late.
+PRE_CHECKOUT_BUDGET = 8.0
+
+
+def _money(minor: int, currency: str) -> str:
+    return pricing.format_money(minor, currency)
+
+
+async def choose_plan(turn: Turn) -> None:
+    plans = turn.app.config.plans
+    rows = []
+    promo_note = ""
+    for plan in plans:
+        quote = await service.quote_plan(turn.app, turn.user.id, plan.code)
+        if quote.promo_code and not promo_note:
+            promo_note = turn.t("buy.promo_note", code=quote.promo_code, percent=quote.price.discount_percent)
+        title = plan.title.get(turn.lang, plan.code)
+        label = turn.t("buy.plan_button", title=title, price=_money(quote.price.amount_minor, quote.price.currency))
+        rows.append([kb.button(label, f"plan:{plan.code}")])
+    if turn.ctx.cryptopay is not None:
+        rows.append([kb.button(turn.t("buy.topup"), "topup")])
+    rows.append([kb.button(turn.t("common.menu"), "menu")])
+    await turn.show(turn.t("buy.choose_plan", promo=Html(promo_note)), kb.keyboard(*rows))
+
+
+async def choose_method(turn: Turn, plan_code: str) -> None:
+    try:
+        quote = await service.quote_plan(turn.app, turn.user.id, plan_code)
+    except PaymentError as exc:
+        await turn.show(turn.t(exc.reason_key), kb.back_to_menu(turn.t))
+        return
+    plan = quote.plan
+    price = _money(quote.price.amount_minor, quote.price.currency)
+    rows = []
+    if turn.ctx.cryptopay is not None:
+        rows.append([kb.button(turn.t("buy.method.cryptopay"), f"pay:{plan.code}:c")])
+    if turn.app.config.stars.enabled and quote.price.stars:
+        rows.append([kb.button(turn.t("buy.method.stars", stars=f"{quote.price.stars} ⭐"), f"pay:{plan.code}:s")])
+    if quote.balance_covers:
+        balance = _money(quote.balance_minor, quote.balance_currency)
+        rows.append([kb.button(turn.t("buy.method.balance", balance=balance), f"pay:{plan.code}:b")])
+    rows.append([kb.button(turn.t("common.back"), "buy")])
+    text = turn.t("buy.choose_method", title=plan.title.get(turn.lang, plan.code), days=plan.days, price=price)
+    await turn.show(text, kb.keyboard(*rows))
+
+
+async def pay(turn: Turn, plan_code: str, method: str) -> None:
+    try:
+        if method == "cryptopay":
+            await _pay_cryptopay(turn, plan_code=plan_code)
+        elif method == "stars":
+            await _pay_stars(turn, plan_code)
+        elif method == "balance":
+            await _pay_balance(turn, plan_code)
+        else:
+            await choose_plan(turn)
+    except InsufficientBalance as exc:
+        balance = _money(exc.balance_minor, turn.app.config.payments.currency)
+        price = _money(exc.needed_minor, turn.app.config.payments.currency)
+        await turn.answer(turn.t(exc.reason_key, balance=balance, price=price), alert=True)
+    except ProviderUnavailable:
+        await turn.answer(turn.t("payments.provider_unavailable"), alert=True)
+    except PaymentError as exc:
+        await turn.answer(
+            turn.t(exc.reason_key if exc.reason_key in turn.ctx.texts.catalogs["en"] else "payments.error"), alert=True
+        )
+
+
+async def _pay_cryptopay(turn: Turn, *, plan_code: str | None = None, topup_minor: int | None = None) -> None:
+    client = turn.ctx.cryptopay
+    if client is None:
+        await turn.answer(turn.t("payments.method_unavailable"), alert=True)
+        return
+    purchase, url = await service.start_cryptopay_purchase(
+        turn.app, client, turn.user.id, plan_code=plan_code, topup_minor=topup_minor, language=turn.lang
+    )
+    price = _money(purchase.amount_minor, purchase.currency)
+    if plan_code is not None:
+        plan = turn.app.config.plan(plan_code)
+        title = plan.title.get(turn.lang, plan.code) if plan else plan_code
+    else:
+        title = turn.t("buy.topup")
+    text = turn.t(
+        "buy.cryptopay_invoice", price=price, title=title, minutes=turn.app.config.payments.purchase_ttl_minutes
+    )
+    await turn.show(
+        text,
+        kb.keyboard(
+            [kb.url_button(turn.t("buy.pay_button", price=price), url)], [kb.button(turn.t("common.menu"), "menu")]
+        ),
+    )
+
+
+async def _pay_stars(turn: Turn, plan_code: str) -> None:
+    invoice = await service.start_stars_purchase(turn.app, turn.user.id, plan_code, language=turn.lang)
+    await turn.answer()
+    await turn.ctx.sender.call(
+        turn.chat_id,
+        lambda: turn.ctx.bot.send_invoice(
+            turn.chat_id,
+            title=invoice.title,
+            description=invoice.description,
+            payload=invoice.payload,
+            currency=invoice.currency,
+            prices=[telegram.LabeledPrice(invoice.title, invoice.amount)],
+            provider_token="",
+        ),
+    )
+
+
+async def _pay_balance(turn: Turn, plan_code: str) -> None:
+    outcome = await service.pay_with_balance(turn.app, turn.user.id, plan_code)
+    log.info("event=paid_from_balance user_id=%d status=%s", turn.user.id, outcome.status)
+    await my_subscription(turn, turn.t("buy.paid_from_balance"))
+
+
+async def choose_topup(turn: Turn) -> None:
+    payments = turn.app.config.payments
+    currency = payments.currency
+    presets = pricing.topup_presets_minor(payments)
+    await turn.app.db.run(conversation.set_state, turn.user.id, TOPUP_STATE, 600)
+    balance = await service.balance_of(turn.app, turn.user.id)
+    rows = [[kb.button(_money(minor, currency), f"tu:{minor}") for minor in presets]]
+    rows.append([kb.button(turn.t("common.back"), "buy")])
+    text = turn.t(
+        "buy.topup_choose",
+        balance=_money(balance, currency),
+        min=_money(pricing.to_minor(payments.topup_min, currency), currency),
+        max=_money(pricing.to_minor(payments.topup_max, currency), currency),
+    )
+    await turn.show(text, kb.keyboard(*rows))
+
+
+async def topup_typed(turn: Turn, text: str) -> None:
+    payments = turn.app.config.payments
+    currency = payments.currency
+    try:
+        minor = pricing.parse_amount(text, currency)
+        pricing.check_topup_amount(minor, payments)
+    except pricing.InvalidAmount:
+        await turn.reply(
+            turn.t(
+                "buy.topup_invalid",
+                min=_money(pricing.to_minor(payments.topup_min, currency), currency),
+                max=_money(pricing.to_minor(payments.topup_max, currency), currency),
+            )
+        )
+        return
+    await turn.app.db.run(conversation.clear_state, turn.user.id)
+    try:
+        await _pay_cryptopay(turn, topup_minor=minor)
+    except ProviderUnavailable:
+        await turn.reply(turn.t("payments.provider_unavailable"))
+
+
+# --- Telegram Stars: pre-checkout and successful payment ----------------------------------------
+
+
+async def pre_checkout(ctx: BotContext, update_id: int, update: telegram.Update) -> bool:
+    query = update.pre_checkout_query
+    if query is None:
+        return False
+    ok: bool = False
+    reason: str | None = "payments.precheckout.unknown"
+    with trio.move_on_after(PRE_CHECKOUT_BUDGET):
+        ok, reason = await service.check_pre_checkout(
+            ctx.app, query.invoice_payload, query.total_amount, query.currency, user_id=query.from_user.id
+        )
+    lang = ctx.texts.language(query.from_user.language_code, ctx.app.config.telegram.default_language)
+    message = None if ok else ctx.texts.get(lang, reason or "payments.precheckout.unknown")
+    await ctx.sender.call(
+        query.from_user.id,
+        lambda: ctx.bot.answer_pre_checkout_query(query.id, ok, error_message=message),
+        counts_as_message=False,
+    )
+    return True
+
+
+async def successful_payment(turn: Turn, message: telegram.Message) -> bool:
+    payment = message.successful_payment
+    if payment is None:
+        return False
+    outcome = await service.finalize_stars_payment(
+        turn.app,
+        payment.invoice_payload,
+        telegram_payment_charge_id=payment.telegram_payment_charge_id,
+        total_amount=payment.total_amount,
+        currency=payment.currency,
+    )
+    log.info("event=stars_payment user_id=%d status=%s", turn.user.id, outcome.status)
+    return True
+
+
+def register(routes: Routes) -> None:
+    async def buy_route(turn: Turn, args: list[str]) -> None:
+        await choose_plan(turn)
+
+    async def plan_route(turn: Turn, args: list[str]) -> None:
+        if args:
+            await choose_method(turn, args[0])
+        else:
+            await choose_plan(turn)
+
+    async def pay_route(turn: Turn, args: list[str]) -> None:
+        if len(args) == 2 and args[1] in METHOD_CODES:
+            await pay(turn, args[0], METHOD_CODES[args[1]])
+        else:
+            await choose_plan(turn)
+
+    async def topup_route(turn: Turn, args: list[str]) -> None:
+        await choose_topup(turn)
+
+    async def topup_preset_route(turn: Turn, args: list[str]) -> None:
+        if not args or not args[0].isdigit():
+            await choose_topup(turn)
+            return
+        try:
+            await _pay_cryptopay(turn, topup_minor=int(args[0]))
+        except (ProviderUnavailable, pricing.InvalidAmount, PaymentError):
+            await turn.answer(turn.t("payments.provider_unavailable"), alert=True)
+
+    async def buy_command(turn: Turn, argument: str) -> None:
+        await choose_plan(turn)
+
+    routes.callbacks.update(
+        {"buy": buy_route, "plan": plan_route, "pay": pay_route, "topup": topup_route, "tu": topup_preset_route}
+    )
+    routes.commands["buy"] = buy_command
+    routes.states[TOPUP_STATE] = topup_typed
+    routes.update_hooks.append(pre_checkout)
+    routes.message_hooks.append(successful_payment)
