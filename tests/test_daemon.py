@@ -11,8 +11,8 @@ import psycopg
 import pytest
 import trio
 
-from vpnd.sandbox.daemon_process import start_daemon, wait_ready
 from vpnd.instance_lock import INSTANCE_LOCK_KEY
+from vpnd.sandbox.daemon_process import start_daemon, wait_ready
 from vpnd.sandbox.postgres import free_port
 from vpnd.sandbox.telegram_fake import FakeTelegram
 

@@ -17,7 +17,7 @@ from vpnd.payments.watcher import run_payment_watcher, watch_once
 
 async def wait_for(env: Env, query: str, expected: object, params: object = None) -> None:
     """Poll the database (bounded by the caller's fail_after) until `query` returns `expected`."""
-    while env.scalar(query, params) != expected:  # noqa: ASYNC110 (the database sends no events)
+    while env.scalar(query, params) != expected:
         await trio.sleep(0.02)
 
 

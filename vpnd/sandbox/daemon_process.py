@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ from pathlib import Path
 import attrs
 import httpx
 import trio
+
+_run_numbers = itertools.count()
 
 
 @attrs.define(eq=False)
@@ -79,7 +82,7 @@ async def start_daemon(
     args: tuple[str, ...] = ("run",),
 ) -> Daemon:
     """Start `python -m vpnd run --config ...` with NOTIFY_SOCKET; return at once (see wait_ready)."""
-    index = len(list(workdir.glob("notify-*.sock")))
+    index = next(_run_numbers)
     notify = NotifySocket(workdir / f"notify-{index}.sock", trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
     await notify.open()
     nursery.start_soon(notify.receive_forever)
