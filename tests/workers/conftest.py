@@ -116,6 +116,15 @@ def seed_subscriptions(
         )
 
 
+async def poll_until(condition: Callable[[], bool], timeout: float, step: float = 0.05) -> None:
+    """Poll `condition` (the database, a fake) until it holds."""
+    with trio.fail_after(timeout):
+        while True:
+            if condition():
+                return
+            await trio.sleep(step)
+
+
 def query(dsn: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
     """Run one statement in its own transaction; its rows, if it returns any."""
     with psycopg.connect(dsn) as conn:

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from tests.harness import bot_config
-from tests.workers.conftest import StoppableFake, query, running, start_users
+from tests.workers.conftest import StoppableFake, poll_until, query, running, start_users
 from vpnd.db.migrations import migrate, packaged_schema
 from vpnd.nurseries.outbox import OutboxSettings
 from vpnd.sandbox.postgres import throwaway_cluster
@@ -22,12 +22,6 @@ RETRY_SOON = OutboxSettings(poll_interval=0.2, retry_base=0.3, retry_cap=0.5, ma
 
 def admin_alerts(fake: FakeTelegram) -> list[str]:
     return [m.text or "" for m in fake.bot_messages(ADMIN)]
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float) -> None:
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.05)
 
 
 async def test_bot_api_outage_one_alert_then_one_recovery(
@@ -47,14 +41,15 @@ async def test_bot_api_outage_one_alert_then_one_recovery(
             "health.outbox": True,
         }
         await api.stop()
-        await wait_for(lambda: bool(query(db_dsn, "SELECT 1 FROM outbox WHERE dedupe_key LIKE 'health:telegram:%'")), 10)
+        alert_sql = "SELECT 1 FROM outbox WHERE dedupe_key LIKE 'health:telegram:%'"
+        await poll_until(lambda: bool(query(db_dsn, alert_sql)), 10)
         assert not (await app.health.readiness())["health.telegram"].ok
         assert app.metrics.registry.get_sample_value("vpnd_health_check_ok", {"check": "telegram"}) == 0
         await trio.sleep(1.5)  # five more failing rounds: still one alert
         assert len(query(db_dsn, "SELECT 1 FROM outbox WHERE dedupe_key LIKE 'health:%'")) == 1
 
         await api.start()  # the same address again
-        await wait_for(lambda: len(admin_alerts(fake)) >= 2, 20)
+        await poll_until(lambda: len(admin_alerts(fake)) >= 2, 20)
         await trio.sleep(1.0)  # nothing else follows
         assert (await app.health.readiness())["health.telegram"].ok
     alerts = admin_alerts(fake)
@@ -86,12 +81,11 @@ async def test_database_outage_is_reported_after_it_ends(
         async with running(config, outbox_settings=RETRY_SOON, workers=["health"], max_attempts=2) as services:
             app = services.app
             await trio.to_thread.run_sync(cluster.stop)
-            with trio.fail_after(20):
-                while (await app.health.readiness())["health.database"].ok:
-                    await trio.sleep(0.2)
+            registry = app.metrics.registry
+            await poll_until(lambda: registry.get_sample_value("vpnd_health_check_ok", {"check": "database"}) == 0, 20)
             await trio.sleep(1.0)
             await trio.to_thread.run_sync(cluster.start)
-            await wait_for(lambda: len(admin_alerts(fake)) >= 2, 30)
+            await poll_until(lambda: len(admin_alerts(fake)) >= 2, 30)
             await trio.sleep(1.0)
         alerts = admin_alerts(fake)
     assert len(alerts) == 2, alerts

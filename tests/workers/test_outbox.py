@@ -7,7 +7,7 @@ from typing import Any
 
 import trio
 
-from tests.workers.conftest import query, running, seed_users, start_users
+from tests.workers.conftest import poll_until, query, running, seed_users, start_users
 from vpnd.config import Config
 from vpnd.db import outbox
 from vpnd.nurseries.outbox import OutboxSettings
@@ -26,9 +26,7 @@ async def enqueue_each(app: Any, user_ids: list[int], text: str = "hello {uid}")
 
 
 async def wait_until_settled(dsn: str, timeout: float) -> None:
-    with trio.fail_after(timeout):
-        while query(dsn, "SELECT count(*) FROM outbox WHERE status = 'pending'")[0][0]:
-            await trio.sleep(0.1)
+    await poll_until(lambda: not query(dsn, "SELECT count(*) FROM outbox WHERE status = 'pending'")[0][0], timeout)
 
 
 def bucket_conforms(times: list[float], rate: float, burst: float) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import trio
 
-from tests.workers.conftest import query, running, seed_subscriptions, seed_users
+from tests.workers.conftest import poll_until, query, running, seed_subscriptions, seed_users
 from tests.xray.test_xray_writer import PUBLIC_KEY, TAG, reality_template
 from vpnd.config import Config
 from vpnd.db.ledger import mismatched_balances
@@ -167,8 +167,7 @@ async def test_renewals_racing_expiry_never_remove_anyone_from_xray(
                         sql = "SELECT count(*) FROM subscriptions WHERE expires_at > now() + interval '29 days'"
                         return bool(query(db_dsn, sql)[0][0] == len(users))
 
-                    while not all_renewed():
-                        await trio.sleep(0.1)
+                    await poll_until(all_renewed, 20)
                     await trio.sleep(0.5)
                 services.app.lifecycle.request_stop("test")
         operations = fake_xray.operations()

@@ -42,13 +42,21 @@ def seed_trial(dsn: str, user_id: int, granted_ago: dt.timedelta, length: dt.tim
     query(
         dsn,
         "INSERT INTO trials (user_id, granted_at, ends_at) VALUES (%s, now() - %s, now() - %s + %s)",
-        user_id, granted_ago, granted_ago, length,
+        user_id,
+        granted_ago,
+        granted_ago,
+        length,
     )
     query(
         dsn,
         "INSERT INTO subscriptions (user_id, kind, status, uuid, sub_token, starts_at, expires_at) "
         "VALUES (%s, %s, 'active', gen_random_uuid(), 'tok' || %s, now() - %s, now() - %s + %s)",
-        user_id, "paid" if paid else "trial", user_id, granted_ago, granted_ago, length,
+        user_id,
+        "paid" if paid else "trial",
+        user_id,
+        granted_ago,
+        granted_ago,
+        length,
     )
 
 
@@ -169,5 +177,10 @@ async def test_housekeeping_deletes_old_rows_in_batches(db_dsn: str, make_config
     assert [r[0] for r in query(db_dsn, "SELECT user_id FROM conversation_states ORDER BY 1")] == [4, 5]
     assert [r[0] for r in query(db_dsn, "SELECT update_id FROM telegram_inbox ORDER BY 1")] == [2, 3, 4]
     assert sorted(r[0] for r in query(db_dsn, "SELECT dedupe_key FROM outbox")) == [
-        "new:0", "new:1", "new:2", "new:3", "new:4", "old:4",
+        "new:0",
+        "new:1",
+        "new:2",
+        "new:3",
+        "new:4",
+        "old:4",
     ]

@@ -170,9 +170,7 @@ class OutboxSender:
         payload: dict[str, Any] = dict(row.payload)
         text = str(payload.pop("text", ""))
         parse_mode = payload.pop("parse_mode", None)
-        return await self.sender.bot.send_message(
-            row.chat_id, text, parse_mode=parse_mode, api_kwargs=payload or None
-        )
+        return await self.sender.bot.send_message(row.chat_id, text, parse_mode=parse_mode, api_kwargs=payload or None)
 
     async def _retry_or_fail(self, row: OutboxRow, error: str) -> None:
         attempts = row.attempts + 1

@@ -28,7 +28,7 @@ def instant_key(when: dt.datetime) -> str:
 
 
 def renew_button(texts: Texts, lang: str) -> Keyboard:
-    """"Renew" opens the buy flow (callback `buy`)."""
+    """The "Renew" button: it opens the buy flow (callback `buy`)."""
     return keyboard([button(texts.get(lang, "menu.renew"), "buy")])
 
 

@@ -1,0 +1,135 @@
+"""SIGKILL in the middle of a reminder round of 2,000 users, then a restart: every user gets the 3-day
+reminder exactly once, except at most the messages that were in flight when the process died."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.daemon import start_daemon, wait_ready
+from tests.harness import bot_config
+from tests.workers.conftest import query, seed_subscriptions, seed_users, start_users
+from vpnd.nurseries.outbox import OutboxSettings
+from vpnd.sandbox.postgres import free_port
+from vpnd.sandbox.telegram_fake import FakeTelegram
+
+USERS = list(range(100_001, 102_001))
+RUNNER = Path(__file__).with_name("runner.py")
+ROOT_WIRED = "run_outbox" in (Path(__file__).parents[2] / "vpnd" / "nurseries" / "root.py").read_text()
+IN_FLIGHT = OutboxSettings().concurrency
+
+
+def prepare(fake: FakeTelegram, db_dsn: str) -> None:
+    fake.global_rate = fake.global_burst = 300.0
+    start_users(fake, USERS)
+    seed_users(db_dsn, USERS)
+    seed_subscriptions(db_dsn, USERS, dt.timedelta(days=2, hours=12))
+
+
+def delivered(fake: FakeTelegram) -> int:
+    return sum(len(fake.bot_messages(uid)) for uid in USERS)
+
+
+def check_exactly_once(fake: FakeTelegram, db_dsn: str) -> int:
+    counts = [len(fake.bot_messages(uid)) for uid in USERS]
+    assert min(counts) == 1, "a user never got the reminder"
+    duplicated = sum(1 for c in counts if c > 1)
+    assert max(counts) <= 2 and duplicated <= IN_FLIGHT, duplicated
+    assert all("ends in 3 days" in (m.text or "") for uid in USERS[:50] for m in fake.bot_messages(uid))
+    assert query(db_dsn, "SELECT status, count(*) FROM outbox GROUP BY status") == [("sent", len(USERS))]
+    return duplicated
+
+
+async def start_runner(config_path: Path, log_path: Path) -> trio.Process:
+    with log_path.open("ab") as log_file:
+        return await trio.lowlevel.open_process(
+            [sys.executable, str(RUNNER), str(config_path), "reminders"],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(RUNNER.parents[2])},
+        )
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_reminder_round_then_restart_reminds_everyone_once(
+    fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    fake, base_url = fake_telegram
+    prepare(fake, db_dsn)
+    config = bot_config(
+        write_config,
+        db_dsn,
+        fake,
+        base_url,
+        telegram={"rate_per_second": 200.0},
+        workers={"reminders_interval": 60.0, "batch_size": 10},
+    )
+    log_path = tmp_path / "runner.log"
+    with trio.fail_after(120):
+        first = await start_runner(Path(config.path), log_path)
+        await fake.wait_until(lambda: fake.requests["sendMessage"] >= 100, timeout=30)
+        first.kill()
+        assert await first.wait() == -signal.SIGKILL
+        at_kill = delivered(fake)
+        queued_at_kill = query(db_dsn, "SELECT count(*) FROM outbox")[0][0]
+        sent_at_kill = query(db_dsn, "SELECT count(*) FROM outbox WHERE status = 'sent'")[0][0]
+
+        second = await start_runner(Path(config.path), log_path)
+        await fake.wait_until(lambda: all(fake.bot_messages(uid) for uid in USERS), timeout=60)
+        await trio.sleep(1.5)  # a duplicate would arrive now
+        second.send_signal(signal.SIGTERM)
+        assert await second.wait() == 0, log_path.read_text()[-3000:]
+    duplicated = check_exactly_once(fake, db_dsn)
+    print(
+        f"\nSIGKILL after {at_kill} delivered ({sent_at_kill} marked sent, {queued_at_kill} of {len(USERS)} queued); "
+        f"after restart: {len(USERS)} users, {duplicated} got a second copy (in flight at the kill)"
+    )
+    assert at_kill - sent_at_kill <= IN_FLIGHT
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ROOT_WIRED, reason="needs root wiring: serve_app does not start run_outbox/run_workers yet")
+async def test_daemon_sigkill_mid_reminder_round_then_restart(
+    fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The same against `python -m vpnd run` (the whole daemon)."""
+    fake, base_url = fake_telegram
+    prepare(fake, db_dsn)
+    port = free_port()
+    config_path = write_config(
+        telegram={
+            "token": fake.token,
+            "api_base_url": base_url,
+            "poll_timeout": 1,
+            "rate_per_second": 200.0,
+            "admin_ids": [1],
+        },
+        database={"dsn": db_dsn, "pool_min": 1, "pool_max": 8},
+        http={"listen": f"127.0.0.1:{port}"},
+        shutdown={"grace_seconds": 5.0},
+        workers={"reminders_interval": 60.0, "batch_size": 10},
+    )
+    async with trio.open_nursery() as nursery:
+        daemon = await start_daemon(nursery, config_path, tmp_path)
+        await fake.wait_until(lambda: fake.requests["sendMessage"] >= 100, timeout=60)
+        daemon.signal(signal.SIGKILL)
+        assert await daemon.wait() == -signal.SIGKILL
+        at_kill = delivered(fake)
+
+        restarted = await start_daemon(nursery, config_path, tmp_path)
+        await wait_ready(restarted, f"http://127.0.0.1:{port}")
+        await fake.wait_until(lambda: all(fake.bot_messages(uid) for uid in USERS), timeout=90)
+        await trio.sleep(1.5)
+        restarted.signal(signal.SIGTERM)
+        assert await restarted.wait() == 0, restarted.log()[-3000:]
+        nursery.cancel_scope.cancel()
+    duplicated = check_exactly_once(fake, db_dsn)
+    print(f"\ndaemon SIGKILL after {at_kill} delivered; {duplicated} duplicates after restart")
