@@ -117,6 +117,9 @@ def sql(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
 
 
 def button_data(message: ChatMessage, prefix: str) -> str:
+    """The button whose data is `prefix`, else the first whose data starts with it."""
+    if prefix in message.callback_data:
+        return prefix
     for data in message.callback_data:
         if data.startswith(prefix):
             return data

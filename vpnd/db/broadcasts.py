@@ -205,6 +205,11 @@ def list_broadcasts(
         ).fetchall()
 
 
+def status_of(conn: psycopg.Connection[Any], broadcast_id: int) -> str | None:
+    row = conn.execute("SELECT status FROM broadcasts WHERE id = %s", (broadcast_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
 def statuses(conn: psycopg.Connection[Any], known_ids: list[int]) -> dict[int, str]:
     """Every running broadcast, plus the current status of `known_ids` (whatever it is now)."""
     rows = conn.execute(

@@ -249,6 +249,8 @@ class Broadcasts:
             progress = task.progress
             if progress is None or broadcast.progress_chat_id is None or broadcast.progress_message_id is None:
                 continue
+            if self._stopped(task) or await self.app.db.run(bdb.status_of, broadcast.id) != "running":
+                continue  # paused or cancelled meanwhile: the final edit shows that, not a stale "running"
             t = self._t(lang)
             rate = progress.rate(trio.current_time())
             text = views.progress_text(t, broadcast, "running", progress.counts, rate)

@@ -567,9 +567,13 @@ async def broadcast_start(turn: Turn, args: list[str]) -> None:
         )
         conversation.clear_state(conn, admin_id)
         admin_db.audit(
-            conn, admin_id, "broadcast_create", broadcast.id, "ok",
+            conn,
+            admin_id,
+            "broadcast_create",
+            broadcast.id,
+            "ok",
             {"segment": broadcast.segment, "days": broadcast.segment_days, "total": broadcast.total, "via": "bot"},
-        )  # fmt: skip
+        )
         return broadcast
 
     broadcast = await turn.app.db.run(create)

@@ -143,7 +143,7 @@ def user_text(t: T, d: UserDetails, currency: str) -> str:
         id=d.user.id,
         username=f"@{d.user.username}" if d.user.username else "",
         name=d.user.first_name,
-        lang=d.user.language,
+        language=d.user.language,
         joined=fmt_time(d.created_at),
         reachable=t("admin.user.reachable" if d.user.reachable else "admin.user.unreachable"),
         balance=format_money(d.user.balance_minor, currency),

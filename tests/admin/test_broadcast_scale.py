@@ -1,0 +1,123 @@
+"""A 5,000-recipient broadcast against the fake Bot API's flood limits: rate, no 429, progress,
+cancel within a second, and the bot stays responsive meanwhile."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.admin.harness import ADMIN, button_data, seed_users, sql, start_admin_vpnd, start_broadcast
+from tests.harness import bot_config
+from vpnd.sandbox.telegram_fake import FakeTelegram
+
+pytestmark = pytest.mark.slow
+
+RECIPIENTS = 5000
+#: vpnd's configured overall rate, and the fake's flood limit above it (Telegram: ~30/s; scaled up so
+#: the test takes tens of seconds instead of minutes — the ratio is what matters).
+RATE = 100.0
+FAKE_LIMIT = 120.0
+
+
+def max_in_window(times: list[dt.datetime], window: float = 1.0) -> int:
+    """The most events in any `window`-second interval."""
+    best, start = 0, 0
+    for end, at in enumerate(times):
+        while (at - times[start]).total_seconds() >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+@pytest.mark.timeout(300)
+async def test_5000_recipients_under_the_limit_with_progress_then_cancel_within_a_second(
+    nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    fake, base_url = fake_telegram
+    fake.global_rate = fake.global_burst = FAKE_LIMIT
+    config = bot_config(
+        write_config,
+        db_dsn,
+        fake,
+        base_url,
+        telegram={"rate_per_second": RATE},
+        broadcast={"progress_interval": 1.0},
+        database={"pool_max": 10},
+    )
+    users = seed_users(db_dsn, fake, 100_000, RECIPIENTS)
+    talker = 7
+    fake.add_user(talker, "Talker")
+    vpnd = await start_admin_vpnd(nursery, config)
+    fake.add_user(ADMIN, "Admin")
+    with trio.fail_after(240):
+        progress = await start_broadcast(fake, "Big <i>news</i>", "all")
+        started = trio.current_time()
+
+        # While it runs, a user's /start is answered within a second.
+        await trio.sleep(3)
+        latencies = []
+        for _ in range(3):
+            fake.user_sends(talker, "/start")
+            asked = trio.current_time()
+            await fake.wait_for_bot_message(talker, timeout=5)
+            latencies.append(trio.current_time() - asked)
+            await trio.sleep(1.5)
+        assert max(latencies) < 1.0, latencies
+
+        # The progress message is edited with counts and a rate.
+        edited = await fake.wait_for_bot_message(
+            ADMIN,
+            lambda m: (
+                m.message_id == progress.message_id and "Rate: " in (m.text or "") and "—/s" not in (m.text or "")
+            ),
+            timeout=10,
+        )
+        assert "Sent " in (edited.text or "") and {"adm:bp:1", "adm:bx:1"} <= set(edited.callback_data)
+
+        # Let it run to about 60 %, then cancel from the progress message.
+        def delivered() -> int:
+            return sum(1 for uid in users if fake.messages.get(uid))
+
+        await fake.wait_until(lambda: delivered() >= RECIPIENTS * 0.6, timeout=120)
+        elapsed = trio.current_time() - started
+        fake.user_presses_button(ADMIN, progress.message_id, button_data(edited, "adm:bx:"))
+        pressed_at = trio.current_time()
+        # Watch deliveries for 3 s after the press: when did the last one arrive?
+        last_count, last_change = delivered(), pressed_at
+        while trio.current_time() - pressed_at < 3.0:
+            await trio.sleep(0.02)
+            if delivered() != last_count:
+                last_count, last_change = delivered(), trio.current_time()
+        stopped_after = last_change - pressed_at
+        assert stopped_after < 1.0, f"deliveries went on {stopped_after:.2f}s after Cancel"
+        assert sql(db_dsn, "SELECT status FROM broadcasts") == [("cancelled",)]
+        cancelled_at_fraction = last_count / RECIPIENTS
+
+    sent_times = [
+        r[0] for r in sql(db_dsn, "SELECT sent_at FROM broadcast_recipients WHERE status = 'sent' ORDER BY sent_at")
+    ]
+    span = (sent_times[-1] - sent_times[0]).total_seconds()
+    rate = (len(sent_times) - 1) / span
+    # The steady rate, after the limiter's initial burst (a full bucket) is spent.
+    steady = [t for t in sent_times if (t - sent_times[0]).total_seconds() >= 2.0]
+    steady_rate = (len(steady) - 1) / (steady[-1] - steady[0]).total_seconds()
+    peak = max_in_window(sent_times)
+    print(
+        f"\nbroadcast: {len(sent_times)} sent in {span:.1f}s → {rate:.1f}/s (limit {RATE:g}/s, fake {FAKE_LIMIT:g}/s), "
+        f"peak {peak} in 1s; 429s={fake.too_many_requests_sent}; /start latency max {max(latencies) * 1000:.0f} ms; "
+        f"steady {steady_rate:.1f}/s; 60% after {elapsed:.1f}s; cancelled at {cancelled_at_fraction:.0%}, "
+        f"last delivery {stopped_after * 1000:.0f} ms after Cancel"
+    )
+    assert fake.too_many_requests_sent == 0
+    assert steady_rate <= RATE * 1.01
+    assert peak <= 2 * RATE  # a full bucket (`rate` tokens) plus one second of refill
+    counts = {uid: len(fake.bot_messages(uid)) for uid in users}
+    assert max(counts.values()) == 1
+    by_status = dict(sql(db_dsn, "SELECT status, count(*) FROM broadcast_recipients GROUP BY status"))
+    # Sends in flight at the cancel may be delivered but not marked (at most MAX_IN_FLIGHT).
+    assert sum(counts.values()) - 8 <= by_status["sent"] <= sum(counts.values())
+    await vpnd.stop()
