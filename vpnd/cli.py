@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 import psycopg
 import trio
 
+from vpnd.admin_cli import add_parsers as add_admin_parsers
+from vpnd.admin_cli import cmd_admin, cmd_broadcast
 from vpnd.config import Config, ConfigError, load_config, render_effective, require_runtime_secrets
 from vpnd.db import DatabaseUnavailable
 from vpnd.db.migrations import SchemaError, migrate, packaged_schema, pending
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_parser.add_argument("--check", action="store_true", help="only report pending migrations (exit 1 if any)")
     sandbox = sub.add_parser("sandbox", help="run the demo: PostgreSQL, fake Telegram (web chat), fakes, vpnd")
     sandbox.add_argument("--port", type=int, default=8090, help="port of the web chat (default 8090)")
+    add_admin_parsers(sub, with_config)
     return parser
 
 
@@ -155,6 +158,8 @@ COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "run": cmd_run,
     "check-config": cmd_check_config,
     "migrate": cmd_migrate,
+    "admin": cmd_admin,
+    "broadcast": cmd_broadcast,
 }
 
 if __name__ == "__main__":

@@ -1,0 +1,376 @@
+"""`vpnd admin ...` and `vpnd broadcast ...`: the operator's tools on the database, no daemon needed.
+
+    vpnd admin stats
+    vpnd admin user <id|@name>
+    vpnd admin grant <id> <days> [--notify]
+    vpnd admin revoke <id>
+    vpnd admin promo create <CODE> <PERCENT> [--max-uses N] [--days D]
+    vpnd admin promo list
+    vpnd admin promo disable <CODE>
+    vpnd broadcast list [--status S]
+    vpnd broadcast pause|resume|cancel <id>
+
+Every command takes `--config` and `--json` (one JSON document on stdout, for scripts). Exit codes:
+0 done, 1 failed (not found, not possible now, database trouble), 2 usage. Each command is one
+transaction; changes are audited (`admin_audit`, admin id 0, details `{"via": "cli"}`). A running
+daemon notices broadcast status changes within a second (its broadcasts nursery polls); access
+changes reach Xray at its next reconcile round and `--notify` messages leave through the outbox.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import psycopg
+
+from vpnd.config import Config
+from vpnd.db import admin as admin_db
+from vpnd.db import broadcasts as bdb
+from vpnd.db import promo
+from vpnd.db.migrations import SchemaError, check_version, packaged_schema
+from vpnd.db.subscriptions import Subscription
+from vpnd.pricing import format_money
+from vpnd.telegram.texts import Texts
+
+R = TypeVar("R")
+
+OK, FAILED, USAGE = 0, 1, 2
+
+AddConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+
+
+class Failed(Exception):
+    """The command could not do what was asked (exit 1); the message says why."""
+
+
+class Usage(Exception):
+    """The arguments are wrong (exit 2)."""
+
+
+# --- parsers ----------------------------------------------------------------------------------
+
+
+def add_parsers(sub: Any, with_config: AddConfig) -> None:
+    """Add `admin` and `broadcast` to the `vpnd` command's subparsers."""
+
+    def leaf(parent: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = parent.add_parser(name, help=help_text)
+        with_config(parser)
+        parser.add_argument("--json", action="store_true", help="print one JSON document (for scripts)")
+        return parser
+
+    admin = sub.add_parser("admin", help="admin tools on the database (stats, users, promo codes)")
+    actions = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    leaf(actions, "stats", "users, subscriptions, conversion and revenue")
+    user = leaf(actions, "user", "a user's status, expiry, payments, balance and referrals")
+    user.add_argument("query", help="a user id or @username")
+    grant = leaf(actions, "grant", "give a user N days of access")
+    grant.add_argument("user_id", type=int)
+    grant.add_argument("days", type=int)
+    grant.add_argument("--notify", action="store_true", help="tell the user (through the outbox)")
+    revoke = leaf(actions, "revoke", "revoke a user's subscription")
+    revoke.add_argument("user_id", type=int)
+    promo_parser = actions.add_parser("promo", help="promo codes: create, list, disable")
+    promo_actions = promo_parser.add_subparsers(dest="promo_command", required=True, metavar="ACTION")
+    create = leaf(promo_actions, "create", "create a promo code")
+    create.add_argument("code")
+    create.add_argument("percent", type=int)
+    create.add_argument("--max-uses", type=int, default=None)
+    create.add_argument("--days", type=int, default=None, help="valid for this many days (default: no expiry)")
+    leaf(promo_actions, "list", "every promo code with its usage")
+    disable = leaf(promo_actions, "disable", "switch a promo code off")
+    disable.add_argument("code")
+
+    broadcast = sub.add_parser("broadcast", help="list, pause, resume or cancel broadcasts")
+    verbs = broadcast.add_subparsers(dest="broadcast_command", required=True, metavar="ACTION")
+    listing = leaf(verbs, "list", "recent broadcasts with their progress")
+    listing.add_argument("--status", choices=["running", "paused", "cancelled", "done"])
+    listing.add_argument("--limit", type=int, default=20)
+    for verb in ("pause", "resume", "cancel"):
+        leaf(verbs, verb, f"{verb} a broadcast").add_argument("broadcast_id", type=int)
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+def cmd_admin(config: Config, args: argparse.Namespace) -> int:
+    command = args.admin_command if args.admin_command != "promo" else f"promo {args.promo_command}"
+    return _run(config, args, ADMIN_COMMANDS[command])
+
+
+def cmd_broadcast(config: Config, args: argparse.Namespace) -> int:
+    return _run(config, args, broadcast_command)
+
+
+Command = Callable[[psycopg.Connection[Any], argparse.Namespace, Config], tuple[Any, str]]
+
+
+def _run(config: Config, args: argparse.Namespace, command: Command) -> int:
+    """Run one command in one transaction; print its result (text or JSON); return the exit code."""
+    as_json = bool(getattr(args, "json", False))
+    if not config.database.dsn:
+        return _error(as_json, "[database].dsn is required (or set VPND_DATABASE_DSN)", USAGE)
+    try:
+        timeout = max(1, int(config.database.connect_timeout_seconds))
+        with psycopg.connect(config.database.dsn, autocommit=True, connect_timeout=timeout) as conn:
+            version = check_version(conn, packaged_schema())
+            if version != packaged_schema().version:
+                raise Failed(f"the database schema is at version {version or 'none'}; run `vpnd migrate` first")
+            failure: Failed | None = None
+            with conn.transaction():
+                try:
+                    value, text = command(conn, args, config)
+                except Failed as exc:  # refused: keep its audit row (the transaction commits)
+                    failure = exc
+            if failure is not None:
+                raise failure
+    except Usage as exc:
+        return _error(as_json, str(exc), USAGE)
+    except (Failed, SchemaError) as exc:
+        return _error(as_json, str(exc), FAILED)
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _error(as_json, f"database: {reason}", FAILED)
+    if as_json:
+        print(json.dumps({"ok": True, "result": _jsonable(value)}, ensure_ascii=False, indent=2))
+    else:
+        print(text)
+    return OK
+
+
+def _error(as_json: bool, message: str, code: int) -> int:
+    if as_json:
+        print(json.dumps({"ok": False, "error": message}, ensure_ascii=False))
+    print(f"vpnd: {message}", file=sys.stderr)
+    return code
+
+
+def _jsonable(value: Any) -> Any:
+    if attrs.has(type(value)):
+        data = attrs.asdict(value, recurse=False)
+        for name in dir(type(value)):  # computed facts (e.g. conversion_percent) belong in the output too
+            if isinstance(getattr(type(value), name, None), property) and not name.startswith("_"):
+                data[name] = getattr(value, name)
+        return _jsonable(data)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).isoformat()
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+def _audit(conn: psycopg.Connection[Any], action: str, target: object, result: str, **details: Any) -> None:
+    admin_db.audit(
+        conn, admin_db.CLI_ADMIN_ID, action, target, result, {"via": "cli", "os_user": _os_user(), **details}
+    )
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "?"
+
+
+def _when(value: dt.datetime | None) -> str:
+    return "—" if value is None else value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# --- admin commands ---------------------------------------------------------------------------
+
+
+def stats_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    s = admin_db.stats(conn)
+    _audit(conn, "stats", None, "ok")
+
+    def revenue(rows: list[admin_db.RevenueRow]) -> str:
+        if not rows:
+            return "  —"
+        return "\n".join(f"  {r.key:<12} {format_money(r.amount_minor, r.currency):>16}  ({r.payments})" for r in rows)
+
+    text = "\n".join(
+        [
+            f"users:             {s.users_total} (today {s.users_today}, last 7 days {s.users_7d})",
+            f"reachable:         {s.reachable} (unreachable {s.unreachable})",
+            f"active paid:       {s.active_paid}",
+            f"active trials:     {s.active_trials}",
+            f"trial → paid:      {s.trials_converted} of {s.trials_total} ({s.conversion_percent:.1f}%)",
+            "revenue by day (last 30 days):",
+            revenue(s.revenue_by_day),
+            "revenue by plan:",
+            revenue(s.revenue_by_plan),
+            "revenue by method:",
+            revenue(s.revenue_by_method),
+        ]
+    )
+    return s, text
+
+
+def user_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    query = args.query.strip()
+    details = admin_db.user_details(conn, int(query) if query.lstrip("-").isdigit() else query, payments_limit=10)
+    _audit(conn, "lookup", query[:64], "ok" if details else "not_found")
+    if details is None:
+        raise Failed(f"no user {query}")
+    u, sub = details.user, details.subscription
+    currency = config.payments.currency
+    lines = [
+        f"user:          {u.id}" + (f" (@{u.username})" if u.username else ""),
+        f"name:          {u.first_name}",
+        f"language:      {u.language}",
+        f"joined:        {_when(details.created_at)}",
+        f"reachable:     {'yes' if u.reachable else 'no (blocked the bot)'}",
+        f"balance:       {format_money(u.balance_minor, currency)} ({u.balance_minor} minor units)",
+        f"referrals:     {details.referrals.invited} invited, {details.referrals.earned_minor} minor units earned",
+        f"trial ends:    {_when(details.trial_ends_at)}",
+    ]
+    if sub is None:
+        lines.append("subscription:  none")
+    else:
+        active = sub.status == "active" and sub.expires_at > details.now
+        lines.append(
+            f"subscription:  {sub.kind}, {sub.status if not (sub.status == 'active' and not active) else 'expired'}, "
+            f"until {_when(sub.expires_at)}, auto-renew {'on' if sub.auto_renew else 'off'}"
+        )
+    lines.append("payments:" if details.payments else "payments:      none")
+    for p in details.payments:
+        lines.append(
+            f"  #{p.id} {_when(p.created_at)} {format_money(p.amount_minor, p.currency)} {p.provider} {p.outcome}"
+        )
+    return details, "\n".join(lines)
+
+
+def grant_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    if not 1 <= args.days <= 3650:
+        raise Usage("days must be from 1 to 3650")
+    texts = Texts.load()
+
+    def notify(lang: str, sub: Subscription) -> str:
+        return texts.get(lang, "admin.grant.user_text", days=args.days, expires=_when(sub.expires_at))
+
+    try:
+        done = admin_db.grant(
+            conn, admin_db.CLI_ADMIN_ID, args.user_id, args.days, notify_text=notify if args.notify else None, via="cli"
+        )
+    except admin_db.UserNotFound:
+        _audit(conn, "grant", args.user_id, "not_found", days=args.days)
+        raise Failed(f"no user {args.user_id}") from None
+    assert done.subscription is not None
+    return done.subscription, (
+        f"granted {args.days} days to user {args.user_id}: access until {_when(done.subscription.expires_at)}"
+        + (" (the user will be notified)" if args.notify else "")
+    )
+
+
+def revoke_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    try:
+        done = admin_db.revoke(conn, admin_db.CLI_ADMIN_ID, args.user_id, via="cli")
+    except admin_db.UserNotFound:
+        _audit(conn, "revoke", args.user_id, "not_found")
+        raise Failed(f"no user {args.user_id}") from None
+    if done.subscription is None:
+        raise Failed(f"user {args.user_id} has no subscription")
+    return done.subscription, f"revoked the subscription of user {args.user_id}"
+
+
+def promo_create_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    if args.days is not None and not 1 <= args.days <= 3650:
+        raise Usage("--days must be from 1 to 3650")
+    expires = None
+    if args.days is not None:
+        row = conn.execute("SELECT now() + %s * interval '1 day'", (args.days,)).fetchone()
+        expires = row[0] if row else None
+    try:
+        created = promo.create_promo(conn, args.code, args.percent, max_uses=args.max_uses, expires_at=expires)
+    except promo.PromoExists:
+        raise Failed(f"the promo code {args.code.upper()} exists already") from None
+    except ValueError as exc:  # a bad code, percent or limit
+        raise Usage(str(exc)) from None
+    _audit(conn, "promo_create", created.code, "ok", percent=created.percent, max_uses=created.max_uses)
+    return created, f"created {created.code}: -{created.percent}%" + (
+        f", at most {created.max_uses} uses" if created.max_uses else ""
+    ) + (f", until {_when(created.expires_at)}" if created.expires_at else "")
+
+
+def promo_list_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    codes: list[promo.PromoCode] = []
+    after: str | None = None
+    while True:
+        page = promo.list_promos(conn, after_code=after, limit=200)
+        codes.extend(page)
+        if len(page) < 200:
+            break
+        after = page[-1].code
+    lines = [
+        f"{p.code:<20} -{p.percent:>3}%  used {p.used_count}/{p.max_uses if p.max_uses is not None else '∞'}  "
+        f"expires {_when(p.expires_at)}  {'active' if p.active else 'disabled'}"
+        for p in codes
+    ]
+    return codes, "\n".join(lines) if lines else "no promo codes"
+
+
+def promo_disable_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    disabled = promo.disable_promo(conn, args.code)
+    _audit(conn, "promo_disable", args.code.upper(), "ok" if disabled else "not_found")
+    if not disabled:
+        raise Failed(f"no active promo code {args.code.upper()}")
+    return {"code": args.code.upper(), "active": False}, f"disabled {args.code.upper()}"
+
+
+ADMIN_COMMANDS: dict[str, Command] = {
+    "stats": stats_command,
+    "user": user_command,
+    "grant": grant_command,
+    "revoke": revoke_command,
+    "promo create": promo_create_command,
+    "promo list": promo_list_command,
+    "promo disable": promo_disable_command,
+}
+
+
+# --- broadcast commands -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class BroadcastView:
+    broadcast: bdb.Broadcast
+    counts: bdb.Counts
+
+
+def _describe(view: BroadcastView) -> str:
+    b, c = view.broadcast, view.counts
+    segment = b.target.label()
+    return (
+        f"#{b.id:<5} {b.status:<9} {segment:<26} sent {c.sent}, failed {c.failed}, skipped {c.skipped}, "
+        f"pending {c.pending} of {c.total}  created {_when(b.created_at)}"
+    )
+
+
+def broadcast_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    verb = args.broadcast_command
+    if verb == "list":
+        if not 1 <= args.limit <= 1000:
+            raise Usage("--limit must be from 1 to 1000")
+        items = bdb.list_broadcasts(conn, limit=args.limit, status=args.status)
+        views = [BroadcastView(b, bdb.counts(conn, b.id)) for b in items]
+        return views, "\n".join(_describe(v) for v in views) if views else "no broadcasts"
+    change = bdb.change_status(conn, args.broadcast_id, verb)
+    result = "ok" if change.changed else ("not_found" if not change.found else "unchanged")
+    _audit(conn, f"broadcast_{verb}", args.broadcast_id, result)
+    if change.broadcast is None:
+        raise Failed(f"no broadcast #{args.broadcast_id}")
+    if not change.changed:
+        raise Failed(f"broadcast #{args.broadcast_id} is {change.broadcast.status}; cannot {verb} it")
+    view = BroadcastView(change.broadcast, bdb.counts(conn, args.broadcast_id))
+    return view, _describe(view)
