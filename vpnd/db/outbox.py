@@ -3,6 +3,12 @@
 `enqueue` is called from inside a transaction function (it gets the same connection), so the message
 exists if and only if the state change committed. A dedupe key makes a second enqueue of the same
 message a no-op (e.g. `reminder:<user>:<expires_at>:3d`). The outbox sender delivers rows after commit.
+
+The sender's side (`vpnd.nurseries.outbox`): `due_batch` reads due rows in delivery order with keyset
+pagination; after Telegram answers, one short transaction records the outcome — `mark_sent`,
+`drop_unreachable` (403: the user is marked unreachable too), `mark_dropped` (chat not found),
+`reschedule` (transient, with a later `not_before`) or `mark_failed` (given up, with the error).
+`backlog` feeds the health check and /metrics; `delete_finished_before` is for housekeeping.
 """
 
 from __future__ import annotations
