@@ -23,8 +23,10 @@ import trio
 from vpnd.config import Config, config_from_dict
 from vpnd.db.migrations import migrate, packaged_schema
 from vpnd.nurseries.root import run_daemon
+from vpnd.sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
 from vpnd.sandbox.postgres import Cluster, free_port, throwaway_cluster
 from vpnd.sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
+from vpnd.sandbox.xray_fake import start_fake_xray
 
 log = logging.getLogger("vpnd.sandbox")
 
@@ -125,7 +127,12 @@ def demo_database() -> Iterator[tuple[Cluster, str]]:
 
 
 async def run_sandbox(web_port: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="vpnd-demo-") as tmp, demo_database() as (_, dsn):
+    tag = "vless-reality"
+    with (
+        tempfile.TemporaryDirectory(prefix="vpnd-demo-") as tmp,
+        demo_database() as (_, dsn),
+        start_fake_xray("xray.", inbound_tags=(tag,)) as xray,
+    ):
         workdir = Path(tmp)
         async with trio.open_nursery() as fakes:
             fake = FakeTelegram()
@@ -133,15 +140,23 @@ async def run_sandbox(web_port: int) -> None:
             fake.add_user(1001, "Alice", username="alice", language_code="en")
             fake.add_user(1002, "Борис", username="boris", language_code="ru")
             telegram_url = await fakes.start(partial(serve_fake_telegram, fake, port=_port_or_free(web_port)))
-            extra: dict[str, Any] = {}
-            (workdir / "xray-template.json").write_text(json.dumps(xray_template("vless-reality"), indent=2))
+            cryptopay = FakeCryptoPay()
+            cryptopay_url = await fakes.start(serve_fake_cryptopay, cryptopay)
             http_port = free_port()
+            cryptopay.webhook_url = f"http://127.0.0.1:{http_port}/webhooks/cryptopay"
+            (workdir / "xray-template.json").write_text(json.dumps(xray_template(tag), indent=2))
+            extra: dict[str, Any] = {
+                "cryptopay": {"enabled": True, "token": cryptopay.token, "api_base_url": f"{cryptopay_url}/api"},
+                "xray": {"enabled": True, "inbound_tag": tag, "api_address": xray.address, "reconcile_interval": 30.0},
+            }
             config = demo_config(workdir, dsn, telegram_url, fake, http_port, extra)
             print(
                 f"\n  vpnd sandbox is running.\n\n"
                 f"  Open the web chat:   {telegram_url}/\n"
                 f"  vpnd health:         http://127.0.0.1:{http_port}/readyz\n"
+                f"  Xray config (vpnd writes it): {workdir / 'xray-config.json'}\n"
                 f"  Users: Alice (1001, en), Борис (1002, ru), Admin (1) — pick one and send /start.\n"
+                f"  Buy with Crypto Pay (the invoice link opens a fake pay page) or Telegram Stars.\n"
                 f"  Stop with Ctrl-C.\n",
                 flush=True,
             )
