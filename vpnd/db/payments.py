@@ -22,7 +22,6 @@ commit (`FinalizeOutcome.access_changed` / `.notified`).
 from __future__ import annotations
 
 import datetime as dt
-import html
 import logging
 from typing import Any, Literal
 
@@ -40,26 +39,11 @@ from vpnd.db.purchases import (
     lock_user,
 )
 from vpnd.db.subscriptions import Subscription, grant_days
+from vpnd.db.users import language_of
 from vpnd.pricing import STARS_CURRENCY, format_money, referral_reward
+from vpnd.telegram.texts import Texts
 
 log = logging.getLogger("vpnd.payments")
-
-# TODO(i18n): the lead moves these to the locale files (keys as named here).
-TEXTS: dict[str, str] = {
-    "payments.received_plan": "✅ Payment received: {amount}. Your VPN access is extended by {days} days, "
-    "until {expires}.",
-    "payments.received_topup": "✅ Payment received: {amount} added to your balance. Balance: {balance}.",
-    "payments.received_late": "Your payment arrived after the invoice had expired; we accepted it anyway.",
-    "payments.mismatch_user": "We received a payment that does not match your order. Support will contact you; "
-    "nothing is lost.",
-    "payments.referral_reward": "🎁 Someone you invited bought a subscription: {amount} added to your balance.",
-    "admin.payment_mismatch": "⚠️ Payment mismatch: purchase #{purchase_id} of user {user_id}: expected "
-    "{expected}, received {received} via {provider} ({provider_payment_id}). No access was granted.",
-    "admin.payment_duplicate": "⚠️ Second payment for purchase #{purchase_id} of user {user_id}: {received} via "
-    "{provider} ({provider_payment_id}); it was already paid by {first}. Refund or credit it by hand.",
-    "admin.payment_unknown": "⚠️ Payment for an unknown purchase #{purchase_id}: {received} via {provider} "
-    "({provider_payment_id}). Nothing was granted.",
-}
 
 Provider = Literal["cryptopay", "stars", "balance"]
 FinalizeStatus = Literal[
@@ -80,10 +64,22 @@ class PaymentRules:
     admin_ids: tuple[int, ...] = ()
     #: The balance (and referral rewards) are kept in this currency.
     balance_currency: str = "USD"
+    #: Messages queued for users are rendered in their language (vpnd/locales).
+    texts: Texts = attrs.field(factory=Texts.load)
+    default_language: str = "en"
 
     @classmethod
     def from_config(cls, config: Config) -> PaymentRules:
-        return cls(config.referral.percent, tuple(config.telegram.admin_ids), config.payments.currency)
+        return cls(
+            config.referral.percent,
+            tuple(config.telegram.admin_ids),
+            config.payments.currency,
+            default_language=config.telegram.default_language,
+        )
+
+    def text(self, conn: psycopg.Connection[Any], recipient: int, key: str, /, **values: object) -> str:
+        """`key` rendered in the language of user `recipient` (values are HTML-escaped)."""
+        return self.texts.get(language_of(conn, recipient, self.default_language), key, **values)
 
 
 @attrs.frozen
@@ -124,14 +120,10 @@ def _fmt_date(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _esc(value: object) -> str:
-    return html.escape(str(value), quote=False)
-
-
 def _alert_admins(conn: psycopg.Connection[Any], rules: PaymentRules, kind: str, key: str, **fields: object) -> bool:
-    text = TEXTS[f"admin.{kind}"].format(**{name: _esc(v) for name, v in fields.items()})
     queued = False
     for admin_id in rules.admin_ids:
+        text = rules.text(conn, admin_id, f"admin.{kind}", **fields)
         queued |= outbox.enqueue(conn, admin_id, text, dedupe_key=f"alert:{kind}:{key}:{admin_id}")
     log.warning("event=payment_%s %s", kind, " ".join(f"{k}={v}" for k, v in fields.items()))
     return queued
@@ -230,7 +222,8 @@ def finalize_purchase(
             purchase_id=purchase_id, user_id=user_id, expected=expected, received=received, provider=provider,
             provider_payment_id=provider_payment_id,
         )  # fmt: skip
-        outbox.enqueue(conn, user_id, TEXTS["payments.mismatch_user"], dedupe_key=f"payment:{purchase_id}")
+        mismatch_text = rules.text(conn, user_id, "payments.mismatch_user")
+        outbox.enqueue(conn, user_id, mismatch_text, dedupe_key=f"payment:{purchase_id}")
         return FinalizeOutcome("amount_mismatch", purchase_id, user_id, paid_late, notified=True)
 
     paid = format_money(purchase.amount_minor, purchase.currency)
@@ -242,17 +235,22 @@ def finalize_purchase(
         if not purchase.days:
             raise ValueError(f"purchase {purchase_id} is a plan without days")
         subscription = grant_days(conn, user_id, purchase.days, kind="paid", plan_code=purchase.plan_code)
-        text = TEXTS["payments.received_plan"].format(
-            amount=_esc(paid), days=purchase.days, expires=_fmt_date(subscription.expires_at)
+        text = rules.text(
+            conn,
+            user_id,
+            "payments.received_plan",
+            amount=paid,
+            days=purchase.days,
+            expires=_fmt_date(subscription.expires_at),
         )
     else:
         ledger.record(conn, user_id, purchase.amount_minor, ledger.TOPUP, ledger.purchase_reference(purchase_id))
         balance = ledger.balance_of(conn, user_id)
-        text = TEXTS["payments.received_topup"].format(
-            amount=_esc(paid), balance=_esc(format_money(balance, purchase.currency))
+        text = rules.text(
+            conn, user_id, "payments.received_topup", amount=paid, balance=format_money(balance, purchase.currency)
         )
     if paid_late:
-        text += "\n" + TEXTS["payments.received_late"]
+        text += "\n" + rules.text(conn, user_id, "payments.received_late")
 
     reward = 0
     if purchase.kind == "plan":
@@ -302,7 +300,7 @@ def _reward_referrer(conn: psycopg.Connection[Any], purchase: Purchase, rules: P
     outbox.enqueue(
         conn,
         int(referrer),
-        TEXTS["payments.referral_reward"].format(amount=_esc(format_money(reward, purchase.currency))),
+        rules.text(conn, int(referrer), "payments.referral_reward", amount=format_money(reward, purchase.currency)),
         dedupe_key=f"referral_reward:{purchase.id}",
     )
     return reward

@@ -138,3 +138,9 @@ def referral_stats(conn: psycopg.Connection[Any], user_id: int) -> ReferralStats
 
 def mark_unreachable(conn: psycopg.Connection[Any], user_id: int) -> None:
     conn.execute("UPDATE users SET reachable = false, updated_at = now() WHERE id = %s", (user_id,))
+
+
+def language_of(conn: psycopg.Connection[Any], user_id: int, default: str = "en") -> str:
+    """The language a message to `user_id` is written in (their choice, or `default` for strangers)."""
+    row = conn.execute("SELECT language FROM users WHERE id = %s", (user_id,)).fetchone()
+    return str(row[0]) if row else default

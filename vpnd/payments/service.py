@@ -16,6 +16,7 @@ payload = the purchase id); `check_pre_checkout` answers the pre_checkout_query;
 from __future__ import annotations
 
 import datetime as dt
+import html
 import logging
 from typing import Any
 
@@ -46,14 +47,17 @@ from vpnd.pricing import (
     received_to_minor,
     topup_offer,
 )
+from vpnd.telegram.texts import Texts
 
 log = logging.getLogger("vpnd.payments")
 
-# TODO(i18n): the lead moves these to the locale files (keys as named here).
-TEXTS: dict[str, str] = {
-    "payments.invoice_plan": "VPN access: {title}, {days} days",
-    "payments.invoice_topup": "Balance top-up: {amount}",
-}
+#: Invoice descriptions are plain text (Crypto Pay, Telegram invoices), not HTML.
+_TEXTS = Texts.load()
+
+
+def _plain(language: str, key: str, **values: object) -> str:
+    return html.unescape(_TEXTS.get(language, key, **values))
+
 
 PRE_CHECKOUT_UNKNOWN = "payments.precheckout.unknown"
 PRE_CHECKOUT_ALREADY_PAID = "payments.precheckout.already_paid"
@@ -177,12 +181,14 @@ async def start_cryptopay_purchase(
     if plan_code is not None:
         plan = _plan(app, plan_code)
         offer = plan_offer(plan)
-        description = TEXTS["payments.invoice_plan"].format(title=plan.title.get(language, plan.code), days=plan.days)
+        description = _plain(
+            language, "payments.invoice_plan", title=plan.title.get(language, plan.code), days=plan.days
+        )
     else:
         assert topup_minor is not None
         offer = topup_offer(topup_minor, app.config.payments)
-        description = TEXTS["payments.invoice_topup"].format(
-            amount=f"{from_minor(topup_minor, offer.currency)} {offer.currency}"
+        description = _plain(
+            language, "payments.invoice_topup", amount=f"{from_minor(topup_minor, offer.currency)} {offer.currency}"
         )
 
     purchase = await _create_purchase(app, user_id, offer, "cryptopay")  # committed before any HTTP
@@ -263,7 +269,7 @@ async def start_stars_purchase(app: App, user_id: int, plan_code: str, *, langua
     purchase = await _create_purchase(app, user_id, plan_offer(plan), "stars")
     assert purchase.stars is not None
     title = plan.title.get(language, plan.code)
-    description = TEXTS["payments.invoice_plan"].format(title=title, days=plan.days)
+    description = _plain(language, "payments.invoice_plan", title=title, days=plan.days)
     return StarsInvoice(purchase, title[:32], description[:255], str(purchase.id), STARS_CURRENCY, purchase.stars)
 
 
