@@ -160,3 +160,35 @@ async def test_unreachable_database_exits_one_with_reason(write_config: Callable
         assert await daemon.wait(timeout=20) == 1
         assert "event=crashed" in daemon.log() and "Traceback" not in daemon.log()
         nursery.cancel_scope.cancel()
+
+
+async def test_json_logs_carry_no_secrets(
+    write_config: Callable[..., Path], db_dsn: str, fake_telegram: tuple[FakeTelegram, str], tmp_path: Path
+) -> None:
+    """Debug-level JSON logs of a daemon at work never show the bot token or the DSN's password."""
+    import json
+
+    fake, base_url = fake_telegram
+    port = free_port()
+    dsn_with_password = db_dsn.replace("postgres@", "postgres:Pa55-w0rd-secret@")
+    config = write_config(
+        telegram={"token": fake.token, "api_base_url": base_url, "poll_timeout": 1},
+        database={"dsn": dsn_with_password, "pool_min": 1, "pool_max": 4},
+        http={"listen": f"127.0.0.1:{port}"},
+        log={"level": "debug", "format": "json"},
+    )
+    fake.add_user(77, "Logan")
+    async with trio.open_nursery() as nursery:
+        daemon = await start_daemon(nursery, config, tmp_path)
+        await wait_ready(daemon, f"http://127.0.0.1:{port}")
+        fake.user_sends(77, "/start")
+        await fake.wait_for_bot_message(77, timeout=20)
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait() == 0
+        nursery.cancel_scope.cancel()
+    log = daemon.log()
+    assert fake.token not in log and fake.token.split(":")[1] not in log
+    assert "Pa55-w0rd-secret" not in log
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert len(events) >= 5 and all({"ts", "level", "logger"} <= set(e) for e in events)
+    assert any(e.get("event") == "ready" for e in events)
