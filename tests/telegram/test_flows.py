@@ -141,3 +141,35 @@ async def test_subscription_url_matches_the_link(
     assert response.status_code == 200
     assert base64.b64decode(response.content).decode().splitlines() == [link]
     await vpnd.stop()
+
+
+async def test_reissue_replaces_the_key_and_is_rate_limited(
+    nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    fake, base_url = fake_telegram
+    vpnd = await start_vpnd(nursery, bot_config(write_config, db_dsn, fake, base_url))
+    fake.add_user(ALICE, "Alice")
+
+    def current_uuid() -> str:
+        with psycopg.connect(db_dsn) as conn:
+            row = conn.execute("SELECT uuid::text FROM subscriptions WHERE user_id = %s", (ALICE,)).fetchone()
+        assert row is not None
+        return str(row[0])
+
+    with trio.fail_after(40):
+        fake.user_sends(ALICE, "/trial")
+        await fake.wait_for_bot_message(ALICE, has_button("sub"))
+        fake.user_sends(ALICE, "/subscription")
+        details = await fake.wait_for_bot_message(ALICE, has_button("reissue"))
+        seen = {current_uuid()}
+        for _ in range(3):
+            details = await press(fake, ALICE, details, "reissue")
+            assert "key was replaced" in (details.text or "")
+            uuid_now = current_uuid()
+            assert uuid_now not in seen and uuid_now in (details.text or "")
+            seen.add(uuid_now)
+        query = fake.user_presses_button(ALICE, details.message_id, "reissue")
+        await fake.wait_until(lambda: fake.callback_queries[query.id].answered)
+        assert any("at most 3 times in 5 minutes" in n.text for n in fake.notices_for(ALICE))
+        assert current_uuid() in seen and len(seen) == 4  # the 4th reissue changed nothing
+    await vpnd.stop()
