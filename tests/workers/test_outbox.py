@@ -76,12 +76,12 @@ async def test_rate_limit_429_pause_and_unreachable_users(
         async with running(config, outbox_settings=FAST) as services:
             await enqueue_each(services.app, reachable + blocked + never_started)
             await wait_until_settled(db_dsn, timeout=60)
-            sent_metric = services.app.metrics.outbox_sends.labels("sent")._value.get()
+            sent = services.app.metrics.outbox_sends.labels("sent")
+            await poll_until(lambda: sent._value.get() == len(reachable), 5)
         watch.cancel_scope.cancel()
 
     # Everyone reachable got their message exactly once.
     assert all(len(fake.bot_messages(uid)) == 1 for uid in reachable)
-    assert sent_metric == len(reachable)
     # The one 429 was injected; the fake's own flood limits never had to refuse anything.
     assert fake.too_many_requests_sent == 1 and fake.rate_limited == 0
     # After the 429, nothing was sent for retry_after (2 s).
@@ -124,7 +124,8 @@ async def test_transient_failures_retry_then_give_up_visibly(
         assert (status, attempts) == ("failed", 3)
         assert "SendFailed" in error and "Bad Gateway" in error
         assert rule.fired == 3 * 2  # three deliveries, two tries each
-        assert services.app.metrics.outbox_sends.labels("failed")._value.get() == 1
+        failed = services.app.metrics.outbox_sends.labels("failed")
+        await poll_until(lambda: failed._value.get() == 1, 5)  # counted right after the row is recorded
     assert fake.bot_messages(2) == []
 
 
