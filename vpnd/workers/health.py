@@ -121,7 +121,7 @@ def record_observation(
         "last_alert_at = CASE WHEN %s THEN now() ELSE last_alert_at END WHERE name = %s",
         (ok, detail[:500], since, alert is not None, name),
     )
-    if alert is not None:
+    if alert is not None and admin_ids:
         languages = dict(
             conn.execute("SELECT id, language FROM users WHERE id = ANY(%s)", (list(admin_ids),)).fetchall()
         )
