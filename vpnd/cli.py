@@ -122,7 +122,7 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     log.info("event=starting version=%s config=%s", _version(), config.path)
     try:
         trio.run(run_daemon, config)
-    except BaseException as exc:  # the daemon's one error boundary: classify, log once, exit code
+    except Exception as exc:  # the daemon's one error boundary: classify, log once, exit code
         return _report_crash(exc)
     return 0
 
@@ -132,8 +132,6 @@ def _report_crash(exc: BaseException) -> int:
     if not leaves:  # only cancellations: a second signal cut the shutdown short
         log.warning("event=stopped_by_signal detail=%s", _quote("cancelled before the grace period ended"))
         return 0
-    if all(isinstance(e, KeyboardInterrupt | SystemExit) for e in leaves):
-        raise exc
     cause = leaves[0]
     if isinstance(cause, EXPECTED_FAILURES):
         log.error("event=crashed cause=%s", _quote(describe(cause)))

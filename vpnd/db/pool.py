@@ -16,6 +16,7 @@ to return the connection clean, and only then lets `trio.Cancelled` propagate.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -98,6 +99,9 @@ class Database:
         **kwargs: P.kwargs,
     ) -> R:
         """Run `fn(conn, *args, **kwargs)` in one transaction in a worker thread; return its result."""
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            # A transaction function must not be able to await (network I/O inside a transaction).
+            raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is async; transaction functions are plain functions")
         call = _Call()
 
         def work() -> R:
