@@ -112,9 +112,15 @@ async def test_transient_failures_retry_then_give_up_visibly(
         # Two 502s: the Sender's two tries fail, the row is retried later and then delivered.
         fake.inject_fault("5xx", count=2, methods=["sendMessage"])
         await enqueue_each(services.app, [1])
-        await fake.wait_for_bot_message(1, timeout=20)
+        await poll_until(lambda: query(db_dsn, "SELECT attempts FROM outbox WHERE chat_id = 1") == [(1,)], 10)
+        # A newer message to the same chat waits for the one being retried: the order holds.
+        await enqueue_each(services.app, [1], text="second {uid}")
         await wait_until_settled(db_dsn, timeout=10)
-        assert query(db_dsn, "SELECT status, attempts FROM outbox WHERE chat_id = 1") == [("sent", 2)]
+        assert query(db_dsn, "SELECT status, attempts FROM outbox WHERE chat_id = 1 ORDER BY id") == [
+            ("sent", 2),
+            ("sent", 1),
+        ]
+        assert [m.text for m in fake.bot_messages(1)] == ["hello 1", "second 1"]
 
         # Telegram keeps failing: after max_attempts deliveries the row is `failed`, with its error.
         rule = fake.inject_fault("5xx", probability=1.0, methods=["sendMessage"])

@@ -73,10 +73,17 @@ class OutboxRow:
 #: The beginning of the due order (before any real row).
 START_KEY: tuple[dt.datetime, int] = (dt.datetime(1970, 1, 1, tzinfo=dt.UTC), 0)
 
+# A chat whose message waits for a retry gets nothing newer until that one is settled: messages to
+# one chat arrive in the order they were queued ("failing" never after "recovered").
 DUE_BATCH = """
-SELECT id, chat_id, method, payload, not_before, attempts FROM outbox
-WHERE status = 'pending' AND not_before <= now() AND (not_before, id) > (%s, %s)
-ORDER BY not_before, id
+WITH held AS (
+    SELECT chat_id, min(id) AS first_id FROM outbox WHERE status = 'pending' AND attempts > 0 GROUP BY chat_id
+)
+SELECT o.id, o.chat_id, o.method, o.payload, o.not_before, o.attempts
+FROM outbox o LEFT JOIN held h ON h.chat_id = o.chat_id
+WHERE o.status = 'pending' AND o.not_before <= now() AND (o.not_before, o.id) > (%s, %s)
+  AND (h.first_id IS NULL OR o.id <= h.first_id)
+ORDER BY o.not_before, o.id
 LIMIT %s
 """
 
@@ -85,7 +92,8 @@ def due_batch(conn: psycopg.Connection[Any], after: tuple[dt.datetime, int], lim
     """Pending rows that are due, in delivery order `(not_before, id)`, after the keyset position `after`.
 
     One sender task owns delivery (the instance lock guarantees one daemon), so reading is claiming:
-    a row stays `pending` until its outcome is recorded right after Telegram answered.
+    a row stays `pending` until its outcome is recorded right after Telegram answered. Rows of a chat
+    queued after one of its rows that waits for a retry are held back until that row is settled.
     """
     with conn.cursor(row_factory=class_row(OutboxRow)) as cur:
         return cur.execute(DUE_BATCH, (*after, limit)).fetchall()

@@ -15,7 +15,8 @@ is retried later with backoff and, after `max_attempts`, `failed` with an error 
 table (`last_error`), the log and `vpnd_outbox_sends{result="failed"}`. A transient failure also
 ends the current drain (Telegram is in trouble; the next round tries again).
 
-Messages to one chat keep their order; different chats are served concurrently (bounded). The task
+Messages to one chat keep the order they were queued in, retries included (a row waiting for its
+retry holds back the chat's newer rows); different chats are served concurrently (bounded). The task
 wakes on `app.outbox_changed` and also polls every `poll_interval` (rows whose `not_before` has come,
 nudges lost to a crash). On shutdown it stops starting sends, lets the ones in flight finish and
 record their outcome, then returns.
@@ -122,6 +123,8 @@ class OutboxSender:
         by_chat: dict[int, list[OutboxRow]] = {}
         for row in batch:
             by_chat.setdefault(row.chat_id, []).append(row)
+        for rows in by_chat.values():
+            rows.sort(key=lambda r: r.id)  # one chat's messages in the order they were queued
         slots = trio.CapacityLimiter(self.settings.concurrency)
         done = 0
 
