@@ -56,6 +56,7 @@ CREATE TABLE trials (
     granted_at  timestamptz NOT NULL DEFAULT now(),
     ends_at     timestamptz NOT NULL
 );
+CREATE INDEX trials_ends_at_idx ON trials (ends_at, user_id);
 
 -- Key reissues, for the per-user rate limit.
 CREATE TABLE key_reissues (
@@ -115,6 +116,8 @@ CREATE TABLE outbox (
     last_error   text
 );
 CREATE INDEX outbox_due_idx ON outbox (not_before, id) WHERE status = 'pending';
+-- Rows waiting for a retry hold back their chat's newer rows (per-chat order).
+CREATE INDEX outbox_retry_idx ON outbox (chat_id, id) WHERE status = 'pending' AND attempts > 0;
 
 CREATE TABLE promo_codes (
     code          text PRIMARY KEY,

@@ -36,7 +36,7 @@ async def test_demo_starts_answers_in_the_web_chat_and_stops_on_ctrl_c() -> None
                 output += chunk
         url = re.search(rb"Open the web chat:\s+(\S+)", output)
         assert url is not None and url.group(1).decode() == f"http://127.0.0.1:{port}/"
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=45) as client:
             page = await client.get("/")
             assert page.status_code == 200 and "<html" in page.text
             with trio.fail_after(30):
@@ -50,6 +50,31 @@ async def test_demo_starts_answers_in_the_web_chat_and_stops_on_ctrl_c() -> None
             reply = await client.get("/sandbox/api/chats/1001/wait", params={"timeout": 20})
             assert reply.status_code == 200, reply.text
             assert "Main menu" in reply.text
+
+            # Buy a month with Crypto Pay, as a person would: buttons, the invoice link, "Pay".
+            async def press(data: str) -> dict[str, object]:
+                chat = (await client.get("/sandbox/api/chats/1001")).json()["result"]
+                message = next(m for m in reversed(chat["messages"]) if data in str(m.get("reply_markup")))
+                pressed = await client.post(
+                    "/sandbox/api/users/1001/press", json={"message_id": message["message_id"], "data": data}
+                )
+                assert pressed.status_code == 200, pressed.text
+                waited = await client.get("/sandbox/api/chats/1001/wait", params={"timeout": 20})
+                assert waited.status_code == 200, waited.text
+                result: dict[str, object] = waited.json()["result"]
+                return result
+
+            await press("buy")
+            await press("plan:m1")
+            invoice = await press("pay:m1:c")
+            pay_url = re.search(r"'url': '([^']+/invoice/[^']+)'", str(invoice))
+            assert pay_url is not None, invoice
+            version = (await client.get("/sandbox/api/chats/1001")).json()["result"]["version"]
+            async with httpx.AsyncClient(timeout=10, follow_redirects=True) as pay_client:
+                paid = await pay_client.post(pay_url.group(1) + "/pay")
+                assert paid.status_code == 200
+            received = await client.get("/sandbox/api/chats/1001/wait", params={"timeout": 30, "since": version})
+            assert "Payment received" in received.text, received.text
     finally:
         process.send_signal(signal.SIGINT)
         with trio.fail_after(30):

@@ -23,7 +23,6 @@ from vpnd.sandbox.telegram_fake import FakeTelegram
 
 USERS = list(range(100_001, 102_001))
 RUNNER = Path(__file__).with_name("runner.py")
-ROOT_WIRED = "run_outbox" in (Path(__file__).parents[2] / "vpnd" / "nurseries" / "root.py").read_text()
 IN_FLIGHT = OutboxSettings().concurrency
 
 
@@ -96,7 +95,6 @@ async def test_sigkill_mid_reminder_round_then_restart_reminds_everyone_once(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not ROOT_WIRED, reason="needs root wiring: serve_app does not start run_outbox/run_workers yet")
 async def test_daemon_sigkill_mid_reminder_round_then_restart(
     fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -17,6 +17,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import trio
 
@@ -25,7 +26,9 @@ from vpnd.config import Config
 from vpnd.cryptopay import CryptoPayClient, open_cryptopay_client
 from vpnd.logs import quote
 from vpnd.nurseries.http import build_router, run_http
+from vpnd.nurseries.outbox import run_outbox
 from vpnd.nurseries.telegram import run_telegram
+from vpnd.nurseries.workers import run_workers
 from vpnd.nurseries.xray import run_xray
 from vpnd.payments.watcher import run_payment_watcher
 from vpnd.payments.webhook import add_payment_routes
@@ -86,8 +89,9 @@ async def serve_app(
             # Dependency order: the owners of derived state first, then the sources of work
             # (updates), HTTP last since it serves everyone's routes.
             app.xray_status = await root.start(run_xray, app)
-            if cryptopay is not None:
-                await root.start(run_payment_watcher, app, cryptopay)
+            await root.start(run_outbox, app, sender)
+            watcher = [partial(run_payment_watcher, app, cryptopay)] if cryptopay is not None else []
+            await root.start(partial(run_workers, app, sender, extra=watcher))
             await root.start(run_telegram, app, bot, make_update_handler(ctx, default_routes()), make_apology(ctx))
             url = app.http_url = await root.start(run_http, app, router)
             root.start_soon(_watchdog, app, notifier)
