@@ -334,6 +334,16 @@ def adjust_balance(
 
 
 @attrs.frozen
+class StoredCheck:
+    """A health check's last state as the health worker recorded it (`health_checks`)."""
+
+    name: str
+    ok: bool
+    detail: str
+    since: dt.datetime
+
+
+@attrs.frozen
 class HealthFacts:
     db_now: dt.datetime
     outbox_pending: int
@@ -341,6 +351,7 @@ class HealthFacts:
     xray_synced_at: dt.datetime | None
     running_broadcasts: int
     paused_broadcasts: int
+    stored_checks: Sequence[StoredCheck] = ()
 
     @property
     def xray_lag_seconds(self) -> float | None:
@@ -367,6 +378,10 @@ def health_facts(conn: psycopg.Connection[Any]) -> HealthFacts:
         xray_synced_at=get_sync_marker(conn),
         running_broadcasts=int(row[3]),
         paused_broadcasts=int(row[4]),
+        stored_checks=[
+            StoredCheck(str(r[0]), bool(r[1]), str(r[2]), r[3])
+            for r in conn.execute("SELECT name, ok, detail, since FROM health_checks ORDER BY name LIMIT 100")
+        ],
     )
 
 

@@ -207,9 +207,13 @@ def promo_keyboard(t: T, promos: Iterable[PromoCode]) -> kb.Keyboard:
 
 
 def health_text(t: T, checks: dict[str, CheckResult], facts: HealthFacts) -> str:
+    merged = dict(checks)
+    for stored in facts.stored_checks:  # the health worker's recorded states, where /readyz has none
+        if stored.name not in merged:
+            merged[stored.name] = CheckResult(stored.ok, f"{stored.detail} (since {fmt_time(stored.since)})")
     lines = "\n".join(
         t("admin.health.line", mark="✅" if r.ok else "❌", name=name, detail=r.detail)
-        for name, r in sorted(checks.items())
+        for name, r in sorted(merged.items())
     )
     lag = facts.xray_lag_seconds
     return t(
