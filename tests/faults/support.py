@@ -1,0 +1,196 @@
+"""Helpers of the fault suite: daemon configs, a supervisor for `python -m vpnd run`, SQL, Xray checks.
+
+The daemon runs as a real subprocess (`vpnd.sandbox.daemon_process`); the fakes run in the test's
+Trio run and talk to it over 127.0.0.1. `Supervisor` plays systemd: start, wait for READY=1, SIGKILL,
+SIGTERM, restart, and keeps every run's log for the failure message.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import psycopg
+import trio
+
+from vpnd.sandbox.daemon_process import Daemon, start_daemon, wait_ready
+from vpnd.sandbox.demo import xray_template
+
+#: A valid REALITY public key (x25519, base64url) for link building.
+PUBLIC_KEY = "Z84J2IelR9ch3k8VtlVhhs5ycBUlXA7wHBWcBrjqnAw"
+TAG = "vless-reality"
+
+PLANS = """
+[[plans]]
+code = "m1"
+title = { en = "1 month", ru = "1 месяц" }
+days = 30
+price = "4.99"
+currency = "USD"
+stars = 250
+"""
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string is a JSON string for what we write
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def config_text(sections: Mapping[str, Mapping[str, Any]], plans: str = PLANS) -> str:
+    """TOML for `sections` (a dict per table), plans last (keys after [[plans]] would belong to it)."""
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines) + plans
+
+
+def daemon_sections(
+    *,
+    token: str,
+    telegram_url: str,
+    dsn: str,
+    port: int,
+    **overrides: Mapping[str, Any],
+) -> dict[str, dict[str, Any]]:
+    """Sections of a daemon config against the fakes; `overrides` are merged per section."""
+    sections: dict[str, dict[str, Any]] = {
+        "telegram": {
+            "token": token,
+            "api_base_url": telegram_url,
+            "poll_timeout": 1,
+            "admin_ids": [1],
+            "rate_per_second": 500.0,
+            "per_chat_per_second": 50.0,
+            "handler_timeout_seconds": 20.0,
+        },
+        "database": {"dsn": dsn, "pool_min": 1, "pool_max": 8, "connect_timeout_seconds": 5.0},
+        "http": {"listen": f"127.0.0.1:{port}", "public_base_url": f"http://127.0.0.1:{port}"},
+        "shutdown": {"grace_seconds": 3.0},
+        "xray": {"public_key": PUBLIC_KEY, "short_id": "0123abcd", "host": "vpn.example.test", "inbound_tag": TAG},
+    }
+    for name, values in overrides.items():
+        sections[name] = {**sections.get(name, {}), **values}
+    return sections
+
+
+def write_xray_template(path: Path, tag: str = TAG) -> Path:
+    path.write_text(json.dumps(xray_template(tag), indent=2))
+    return path
+
+
+def file_clients(config_path: Path, tag: str = TAG) -> dict[str, str] | None:
+    """email → uuid of the inbound's clients in Xray's config file; None when there is no file.
+
+    Raises if the file exists but is not a complete, parseable Xray config.
+    """
+    try:
+        text = config_path.read_text()
+    except FileNotFoundError:
+        return None
+    document = json.loads(text)
+    inbound = next(i for i in document["inbounds"] if i.get("tag") == tag)
+    return {c["email"]: c["id"] for c in inbound["settings"]["clients"]}
+
+
+def sql(dsn: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Read (or set up) state on a separate, direct connection — the test's own view."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+def scalar(dsn: str, query: str, params: Any = None) -> Any:
+    rows = sql(dsn, query, params)
+    return rows[0][0] if rows else None
+
+
+def desired_xray_set(dsn: str) -> dict[str, str]:
+    """What Xray must hold: every active, unexpired subscription ("u<user_id>" → uuid)."""
+    rows = sql(
+        dsn,
+        "SELECT 'u' || user_id::text, uuid::text FROM subscriptions WHERE status = 'active' AND expires_at > now()",
+    )
+    return dict(rows)  # type: ignore[arg-type]
+
+
+async def get_json(url: str, timeout: float = 5.0) -> tuple[int, Any]:
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        response = await client.get(url)
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, response.text
+
+
+async def until(predicate: Any, timeout: float, step: float = 0.05, what: str = "condition") -> float:
+    """Poll a sync `predicate` (state outside Trio: files, other processes, the database) until it holds."""
+    started = trio.current_time()
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(step)
+    return trio.current_time() - started
+
+
+@attrs.define(eq=False)
+class Supervisor:
+    """Plays systemd for one daemon config: start, READY=1, kill, restart; keeps every run."""
+
+    nursery: trio.Nursery
+    config_path: Path
+    workdir: Path
+    port: int
+    runs: list[Daemon] = attrs.field(factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def current(self) -> Daemon:
+        return self.runs[-1]
+
+    async def start(self, *, ready: bool = True, timeout: float = 40.0) -> Daemon:
+        daemon = await start_daemon(self.nursery, self.config_path, self.workdir)
+        self.runs.append(daemon)
+        if ready:
+            await self.wait_ready(daemon, timeout)
+        return daemon
+
+    async def wait_ready(self, daemon: Daemon, timeout: float = 40.0) -> float:
+        try:
+            return await wait_ready(daemon, self.url, timeout)
+        except trio.TooSlowError:
+            raise AssertionError(f"no READY=1 within {timeout}s; log:\n{daemon.log()[-4000:]}") from None
+
+    def alive(self) -> bool:
+        return bool(self.runs) and self.current.process.returncode is None
+
+    async def kill(self) -> None:
+        daemon = self.current
+        daemon.signal(signal.SIGKILL)
+        assert await daemon.wait(10) == -signal.SIGKILL
+
+    async def stop(self, timeout: float = 20.0) -> int:
+        daemon = self.current
+        if daemon.process.returncode is not None:
+            return daemon.process.returncode
+        daemon.signal(signal.SIGTERM)
+        return await daemon.wait(timeout)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- run {i} ---\n{d.log()}" for i, d in enumerate(self.runs))
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.logs()[-chars:]
