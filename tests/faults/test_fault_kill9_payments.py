@@ -19,7 +19,6 @@ import datetime as dt
 import os
 import random
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -114,8 +113,7 @@ async def create_purchases(config_path: Path, cryptopay: FakeCryptoPay) -> dict[
 
 def check_granted_exactly_once(dsn: str, invoices: dict[int, tuple[int, int]]) -> None:
     purchases = {
-        row[0]: row[1:]
-        for row in sql(dsn, "SELECT id, status, kind, user_id, invoice_id FROM purchases ORDER BY id")
+        row[0]: row[1:] for row in sql(dsn, "SELECT id, status, kind, user_id, invoice_id FROM purchases ORDER BY id")
     }
     assert len(purchases) == PURCHASES
     assert collections.Counter(p[0] for p in purchases.values()) == {"paid": PURCHASES}
@@ -262,7 +260,9 @@ async def test_sigkill_during_1000_payments_grants_each_exactly_once(
     assert file_clients(xray_file) == desired
 
     # Messages: every payer told once; a kill may repeat only the sends in flight at that moment.
-    received = [sum(1 for m in telegram.bot_messages(uid) if "Payment received" in (m.text or "")) for uid in user_ids()]
+    received = [
+        sum(1 for m in telegram.bot_messages(uid) if "Payment received" in (m.text or "")) for uid in user_ids()
+    ]
     assert min(received) >= 1
     outbox_rows = scalar(db_dsn, "SELECT count(*) FROM outbox WHERE dedupe_key LIKE 'payment:%%'")
     assert outbox_rows == PURCHASES
