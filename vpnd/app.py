@@ -51,6 +51,8 @@ class App:
     xray_changed: Nudge = attrs.field(factory=Nudge)
     #: Nudged after a commit that queues outbox messages; the outbox sender wakes up.
     outbox_changed: Nudge = attrs.field(factory=Nudge)
+    #: Nudged after a commit that creates, pauses, resumes or cancels a broadcast.
+    broadcasts_changed: Nudge = attrs.field(factory=Nudge)
 
 
 async def prepare_schema(dsn: str, schema: Schema, *, apply: bool, timeout: float = 10.0) -> None:

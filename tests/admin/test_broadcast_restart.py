@@ -8,7 +8,6 @@ tree at once (what a second signal does). The subprocess tests send real SIGTERM
 
 from __future__ import annotations
 
-import inspect
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -109,16 +108,6 @@ async def test_hard_cancel_mid_broadcast_duplicates_at_most_the_sends_in_flight(
 # --- real signals to `vpnd run` ------------------------------------------------------------------
 
 
-def _root_wired() -> bool:
-    from vpnd.nurseries import root
-    from vpnd.telegram.router import default_routes
-
-    return "run_broadcasts" in inspect.getsource(root) and "admin" in default_routes().commands
-
-
-needs_root_wiring = pytest.mark.skipif(not _root_wired(), reason="needs root wiring")
-
-
 @pytest.fixture
 def daemon_config(
     write_config: Callable[..., Path], db_dsn: str, fake_telegram: tuple[FakeTelegram, str]
@@ -140,7 +129,6 @@ def daemon_config(
     return path, f"http://127.0.0.1:{port}"
 
 
-@needs_root_wiring
 @pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 async def test_signal_at_40_percent_then_restart(
     kill: signal.Signals,

@@ -57,12 +57,6 @@ BATCH_SIZE = 200
 FINAL_MESSAGE_TIMEOUT = 5.0
 
 
-def broadcasts_changed(app: App) -> Nudge | None:
-    """The App's broadcasts nudge, when the App has one (`App.broadcasts_changed`)."""
-    nudge = getattr(app, "broadcasts_changed", None)
-    return nudge if isinstance(nudge, Nudge) else None
-
-
 @attrs.define(eq=False)
 class Progress:
     """Live counts of one broadcast task (seeded from the database when it starts)."""
@@ -320,7 +314,7 @@ async def run_broadcasts(
         app,
         sender,
         texts or Texts.load(),
-        broadcasts_changed(app) or Nudge(),
+        app.broadcasts_changed,
         max_in_flight=max_in_flight,
         poll_interval=poll_interval,
     )

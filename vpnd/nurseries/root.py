@@ -25,6 +25,7 @@ from vpnd.app import App, open_app
 from vpnd.config import Config
 from vpnd.cryptopay import CryptoPayClient, open_cryptopay_client
 from vpnd.logs import quote
+from vpnd.nurseries.broadcasts import run_broadcasts
 from vpnd.nurseries.http import build_router, run_http
 from vpnd.nurseries.outbox import run_outbox
 from vpnd.nurseries.telegram import run_telegram
@@ -93,6 +94,7 @@ async def serve_app(
             watcher = [partial(run_payment_watcher, app, cryptopay)] if cryptopay is not None else []
             await root.start(partial(run_workers, app, sender, extra=watcher))
             await root.start(run_telegram, app, bot, make_update_handler(ctx, default_routes()), make_apology(ctx))
+            await root.start(run_broadcasts, app, sender)
             url = app.http_url = await root.start(run_http, app, router)
             root.start_soon(_watchdog, app, notifier)
             await _wait_until_ready(app, notifier)

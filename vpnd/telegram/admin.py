@@ -29,7 +29,6 @@ from vpnd.db import admin as admin_db
 from vpnd.db import broadcasts as bdb
 from vpnd.db import conversation, ledger, promo
 from vpnd.db.subscriptions import Subscription
-from vpnd.nudge import Nudge
 from vpnd.pricing import InvalidAmount, format_money, parse_amount
 from vpnd.telegram import admin_views as views
 from vpnd.telegram import keyboards as kb
@@ -125,9 +124,7 @@ async def _clear_state(turn: Turn) -> None:
 
 def _nudge_broadcasts(turn: Turn) -> None:
     """Wake the broadcasts nursery (it also polls the database, so this only makes it faster)."""
-    nudge = getattr(turn.app, "broadcasts_changed", None)
-    if isinstance(nudge, Nudge):
-        nudge.nudge()
+    turn.app.broadcasts_changed.nudge()
 
 
 # --- menu, stats, health ----------------------------------------------------------------------

@@ -13,8 +13,11 @@ if TYPE_CHECKING:
 
 
 def register_all(routes: Routes) -> None:
-    """Flows beyond the core: promo codes and buying (admin adds its own)."""
+    """Flows beyond the core: promo codes, buying, and the admin tools."""
+    # Imported here: the admin module imports flows.menu, a top-level import would be circular.
+    from vpnd.telegram import admin
     from vpnd.telegram.flows import buy, promo
 
     promo.register(routes)
     buy.register(routes)
+    admin.register(routes)
