@@ -194,3 +194,30 @@ class Supervisor:
 
     def tail(self, chars: int = 4000) -> str:
         return self.logs()[-chars:]
+
+
+@attrs.define(eq=False)
+class ReplyClock:
+    """When each bot message appeared in each watched chat (Trio time, ~20 ms resolution).
+
+    Replies in a private chat come in the order of the user's messages, so the k-th bot message of a
+    chat is the reply to the user's k-th message there (for flows that answer each message once).
+    """
+
+    telegram: Any
+    chats: list[int]
+    seen: dict[int, list[float]] = attrs.field(factory=dict)
+
+    async def run(self) -> None:
+        while True:
+            now = trio.current_time()
+            for chat in self.chats:
+                times = self.seen.setdefault(chat, [])
+                count = len(self.telegram.bot_messages(chat))
+                times.extend([now] * (count - len(times)))
+            await trio.sleep(0.02)
+
+    def reply_time(self, chat: int, index: int) -> float | None:
+        """When the reply to the chat's `index`-th (0-based) user message appeared."""
+        times = self.seen.get(chat, [])
+        return times[index] if index < len(times) else None
