@@ -7,7 +7,7 @@ no beat came within its `max_age`, the watchdog stops pinging systemd so that it
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import attrs
 import trio
@@ -53,23 +53,27 @@ class Health:
         return [name for name, hb in self.heartbeats.items() if now - hb.last > hb.max_age]
 
     async def readiness(self, timeout: float = 3.0) -> dict[str, CheckResult]:
-        """Run every check concurrently, each bounded by `timeout`."""
-        results: dict[str, CheckResult] = {}
-
-        async def run_one(name: str, check: ReadinessCheck) -> None:
-            with trio.move_on_after(timeout) as scope:
-                try:
-                    results[name] = await check()
-                except trio.Cancelled:
-                    raise
-                except Exception as exc:
-                    results[name] = CheckResult(False, f"{type(exc).__name__}: {exc}"[:200])
-            if scope.cancelled_caught:
-                results[name] = CheckResult(False, f"no answer within {timeout:g}s")
-
-        async with trio.open_nursery() as nursery:
-            for name, check in self.checks.items():
-                nursery.start_soon(run_one, name, check)
+        """Run every check concurrently, each bounded by `timeout`; add stalled critical loops."""
+        results = await run_checks(self.checks, timeout)
         for name in self.stale_loops():
             results[f"loop:{name}"] = CheckResult(False, "loop stalled")
         return results
+
+
+async def run_checks(checks: Mapping[str, ReadinessCheck], timeout: float) -> dict[str, CheckResult]:
+    """Run `checks` concurrently, each bounded by `timeout`; an exception is a failed check."""
+    results: dict[str, CheckResult] = {}
+
+    async def run_one(name: str, check: ReadinessCheck) -> None:
+        with trio.move_on_after(timeout) as scope:
+            try:
+                results[name] = await check()
+            except Exception as exc:  # trio.Cancelled is not an Exception: it passes
+                results[name] = CheckResult(False, f"{type(exc).__name__}: {exc}"[:300])
+        if scope.cancelled_caught:
+            results[name] = CheckResult(False, f"no answer within {timeout:g}s")
+
+    async with trio.open_nursery() as nursery:
+        for name, check in checks.items():
+            nursery.start_soon(run_one, name, check)
+    return results

@@ -246,20 +246,7 @@ async def ask_revoke(turn: Turn, args: list[str]) -> None:
 
 
 async def revoke_confirmed(turn: Turn, args: list[str]) -> None:
-    user_id, nonce = int(args[0]), args[1]
-    try:
-        done = await turn.app.db.run(admin_db.revoke, turn.user.id, user_id, nonce=nonce)
-    except admin_db.UserNotFound:
-        await turn.show(turn.t("admin.user.not_found", query=user_id), views.back_keyboard(turn.t))
-        return
-    if done.repeated:
-        notice = turn.t("admin.already_done")
-    elif done.subscription is None:
-        notice = turn.t("admin.no_subscription", id=user_id)
-    else:
-        turn.app.xray_changed.nudge()
-        notice = turn.t("admin.revoke.done", id=user_id)
-    await show_user(turn, user_id, notice)
+    await _access_action(turn, args, admin_db.revoke, "admin.revoke.done")
 
 
 async def ask_reissue(turn: Turn, args: list[str]) -> None:
@@ -271,9 +258,14 @@ async def ask_reissue(turn: Turn, args: list[str]) -> None:
 
 
 async def reissue_confirmed(turn: Turn, args: list[str]) -> None:
+    await _access_action(turn, args, admin_db.reissue, "admin.reissue.done")
+
+
+async def _access_action(turn: Turn, args: list[str], action: Any, done_key: str) -> None:
+    """A confirmed revoke/reissue: run it once (the nonce makes a second press a no-op), nudge Xray."""
     user_id, nonce = int(args[0]), args[1]
     try:
-        done = await turn.app.db.run(admin_db.reissue, turn.user.id, user_id, nonce=nonce)
+        done = await turn.app.db.run(action, turn.user.id, user_id, nonce=nonce)
     except admin_db.UserNotFound:
         await turn.show(turn.t("admin.user.not_found", query=user_id), views.back_keyboard(turn.t))
         return
@@ -283,7 +275,7 @@ async def reissue_confirmed(turn: Turn, args: list[str]) -> None:
         notice = turn.t("admin.no_subscription", id=user_id)
     else:
         turn.app.xray_changed.nudge()
-        notice = turn.t("admin.reissue.done", id=user_id)
+        notice = turn.t(done_key, id=user_id)
     await show_user(turn, user_id, notice)
 
 

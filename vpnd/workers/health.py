@@ -31,7 +31,7 @@ import trio
 
 from vpnd.app import App
 from vpnd.db import outbox
-from vpnd.health import CheckResult
+from vpnd.health import CheckResult, run_checks
 from vpnd.periodic import run_periodic
 from vpnd.telegram.client import TrioBot
 from vpnd.telegram.texts import Texts
@@ -206,24 +206,7 @@ class HealthChecker:
         return CheckResult(usage.free >= self.settings.min_free_bytes, detail)
 
     async def probe_all(self) -> dict[str, CheckResult]:
-        results: dict[str, CheckResult] = {}
-        timeout = self.settings.probe_timeout
-
-        async def run_one(name: str, probe: Callable[[], Awaitable[CheckResult]]) -> None:
-            with trio.move_on_after(timeout) as scope:
-                try:
-                    results[name] = await probe()
-                except trio.Cancelled:
-                    raise
-                except Exception as exc:
-                    results[name] = CheckResult(False, f"{type(exc).__name__}: {exc}"[:300])
-            if scope.cancelled_caught:
-                results[name] = CheckResult(False, f"no answer within {timeout:g} s")
-
-        async with trio.open_nursery() as nursery:
-            for name, probe in self.probes().items():
-                nursery.start_soon(run_one, name, probe)
-        return results
+        return await run_checks(self.probes(), self.settings.probe_timeout)
 
     async def round(self) -> int:
         """Probe everything, publish the results, record them (and queue alerts). Returns alerts queued."""
