@@ -17,6 +17,7 @@ import datetime as dt
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 from collections.abc import Iterator, Sequence
@@ -29,7 +30,8 @@ import psycopg
 import trio
 
 from vpnd.db.migrations import migrate, packaged_schema
-from vpnd.sandbox.postgres import Cluster, throwaway_cluster
+from vpnd.sandbox.daemon_process import start_daemon, wait_ready
+from vpnd.sandbox.postgres import Cluster, free_port, throwaway_cluster
 from vpnd.sandbox.telegram_fake import ChatMessage, FakeTelegram, FakeUser
 
 TEMPLATE_DB = "bench_template"
@@ -165,7 +167,8 @@ class TimedTelegram(FakeTelegram):
 
     bot_outputs: dict[int, int] = attrs.field(factory=dict, init=False)
     last_output_at: dict[int, float] = attrs.field(factory=dict, init=False)
-    output_times: list[float] = attrs.field(factory=list, init=False)
+    #: (trio time, chat id) of every bot output while `record_times` is set.
+    output_log: list[tuple[float, int]] = attrs.field(factory=list, init=False)
     record_times: bool = attrs.field(default=False, init=False)
     _output_waiters: dict[int, trio.Event] = attrs.field(factory=dict, init=False)
     #: Keep at most this many messages per chat (a long benchmark would otherwise grow the fake).
@@ -190,7 +193,7 @@ class TimedTelegram(FakeTelegram):
         self.bot_outputs[chat_id] = self.bot_outputs.get(chat_id, 0) + 1
         self.last_output_at[chat_id] = now
         if self.record_times:
-            self.output_times.append(now)
+            self.output_log.append((now, chat_id))
         event = self._output_waiters.pop(chat_id, None)
         if event is not None:
             event.set()
@@ -287,3 +290,60 @@ def vpnd_sections(
     for name, values in overrides.items():
         sections[name] = {**sections.get(name, {}), **values}
     return sections
+
+
+@attrs.define(eq=False)
+class BotProcess:
+    """A bot under test running as a subprocess (vpnd or the reference bot)."""
+
+    process: trio.Process
+    meter: ProcessMeter
+    log_path: Path
+    http_url: str = ""
+
+    def log_tail(self, size: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-size:]
+
+    async def stop(self, timeout: float = 30) -> float:
+        """SIGTERM, wait for exit (kill after `timeout`); return the seconds it took."""
+        started = trio.current_time()
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(timeout):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+        return trio.current_time() - started
+
+
+async def start_vpnd(
+    nursery: trio.Nursery,
+    workdir: Path,
+    dsn: str,
+    fake: FakeTelegram,
+    telegram_url: str,
+    *,
+    env: dict[str, str] | None = None,
+    **overrides: dict[str, Any],
+) -> BotProcess:
+    """`python -m vpnd run` with a fake NOTIFY_SOCKET; returns after READY=1."""
+    port = free_port()
+    sections = vpnd_sections(dsn, fake, telegram_url, port, **overrides)
+    config = write_vpnd_config(workdir / f"vpnd-{port}.toml", sections)
+    daemon = await start_daemon(nursery, config, workdir, env=env)
+    try:
+        await wait_ready(daemon, f"http://127.0.0.1:{port}", timeout=90)
+    except trio.TooSlowError:
+        daemon.process.kill()
+        raise RuntimeError(f"vpnd did not become ready:\n{daemon.log()[-3000:]}") from None
+    return BotProcess(daemon.process, ProcessMeter(daemon.process.pid), daemon.log_path, f"http://127.0.0.1:{port}")
+
+
+async def wait_polling(fake: FakeTelegram, bot: BotProcess, timeout: float = 60) -> None:
+    """Until the bot has a getUpdates long poll waiting at the fake."""
+    with trio.fail_after(timeout):
+        while fake.stats()["polls_waiting"] < 1:
+            if bot.process.returncode is not None:
+                raise RuntimeError(f"the bot exited {bot.process.returncode}:\n{bot.log_tail()}")
+            await trio.sleep(0.05)

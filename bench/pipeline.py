@@ -26,7 +26,6 @@ import argparse
 import collections
 import functools
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import trio
 from bench import profiling
 from bench.common import (
     BenchDatabase,
+    BotProcess,
     ProcessMeter,
     TimedTelegram,
     bench_database,
@@ -48,10 +48,9 @@ from bench.common import (
     pick,
     print_table,
     runs,
-    vpnd_sections,
-    write_vpnd_config,
+    start_vpnd,
+    wait_polling,
 )
-from vpnd.sandbox.daemon_process import start_daemon, wait_ready
 from vpnd.sandbox.postgres import free_port
 from vpnd.sandbox.telegram_fake import serve_fake_telegram
 
@@ -78,16 +77,6 @@ VARIANTS = (
 )
 
 
-@attrs.define(eq=False)
-class BotProcess:
-    process: trio.Process
-    meter: ProcessMeter
-    log_path: Path
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-
 async def start_bot(
     nursery: trio.Nursery,
     variant: Variant,
@@ -100,22 +89,19 @@ async def start_bot(
 ) -> BotProcess:
     """Start the bot under test and return once it is polling the fake."""
     if variant.bot == "vpnd":
-        port = free_port()
-        sections = vpnd_sections(
+        bot = await start_vpnd(
+            nursery,
+            workdir,
             dsn,
             fake,
             telegram_url,
-            port,
+            env=dict(variant.env),
             telegram={
                 "max_concurrent_updates": variant.max_concurrent_updates,
                 "rate_per_second": 1000.0,
                 "per_chat_per_second": 100.0,
             },
         )
-        config = write_vpnd_config(workdir / f"vpnd-{free_port()}.toml", sections)
-        daemon = await start_daemon(nursery, config, workdir, env=dict(variant.env))
-        await wait_ready(daemon, f"http://127.0.0.1:{port}", timeout=60)
-        bot = BotProcess(daemon.process, ProcessMeter(daemon.process.pid), daemon.log_path)
     else:
         log_path = workdir / f"aiogram-{free_port()}.log"
         command = [
@@ -130,21 +116,8 @@ async def start_bot(
                 env={**os.environ, **dict(variant.env)},
             )
         bot = BotProcess(process, ProcessMeter(process.pid), log_path)
-    with trio.fail_after(60):
-        while fake.stats()["polls_waiting"] < 1:
-            if bot.process.returncode is not None:
-                raise RuntimeError(f"{variant.bot} exited {bot.process.returncode}:\n{bot.log_tail()}")
-            await trio.sleep(0.05)
+    await wait_polling(fake, bot)
     return bot
-
-
-async def stop_bot(bot: BotProcess) -> None:
-    bot.process.send_signal(signal.SIGTERM)
-    with trio.move_on_after(30):
-        await bot.process.wait()
-    if bot.process.returncode is None:
-        bot.process.kill()
-        await bot.process.wait()
 
 
 async def user_loop(fake: TimedTelegram, user_id: int, flow: str, count: int, latencies: list[float]) -> None:
@@ -197,7 +170,7 @@ async def measure_once(
             driver = _self_cpu() - driver0
             peak = bot.meter.peak_rss_mib()
         finally:
-            await stop_bot(bot)
+            await bot.stop()
         nursery.cancel_scope.cancel()
     done = len(latencies)
     return {

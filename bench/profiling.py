@@ -12,11 +12,12 @@ import collections
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import trio
 
-PROFILE_DIR = Path("bench/profiles")
+PROFILE_DIR = Path(tempfile.gettempdir()) / "vpnd-bench-profiles"
 
 _PACKAGES = [
     ("vpnd.db / psycopg", re.compile(r"psycopg|vpnd/db/|db/pool\.py")),

@@ -1,0 +1,243 @@
+"""Benchmark 2 — a broadcast to 10,000 recipients against Telegram's limits.
+
+    python -m bench broadcast                       # 10,000 recipients: ~7 minutes at 25 msg/s
+    python -m bench broadcast --recipients 3000
+    VPND_BENCH_QUICK=1 python -m bench broadcast    # 1,500 recipients
+
+The fake Bot API enforces Telegram's limits (30 messages/s overall, 1/s per chat with bursts of 5)
+and answers 429 + retry_after past them; vpnd runs with its default outbound limits
+([telegram].rate_per_second = 25, per_chat_per_second = 1). The recipients are users in the
+database and started chats in the fake; the broadcast (segment "all") is created the way the admin
+flow creates it (`vpnd.db.broadcasts.create_broadcast`) and picked up by the running daemon.
+
+Meanwhile a few users keep talking to the bot (/start every ~2 s each): their reply latency is
+measured before the broadcast (idle) and while it runs. Figures: the achieved rate (overall and the
+median of 10-second windows) as a fraction of the limit, 429s sent by the fake, handler latency
+idle vs during, vpnd's CPU and peak RSS. 10,000 messages at ≤ 30/s take at least 5.5 minutes, so
+this benchmark is one long run; the window median is its "median of several".
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import trio
+
+from bench.common import (
+    BenchDatabase,
+    TimedTelegram,
+    bench_database,
+    machine_line,
+    median,
+    percentile,
+    pick,
+    print_table,
+    start_vpnd,
+    wait_polling,
+)
+from vpnd.db import broadcasts as bdb
+from vpnd.sandbox.telegram_fake import serve_fake_telegram
+
+RECIPIENT_BASE = 20_000_000
+PROBE_BASE = 30_000_000
+ADMIN_ID = 1
+WINDOW = 10.0
+
+
+def add_recipients(dsn: str, first_id: int, count: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO users (id, username, first_name, language, referral_code) "
+            "SELECT g, 'user' || g, 'User', 'en', 'r' || g FROM generate_series(%s::bigint, %s::bigint) g",
+            (first_id, first_id + count - 1),
+        )
+
+
+def create_broadcast(dsn: str) -> bdb.Broadcast:
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        return bdb.create_broadcast(
+            conn,
+            created_by=ADMIN_ID,
+            text="<b>News</b>: the benchmark broadcast. Thank you for staying with us!",
+            segment=bdb.Segment("all"),
+            button_text="Open",
+            button_url="https://example.com/news",
+        )
+
+
+async def probe(fake: TimedTelegram, user_id: int, interval: float, until: trio.Event, latencies: list[float]) -> None:
+    """One user sends /start every ~`interval` seconds and times the reply, until `until` is set."""
+    rng = random.Random(user_id)
+    await trio.sleep(rng.uniform(0, interval))
+    while not until.is_set():
+        target = fake.outputs(user_id) + 1
+        sent = trio.current_time()
+        fake.user_sends(user_id, "/start")
+        await fake.wait_outputs(user_id, target, 60)
+        latencies.append(fake.last_output_at[user_id] - sent)
+        with trio.move_on_after(rng.uniform(0.5, 1.5) * interval):
+            await until.wait()
+
+
+async def run_probes(
+    fake: TimedTelegram, users: list[int], interval: float, seconds: float | None, until: trio.Event
+) -> list[float]:
+    latencies: list[float] = []
+    async with trio.open_nursery() as nursery:
+        for user_id in users:
+            nursery.start_soon(probe, fake, user_id, interval, until, latencies)
+        if seconds is not None:
+            await trio.sleep(seconds)
+            until.set()
+    return latencies
+
+
+async def scenario(args: argparse.Namespace, db: BenchDatabase, workdir: Path) -> dict[str, Any]:
+    dsn = db.fresh("broadcast")
+    add_recipients(dsn, RECIPIENT_BASE, args.recipients)
+    fake = TimedTelegram()  # Telegram's limits: 30/s overall, 1/s per chat (burst 5)
+    recipients = set(range(RECIPIENT_BASE, RECIPIENT_BASE + args.recipients))
+    for user_id in recipients:
+        fake.add_user(user_id, "User").started = True
+    probes = [PROBE_BASE + i for i in range(args.probes)]
+    for user_id in probes:
+        fake.add_user(user_id, "Probe")
+    async with trio.open_nursery() as nursery:
+        telegram_url = await nursery.start(functools.partial(serve_fake_telegram, fake))
+        bot = await start_vpnd(nursery, workdir, dsn, fake, telegram_url)
+        try:
+            await wait_polling(fake, bot)
+            idle = await run_probes(fake, probes, args.probe_interval, args.idle_seconds, trio.Event())
+
+            fake.record_times = True
+            cpu0 = bot.meter.cpu_seconds()
+            created_at = trio.current_time()
+            broadcast = create_broadcast(dsn)
+            done = trio.Event()
+            during: list[float] = []
+
+            async def probes_during() -> None:
+                during.extend(await run_probes(fake, probes, args.probe_interval, None, done))
+
+            nursery.start_soon(probes_during)
+            sent_times = await wait_for_broadcast(fake, recipients, len(recipients), args)
+            done.set()
+            cpu = bot.meter.cpu_seconds() - cpu0
+            peak = bot.meter.peak_rss_mib()
+            await trio.sleep(0.5)
+        finally:
+            await bot.stop()
+        nursery.cancel_scope.cancel()
+    return {
+        "broadcast": broadcast,
+        "created_at": created_at,
+        "sent_times": sent_times,
+        "idle": idle,
+        "during": during,
+        "cpu": cpu,
+        "peak": peak,
+        "fake": fake,
+    }
+
+
+async def wait_for_broadcast(
+    fake: TimedTelegram, recipients: set[int], total: int, args: argparse.Namespace
+) -> list[float]:
+    """Wait until every recipient got the message; return the send times (trio time, sorted)."""
+    deadline = trio.current_time() + total / 15 + 120
+    last_report = trio.current_time()
+    seen = 0
+    times: list[float] = []
+    while True:
+        for at, chat in fake.output_log[seen:]:
+            if chat in recipients:
+                times.append(at)
+        seen = len(fake.output_log)
+        if len(times) >= total:
+            return sorted(times)
+        now = trio.current_time()
+        if now > deadline:
+            raise RuntimeError(f"broadcast incomplete: {len(times)}/{total} messages after {now - deadline:.0f}s")
+        if now - last_report >= 30:
+            last_report = now
+            print(f"  … {len(times)}/{total} delivered", flush=True)
+        await trio.sleep(0.5)
+
+
+def report(result: dict[str, Any], args: argparse.Namespace) -> None:
+    times: list[float] = result["sent_times"]
+    fake: TimedTelegram = result["fake"]
+    total = len(times)
+    span = times[-1] - times[0]
+    rate = (total - 1) / span if span > 0 else float("nan")
+    windows: list[float] = []
+    start = times[0]
+    index = 0
+    while start + WINDOW <= times[-1]:
+        count = 0
+        while index < total and times[index] < start + WINDOW:
+            count += 1
+            index += 1
+        windows.append(count / WINDOW)
+        start += WINDOW
+    window_median = median(windows)
+    limit = fake.global_rate
+    every = [at for at, _ in fake.output_log if times[0] <= at <= times[-1]]
+    all_rate = (len(every) - 1) / span if span > 0 else float("nan")
+    print_table(
+        f"broadcast: {total} recipients, fake limits {limit:g} msg/s overall and {fake.chat_rate:g}/s per chat, "
+        "vpnd at its defaults (25/s, 1/s per chat)",
+        ["figure", "value"],
+        [
+            ["first message after creation (s)", times[0] - result["created_at"]],
+            ["duration, first to last message (s)", span],
+            ["achieved rate, overall (msg/s)", rate],
+            [f"achieved rate, median of {len(windows)} {WINDOW:g}-s windows", window_median],
+            [
+                "fraction of Telegram's limit (overall / window median)",
+                f"{rate / limit:.2f} / {window_median / limit:.2f}",
+            ],
+            ["all bot messages meanwhile, broadcast + replies (msg/s)", all_rate],
+            ["fraction of vpnd's configured rate (25/s): broadcast / all", f"{rate / 25:.2f} / {all_rate / 25:.2f}"],
+            [
+                "429 responses from the fake (flood limits / all)",
+                f"{fake.rate_limited} / {fake.too_many_requests_sent}",
+            ],
+            ["handler latency idle, p50 / p99 (ms)", _lat(result["idle"])],
+            ["handler latency during the broadcast, p50 / p99 (ms)", _lat(result["during"])],
+            ["vpnd CPU seconds per 1,000 messages sent", result["cpu"] / max(1, len(every)) * 1000],
+            ["vpnd peak RSS (MiB)", result["peak"]],
+        ],
+    )
+
+
+def _lat(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{percentile(values, 0.5) * 1000:.0f} / {percentile(values, 0.99) * 1000:.0f}  (n={len(values)})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench broadcast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--recipients", type=int, default=pick(10_000, 1_500))
+    parser.add_argument("--probes", type=int, default=10, help="users talking to the bot meanwhile")
+    parser.add_argument("--probe-interval", type=float, default=2.0)
+    parser.add_argument("--idle-seconds", type=float, default=pick(15.0, 6.0))
+    args, _ = parser.parse_known_args(argv or [])
+    print(f"# broadcast — {machine_line()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="vpnd-bench-") as tmp, bench_database() as db:
+        result = trio.run(scenario, args, db, Path(tmp))
+    report(result, args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
