@@ -300,6 +300,7 @@ class BotProcess:
     meter: ProcessMeter
     log_path: Path
     http_url: str = ""
+    config_path: Path | None = None
 
     def log_tail(self, size: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-size:]
@@ -337,7 +338,9 @@ async def start_vpnd(
     except trio.TooSlowError:
         daemon.process.kill()
         raise RuntimeError(f"vpnd did not become ready:\n{daemon.log()[-3000:]}") from None
-    return BotProcess(daemon.process, ProcessMeter(daemon.process.pid), daemon.log_path, f"http://127.0.0.1:{port}")
+    return BotProcess(
+        daemon.process, ProcessMeter(daemon.process.pid), daemon.log_path, f"http://127.0.0.1:{port}", config
+    )
 
 
 async def wait_polling(fake: FakeTelegram, bot: BotProcess, timeout: float = 60) -> None:
