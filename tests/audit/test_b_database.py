@@ -151,15 +151,6 @@ async def test_db_run_refuses_async_functions_before_taking_a_connection(one_con
         assert await db.run(lambda conn: conn.execute("SELECT count(*) FROM users").fetchone()[0]) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="vpnd bug: Database.run checks only the function's kind. A plain callable that returns a coroutine "
-    "(a lambda around an async def, an object with an async __call__) runs inside the transaction, which "
-    "then COMMITS; only afterwards trio.to_thread.run_sync raises TypeError ('Trio expected a sync function, "
-    "but Database.run.<locals>.work appears to be asynchronous'). The caller sees an error for a committed "
-    "transaction. Fix: in `work`, raise TypeError when inspect.isawaitable(result) (closing it) before the "
-    "transaction block ends, so it rolls back.",
-)
 async def test_db_run_refuses_a_plain_callable_that_returns_a_coroutine_and_commits_nothing(
     one_connection: Database,
 ) -> None:

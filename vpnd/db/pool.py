@@ -111,6 +111,12 @@ class Database:
                     try:
                         with conn.transaction():
                             result = fn(conn, *args, **kwargs)
+                            if inspect.isawaitable(result):
+                                # A callable that *returns* a coroutine (a lambda around an async
+                                # def): refuse before the transaction ends, so it rolls back.
+                                if inspect.iscoroutine(result):
+                                    result.close()
+                                raise TypeError(f"{fn!r} returned an awaitable; transaction functions are sync")
                             call.check()  # a cancel that came during fn rolls back instead of committing
                         return result
                     finally:
