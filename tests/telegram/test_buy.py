@@ -153,3 +153,53 @@ async def test_pay_from_balance(
     assert scalar(db_dsn, "SELECT balance_minor FROM users WHERE id = %s", ALICE) == 1000 - 499
     assert scalar(db_dsn, "SELECT sum(delta_minor) FROM balance_ledger WHERE user_id = %s", ALICE) == 1000 - 499
     await vpnd.stop()
+
+
+async def test_admin_refunds_a_stars_payment_once(
+    nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    fake, base_url = fake_telegram
+    vpnd = await start_vpnd(nursery, bot_config(write_config, db_dsn, fake, base_url))
+    admin = 1  # bot_config's admin_ids
+    fake.add_user(ALICE, "Alice")
+    fake.add_user(admin, "Admin")
+    with trio.fail_after(40):
+        plans = await open_buy(fake)
+        methods = await press(fake, plans, "plan:m1")
+        fake.user_presses_button(ALICE, methods.message_id, "pay:m1:s")
+        invoice = await fake.wait_for_bot_message(ALICE, lambda m: m.invoice is not None)
+        fake.user_pays_invoice(ALICE, invoice.message_id)
+        while scalar(db_dsn, "SELECT count(*) FROM payments WHERE provider = 'stars'") != 1:
+            await trio.sleep(0.05)
+        purchase_id = scalar(db_dsn, "SELECT purchase_id FROM payments")
+
+        fake.user_sends(admin, "/admin")
+        panel = await fake.wait_for_bot_message(admin, lambda m: "adm:fu" in m.callback_data)
+        fake.user_presses_button(admin, panel.message_id, "adm:fu")
+        await fake.wait_for_bot_message(admin)
+        fake.user_sends(admin, str(ALICE))
+        card = await fake.wait_for_bot_message(admin, lambda m: f"adm:rf:{purchase_id}" in m.callback_data)
+        fake.user_presses_button(admin, card.message_id, f"adm:rf:{purchase_id}")
+        confirm = await fake.wait_for_bot_message(admin, lambda m: f"adm:rfc:{purchase_id}" in m.callback_data)
+        fake.user_presses_button(admin, confirm.message_id, f"adm:rfc:{purchase_id}")
+        done = await fake.wait_for_bot_message(admin, lambda m: "refunded" in (m.text or ""))
+        assert f"adm:rf:{purchase_id}" not in done.callback_data  # no second refund offered
+        # A replayed confirmation (an old client, a double tap) is refused by Telegram and changes nothing.
+        fake.inject_update(
+            {
+                "callback_query": {
+                    "id": "replayed-refund",
+                    "from": fake.users[admin].to_api(),
+                    "message": done.to_api(),
+                    "chat_instance": "1",
+                    "data": f"adm:rfc:{purchase_id}",
+                }
+            }
+        )
+        refused = await fake.wait_for_bot_message(admin, lambda m: "refused the refund" in (m.text or ""))
+        assert "charge_already_refunded" in (refused.text or "").lower()
+    assert scalar(db_dsn, "SELECT outcome FROM payments WHERE purchase_id = %s", purchase_id) == "refunded"
+    assert scalar(db_dsn, "SELECT count(*) FROM admin_audit WHERE action = 'refund' AND result = 'ok'") == 1
+    assert scalar(db_dsn, "SELECT count(*) FROM admin_audit WHERE action = 'refund' AND result = 'failed'") == 1
+    assert any(m.refunded_payment for m in fake.transcript(ALICE))
+    await vpnd.stop()

@@ -28,6 +28,7 @@ from telegram.error import BadRequest
 from vpnd.db import admin as admin_db
 from vpnd.db import broadcasts as bdb
 from vpnd.db import conversation, ledger, promo
+from vpnd.db import payments as payments_db
 from vpnd.db.subscriptions import Subscription
 from vpnd.pricing import InvalidAmount, format_money, parse_amount
 from vpnd.telegram import admin_views as views
@@ -608,6 +609,48 @@ def _status_action(action: bdb.Action) -> CallbackAction:
     return change
 
 
+async def ask_refund(turn: Turn, args: list[str]) -> None:
+    purchase_id = int(args[0])
+    await turn.show(
+        turn.t("admin.refund.confirm", id=purchase_id),
+        views.confirm_keyboard(turn.t, views.data("rfc", purchase_id)),
+    )
+
+
+async def refund_confirmed(turn: Turn, args: list[str]) -> None:
+    """Refund a Telegram Stars payment: the Bot API call first (outside any transaction), then the record.
+
+    Telegram refuses a second refund of the same charge, so a repeated press changes nothing.
+    The access the payment granted is left as is; revoke separately if that is wanted.
+    """
+    purchase_id = int(args[0])
+    charge = await turn.app.db.run(payments_db.stars_charge, purchase_id)
+    if charge is None:
+        await turn.show(turn.t("admin.refund.not_stars", id=purchase_id), views.back_keyboard(turn.t))
+        return
+    user_id, charge_id = charge
+    try:
+        await turn.ctx.sender.call(
+            user_id,
+            lambda: turn.ctx.bot.refund_star_payment(user_id, charge_id),
+            counts_as_message=False,
+        )
+    except telegram.error.TelegramError as exc:
+        await _audit(turn, "refund", purchase_id, result="failed", error=str(exc)[:200])
+        await turn.show(
+            turn.t("admin.refund.failed", id=purchase_id, error=str(exc)[:200]), views.back_keyboard(turn.t)
+        )
+        return
+
+    def record(conn: psycopg.Connection[Any]) -> bool:
+        changed = payments_db.mark_refunded(conn, purchase_id)
+        admin_db.audit(conn, turn.user.id, "refund", purchase_id, "ok", {"charge_id": charge_id})
+        return changed
+
+    await turn.app.db.run(record)
+    await show_user(turn, user_id, turn.t("admin.refund.done", id=purchase_id))
+
+
 CALLBACKS: dict[str, CallbackAction] = {
     "st": show_stats,
     "hl": show_health,
@@ -635,6 +678,8 @@ CALLBACKS: dict[str, CallbackAction] = {
     "bp": _status_action("pause"),
     "br": _status_action("resume"),
     "bx": _status_action("cancel"),
+    "rf": ask_refund,
+    "rfc": refund_confirmed,
 }
 
 STATES: dict[str, StateAction] = {

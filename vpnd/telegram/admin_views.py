@@ -15,6 +15,7 @@ Admin callback data all start with the verb ``adm`` (see `vpnd.telegram.admin`):
     adm:bn                 no URL button              adm:bs:<segment>[:<days>]           choose the segment
     adm:bgo:<nonce>        start the broadcast        adm:bl                 list broadcasts
     adm:bp|br|bx:<id>      pause / resume / cancel
+    adm:rf:<purchase>      refund Stars (asks)        adm:rfc:<purchase>     confirm the refund
 """
 
 from __future__ import annotations
@@ -173,6 +174,9 @@ def user_keyboard(t: T, d: UserDetails) -> kb.Keyboard:
                 )
             ]
         )
+    for payment in d.payments:
+        if payment.provider == "stars" and payment.outcome == "granted":
+            rows.append([kb.button(t("admin.refund.button", id=payment.purchase_id), data("rf", payment.purchase_id))])
     rows.append([kb.button(t("admin.back"), VERB)])
     return kb.keyboard(*rows)
 
