@@ -12,6 +12,7 @@ repository root documents every key with its default.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -253,6 +254,8 @@ def read_int(value: object) -> int:
 def read_number(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _expected("a number", value)
+    if not math.isfinite(value):
+        raise _expected("a finite number", value)
     return float(value)
 
 
@@ -450,6 +453,8 @@ SECTION_CLASSES: dict[str, type] = {
 }
 
 PLAN_KEYS = {"code", "title", "days", "price", "currency", "stars"}
+#: A Stars price must fit the database's integer column (and Telegram's own limits are far lower).
+MAX_STARS = 1_000_000
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -471,6 +476,8 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError(name, None, "not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(name, None, f"invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(name, None, "invalid TOML: nested too deeply") from None
     return config_from_dict(raw, name, environ)
 
 
@@ -555,14 +562,23 @@ def _read_plan(name: str, where: str, table: object) -> Plan:
     code = field("code", read_str)
     if not re.fullmatch(r"[a-z0-9_]{1,32}", code):
         raise ConfigError(name, f"{where}.code", f"expected 1-32 of a-z, 0-9, _, got {_show(code)}")
-    return Plan(
+    plan = Plan(
         code=code,
         title=field("title", _read_title, code),
         days=field("days", in_range(read_int, 1, 3650)),
         price=field("price", positive(read_decimal)),
         currency=field("currency", read_str),
-        stars=field("stars", non_negative(read_int), 0),
+        stars=field("stars", in_range(read_int, 0, MAX_STARS), 0),
     )
+    from vpnd import pricing
+
+    try:
+        pricing.plan_offer(plan)
+    except pricing.InvalidAmount as exc:
+        raise ConfigError(
+            name, f"{where}.price", f"expected a price in whole {plan.currency} minor units: {exc}"
+        ) from None
+    return plan
 
 
 def _read_title(value: object) -> Mapping[str, str]:
@@ -585,12 +601,32 @@ def _check_whole(name: str, config: Config) -> None:
         )
     if config.payments.topup_min > config.payments.topup_max:
         raise ConfigError(name, "[payments].topup_min", "expected at most [payments].topup_max")
+    _check_amounts(name, config.payments)
     if config.xray.enabled:
         _check_link_settings(name, config.xray)
     if config.cryptopay.enabled and not config.cryptopay.token:
         raise ConfigError(
             name, "[cryptopay].token", "required when [cryptopay].enabled = true (or VPND_CRYPTOPAY_TOKEN)"
         )
+
+
+def _check_amounts(name: str, payments: PaymentsConfig) -> None:
+    """Every configured amount must be a whole number of the currency's minor units (no 0.001 USD)."""
+    from vpnd import pricing
+
+    amounts = [
+        ("min_price", payments.min_price),
+        ("topup_min", payments.topup_min),
+        ("topup_max", payments.topup_max),
+        *(("topup_presets", amount) for amount in payments.topup_presets),
+    ]
+    for key, amount in amounts:
+        try:
+            pricing.to_minor(amount, payments.currency)
+        except pricing.InvalidAmount as exc:
+            raise ConfigError(
+                name, f"[payments].{key}", f"expected whole {payments.currency} minor units: {exc}"
+            ) from None
 
 
 def _check_link_settings(name: str, xray: XrayConfig) -> None:
