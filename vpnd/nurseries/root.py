@@ -2,7 +2,8 @@
 
     outer nursery ── signal watcher (1st signal: stop; 2nd: cancel now)
     └── open_app (instance lock, schema, database pool — closed last)
-        └── root nursery ── http, telegram, xray, workers, outbox, broadcasts, watchdog
+        └── root nursery ── xray writer, outbox sender, workers (incl. payment watcher),
+                            telegram (polling + handler nursery), broadcasts, http, watchdog
 
 Children start in dependency order with `await nursery.start(...)`; READY=1 goes to systemd only
 after the last one reported started. On the first SIGTERM/SIGINT `app.lifecycle.stopping` is set
