@@ -41,8 +41,11 @@ system-deps:
 demo: $(STAMP)
 	$(BIN)/vpnd sandbox
 
+# Benchmarks (figures, not pass/fail): bench/README.md. VPND_BENCH_QUICK=1 for a short run of all of them;
+# BENCH_ARGS="pipeline --profile" for a chosen one with options.
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
