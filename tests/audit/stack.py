@@ -58,7 +58,7 @@ def full_config(
     """vpnd against the fakes given (Crypto Pay and Xray are off without theirs); `sections` override."""
     fake, base_url = bot_api
     base: dict[str, dict[str, Any]] = {
-        "telegram": {"rate_per_second": 200.0, "per_chat_per_second": 20.0},
+        "telegram": {},
         "shutdown": {"grace_seconds": 3.0},
         "workers": {
             "reminders_interval": 0.5,
