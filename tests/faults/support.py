@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -221,3 +222,13 @@ class ReplyClock:
         """When the reply to the chat's `index`-th (0-based) user message appeared."""
         times = self.seen.get(chat, [])
         return times[index] if index < len(times) else None
+
+
+def until_sync(predicate: Any, timeout: float, step: float = 0.05) -> bool:
+    """Poll `predicate` from a plain thread (hypothesis tests); True once it holds, False on timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
