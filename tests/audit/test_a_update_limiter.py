@@ -2,15 +2,33 @@
 
 The seed bot registered a semaphore middleware on `dp.update` and checked by reading that it did not
 wrap background tasks. Here the structure is checked from the source, and the behaviour by running
-the daemon with every update slot blocked (tests/telegram/test_polling.py::test_blocked_handlers_...
-and tests/audit/test_b_database.py, whose scenario runs workers while handlers run).
+the whole daemon with every update slot taken by a handler that cannot finish — stuck on Telegram
+(the fake holds its sendMessage) or on a row lock the test holds — while the outbox sender, the Xray
+writer, a broadcast, the reminders worker and the Crypto Pay watcher must all still get their work
+done (tests/telegram/test_polling.py covers HTTP and polling under the same conditions).
 """
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+import trio
 
 from tests.audit.source import calls_named, daemon_modules, function
+from tests.audit.stack import full_config, live_emails, poll, scalar, sql, start_full
+from vpnd.app import App
+from vpnd.cryptopay import open_cryptopay_client
+from vpnd.db import broadcasts as bdb
+from vpnd.db import outbox
+from vpnd.db.subscriptions import grant_days
+from vpnd.payments.service import start_cryptopay_purchase
+from vpnd.sandbox.cryptopay_fake import FakeCryptoPay
+from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd.sandbox.xray_fake import FakeXray
 
 UPDATE_LIMITER_MODULE = "vpnd/telegram/dispatch.py"
 #: The database bridge has its own limiter: worker threads = pool size (not an update semaphore).
@@ -69,3 +87,186 @@ def test_one_acquire_and_only_the_handler_inside_it() -> None:
     # No nested acquire: the handler path does not reach the limiter again.
     handle_one = function(tree, "Dispatcher._handle_one")
     assert not _limiter_blocks(ast.Module(body=[handle_one], type_ignores=[]))
+
+
+# --- behaviour: background work goes on while every update slot is blocked -----------------------
+
+SLOTS = 3
+BLOCKED = [8001, 8002, 8003]  # their handlers take every slot
+WAITING = 8004  # queued behind them: proves the slots stay taken while the checks run
+OUTBOX_TO, GRANTED, REMINDED, PAYER = 8101, 8102, 8103, 8104
+RECIPIENTS = list(range(8201, 8221))
+
+
+def _seed(dsn: str, fake: FakeTelegram) -> None:
+    """Users in the database and the fake."""
+    everyone = [*BLOCKED, WAITING, OUTBOX_TO, GRANTED, REMINDED, PAYER, *RECIPIENTS]
+    sql(dsn, "INSERT INTO users (id, first_name, referral_code) SELECT id, 'U' || id, 'ref' || id "
+             "FROM unnest(%s::bigint[]) id", everyone)  # fmt: skip
+    for uid in everyone:
+        fake.add_user(uid, f"U{uid}").started = True
+
+
+def _not_news(fake: FakeTelegram, uid: int) -> list[object]:
+    """The bot's messages to `uid` other than the broadcast (the broadcast goes to everyone)."""
+    return [m for m in fake.bot_messages(uid) if "News while stuck" not in (m.text or "")]
+
+
+async def _pending_purchase(app: App, pay: FakeCryptoPay, pay_url: str) -> tuple[int, int]:
+    """A Crypto Pay purchase with its invoice (made before the handlers are blocked): (purchase, invoice)."""
+    async with open_cryptopay_client(pay.token, pay_url) as client:
+        purchase, _ = await start_cryptopay_purchase(app, client, PAYER, plan_code="m1")
+    assert purchase.invoice_id is not None
+    return purchase.id, purchase.invoice_id
+
+
+async def _background_work_progresses(
+    app: App, fake: FakeTelegram, fake_xray: FakeXray, pay: FakeCryptoPay, purchase: tuple[int, int], dsn: str,
+    timeout: float,
+) -> float:  # fmt: skip
+    """Give each background service one piece of work (written on the test's own connection, as any
+    other process would) and wait until every one is done; the seconds taken. Fails naming the services
+    that did not get it done within `timeout`."""
+    started = trio.current_time()
+    purchase_id, invoice_id = purchase
+    pay.webhooks_enabled = False  # only the watcher can find this payment
+    pay.pay(invoice_id)
+
+    def queue() -> None:
+        with psycopg.connect(dsn) as conn:
+            outbox.enqueue(conn, OUTBOX_TO, "queued while the handlers are stuck", dedupe_key="audit-a")
+            grant_days(conn, GRANTED, 30, kind="paid")
+            conn.execute(
+                "INSERT INTO subscriptions (user_id, kind, status, uuid, sub_token, plan_code, expires_at) "
+                "VALUES (%s, 'paid', 'active', gen_random_uuid(), 'tok-r', 'm1', now() + interval '20 hours')",
+                (REMINDED,),
+            )  # a reminder is due from now on
+            bdb.create_broadcast(conn, created_by=1, text="News while stuck", segment=bdb.Segment.parse("all"))
+
+    await trio.to_thread.run_sync(queue)
+    app.outbox_changed.nudge()
+    app.xray_changed.nudge()
+
+    def got(uid: int, fragment: str) -> bool:
+        return any(fragment in (m.text or "") for m in fake.bot_messages(uid))
+
+    checks: dict[str, Callable[[], bool]] = {
+        "outbox sender": lambda: got(OUTBOX_TO, "queued while the handlers are stuck"),
+        "xray writer": lambda: f"u{GRANTED}" in live_emails(fake_xray),
+        "broadcast": lambda: all(got(uid, "News while stuck") for uid in RECIPIENTS),
+        "reminders worker": lambda: bool(_not_news(fake, REMINDED)),
+        "payment watcher": lambda: scalar(dsn, "SELECT status FROM purchases WHERE id = %s", purchase_id) == "paid",
+    }
+    done: dict[str, float] = {}
+    with trio.move_on_after(timeout):
+        while len(done) < len(checks):
+            for name, check in checks.items():
+                if name not in done and check():
+                    done[name] = trio.current_time() - started
+            await trio.sleep(0.05)
+    missing = sorted(set(checks) - set(done))
+    assert not missing, f"no progress within {timeout:g}s: {missing} (done: {done})"
+    return max(done.values())
+
+
+async def test_background_work_and_a_broadcast_progress_while_every_update_slot_waits_on_telegram(
+    nursery: trio.Nursery,
+    fake_telegram: tuple[FakeTelegram, str],
+    fake_cryptopay: tuple[FakeCryptoPay, str],
+    fake_xray: FakeXray,
+    db_dsn: str,
+    write_config: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    fake, _ = fake_telegram
+    pay, pay_url = fake_cryptopay
+    hold = 6.0
+    config = full_config(
+        write_config, db_dsn, tmp_path, fake_telegram, cryptopay=fake_cryptopay, xray=fake_xray,
+        telegram={"max_concurrent_updates": SLOTS, "handler_timeout_seconds": 30.0},
+    )  # fmt: skip
+    _seed(db_dsn, fake)
+    vpnd = await start_full(nursery, config, pay)
+    purchase = await _pending_purchase(vpnd.app, pay, pay_url)
+    with trio.fail_after(60):
+        fake.inject_fault("timeout", count=SLOTS, hold_seconds=hold, methods=["sendMessage"])
+        for uid in BLOCKED:
+            fake.user_sends(uid, "/start")
+        await fake.wait_until(lambda: fake.requests["sendMessage"] >= SLOTS, timeout=10)
+        blocked_at = trio.current_time()
+        fake.user_sends(WAITING, "/start")
+
+        took = await _background_work_progresses(vpnd.app, fake, fake_xray, pay, purchase, db_dsn, hold - 2.0)
+
+        # All of it happened while the handlers still held every slot: nobody blocked or queued was answered.
+        assert trio.current_time() - blocked_at < hold - 1.0, "the checks outlasted the block; make them faster"
+        assert not any(_not_news(fake, uid) for uid in [*BLOCKED, WAITING])
+        # When Telegram answers again, the stuck and the queued updates are handled.
+        await fake.wait_until(lambda: all(_not_news(fake, uid) for uid in [*BLOCKED, WAITING]), timeout=40)
+    print(f"\nbackground work done {took:.2f}s into a {hold:g}s block of all {SLOTS} update slots")
+    await vpnd.stop()
+
+
+ROW_LOCK_BUG = (
+    "vpnd bug: handlers blocked on a database row lock hold pool connections; with the defaults "
+    "max_concurrent_updates = 20 > pool_max = 10 they take every connection, and the outbox sender, the Xray "
+    "writer, broadcasts, the payment watcher and the health check (which then reports the database down) stall "
+    "until statement_timeout (15 s by default) frees them. The update limit must also bound the handlers' "
+    "share of the pool (e.g. a limiter on handlers' db.run calls of pool_max minus a reserve for background "
+    "services), or the config must refuse pool_max <= max_concurrent_updates."
+)
+
+
+@pytest.mark.parametrize(
+    ("slots", "pool"),
+    [
+        pytest.param(3, 6, id="3-slots-pool-6"),
+        pytest.param(
+            20,
+            10,
+            id="defaults-20-slots-pool-10",
+            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=ROW_LOCK_BUG),
+        ),
+    ],
+)
+async def test_background_work_progresses_while_every_update_slot_waits_on_a_row_lock(
+    slots: int,
+    pool: int,
+    nursery: trio.Nursery,
+    fake_telegram: tuple[FakeTelegram, str],
+    fake_cryptopay: tuple[FakeCryptoPay, str],
+    fake_xray: FakeXray,
+    db_dsn: str,
+    write_config: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    """The test holds the user rows of as many talkers as there are update slots (FOR NO KEY UPDATE), so
+    each of their handlers waits on a row lock inside its slot — and inside a pooled connection."""
+    fake, _ = fake_telegram
+    pay, pay_url = fake_cryptopay
+    talkers = list(range(8301, 8301 + slots))
+    config = full_config(
+        write_config, db_dsn, tmp_path, fake_telegram, cryptopay=fake_cryptopay, xray=fake_xray,
+        telegram={"max_concurrent_updates": slots, "handler_timeout_seconds": 60.0},
+        database={"pool_min": 2, "pool_max": pool, "statement_timeout_ms": 30000},
+    )  # fmt: skip
+    _seed(db_dsn, fake)
+    sql(db_dsn, "INSERT INTO users (id, first_name, referral_code) SELECT id, 'U' || id, 'ref' || id "
+                "FROM unnest(%s::bigint[]) id", talkers)  # fmt: skip
+    for uid in talkers:
+        fake.add_user(uid, f"U{uid}").started = True
+    vpnd = await start_full(nursery, config, pay)
+    purchase = await _pending_purchase(vpnd.app, pay, pay_url)
+    with psycopg.connect(db_dsn) as blocker, trio.fail_after(90):
+        # NO KEY UPDATE: what the handlers' upsert of the user row needs (and a foreign key check does not).
+        blocker.execute("SELECT 1 FROM users WHERE id = ANY(%s) FOR NO KEY UPDATE", (talkers,))
+        for uid in talkers:
+            fake.user_sends(uid, "/start")
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'vpnd' AND wait_event_type = 'Lock'"
+        await poll(lambda: scalar(db_dsn, waiting) >= min(slots, pool), 10, what="handlers wait on the row locks")
+        try:
+            await _background_work_progresses(vpnd.app, fake, fake_xray, pay, purchase, db_dsn, 10.0)
+        finally:
+            blocker.rollback()
+        await fake.wait_until(lambda: all(_not_news(fake, uid) for uid in talkers), timeout=40)
+    await vpnd.stop()
