@@ -225,7 +225,7 @@ ROW_LOCK_BUG = (
             20,
             10,
             id="defaults-20-slots-pool-10",
-            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=ROW_LOCK_BUG),
+            marks=pytest.mark.xfail(strict=True, reason=ROW_LOCK_BUG),
         ),
     ],
 )
