@@ -24,8 +24,9 @@ from telegram.error import Conflict, InvalidToken, NetworkError, RetryAfter, Tim
 from vpnd.app import App
 from vpnd.db import inbox
 from vpnd.health import CheckResult
+from vpnd.logs import quote
 from vpnd.telegram.client import TrioBot, backoff, retry_after_seconds
-from vpnd.telegram.dispatch import Apology, Handler, chat_key, open_dispatcher
+from vpnd.telegram.dispatch import INT64, Apology, Handler, chat_key, open_dispatcher, storable
 
 log = logging.getLogger("vpnd.telegram")
 
@@ -144,14 +145,19 @@ async def _poll(app: App, bot: TrioBot, state: PollState, submit: Any) -> None:
         log.debug("event=poll_ok updates=%d offset=%s", len(updates), state.offset)
         if not updates:
             continue
-        rows = []
-        for update in updates:
-            update_id = update.get("update_id")
-            if isinstance(update_id, int):
-                rows.append((update_id, chat_key(update), update))
-        if not rows:
+        ids = [u["update_id"] for u in updates if isinstance(u.get("update_id"), int) and u["update_id"] >= 0]
+        if not ids:
             continue
-        next_offset = max(r[0] for r in rows) + 1
+        next_offset = max(ids) + 1  # past every update of the batch, stored or not
+        rows = []
+        for raw in updates:
+            update_id = raw.get("update_id")
+            if not isinstance(update_id, int) or isinstance(update_id, bool) or not 0 <= update_id < INT64:
+                log.warning("event=update_unusable detail=%s", quote("no usable update_id; skipped"))
+                continue
+            update = storable(raw)
+            assert isinstance(update, dict)
+            rows.append((update_id, chat_key(update), update))
         new_ids = set(await app.db.run(inbox.record_updates, rows, next_offset))
         state.offset = next_offset
         for update_id, _, payload in rows:

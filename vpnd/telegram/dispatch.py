@@ -39,21 +39,47 @@ Apology = Callable[[Payload], Awaitable[None]]
 Recorder = Callable[[int, str], Awaitable[None]]
 
 
+INT64 = 1 << 63
+
+
+def _id(value: object) -> int | None:
+    """An id as PostgreSQL's bigint can hold it, else None (a hostile or broken update)."""
+    if isinstance(value, int) and not isinstance(value, bool) and -INT64 <= value < INT64:
+        return value
+    return None
+
+
 def chat_key(payload: Payload) -> int | None:
     """The chat whose order an update belongs to (None: no chat, handle on its own)."""
     for kind in ("message", "edited_message", "my_chat_member", "chat_member"):
         body = payload.get(kind)
         if isinstance(body, dict):
             chat = body.get("chat")
-            if isinstance(chat, dict) and isinstance(chat.get("id"), int):
-                return int(chat["id"])
+            if isinstance(chat, dict) and _id(chat.get("id")) is not None:
+                return _id(chat["id"])
     for kind in ("callback_query", "pre_checkout_query", "shipping_query", "inline_query"):
         body = payload.get(kind)
         if isinstance(body, dict):
             sender = body.get("from")
-            if isinstance(sender, dict) and isinstance(sender.get("id"), int):
-                return int(sender["id"])
+            if isinstance(sender, dict) and _id(sender.get("id")) is not None:
+                return _id(sender["id"])
     return None
+
+
+def storable(payload: object) -> object:
+    """The update with what PostgreSQL cannot store made harmless: NUL characters (text and jsonb
+    refuse them) become U+FFFD, integers beyond 64 bits become strings. Everything else is kept."""
+    if isinstance(payload, str):
+        return payload.replace("\x00", "\ufffd") if "\x00" in payload else payload
+    if isinstance(payload, bool):
+        return payload
+    if isinstance(payload, int):
+        return payload if -INT64 <= payload < INT64 else str(payload)
+    if isinstance(payload, dict):
+        return {storable(key): storable(value) for key, value in payload.items()}
+    if isinstance(payload, list):
+        return [storable(item) for item in payload]
+    return payload
 
 
 @attrs.define(eq=False)
