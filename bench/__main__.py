@@ -11,6 +11,7 @@ Each benchmark is also `python -m bench.NAME --help`.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import time
 
@@ -36,7 +37,8 @@ def main(argv: list[str]) -> int:
         started = time.monotonic()
         module = importlib.import_module(f"bench.{name}")
         module.main(options)
-        print(f"# {name}: {time.monotonic() - started:.0f} s\n", flush=True)
+        load = os.getloadavg()[0]
+        print(f"# {name}: {time.monotonic() - started:.0f} s (load average now {load:.1f})\n", flush=True)
     return 0
 
 

@@ -63,9 +63,10 @@ def machine_line() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     memory = psutil.virtual_memory().total / 2**30
+    load = os.getloadavg()[0]
     return (
         f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, Linux {platform.release()}, "
-        f"Python {sys.version.split()[0]}, {dt.date.today().isoformat()}"
+        f"Python {sys.version.split()[0]}, {dt.date.today().isoformat()}, load average {load:.1f}"
     )
 
 
