@@ -19,8 +19,9 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from functools import partial
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -38,6 +39,24 @@ R = TypeVar("R")
 #: How long a cancelled call may take to roll back and return its connection before we give up
 #: waiting politely (the thread is still awaited; this only bounds the server-side cancel).
 CANCEL_REQUEST_TIMEOUT = 5.0
+
+
+#: Connections the update handlers can never take: background services (outbox, Xray writer,
+#: workers, broadcasts, health) always find one, even when every handler waits inside the database.
+BACKGROUND_RESERVE = 2
+
+#: Set while an update handler runs (see `update_lane`): its database calls share a smaller limit.
+_IN_UPDATE_LANE: ContextVar[bool] = ContextVar("vpnd_db_update_lane", default=False)
+
+
+@contextmanager
+def update_lane() -> Iterator[None]:
+    """Mark the database calls made inside the block (and tasks it starts) as an update handler's."""
+    token = _IN_UPDATE_LANE.set(True)
+    try:
+        yield
+    finally:
+        _IN_UPDATE_LANE.reset(token)
 
 
 class DatabaseUnavailable(Exception):
@@ -89,6 +108,9 @@ class Database:
     pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]]
     limiter: trio.CapacityLimiter
     acquire_timeout: float
+    #: The update handlers' share of the worker threads (= connections): the pool size less
+    #: BACKGROUND_RESERVE, at least one.
+    update_limiter: trio.CapacityLimiter | None = None
     #: Calls currently running in a worker thread (for /metrics and tests).
     in_flight: int = 0
 
@@ -99,6 +121,17 @@ class Database:
         **kwargs: P.kwargs,
     ) -> R:
         """Run `fn(conn, *args, **kwargs)` in one transaction in a worker thread; return its result."""
+        if _IN_UPDATE_LANE.get() and self.update_limiter is not None:
+            async with self.update_limiter:
+                return await self._run(fn, *args, **kwargs)
+        return await self._run(fn, *args, **kwargs)
+
+    async def _run(
+        self,
+        fn: Callable[Concatenate[psycopg.Connection[Any], P], R],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
         if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
             # A transaction function must not be able to await (network I/O inside a transaction).
             raise TypeError(f"{getattr(fn, '__qualname__', fn)!r} is async; transaction functions are plain functions")
@@ -209,7 +242,12 @@ async def open_database(
             reason = await trio.to_thread.run_sync(_describe_connect_error, dsn)
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL within {connect_timeout:g}s: {reason}") from exc
     try:
-        yield Database(pool=pool, limiter=trio.CapacityLimiter(max_size), acquire_timeout=connect_timeout)
+        yield Database(
+            pool=pool,
+            limiter=trio.CapacityLimiter(max_size),
+            acquire_timeout=connect_timeout,
+            update_limiter=trio.CapacityLimiter(max(1, max_size - BACKGROUND_RESERVE)),
+        )
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lambda: pool.close(timeout=5.0))

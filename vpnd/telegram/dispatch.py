@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 import trio
 
+from vpnd.db.pool import update_lane
 from vpnd.logs import quote
 
 log = logging.getLogger("vpnd.updates")
@@ -143,7 +144,7 @@ class Dispatcher:
         outcome = "ok"
         self.in_handler += 1
         try:
-            with trio.fail_after(self.handler_timeout):
+            with trio.fail_after(self.handler_timeout), update_lane():
                 await self.handler(update_id, payload)
         except Exception as exc:  # the error boundary; trio.Cancelled is not an Exception and passes
             outcome = "error"
