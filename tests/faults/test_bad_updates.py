@@ -316,7 +316,6 @@ def test_after_fuzzing_the_bot_still_serves_and_non_admins_changed_nothing(live:
 # --- poison updates -------------------------------------------------------------------------------
 
 
-
 async def assert_survives(update: dict[str, Any], fake: Any, base_url: str, db_dsn: str, tmp_path: Path) -> None:
     uid = REAL_USERS[0]
     fake.add_user(uid, "User")
