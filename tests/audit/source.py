@@ -63,7 +63,7 @@ class Param:
 
 
 def module_name(path: str) -> str:
-    """"vpnd/db/pool.py" → "vpnd.db.pool" ("vpnd/db/__init__.py" → "vpnd.db")."""
+    """ "vpnd/db/pool.py" → "vpnd.db.pool" ("vpnd/db/__init__.py" → "vpnd.db")."""
     name = path.removesuffix(".py").replace("/", ".")
     return name.removesuffix(".__init__")
 

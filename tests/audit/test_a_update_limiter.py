@@ -208,8 +208,6 @@ async def test_background_work_and_a_broadcast_progress_while_every_update_slot_
     await vpnd.stop()
 
 
-
-
 @pytest.mark.parametrize(
     ("slots", "pool"),
     [

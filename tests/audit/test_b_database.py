@@ -102,8 +102,10 @@ def test_connections_are_taken_only_by_the_database_api() -> None:
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
                 name, owner = node.func.attr, ast.unparse(node.func.value)
-                if (name == "connect" and owner.endswith("psycopg")) or name in ("connection", "getconn") or (
-                    name == "ConnectionPool"
+                if (
+                    (name == "connect" and owner.endswith("psycopg"))
+                    or name in ("connection", "getconn")
+                    or (name == "ConnectionPool")
                 ):
                     makers.setdefault(path, []).append(f"{path}:{node.lineno} {owner}.{name}")
     assert set(makers) <= set(CONNECTION_MAKERS), {p: v for p, v in makers.items() if p not in CONNECTION_MAKERS}
@@ -240,9 +242,7 @@ async def test_finalize_and_grant_share_one_connection_and_one_transaction(
         "AND (row_data->>'id')::bigint = %s",
         purchase_id,
     )[0]
-    writes = sql(
-        db_dsn, "SELECT tbl, op, pid, xid::text FROM audit_writes WHERE xid::text = %s ORDER BY at", paid_xid
-    )
+    writes = sql(db_dsn, "SELECT tbl, op, pid, xid::text FROM audit_writes WHERE xid::text = %s ORDER BY at", paid_xid)
     tables = {tbl for tbl, _, _, _ in writes}
     assert {"purchases", "payments", "subscriptions", "outbox"} <= tables, writes
     assert {pid for _, _, pid, _ in writes} == {paid_pid}, "finalize's writes came from more than one connection"
@@ -365,9 +365,7 @@ async def test_end_to_end_with_one_pooled_connection(
         await say(fake, CAROL, "/start")
         pay.webhooks_enabled = False
         carol_purchase = await buy_with_crypto_pay(fake, pay, db_dsn, CAROL)
-        await poll(
-            lambda: scalar(db_dsn, "SELECT status FROM purchases WHERE id = %s", carol_purchase) == "paid", 20
-        )
+        await poll(lambda: scalar(db_dsn, "SELECT status FROM purchases WHERE id = %s", carol_purchase) == "paid", 20)
         pay.webhooks_enabled = True
 
         # admin grant: 10 days for Frank, whose subscription ran out

@@ -1,7 +1,7 @@
 """Audit G (source half) — no except clause swallows cancellation; no task without a nursery.
 
-The behaviour half (SIGTERM → every task finished, exit 0; the broadcast cancelled and resumed) runs the
-daemon: tests/test_daemon.py, tests/telegram/test_polling.py and tests/admin/.
+The behaviour half (SIGTERM → every task finished, none restarted, exit 0 within the grace; the broadcast
+stopped and resumed once) runs the daemon: tests/audit/test_g_shutdown.py.
 """
 
 from __future__ import annotations
