@@ -70,13 +70,14 @@ def live(pg_server: Any, template_dsn: str, tmp_path_factory: pytest.TempPathFac
 
 # --- strategies -----------------------------------------------------------------------------------
 
-# Text without NUL (a NUL kills the loop: see test_nul_in_update_text_does_not_kill_polling).
-text = st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=300)
+# Any text JSON can carry (NUL included: PostgreSQL's jsonb cannot store it; the poller must cope).
+text = st.text(st.characters(exclude_categories=("Cs",)), max_size=300)
 long_text = st.integers(4000, 20_000).map(lambda n: ("я" * n)[:n])
 json_scalars = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-(2**63), MAX_INT64),
+    st.integers(),  # beyond 64 bits too: ids, amounts, dates
     st.floats(allow_nan=False, allow_infinity=False),
     text,
 )
@@ -208,7 +209,7 @@ def impossible(draw: st.DrawFn) -> dict[str, Any]:
 
 @st.composite
 def mutated(draw: st.DrawFn) -> dict[str, Any]:
-    """A well-formed update with fields deleted or replaced by values of any type (int64-safe, no NUL)."""
+    """A well-formed update with fields deleted or replaced by values of any type and size."""
     update = copy.deepcopy(draw(well_formed() | impossible()))
     for _ in range(draw(st.integers(1, 4))):
         path: list[Any] = []
@@ -268,6 +269,8 @@ def assert_still_serving(live: Live) -> None:
 # --- properties -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @FUZZ
 @given(st.lists(well_formed(), min_size=1, max_size=4))
 def test_well_formed_hostile_updates_are_handled_ok(live: Live, updates: list[dict[str, Any]]) -> None:
@@ -279,6 +282,8 @@ def test_well_formed_hostile_updates_are_handled_ok(live: Live, updates: list[di
     assert live.alive()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @FUZZ
 @given(st.lists(mutated() | impossible() | well_formed(), min_size=1, max_size=4))
 def test_mutated_updates_never_kill_the_loop(live: Live, updates: list[dict[str, Any]]) -> None:

@@ -187,6 +187,8 @@ def expected_statuses(body: bytes, kind: str) -> set[int]:
 # --- the property ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @FUZZ
 @example(body=b'{"update_id": 1, "update_type": "invoice_paid", "request_date": "2024-01-01T00:00:00Z", '
          b'"payload": []}', kind="valid", content_type="application/json", text="")  # fmt: skip
