@@ -23,6 +23,7 @@ from typing import Any
 
 import attrs
 import httpx
+import psycopg
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -34,7 +35,7 @@ from vpnd.payments.service import start_cryptopay_purchase
 from vpnd.payments.webhook import MAX_WEBHOOK_BODY
 
 USERS = [46_001, 46_002, 46_003]
-EXAMPLES = int(os.environ.get("VPND_FUZZ_EXAMPLES_WEBHOOK", "300"))
+EXAMPLES = int(os.environ.get("VPND_FUZZ_EXAMPLES_WEBHOOK", "600"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -90,17 +91,21 @@ def http(live: Live) -> Iterator[httpx.Client]:
         yield client
 
 
+SNAPSHOT_QUERIES = {
+    "purchases": "SELECT id, status, paid_at, invoice_id, paid_late FROM purchases ORDER BY id",
+    "payments": "SELECT * FROM payments ORDER BY id",
+    "subscriptions": "SELECT user_id, expires_at, status FROM subscriptions ORDER BY user_id",
+    "ledger": "SELECT * FROM balance_ledger ORDER BY id",
+    "balances": "SELECT id, balance_minor FROM users ORDER BY id",
+    "outbox": "SELECT id, chat_id, dedupe_key FROM outbox ORDER BY id",
+    "promo": "SELECT code, used_count FROM promo_codes ORDER BY code",
+}
+
+
 def snapshot(live: Live) -> dict[str, Any]:
     """Everything a payment can change (not the outbox's delivery status: the sender moves that)."""
-    return {
-        "purchases": live.sql("SELECT id, status, paid_at, invoice_id, paid_late FROM purchases ORDER BY id"),
-        "payments": live.sql("SELECT * FROM payments ORDER BY id"),
-        "subscriptions": live.sql("SELECT user_id, expires_at, status FROM subscriptions ORDER BY user_id"),
-        "ledger": live.sql("SELECT * FROM balance_ledger ORDER BY id"),
-        "balances": live.sql("SELECT id, balance_minor FROM users ORDER BY id"),
-        "outbox": live.sql("SELECT id, chat_id, dedupe_key FROM outbox ORDER BY id"),
-        "promo": live.sql("SELECT code, used_count FROM promo_codes ORDER BY code"),
-    }
+    with psycopg.connect(live.dsn, autocommit=True, connect_timeout=5) as conn:
+        return {name: conn.execute(query).fetchall() for name, query in SNAPSHOT_QUERIES.items()}
 
 
 # --- strategies -----------------------------------------------------------------------------------
