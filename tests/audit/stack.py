@@ -162,12 +162,3 @@ def has_button(prefix: str) -> Callable[[ChatMessage], bool]:
 
 def text_has(fragment: str) -> Callable[[ChatMessage], bool]:
     return lambda m: fragment in (m.text or "")
-
-
-def broadcasts_in_root() -> bool:
-    """Whether `serve_app` starts the broadcasts nursery (the root wiring landed)."""
-    import inspect
-
-    from vpnd.nurseries import root
-
-    return "run_broadcasts" in inspect.getsource(root)

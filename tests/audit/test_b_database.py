@@ -31,7 +31,6 @@ import trio
 from tests.audit.source import SourceIndex, is_db_run, where
 from tests.audit.stack import (
     ADMIN,
-    broadcasts_in_root,
     desired_emails,
     file_emails,
     full_config,
@@ -383,7 +382,7 @@ async def test_end_to_end_with_one_pooled_connection(
         await poll(lambda: len(fake.bot_messages(FRANK)) >= 2, 20, what="Frank's expiry notice and grant notice")
 
         # a broadcast to everyone, composed by the admin
-        await run_broadcast_if_wired(fake, [ALICE, BOB, CAROL, DAVE, ERIN, FRANK])
+        await run_broadcast(fake, [ALICE, BOB, CAROL, DAVE, ERIN, FRANK])
 
         # Xray converges to the database: live users and the file
         await poll(lambda: live_emails(fake_xray) == desired_emails(db_dsn), 20, what="live Xray users = desired")
@@ -406,10 +405,8 @@ async def test_end_to_end_with_one_pooled_connection(
     assert problems == []
 
 
-async def run_broadcast_if_wired(fake: FakeTelegram, users: list[int]) -> None:
+async def run_broadcast(fake: FakeTelegram, users: list[int]) -> None:
     """The admin composes and starts a broadcast to everyone; each user gets it once."""
-    if not broadcasts_in_root():
-        pytest.xfail("the broadcasts nursery is not started by serve_app yet")
     text = "Audit B news"
     menu = await say(fake, ADMIN, "/admin", predicate=has_button("adm:bc"))
     await press(fake, ADMIN, menu, "adm:bc", predicate=text_has("broadcast text"))
