@@ -286,7 +286,7 @@ def parse_webhook_update(raw_body: bytes) -> WebhookUpdate:
     """Parse a webhook body (verify its signature first). Raises :class:`MalformedWebhook`."""
     try:
         obj = json.loads(raw_body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise MalformedWebhook(f"webhook body is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise MalformedWebhook("webhook body is not a JSON object")

@@ -10,9 +10,15 @@ from tests.audit.source import daemon_modules, function
 def test_error_boundary_sits_inside_the_limiter_around_every_handler_once() -> None:
     tree = dict(daemon_modules())["vpnd/telegram/dispatch.py"]
     handle_one = function(tree, "Dispatcher._handle_one")
-    tries = [n for n in ast.walk(handle_one) if isinstance(n, ast.Try)]
-    assert len(tries) == 1
-    (boundary,) = tries
+    def calls_handler(node: ast.AST) -> bool:
+        return any(
+            isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "handler"
+            for n in ast.walk(node)
+        )
+
+    boundaries = [n for n in ast.walk(handle_one) if isinstance(n, ast.Try) and calls_handler(n)]
+    assert len(boundaries) == 1, "one error boundary around the handler"
+    (boundary,) = boundaries
     caught = [h.type for h in boundary.handlers]
     assert any(isinstance(t, ast.Name) and t.id == "Exception" for t in caught), "the boundary catches Exception"
     assert not any(isinstance(t, ast.Name) and t.id == "BaseException" for t in caught), "never Cancelled"

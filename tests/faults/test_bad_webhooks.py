@@ -241,12 +241,6 @@ def test_after_fuzzing_webhooks_each_purchase_was_paid_once(live: Live, http: ht
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG vpnd/cryptopay.py parse_webhook_update: json.loads raises RecursionError on deeply nested "
-    "JSON (a signed 60 KB body of '['), which is neither ValueError nor UnicodeDecodeError, so it escapes "
-    "the webhook as a 500 (event=http_handler_failed) instead of 400; catch RecursionError there too",
-)
 def test_signed_deeply_nested_json_is_400_not_500(live: Live, http: httpx.Client) -> None:
     body = b"[" * 30_000 + b"]" * 30_000
     signature = sign_webhook_body(live.cryptopay.token, body)

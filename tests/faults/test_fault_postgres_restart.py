@@ -221,16 +221,6 @@ async def test_postgres_restart_under_load_loses_nothing_and_serves_again_within
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a connection PostgreSQL drops mid-query (pg_ctl restart -m fast) raises psycopg.OperationalError "
-    "out of db.run, and two long-running loops do not catch it, so the daemon exits 1 instead of riding out the "
-    "restart as README promises: vpnd/nurseries/broadcasts.py run_broadcasts → Broadcasts.reconcile "
-    "(db.run(bdb.statuses) every 0.5 s) and vpnd/nurseries/telegram.py _poll (db.run(inbox.record_updates)); "
-    "also the dispatcher's recorder (inbox.mark_handled) after a handler. Fix: catch (DatabaseUnavailable, "
-    "psycopg.OperationalError) there, log, back off and retry (the poller must then dispatch the batch's "
-    "unhandled ids, not only newly inserted ones, since a dropped COMMIT may have committed)",
-)
 async def test_postgres_restarts_do_not_stop_the_daemon(
     fake_telegram: tuple[FakeTelegram, str], tmp_path: Path
 ) -> None:

@@ -19,27 +19,29 @@ OFFSET_KEY = "telegram_offset"
 def record_updates(
     conn: psycopg.Connection[Any], updates: Sequence[tuple[int, int | None, dict[str, Any]]], next_offset: int
 ) -> list[int]:
-    """Insert `(update_id, chat_id, payload)` rows; store `next_offset`; return the new update ids."""
-    new_ids: list[int] = []
+    """Insert `(update_id, chat_id, payload)` rows and store `next_offset`; return the batch's update
+    ids that are not handled yet. A re-delivered update that is already handled is not returned; one
+    recorded by an earlier attempt whose answer was lost (the commit happened, the reply did not) is.
+    The dispatcher skips ids it already has queued or running."""
+    ids = [update_id for update_id, _, _ in updates]
     if updates:
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO telegram_inbox (update_id, chat_id, payload) VALUES (%s, %s, %s) "
-                "ON CONFLICT (update_id) DO NOTHING RETURNING update_id",
+                "ON CONFLICT (update_id) DO NOTHING",
                 [(uid, chat, Jsonb(payload)) for uid, chat, payload in updates],
-                returning=True,
             )
-            while True:
-                row = cur.fetchone()
-                if row is not None:
-                    new_ids.append(int(row[0]))
-                if not cur.nextset():
-                    break
     conn.execute(
         "INSERT INTO daemon_state (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
         (OFFSET_KEY, Jsonb(next_offset)),
     )
-    return new_ids
+    if not ids:
+        return []
+    rows = conn.execute(
+        "SELECT update_id FROM telegram_inbox WHERE update_id = ANY(%s) AND handled_at IS NULL ORDER BY update_id",
+        (ids,),
+    ).fetchall()
+    return [int(row[0]) for row in rows]
 
 
 def load_offset(conn: psycopg.Connection[Any]) -> int | None:

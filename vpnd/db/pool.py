@@ -63,6 +63,11 @@ class DatabaseUnavailable(Exception):
     """The pool could not hand out a working connection in time."""
 
 
+#: What a database call raises when PostgreSQL is away for a moment (restart, failover, network):
+#: long-running loops catch these, back off and carry on; the state they work from is durable.
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (DatabaseUnavailable, psycopg.OperationalError)
+
+
 class _CallCancelled(Exception):
     """Raised inside the worker thread to roll back a call whose Trio caller was cancelled."""
 

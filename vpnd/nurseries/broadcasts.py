@@ -37,6 +37,7 @@ import trio
 from telegram.error import TelegramError
 
 from vpnd.app import App
+from vpnd.db import CONNECTION_ERRORS
 from vpnd.db import broadcasts as bdb
 from vpnd.db.broadcasts import Broadcast, Counts
 from vpnd.db.users import get_user
@@ -130,6 +131,11 @@ class Broadcasts:
         try:
             with task.cancel_scope:
                 await self._deliver(task)
+        except CONNECTION_ERRORS as exc:
+            # PostgreSQL went away: progress is durable, so end this task; the next reconcile
+            # resumes the broadcast from its pending recipients once the database answers.
+            log.warning("event=broadcast_interrupted id=%d error=%s", task.broadcast_id, type(exc).__name__)
+            return
         finally:
             self.tasks.pop(task.broadcast_id, None)
             task.finished.set()
@@ -326,7 +332,11 @@ async def run_broadcasts(
         while not app.lifecycle.stopping.is_set():
             await broadcasts.changed.wait(poll_interval)
             if not app.lifecycle.stopping.is_set():
-                await broadcasts.reconcile(nursery)
+                try:
+                    await broadcasts.reconcile(nursery)
+                except CONNECTION_ERRORS as exc:
+                    log.warning("event=broadcasts_reconcile_failed error=%s", type(exc).__name__)
+                    await trio.sleep(1.0)
         for task in list(broadcasts.tasks.values()):
             task.stop.set()
     log.info("event=broadcasts_stopped")

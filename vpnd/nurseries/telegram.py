@@ -22,7 +22,7 @@ import trio
 from telegram.error import Conflict, InvalidToken, NetworkError, RetryAfter, TimedOut
 
 from vpnd.app import App
-from vpnd.db import inbox
+from vpnd.db import CONNECTION_ERRORS, inbox
 from vpnd.health import CheckResult
 from vpnd.logs import quote
 from vpnd.telegram.client import TrioBot, backoff, retry_after_seconds
@@ -158,10 +158,19 @@ async def _poll(app: App, bot: TrioBot, state: PollState, submit: Any) -> None:
             update = storable(raw)
             assert isinstance(update, dict)
             rows.append((update_id, chat_key(update), update))
-        new_ids = set(await app.db.run(inbox.record_updates, rows, next_offset))
+        try:
+            unhandled = set(await app.db.run(inbox.record_updates, rows, next_offset))
+        except CONNECTION_ERRORS as exc:
+            # Not recorded (or not known to be): keep the offset, so Telegram sends the batch again.
+            failures += 1
+            _failed(state, exc)
+            delay = backoff(failures, 30.0)
+            log.warning("event=inbox_write_failed error=%s retry_in=%.2f", type(exc).__name__, delay)
+            await trio.sleep(delay)
+            continue
         state.offset = next_offset
         for update_id, _, payload in rows:
-            if update_id in new_ids:
+            if update_id in unhandled:
                 await submit(update_id, payload)
 
 

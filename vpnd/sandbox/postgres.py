@@ -98,7 +98,8 @@ class Cluster:
             raise RuntimeError(f"pg_ctl start failed: {result.stderr.strip()}\n{log_tail}")
 
     def restart(self, mode: str = "fast") -> None:
-        self.pg_ctl("-m", mode, "-w", "-t", "60", "restart")
+        # -l: without a log file the server would inherit (and hold open) pg_ctl's stdout.
+        self.pg_ctl("-m", mode, "-l", str(self.datadir / "server.log"), "-w", "-t", "60", "restart")
 
     def stop(self, mode: str = "fast") -> None:
         self.pg_ctl("-m", mode, "-w", "-t", "60", "stop", check=False)

@@ -95,14 +95,23 @@ class Dispatcher:
     on_done: Callable[[str, float], None] | None = None
     queues: dict[int | None, collections.deque[tuple[int, Payload]]] = attrs.field(factory=dict)
     pending: int = 0
+    #: Update ids queued or being handled (at most max_pending + max_concurrent_updates of them).
+    known: set[int] = attrs.field(factory=set)
     accepting: bool = True
     _room: trio.Event = attrs.field(factory=trio.Event)
     in_handler: int = 0
 
     async def submit(self, update_id: int, payload: Payload) -> None:
-        """Queue an update behind the earlier ones of its chat; waits while too many are queued."""
+        """Queue an update behind the earlier ones of its chat; waits while too many are queued.
+
+        An update already queued or being handled (Telegram sent it again) is ignored."""
+        if update_id in self.known:
+            return
         while self.pending >= self.max_pending:
             await self._room.wait()
+        if update_id in self.known:
+            return
+        self.known.add(update_id)
         key = chat_key(payload)
         if key is None:
             key = -update_id - (1 << 62)  # unique: an update without a chat is its own queue
@@ -120,6 +129,8 @@ class Dispatcher:
         self.accepting = False
         for queue in self.queues.values():
             self.pending -= len(queue)
+            for update_id, _ in queue:
+                self.known.discard(update_id)
             queue.clear()
         self._wake()
 
@@ -134,6 +145,7 @@ class Dispatcher:
                 if queue and queue[0][0] == update_id:
                     queue.popleft()
                     self.pending -= 1
+                self.known.discard(update_id)
                 self._wake()
         finally:
             if self.queues.get(key) is queue:
@@ -157,7 +169,14 @@ class Dispatcher:
             await self._apologize(update_id, payload)
         finally:
             self.in_handler -= 1
-        await self.recorder(update_id, outcome)
+        try:
+            await self.recorder(update_id, outcome)
+        except Exception as exc:  # e.g. PostgreSQL restarting: the update stays unhandled in the inbox
+            log.warning(
+                "event=update_outcome_not_recorded update_id=%d error=%s (handled again after a restart)",
+                update_id,
+                type(exc).__name__,
+            )
         if self.on_done is not None:
             self.on_done(outcome, trio.current_time() - started)
 

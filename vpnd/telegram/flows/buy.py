@@ -201,11 +201,14 @@ async def pre_checkout(ctx: BotContext, update_id: int, update: telegram.Update)
         )
     lang = ctx.texts.language(query.from_user.language_code, ctx.app.config.telegram.default_language)
     message = None if ok else ctx.texts.get(lang, reason or "payments.precheckout.unknown")
-    await ctx.sender.call(
-        query.from_user.id,
-        lambda: ctx.bot.answer_pre_checkout_query(query.id, ok, error_message=message),
-        counts_as_message=False,
-    )
+    try:
+        await ctx.sender.call(
+            query.from_user.id,
+            lambda: ctx.bot.answer_pre_checkout_query(query.id, ok, error_message=message),
+            counts_as_message=False,
+        )
+    except telegram.error.BadRequest as exc:  # "query is too old": Telegram already told the user
+        log.warning("event=pre_checkout_answer_failed update_id=%d error=%s", update_id, str(exc)[:120])
     return True
 
 
