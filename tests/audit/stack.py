@@ -88,6 +88,16 @@ async def start_full(nursery: trio.Nursery, config: Config, cryptopay: FakeCrypt
     return vpnd
 
 
+async def instance_lock_released(dsn: str, timeout: float = 5.0) -> None:
+    """Wait until no session holds vpnd's instance lock. PostgreSQL frees a session's advisory locks when
+    its backend exits, which happens *after* the client closed the connection: a restart at once can
+    find the lock still taken (vpnd then exits with "another vpnd is already running" and systemd starts
+    it again after RestartSec). Tests that restart at once wait here, as RestartSec would."""
+    held = "SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database WHERE l.locktype = 'advisory' " \
+           "AND d.datname = current_database()"  # fmt: skip
+    await poll(lambda: not sql(dsn, held), timeout, what="the instance lock is free")
+
+
 # --- reading the outcome -------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ import httpx
 import pytest
 import trio
 
-from tests.audit.stack import full_config, poll, scalar, sql
+from tests.audit.stack import full_config, instance_lock_released, poll, scalar, sql
 from tests.harness import start_vpnd
 from vpnd.app import App, open_app
 from vpnd.cryptopay import SIGNATURE_HEADER, CryptoPayClient, open_cryptopay_client, sign_webhook_body
@@ -317,9 +317,9 @@ async def test_restarts_mid_watcher_webhook_and_renewal_apply_everything_exactly
                 await app.db.run(lambda conn, uid=uid: upsert_user(conn, uid, None, f"U{uid}", "en"))
                 purchase, _ = await start_cryptopay_purchase(app, client, uid, plan_code="m1")
                 purchase_ids.append(purchase.id)
-        # Every row written now costs 50 ms, so rounds and finalizes are long enough to be cut.
+        # Every row written now costs 80 ms, so rounds and finalizes are long enough to be cut.
         sql(db_dsn, "CREATE FUNCTION audit_slow() RETURNS trigger LANGUAGE plpgsql AS "
-                    "$$ BEGIN PERFORM pg_sleep(0.05); RETURN NEW; END $$")  # fmt: skip
+                    "$$ BEGIN PERFORM pg_sleep(0.08); RETURN NEW; END $$")  # fmt: skip
         for table in ("payments", "subscriptions", "balance_ledger", "auto_renewals"):
             sql(db_dsn, f"CREATE TRIGGER audit_slow BEFORE INSERT OR UPDATE ON {table} "
                         "FOR EACH ROW EXECUTE FUNCTION audit_slow()")  # fmt: skip
@@ -336,9 +336,10 @@ async def test_restarts_mid_watcher_webhook_and_renewal_apply_everything_exactly
                         invoice_id = scalar(db_dsn, "SELECT invoice_id FROM purchases WHERE id = %s", purchase_id)
                         pay.pay(invoice_id)
                     pay.webhooks_enabled = True
-                await trio.sleep(2.0)  # renewals commit in batches of 5 rows at 50 ms a write: mid-way
+                await trio.sleep(2.0)  # renewals: batches of 5, 3 slowed writes each (~10 s in all)
                 at_cut.append(_applied(db_dsn))
                 doomed.cancel_scope.cancel()  # everything at once: in-flight transactions roll back
+            await instance_lock_released(db_dsn)
 
         async with trio.open_nursery() as nursery:
             vpnd = await start_vpnd(nursery, config)

@@ -27,7 +27,7 @@ import psycopg
 import pytest
 import trio
 
-from tests.audit.stack import full_config, poll, scalar, sql
+from tests.audit.stack import full_config, instance_lock_released, poll, scalar, sql
 from vpnd.app import App
 from vpnd.db import broadcasts as bdb
 from vpnd.nurseries.root import run_daemon
@@ -171,6 +171,7 @@ async def test_sigterm_every_task_of_the_tree_finishes_none_restarts_and_the_bro
 
     # Started again: the broadcast resumes where it stopped; each recipient has it exactly once.
     with trio.fail_after(60):
+        await instance_lock_released(db_dsn)
         app, tree, returned = await run_under_instrument(nursery, config)
         await poll(lambda: scalar(db_dsn, "SELECT status FROM broadcasts") == "done", 40, what="broadcast done")
         await poll(lambda: all(fake.bot_messages(uid) for uid in talkers), 20, what="talkers answered")
@@ -221,6 +222,7 @@ async def test_sigterm_with_handlers_stuck_past_the_grace_exits_0_in_time_and_lo
             assert not any(fake.bot_messages(uid) for uid in stuck)
 
             fake.clear_faults()
+            await instance_lock_released(db_dsn)
             again = await start_daemon(nursery, Path(config.path), tmp_path)
             await wait_ready(again, f"http://127.0.0.1:{port}")
             await fake.wait_until(lambda: all(fake.bot_messages(uid) for uid in stuck), timeout=20)
