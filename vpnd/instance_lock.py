@@ -50,9 +50,46 @@ def _connect_and_lock(dsn: str, timeout: float) -> psycopg.Connection[Any]:
             (INSTANCE_LOCK_KEY,),
         ).fetchone()
         conn.close()
-        who = f" (held by backend pid {holder[0]}, {holder[1] or 'unknown'})" if holder else ""
-        raise InstanceLockHeld(f"another vpnd is already running on this database: {LOCK_NAME} is taken{who}")
+        if holder is None:
+            # Taken, yet no live holder: the previous daemon's session is still ending (PostgreSQL
+            # frees the lock when that backend exits, just after the client closed). Try again.
+            raise _LockReleasing
+        raise InstanceLockHeld(
+            f"another vpnd is already running on this database: {LOCK_NAME} is taken "
+            f"(held by backend pid {holder[0]}, {holder[1] or 'unknown'})"
+        )
     return conn
+
+
+class _LockReleasing(Exception):
+    pass
+
+
+#: How long a start waits for a lock whose previous holder's session is still ending.
+RELEASE_WAIT = 5.0
+
+
+async def _take_lock(dsn: str, timeout: float) -> psycopg.Connection[Any]:
+    deadline = trio.current_time() + RELEASE_WAIT
+    while True:
+        try:
+            return await trio.to_thread.run_sync(_connect_and_lock, dsn, timeout, abandon_on_cancel=True)
+        except _LockReleasing:
+            if trio.current_time() > deadline:
+                raise InstanceLockHeld(
+                    f"another vpnd is already running on this database: {LOCK_NAME} is taken"
+                ) from None
+            await trio.sleep(0.1)
+
+
+def _release(conn: psycopg.Connection[Any]) -> None:
+    """Unlock explicitly before closing, so a restart right after us finds the lock free."""
+    try:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (INSTANCE_LOCK_KEY,))
+    except psycopg.Error:
+        pass  # the session is gone already, and with it the lock
+    finally:
+        conn.close()
 
 
 def _still_alive(conn: psycopg.Connection[Any]) -> None:
@@ -82,9 +119,7 @@ class InstanceLock:
         deadline = trio.current_time() + self.reacquire_within
         while True:
             try:
-                self.conn = await trio.to_thread.run_sync(
-                    _connect_and_lock, self.dsn, self.timeout, abandon_on_cancel=True
-                )
+                self.conn = await _take_lock(self.dsn, self.timeout)
                 log.info("event=instance_lock_reacquired")
                 return
             except InstanceLockHeld as exc:
@@ -106,7 +141,7 @@ def _first_line(exc: BaseException) -> str:
 @asynccontextmanager
 async def hold_instance_lock(dsn: str, *, timeout: float = 10.0) -> AsyncIterator[InstanceLock]:
     """Take the lock or raise InstanceLockHeld; keep it (and watch it) until the block exits."""
-    conn = await trio.to_thread.run_sync(_connect_and_lock, dsn, timeout, abandon_on_cancel=True)
+    conn = await _take_lock(dsn, timeout)
     lock = InstanceLock(dsn, timeout, conn)
     try:
         async with trio.open_nursery() as nursery:
@@ -114,5 +149,5 @@ async def hold_instance_lock(dsn: str, *, timeout: float = 10.0) -> AsyncIterato
             yield lock
             nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(lock.conn.close)
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await trio.to_thread.run_sync(_release, lock.conn)
