@@ -17,10 +17,10 @@ import pytest
 import trio
 
 from tests.admin.harness import seed_users, sql, start_admin_vpnd
-from tests.daemon import start_daemon, wait_ready
 from tests.harness import bot_config
 from vpnd.db import broadcasts as bdb
 from vpnd.nurseries import broadcasts as broadcasts_nursery
+from vpnd.sandbox.daemon_process import start_daemon, wait_ready
 from vpnd.sandbox.postgres import free_port
 from vpnd.sandbox.telegram_fake import FakeTelegram
 

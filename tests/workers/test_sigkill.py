@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.daemon import start_daemon, wait_ready
 from tests.harness import bot_config
 from tests.workers.conftest import query, seed_subscriptions, seed_users, start_users
 from vpnd.nurseries.outbox import OutboxSettings
+from vpnd.sandbox.daemon_process import start_daemon, wait_ready
 from vpnd.sandbox.postgres import free_port
 from vpnd.sandbox.telegram_fake import FakeTelegram
 
