@@ -1,6 +1,6 @@
 """Benchmark 2 — a broadcast to 10,000 recipients against Telegram's limits.
 
-    python -m bench broadcast                       # 10,000 recipients: ~7 minutes at 25 msg/s
+    python -m bench broadcast                       # 10,000 recipients: ~9 minutes (~20 msg/s + replies)
     python -m bench broadcast --recipients 3000
     VPND_BENCH_QUICK=1 python -m bench broadcast    # 1,500 recipients
 
