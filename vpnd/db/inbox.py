@@ -66,6 +66,15 @@ def mark_handled(conn: psycopg.Connection[Any], update_id: int, outcome: str) ->
     )
 
 
+def mark_handled_many(conn: psycopg.Connection[Any], outcomes: Sequence[tuple[int, str]]) -> None:
+    """`mark_handled` for a batch of `(update_id, outcome)`, in one transaction."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            "UPDATE telegram_inbox SET handled_at = now(), outcome = %s WHERE update_id = %s AND handled_at IS NULL",
+            [(outcome, update_id) for update_id, outcome in outcomes],
+        )
+
+
 def delete_handled_before(conn: psycopg.Connection[Any], days: int, limit: int) -> int:
     """Housekeeping: drop handled rows older than `days`, at most `limit` per call."""
     cur = conn.execute(

@@ -329,14 +329,18 @@ async def run_broadcasts(
         if broadcasts.tasks:
             log.info("event=broadcasts_resumed ids=%s", ",".join(map(str, sorted(broadcasts.tasks))))
         task_status.started(broadcasts)
-        while not app.lifecycle.stopping.is_set():
-            await broadcasts.changed.wait(poll_interval)
-            if not app.lifecycle.stopping.is_set():
+
+        async def supervise() -> None:
+            while True:
+                await broadcasts.changed.wait(poll_interval)
                 try:
                     await broadcasts.reconcile(nursery)
                 except CONNECTION_ERRORS as exc:
                     log.warning("event=broadcasts_reconcile_failed error=%s", type(exc).__name__)
                     await trio.sleep(1.0)
+
+        # Cancelled the moment shutdown begins, not up to poll_interval later.
+        await app.lifecycle.run_until_stopping(supervise)
         for task in list(broadcasts.tasks.values()):
             task.stop.set()
     log.info("event=broadcasts_stopped")

@@ -66,8 +66,7 @@ async def run_telegram(
     app.health.add_check("telegram", lambda: _poll_health(app, state))
     app.health.watch("telegram_poll", config.poll_dead_after_seconds)
 
-    async def record(update_id: int, outcome: str) -> None:
-        await app.db.run(inbox.mark_handled, update_id, outcome)
+    record = OutcomeRecorder(app).record
 
     def on_done(outcome: str, seconds: float) -> None:
         app.metrics.updates.labels(outcome).inc()
@@ -172,6 +171,57 @@ async def _poll(app: App, bot: TrioBot, state: PollState, submit: Any) -> None:
         for update_id, _, payload in rows:
             if update_id in unhandled:
                 await submit(update_id, payload)
+
+
+@attrs.define(eq=False)
+class _Write:
+    """One transaction of the recorder: set `done` when it ended; `error` when it did not commit."""
+
+    done: trio.Event = attrs.Factory(trio.Event)
+    error: BaseException | None = None
+
+
+@attrs.define(eq=False)
+class OutcomeRecorder:
+    """Records handler outcomes in the inbox with group commit: a handler that finds no write in
+    progress writes every outcome queued so far in one transaction; the others wait for the write
+    that carries theirs. Idle, that is one write per update, as before; under load, one per batch.
+    `record` returns once its outcome is committed, and raises if the write carrying it failed."""
+
+    app: App
+    queued: list[tuple[int, str]] = attrs.Factory(list)
+    next_write: _Write = attrs.Factory(_Write)
+    writing: bool = False
+    write_ended: trio.Event = attrs.Factory(trio.Event)
+
+    async def record(self, update_id: int, outcome: str) -> None:
+        self.queued.append((update_id, outcome))
+        mine = self.next_write
+        while not mine.done.is_set():
+            if not self.writing:
+                await self._write(mine)
+                break
+            await self.write_ended.wait()
+        if mine.error is not None:
+            raise RuntimeError("the outcome was not recorded") from mine.error
+
+    async def _write(self, write: _Write) -> None:
+        batch, self.queued = self.queued, []
+        self.next_write = _Write()
+        self.writing = True
+        committed = False
+        try:
+            await self.app.db.run(inbox.mark_handled_many, batch)
+            committed = True
+        except Exception as exc:
+            write.error = exc
+        finally:
+            if not committed and write.error is None:  # cancelled: rolled back
+                write.error = RuntimeError("the write was cancelled")
+            self.writing = False
+            write.done.set()
+            ended, self.write_ended = self.write_ended, trio.Event()
+            ended.set()
 
 
 def _failed(state: PollState, exc: BaseException) -> None:

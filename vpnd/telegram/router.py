@@ -128,7 +128,15 @@ def make_update_handler(ctx: BotContext, routes: Routes) -> Handler:
         if sender is None or sender.is_bot or (chat is not None and chat.type != "private"):
             return  # vpnd talks to people in private chats only
         language = ctx.texts.language(sender.language_code, ctx.app.config.telegram.default_language)
-        result = await ctx.app.db.run(users.upsert_user, sender.id, sender.username, sender.first_name or "", language)
+        command = _command_name(update.message) if update.message is not None else None
+        result = await ctx.app.db.run(
+            begin_turn,
+            sender.id,
+            sender.username,
+            sender.first_name or "",
+            language,
+            clear_state=command is not None and command in routes.commands,
+        )
         turn = Turn(ctx, update_id, update, result.user, result.user.language, chat.id if chat else sender.id)
         turn.user_created = result.created
         if update.callback_query is not None:
@@ -144,6 +152,31 @@ def make_update_handler(ctx: BotContext, routes: Routes) -> Handler:
             await _route_message(turn, routes, update.message)
 
     return handle
+
+
+def _command_name(message: telegram.Message) -> str | None:
+    """"start" for "/start@vpnd_bot ref_x"; None when the message is not a command."""
+    text = (message.text or "").strip()
+    if not text.startswith("/"):
+        return None
+    return text.partition(" ")[0][1:].split("@", 1)[0].lower()
+
+
+def begin_turn(
+    conn: psycopg.Connection[tuple[object, ...]],
+    user_id: int,
+    username: str | None,
+    first_name: str,
+    language: str,
+    *,
+    clear_state: bool,
+) -> users.UpsertResult:
+    """The start of a person's turn, one transaction: upsert them; a known command also ends any
+    conversation state (a command always starts over)."""
+    result = users.upsert_user(conn, user_id, username, first_name, language)
+    if clear_state:
+        conversation.clear_state(conn, user_id)
+    return result
 
 
 def _set_reachable(conn: psycopg.Connection[tuple[object, ...]], user_id: int) -> None:
@@ -165,8 +198,7 @@ async def _route_message(turn: Turn, routes: Routes, message: telegram.Message) 
         command, _, argument = text.partition(" ")
         name = command[1:].split("@", 1)[0].lower()
         route = routes.commands.get(name)
-        if route is not None:
-            await turn.app.db.run(conversation.clear_state, turn.user.id)
+        if route is not None:  # its conversation state was cleared in begin_turn
             await route(turn, argument.strip())
             return
         await menu.show_menu(turn, turn.t("common.unknown"))
