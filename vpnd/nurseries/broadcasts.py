@@ -129,19 +129,22 @@ class Broadcasts:
     async def _run_task(self, task: BroadcastTask) -> None:
         log.info("event=broadcast_started id=%d", task.broadcast_id)
         try:
-            with task.cancel_scope:
-                await self._deliver(task)
-        except CONNECTION_ERRORS as exc:
-            # PostgreSQL went away: progress is durable, so end this task; the next reconcile
-            # resumes the broadcast from its pending recipients once the database answers.
-            log.warning("event=broadcast_interrupted id=%d error=%s", task.broadcast_id, type(exc).__name__)
-            return
+            try:
+                with task.cancel_scope:
+                    await self._deliver(task)
+            except CONNECTION_ERRORS as exc:
+                # PostgreSQL went away: progress is durable, so end this task; the next reconcile
+                # resumes the broadcast from its pending recipients once the database answers.
+                log.warning("event=broadcast_interrupted id=%d error=%s", task.broadcast_id, type(exc).__name__)
+                return
+            if not self.app.lifecycle.stopping.is_set():
+                # Before the task counts as ended, so the final state is the last edit of the progress
+                # message (a progress edit already in flight cannot overwrite "paused" afterwards).
+                with trio.move_on_after(FINAL_MESSAGE_TIMEOUT):
+                    await self._show_final_state(task)
         finally:
             self.tasks.pop(task.broadcast_id, None)
             task.finished.set()
-        if not self.app.lifecycle.stopping.is_set():
-            with trio.move_on_after(FINAL_MESSAGE_TIMEOUT):
-                await self._show_final_state(task)
 
     # --- one broadcast ------------------------------------------------------------------------
 
