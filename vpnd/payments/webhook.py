@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 
-import trio
-
 from vpnd.app import App
 from vpnd.cryptopay import SIGNATURE_HEADER, MalformedWebhook, parse_webhook_update, verify_webhook_signature
 from vpnd.payments.service import finalize_cryptopay_invoice
@@ -54,9 +52,7 @@ def add_payment_routes(router: Router, app: App, cryptopay_token: str) -> None:
             return Response.json({"ok": True, "result": "ignored"})
         try:
             outcome = await finalize_cryptopay_invoice(app, update.invoice)
-        except trio.Cancelled:
-            raise
-        except Exception:
+        except Exception:  # trio.Cancelled is not an Exception: it passes
             # Answer 200 anyway: a retry would fail the same way; the watcher will try again.
             log.exception("event=webhook_finalize_failed invoice_id=%s", update.invoice.invoice_id)
             return Response.json({"ok": True, "result": "error"})
