@@ -60,9 +60,17 @@ async def test_same_webhook_delivered_five_times_grants_once(env: Env) -> None:
     assert env.scalar("SELECT count(*) FROM outbox WHERE chat_id = %s", (user,)) == 1
 
 
+@pytest.mark.timeout(300)
 async def test_webhook_and_watcher_race_200_invoices(env: Env) -> None:
-    """200 invoices paid while the watcher polls non-stop: one payment and one extension each."""
+    """200 invoices, each paid once and extended once, whichever path sees the payment first.
+
+    Both paths are forced rather than hoped for: 50 invoices are paid before any watcher runs (the webhook
+    grants them), 50 have their webhook withheld until the watchers have granted them (then it arrives late,
+    twice), and 100 are paid while two watchers poll non-stop and every webhook arrives twice (a real race,
+    whichever side wins).
+    """
     users = list(range(20_001, 20_201))
+    by_webhook, withheld, racing = users[:50], users[50:100], users[100:]
     start = dt.datetime.now(dt.UTC) + dt.timedelta(days=5)
 
     def seed(conn, ids):  # type: ignore[no-untyped-def]
@@ -75,19 +83,28 @@ async def test_webhook_and_watcher_race_200_invoices(env: Env) -> None:
     before = dict(env.sql("SELECT user_id, expires_at FROM subscriptions"))
     assert all(abs(v - start) < dt.timedelta(minutes=1) for v in before.values())
 
-    with trio.fail_after(60):
-        bought = []
+    def paid(group: list[int]) -> int:
+        return env.scalar("SELECT count(*) FROM purchases WHERE status = 'paid' AND user_id = ANY(%s)", (group,))
+
+    with trio.fail_after(240):
+        invoices: dict[int, int] = {}
         async with trio.open_nursery() as nursery:
             limiter = trio.CapacityLimiter(10)
 
             async def buy(user_id: int) -> None:
                 async with limiter:
-                    bought.append(await start_cryptopay_purchase(env.app, env.client, user_id, plan_code="m1"))
+                    purchase, _ = await start_cryptopay_purchase(env.app, env.client, user_id, plan_code="m1")
+                    assert purchase.invoice_id is not None
+                    invoices[user_id] = purchase.invoice_id
 
             for user in users:
                 nursery.start_soon(buy, user)
-        env.fake.webhook_copies = 2  # and every webhook arrives twice
-        env.fake.webhook_delay = 0.05  # a little late, so the watcher wins some of the races
+        env.fake.webhook_copies = 2  # every webhook arrives twice
+
+        # 1. Webhook only: no watcher is running yet.
+        for user in by_webhook:
+            env.fake.pay(invoices[user])
+        await wait_for(env, "SELECT count(*) FROM purchases WHERE status = 'paid'", len(by_webhook))
 
         by_watcher = 0
         async with trio.open_nursery() as nursery:
@@ -96,15 +113,24 @@ async def test_webhook_and_watcher_race_200_invoices(env: Env) -> None:
                 nonlocal by_watcher
                 while True:
                     by_watcher += await watch_once(env.app, env.client, batch_size=37)
+                    await trio.lowlevel.checkpoint()
 
             for _ in range(2):  # two watchers, as two overlapping rounds would be
                 nursery.start_soon(watch_forever)
-            for purchase, _ in bought:
-                assert purchase.invoice_id is not None
-                env.fake.pay(purchase.invoice_id)
+            # 2. Watcher only: these webhooks are withheld until the watchers have granted every one.
+            env.fake.webhooks_enabled = False
+            for user in withheld:
+                env.fake.pay(invoices[user])
+            env.fake.webhooks_enabled = True
+            # 3. Both at once: whichever side wins, the other must find the payment already applied.
+            for user in racing:
+                env.fake.pay(invoices[user])
                 await trio.lowlevel.checkpoint()
-            await env.fake.wait_until(lambda: len(env.fake.successful_deliveries()) == 400)
-            await wait_for(env, "SELECT count(*) FROM purchases WHERE status = 'paid'", 200)
+            while paid(withheld) < len(withheld):
+                await trio.sleep(0.02)
+            assert env.fake.deliver_suppressed() == len(withheld)  # the withheld webhooks arrive, late
+            await env.fake.wait_until(lambda: len(env.fake.successful_deliveries()) == 2 * len(users))
+            await wait_for(env, "SELECT count(*) FROM purchases WHERE status = 'paid'", len(users))
             nursery.cancel_scope.cancel()
 
     assert all(d.status_code == 200 for d in env.fake.deliveries)
@@ -116,9 +142,13 @@ async def test_webhook_and_watcher_race_200_invoices(env: Env) -> None:
     finalized = env.app.metrics.payments
     granted = finalized.labels("cryptopay", "granted")._value.get()
     repeats = finalized.labels("cryptopay", "already_paid")._value.get()
-    assert granted == 200 and repeats >= 200  # the second webhook copy at least, plus watcher races
-    print(f"race: {by_watcher} granted by the watcher, {200 - by_watcher} by the webhook, {repeats} repeats")
-    assert by_watcher >= 1  # the two paths really raced
+    # 400 webhook deliveries and at least 50 watcher finds, of which 200 granted: the rest were repeats.
+    assert granted == 200 and repeats >= 400 + len(withheld) - 200
+    # The watchers granted every withheld invoice, and none of those paid before they started.
+    assert len(withheld) <= by_watcher <= len(withheld) + len(racing)
+    print(
+        f"race: {by_watcher - len(withheld)} of {len(racing)} racing invoices granted by the watcher, {repeats} repeats"
+    )
 
 
 async def test_watcher_finds_payment_when_webhook_is_lost(env: Env) -> None:

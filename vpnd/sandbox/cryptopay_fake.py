@@ -612,6 +612,17 @@ class FakeCryptoPay:
             self._held.clear()
             self._nursery.start_soon(self._deliver_batch, batch, self.webhook_url)
 
+    def deliver_suppressed(self) -> int:
+        """Deliver, late, every update recorded while webhooks were off (as a delayed Crypto Pay retry would);
+        returns how many. Copies follow ``webhook_copies``."""
+        if self.webhook_url is None or self._nursery is None:
+            raise RuntimeError("the fake is not serving or has no webhook URL")
+        batch = list(self.suppressed_updates)
+        self.suppressed_updates.clear()
+        if batch:
+            self._nursery.start_soon(self._deliver_batch, batch, self.webhook_url)
+        return len(batch)
+
     @property
     def held_updates(self) -> tuple[PendingUpdate, ...]:
         return tuple(self._held)
