@@ -73,6 +73,9 @@ class TelegramConfig:
     poll_dead_after_seconds: float = 120.0
     support_contact: str = "@support"
     default_language: str = "en"
+    max_pending_per_chat: int = 20
+    flood_notice_interval_seconds: float = 60.0
+    pending_alert_seconds: float = 30.0
 
 
 @attrs.frozen
@@ -365,6 +368,9 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "poll_dead_after_seconds": positive(read_number),
         "support_contact": read_str,
         "default_language": read_language,
+        "max_pending_per_chat": in_range(read_int, 1, 1000),
+        "flood_notice_interval_seconds": positive(read_number),
+        "pending_alert_seconds": positive(read_number),
     },
     "database": {
         "dsn": read_str,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -22,12 +23,60 @@ class _PoolCollector(Collector):
             yield GaugeMetricFamily(f"vpnd_db_pool_{key}", f"Database pool {key.replace('_', ' ')}", value=stats[key])
 
 
+class BacklogView(Protocol):
+    """The dispatcher's backlog snapshot (vpnd.telegram.dispatch.Backlog)."""
+
+    @property
+    def queued(self) -> int: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def chats(self) -> int: ...
+    @property
+    def oldest_normal_seconds(self) -> float: ...
+    @property
+    def oldest_seconds(self) -> float: ...
+    @property
+    def flooding_chats(self) -> int: ...
+
+
+@attrs.define(eq=False)
+class _UpdatesCollector(Collector):
+    snapshot: Callable[[], BacklogView]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        backlog = self.snapshot()
+        pending = GaugeMetricFamily(
+            "vpnd_updates_pending", "Telegram updates waiting or being handled", labels=["state"]
+        )
+        pending.add_metric(["queued"], backlog.queued)
+        pending.add_metric(["running"], backlog.running)
+        yield pending
+        oldest = GaugeMetricFamily(
+            "vpnd_updates_oldest_pending_seconds",
+            "Age of the oldest waiting update (chats=normal leaves out chats that are flooding)",
+            labels=["chats"],
+        )
+        oldest.add_metric(["normal"], backlog.oldest_normal_seconds)
+        oldest.add_metric(["all"], backlog.oldest_seconds)
+        yield oldest
+        yield GaugeMetricFamily("vpnd_updates_chats_waiting", "Chats with updates waiting", value=backlog.chats)
+        yield GaugeMetricFamily(
+            "vpnd_updates_flooding_chats",
+            "Chats that had updates dropped in the last minute",
+            value=backlog.flooding_chats,
+        )
+
+
 @attrs.define(eq=False)
 class Metrics:
     registry: CollectorRegistry
     db: Database
     http_requests: Counter = attrs.field(init=False)
     updates: Counter = attrs.field(init=False)
+    updates_dropped: Counter = attrs.field(init=False)
+    #: The update dispatcher's backlog, once the poller runs (for /metrics and the health check).
+    update_backlog: Callable[[], BacklogView] | None = attrs.field(default=None, init=False)
     update_latency: Histogram = attrs.field(init=False)
     telegram_429: Counter = attrs.field(init=False)
     worker_rounds: Counter = attrs.field(init=False)
@@ -51,6 +100,12 @@ class Metrics:
             "vpnd_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
         self.updates = Counter("vpnd_updates", "Telegram updates by outcome", ["outcome"], registry=r)
+        self.updates_dropped = Counter(
+            "vpnd_updates_dropped",
+            "Updates acknowledged without handling: dropped (a flooding chat's backlog was full) or coalesced",
+            ["outcome"],
+            registry=r,
+        )
         self.update_latency = Histogram("vpnd_update_seconds", "Update handling time", registry=r)
         self.telegram_429 = Counter("vpnd_telegram_429", "429 answers from the Bot API", registry=r)
         self.worker_rounds = Counter("vpnd_worker_rounds", "Worker rounds", ["worker"], registry=r)
@@ -74,3 +129,11 @@ class Metrics:
             "vpnd_disk_free_bytes", "Free bytes on the filesystem of the Xray config directory", registry=r
         )
         r.register(_PoolCollector(self.db))
+
+    def watch_updates(self, snapshot: Callable[[], BacklogView]) -> None:
+        """Export the dispatcher's backlog (called once, by the Telegram nursery)."""
+        if self.update_backlog is None:
+            self.registry.register(
+                _UpdatesCollector(lambda: self.update_backlog() if self.update_backlog else snapshot())
+            )
+        self.update_backlog = snapshot

@@ -17,19 +17,26 @@ OFFSET_KEY = "telegram_offset"
 
 
 def record_updates(
-    conn: psycopg.Connection[Any], updates: Sequence[tuple[int, int | None, dict[str, Any]]], next_offset: int
+    conn: psycopg.Connection[Any],
+    updates: Sequence[tuple[int, int | None, dict[str, Any]]],
+    next_offset: int,
+    dropped: Sequence[tuple[int, str]] = (),
 ) -> list[int]:
     """Insert `(update_id, chat_id, payload)` rows and store `next_offset`; return the batch's update
-    ids that are not handled yet. A re-delivered update that is already handled is not returned; one
-    recorded by an earlier attempt whose answer was lost (the commit happened, the reply did not) is.
-    The dispatcher skips ids it already has queued or running."""
+    ids that are not handled yet. `dropped` are `(update_id, outcome)` of updates acknowledged without
+    handling (a flooding chat's backlog was full, or the same update was already waiting): they are
+    stored as handled with that outcome. A re-delivered update that is already handled is not returned;
+    one recorded by an earlier attempt whose answer was lost (the commit happened, the reply did not)
+    is. The dispatcher skips ids it already has queued or running."""
     ids = [update_id for update_id, _, _ in updates]
+    outcomes = dict(dropped)
     if updates:
         with conn.cursor() as cur:
             cur.executemany(
-                "INSERT INTO telegram_inbox (update_id, chat_id, payload) VALUES (%s, %s, %s) "
+                "INSERT INTO telegram_inbox (update_id, chat_id, payload, handled_at, outcome) "
+                "VALUES (%s, %s, %s, CASE WHEN %s::text IS NULL THEN NULL ELSE now() END, %s) "
                 "ON CONFLICT (update_id) DO NOTHING",
-                [(uid, chat, Jsonb(payload)) for uid, chat, payload in updates],
+                [(uid, chat, Jsonb(payload), outcomes.get(uid), outcomes.get(uid)) for uid, chat, payload in updates],
             )
     conn.execute(
         "INSERT INTO daemon_state (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",

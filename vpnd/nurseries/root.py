@@ -38,7 +38,7 @@ from vpnd.sdnotify import Notifier, watchdog_interval
 from vpnd.subscription_url import add_subscription_routes
 from vpnd.telegram.client import Sender, open_bot
 from vpnd.telegram.ratelimit import OutboundLimiter
-from vpnd.telegram.router import default_routes, make_apology, make_update_handler
+from vpnd.telegram.router import default_routes, make_apology, make_drop_notice, make_update_handler
 from vpnd.telegram.texts import Texts
 from vpnd.telegram.turn import BotContext
 
@@ -94,7 +94,13 @@ async def serve_app(
             await root.start(run_outbox, app, sender)
             watcher = [partial(run_payment_watcher, app, cryptopay)] if cryptopay is not None else []
             await root.start(partial(run_workers, app, sender, extra=watcher))
-            await root.start(run_telegram, app, bot, make_update_handler(ctx, default_routes()), make_apology(ctx))
+            await root.start(
+                partial(run_telegram, drop_notice=make_drop_notice(ctx)),
+                app,
+                bot,
+                make_update_handler(ctx, default_routes()),
+                make_apology(ctx),
+            )
             await root.start(run_broadcasts, app, sender)
             url = app.http_url = await root.start(run_http, app, router)
             root.start_soon(_watchdog, app, notifier)

@@ -26,7 +26,16 @@ from vpnd.db import CONNECTION_ERRORS, inbox
 from vpnd.health import CheckResult
 from vpnd.logs import quote
 from vpnd.telegram.client import TrioBot, backoff, retry_after_seconds
-from vpnd.telegram.dispatch import INT64, Apology, Handler, chat_key, open_dispatcher, storable
+from vpnd.telegram.dispatch import (
+    INT64,
+    Apology,
+    Dispatcher,
+    DropNotice,
+    Handler,
+    chat_key,
+    open_dispatcher,
+    storable,
+)
 
 log = logging.getLogger("vpnd.telegram")
 
@@ -53,6 +62,7 @@ async def run_telegram(
     handler: Handler,
     apology: Apology,
     *,
+    drop_notice: DropNotice | None = None,
     task_status: trio.TaskStatus[PollState] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     config = app.config.telegram
@@ -78,8 +88,12 @@ async def run_telegram(
         record,
         max_concurrent_updates=config.max_concurrent_updates,
         handler_timeout=config.handler_timeout_seconds,
+        max_per_chat=config.max_pending_per_chat,
+        flood_window=config.flood_notice_interval_seconds,
         on_done=on_done,
+        drop_notice=drop_notice,
     ) as dispatcher:
+        app.metrics.watch_updates(dispatcher.backlog)
         recovered = 0
         after = 0
         while True:
@@ -95,7 +109,7 @@ async def run_telegram(
         task_status.started(state)
 
         async def poll_forever() -> None:
-            await _poll(app, bot, state, dispatcher.submit)
+            await _poll(app, bot, state, dispatcher)
 
         await app.lifecycle.run_until_stopping(poll_forever)
         log.info("event=polling_stopped handlers_running=%d", dispatcher.in_handler)
@@ -103,7 +117,7 @@ async def run_telegram(
     app.health.unwatch("telegram_poll")
 
 
-async def _poll(app: App, bot: TrioBot, state: PollState, submit: Any) -> None:
+async def _poll(app: App, bot: TrioBot, state: PollState, dispatcher: Dispatcher) -> None:
     config = app.config.telegram
     failures = 0
     while True:
@@ -157,8 +171,11 @@ async def _poll(app: App, bot: TrioBot, state: PollState, submit: Any) -> None:
             update = storable(raw)
             assert isinstance(update, dict)
             rows.append((update_id, chat_key(update), update))
+        await dispatcher.wait_for_room(len(rows))
+        admission = dispatcher.admit((update_id, payload) for update_id, _, payload in rows)
+        drops = [(update_id, outcome) for update_id, outcome, _ in admission.dropped]
         try:
-            unhandled = set(await app.db.run(inbox.record_updates, rows, next_offset))
+            unhandled = set(await app.db.run(inbox.record_updates, rows, next_offset, drops))
         except CONNECTION_ERRORS as exc:
             # Not recorded (or not known to be): keep the offset, so Telegram sends the batch again.
             failures += 1
@@ -168,9 +185,13 @@ async def _poll(app: App, bot: TrioBot, state: PollState, submit: Any) -> None:
             await trio.sleep(delay)
             continue
         state.offset = next_offset
-        for update_id, _, payload in rows:
+        if admission.dropped:
+            for _, outcome, _ in admission.dropped:
+                app.metrics.updates_dropped.labels(outcome).inc()
+            dispatcher.dropped(admission)
+        for update_id, payload in admission.queue:
             if update_id in unhandled:
-                await submit(update_id, payload)
+                dispatcher.enqueue(update_id, payload)
 
 
 @attrs.define(eq=False)

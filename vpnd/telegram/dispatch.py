@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -38,6 +38,8 @@ Handler = Callable[[int, Payload], Awaitable[None]]
 Apology = Callable[[Payload], Awaitable[None]]
 #: Records the outcome of an update durably ("ok", "error").
 Recorder = Callable[[int, str], Awaitable[None]]
+#: Tells a user their update was dropped (outcome, payload, whether the "slow down" message is due).
+DropNotice = Callable[[str, Payload, bool], Awaitable[None]]
 
 
 INT64 = 1 << 63
@@ -67,6 +69,17 @@ def chat_key(payload: Payload) -> int | None:
     return None
 
 
+def _queue_key(update_id: int, payload: Payload) -> int:
+    """The queue an update waits in: its chat's, so a chat's updates are handled in order. A
+    pre-checkout query has its own (Telegram wants the answer within 10 s, whatever else the chat sent),
+    and so has an update without a chat."""
+    if "pre_checkout_query" not in payload:
+        key = chat_key(payload)
+        if key is not None:
+            return key
+    return -update_id - (1 << 62)
+
+
 def storable(payload: object) -> object:
     """The update with what PostgreSQL cannot store made harmless: NUL characters (text and jsonb
     refuse them) become U+FFFD, integers beyond 64 bits become strings. Everything else is kept."""
@@ -83,8 +96,100 @@ def storable(payload: object) -> object:
     return payload
 
 
+#: Why an update was acknowledged without running its handler (the inbox's `outcome`).
+DROPPED_BACKLOG = "dropped"  # its chat already had `max_per_chat` updates waiting
+COALESCED = "coalesced"  # the same message or button press was already waiting in its chat
+
+#: Updates that carry money or membership changes: never dropped or coalesced, whatever the backlog.
+_NEVER_DROPPED = ("pre_checkout_query", "my_chat_member", "shipping_query")
+
+
+def fingerprint(payload: Payload) -> tuple[str, object, object] | None:
+    """What makes two updates of one chat interchangeable: the same text message, or the same button on
+    the same message. None for anything else (payments, media, membership): such updates are never
+    coalesced."""
+    message = payload.get("message")
+    if isinstance(message, dict):
+        text = message.get("text")
+        if isinstance(text, str) and set(message) <= _PLAIN_MESSAGE_KEYS:
+            return ("text", text, None)
+        return None
+    query = payload.get("callback_query")
+    if isinstance(query, dict) and isinstance(query.get("data"), str):
+        on = query.get("message")
+        message_id = on.get("message_id") if isinstance(on, dict) else None
+        return ("button", query["data"], message_id if isinstance(message_id, int) else None)
+    return None
+
+
+_PLAIN_MESSAGE_KEYS = frozenset(
+    {"message_id", "from", "chat", "date", "text", "entities", "link_preview_options", "message_thread_id"}
+)
+
+
+def droppable(payload: Payload) -> bool:
+    """May this update be dropped when its chat floods? Not when it carries a payment."""
+    if any(kind in payload for kind in _NEVER_DROPPED):
+        return False
+    message = payload.get("message")
+    return not (isinstance(message, dict) and "successful_payment" in message)
+
+
+@attrs.define(eq=False)
+class _Queued:
+    update_id: int
+    payload: Payload
+    fingerprint: tuple[str, object, object] | None
+    since: float
+
+
+@attrs.define(eq=False)
+class _Chat:
+    """One chat's waiting updates (the first one is being handled while `running`)."""
+
+    items: collections.deque[_Queued] = attrs.field(factory=collections.deque)
+    running: bool = False
+
+
+@attrs.frozen
+class Admission:
+    """The dispatcher's verdict on a batch: what to queue, and what to acknowledge without handling."""
+
+    queue: list[tuple[int, Payload]]
+    #: (update_id, outcome, payload) for updates dropped on purpose: DROPPED_BACKLOG or COALESCED.
+    dropped: list[tuple[int, str, Payload]]
+
+
+@attrs.frozen
+class Backlog:
+    """A snapshot for /metrics and the health check."""
+
+    queued: int
+    running: int
+    chats: int
+    #: Seconds the oldest waiting update of a chat that is not flooding has waited (0: none waiting).
+    oldest_normal_seconds: float
+    #: The same over every chat, flooders included.
+    oldest_seconds: float
+    flooding_chats: int
+
+
 @attrs.define(eq=False)
 class Dispatcher:
+    """Per-chat queues served fairly under the one update limiter.
+
+    Fairness comes from the structure: each chat with waiting updates has exactly one task, and that
+    task takes the (FIFO) `CapacityLimiter` once per update, so chats take turns — a chat with 1,000
+    updates waiting gets the same share of the handler slots as a chat with one. Each chat's queue holds
+    at most `max_per_chat` updates; past that its updates are acknowledged and dropped on purpose
+    (`admit` decides, the poller records the verdict in the inbox in the same transaction as the
+    batch), and an update identical to one already waiting in its chat is coalesced. Payments are never
+    dropped. Nothing another chat sends is ever affected.
+
+    There is one producer (the poller, or the start-up recovery before it): `admit` then `enqueue` may
+    have an await between them (the inbox write) during which queues can only shrink.
+    """
+
     handler: Handler
     apology: Apology
     recorder: Recorder
@@ -92,64 +197,167 @@ class Dispatcher:
     nursery: trio.Nursery
     handler_timeout: float
     max_pending: int
+    max_per_chat: int = 20
+    #: Seconds a chat counts as flooding after its last dropped update.
+    flood_window: float = 60.0
     on_done: Callable[[str, float], None] | None = None
-    queues: dict[int | None, collections.deque[tuple[int, Payload]]] = attrs.field(factory=dict)
+    #: Called (without awaiting) for each update dropped on purpose: (outcome, payload, notice_due).
+    on_dropped: Callable[[str, Payload, bool], None] | None = None
+    chats: dict[int, _Chat] = attrs.field(factory=dict)
     pending: int = 0
     #: Update ids queued or being handled (at most max_pending + max_concurrent_updates of them).
     known: set[int] = attrs.field(factory=set)
     accepting: bool = True
     _room: trio.Event = attrs.field(factory=trio.Event)
     in_handler: int = 0
+    #: chat -> when it last had an update dropped (bounded: entries older than flood_window go).
+    _flooding: dict[int, float] = attrs.field(factory=dict)
+    #: chat -> when it was last told to slow down.
+    _noticed: dict[int, float] = attrs.field(factory=dict)
+    dropped_total: int = 0
 
-    async def submit(self, update_id: int, payload: Payload) -> None:
-        """Queue an update behind the earlier ones of its chat; waits while too many are queued.
-
-        An update already queued or being handled (Telegram sent it again) is ignored."""
-        if update_id in self.known:
-            return
-        while self.pending >= self.max_pending:
+    async def wait_for_room(self, count: int) -> None:
+        """Memory bound over all chats: wait while fewer than `count` slots are free. Only many busy
+        chats at once can fill it (one chat holds at most `max_per_chat`); the updates wait durably at
+        Telegram meanwhile, since the offset has not moved."""
+        while self.pending + count > max(self.max_pending, count):
             await self._room.wait()
-        if update_id in self.known:
+
+    def admit(self, updates: Iterable[tuple[int, Payload]]) -> Admission:
+        """Decide, for a batch in update order, which updates to queue and which to drop on purpose.
+        Changes nothing: `enqueue` the `queue` part once the batch is recorded."""
+        now = trio.current_time()
+        extra: dict[int, int] = {}
+        seen: dict[int, set[tuple[str, object, object]]] = {}
+        queue: list[tuple[int, Payload]] = []
+        dropped: list[tuple[int, str, Payload]] = []
+        for update_id, payload in updates:
+            if update_id in self.known:
+                continue  # already queued or being handled: Telegram sent it again
+            key = _queue_key(update_id, payload)
+            chat = self.chats.get(key)
+            if droppable(payload):
+                print_ = fingerprint(payload)
+                prints = seen.get(key)
+                if prints is None:
+                    prints = seen[key] = {q.fingerprint for q in (chat.items if chat else ()) if q.fingerprint}
+                    if chat is not None and chat.running and chat.items:
+                        prints.discard(chat.items[0].fingerprint)  # the running one may already have answered
+                waiting = (len(chat.items) if chat else 0) + extra.get(key, 0)
+                if print_ is not None and print_ in prints:
+                    dropped.append((update_id, COALESCED, payload))
+                    continue
+                if waiting >= self.max_per_chat:
+                    dropped.append((update_id, DROPPED_BACKLOG, payload))
+                    self._flooding[key] = now
+                    continue
+                if print_ is not None:
+                    prints.add(print_)
+            extra[key] = extra.get(key, 0) + 1
+            queue.append((update_id, payload))
+        return Admission(queue, dropped)
+
+    def enqueue(self, update_id: int, payload: Payload) -> None:
+        """Queue an admitted update behind the earlier ones of its chat."""
+        if update_id in self.known or not self.accepting:
             return
         self.known.add(update_id)
-        key = chat_key(payload)
-        if key is None:
-            key = -update_id - (1 << 62)  # unique: an update without a chat is its own queue
-        queue = self.queues.get(key)
+        key = _queue_key(update_id, payload)
+        chat = self.chats.get(key)
         self.pending += 1
-        if queue is None:
-            queue = self.queues[key] = collections.deque()
-            queue.append((update_id, payload))
-            self.nursery.start_soon(self._drain, key, queue, name=f"chat:{key}")
+        item = _Queued(update_id, payload, fingerprint(payload), trio.current_time())
+        if chat is None:
+            chat = self.chats[key] = _Chat()
+            chat.items.append(item)
+            self.nursery.start_soon(self._drain, key, chat, name=f"chat:{key}")
         else:
-            queue.append((update_id, payload))
+            chat.items.append(item)
+
+    def dropped(self, admission: Admission) -> None:
+        """The batch's drops are recorded: count them and let the user know (best effort, not awaited)."""
+        now = trio.current_time()
+        for _, outcome, payload in admission.dropped:
+            self.dropped_total += 1
+            key = chat_key(payload)
+            notice_due = False
+            if key is not None and outcome == DROPPED_BACKLOG:
+                last = self._noticed.get(key)
+                notice_due = last is None or now - last >= self.flood_window
+                if notice_due:
+                    self._noticed[key] = now
+            if self.on_dropped is not None:
+                self.on_dropped(outcome, payload, notice_due)
+        self._forget_old(now)
+
+    async def submit(self, update_id: int, payload: Payload) -> None:
+        """Admit and queue one update already recorded in the inbox (start-up recovery); an update
+        the flood rules would drop is queued anyway — it was accepted before the restart."""
+        await self.wait_for_room(1)
+        self.enqueue(update_id, payload)
 
     def stop_accepting(self) -> None:
         """Shutdown: finish the updates being handled, leave queued ones in the inbox."""
         self.accepting = False
-        for queue in self.queues.values():
-            self.pending -= len(queue)
-            for update_id, _ in queue:
-                self.known.discard(update_id)
-            queue.clear()
+        for chat in self.chats.values():
+            keep = 1 if chat.running and chat.items else 0
+            while len(chat.items) > keep:
+                item = chat.items.pop()
+                self.pending -= 1
+                self.known.discard(item.update_id)
         self._wake()
 
-    async def _drain(self, key: int | None, queue: collections.deque[tuple[int, Payload]]) -> None:
+    def backlog(self) -> Backlog:
+        now = trio.current_time()
+        oldest = oldest_normal = 0.0
+        running = 0
+        for key, chat in self.chats.items():
+            running += chat.running
+            if not chat.items:
+                continue
+            age = now - chat.items[0].since
+            oldest = max(oldest, age)
+            if not self._is_flooding(key, now):
+                oldest_normal = max(oldest_normal, age)
+        flooding = sum(1 for key in self._flooding if self._is_flooding(key, now))
+        return Backlog(self.pending - running, running, len(self.chats), oldest_normal, oldest, flooding)
+
+    def _is_flooding(self, key: int, now: float) -> bool:
+        since = self._flooding.get(key)
+        return since is not None and now - since < self.flood_window
+
+    def _forget_old(self, now: float) -> None:
+        if len(self._flooding) + len(self._noticed) < 1024:
+            return
+        for table in (self._flooding, self._noticed):
+            for key, at in list(table.items()):
+                if now - at >= self.flood_window:
+                    del table[key]
+
+    async def _drain(self, key: int, chat: _Chat) -> None:
         try:
-            while queue and self.accepting:
-                update_id, payload = queue[0]
+            while chat.items and self.accepting:
+                item = chat.items[0]
                 async with self.limiter:
                     if not self.accepting:
                         break
-                    await self._handle_one(update_id, payload)
-                if queue and queue[0][0] == update_id:
-                    queue.popleft()
+                    chat.running = True
+                    await self._handle_one(item.update_id, item.payload)
+                chat.running = False
+                if chat.items and chat.items[0] is item:
+                    chat.items.popleft()
                     self.pending -= 1
-                self.known.discard(update_id)
+                self.known.discard(item.update_id)
                 self._wake()
         finally:
-            if self.queues.get(key) is queue:
-                del self.queues[key]
+            chat.running = False
+            if self.chats.get(key) is chat:
+                del self.chats[key]
+                # stop_accepting left the running update counted; it is done (or cancelled) now.
+                for item in chat.items:
+                    self.pending -= 1
+                    self.known.discard(item.update_id)
+                chat.items.clear()
+                self._wake()
 
     async def _handle_one(self, update_id: int, payload: Payload) -> None:
         started = trio.current_time()
@@ -192,6 +400,11 @@ class Dispatcher:
         self._room = trio.Event()
 
 
+#: Drop notices waiting to be sent; past this they are skipped (the drop itself is recorded anyway).
+NOTICE_QUEUE = 512
+NOTICE_SENDERS = 4
+
+
 @asynccontextmanager
 async def open_dispatcher(
     handler: Handler,
@@ -201,10 +414,29 @@ async def open_dispatcher(
     max_concurrent_updates: int,
     handler_timeout: float,
     max_pending: int = 1000,
+    max_per_chat: int = 20,
+    flood_window: float = 60.0,
     on_done: Callable[[str, float], None] | None = None,
+    drop_notice: DropNotice | None = None,
 ) -> AsyncIterator[Dispatcher]:
-    """The handler nursery. Exiting the block waits for every started handler."""
+    """The handler nursery. Exiting the block waits for every started handler.
+
+    `drop_notice(outcome, payload, notice_due)` tells a user whose update was dropped (answers the
+    button press; the "slow down" message when `notice_due`): a few tasks send them from a bounded
+    queue, so a flood never makes the poller wait on Telegram."""
     async with trio.open_nursery() as nursery:
+        on_dropped = None
+        if drop_notice is not None:
+            send, receive = trio.open_memory_channel[tuple[str, Payload, bool]](NOTICE_QUEUE)
+            for _ in range(NOTICE_SENDERS):
+                nursery.start_soon(_send_notices, receive.clone(), drop_notice)
+
+            def on_dropped(outcome: str, payload: Payload, notice_due: bool) -> None:
+                try:
+                    send.send_nowait((outcome, payload, notice_due))
+                except trio.WouldBlock:
+                    log.info("event=drop_notice_skipped detail=%s", quote("notice queue full"))
+
         dispatcher = Dispatcher(
             handler=handler,
             apology=apology,
@@ -213,6 +445,23 @@ async def open_dispatcher(
             nursery=nursery,
             handler_timeout=handler_timeout,
             max_pending=max_pending,
+            max_per_chat=max_per_chat,
+            flood_window=flood_window,
             on_done=on_done,
+            on_dropped=on_dropped,
         )
-        yield dispatcher
+        try:
+            yield dispatcher
+        finally:
+            if drop_notice is not None:
+                send.close()
+
+
+async def _send_notices(receive: trio.MemoryReceiveChannel[tuple[str, Payload, bool]], notice: DropNotice) -> None:
+    async with receive:
+        async for outcome, payload, notice_due in receive:
+            try:
+                with trio.move_on_after(10):
+                    await notice(outcome, payload, notice_due)
+            except Exception as exc:  # best effort: the drop is recorded whatever happens here
+                log.info("event=drop_notice_failed error=%s", type(exc).__name__)

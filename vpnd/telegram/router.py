@@ -19,7 +19,7 @@ import telegram
 
 from vpnd.db import conversation, users
 from vpnd.telegram import keyboards as kb
-from vpnd.telegram.dispatch import Apology, Handler, Payload, chat_key
+from vpnd.telegram.dispatch import DROPPED_BACKLOG, Apology, DropNotice, Handler, Payload, chat_key
 from vpnd.telegram.flows import access, menu
 from vpnd.telegram.turn import BotContext, Turn
 
@@ -155,7 +155,7 @@ def make_update_handler(ctx: BotContext, routes: Routes) -> Handler:
 
 
 def _command_name(message: telegram.Message) -> str | None:
-    """"start" for "/start@vpnd_bot ref_x"; None when the message is not a command."""
+    """ "start" for "/start@vpnd_bot ref_x"; None when the message is not a command."""
     text = (message.text or "").strip()
     if not text.startswith("/"):
         return None
@@ -222,18 +222,42 @@ async def _route_callback(turn: Turn, routes: Routes, data: str) -> None:
     await route(turn, args)
 
 
+def _sender_language(ctx: BotContext, payload: Payload) -> str:
+    body = payload.get("message") or payload.get("callback_query") or {}
+    sender = body.get("from") if isinstance(body, dict) else None
+    code = sender.get("language_code") if isinstance(sender, dict) else None
+    return ctx.texts.language(code if isinstance(code, str) else None, ctx.app.config.telegram.default_language)
+
+
 def make_apology(ctx: BotContext) -> Apology:
     async def apologize(payload: Payload) -> None:
         chat_id = chat_key(payload)
         if chat_id is None or chat_id < 0:
             return
-        body = payload.get("message") or payload.get("callback_query") or {}
-        sender = body.get("from") if isinstance(body, dict) else None
-        code = sender.get("language_code") if isinstance(sender, dict) else None
-        lang = ctx.texts.language(code if isinstance(code, str) else None, ctx.app.config.telegram.default_language)
+        lang = _sender_language(ctx, payload)
         query = payload.get("callback_query")
         if isinstance(query, dict) and isinstance(query.get("id"), str):
             await ctx.sender.answer_callback(chat_id, query["id"])
         await ctx.sender.send_message(chat_id, ctx.texts.get(lang, "common.error"))
 
     return apologize
+
+
+def make_drop_notice(ctx: BotContext) -> DropNotice:
+    """What a flooding user sees for an update dropped on purpose: the button press is answered with a
+    short "please wait" (so the client stops spinning), and at most once a minute a "slow down" message.
+    A coalesced update (the same one was already waiting) gets a silent answer only."""
+
+    async def notify(outcome: str, payload: Payload, notice_due: bool) -> None:
+        chat_id = chat_key(payload)
+        if chat_id is None or chat_id < 0:
+            return
+        lang = _sender_language(ctx, payload)
+        query = payload.get("callback_query")
+        if isinstance(query, dict) and isinstance(query.get("id"), str):
+            toast = ctx.texts.get(lang, "common.slow_down_toast") if outcome == DROPPED_BACKLOG else None
+            await ctx.sender.answer_callback(chat_id, query["id"], toast)
+        if notice_due:
+            await ctx.sender.send_message(chat_id, ctx.texts.get(lang, "common.slow_down"))
+
+    return notify

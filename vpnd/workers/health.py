@@ -164,6 +164,8 @@ class HealthChecker:
             "telegram": self._telegram,
             "outbox": self._outbox,
         }
+        if self.app.metrics.update_backlog is not None:
+            probes["updates"] = self._updates
         if self.xray is not None:
             probes["xray"] = self._xray
         if self.disk_path is not None:
@@ -178,6 +180,19 @@ class HealthChecker:
     async def _telegram(self) -> CheckResult:
         me = await self.bot.get_me()
         return CheckResult(True, f"getMe: @{me.username}")
+
+    async def _updates(self) -> CheckResult:
+        """Fails when a chat that is not flooding has waited too long for its update to be handled (a
+        flooding chat waiting on its own backlog is its own doing, not a fault)."""
+        snapshot = self.app.metrics.update_backlog
+        assert snapshot is not None
+        backlog = snapshot()
+        limit = self.app.config.telegram.pending_alert_seconds
+        detail = (
+            f"{backlog.queued} waiting, {backlog.running} running, oldest of a normal chat "
+            f"{backlog.oldest_normal_seconds:.0f} s, {backlog.flooding_chats} chats flooding"
+        )
+        return CheckResult(backlog.oldest_normal_seconds <= limit, detail)
 
     async def _xray(self) -> CheckResult:
         assert self.xray is not None
