@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import attrs
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -40,12 +41,21 @@ class BacklogView(Protocol):
     def flooding_chats(self) -> int: ...
 
 
+def _on_event_loop() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
 @attrs.define(eq=False)
 class _UpdatesCollector(Collector):
     snapshot: Callable[[], BacklogView]
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        backlog = self.snapshot()
+        # /metrics renders in a worker thread; the dispatcher lives on the event loop.
+        backlog = self.snapshot() if _on_event_loop() else trio.from_thread.run_sync(self.snapshot)
         pending = GaugeMetricFamily(
             "vpnd_updates_pending", "Telegram updates waiting or being handled", labels=["state"]
         )

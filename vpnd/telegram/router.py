@@ -19,7 +19,7 @@ import telegram
 
 from vpnd.db import conversation, users
 from vpnd.telegram import keyboards as kb
-from vpnd.telegram.dispatch import DROPPED_BACKLOG, Apology, DropNotice, Handler, Payload, chat_key
+from vpnd.telegram.dispatch import Apology, DropNotice, Handler, Payload, chat_key
 from vpnd.telegram.flows import access, menu
 from vpnd.telegram.turn import BotContext, Turn
 
@@ -245,8 +245,8 @@ def make_apology(ctx: BotContext) -> Apology:
 
 def make_drop_notice(ctx: BotContext) -> DropNotice:
     """What a flooding user sees for an update dropped on purpose: the button press is answered with a
-    short "please wait" (so the client stops spinning), and at most once a minute a "slow down" message.
-    A coalesced update (the same one was already waiting) gets a silent answer only."""
+    short "please wait" (so the client stops spinning; also when it was coalesced with the same press
+    still waiting), and, when the chat's backlog overflowed, at most once a minute a "slow down" message."""
 
     async def notify(outcome: str, payload: Payload, notice_due: bool) -> None:
         chat_id = chat_key(payload)
@@ -255,8 +255,7 @@ def make_drop_notice(ctx: BotContext) -> DropNotice:
         lang = _sender_language(ctx, payload)
         query = payload.get("callback_query")
         if isinstance(query, dict) and isinstance(query.get("id"), str):
-            toast = ctx.texts.get(lang, "common.slow_down_toast") if outcome == DROPPED_BACKLOG else None
-            await ctx.sender.answer_callback(chat_id, query["id"], toast)
+            await ctx.sender.answer_callback(chat_id, query["id"], ctx.texts.get(lang, "common.slow_down_toast"))
         if notice_due:
             await ctx.sender.send_message(chat_id, ctx.texts.get(lang, "common.slow_down"))
 
