@@ -46,18 +46,31 @@ CANCEL_REQUEST_TIMEOUT = 5.0
 #: workers, broadcasts, health) always find one, even when every handler waits inside the database.
 BACKGROUND_RESERVE = 2
 
+@attrs.define(eq=False)
+class _Lane:
+    #: Database calls made so far by this update's handler.
+    calls: int = 0
+
+
 #: Set while an update handler runs (see `update_lane`): its database calls share a smaller limit.
-_IN_UPDATE_LANE: ContextVar[bool] = ContextVar("vpnd_db_update_lane", default=False)
+_UPDATE_LANE: ContextVar[_Lane | None] = ContextVar("vpnd_db_update_lane", default=None)
 
 
 @contextmanager
 def update_lane() -> Iterator[None]:
     """Mark the database calls made inside the block (and tasks it starts) as an update handler's."""
-    token = _IN_UPDATE_LANE.set(True)
+    token = _UPDATE_LANE.set(_Lane())
     try:
         yield
     finally:
-        _IN_UPDATE_LANE.reset(token)
+        _UPDATE_LANE.reset(token)
+
+
+def calls_in_update() -> int:
+    """How many database calls this update's handler has made (-1 outside a handler): lets a handler
+    reuse what an earlier call of its own read, as long as nothing has been written since."""
+    lane = _UPDATE_LANE.get()
+    return -1 if lane is None else lane.calls
 
 
 class DatabaseUnavailable(Exception):
@@ -132,7 +145,9 @@ class Database:
         **kwargs: P.kwargs,
     ) -> R:
         """Run `fn(conn, *args, **kwargs)` in one transaction in a worker thread; return its result."""
-        if _IN_UPDATE_LANE.get() and self.update_limiter is not None:
+        lane = _UPDATE_LANE.get()
+        if lane is not None and self.update_limiter is not None:
+            lane.calls += 1
             async with self.update_limiter:
                 return await self._run(fn, *args, **kwargs)
         return await self._run(fn, *args, **kwargs)

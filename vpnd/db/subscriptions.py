@@ -169,6 +169,25 @@ def grant_trial(conn: psycopg.Connection[Any], user_id: int, days: int) -> Trial
     return TrialOutcome(True, grant_days(conn, user_id, days, kind="trial"))
 
 
+@attrs.frozen
+class MenuFacts:
+    """What the main menu depends on."""
+
+    trial_eligible: bool
+    has_subscription: bool
+
+
+def menu_facts(conn: psycopg.Connection[Any], user_id: int) -> MenuFacts:
+    row = conn.execute(
+        "SELECT NOT EXISTS (SELECT 1 FROM trials WHERE user_id = %(id)s), "
+        "EXISTS (SELECT 1 FROM subscriptions WHERE user_id = %(id)s)",
+        {"id": user_id},
+    ).fetchone()
+    assert row is not None
+    no_trial, subscribed = bool(row[0]), bool(row[1])
+    return MenuFacts(trial_eligible=no_trial and not subscribed, has_subscription=subscribed)
+
+
 def trial_eligible(conn: psycopg.Connection[Any], user_id: int) -> bool:
     row = conn.execute(
         "SELECT NOT EXISTS (SELECT 1 FROM trials WHERE user_id = %(id)s) "

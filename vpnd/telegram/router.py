@@ -17,7 +17,7 @@ import attrs
 import psycopg
 import telegram
 
-from vpnd.db import conversation, users
+from vpnd.db import conversation, subscriptions, users
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.dispatch import Apology, DropNotice, Handler, Payload, chat_key
 from vpnd.telegram.flows import access, menu
@@ -129,16 +129,21 @@ def make_update_handler(ctx: BotContext, routes: Routes) -> Handler:
             return  # vpnd talks to people in private chats only
         language = ctx.texts.language(sender.language_code, ctx.app.config.telegram.default_language)
         command = _command_name(update.message) if update.message is not None else None
-        result = await ctx.app.db.run(
+        plain_text = update.message is not None and command is None and bool((update.message.text or "").strip())
+        start = await ctx.app.db.run(
             begin_turn,
             sender.id,
             sender.username,
             sender.first_name or "",
             language,
             clear_state=command is not None and command in routes.commands,
+            read_state=plain_text,
         )
-        turn = Turn(ctx, update_id, update, result.user, result.user.language, chat.id if chat else sender.id)
-        turn.user_created = result.created
+        user = start.result.user
+        turn = Turn(ctx, update_id, update, user, user.language, chat.id if chat else sender.id)
+        turn.user_created = start.result.created
+        turn.menu_facts = start.menu_facts
+        turn.state = start.state
         if update.callback_query is not None:
             turn.callback = update.callback_query
             try:
@@ -162,6 +167,13 @@ def _command_name(message: telegram.Message) -> str | None:
     return text.partition(" ")[0][1:].split("@", 1)[0].lower()
 
 
+@attrs.frozen
+class TurnStart:
+    result: users.UpsertResult
+    menu_facts: subscriptions.MenuFacts
+    state: conversation.State | None
+
+
 def begin_turn(
     conn: psycopg.Connection[tuple[object, ...]],
     user_id: int,
@@ -170,13 +182,16 @@ def begin_turn(
     language: str,
     *,
     clear_state: bool,
-) -> users.UpsertResult:
+    read_state: bool,
+) -> TurnStart:
     """The start of a person's turn, one transaction: upsert them; a known command also ends any
-    conversation state (a command always starts over)."""
+    conversation state (a command always starts over). It also reads what most turns need next — the
+    menu facts, and the conversation state for plain text — so a typical update makes one transaction."""
     result = users.upsert_user(conn, user_id, username, first_name, language)
     if clear_state:
         conversation.clear_state(conn, user_id)
-    return result
+    state = conversation.get_state(conn, user_id) if read_state else None
+    return TurnStart(result, subscriptions.menu_facts(conn, user_id), state)
 
 
 def _set_reachable(conn: psycopg.Connection[tuple[object, ...]], user_id: int) -> None:
@@ -203,7 +218,7 @@ async def _route_message(turn: Turn, routes: Routes, message: telegram.Message) 
             return
         await menu.show_menu(turn, turn.t("common.unknown"))
         return
-    state = await turn.app.db.run(conversation.get_state, turn.user.id)
+    state = turn.state
     if state is not None and text:
         state_route = routes.states.get(state.name)
         if state_route is not None:

@@ -15,6 +15,9 @@ import telegram
 
 from vpnd.app import App
 from vpnd.cryptopay import CryptoPayClient
+from vpnd.db.conversation import State
+from vpnd.db.pool import calls_in_update
+from vpnd.db.subscriptions import MenuFacts
 from vpnd.db.users import User
 from vpnd.telegram.client import Sender, TrioBot
 from vpnd.telegram.keyboards import Keyboard
@@ -43,6 +46,15 @@ class Turn:
     answered: bool = False
     #: True when this update created the user's row (their first contact).
     user_created: bool = False
+    #: The menu facts read with the user's row at the start of the turn (see `prefetched_menu_facts`).
+    menu_facts: MenuFacts | None = None
+    #: The conversation state read at the start of the turn, when the update is plain text.
+    state: State | None = None
+
+    def prefetched_menu_facts(self) -> MenuFacts | None:
+        """The menu facts read at the start of the turn, if this handler has written nothing since (its
+        only database call so far was that first one); None means: read them again."""
+        return self.menu_facts if calls_in_update() == 1 else None
 
     @property
     def app(self) -> App:

@@ -3,27 +3,10 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
-
-import attrs
-import psycopg
 
 from vpnd.db import subscriptions, users
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.turn import Turn
-
-
-@attrs.frozen
-class MenuFacts:
-    trial_eligible: bool
-    has_subscription: bool
-
-
-def menu_facts(conn: psycopg.Connection[Any], user_id: int) -> MenuFacts:
-    return MenuFacts(
-        trial_eligible=subscriptions.trial_eligible(conn, user_id),
-        has_subscription=subscriptions.get_subscription(conn, user_id) is not None,
-    )
 
 
 def format_money(minor: int, currency: str) -> str:
@@ -32,7 +15,9 @@ def format_money(minor: int, currency: str) -> str:
 
 
 async def show_menu(turn: Turn, prefix: str = "") -> None:
-    facts = await turn.app.db.run(menu_facts, turn.user.id)
+    facts = turn.prefetched_menu_facts()
+    if facts is None:
+        facts = await turn.app.db.run(subscriptions.menu_facts, turn.user.id)
     eligible = facts.trial_eligible and turn.app.config.trial.enabled
     text = turn.t("menu.title")
     if turn.user.balance_minor:
