@@ -27,6 +27,7 @@ from telegram.request import HTTPXRequest
 from vpnd.config import TelegramConfig
 from vpnd.metrics import Metrics
 from vpnd.telegram.ratelimit import OutboundLimiter, Priority
+from vpnd.telegram.wire import BotWire, open_bot_wire
 
 log = logging.getLogger("vpnd.telegram")
 
@@ -34,7 +35,18 @@ T = TypeVar("T")
 
 
 class TrioBot(telegram.Bot):
-    """`telegram.Bot` whose initialize/shutdown don't use asyncio.gather."""
+    """`telegram.Bot` whose initialize/shutdown don't use asyncio.gather.
+
+    `wire` (set by `open_bot`) carries the hot calls — getUpdates, sendMessage, editMessageText,
+    answerCallbackQuery — as plain JSON over h11: PTB's request layer and its parsing of every answer
+    into objects were about half of the CPU an update cost (bench/README.md). Everything else goes
+    through PTB."""
+
+    wire: BotWire | None = None
+
+    def set_wire(self, wire: BotWire | None) -> None:
+        with self._unfrozen():
+            self.wire = wire
 
     async def initialize(self) -> None:
         if self._requests_initialized and self._bot_initialized:
@@ -54,7 +66,10 @@ class TrioBot(telegram.Bot):
         data: dict[str, Any] = {"timeout": timeout, "limit": limit, "allowed_updates": allowed_updates}
         if offset is not None:
             data["offset"] = offset
-        result = await self._post("getUpdates", data, read_timeout=timeout + 10.0)
+        if self.wire is not None:
+            result = await self.wire.call("getUpdates", data, read_timeout=timeout + 10.0)
+        else:
+            result = await self._post("getUpdates", data, read_timeout=timeout + 10.0)
         if not isinstance(result, list):
             raise NetworkError(f"getUpdates returned {type(result).__name__}, expected a list")
         return [u for u in result if isinstance(u, dict)]
@@ -104,15 +119,18 @@ def build_bot(config: TelegramConfig, *, pool_size: int = 64) -> TrioBot:
 
 
 @asynccontextmanager
-async def open_bot(config: TelegramConfig) -> AsyncIterator[TrioBot]:
+async def open_bot(config: TelegramConfig, *, pool_size: int = 64) -> AsyncIterator[TrioBot]:
     """A bot whose HTTP clients are open; `getMe` is not called here (the poller does it)."""
-    bot = build_bot(config)
+    bot = build_bot(config, pool_size=pool_size)
     for request in bot._request:
         await request.initialize()
     bot._requests_initialized = True
     try:
-        yield bot
+        async with open_bot_wire(config.api_base_url, config.token, max_connections=pool_size) as wire:
+            bot.set_wire(wire)
+            yield bot
     finally:
+        bot.set_wire(None)
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await bot.shutdown()
 
@@ -171,25 +189,45 @@ class Sender:
 
     async def send_message(
         self, chat_id: int, text: str, *, priority: Priority = Priority.REPLY, **kwargs: Any
-    ) -> telegram.Message:
-        return await self.call(
-            chat_id, lambda: self.bot.send_message(chat_id, text, parse_mode="HTML", **kwargs), priority=priority
+    ) -> SentMessage:
+        wire = self.bot.wire
+        if wire is not None:
+            params = {"chat_id": chat_id, "text": text, "parse_mode": "HTML", **_json_params(kwargs)}
+            result = await self.call(chat_id, lambda: wire.call("sendMessage", params), priority=priority)
+            return SentMessage(chat_id, int(result["message_id"]))
+        message = await self.call(
+            chat_id,
+            lambda: self.bot.send_message(chat_id, text, parse_mode="HTML", **_ptb_params(kwargs)),
+            priority=priority,
         )
+        return SentMessage(chat_id, message.message_id)
 
     async def send_photo(
         self, chat_id: int, photo: bytes, *, caption: str | None = None, **kwargs: Any
     ) -> telegram.Message:
         return await self.call(
             chat_id,
-            lambda: self.bot.send_photo(chat_id, photo, caption=caption, parse_mode="HTML", **kwargs),
+            lambda: self.bot.send_photo(chat_id, photo, caption=caption, parse_mode="HTML", **_ptb_params(kwargs)),
         )
 
     async def edit_text(self, chat_id: int, message_id: int, text: str, **kwargs: Any) -> None:
+        wire = self.bot.wire
+
         async def edit() -> None:
             try:
-                await self.bot.edit_message_text(
-                    text, chat_id=chat_id, message_id=message_id, parse_mode="HTML", **kwargs
-                )
+                if wire is not None:
+                    params = {
+                        "chat_id": chat_id,
+                        "message_id": message_id,
+                        "text": text,
+                        "parse_mode": "HTML",
+                        **_json_params(kwargs),
+                    }
+                    await wire.call("editMessageText", params)
+                else:
+                    await self.bot.edit_message_text(
+                        text, chat_id=chat_id, message_id=message_id, parse_mode="HTML", **_ptb_params(kwargs)
+                    )
             except BadRequest as exc:
                 if "message is not modified" not in str(exc).lower():
                     raise
@@ -199,13 +237,48 @@ class Sender:
     async def answer_callback(
         self, chat_id: int, callback_query_id: str, text: str | None = None, show_alert: bool = False
     ) -> None:
+        wire = self.bot.wire
+
         async def answer() -> None:
             try:
-                await self.bot.answer_callback_query(callback_query_id, text=text, show_alert=show_alert)
+                if wire is not None:
+                    params: dict[str, Any] = {"callback_query_id": callback_query_id}
+                    if text is not None:
+                        params["text"] = text
+                    if show_alert:
+                        params["show_alert"] = True
+                    await wire.call("answerCallbackQuery", params)
+                else:
+                    await self.bot.answer_callback_query(callback_query_id, text=text, show_alert=show_alert)
             except BadRequest as exc:  # too old or already answered: nothing left to do
                 log.info("event=callback_answer_failed error=%s", str(exc)[:120])
 
         await self.call(chat_id, answer, counts_as_message=False)
+
+
+@attrs.frozen
+class SentMessage:
+    chat_id: int
+    message_id: int
+
+
+def _json_params(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments as Bot API JSON: PTB objects as their dicts, None left out."""
+    return {
+        key: value.to_dict() if isinstance(value, telegram.TelegramObject) else value
+        for key, value in kwargs.items()
+        if value is not None
+    }
+
+
+def _ptb_params(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for PTB's methods: a keyboard given as Bot API JSON becomes PTB's object."""
+    converted = dict(kwargs)
+    if isinstance(kwargs.get("reply_markup"), dict):
+        converted["reply_markup"] = telegram.InlineKeyboardMarkup.de_json(kwargs["reply_markup"], None)
+    if isinstance(kwargs.get("link_preview_options"), dict):
+        converted["link_preview_options"] = telegram.LinkPreviewOptions(**kwargs["link_preview_options"])
+    return converted
 
 
 def backoff(attempt: int, cap: float) -> float:

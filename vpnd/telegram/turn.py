@@ -19,9 +19,12 @@ from vpnd.db.conversation import State
 from vpnd.db.pool import calls_in_update
 from vpnd.db.subscriptions import MenuFacts
 from vpnd.db.users import User
-from vpnd.telegram.client import Sender, TrioBot
+from vpnd.telegram.client import Sender, SentMessage, TrioBot
 from vpnd.telegram.keyboards import Keyboard
 from vpnd.telegram.texts import Texts
+
+#: Menus carry links (subscription URLs, invites) that should not unfold into previews.
+NO_PREVIEW = {"is_disabled": True}
 
 
 @attrs.define(eq=False)
@@ -63,8 +66,8 @@ class Turn:
     def t(self, key: str, **values: object) -> str:
         return self.ctx.texts.get(self.lang, key, **values)
 
-    async def reply(self, text: str, keyboard: Keyboard | None = None, **kwargs: Any) -> telegram.Message:
-        return await self.ctx.sender.send_message(self.chat_id, text, reply_markup=_markup(keyboard), **kwargs)
+    async def reply(self, text: str, keyboard: Keyboard | None = None, **kwargs: Any) -> SentMessage:
+        return await self.ctx.sender.send_message(self.chat_id, text, reply_markup=keyboard, **kwargs)
 
     async def show(self, text: str, keyboard: Keyboard | None = None) -> None:
         """Edit the message the pressed button was on, or send a new one."""
@@ -74,11 +77,11 @@ class Turn:
                 self.chat_id,
                 message.message_id,
                 text,
-                reply_markup=_markup(keyboard),
-                link_preview_options=telegram.LinkPreviewOptions(is_disabled=True),
+                reply_markup=keyboard,
+                link_preview_options=NO_PREVIEW,
             )
         else:
-            await self.reply(text, keyboard, link_preview_options=telegram.LinkPreviewOptions(is_disabled=True))
+            await self.reply(text, keyboard, link_preview_options=NO_PREVIEW)
 
     async def answer(self, text: str | None = None, *, alert: bool = False) -> None:
         """Answer the callback query (every callback query is answered, once)."""
@@ -88,9 +91,3 @@ class Turn:
 
     def format_date(self, when: dt.datetime) -> str:
         return when.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _markup(keyboard: Keyboard | None) -> telegram.InlineKeyboardMarkup | None:
-    if keyboard is None:
-        return None
-    return telegram.InlineKeyboardMarkup.de_json(keyboard, None)
