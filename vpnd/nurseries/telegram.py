@@ -28,12 +28,16 @@ from vpnd.logs import quote
 from vpnd.telegram.client import TrioBot, backoff, retry_after_seconds
 from vpnd.telegram.dispatch import (
     INT64,
+    MAX_UPDATE_DEPTH,
+    QUARANTINED,
     Apology,
     Dispatcher,
     DropNotice,
     Handler,
     chat_key,
+    nesting_depth,
     open_dispatcher,
+    quarantine_record,
     storable,
 )
 
@@ -163,17 +167,21 @@ async def _poll(app: App, bot: TrioBot, state: PollState, dispatcher: Dispatcher
             continue
         next_offset = max(ids) + 1  # past every update of the batch, stored or not
         rows = []
+        quarantined: list[tuple[int, str]] = []
         for raw in updates:
             update_id = raw.get("update_id")
             if not isinstance(update_id, int) or isinstance(update_id, bool) or not 0 <= update_id < INT64:
                 log.warning("event=update_unusable detail=%s", quote("no usable update_id; skipped"))
                 continue
-            update = storable(raw)
-            assert isinstance(update, dict)
-            rows.append((update_id, chat_key(update), update))
+            row, usable = _storable_row(update_id, raw)
+            if not usable:
+                quarantined.append((update_id, QUARANTINED))
+                app.metrics.updates_dropped.labels(QUARANTINED).inc()
+            rows.append(row)
         await dispatcher.wait_for_room(len(rows))
-        admission = dispatcher.admit((update_id, payload) for update_id, _, payload in rows)
-        drops = [(update_id, outcome) for update_id, outcome, _ in admission.dropped]
+        skip = {update_id for update_id, _ in quarantined}
+        admission = dispatcher.admit((uid, payload) for uid, _, payload in rows if uid not in skip)
+        drops = [(update_id, outcome) for update_id, outcome, _ in admission.dropped] + quarantined
         try:
             unhandled = set(await app.db.run(inbox.record_updates, rows, next_offset, drops))
         except CONNECTION_ERRORS as exc:
@@ -192,6 +200,25 @@ async def _poll(app: App, bot: TrioBot, state: PollState, dispatcher: Dispatcher
         for update_id, payload in admission.queue:
             if update_id in unhandled:
                 dispatcher.enqueue(update_id, payload)
+
+
+def _storable_row(update_id: int, raw: dict[str, Any]) -> tuple[tuple[int, int | None, dict[str, Any]], bool]:
+    """The inbox row for an update: as it came (made storable), or — when it nests deeper than any
+    real update or cannot be stored — a quarantine record (its pruned text and the reason) that is
+    acknowledged without being handled, so one broken update never stops the loop."""
+    reason = ""
+    try:
+        depth = nesting_depth(raw)
+        if depth > MAX_UPDATE_DEPTH:
+            reason = f"nested more than {MAX_UPDATE_DEPTH} levels deep"
+        else:
+            update = storable(raw)
+            assert isinstance(update, dict)
+            return (update_id, chat_key(update), update), True
+    except RecursionError:
+        reason = "too deeply nested to store"
+    log.warning("event=update_quarantined update_id=%d reason=%s", update_id, quote(reason))
+    return (update_id, None, quarantine_record(raw, reason)), False
 
 
 @attrs.define(eq=False)

@@ -18,6 +18,7 @@ inbox for the next start.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -78,6 +79,55 @@ def _queue_key(update_id: int, payload: Payload) -> int:
         if key is not None:
             return key
     return -update_id - (1 << 62)
+
+
+#: Telegram's own updates nest a dozen levels at most; deeper is broken or hostile and is quarantined.
+MAX_UPDATE_DEPTH = 64
+QUARANTINED = "quarantined"
+
+
+def nesting_depth(payload: object, *, stop_at: int = MAX_UPDATE_DEPTH + 1) -> int:
+    """How deeply lists and objects nest in `payload` (0 for a scalar), counted without recursion and
+    without looking deeper than `stop_at`."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(payload, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth < stop_at:
+                stack.extend((item, depth) for item in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def quarantine_record(payload: object, reason: str, *, limit: int = 65536) -> dict[str, Any]:
+    """What the inbox keeps of an update that cannot be stored or handled: its text (pruned to a sane
+    depth, cut to `limit` characters) and why."""
+    pruned = _prune(payload, 16)
+    text = json.dumps(pruned, ensure_ascii=False, default=repr)
+    return {"quarantined": storable(text[:limit]), "reason": reason}
+
+
+def _prune(payload: object, depth: int) -> object:
+    """A copy of `payload` with anything nested deeper than `depth` replaced by "…" (no recursion)."""
+    root: list[object] = [None]
+    stack: list[tuple[object, Any, Any, int]] = [(payload, root, 0, 0)]
+    while stack:
+        value, parent, key, level = stack.pop()
+        if isinstance(value, dict | list) and level >= depth:
+            parent[key] = "…"
+        elif isinstance(value, dict):
+            copy: dict[Any, object] = {}
+            parent[key] = copy
+            stack.extend((item, copy, str(k), level + 1) for k, item in value.items())
+        elif isinstance(value, list):
+            items: list[object] = [None] * len(value)
+            parent[key] = items
+            stack.extend((item, items, index, level + 1) for index, item in enumerate(value))
+        else:
+            parent[key] = value
+    return root[0]
 
 
 def storable(payload: object) -> object:
