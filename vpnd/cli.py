@@ -67,7 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vpnd: {exc}", file=sys.stderr)
         return 2
-    secrets = [config.telegram.token, config.cryptopay.token, config.metrics.password, _dsn_password(config)]
+    secrets = [
+        config.telegram.token,
+        config.cryptopay.token,
+        config.metrics.password,
+        config.metrics.token,
+        _dsn_password(config),
+    ]
     setup_logging(config.log.level, config.log.format, secrets)
     handler = COMMANDS[args.command]
     return handler(config, args)
