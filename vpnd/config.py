@@ -514,7 +514,7 @@ def config_from_dict(raw: Mapping[str, Any], name: str, environ: Mapping[str, st
     values = {s: SECTION_CLASSES[s](**kwargs) for s, kwargs in sections.items()}
     plans = _read_plans(name, raw.get("plans", []))
     config = Config(path=name, plans=plans, **values)
-    _check_whole(name, config)
+    check_whole(name, config)
     return config
 
 
@@ -604,7 +604,7 @@ def _read_title(value: object) -> Mapping[str, str]:
     raise _expected('a string or a table of languages such as { en = "1 month", ru = "1 месяц" }', value)
 
 
-def _check_whole(name: str, config: Config) -> None:
+def check_whole(name: str, config: Config) -> None:
     """Checks that involve more than one key."""
     if config.database.pool_min > config.database.pool_max:
         raise ConfigError(
