@@ -34,6 +34,9 @@ def test_unit_declares_notify_watchdog_hardening_and_credentials() -> None:
     assert s["CapabilityBoundingSet"] == [""]
     assert {c.split(":")[0] for c in s["LoadCredential"]} == {"telegram_token", "database_dsn", "cryptopay_token"}
     assert s["User"] == ["vpnd"]
+    # `systemctl reload` validates, then sends SIGHUP (which reloads; it used to kill the daemon).
+    assert s["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
+    assert int(s["LimitNOFILE"][0]) > 1000  # [http].max_connections fits under it
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")

@@ -8,7 +8,7 @@ as arguments, and closed here in reverse order — the database pool last.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ from vpnd.health import CheckResult, Health
 from vpnd.instance_lock import InstanceLock, hold_instance_lock
 from vpnd.lifecycle import Lifecycle
 from vpnd.metrics import Metrics
-from vpnd.nudge import Nudge
+from vpnd.nudge import Changed, Nudge
 
 if TYPE_CHECKING:
     from vpnd.nurseries.xray import XrayStatus
@@ -34,6 +34,8 @@ log = logging.getLogger("vpnd.app")
 
 @attrs.define(eq=False)
 class App:
+    #: The running configuration. SIGHUP replaces it (`vpnd.reload`) with one whose live keys come
+    #: from the re-read file: read `app.config...` when the value is used, don't keep a copy.
     config: Config
     db: Database
     schema: Schema
@@ -53,15 +55,26 @@ class App:
     outbox_changed: Nudge = attrs.field(factory=Nudge)
     #: Nudged after a commit that creates, pauses, resumes or cancels a broadcast.
     broadcasts_changed: Nudge = attrs.field(factory=Nudge)
+    #: Fired after a configuration reload replaced `config` (periodic workers re-read their period).
+    config_reloaded: Changed = attrs.field(factory=Changed)
+    #: Called with the new config after a reload, for state built from it at start (rate limiters).
+    reload_hooks: list[Callable[[Config], None]] = attrs.field(factory=list)
 
 
-async def prepare_schema(dsn: str, schema: Schema, *, apply: bool, timeout: float = 10.0) -> None:
-    """Migrate (when `apply`) or just check that the database is at `schema.version`."""
+async def prepare_schema(
+    dsn: str, schema: Schema, *, apply: bool, timeout: float = 10.0, lock_timeout: float = 60.0
+) -> None:
+    """Migrate (when `apply`) or just check that the database is at `schema.version`.
+
+    Cancellable while it waits for the migration lock (SIGTERM during start-up).
+    """
 
     def work() -> None:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, int(timeout))) as conn:
+        with psycopg.connect(
+            dsn, autocommit=True, connect_timeout=max(1, int(timeout)), application_name="vpnd-migrate"
+        ) as conn:
             if apply:
-                migrate(conn, schema)
+                migrate(conn, schema, lock_timeout=lock_timeout, check_cancelled=trio.from_thread.check_cancelled)
             else:
                 version = check_version(conn, schema)
                 if version != schema.version:
@@ -81,7 +94,11 @@ async def open_app(config: Config, *, single_instance: bool = True) -> AsyncIter
     schema = packaged_schema()
     async with _maybe_instance_lock(config, single_instance) as lock:
         await prepare_schema(
-            db_config.dsn, schema, apply=db_config.migrate_on_start, timeout=db_config.connect_timeout_seconds
+            db_config.dsn,
+            schema,
+            apply=db_config.migrate_on_start,
+            timeout=db_config.connect_timeout_seconds,
+            lock_timeout=db_config.migration_lock_timeout_seconds,
         )
         async with open_database(
             db_config.dsn,

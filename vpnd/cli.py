@@ -67,7 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vpnd: {exc}", file=sys.stderr)
         return 2
-    secrets = [config.telegram.token, config.cryptopay.token, config.metrics.password, _dsn_password(config)]
+    secrets = [
+        config.telegram.token,
+        config.cryptopay.token,
+        config.metrics.password,
+        config.metrics.token,
+        _dsn_password(config),
+    ]
     setup_logging(config.log.level, config.log.format, secrets)
     handler = COMMANDS[args.command]
     return handler(config, args)
@@ -90,12 +96,14 @@ def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
     try:
         require_runtime_secrets_db(config)
         schema = packaged_schema()
-        with psycopg.connect(config.database.dsn, autocommit=True, connect_timeout=10) as conn:
+        with psycopg.connect(
+            config.database.dsn, autocommit=True, connect_timeout=10, application_name="vpnd-migrate"
+        ) as conn:
             if args.check:
                 todo = list(pending(conn, schema))
                 print(f"pending migrations: {', '.join(map(str, todo)) or 'none'} (code version {schema.version})")
                 return 1 if todo else 0
-            applied = migrate(conn, schema)
+            applied = migrate(conn, schema, lock_timeout=config.database.migration_lock_timeout_seconds)
         print(f"database at version {schema.version}; applied: {', '.join(map(str, applied)) or 'nothing'}")
         return 0
     except ConfigError as exc:

@@ -32,6 +32,7 @@ SECRET_SOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("database", "dsn"): ("VPND_DATABASE_DSN", "database_dsn"),
     ("cryptopay", "token"): ("VPND_CRYPTOPAY_TOKEN", "cryptopay_token"),
     ("metrics", "password"): ("VPND_METRICS_PASSWORD", "metrics_password"),
+    ("metrics", "token"): ("VPND_METRICS_TOKEN", "metrics_token"),
 }
 
 SUPPORTED_LANGUAGES = ("en", "ru")
@@ -86,6 +87,7 @@ class DatabaseConfig:
     statement_timeout_ms: int = 15000
     connect_timeout_seconds: float = 10.0
     migrate_on_start: bool = True
+    migration_lock_timeout_seconds: float = 60.0
 
 
 @attrs.frozen
@@ -93,12 +95,18 @@ class HttpConfig:
     listen: HostPort = HostPort("127.0.0.1", 8080)
     public_base_url: str = "http://127.0.0.1:8080"
     max_body_bytes: int = 65536
+    max_connections: int = 1000
+    keep_alive_timeout_seconds: float = 5.0
+    read_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 20.0
 
 
 @attrs.frozen
 class MetricsConfig:
     username: str = ""
     password: str = ""
+    token: str = ""
+    public: bool = False
 
 
 @attrs.frozen
@@ -379,13 +387,18 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "statement_timeout_ms": non_negative(read_int),
         "connect_timeout_seconds": positive(read_number),
         "migrate_on_start": read_bool,
+        "migration_lock_timeout_seconds": positive(read_number),
     },
     "http": {
         "listen": read_host_port,
         "public_base_url": read_url,
         "max_body_bytes": in_range(read_int, 1024, 16 * 1024 * 1024),
+        "max_connections": in_range(read_int, 16, 1_000_000),
+        "keep_alive_timeout_seconds": in_range(read_number, 0.1, 3600),
+        "read_timeout_seconds": in_range(read_number, 0.1, 3600),
+        "body_timeout_seconds": in_range(read_number, 0.1, 3600),
     },
-    "metrics": {"username": read_str, "password": read_str},
+    "metrics": {"username": read_str, "password": read_str, "token": read_str, "public": read_bool},
     "shutdown": {"grace_seconds": in_range(read_number, 0, 3600)},
     "log": {
         "level": one_of("debug", "info", "warning", "error"),
@@ -507,7 +520,7 @@ def config_from_dict(raw: Mapping[str, Any], name: str, environ: Mapping[str, st
     values = {s: SECTION_CLASSES[s](**kwargs) for s, kwargs in sections.items()}
     plans = _read_plans(name, raw.get("plans", []))
     config = Config(path=name, plans=plans, **values)
-    _check_whole(name, config)
+    check_whole(name, config)
     return config
 
 
@@ -597,7 +610,7 @@ def _read_title(value: object) -> Mapping[str, str]:
     raise _expected('a string or a table of languages such as { en = "1 month", ru = "1 месяц" }', value)
 
 
-def _check_whole(name: str, config: Config) -> None:
+def check_whole(name: str, config: Config) -> None:
     """Checks that involve more than one key."""
     if config.database.pool_min > config.database.pool_max:
         raise ConfigError(
@@ -664,7 +677,13 @@ def require_runtime_secrets(config: Config) -> None:
 
 # --- printing ---------------------------------------------------------------------------------
 
-SECRET_KEYS = {("telegram", "token"), ("database", "dsn"), ("cryptopay", "token"), ("metrics", "password")}
+SECRET_KEYS = {
+    ("telegram", "token"),
+    ("database", "dsn"),
+    ("cryptopay", "token"),
+    ("metrics", "password"),
+    ("metrics", "token"),
+}
 
 
 def mask_secret(value: str) -> str:

@@ -18,6 +18,8 @@ Ts = TypeVarTuple("Ts")
 @attrs.define(eq=False)
 class Lifecycle:
     stopping: trio.Event = attrs.field(factory=trio.Event)
+    #: Set when every service started and READY=1 went out: a signal before it cancels the start.
+    ready: trio.Event = attrs.field(factory=trio.Event)
     reason: str = ""
 
     def request_stop(self, reason: str) -> None:

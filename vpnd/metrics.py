@@ -103,6 +103,8 @@ class Metrics:
     auto_renewals: Counter = attrs.field(init=False)
     health_check_ok: Gauge = attrs.field(init=False)
     disk_free_bytes: Gauge = attrs.field(init=False)
+    http_connections_open: Gauge = attrs.field(init=False)
+    http_connections_closed_oldest: Counter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -137,6 +139,12 @@ class Metrics:
         self.health_check_ok = Gauge("vpnd_health_check_ok", "1 when the health check passes", ["check"], registry=r)
         self.disk_free_bytes = Gauge(
             "vpnd_disk_free_bytes", "Free bytes on the filesystem of the Xray config directory", registry=r
+        )
+        self.http_connections_open = Gauge("vpnd_http_connections_open", "Open HTTP connections", registry=r)
+        self.http_connections_closed_oldest = Counter(
+            "vpnd_http_connections_closed_oldest",
+            "HTTP connections closed to admit a new one (at the cap or out of descriptors)",
+            registry=r,
         )
         r.register(_PoolCollector(self.db))
 

@@ -31,3 +31,23 @@ class Nudge:
         self._pending = False
         self._event = trio.Event()
         return nudged
+
+
+@attrs.define(eq=False)
+class Changed:
+    """A broadcast wake-up: every task waiting in `wait()` returns at the next `changed()`.
+
+    Unlike a Nudge nothing is consumed, and a change before `wait()` is not remembered: waiters
+    re-read the current value after they return (e.g. a worker's period after a config reload).
+    """
+
+    _event: trio.Event = attrs.field(factory=trio.Event)
+    count: int = 0
+
+    def changed(self) -> None:
+        self.count += 1
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()

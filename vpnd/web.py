@@ -2,7 +2,8 @@
 
 vpnd serves a handful of endpoints (health, readiness, metrics, the Crypto Pay webhook, subscription
 URLs); a framework would add more surface than it saves. Bodies are read with a hard cap so a
-client cannot make us buffer more than `max_body_bytes`.
+client cannot make us buffer more than `max_body_bytes`, and within a deadline (`body_timeout`
+seconds from the request's start) so a client sending a byte now and then cannot hold a connection.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import attrs
+import trio
 
 log = logging.getLogger("vpnd.http")
 
@@ -27,12 +29,18 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    """The request body did not arrive in full before the request's deadline (answered 408)."""
+
+
 @attrs.define(eq=False)
 class Request:
     scope: Scope
     receive: Receive
     params: dict[str, str] = attrs.field(factory=dict)
     max_body_bytes: int = 65536
+    #: Trio time by which the whole body must have arrived.
+    body_deadline: float = float("inf")
 
     @property
     def method(self) -> str:
@@ -59,23 +67,27 @@ class Request:
         return str(client[0]) if client else ""
 
     async def body(self) -> bytes:
-        """The raw body; raises BodyTooLarge past `max_body_bytes` (checked before buffering)."""
+        """The raw body; raises BodyTooLarge past `max_body_bytes` (checked before buffering) and
+        BodyTimeout when it is not complete by `body_deadline`."""
         declared = self.header("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise BodyTooLarge
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise BodyTooLarge
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        with trio.move_on_at(self.body_deadline) as deadline:
+            while True:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    break
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise BodyTooLarge
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        if deadline.cancelled_caught:
+            raise BodyTimeout
         return b"".join(chunks)
 
 
@@ -110,6 +122,7 @@ class Router:
     """Routes `(method, path pattern)` to handlers; `{name}` in a pattern captures one segment."""
 
     max_body_bytes: int = 65536
+    body_timeout: float = float("inf")
     routes: list[tuple[str, re.Pattern[str], Handler]] = attrs.field(factory=list)
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
@@ -138,11 +151,14 @@ class Router:
             status = 405 if path_exists else 404
             await Response.text("method not allowed\n" if path_exists else "not found\n", status).send(send)
             return
-        request = Request(scope, receive, params, self.max_body_bytes)
+        request = Request(scope, receive, params, self.max_body_bytes, trio.current_time() + self.body_timeout)
         try:
             response = await handler(request)
         except BodyTooLarge:
             response = Response.text("request body too large\n", 413)
+        except BodyTimeout:
+            log.info("event=http_body_timeout method=%s path=%s", scope["method"], scope["path"])
+            response = Response.text("request body too slow\n", 408, [("connection", "close")])
         except Exception:  # trio.Cancelled is not an Exception: it passes
             log.exception("event=http_handler_failed method=%s path=%s", scope["method"], scope["path"])
             response = Response.text("internal error\n", 500)
@@ -175,3 +191,32 @@ def basic_auth_ok(request: Request, credentials: Mapping[str, str]) -> bool:
     except ValueError:
         return False
     return hmac.compare_digest(given.encode(), f"{username}:{password}".encode())
+
+
+#: Headers a reverse proxy adds: a request carrying one came from elsewhere, whatever its socket says.
+FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def is_local_client(request: Request) -> bool:
+    """True for a client on this host (loopback) that no reverse proxy forwarded."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(request.client_host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if not address.is_loopback:
+        return False
+    return not any(request.header(name) for name in FORWARDING_HEADERS)
+
+
+def bearer_token_ok(request: Request, token: str) -> bool:
+    """True when `token` is configured and the request carries `Authorization: Bearer <token>`."""
+    import hmac
+
+    if not token:
+        return False
+    scheme, _, given = (request.header("authorization") or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())

@@ -1,15 +1,21 @@
 """Schema versions: a fresh database gets `schema.sql`; an existing one gets pending migrations.
 
 Both run under a PostgreSQL advisory lock, so two `vpnd migrate` (or two starting daemons) at once
-are safe: the second waits, then finds nothing to do. A database whose recorded version is newer
-than this code knows is refused with a message, never "upgraded" downwards.
+are safe: the second waits, then finds nothing to do. The wait is bounded (`lock_timeout`): past it,
+`SchemaError` names the session holding the lock. It polls `pg_try_advisory_lock` rather than
+blocking in `pg_advisory_lock`, so a caller can stop it between attempts (`check_cancelled`: the
+daemon passes `trio.from_thread.check_cancelled`, so SIGTERM during start-up is not stuck here).
+A database whose recorded version is newer than this code knows is refused with a message, never
+"upgraded" downwards.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -20,7 +26,10 @@ log = logging.getLogger("vpnd.db")
 
 #: pg_advisory_lock key for schema changes ("vpnd" + "migr" as a number; any fixed value works).
 MIGRATION_LOCK_KEY = 0x76706E64_6D696772
+LOCK_NAME = f"pg_advisory_lock({MIGRATION_LOCK_KEY})"
 BASELINE_VERSION = 1
+#: Seconds between attempts to take the migration lock while another session holds it.
+LOCK_POLL_INTERVAL = 0.2
 
 
 class SchemaError(Exception):
@@ -79,13 +88,66 @@ def check_version(conn: psycopg.Connection[Any], schema: Schema) -> int | None:
     return version
 
 
-def migrate(conn: psycopg.Connection[Any], schema: Schema) -> list[int]:
+def _lock_holder(conn: psycopg.Connection[Any]) -> str:
+    row = conn.execute(
+        "SELECT a.pid, a.application_name, a.client_addr::text, a.backend_start FROM pg_locks l "
+        "JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND l.granted "
+        "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s LIMIT 1",
+        (MIGRATION_LOCK_KEY,),
+    ).fetchone()
+    if row is None:
+        return "a session that has just ended"
+    pid, application, client, since = row
+    return (
+        f"backend pid {pid} (application_name {application or 'unknown'!r}, "
+        f"client {client or 'local socket'}, connected since {since:%Y-%m-%d %H:%M:%S %Z})"
+    )
+
+
+def take_migration_lock(
+    conn: psycopg.Connection[Any],
+    *,
+    timeout: float | None = None,
+    check_cancelled: Callable[[], None] | None = None,
+) -> None:
+    """Take the migration lock, waiting at most `timeout` seconds (None: no bound)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    announced = False
+    while True:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATION_LOCK_KEY,)).fetchone()
+        if row and row[0]:
+            return
+        if not announced:
+            log.warning("event=waiting_for_migration_lock holder=%s", _quote(_lock_holder(conn)))
+            announced = True
+        if deadline is not None and time.monotonic() >= deadline:
+            raise SchemaError(
+                f"gave up after {timeout:g}s waiting for the migration lock {LOCK_NAME}: it is held by "
+                f"{_lock_holder(conn)}; wait for that migration to finish, or end that session "
+                f"([database].migration_lock_timeout_seconds)"
+            )
+        if check_cancelled is not None:
+            check_cancelled()
+        time.sleep(LOCK_POLL_INTERVAL)
+
+
+def _quote(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def migrate(
+    conn: psycopg.Connection[Any],
+    schema: Schema,
+    *,
+    lock_timeout: float | None = None,
+    check_cancelled: Callable[[], None] | None = None,
+) -> list[int]:
     """Bring the database to `schema.version`; return the versions applied.
 
     `conn` must be in autocommit mode: the advisory lock is held for the session, and each step
     runs in its own transaction so a failure leaves the database at the last good version.
     """
-    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+    take_migration_lock(conn, timeout=lock_timeout, check_cancelled=check_cancelled)
     try:
         version = check_version(conn, schema)
         applied: list[int] = []

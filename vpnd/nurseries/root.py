@@ -1,6 +1,6 @@
 """The root of the task tree: signals, sd_notify, start order and the graceful deadline.
 
-    outer nursery ── signal watcher (1st signal: stop; 2nd: cancel now)
+    outer nursery ── signal watcher (SIGTERM/SIGINT: 1st stop, 2nd cancel now; SIGHUP: reload)
     └── open_app (instance lock, schema, database pool — closed last)
         └── root nursery ── xray writer, outbox sender, workers (incl. payment watcher),
                             telegram (polling + handler nursery), broadcasts, http, watchdog
@@ -9,13 +9,19 @@ Children start in dependency order with `await nursery.start(...)`; READY=1 goes
 after the last one reported started. On the first SIGTERM/SIGINT `app.lifecycle.stopping` is set
 (services stop taking new work and drain) and the root nursery gets a deadline of
 `[shutdown].grace_seconds`; what is still running then is cancelled. A second signal cancels at
-once. A child that crashes cancels its siblings and the exception travels up to the CLI.
+once. A signal before READY=1 (start-up: waiting for the migration lock, for Telegram, ...)
+cancels the start at once: nothing has been promised yet, and every wait there is cancellable.
+A child that crashes cancels its siblings and the exception travels up to the CLI.
+
+SIGHUP re-reads the config file and applies what can change live (`vpnd.reload`); a broken file
+keeps the running configuration. A SIGHUP before READY=1 is applied once start-up is done.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -34,6 +40,7 @@ from vpnd.nurseries.workers import run_workers
 from vpnd.nurseries.xray import run_xray
 from vpnd.payments.watcher import run_payment_watcher
 from vpnd.payments.webhook import add_payment_routes
+from vpnd.reload import reload_config, set_log_level
 from vpnd.sdnotify import Notifier, watchdog_interval
 from vpnd.subscription_url import add_subscription_routes
 from vpnd.telegram.client import Sender, open_bot
@@ -57,11 +64,13 @@ async def run_daemon(
         async with trio.open_nursery() as outer:
             cancel_all = trio.CancelScope()
             app_box: list[App] = []
-            outer.start_soon(_watch_signals, app_box, cancel_all, notifier)
+            app_opened = trio.Event()
+            outer.start_soon(_watch_signals, app_box, app_opened, cancel_all, notifier)
             with cancel_all:
                 await notifier.notify("STATUS=starting: database")
                 async with open_app(config) as app:
                     app_box.append(app)
+                    app_opened.set()
                     await serve_app(app, notifier, task_status=task_status)
             outer.cancel_scope.cancel()
     finally:
@@ -80,6 +89,10 @@ async def serve_app(
     config = app.config
     async with open_bot(config.telegram) as bot, _open_cryptopay(app) as cryptopay:
         limiter = OutboundLimiter(config.telegram.rate_per_second, config.telegram.per_chat_per_second)
+        app.reload_hooks.append(set_log_level)
+        app.reload_hooks.append(
+            lambda new: limiter.retune(new.telegram.rate_per_second, new.telegram.per_chat_per_second)
+        )
         sender = Sender(bot, limiter, app.metrics)
         ctx = BotContext(app, bot, sender, Texts.load(), cryptopay)
         async with trio.open_nursery() as root:
@@ -107,10 +120,11 @@ async def serve_app(
             await _wait_until_ready(app, notifier)
             await notifier.notify("READY=1", f"STATUS=serving on {url}")
             log.info("event=ready http=%s", url)
+            app.lifecycle.ready.set()
             task_status.started(app)
 
             await app.lifecycle.stopping.wait()
-            grace = config.shutdown.grace_seconds
+            grace = app.config.shutdown.grace_seconds  # not `config`: a reload may have changed it
             await notifier.notify("STOPPING=1", f"STATUS=stopping ({app.lifecycle.reason}), grace {grace:g}s")
             log.info("event=stopping reason=%s grace_seconds=%g", app.lifecycle.reason, grace)
             root.cancel_scope.deadline = trio.current_time() + grace
@@ -159,18 +173,54 @@ async def _wait_until_ready(app: App, notifier: Notifier) -> None:
         await trio.sleep(1.0)
 
 
-async def _watch_signals(app_box: list[App], cancel_all: trio.CancelScope, notifier: Notifier) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        count = 0
-        async for signum in signals:
-            count += 1
-            name = signal.Signals(signum).name
-            if count == 1 and app_box:
-                app_box[0].lifecycle.request_stop(name)
-            else:
-                log.warning("event=cancel_now signal=%s", name)
-                await notifier.notify("STOPPING=1")
-                cancel_all.cancel()
+async def _watch_signals(
+    app_box: list[App], app_opened: trio.Event, cancel_all: trio.CancelScope, notifier: Notifier
+) -> None:
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            count = 0
+            deferred = False
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                ready = bool(app_box) and app_box[0].lifecycle.ready.is_set()
+                if signum == signal.SIGHUP:
+                    if ready and not app_box[0].lifecycle.stopping.is_set():
+                        await _reload(app_box[0], notifier)
+                    elif ready:
+                        log.info("event=reload_ignored signal=%s detail=%s", name, "stopping")
+                    elif not deferred:
+                        deferred = True
+                        log.info("event=reload_deferred signal=%s detail=%s", name, "applied_once_start-up_is_done")
+                        nursery.start_soon(_reload_when_ready, app_box, app_opened, notifier)
+                    continue
+                count += 1
+                if count == 1 and ready:
+                    app_box[0].lifecycle.request_stop(name)
+                elif count == 1:
+                    log.warning("event=stopped_during_startup signal=%s", name)
+                    await notifier.notify("STOPPING=1", "STATUS=stopping: signal during start-up")
+                    cancel_all.cancel()
+                else:
+                    log.warning("event=cancel_now signal=%s", name)
+                    await notifier.notify("STOPPING=1")
+                    cancel_all.cancel()
+
+
+async def _reload(app: App, notifier: Notifier) -> None:
+    """Reload, telling systemd (RELOADING=1 ... READY=1) so `systemctl reload` waits for it."""
+    await notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    result = reload_config(app)
+    status = "configuration reloaded" if result is not None else "reload failed, running configuration kept"
+    await notifier.notify("READY=1", f"STATUS=serving on {app.http_url} ({status})")
+
+
+async def _reload_when_ready(app_box: list[App], app_opened: trio.Event, notifier: Notifier) -> None:
+    """Reload the config once the daemon is serving (a SIGHUP that came during start-up)."""
+    await app_opened.wait()  # start-up is bounded by TimeoutStartSec; a stop cancels this task
+    app = app_box[0]
+    await app.lifecycle.ready.wait()
+    if not app.lifecycle.stopping.is_set():
+        await _reload(app, notifier)
 
 
 async def _watchdog(app: App, notifier: Notifier) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from vpnd.app import App
-from vpnd.periodic import RoundFn, run_periodic
+from vpnd.periodic import Period, RoundFn, run_periodic
 from vpnd.telegram.client import Sender
 from vpnd.telegram.texts import Texts
 from vpnd.workers import expiry, health, housekeeping, reminders, renewal, trials
@@ -37,44 +37,56 @@ Job = Callable[..., Awaitable[Any]]
 async def run_worker(
     app: App,
     name: str,
-    period: float,
+    period: Period,
     round_fn: RoundFn,
     *,
     round_timeout: float | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """One periodic job; started at once, its first round runs right after."""
+    """One periodic job; started at once, its first round runs right after.
+
+    A `period` function is read again after every config reload (`app.config_reloaded`).
+    """
     task_status.started()
-    log.info("event=worker_started worker=%s period=%g", name, period)
-    await run_periodic(name, period, round_fn, metrics=app.metrics, round_timeout=round_timeout)
+    log.info("event=worker_started worker=%s period=%g", name, period() if callable(period) else period)
+    await run_periodic(
+        name,
+        period,
+        round_fn,
+        metrics=app.metrics,
+        round_timeout=round_timeout,
+        retimed=app.config_reloaded.wait,
+    )
 
 
 def default_jobs(app: App, sender: Sender, texts: Texts) -> dict[str, Job]:
-    """The built-in jobs by name, configured from `[workers]`."""
-    w = app.config.workers
-    batch = w.batch_size
+    """The built-in jobs by name, configured from `[workers]` (intervals read live: see `vpnd.reload`)."""
+    batch = app.config.workers.batch_size
 
-    def job(name: str, period: float, round_fn: RoundFn) -> Job:
+    def job(name: str, interval_key: str, round_fn: RoundFn) -> Job:
+        def period() -> float:
+            return float(getattr(app.config.workers, interval_key))
+
         return partial(run_worker, app, name, period, round_fn)
 
     return {
         reminders.WORKER_NAME: job(
             reminders.WORKER_NAME,
-            w.reminders_interval,
+            "reminders_interval",
             partial(reminders.reminders_round, app, texts, batch_size=batch),
         ),
         trials.WORKER_NAME: job(
-            trials.WORKER_NAME, w.trial_interval, partial(trials.trials_round, app, texts, batch_size=batch)
+            trials.WORKER_NAME, "trial_interval", partial(trials.trials_round, app, texts, batch_size=batch)
         ),
         expiry.WORKER_NAME: job(
-            expiry.WORKER_NAME, w.expiry_interval, partial(expiry.expiry_round, app, texts, batch_size=batch)
+            expiry.WORKER_NAME, "expiry_interval", partial(expiry.expiry_round, app, texts, batch_size=batch)
         ),
         renewal.WORKER_NAME: job(
-            renewal.WORKER_NAME, w.renewal_interval, partial(renewal.renewal_round, app, texts, batch_size=batch)
+            renewal.WORKER_NAME, "renewal_interval", partial(renewal.renewal_round, app, texts, batch_size=batch)
         ),
         housekeeping.WORKER_NAME: job(
             housekeeping.WORKER_NAME,
-            w.housekeeping_interval,
+            "housekeeping_interval",
             partial(housekeeping.housekeeping_round, app, batch_size=batch),
         ),
         health.WORKER_NAME: partial(health.run_health, app, sender.bot, texts),

@@ -93,8 +93,9 @@ async def run_payment_watcher(
 
     await run_periodic(
         WORKER_NAME,
-        app.config.cryptopay.poll_interval,
+        lambda: app.config.cryptopay.poll_interval,  # read live: a config reload may change it
         partial(watch_once, app, client, batch_size=batch_size),
         metrics=app.metrics,
         on_round=on_round,
+        retimed=app.config_reloaded.wait,
     )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -80,8 +82,12 @@ async def start_daemon(
     *,
     env: dict[str, str] | None = None,
     args: tuple[str, ...] = ("run",),
+    nofile: int | None = None,
 ) -> Daemon:
-    """Start `python -m vpnd run --config ...` with NOTIFY_SOCKET; return at once (see wait_ready)."""
+    """Start `python -m vpnd run --config ...` with NOTIFY_SOCKET; return at once (see wait_ready).
+
+    `nofile` sets the daemon's descriptor limit (RLIMIT_NOFILE, like `LimitNOFILE=` in the unit).
+    """
     index = next(_run_numbers)
     notify = NotifySocket(workdir / f"notify-{index}.sock", trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
     await notify.open()
@@ -94,8 +100,13 @@ async def start_daemon(
             env=full_env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=None if nofile is None else partial(_limit_descriptors, nofile),
         )
     return Daemon(process, notify, log_path, trio.current_time())
+
+
+def _limit_descriptors(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 async def wait_ready(daemon: Daemon, http_url: str, timeout: float = 30) -> float:

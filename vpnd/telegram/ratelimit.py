@@ -57,12 +57,27 @@ class OutboundLimiter:
     _chats: dict[int, _Bucket] = attrs.field(factory=dict, init=False)
     _paused_until: float = attrs.field(default=0.0, init=False)
     _lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
+    _reserve_wanted: float = attrs.field(default=0.0, init=False)
     pauses: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         burst = max(1.0, self.rate_per_second)
+        self._reserve_wanted = self.reserve
         self.reserve = min(self.reserve, burst - 1.0)
         self._global = _Bucket(self.rate_per_second, burst, burst, trio.current_time())
+
+    def retune(self, rate_per_second: float, per_chat_per_second: float) -> None:
+        """New rates (a configuration reload); tokens already earned are kept, up to the new burst."""
+        now = trio.current_time()
+        burst = max(1.0, rate_per_second)
+        self.rate_per_second, self.per_chat_per_second = rate_per_second, per_chat_per_second
+        self.reserve = min(self._reserve_wanted, burst - 1.0)
+        self._global.refill(now)
+        self._global.rate, self._global.burst = rate_per_second, burst
+        self._global.tokens = min(self._global.tokens, burst)
+        for bucket in self._chats.values():
+            bucket.refill(now)
+            bucket.rate = per_chat_per_second
 
     def pause(self, seconds: float) -> None:
         """A 429 said `retry_after`: nobody sends until then."""

@@ -32,7 +32,7 @@ import trio
 from vpnd.app import App
 from vpnd.db import outbox
 from vpnd.health import CheckResult, run_checks
-from vpnd.periodic import run_periodic
+from vpnd.periodic import Period, run_periodic
 from vpnd.telegram.client import TrioBot
 from vpnd.telegram.texts import Texts
 from vpnd.workers.common import instant_key
@@ -278,7 +278,10 @@ async def run_health(
 ) -> None:
     """Run the health check forever; `started(checker)` after the first round, with the readiness
     checks `health.<name>` registered."""
+    from_config = settings is None
     settings = settings or health_settings(app)
+    # From the config, the period is read live (a reload may change [workers].health_interval).
+    period: Period = (lambda: app.config.workers.health_interval) if from_config else settings.interval
     xray_config = app.config.xray
     with ExitStack() as stack:
         api = None
@@ -299,9 +302,10 @@ async def run_health(
 
         await run_periodic(
             WORKER_NAME,
-            settings.interval,
+            period,
             checker.round,
             metrics=app.metrics,
             on_round=on_round,
             round_timeout=max(settings.interval, settings.probe_timeout * 3),
+            retimed=app.config_reloaded.wait,
         )
