@@ -30,7 +30,18 @@ log = logging.getLogger("vpnd.reload")
 #: Keys applied without a restart (every reader reads them at use, or a reload hook retunes it).
 LIVE_KEYS: dict[str, frozenset[str]] = {
     "telegram": frozenset(
-        {"admin_ids", "rate_per_second", "per_chat_per_second", "support_contact", "default_language"}
+        {
+            "admin_ids",
+            "rate_per_second",
+            "per_chat_per_second",
+            "support_contact",
+            "default_language",
+            "max_concurrent_updates",
+            "handler_timeout_seconds",
+            "max_pending_per_chat",
+            "flood_notice_interval_seconds",
+            "pending_alert_seconds",
+        }
     ),
     "log": frozenset({"level"}),
     "shutdown": frozenset({"grace_seconds"}),

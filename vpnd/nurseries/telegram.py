@@ -22,6 +22,7 @@ import trio
 from telegram.error import Conflict, InvalidToken, NetworkError, RetryAfter, TimedOut
 
 from vpnd.app import App
+from vpnd.config import Config
 from vpnd.db import CONNECTION_ERRORS, inbox
 from vpnd.health import CheckResult
 from vpnd.logs import quote
@@ -98,6 +99,14 @@ async def run_telegram(
         drop_notice=drop_notice,
     ) as dispatcher:
         app.metrics.watch_updates(dispatcher.backlog)
+
+        def retune(new: Config) -> None:  # SIGHUP
+            dispatcher.limiter.total_tokens = new.telegram.max_concurrent_updates
+            dispatcher.handler_timeout = new.telegram.handler_timeout_seconds
+            dispatcher.max_per_chat = new.telegram.max_pending_per_chat
+            dispatcher.flood_window = new.telegram.flood_notice_interval_seconds
+
+        app.reload_hooks.append(retune)
         recovered = 0
         after = 0
         while True:
