@@ -127,3 +127,39 @@ async def test_a_flooding_chat_slows_only_itself(
         while inbox(db_dsn, "SELECT count(*) FROM telegram_inbox WHERE handled_at IS NULL")[0][0]:
             await trio.sleep(0.2)
     await vpnd.stop()
+
+
+async def test_a_newer_press_on_the_same_menu_supersedes_the_waiting_ones(
+    nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    """Presses on one menu edit the same message: only the last one's view would stay on screen, so the
+    presses still waiting when a newer one arrives are skipped (recorded as coalesced), not sent."""
+    fake, base_url = fake_telegram
+    vpnd = await start_vpnd(nursery, bot_config(write_config, db_dsn, fake, base_url))
+    user = 5101
+    fake.add_user(user, "Presser")
+    with trio.fail_after(60):
+        fake.user_sends(user, "/start")
+        menu = await fake.wait_for_bot_message(user)
+        presses = [fake.user_presses_button(user, menu.message_id, data) for data in ["help", "lang", "invite"] * 10]
+        last = presses[-1]
+        # Handled in order, the last press last: its view is what the user ends up seeing.
+        while (
+            inbox(db_dsn, "SELECT count(*) FROM telegram_inbox WHERE handled_at IS NULL")[0][0]
+            or len(
+                inbox(db_dsn, "SELECT 1 FROM telegram_inbox WHERE payload->'callback_query'->>'id' = %s", (last.id,))
+            )
+            == 0
+        ):
+            await trio.sleep(0.05)
+    outcomes = dict(
+        inbox(db_dsn, "SELECT outcome, count(*) FROM telegram_inbox WHERE payload ? 'callback_query' GROUP BY 1")
+    )
+    assert sum(outcomes.values()) == 30 and outcomes.get("coalesced", 0) >= 1, outcomes
+    last_outcome = inbox(
+        db_dsn, "SELECT outcome FROM telegram_inbox WHERE payload->'callback_query'->>'id' = %s", (last.id,)
+    )
+    assert last_outcome == [("ok",)]
+    final = fake.bot_messages(user)[-1]
+    assert final.message_id == menu.message_id and "t.me/" in (final.text or "")  # the invite view
+    await vpnd.stop()

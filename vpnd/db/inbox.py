@@ -25,7 +25,8 @@ def record_updates(
     """Insert `(update_id, chat_id, payload)` rows and store `next_offset`; return the batch's update
     ids that are not handled yet. `dropped` are `(update_id, outcome)` of updates acknowledged without
     handling (a flooding chat's backlog was full, or the same update was already waiting): they are
-    stored as handled with that outcome. A re-delivered update that is already handled is not returned;
+    stored as handled with that outcome (`dropped` may also name waiting updates of earlier batches that
+    this one supersedes: they are marked the same way). A re-delivered update that is already handled is not returned;
     one recorded by an earlier attempt whose answer was lost (the commit happened, the reply did not)
     is. The dispatcher skips ids it already has queued or running."""
     ids = [update_id for update_id, _, _ in updates]
@@ -37,6 +38,15 @@ def record_updates(
                 "VALUES (%s, %s, %s, CASE WHEN %s::text IS NULL THEN NULL ELSE now() END, %s) "
                 "ON CONFLICT (update_id) DO NOTHING",
                 [(uid, chat, Jsonb(payload), outcomes.get(uid), outcomes.get(uid)) for uid, chat, payload in updates],
+            )
+    new_ids = set(ids)
+    earlier = [(outcome, uid) for uid, outcome in dropped if uid not in new_ids]
+    if earlier:  # updates of earlier batches, still waiting, superseded by one of this batch
+        with conn.cursor() as cur:
+            cur.executemany(
+                "UPDATE telegram_inbox SET handled_at = now(), outcome = %s "
+                "WHERE update_id = %s AND handled_at IS NULL",
+                earlier,
             )
     conn.execute(
         "INSERT INTO daemon_state (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",

@@ -28,6 +28,7 @@ from vpnd.health import CheckResult
 from vpnd.logs import quote
 from vpnd.telegram.client import TrioBot, backoff, retry_after_seconds
 from vpnd.telegram.dispatch import (
+    COALESCED,
     INT64,
     MAX_UPDATE_DEPTH,
     QUARANTINED,
@@ -191,21 +192,28 @@ async def _poll(app: App, bot: TrioBot, state: PollState, dispatcher: Dispatcher
         skip = {update_id for update_id, _ in quarantined}
         admission = dispatcher.admit((uid, payload) for uid, _, payload in rows if uid not in skip)
         drops = [(update_id, outcome) for update_id, outcome, _ in admission.dropped] + quarantined
+        drops += [(item.update_id, COALESCED) for item in admission.superseded]
+        recorded = False
         try:
             unhandled = set(await app.db.run(inbox.record_updates, rows, next_offset, drops))
+            recorded = True
         except CONNECTION_ERRORS as exc:
             # Not recorded (or not known to be): keep the offset, so Telegram sends the batch again.
+            dispatcher.abandon(admission)
             failures += 1
             _failed(state, exc)
             delay = backoff(failures, 30.0)
             log.warning("event=inbox_write_failed error=%s retry_in=%.2f", type(exc).__name__, delay)
             await trio.sleep(delay)
             continue
+        finally:
+            if not recorded:  # also when cancelled: never leave a press held
+                dispatcher.abandon(admission)
         state.offset = next_offset
-        if admission.dropped:
-            for _, outcome, _ in admission.dropped:
+        for _, outcome in drops:
+            if outcome != QUARANTINED:
                 app.metrics.updates_dropped.labels(outcome).inc()
-            dispatcher.dropped(admission)
+        dispatcher.dropped(admission)
         for update_id, payload in admission.queue:
             if update_id in unhandled:
                 dispatcher.enqueue(update_id, payload)

@@ -172,6 +172,14 @@ def fingerprint(payload: Payload) -> tuple[str, object, object] | None:
     return None
 
 
+def _press_on(payload: Payload) -> object | None:
+    """The message a button press is on (None: not a press, or on no known message)."""
+    print_ = fingerprint(payload)
+    if print_ is not None and print_[0] == "button":
+        return print_[2]
+    return None
+
+
 _PLAIN_MESSAGE_KEYS = frozenset(
     {"message_id", "from", "chat", "date", "text", "entities", "link_preview_options", "message_thread_id"}
 )
@@ -191,6 +199,10 @@ class _Queued:
     payload: Payload
     fingerprint: tuple[str, object, object] | None
     since: float
+    #: Set while the poller records that a newer press on the same message supersedes this one.
+    hold: trio.Event | None = None
+    #: Recorded as superseded: skipped, never handled.
+    superseded: bool = False
 
 
 @attrs.define(eq=False)
@@ -208,6 +220,8 @@ class Admission:
     queue: list[tuple[int, Payload]]
     #: (update_id, outcome, payload) for updates dropped on purpose: DROPPED_BACKLOG or COALESCED.
     dropped: list[tuple[int, str, Payload]]
+    #: Waiting button presses that a newer press on the same message supersedes (held until recorded).
+    superseded: list[_Queued] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -275,37 +289,60 @@ class Dispatcher:
 
     def admit(self, updates: Iterable[tuple[int, Payload]]) -> Admission:
         """Decide, for a batch in update order, which updates to queue and which to drop on purpose.
-        Changes nothing: `enqueue` the `queue` part once the batch is recorded."""
+
+        A button press supersedes the presses on the same message that still wait (their edits would be
+        overwritten by its own): those are held, and skipped once the poller has recorded the batch
+        (`dropped`), or released if it could not (`abandon`). The same text message as one still
+        waiting is coalesced. Past `max_per_chat` waiting updates, a chat's new ones are dropped. Either
+        `dropped` or `abandon` must follow, and `enqueue` for the `queue` part once recorded."""
         now = trio.current_time()
+        batch = [(uid, payload) for uid, payload in updates if uid not in self.known]
+        last_press: dict[tuple[int, object], int] = {}
+        for update_id, payload in batch:
+            press = _press_on(payload)
+            if press is not None:
+                last_press[(_queue_key(update_id, payload), press)] = update_id
         extra: dict[int, int] = {}
-        seen: dict[int, set[tuple[str, object, object]]] = {}
-        queue: list[tuple[int, Payload]] = []
-        dropped: list[tuple[int, str, Payload]] = []
-        for update_id, payload in updates:
-            if update_id in self.known:
-                continue  # already queued or being handled: Telegram sent it again
+        texts: dict[int, set[object]] = {}
+        admission = Admission([], [])
+        for update_id, payload in batch:
             key = _queue_key(update_id, payload)
             chat = self.chats.get(key)
+            waiting = [q for q in chat.items if not q.superseded and q.hold is None] if chat else []
+            if chat is not None and chat.running and waiting and waiting[0] is chat.items[0]:
+                waiting = waiting[1:]  # the one being handled is not waiting
             if droppable(payload):
+                press = _press_on(payload)
                 print_ = fingerprint(payload)
-                prints = seen.get(key)
-                if prints is None:
-                    prints = seen[key] = {q.fingerprint for q in (chat.items if chat else ()) if q.fingerprint}
-                    if chat is not None and chat.running and chat.items:
-                        prints.discard(chat.items[0].fingerprint)  # the running one may already have answered
-                waiting = (len(chat.items) if chat else 0) + extra.get(key, 0)
-                if print_ is not None and print_ in prints:
-                    dropped.append((update_id, COALESCED, payload))
-                    continue
-                if waiting >= self.max_per_chat:
-                    dropped.append((update_id, DROPPED_BACKLOG, payload))
+                if press is not None:
+                    if last_press[(key, press)] != update_id:
+                        admission.dropped.append((update_id, COALESCED, payload))  # a later press in this batch
+                        continue
+                    for item in waiting:
+                        if _press_on(item.payload) == press:
+                            item.hold = trio.Event()
+                            admission.superseded.append(item)
+                    waiting = [q for q in waiting if q.hold is None]
+                elif print_ is not None:
+                    seen = texts.setdefault(key, {q.fingerprint for q in waiting})
+                    if print_ in seen:
+                        admission.dropped.append((update_id, COALESCED, payload))
+                        continue
+                    seen.add(print_)
+                if len(waiting) + extra.get(key, 0) >= self.max_per_chat:
+                    admission.dropped.append((update_id, DROPPED_BACKLOG, payload))
                     self._flooding[key] = now
                     continue
-                if print_ is not None:
-                    prints.add(print_)
             extra[key] = extra.get(key, 0) + 1
-            queue.append((update_id, payload))
-        return Admission(queue, dropped)
+            admission.queue.append((update_id, payload))
+        return admission
+
+    def abandon(self, admission: Admission) -> None:
+        """The batch could not be recorded (Telegram will send it again): release what `admit` held."""
+        for item in admission.superseded:
+            hold, item.hold = item.hold, None
+            if hold is not None:
+                hold.set()
 
     def enqueue(self, update_id: int, payload: Payload) -> None:
         """Queue an admitted update behind the earlier ones of its chat."""
@@ -324,9 +361,16 @@ class Dispatcher:
             chat.items.append(item)
 
     def dropped(self, admission: Admission) -> None:
-        """The batch's drops are recorded: count them and let the user know (best effort, not awaited)."""
+        """The batch and its drops are recorded: skip the superseded presses, count the drops, and let
+        the users know (best effort, not awaited)."""
         now = trio.current_time()
-        for _, outcome, payload in admission.dropped:
+        for item in admission.superseded:
+            item.superseded = True
+            hold, item.hold = item.hold, None
+            if hold is not None:
+                hold.set()
+        dropped = [*admission.dropped, *((q.update_id, COALESCED, q.payload) for q in admission.superseded)]
+        for _, outcome, payload in dropped:
             self.dropped_total += 1
             key = chat_key(payload)
             notice_due = False
@@ -387,6 +431,14 @@ class Dispatcher:
         try:
             while chat.items and self.accepting:
                 item = chat.items[0]
+                if item.hold is not None:
+                    await item.hold.wait()  # the poller is recording whether a newer press supersedes it
+                if item.superseded:
+                    chat.items.popleft()
+                    self.pending -= 1
+                    self.known.discard(item.update_id)
+                    self._wake()
+                    continue
                 async with self.limiter:
                     if not self.accepting:
                         break
