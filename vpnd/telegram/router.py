@@ -18,6 +18,7 @@ import psycopg
 import telegram
 
 from vpnd.db import conversation, subscriptions, users
+from vpnd.telegram import incoming as incoming_mod
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.dispatch import Apology, DropNotice, Handler, Payload, chat_key
 from vpnd.telegram.flows import access, menu
@@ -116,20 +117,26 @@ def default_routes() -> Routes:
 
 def make_update_handler(ctx: BotContext, routes: Routes) -> Handler:
     async def handle(update_id: int, payload: Payload) -> None:
-        update = telegram.Update.de_json(payload, ctx.bot)
-        if update.my_chat_member is not None:
-            await _membership(ctx, update.my_chat_member)
-            return
-        for hook in routes.update_hooks:
-            if await hook(ctx, update_id, update):
+        incoming = incoming_mod.plain(payload)
+        update: telegram.Update | None = None
+        if incoming is None:  # not plain text or a button press: PTB parses it (and may refuse it)
+            update = telegram.Update.de_json(payload, ctx.bot)
+            if update.my_chat_member is not None:
+                await _membership(ctx, update.my_chat_member)
                 return
-        sender = update.effective_user
-        chat = update.effective_chat
-        if sender is None or sender.is_bot or (chat is not None and chat.type != "private"):
+            for hook in routes.update_hooks:
+                if await hook(ctx, update_id, update):
+                    return
+            incoming = _from_update(update)
+            if incoming is None:
+                return
+        sender = incoming.sender
+        if sender.is_bot or incoming.chat_type != "private":
             return  # vpnd talks to people in private chats only
         language = ctx.texts.language(sender.language_code, ctx.app.config.telegram.default_language)
-        command = _command_name(update.message) if update.message is not None else None
-        plain_text = update.message is not None and command is None and bool((update.message.text or "").strip())
+        text = incoming.text
+        command = _command_name(text) if text is not None else None
+        plain_text = text is not None and command is None and bool(text.strip())
         start = await ctx.app.db.run(
             begin_turn,
             sender.id,
@@ -140,28 +147,45 @@ def make_update_handler(ctx: BotContext, routes: Routes) -> Handler:
             read_state=plain_text,
         )
         user = start.result.user
-        turn = Turn(ctx, update_id, update, user, user.language, chat.id if chat else sender.id)
+        turn = Turn(ctx, update_id, payload, user, user.language, incoming.chat_id, parsed=update)
         turn.user_created = start.result.created
         turn.menu_facts = start.menu_facts
         turn.state = start.state
-        if update.callback_query is not None:
-            turn.callback = update.callback_query
+        if incoming.press is not None:
+            turn.callback = incoming.press
             try:
-                await _route_callback(turn, routes, update.callback_query.data or "")
+                await _route_callback(turn, routes, incoming.press.data)
             finally:
                 await turn.answer()
-        elif update.message is not None:
+            return
+        if update is not None and update.message is not None:  # a message with more than text
             for message_hook in routes.message_hooks:
                 if await message_hook(turn, update.message):
                     return
-            await _route_message(turn, routes, update.message)
+        await _route_message(turn, routes, text or "")
 
     return handle
 
 
-def _command_name(message: telegram.Message) -> str | None:
+def _from_update(update: telegram.Update) -> incoming_mod.Incoming | None:
+    """What routing needs, from a parsed update that was not plain text or a press."""
+    sender, chat = update.effective_user, update.effective_chat
+    if sender is None:
+        return None
+    person = incoming_mod.Person(
+        sender.id, sender.is_bot, sender.first_name or "", sender.username, sender.language_code
+    )
+    chat_id, chat_type = (chat.id, chat.type) if chat is not None else (sender.id, "private")
+    if update.callback_query is not None:
+        return incoming_mod.Incoming(person, chat_id, chat_type, None, incoming_mod.from_ptb(update.callback_query))
+    if update.message is not None:
+        return incoming_mod.Incoming(person, chat_id, chat_type, update.message.text, None)
+    return None
+
+
+def _command_name(text: str) -> str | None:
     """ "start" for "/start@vpnd_bot ref_x"; None when the message is not a command."""
-    text = (message.text or "").strip()
+    text = text.strip()
     if not text.startswith("/"):
         return None
     return text.partition(" ")[0][1:].split("@", 1)[0].lower()
@@ -207,8 +231,8 @@ async def _membership(ctx: BotContext, member: telegram.ChatMemberUpdated) -> No
         await ctx.app.db.run(_set_reachable, member.chat.id)
 
 
-async def _route_message(turn: Turn, routes: Routes, message: telegram.Message) -> None:
-    text = (message.text or "").strip()
+async def _route_message(turn: Turn, routes: Routes, text: str) -> None:
+    text = text.strip()
     if text.startswith("/"):
         command, _, argument = text.partition(" ")
         name = command[1:].split("@", 1)[0].lower()

@@ -20,6 +20,7 @@ from vpnd.db.pool import calls_in_update
 from vpnd.db.subscriptions import MenuFacts
 from vpnd.db.users import User
 from vpnd.telegram.client import Sender, SentMessage, TrioBot
+from vpnd.telegram.incoming import ButtonPress
 from vpnd.telegram.keyboards import Keyboard
 from vpnd.telegram.texts import Texts
 
@@ -41,11 +42,13 @@ class BotContext:
 class Turn:
     ctx: BotContext
     update_id: int
-    update: telegram.Update
+    #: The update's Bot API JSON; `update` is the parsed object, built on first use.
+    payload: dict[str, Any]
     user: User
     lang: str
     chat_id: int
-    callback: telegram.CallbackQuery | None = None
+    parsed: telegram.Update | None = None
+    callback: ButtonPress | None = None
     answered: bool = False
     #: True when this update created the user's row (their first contact).
     user_created: bool = False
@@ -53,6 +56,12 @@ class Turn:
     menu_facts: MenuFacts | None = None
     #: The conversation state read at the start of the turn, when the update is plain text.
     state: State | None = None
+
+    @property
+    def update(self) -> telegram.Update:
+        if self.parsed is None:
+            self.parsed = telegram.Update.de_json(self.payload, self.ctx.bot)
+        return self.parsed
 
     def prefetched_menu_facts(self) -> MenuFacts | None:
         """The menu facts read at the start of the turn, if this handler has written nothing since (its
@@ -72,7 +81,7 @@ class Turn:
     async def show(self, text: str, keyboard: Keyboard | None = None) -> None:
         """Edit the message the pressed button was on, or send a new one."""
         message = self.callback.message if self.callback else None
-        if isinstance(message, telegram.Message) and message.text is not None:
+        if message is not None and message.has_text:
             await self.ctx.sender.edit_text(
                 self.chat_id,
                 message.message_id,
