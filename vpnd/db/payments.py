@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import attrs
 import psycopg
+from psycopg.rows import class_row
 
 from vpnd.config import Config
 from vpnd.db import ledger, outbox, promo
@@ -44,6 +45,7 @@ from vpnd.db.purchases import (
     get_purchase,
     lock_user,
 )
+from vpnd.db.subscriptions import COLUMNS as SUBSCRIPTION_COLUMNS
 from vpnd.db.subscriptions import Subscription, grant_days
 from vpnd.db.users import language_of
 from vpnd.pricing import STARS_CURRENCY, format_money, referral_reward
@@ -479,6 +481,46 @@ def pay_from_balance(
     )
 
 
+#: The payment id of an auto-renewal (`provider = 'balance'`) starts with this, then the ledger reference.
+AUTO_RENEW_PREFIX = "auto_renew:"
+
+
+def record_auto_renewal(
+    conn: psycopg.Connection[Any],
+    user_id: int,
+    *,
+    plan_code: str,
+    days: int,
+    amount_minor: int,
+    currency: str,
+    ledger_reference: str,
+) -> int:
+    """The purchase and payment rows of an auto-renewal the caller has just charged and granted.
+
+    An auto-renewal is a plan purchase paid from the balance like any other (stats, CSV exports and
+    the user's payment history see it so); it supersedes nothing and sends no "payment received"
+    message (the renewal worker sends its own). Idempotent with the charge: the payment id is the
+    ledger reference of the charge, unique per provider. Returns the purchase id.
+    """
+    row = conn.execute(
+        """
+        INSERT INTO purchases (user_id, kind, plan_code, days, method, amount_minor, currency, status, expires_at,
+                               paid_at, list_amount_minor)
+        VALUES (%s, 'plan', %s, %s, 'balance', %s, %s, 'paid', now(), now(), %s)
+        RETURNING id
+        """,
+        (user_id, plan_code, days, amount_minor, currency, amount_minor),
+    ).fetchone()
+    assert row is not None
+    purchase_id = int(row[0])
+    conn.execute(
+        "INSERT INTO payments (purchase_id, user_id, provider, provider_payment_id, amount_minor, currency, outcome, "
+        "granted_days) VALUES (%s, %s, 'balance', %s, %s, %s, 'granted', %s)",
+        (purchase_id, user_id, AUTO_RENEW_PREFIX + ledger_reference, amount_minor, currency, days),
+    )
+    return purchase_id
+
+
 @attrs.frozen
 class PaymentRecord:
     id: int
@@ -520,3 +562,100 @@ def mark_refunded(conn: psycopg.Connection[Any], purchase_id: int) -> bool:
         (purchase_id,),
     ).fetchone()
     return row is not None
+
+
+@attrs.frozen
+class RefundReversal:
+    """What `reverse_refunded_purchase` took back (nothing when `recorded` is False: done before)."""
+
+    recorded: bool
+    user_id: int | None = None
+    days_removed: int = 0
+    #: The subscription after the days were taken back (None: no days to take back).
+    subscription: Subscription | None = None
+    #: The days taken back ended the subscription (Xray must drop the user now).
+    access_ended: bool = False
+    referrer_id: int | None = None
+    referral: ledger.Reversal | None = None
+    credit: ledger.Reversal | None = None
+    notified: bool = False
+
+
+SHORTEN = f"""
+UPDATE subscriptions SET
+    expires_at = greatest(expires_at - %(days)s * interval '1 day', least(expires_at, now())),
+    status = CASE WHEN status = 'active' AND expires_at - %(days)s * interval '1 day' <= now()
+                  THEN 'expired' ELSE status END,
+    updated_at = now()
+WHERE user_id = %(user_id)s
+RETURNING {SUBSCRIPTION_COLUMNS}
+"""
+
+
+def reverse_refunded_purchase(
+    conn: psycopg.Connection[Any], purchase_id: int, *, rules: PaymentRules
+) -> RefundReversal:
+    """Record a refund (after the provider refunded) and take back everything the purchase gave, once.
+
+    In one transaction, with the lock order (the buyer's row, the purchase's, the referrer's): the
+    payment becomes `refunded` (compare-and-set: a second call changes nothing); the days it granted
+    are taken off the subscription (ended at once when that reaches the past — the caller nudges the
+    Xray writer); the referrer's reward and any balance the payment credited are debited through the
+    ledger — as far as each balance goes, the rest recorded as owed (`ledger.debit_or_owe`), never
+    a negative balance; the user is told.
+    """
+    owner = conn.execute("SELECT user_id FROM purchases WHERE id = %s", (purchase_id,)).fetchone()
+    if owner is None:
+        return RefundReversal(False)
+    user_id = int(owner[0])
+    lock_user(conn, user_id)
+    purchase = get_purchase(conn, purchase_id, lock=True)
+    assert purchase is not None
+    row = conn.execute(
+        "UPDATE payments p SET outcome = 'refunded' FROM payments old "
+        "WHERE p.id = old.id AND p.purchase_id = %s AND old.outcome <> 'refunded' "
+        "RETURNING old.outcome, p.granted_days, p.credited_minor",
+        (purchase_id,),
+    ).fetchone()
+    if row is None:
+        return RefundReversal(False, user_id)
+    previous, granted_days, credited = str(row[0]), row[1], int(row[2])
+    if previous != "granted":  # an amount mismatch gave nothing
+        return RefundReversal(True, user_id)
+    reference = ledger.purchase_reference(purchase_id)
+
+    subscription: Subscription | None = None
+    days = int(granted_days or 0)
+    if days:
+        with conn.cursor(row_factory=class_row(Subscription)) as cur:
+            subscription = cur.execute(SHORTEN, {"days": days, "user_id": user_id}).fetchone()
+    credit = ledger.debit_or_owe(conn, user_id, credited, ledger.REFUND, reference) if credited else None
+
+    referrer_id: int | None = None
+    referral: ledger.Reversal | None = None
+    reward = conn.execute(
+        "SELECT user_id, delta_minor FROM balance_ledger WHERE reason = %s AND reference = %s",
+        (ledger.REFERRAL_REWARD, reference),
+    ).fetchone()
+    if reward is not None:
+        referrer_id = int(reward[0])
+        referral = ledger.debit_or_owe(conn, referrer_id, int(reward[1]), ledger.REFERRAL_REVERSAL, reference)
+
+    ended = subscription is not None and not subscription.is_active(_now(conn))
+    if subscription is None:
+        text = rules.text(conn, user_id, "payments.refunded_user", id=purchase_id)
+    elif ended:
+        text = rules.text(conn, user_id, "payments.refunded_ended", id=purchase_id, days=days)
+    else:
+        text = rules.text(
+            conn, user_id, "payments.refunded_shortened", id=purchase_id, days=days,
+            expires=_fmt_date(subscription.expires_at),
+        )  # fmt: skip
+    notified = outbox.enqueue(conn, user_id, text, dedupe_key=f"refund:{purchase_id}")
+    log.info(
+        "event=refund_reversed purchase_id=%s user_id=%s days=%s ended=%s referrer=%s referral=%s credit=%s",
+        purchase_id, user_id, days, ended, referrer_id, referral, credit,
+    )  # fmt: skip
+    return RefundReversal(
+        True, user_id, days, subscription, ended, referrer_id, referral, credit, notified=notified
+    )

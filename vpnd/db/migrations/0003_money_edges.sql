@@ -12,6 +12,11 @@ CREATE INDEX purchases_superseded_by_idx ON purchases (superseded_by) WHERE supe
 ALTER TABLE payments ADD COLUMN granted_days integer;
 ALTER TABLE payments ADD COLUMN credited_minor bigint NOT NULL DEFAULT 0;
 ALTER TABLE payments ADD COLUMN repriced boolean NOT NULL DEFAULT false;
+-- Payments made before: a granted plan gave its days, a top-up its amount (a refund reverses these).
+UPDATE payments p SET granted_days = pu.days
+FROM purchases pu WHERE pu.id = p.purchase_id AND pu.kind = 'plan' AND p.outcome <> 'amount_mismatch';
+UPDATE payments p SET credited_minor = pu.amount_minor
+FROM purchases pu WHERE pu.id = p.purchase_id AND pu.kind = 'topup' AND p.outcome <> 'amount_mismatch';
 
 -- What a user owes when a reversal (a refund taking back a referral reward) exceeded their balance:
 -- the balance never goes negative; the rest is recorded here, once per (reason, reference).
