@@ -198,11 +198,13 @@ async def test_each_auto_renewal_is_a_purchase_in_stats_csv_and_history(
         await poll_until(lambda: len(query(db_dsn, "SELECT 1 FROM payments")) == 2, 20)
         csv_out = io.StringIO()
         await services.app.db.run(lambda conn: export_payments_csv(conn, csv_out))
-    assert query(db_dsn, "SELECT user_id, kind, plan_code, days, method, amount_minor, status FROM purchases ORDER BY user_id") == [
+    bought = "SELECT user_id, kind, plan_code, days, method, amount_minor, status FROM purchases ORDER BY user_id"
+    assert query(db_dsn, bought) == [
         (1, "plan", "m1", 30, "balance", PRICE, "paid"),
         (2, "plan", "m1", 30, "balance", PRICE, "paid"),
     ]
-    payments = query(db_dsn, "SELECT user_id, provider, provider_payment_id, outcome, granted_days FROM payments ORDER BY user_id")
+    paid = "SELECT user_id, provider, provider_payment_id, outcome, granted_days FROM payments ORDER BY user_id"
+    payments = query(db_dsn, paid)
     assert [(u, p, o, d) for u, p, _, o, d in payments] == [
         (1, "balance", "granted", 30),
         (2, "balance", "granted", 30),
