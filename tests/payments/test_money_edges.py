@@ -185,4 +185,3 @@ async def test_delete_invoice_answers_as_crypto_pay_does(env: Env) -> None:
         )
         await env.client.delete_invoice(other.invoice_id)
         assert await env.client.get_invoices(invoice_ids=[other.invoice_id]) == []
-

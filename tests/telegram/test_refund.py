@@ -107,8 +107,10 @@ async def test_stars_refund_takes_back_days_and_the_referral_reward(
         ("expired", True)
     ]
     assert rows(db_dsn, "SELECT balance_minor FROM users WHERE id = %s", BOB) == [(0,)]
-    assert rows(
-        db_dsn, "SELECT delta_minor, reason FROM balance_ledger WHERE user_id = %s ORDER BY id", BOB
-    ) == [(49, "referral_reward"), (-30, "purchase"), (-19, "referral_reversal")]
+    assert rows(db_dsn, "SELECT delta_minor, reason FROM balance_ledger WHERE user_id = %s ORDER BY id", BOB) == [
+        (49, "referral_reward"),
+        (-30, "purchase"),
+        (-19, "referral_reversal"),
+    ]
     assert rows(db_dsn, "SELECT user_id, amount_minor, reason FROM balance_owed") == [(BOB, 30, "referral_reversal")]
     assert any(m.refunded_payment for m in fake.transcript(ALICE))

@@ -656,6 +656,4 @@ def reverse_refunded_purchase(
         "event=refund_reversed purchase_id=%s user_id=%s days=%s ended=%s referrer=%s referral=%s credit=%s",
         purchase_id, user_id, days, ended, referrer_id, referral, credit,
     )  # fmt: skip
-    return RefundReversal(
-        True, user_id, days, subscription, ended, referrer_id, referral, credit, notified=notified
-    )
+    return RefundReversal(True, user_id, days, subscription, ended, referrer_id, referral, credit, notified=notified)
