@@ -159,12 +159,17 @@ CREATE TABLE purchases (
     created_at        timestamptz NOT NULL DEFAULT now(),
     expires_at        timestamptz NOT NULL,
     paid_at           timestamptz,
-    paid_late         boolean NOT NULL DEFAULT false
+    paid_late         boolean NOT NULL DEFAULT false,
+    -- The price before any promo discount (NULL only for discounted purchases older than this column).
+    list_amount_minor bigint CHECK (list_amount_minor IS NULL OR list_amount_minor >= 0),
+    -- The newer purchase of the same user that expired this one (its invoice is deleted at the provider).
+    superseded_by     bigint REFERENCES purchases (id)
 );
 CREATE INDEX purchases_pending_idx ON purchases (id) WHERE status = 'pending';
 CREATE INDEX purchases_user_idx ON purchases (user_id, created_at);
 -- The payment watcher re-checks invoices of purchases expired early (a newer purchase replaced them).
 CREATE INDEX purchases_expired_invoice_idx ON purchases (expires_at) WHERE status = 'expired' AND invoice_id IS NOT NULL;
+CREATE INDEX purchases_superseded_by_idx ON purchases (superseded_by) WHERE superseded_by IS NOT NULL;
 
 -- Money received. The unique provider id makes finalize idempotent across webhook and watcher.
 CREATE TABLE payments (
@@ -177,6 +182,12 @@ CREATE TABLE payments (
     currency             text NOT NULL,
     outcome              text NOT NULL CHECK (outcome IN ('granted', 'amount_mismatch', 'refunded')),
     created_at           timestamptz NOT NULL DEFAULT now(),
+    -- What the payment gave (a refund reverses exactly this): days of access and/or balance.
+    granted_days         integer,
+    credited_minor       bigint NOT NULL DEFAULT 0,
+    -- Its promo discount was refused (a superseded invoice paid anyway, or the code's uses were gone):
+    -- valued at the list price instead, the rest credited to the balance; alerted.
+    repriced             boolean NOT NULL DEFAULT false,
     UNIQUE (provider, provider_payment_id)
 );
 CREATE INDEX payments_created_idx ON payments (created_at);
@@ -192,6 +203,19 @@ CREATE TABLE balance_ledger (
     UNIQUE (reason, reference)
 );
 CREATE INDEX balance_ledger_user_idx ON balance_ledger (user_id);
+
+-- What a user owes when a reversal (a refund taking back a referral reward) exceeded their balance:
+-- the balance never goes negative; the rest is recorded here, once per (reason, reference).
+CREATE TABLE balance_owed (
+    id           bigserial PRIMARY KEY,
+    user_id      bigint NOT NULL REFERENCES users (id),
+    amount_minor bigint NOT NULL CHECK (amount_minor > 0),
+    reason       text NOT NULL,
+    reference    text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (reason, reference)
+);
+CREATE INDEX balance_owed_user_idx ON balance_owed (user_id);
 
 -- Auto-renewal attempts, one per subscription and period end (charged or notified).
 CREATE TABLE auto_renewals (

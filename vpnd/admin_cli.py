@@ -35,6 +35,7 @@ from vpnd.db import admin as admin_db
 from vpnd.db import broadcasts as bdb
 from vpnd.db import promo
 from vpnd.db.migrations import SchemaError, check_version, packaged_schema
+from vpnd.db.payments import AUTO_RENEW_PREFIX
 from vpnd.db.subscriptions import Subscription
 from vpnd.pricing import format_money
 from vpnd.telegram.texts import Texts
@@ -212,6 +213,8 @@ def stats_command(conn: psycopg.Connection[Any], args: argparse.Namespace, confi
             revenue(s.revenue_by_plan),
             "revenue by method:",
             revenue(s.revenue_by_method),
+            "plans sold (every method, balance and auto-renewals included):",
+            revenue(s.sales_by_plan),
         ]
     )
     return s, text
@@ -233,6 +236,7 @@ def user_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config
         f"reachable:     {'yes' if u.reachable else 'no (blocked the bot)'}",
         f"balance:       {format_money(u.balance_minor, currency)} ({u.balance_minor} minor units)",
         f"referrals:     {details.referrals.invited} invited, {details.referrals.earned_minor} minor units earned",
+        *([f"owes:          {format_money(details.owed_minor, currency)}"] if details.owed_minor else []),
         f"trial ends:    {_when(details.trial_ends_at)}",
     ]
     if sub is None:
@@ -245,9 +249,8 @@ def user_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config
         )
     lines.append("payments:" if details.payments else "payments:      none")
     for p in details.payments:
-        lines.append(
-            f"  #{p.id} {_when(p.created_at)} {format_money(p.amount_minor, p.currency)} {p.provider} {p.outcome}"
-        )
+        how = "balance (auto-renewal)" if p.provider_payment_id.startswith(AUTO_RENEW_PREFIX) else p.provider
+        lines.append(f"  #{p.id} {_when(p.created_at)} {format_money(p.amount_minor, p.currency)} {how} {p.outcome}")
     return details, "\n".join(lines)
 
 

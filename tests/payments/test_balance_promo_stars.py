@@ -144,7 +144,7 @@ async def test_promo_limit_holds_at_finalize_even_past_reservations(env: Env) ->
         )
         for user in users
     ]
-    env.sql("UPDATE purchases SET stars = 200")
+    env.sql("UPDATE purchases SET stars = 200, list_amount_minor = 499")
     rules = PaymentRules.from_config(env.app.config)
     with trio.fail_after(IO_TIMEOUT):
         async with trio.open_nursery() as nursery:
@@ -158,7 +158,15 @@ async def test_promo_limit_holds_at_finalize_even_past_reservations(env: Env) ->
                 )  # fmt: skip
     assert env.scalar("SELECT used_count FROM promo_codes WHERE code = 'ONE'") == 1
     assert env.scalar("SELECT count(*) FROM promo_redemptions") == 1
-    assert env.scalar("SELECT count(*) FROM subscriptions") == 10  # everyone who paid got access
+    # One discounted grant; the nine others paid 4.00 at a discount that no longer existed: valued at
+    # the list price (4.99) that buys no plan, so it all went to their balances, flagged and alerted.
+    assert env.scalar("SELECT count(*) FROM subscriptions") == 1
+    assert env.sql("SELECT repriced, granted_days, credited_minor, count(*) FROM payments GROUP BY 1, 2, 3") == [
+        (False, 30, 0, 1),
+        (True, None, 400, 9),
+    ]
+    assert env.scalar("SELECT count(*) FROM users WHERE balance_minor = 400") == 9
+    assert env.scalar("SELECT count(*) FROM outbox WHERE dedupe_key LIKE 'alert:payment_flagged:%%'") == 9 * 2
 
 
 async def test_promo_validation_reasons(env: Env) -> None:

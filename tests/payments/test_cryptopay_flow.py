@@ -169,11 +169,15 @@ async def test_watcher_finds_payment_when_webhook_is_lost(env: Env) -> None:
 
 
 async def test_superseded_invoice_paid_late_still_grants(env: Env) -> None:
-    """A newer purchase expires the older one; paying the old invoice anyway still grants, flagged late."""
+    """A newer purchase expires the older one; paying the old invoice anyway still grants, flagged late.
+
+    (Its invoice is deleted at Crypto Pay after the newer purchase; here that deletion failed.)
+    """
     user = await env.add_user(1004)
     env.fake.webhooks_enabled = False  # and only the watcher can notice
     with trio.fail_after(IO_TIMEOUT):
         old, _ = await start_cryptopay_purchase(env.app, env.client, user, plan_code="m1")
+        env.fake.fail_api("http_503", method="deleteInvoice")
         new, _ = await start_cryptopay_purchase(env.app, env.client, user, plan_code="m3")
         assert env.sql("SELECT id, status FROM purchases ORDER BY id") == [(old.id, "expired"), (new.id, "pending")]
         assert old.invoice_id is not None

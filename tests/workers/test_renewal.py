@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import trio
 from tests.workers.conftest import poll_until, query, running, seed_subscriptions, seed_users
 from tests.xray.test_xray_writer import PUBLIC_KEY, TAG, reality_template
 from vpnd.config import Config
+from vpnd.db.admin import export_payments_csv
 from vpnd.db.ledger import mismatched_balances
 from vpnd.nurseries.xray import run_xray
 from vpnd.sandbox.xray_fake import start_fake_xray
@@ -178,3 +183,50 @@ async def test_renewals_racing_expiry_never_remove_anyone_from_xray(
     assert charges(db_dsn) == dict.fromkeys(users, 1)
     assert {s for s, _ in expiries(db_dsn).values()} == {"active"}
     assert query(db_dsn, "SELECT count(*) FROM subscriptions WHERE status = 'expired'") == [(0,)]
+
+
+async def test_each_auto_renewal_is_a_purchase_in_stats_csv_and_history(
+    db_dsn: str, make_config: Callable[..., Config], write_config: Callable[..., Path]
+) -> None:
+    """The renewal worker, running on its own period, records every renewal as a paid purchase and its
+    payment: `vpnd admin stats` counts it as a plan sold, the payments CSV lists it, `vpnd admin user`
+    shows it in the user's history. Before, a renewal left only a ledger row and an `auto_renewals` row."""
+    seed_users(db_dsn, [1, 2], balance_minor=2_000)
+    seed_subscriptions(db_dsn, [1, 2], 6 * H, auto_renew=True)
+    config = make_config(workers={"renewal_interval": 0.1})
+    async with running(config, outbox=False, workers=["renewal"]) as services:
+        await poll_until(lambda: len(query(db_dsn, "SELECT 1 FROM payments")) == 2, 20)
+        csv_out = io.StringIO()
+        await services.app.db.run(lambda conn: export_payments_csv(conn, csv_out))
+    bought = "SELECT user_id, kind, plan_code, days, method, amount_minor, status FROM purchases ORDER BY user_id"
+    assert query(db_dsn, bought) == [
+        (1, "plan", "m1", 30, "balance", PRICE, "paid"),
+        (2, "plan", "m1", 30, "balance", PRICE, "paid"),
+    ]
+    paid = "SELECT user_id, provider, provider_payment_id, outcome, granted_days FROM payments ORDER BY user_id"
+    payments = query(db_dsn, paid)
+    assert [(u, p, o, d) for u, p, _, o, d in payments] == [
+        (1, "balance", "granted", 30),
+        (2, "balance", "granted", 30),
+    ]
+    assert all(pid.startswith("auto_renew:") for _, _, pid, _, _ in payments)
+    assert charges(db_dsn) == {1: 1, 2: 1}  # one charge each, as before
+    rows = list(csv.DictReader(io.StringIO(csv_out.getvalue())))
+    assert [(r["user_id"], r["kind"], r["plan_code"], r["provider"], r["amount_minor"]) for r in rows] == [
+        ("1", "plan", "m1", "balance", str(PRICE)),
+        ("2", "plan", "m1", "balance", str(PRICE)),
+    ]
+
+    cli_config = write_config(database={"dsn": db_dsn})
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "vpnd", *args, "--config", str(cli_config)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+
+    stats = cli("admin", "stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    sold = json.loads(stats.stdout)["result"]["sales_by_plan"]
+    assert sold == [{"key": "m1", "currency": "USD", "amount_minor": 2 * PRICE, "payments": 2}]
+    history = cli("admin", "user", "1")
+    assert history.returncode == 0, history.stderr
+    assert "4.99 USD balance (auto-renewal) granted" in history.stdout

@@ -113,6 +113,8 @@ class Stats:
     revenue_by_day: list[RevenueRow]
     revenue_by_plan: list[RevenueRow]
     revenue_by_method: list[RevenueRow]
+    #: Plans sold by any method — the balance and auto-renewals included (revenue counts money in).
+    sales_by_plan: list[RevenueRow] = attrs.field(factory=list)
 
     @property
     def conversion_percent(self) -> float:
@@ -158,6 +160,13 @@ REVENUE_BY_DAY = _REVENUE.format(
 )
 REVENUE_BY_PLAN = _REVENUE.format(key="coalesce(pu.plan_code, pu.kind)", where="", order="")
 REVENUE_BY_METHOD = _REVENUE.format(key="p.provider", where="", order="")
+#: Plans sold, whatever paid for them (a plan bought from the balance or auto-renewed counts here).
+SALES_BY_PLAN = """
+SELECT pu.plan_code AS key, p.currency, sum(p.amount_minor)::bigint, count(*)
+FROM payments p JOIN purchases pu ON pu.id = p.purchase_id
+WHERE p.outcome = 'granted' AND pu.kind = 'plan' AND p.granted_days IS NOT NULL
+GROUP BY 1, 2 ORDER BY 1, 2
+"""
 
 
 def stats(conn: psycopg.Connection[Any]) -> Stats:
@@ -181,6 +190,7 @@ def stats(conn: psycopg.Connection[Any]) -> Stats:
         revenue_by_day=revenue(REVENUE_BY_DAY),
         revenue_by_plan=revenue(REVENUE_BY_PLAN),
         revenue_by_method=revenue(REVENUE_BY_METHOD),
+        sales_by_plan=revenue(SALES_BY_PLAN),
     )
 
 
@@ -196,6 +206,8 @@ class UserDetails:
     payments: Sequence[PaymentRecord]
     referrals: ReferralStats
     now: dt.datetime
+    #: Reversals the balance could not cover (e.g. a refunded friend's referral reward).
+    owed_minor: int = 0
 
 
 def user_details(conn: psycopg.Connection[Any], query: str | int, *, payments_limit: int = 5) -> UserDetails | None:
@@ -218,6 +230,7 @@ def user_details(conn: psycopg.Connection[Any], query: str | int, *, payments_li
         payments=payments_of(conn, user.id, limit=payments_limit),
         referrals=referral_stats(conn, user.id),
         now=row[2],
+        owed_minor=ledger.owed_of(conn, user.id),
     )
 
 

@@ -27,6 +27,10 @@ PURCHASE = "purchase"
 REFERRAL_REWARD = "referral_reward"
 REFUND = "refund"
 ADMIN = "admin"
+#: The part of a repriced payment that bought no whole plan (see `vpnd.db.payments`).
+PAYMENT_CREDIT = "payment_credit"
+#: A referral reward taken back because the purchase that earned it was refunded.
+REFERRAL_REVERSAL = "referral_reversal"
 
 
 class InsufficientBalance(Exception):
@@ -86,6 +90,53 @@ def record(
         (delta_minor, user_id),
     )
     return entry
+
+
+@attrs.frozen
+class Reversal:
+    """What `debit_or_owe` did: debited from the balance, and recorded as owed (the rest)."""
+
+    debited_minor: int = 0
+    owed_minor: int = 0
+    #: This (reason, reference) had been reversed before: nothing changed now.
+    repeated: bool = False
+
+
+def debit_or_owe(
+    conn: psycopg.Connection[Any], user_id: int, amount_minor: int, reason: str, reference: str
+) -> Reversal:
+    """Take back `amount_minor` once per (reason, reference): from the balance as far as it goes, the rest owed.
+
+    The balance never goes negative: what it cannot cover is written to `balance_owed`. Takes the
+    user's row lock (callers that already hold other users' locks must follow the lock order).
+    """
+    if amount_minor <= 0:
+        raise ValueError("a reversal must take something back")
+    owed_before = conn.execute(
+        "SELECT 1 FROM balance_owed WHERE reason = %s AND reference = %s", (reason, reference)
+    ).fetchone()
+    if owed_before is not None or _exists(conn, reason, reference):
+        return Reversal(repeated=True)
+    row = conn.execute("SELECT balance_minor FROM users WHERE id = %s FOR UPDATE", (user_id,)).fetchone()
+    if row is None:
+        raise LookupError(f"no user {user_id}")
+    debit = min(int(row[0]), amount_minor)
+    if debit > 0:
+        record(conn, user_id, -debit, reason, reference)
+    owed = amount_minor - debit
+    if owed > 0:
+        conn.execute(
+            "INSERT INTO balance_owed (user_id, amount_minor, reason, reference) VALUES (%s, %s, %s, %s)",
+            (user_id, owed, reason, reference),
+        )
+    return Reversal(debit, owed)
+
+
+def owed_of(conn: psycopg.Connection[Any], user_id: int) -> int:
+    """What a user owes in total (reversals their balance could not cover)."""
+    return int(
+        one(conn.execute("SELECT coalesce(sum(amount_minor), 0) FROM balance_owed WHERE user_id = %s", (user_id,)))[0]
+    )
 
 
 def _exists(conn: psycopg.Connection[Any], reason: str, reference: str) -> bool:

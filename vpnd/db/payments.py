@@ -11,9 +11,15 @@ one sees "already paid" and changes nothing:
 3. the amount and currency are compared with the purchase; a mismatch is recorded (outcome
    `amount_mismatch`), alerted to every admin through the outbox, and grants nothing;
 4. access is extended with `grant_days` (a plan) or the balance credited through the ledger (a
-   top-up) on the same connection; the promo code is consumed under its use limit; the referrer's
-   reward is credited once per purchase (the ledger's `UNIQUE (reason, reference)`);
-5. the user's "payment received" message is queued in the outbox with a dedupe key.
+   top-up) on the same connection; the referrer's reward is credited once per purchase (the
+   ledger's `UNIQUE (reason, reference)`);
+5. a promo discount is honoured only when the code's use is consumed now, under its limit and once
+   per user, and the purchase was not superseded by a newer one — so a code with `max_uses = N`
+   gives at most N discounted grants however many invoices carried it. Otherwise the payment is
+   *repriced*: valued at the list price (`list_amount_minor`), it buys the whole plans it covers and
+   the rest is credited to the balance; the payment is flagged (`repriced`) and the admins alerted.
+   A payment for a superseded invoice is alerted either way;
+6. the user's "payment received" message is queued in the outbox with a dedupe key.
 
 No HTTP, no second connection: the caller nudges the Xray writer and the outbox sender after the
 commit (`FinalizeOutcome.access_changed` / `.notified`).
@@ -27,6 +33,7 @@ from typing import Any, Literal
 
 import attrs
 import psycopg
+from psycopg.rows import class_row
 
 from vpnd.config import Config
 from vpnd.db import ledger, outbox, promo
@@ -38,6 +45,7 @@ from vpnd.db.purchases import (
     get_purchase,
     lock_user,
 )
+from vpnd.db.subscriptions import COLUMNS as SUBSCRIPTION_COLUMNS
 from vpnd.db.subscriptions import Subscription, grant_days
 from vpnd.db.users import language_of
 from vpnd.pricing import STARS_CURRENCY, format_money, referral_reward
@@ -96,6 +104,8 @@ class FinalizeOutcome:
     promo_consumed: bool = False
     #: Outbox rows were queued (nudge the outbox sender after commit).
     notified: bool = False
+    #: The promo discount was refused: valued at the list price, the rest credited (flagged, alerted).
+    repriced: bool = False
 
     @property
     def applied(self) -> bool:
@@ -206,14 +216,9 @@ def finalize_purchase(
         "UPDATE purchases SET status = 'paid', paid_at = now(), paid_late = %s WHERE id = %s",
         (paid_late, purchase_id),
     )
-    conn.execute(
-        "INSERT INTO payments (purchase_id, user_id, provider, provider_payment_id, amount_minor, currency, outcome) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (purchase_id, user_id, provider, provider_payment_id, amount_minor, currency,
-         "granted" if matches else "amount_mismatch"),
-    )  # fmt: skip
 
     if not matches:
+        _insert_payment(conn, purchase, provider, provider_payment_id, amount_minor, currency, "amount_mismatch")
         expected = (
             format_money(expected_amount, expected_currency) if expected_amount is not None else f"a {purchase.method}"
         )
@@ -229,12 +234,63 @@ def finalize_purchase(
     paid = format_money(purchase.amount_minor, purchase.currency)
     if provider == "stars":
         paid = format_money(amount_minor, currency)
+    if purchase.kind != "plan":
+        ledger.record(conn, user_id, purchase.amount_minor, ledger.TOPUP, ledger.purchase_reference(purchase_id))
+        topped_up = ledger.balance_of(conn, user_id)
+        text = rules.text(
+            conn, user_id, "payments.received_topup", amount=paid, balance=format_money(topped_up, purchase.currency)
+        )
+        if paid_late:
+            text += "\n" + rules.text(conn, user_id, "payments.received_late")
+        _insert_payment(
+            conn, purchase, provider, provider_payment_id, amount_minor, currency, "granted",
+            credited_minor=purchase.amount_minor,
+        )  # fmt: skip
+        outbox.enqueue(conn, user_id, text, dedupe_key=f"payment:{purchase_id}")
+        return FinalizeOutcome("credited", purchase_id, user_id, paid_late, balance_minor=topped_up, notified=True)
+
+    if not purchase.days:
+        raise ValueError(f"purchase {purchase_id} is a plan without days")
+    referrer = _lock_referrer(conn, user_id, rules)  # before the promo code's row: the lock order
+    consumed = False
+    if purchase.promo_code and purchase.superseded_by is None:
+        consumed = promo.consume(conn, purchase.promo_code, user_id, purchase_id)
+    refused = purchase.promo_code is not None and purchase.discount_percent > 0 and not consumed
+    value = Valuation(purchase.days, 0, 0, purchase.amount_minor)
+    if refused:
+        value = _at_list_price(purchase, rules)
+
     subscription: Subscription | None = None
     balance: int | None = None
-    if purchase.kind == "plan":
-        if not purchase.days:
-            raise ValueError(f"purchase {purchase_id} is a plan without days")
-        subscription = grant_days(conn, user_id, purchase.days, kind="paid", plan_code=purchase.plan_code)
+    if value.days:
+        subscription = grant_days(conn, user_id, value.days, kind="paid", plan_code=purchase.plan_code)
+    if value.credited_minor:
+        ledger.record(
+            conn, user_id, value.credited_minor, ledger.PAYMENT_CREDIT, ledger.purchase_reference(purchase_id)
+        )
+        balance = ledger.balance_of(conn, user_id)
+    _insert_payment(
+        conn, purchase, provider, provider_payment_id, amount_minor, currency, "granted",
+        granted_days=value.days or None, credited_minor=value.credited_minor, repriced=refused,
+    )  # fmt: skip
+
+    if refused:
+        text = rules.text(
+            conn, user_id, "payments.received_repriced", amount=paid, code=purchase.promo_code,
+            price=_list_price_text(purchase),
+        )  # fmt: skip
+        if subscription is not None:
+            text += "\n" + rules.text(
+                conn, user_id, "payments.repriced_days", days=value.days, expires=_fmt_date(subscription.expires_at)
+            )
+        if balance is not None:
+            text += "\n" + rules.text(
+                conn, user_id, "payments.repriced_credit",
+                credited=format_money(value.credited_minor, purchase.currency),
+                balance=format_money(balance, purchase.currency),
+            )  # fmt: skip
+    else:
+        assert subscription is not None
         text = rules.text(
             conn,
             user_id,
@@ -243,30 +299,15 @@ def finalize_purchase(
             days=purchase.days,
             expires=_fmt_date(subscription.expires_at),
         )
-    else:
-        ledger.record(conn, user_id, purchase.amount_minor, ledger.TOPUP, ledger.purchase_reference(purchase_id))
-        balance = ledger.balance_of(conn, user_id)
-        text = rules.text(
-            conn, user_id, "payments.received_topup", amount=paid, balance=format_money(balance, purchase.currency)
-        )
-    if paid_late:
-        text += "\n" + rules.text(conn, user_id, "payments.received_late")
+        if paid_late:
+            text += "\n" + rules.text(conn, user_id, "payments.received_late")
+    if refused or purchase.superseded_by is not None:
+        _alert_flagged(conn, rules, purchase, refused, value, received, provider, provider_payment_id)
 
-    reward = 0
-    if purchase.kind == "plan":
-        reward = _reward_referrer(conn, purchase, rules)
-    consumed = False
-    if purchase.promo_code:
-        consumed = promo.consume(conn, purchase.promo_code, user_id, purchase_id)
-        if not consumed:
-            log.warning(
-                "event=promo_not_consumed purchase_id=%s code=%s (limit reached or used; granted anyway)",
-                purchase_id,
-                purchase.promo_code,
-            )
+    reward = _reward_referrer(conn, purchase, referrer, value.bought_minor, rules) if referrer is not None else 0
     outbox.enqueue(conn, user_id, text, dedupe_key=f"payment:{purchase_id}")
     return FinalizeOutcome(
-        "granted" if purchase.kind == "plan" else "credited",
+        "granted" if value.days else "credited",
         purchase_id,
         user_id,
         paid_late,
@@ -275,7 +316,105 @@ def finalize_purchase(
         referral_reward_minor=reward,
         promo_consumed=consumed,
         notified=True,
+        repriced=refused,
     )
+
+
+@attrs.frozen
+class Valuation:
+    """What a plan payment gives: days, balance credit, what could not be credited, and the value of the days."""
+
+    days: int
+    credited_minor: int
+    uncredited_minor: int
+    #: The part of the payment that bought days (the base of the referral reward).
+    bought_minor: int
+
+
+def _at_list_price(purchase: Purchase, rules: PaymentRules) -> Valuation:
+    """A discounted payment whose discount was refused: whole plans at the list price, the rest to the balance.
+
+    The money's value is the purchase's price (`amount_minor`, in its currency; for Stars the fiat price
+    the Stars stood for). Less than one plan buys no days: it all goes to the balance. When the plan's
+    currency is not the balance's, the rest cannot be credited and is left to the admins (alerted).
+    """
+    assert purchase.days
+    paid = purchase.amount_minor
+    plans = paid // purchase.list_amount_minor if purchase.list_amount_minor else 0
+    bought = plans * (purchase.list_amount_minor or 0)
+    rest = paid - bought
+    if purchase.currency.upper() != rules.balance_currency.upper():
+        return Valuation(plans * purchase.days, 0, rest, bought)
+    return Valuation(plans * purchase.days, rest, 0, bought)
+
+
+def _list_price_text(purchase: Purchase) -> str:
+    if purchase.list_amount_minor is None:
+        return "?"
+    return format_money(purchase.list_amount_minor, purchase.currency)
+
+
+def _alert_flagged(
+    conn: psycopg.Connection[Any],
+    rules: PaymentRules,
+    purchase: Purchase,
+    refused: bool,
+    value: Valuation,
+    received: str,
+    provider: str,
+    provider_payment_id: str,
+) -> None:
+    """Tell the admins about a payment for a superseded invoice or at a refused discount (what it got)."""
+    for admin_id in rules.admin_ids:
+        why_key = "admin.flag.superseded" if purchase.superseded_by is not None else "admin.flag.promo_used"
+        why = rules.text(conn, admin_id, why_key, code=purchase.promo_code or "", newer=purchase.superseded_by or "")
+        text = rules.text(
+            conn, admin_id, "admin.payment_flagged",
+            purchase_id=purchase.id, user_id=purchase.user_id, received=received, provider=provider,
+            provider_payment_id=provider_payment_id, why=why,
+            price=_list_price_text(purchase) if refused else format_money(purchase.amount_minor, purchase.currency),
+            days=value.days, credited=format_money(value.credited_minor, purchase.currency),
+            uncredited=format_money(value.uncredited_minor, purchase.currency),
+        )  # fmt: skip
+        key = f"alert:payment_flagged:{provider}:{provider_payment_id}:{admin_id}"
+        outbox.enqueue(conn, admin_id, text, dedupe_key=key)
+    log.warning(
+        "event=payment_flagged purchase_id=%s user_id=%s superseded_by=%s repriced=%s days=%s credited=%s "
+        "uncredited=%s",
+        purchase.id, purchase.user_id, purchase.superseded_by, refused, value.days, value.credited_minor,
+        value.uncredited_minor,
+    )  # fmt: skip
+
+
+def _insert_payment(
+    conn: psycopg.Connection[Any],
+    purchase: Purchase,
+    provider: str,
+    provider_payment_id: str,
+    amount_minor: int,
+    currency: str,
+    outcome: str,
+    *,
+    granted_days: int | None = None,
+    credited_minor: int = 0,
+    repriced: bool = False,
+) -> None:
+    conn.execute(
+        "INSERT INTO payments (purchase_id, user_id, provider, provider_payment_id, amount_minor, currency, outcome, "
+        "granted_days, credited_minor, repriced) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (purchase.id, purchase.user_id, provider, provider_payment_id, amount_minor, currency, outcome,
+         granted_days, credited_minor, repriced),
+    )  # fmt: skip
+
+
+def _lock_referrer(conn: psycopg.Connection[Any], user_id: int, rules: PaymentRules) -> int | None:
+    """The user's referrer, its row locked (the lock order), when referral rewards are on."""
+    if rules.referral_percent <= 0:
+        return None
+    row = conn.execute(
+        "SELECT r.id FROM users u JOIN users r ON r.id = u.referred_by WHERE u.id = %s FOR UPDATE OF r", (user_id,)
+    ).fetchone()
+    return int(row[0]) if row else None
 
 
 def _now(conn: psycopg.Connection[Any]) -> dt.datetime:
@@ -285,22 +424,22 @@ def _now(conn: psycopg.Connection[Any]) -> dt.datetime:
     return value
 
 
-def _reward_referrer(conn: psycopg.Connection[Any], purchase: Purchase, rules: PaymentRules) -> int:
-    """Credit the referrer's share of a plan purchase, once per purchase; return the reward."""
-    if rules.referral_percent <= 0 or purchase.currency.upper() != rules.balance_currency.upper():
+def _reward_referrer(
+    conn: psycopg.Connection[Any], purchase: Purchase, referrer: int, bought_minor: int, rules: PaymentRules
+) -> int:
+    """Credit the referrer's share of what a plan purchase bought, once per purchase; return the reward."""
+    if purchase.currency.upper() != rules.balance_currency.upper():
         return 0
-    row = conn.execute("SELECT referred_by FROM users WHERE id = %s", (purchase.user_id,)).fetchone()
-    referrer = row[0] if row else None
-    reward = referral_reward(purchase.amount_minor, rules.referral_percent)
-    if referrer is None or reward <= 0:
+    reward = referral_reward(bought_minor, rules.referral_percent)
+    if reward <= 0:
         return 0
-    entry = ledger.record(conn, int(referrer), reward, ledger.REFERRAL_REWARD, ledger.purchase_reference(purchase.id))
+    entry = ledger.record(conn, referrer, reward, ledger.REFERRAL_REWARD, ledger.purchase_reference(purchase.id))
     if entry is None:
         return 0
     outbox.enqueue(
         conn,
-        int(referrer),
-        rules.text(conn, int(referrer), "payments.referral_reward", amount=format_money(reward, purchase.currency)),
+        referrer,
+        rules.text(conn, referrer, "payments.referral_reward", amount=format_money(reward, purchase.currency)),
         dedupe_key=f"referral_reward:{purchase.id}",
     )
     return reward
@@ -340,6 +479,46 @@ def pay_from_balance(
         currency=purchase.currency,
         rules=rules,
     )
+
+
+#: The payment id of an auto-renewal (`provider = 'balance'`) starts with this, then the ledger reference.
+AUTO_RENEW_PREFIX = "auto_renew:"
+
+
+def record_auto_renewal(
+    conn: psycopg.Connection[Any],
+    user_id: int,
+    *,
+    plan_code: str,
+    days: int,
+    amount_minor: int,
+    currency: str,
+    ledger_reference: str,
+) -> int:
+    """The purchase and payment rows of an auto-renewal the caller has just charged and granted.
+
+    An auto-renewal is a plan purchase paid from the balance like any other (stats, CSV exports and
+    the user's payment history see it so); it supersedes nothing and sends no "payment received"
+    message (the renewal worker sends its own). Idempotent with the charge: the payment id is the
+    ledger reference of the charge, unique per provider. Returns the purchase id.
+    """
+    row = conn.execute(
+        """
+        INSERT INTO purchases (user_id, kind, plan_code, days, method, amount_minor, currency, status, expires_at,
+                               paid_at, list_amount_minor)
+        VALUES (%s, 'plan', %s, %s, 'balance', %s, %s, 'paid', now(), now(), %s)
+        RETURNING id
+        """,
+        (user_id, plan_code, days, amount_minor, currency, amount_minor),
+    ).fetchone()
+    assert row is not None
+    purchase_id = int(row[0])
+    conn.execute(
+        "INSERT INTO payments (purchase_id, user_id, provider, provider_payment_id, amount_minor, currency, outcome, "
+        "granted_days) VALUES (%s, %s, 'balance', %s, %s, %s, 'granted', %s)",
+        (purchase_id, user_id, AUTO_RENEW_PREFIX + ledger_reference, amount_minor, currency, days),
+    )
+    return purchase_id
 
 
 @attrs.frozen
@@ -383,3 +562,98 @@ def mark_refunded(conn: psycopg.Connection[Any], purchase_id: int) -> bool:
         (purchase_id,),
     ).fetchone()
     return row is not None
+
+
+@attrs.frozen
+class RefundReversal:
+    """What `reverse_refunded_purchase` took back (nothing when `recorded` is False: done before)."""
+
+    recorded: bool
+    user_id: int | None = None
+    days_removed: int = 0
+    #: The subscription after the days were taken back (None: no days to take back).
+    subscription: Subscription | None = None
+    #: The days taken back ended the subscription (Xray must drop the user now).
+    access_ended: bool = False
+    referrer_id: int | None = None
+    referral: ledger.Reversal | None = None
+    credit: ledger.Reversal | None = None
+    notified: bool = False
+
+
+SHORTEN = f"""
+UPDATE subscriptions SET
+    expires_at = greatest(expires_at - %(days)s * interval '1 day', least(expires_at, now())),
+    status = CASE WHEN status = 'active' AND expires_at - %(days)s * interval '1 day' <= now()
+                  THEN 'expired' ELSE status END,
+    updated_at = now()
+WHERE user_id = %(user_id)s
+RETURNING {SUBSCRIPTION_COLUMNS}
+"""
+
+
+def reverse_refunded_purchase(
+    conn: psycopg.Connection[Any], purchase_id: int, *, rules: PaymentRules
+) -> RefundReversal:
+    """Record a refund (after the provider refunded) and take back everything the purchase gave, once.
+
+    In one transaction, with the lock order (the buyer's row, the purchase's, the referrer's): the
+    payment becomes `refunded` (compare-and-set: a second call changes nothing); the days it granted
+    are taken off the subscription (ended at once when that reaches the past — the caller nudges the
+    Xray writer); the referrer's reward and any balance the payment credited are debited through the
+    ledger — as far as each balance goes, the rest recorded as owed (`ledger.debit_or_owe`), never
+    a negative balance; the user is told.
+    """
+    owner = conn.execute("SELECT user_id FROM purchases WHERE id = %s", (purchase_id,)).fetchone()
+    if owner is None:
+        return RefundReversal(False)
+    user_id = int(owner[0])
+    lock_user(conn, user_id)
+    purchase = get_purchase(conn, purchase_id, lock=True)
+    assert purchase is not None
+    row = conn.execute(
+        "UPDATE payments p SET outcome = 'refunded' FROM payments old "
+        "WHERE p.id = old.id AND p.purchase_id = %s AND old.outcome <> 'refunded' "
+        "RETURNING old.outcome, p.granted_days, p.credited_minor",
+        (purchase_id,),
+    ).fetchone()
+    if row is None:
+        return RefundReversal(False, user_id)
+    previous, granted_days, credited = str(row[0]), row[1], int(row[2])
+    if previous != "granted":  # an amount mismatch gave nothing
+        return RefundReversal(True, user_id)
+    reference = ledger.purchase_reference(purchase_id)
+
+    subscription: Subscription | None = None
+    days = int(granted_days or 0)
+    if days:
+        with conn.cursor(row_factory=class_row(Subscription)) as cur:
+            subscription = cur.execute(SHORTEN, {"days": days, "user_id": user_id}).fetchone()
+    credit = ledger.debit_or_owe(conn, user_id, credited, ledger.REFUND, reference) if credited else None
+
+    referrer_id: int | None = None
+    referral: ledger.Reversal | None = None
+    reward = conn.execute(
+        "SELECT user_id, delta_minor FROM balance_ledger WHERE reason = %s AND reference = %s",
+        (ledger.REFERRAL_REWARD, reference),
+    ).fetchone()
+    if reward is not None:
+        referrer_id = int(reward[0])
+        referral = ledger.debit_or_owe(conn, referrer_id, int(reward[1]), ledger.REFERRAL_REVERSAL, reference)
+
+    ended = subscription is not None and not subscription.is_active(_now(conn))
+    if subscription is None:
+        text = rules.text(conn, user_id, "payments.refunded_user", id=purchase_id)
+    elif ended:
+        text = rules.text(conn, user_id, "payments.refunded_ended", id=purchase_id, days=days)
+    else:
+        text = rules.text(
+            conn, user_id, "payments.refunded_shortened", id=purchase_id, days=days,
+            expires=_fmt_date(subscription.expires_at),
+        )  # fmt: skip
+    notified = outbox.enqueue(conn, user_id, text, dedupe_key=f"refund:{purchase_id}")
+    log.info(
+        "event=refund_reversed purchase_id=%s user_id=%s days=%s ended=%s referrer=%s referral=%s credit=%s",
+        purchase_id, user_id, days, ended, referrer_id, referral, credit,
+    )  # fmt: skip
+    return RefundReversal(True, user_id, days, subscription, ended, referrer_id, referral, credit, notified=notified)

@@ -1,10 +1,12 @@
 """Purchases: the intent to pay for a plan or a balance top-up, by one method, at one price.
 
 A purchase is created `pending` with an expiry (`[payments].purchase_ttl_minutes`); creating one
-expires the user's older pending purchases, so a user has at most one payable purchase (the user's
-row lock serializes this). It then becomes `paid` exactly once (`vpnd.db.payments.finalize_purchase`),
-or `expired` / `cancelled`. A payment that arrives for an expired or cancelled purchase still grants
-(the money was taken) and is flagged `paid_late`.
+expires the user's older pending purchases and marks them `superseded_by` the new one, so a user has
+at most one payable purchase (the user's row lock serializes this); after commit the service deletes
+the superseded invoices at the provider (`superseded_invoice_ids`). It then becomes `paid` exactly
+once (`vpnd.db.payments.finalize_purchase`), or `expired` / `cancelled`. A payment that arrives for
+an expired or cancelled purchase still gives what it paid for (the money was taken) and is flagged
+`paid_late` — though never at a promo discount that was superseded or used up (see finalize).
 
 Lock order, everywhere in payments: the user's row, then the purchase's, then the referrer's user
 row, then the promo code's. Follow it in any new transaction that touches these rows.
@@ -91,6 +93,10 @@ class Purchase:
     expires_at: dt.datetime
     paid_at: dt.datetime | None
     paid_late: bool
+    #: The price before any promo discount (None only for old discounted purchases).
+    list_amount_minor: int | None = None
+    #: The newer purchase that expired this one.
+    superseded_by: int | None = None
 
     def is_payable(self, now: dt.datetime) -> bool:
         return self.status == "pending" and self.expires_at > now
@@ -107,7 +113,7 @@ class InvoiceRef:
 
 PURCHASE_COLUMNS = (
     "id, user_id, kind, plan_code, days, method, amount_minor, currency, stars, promo_code, discount_percent, "
-    "status, invoice_id, invoice_url, created_at, expires_at, paid_at, paid_late"
+    "status, invoice_id, invoice_url, created_at, expires_at, paid_at, paid_late, list_amount_minor, superseded_by"
 )
 
 
@@ -142,7 +148,13 @@ def create_purchase(
     if method == "balance" and offer.kind != "plan":
         raise MethodUnavailable("the balance cannot top up itself")
     remembered = lock_user(conn, user_id)
-    conn.execute("UPDATE purchases SET status = 'expired' WHERE user_id = %s AND status = 'pending'", (user_id,))
+    superseded = [
+        int(row[0])
+        for row in conn.execute(
+            "UPDATE purchases SET status = 'expired' WHERE user_id = %s AND status = 'pending' RETURNING id",
+            (user_id,),
+        )
+    ]
     percent = 0
     code: str | None = None
     if use_promo and remembered and offer.kind == "plan":
@@ -155,8 +167,8 @@ def create_purchase(
             cur.execute(
                 f"""
                 INSERT INTO purchases (user_id, kind, plan_code, days, method, amount_minor, currency, stars,
-                                       promo_code, discount_percent, expires_at)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + %s * interval '1 minute')
+                                       promo_code, discount_percent, expires_at, list_amount_minor)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + %s * interval '1 minute', %s)
                 RETURNING {PURCHASE_COLUMNS}
                 """,
                 (
@@ -171,10 +183,23 @@ def create_purchase(
                     code,
                     price.discount_percent,
                     ttl_minutes,
+                    offer.price_minor,
                 ),
             )
         )
+    if superseded:
+        conn.execute("UPDATE purchases SET superseded_by = %s WHERE id = ANY(%s)", (purchase.id, superseded))
     return purchase
+
+
+def superseded_invoice_ids(conn: psycopg.Connection[Any], purchase_id: int, *, limit: int = 100) -> list[int]:
+    """Invoices of the purchases that `purchase_id` superseded (to delete at the provider after commit)."""
+    rows = conn.execute(
+        "SELECT invoice_id FROM purchases WHERE superseded_by = %s AND invoice_id IS NOT NULL AND status = 'expired' "
+        "ORDER BY id LIMIT %s",
+        (purchase_id, limit),
+    ).fetchall()
+    return [int(r[0]) for r in rows]
 
 
 def get_purchase(conn: psycopg.Connection[Any], purchase_id: int, *, lock: bool = False) -> Purchase | None:
@@ -190,13 +215,17 @@ def get_by_invoice(conn: psycopg.Connection[Any], invoice_id: int) -> Purchase |
         return cur.execute(f"SELECT {PURCHASE_COLUMNS} FROM purchases WHERE invoice_id = %s", (invoice_id,)).fetchone()
 
 
-def attach_invoice(conn: psycopg.Connection[Any], purchase_id: int, invoice_id: int, invoice_url: str) -> bool:
-    """Remember the provider's invoice (once; whatever the purchase's status, so a late payment matches)."""
+def attach_invoice(conn: psycopg.Connection[Any], purchase_id: int, invoice_id: int, invoice_url: str) -> str | None:
+    """Remember the provider's invoice (once; whatever the purchase's status, so a late payment matches).
+
+    Returns the purchase's status then (None if the invoice was not attached): anything but `pending`
+    means a newer purchase superseded this one while its invoice was being created.
+    """
     row = conn.execute(
-        "UPDATE purchases SET invoice_id = %s, invoice_url = %s WHERE id = %s AND invoice_id IS NULL RETURNING id",
+        "UPDATE purchases SET invoice_id = %s, invoice_url = %s WHERE id = %s AND invoice_id IS NULL RETURNING status",
         (invoice_id, invoice_url, purchase_id),
     ).fetchone()
-    return row is not None
+    return str(row[0]) if row is not None else None
 
 
 def expire_purchase(

@@ -8,6 +8,11 @@ Crypto Pay: `start_cryptopay_purchase` commits the purchase first, then creates 
 (payload = the purchase id), then attaches it — so a crash at any point leaves either nothing
 payable or a purchase the webhook and the watcher can both match.
 
+A new purchase (any method) supersedes the user's older pending ones; after its commit the
+superseded Crypto Pay invoices are deleted at the provider (`delete_superseded_invoices`), within
+a bound and never failing the new purchase: a deletion that fails or comes too late is covered by
+finalize, which never honours a superseded purchase's discount (and the watcher retries it).
+
 Telegram Stars: `start_stars_purchase` gives what `sendInvoice` needs (currency "XTR", one price,
 payload = the purchase id); `check_pre_checkout` answers the pre_checkout_query; and
 `finalize_stars_payment` handles successful_payment, keyed by `telegram_payment_charge_id`.
@@ -26,13 +31,14 @@ import trio
 
 from vpnd.app import App
 from vpnd.config import Plan
-from vpnd.cryptopay import CryptoPayClient, CryptoPayError, Invoice
+from vpnd.cryptopay import CryptoPayClient, CryptoPayError, Invoice, InvoiceNotFound
 from vpnd.db import ledger, promo, purchases
 from vpnd.db.payments import FinalizeOutcome, PaymentRules, finalize_purchase, pay_from_balance
 from vpnd.db.purchases import (
     MethodUnavailable,
     ProviderUnavailable,
     Purchase,
+    PurchaseNotPayable,
     UnknownPlan,
 )
 from vpnd.pricing import (
@@ -66,6 +72,8 @@ PRE_CHECKOUT_MISMATCH = "payments.precheckout.amount_mismatch"
 
 #: Crypto Pay refuses an `expires_in` below one second; leave room for clock skew.
 MIN_INVOICE_SECONDS = 60
+#: How long a new purchase may spend deleting the invoices it superseded before it answers the user.
+DELETE_BUDGET_SECONDS = 8
 
 
 def rules_of(app: App) -> PaymentRules:
@@ -107,6 +115,41 @@ async def _create_purchase(app: App, user_id: int, offer: Offer, method: purchas
         ttl_minutes=payments.purchase_ttl_minutes,
         min_price_minor=min_price_minor(payments, offer.currency),
     )
+
+
+async def delete_invoices(app: App, client: CryptoPayClient | None, invoice_ids: list[int], *, why: str) -> int:
+    """Delete Crypto Pay invoices (outside any transaction), within `DELETE_BUDGET_SECONDS`; never raises.
+
+    Returns how many are gone. A refusal (a paid invoice cannot be deleted), an error or the time
+    running out is logged: the payment, if any, still arrives and finalize values it (see the module doc).
+    """
+    if not invoice_ids:
+        return 0
+    if client is None:
+        log.warning("event=invoice_delete_skipped reason=cryptopay_off why=%s invoice_ids=%s", why, invoice_ids)
+        return 0
+    deleted = 0
+    with trio.move_on_after(DELETE_BUDGET_SECONDS) as scope:
+        for invoice_id in invoice_ids:
+            try:
+                await client.delete_invoice(invoice_id)
+            except InvoiceNotFound:
+                log.warning("event=invoice_not_deleted reason=paid_or_unknown why=%s invoice_id=%s", why, invoice_id)
+                continue
+            except CryptoPayError as exc:
+                log.warning("event=invoice_delete_failed why=%s invoice_id=%s error=%s", why, invoice_id, exc)
+                continue
+            deleted += 1
+            log.info("event=invoice_deleted why=%s invoice_id=%s", why, invoice_id)
+    if scope.cancelled_caught:
+        log.warning("event=invoice_delete_timeout why=%s invoice_ids=%s deleted=%d", why, invoice_ids, deleted)
+    return deleted
+
+
+async def delete_superseded_invoices(app: App, client: CryptoPayClient | None, purchase_id: int) -> int:
+    """After `purchase_id` committed: delete the invoices of the purchases it superseded."""
+    invoice_ids = await app.db.run(purchases.superseded_invoice_ids, purchase_id)
+    return await delete_invoices(app, client, invoice_ids, why=f"superseded_by:{purchase_id}")
 
 
 # --- quotes and promo codes -------------------------------------------------------------------
@@ -208,7 +251,13 @@ async def start_cryptopay_purchase(
         log.warning("event=invoice_failed purchase_id=%s error=%s", purchase.id, exc)
         await app.db.run(purchases.expire_purchase, purchase.id, status="cancelled")
         raise ProviderUnavailable(str(exc)) from exc
-    await app.db.run(purchases.attach_invoice, purchase.id, invoice.invoice_id, invoice.bot_invoice_url)
+    status = await app.db.run(purchases.attach_invoice, purchase.id, invoice.invoice_id, invoice.bot_invoice_url)
+    await delete_superseded_invoices(app, client, purchase.id)
+    if status is not None and status != "pending":
+        # A newer purchase superseded this one while its invoice was being made (a double tap): the
+        # newer one deleted what it could see, so this invoice is deleted here; the user pays the newer.
+        await delete_invoices(app, client, [invoice.invoice_id], why=f"superseded:{purchase.id}")
+        raise PurchaseNotPayable("payments.expired")
     return attrs.evolve(purchase, invoice_id=invoice.invoice_id, invoice_url=invoice.bot_invoice_url), (
         invoice.bot_invoice_url
     )
@@ -261,12 +310,18 @@ class StarsInvoice:
     amount: int
 
 
-async def start_stars_purchase(app: App, user_id: int, plan_code: str, *, language: str = "en") -> StarsInvoice:
-    """Create a Stars purchase of a plan. Raises UnknownPlan, MethodUnavailable (no Stars price), UnknownUser."""
+async def start_stars_purchase(
+    app: App, user_id: int, plan_code: str, *, language: str = "en", cryptopay: CryptoPayClient | None = None
+) -> StarsInvoice:
+    """Create a Stars purchase of a plan. Raises UnknownPlan, MethodUnavailable (no Stars price), UnknownUser.
+
+    `cryptopay` deletes the Crypto Pay invoices this purchase supersedes (after its commit).
+    """
     if not app.config.stars.enabled:
         raise MethodUnavailable("Telegram Stars are switched off")
     plan = _plan(app, plan_code)
     purchase = await _create_purchase(app, user_id, plan_offer(plan), "stars")
+    await delete_superseded_invoices(app, cryptopay, purchase.id)
     assert purchase.stars is not None
     title = plan.title.get(language, plan.code)
     description = _plain(language, "payments.invoice_plan", title=title, days=plan.days)
@@ -353,11 +408,14 @@ def _buy_with_balance(
     return pay_from_balance(conn, user_id, purchase.id, rules=rules)
 
 
-async def pay_with_balance(app: App, user_id: int, plan_code: str) -> FinalizeOutcome:
+async def pay_with_balance(
+    app: App, user_id: int, plan_code: str, *, cryptopay: CryptoPayClient | None = None
+) -> FinalizeOutcome:
     """Buy a plan from the balance in one transaction (purchase created, debited, granted).
 
     Raises (nothing changed): UnknownPlan, UnknownUser, MethodUnavailable (plan in another
-    currency), ledger.InsufficientBalance (`.needed_minor`, `.balance_minor`).
+    currency), ledger.InsufficientBalance (`.needed_minor`, `.balance_minor`). `cryptopay` deletes
+    the Crypto Pay invoices this purchase supersedes (after its commit).
     """
     plan = _plan(app, plan_code)
     offer = plan_offer(plan)
@@ -373,6 +431,7 @@ async def pay_with_balance(app: App, user_id: int, plan_code: str) -> FinalizeOu
         rules_of(app),
     )
     after_commit(app, outcome, "balance")
+    await delete_superseded_invoices(app, cryptopay, outcome.purchase_id)
     return outcome
 
 

@@ -4,8 +4,10 @@ Every `[cryptopay].poll_interval` it walks the purchases that have an invoice an
 paid — pending ones, and ones expired early by a newer purchase while their invoice is still open
 — in keyset batches with a LIMIT, asks Crypto Pay about each batch with one `getInvoices`, and
 finalizes the paid ones (idempotent: racing the webhook is harmless) and expires the pending ones
-whose invoice expired. Each database step is its own short transaction; no connection is held
-across an HTTP call. It also expires invoice-less purchases past their expiry.
+whose invoice expired. A superseded purchase whose invoice is still active (its deletion after the
+newer purchase failed) has the invoice deleted now. Each database step is its own short
+transaction; no connection is held across an HTTP call. It also expires invoice-less purchases
+past their expiry.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from vpnd.app import App
 from vpnd.cryptopay import CryptoPayClient
 from vpnd.db import purchases
 from vpnd.db.purchases import InvoiceRef
-from vpnd.payments.service import expire_stale_purchases, finalize_cryptopay_invoice
+from vpnd.payments.service import delete_invoices, expire_stale_purchases, finalize_cryptopay_invoice
 from vpnd.periodic import run_periodic
 
 log = logging.getLogger("vpnd.payments")
@@ -69,6 +71,8 @@ async def _walk(
                 changed += outcome.applied
             elif invoice.status == "expired" and expire:
                 changed += await app.db.run(purchases.expire_purchase, ref.purchase_id)
+            elif invoice.status == "active" and not expire:
+                await delete_invoices(app, client, [invoice.invoice_id], why=f"superseded:{ref.purchase_id}")
         if len(batch) < batch_size:
             return changed
         after_id = batch[-1].purchase_id

@@ -2,7 +2,7 @@
 
 It speaks the real wire protocol closely enough that vpnd's client (and third-party clients such
 as aiosend) cannot tell the difference for the methods it implements: ``getMe``,
-``createInvoice`` and ``getInvoices`` under ``{base_url}/api/{method}``, by GET or POST, with
+``createInvoice``, ``getInvoices`` and ``deleteInvoice`` under ``{base_url}/api/{method}``, by GET or POST, with
 parameters in the query string, a JSON body or a form body, the token in the
 ``Crypto-Pay-API-Token`` header, and answers shaped ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": {"code": ..., "name": ...}}`` with the HTTP status equal to the code.
@@ -19,7 +19,11 @@ What the real service does and a test needs to control:
   (``webhook_copies``), lateness (``webhook_delay``), reordering (``hold_next_webhook``) and no
   delivery at all (``webhooks_enabled = False``). Every attempt is recorded in
   :attr:`FakeCryptoPay.deliveries` with the receiver's status code.
-* API faults: :meth:`FakeCryptoPay.fail_api` makes the next calls answer 500/502/503 or hang.
+* API faults: :meth:`FakeCryptoPay.fail_api` makes the next calls (of one method, if given) answer
+  500/502/503 or hang.
+* Deleting: ``deleteInvoice`` removes an active or expired invoice (it can no longer be paid or
+  listed; the answer is ``true``); a paid or unknown invoice is refused with 400 INVOICE_NOT_FOUND,
+  as the real service does. :attr:`FakeCryptoPay.deleted` records the ids deleted.
 
 Delivery tasks live in the nursery that :func:`serve_fake_cryptopay` owns; nothing runs after it
 returns.
@@ -343,8 +347,11 @@ class FakeCryptoPay:
     api_calls: deque[ApiCall] = attrs.field(factory=lambda: deque(maxlen=RECORD_LIMIT))
 
     _held: list[PendingUpdate] = attrs.field(factory=list)
+    deleted: deque[int] = attrs.field(factory=lambda: deque(maxlen=RECORD_LIMIT))
+
     _fault: ApiFault | None = None
     _fault_remaining: int | None = None
+    _fault_method: str | None = None
     _next_invoice_id: int = 100_001
     _next_update_id: int = 1
     _nursery: trio.Nursery | None = None
@@ -365,18 +372,25 @@ class FakeCryptoPay:
 
     # ------------------------------------------------------------------ faults
 
-    def fail_api(self, fault: ApiFault, times: int | None = 1) -> None:
-        """Make the next ``times`` API calls (all of them if None) fail with ``fault``."""
+    def fail_api(self, fault: ApiFault, times: int | None = 1, *, method: str | None = None) -> None:
+        """Make the next ``times`` API calls (all of them if None) fail with ``fault``.
+
+        With ``method`` (e.g. "deleteInvoice") only calls of that method fail; the others pass.
+        """
         self._fault = fault
         self._fault_remaining = times
+        self._fault_method = method
 
     def clear_api_faults(self) -> None:
         self._fault = None
         self._fault_remaining = None
+        self._fault_method = None
 
-    def _take_fault(self) -> ApiFault | None:
+    def _take_fault(self, method: str | None = None) -> ApiFault | None:
         fault = self._fault
         if fault is None:
+            return None
+        if self._fault_method is not None and method != self._fault_method:
             return None
         if self._fault_remaining is not None:
             self._fault_remaining -= 1
@@ -504,6 +518,19 @@ class FakeCryptoPay:
             and (status is None or inv.status == status)
         ]
         return {"items": [inv.to_json() for inv in matching[offset : offset + count]]}
+
+    def delete_invoice(self, params: Mapping[str, Any]) -> bool:
+        """deleteInvoice: an active or expired invoice is removed; paid or unknown → 400 INVOICE_NOT_FOUND."""
+        invoice_id = _param_int(params, "invoice_id")
+        if invoice_id is None:
+            raise FakeApiError(400, "INVOICE_ID_REQUIRED")
+        inv = self.invoices.get(invoice_id)
+        if inv is None or self._refresh(inv).status == "paid":
+            raise FakeApiError(400, "INVOICE_NOT_FOUND")
+        del self.invoices[invoice_id]
+        self.deleted.append(invoice_id)
+        self._notify()
+        return True
 
     def get_me(self) -> dict[str, Any]:
         return {
@@ -698,6 +725,7 @@ class FakeCryptoPay:
             "getMe": lambda _params: self.get_me(),
             "createInvoice": self.create_invoice,
             "getInvoices": self.get_invoices,
+            "deleteInvoice": self.delete_invoice,
         }
         try:
             handler = handlers.get(method)
@@ -866,7 +894,7 @@ async def _route(fake: FakeCryptoPay, scope: Scope, receive: Receive, send: Send
     if len(parts) == 2 and parts[0] == "api":
         method = parts[1]
         body = await _read_body(receive)
-        fault = fake._take_fault()
+        fault = fake._take_fault(method)
         if fault == "timeout":
             await trio.sleep(fake.api_hang_seconds)
             await _respond(send, 504, b"<html><body>504 Gateway Time-out</body></html>", "text/html")

@@ -29,6 +29,7 @@ from vpnd.db import admin as admin_db
 from vpnd.db import broadcasts as bdb
 from vpnd.db import conversation, ledger, promo
 from vpnd.db import payments as payments_db
+from vpnd.db.payments import PaymentRules
 from vpnd.db.subscriptions import Subscription
 from vpnd.pricing import InvalidAmount, format_money, parse_amount
 from vpnd.telegram import admin_views as views
@@ -621,7 +622,9 @@ async def refund_confirmed(turn: Turn, args: list[str]) -> None:
     """Refund a Telegram Stars payment: the Bot API call first (outside any transaction), then the record.
 
     Telegram refuses a second refund of the same charge, so a repeated press changes nothing.
-    The access the payment granted is left as is; revoke separately if that is wanted.
+    Everything the payment gave is taken back in the recording transaction
+    (`payments_db.reverse_refunded_purchase`): its days (the Xray writer is nudged, so access that
+    ended is removed at once), the referrer's reward and any balance it credited.
     """
     purchase_id = int(args[0])
     charge = await turn.app.db.run(payments_db.stars_charge, purchase_id)
@@ -642,13 +645,38 @@ async def refund_confirmed(turn: Turn, args: list[str]) -> None:
         )
         return
 
-    def record(conn: psycopg.Connection[Any]) -> bool:
-        changed = payments_db.mark_refunded(conn, purchase_id)
-        admin_db.audit(conn, turn.user.id, "refund", purchase_id, "ok", {"charge_id": charge_id})
-        return changed
+    rules = PaymentRules.from_config(turn.app.config)
 
-    await turn.app.db.run(record)
-    await show_user(turn, user_id, turn.t("admin.refund.done", id=purchase_id))
+    def record(conn: psycopg.Connection[Any]) -> payments_db.RefundReversal:
+        reversal = payments_db.reverse_refunded_purchase(conn, purchase_id, rules=rules)
+        referral = reversal.referral
+        details = {
+            "charge_id": charge_id,
+            "days_removed": reversal.days_removed,
+            "access_ended": reversal.access_ended,
+            "referrer_id": reversal.referrer_id,
+            "referral_debited_minor": referral.debited_minor if referral else 0,
+            "referral_owed_minor": referral.owed_minor if referral else 0,
+        }
+        admin_db.audit(conn, turn.user.id, "refund", purchase_id, "ok" if reversal.recorded else "repeated", details)
+        return reversal
+
+    reversal = await turn.app.db.run(record)
+    if reversal.days_removed:
+        turn.app.xray_changed.nudge()
+    if reversal.notified:
+        turn.app.outbox_changed.nudge()
+    currency = turn.app.config.payments.currency
+    referral = reversal.referral
+    taken = (referral.debited_minor + referral.owed_minor) if referral else 0
+    done = turn.t(
+        "admin.refund.done",
+        id=purchase_id,
+        days=reversal.days_removed,
+        reward=format_money(taken, currency),
+        owed=format_money(referral.owed_minor if referral else 0, currency),
+    )
+    await show_user(turn, user_id, done)
 
 
 CALLBACKS: dict[str, CallbackAction] = {

@@ -115,6 +115,7 @@ def stats_text(t: T, s: Stats) -> str:
         by_day=Html(_revenue_lines(t, s.revenue_by_day)),
         by_plan=Html(_revenue_lines(t, s.revenue_by_plan)),
         by_method=Html(_revenue_lines(t, s.revenue_by_method)),
+        sales=Html(_revenue_lines(t, s.sales_by_plan)),
     )
 
 

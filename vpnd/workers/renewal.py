@@ -6,7 +6,10 @@ locked (`FOR UPDATE ... SKIP LOCKED`: a concurrent round skips them instead of w
 `auto_renewals (user_id, period_end)` row claims the period, the price is debited through the
 ledger (`UNIQUE (reason, reference)` with the period in the reference) and `grant_days` extends
 the subscription from its current end. Two rounds racing for the same period charge once: the
-row lock, the period row and the ledger key each guarantee it on their own.
+row lock, the period row and the ledger key each guarantee it on their own. Each renewal is a
+purchase like any other: a `purchases` row (method `balance`, paid) and its `payments` row
+(`vpnd.db.payments.record_auto_renewal`), in the same transaction — so stats, CSV exports and the
+user's payment history show it.
 
 A balance that does not cover the plan gets one notice per period (the period row records
 `insufficient_balance`); if the user tops up before the end, the next round renews after all.
@@ -27,6 +30,7 @@ import psycopg
 
 from vpnd.app import App
 from vpnd.db import ledger, outbox
+from vpnd.db.payments import record_auto_renewal
 from vpnd.db.subscriptions import grant_days
 from vpnd.pricing import format_money
 from vpnd.telegram.texts import Texts
@@ -147,6 +151,15 @@ def renew_batch(
             log.error("event=auto_renew_inconsistent user_id=%s period_end=%s", user_id, period)
             continue
         sub = grant_days(conn, user_id, days, kind="paid", plan_code=plan_code)
+        record_auto_renewal(
+            conn,
+            user_id,
+            plan_code=plan_code,
+            days=days,
+            amount_minor=price,
+            currency=settings.currency,
+            ledger_reference=ledger_reference(user_id, period_end),
+        )
         charged += 1
         log.info("event=auto_renewed user_id=%s plan=%s price=%s expires=%s", user_id, plan_code, price, sub.expires_at)
         if reachable:

@@ -125,7 +125,9 @@ async def _pay_cryptopay(turn: Turn, *, plan_code: str | None = None, topup_mino
 
 
 async def _pay_stars(turn: Turn, plan_code: str) -> None:
-    invoice = await service.start_stars_purchase(turn.app, turn.user.id, plan_code, language=turn.lang)
+    invoice = await service.start_stars_purchase(
+        turn.app, turn.user.id, plan_code, language=turn.lang, cryptopay=turn.ctx.cryptopay
+    )
     await turn.answer()
     await turn.ctx.sender.call(
         turn.chat_id,
@@ -142,7 +144,7 @@ async def _pay_stars(turn: Turn, plan_code: str) -> None:
 
 
 async def _pay_balance(turn: Turn, plan_code: str) -> None:
-    outcome = await service.pay_with_balance(turn.app, turn.user.id, plan_code)
+    outcome = await service.pay_with_balance(turn.app, turn.user.id, plan_code, cryptopay=turn.ctx.cryptopay)
     log.info("event=paid_from_balance user_id=%d status=%s", turn.user.id, outcome.status)
     await my_subscription(turn, turn.t("buy.paid_from_balance"))
 
