@@ -410,12 +410,16 @@ WHERE p.id > %s ORDER BY p.id LIMIT %s
 """
 
 
+#: A cell starting with one of these is a formula (or becomes one) in a spreadsheet (OWASP "CSV injection").
+CSV_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
 def _csv_value(value: object) -> object:
     if isinstance(value, dt.datetime):
         return value.astimezone(dt.UTC).isoformat()
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+    if isinstance(value, str) and value.startswith(CSV_FORMULA_STARTS):
         return "'" + value  # no formula injection when the file is opened in a spreadsheet
     return value
 
