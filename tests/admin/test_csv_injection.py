@@ -14,7 +14,7 @@ from tests.harness import bot_config
 from vpnd.sandbox.telegram_fake import FakeTelegram
 
 NAMES = {
-    7001: "=HYPERLINK(\"http://evil\")",
+    7001: '=HYPERLINK("http://evil")',
     7002: "\t=1+1",  # a leading TAB: spreadsheets strip it and evaluate the rest
     7003: "\r=cmd|' /C calc'!A0",  # a leading CR, likewise
     7004: "\n@SUM(1)",
