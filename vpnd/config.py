@@ -662,15 +662,16 @@ SECRET_KEYS = {("telegram", "token"), ("database", "dsn"), ("cryptopay", "token"
 
 
 def mask_secret(value: str) -> str:
-    if not value:
-        return ""
-    return "***" if len(value) < 12 else value[:3] + "***" + value[-2:]
+    from vpnd.masking import mask_secret
+
+    return mask_secret(value)
 
 
 def mask_dsn(dsn: str) -> str:
-    """Hide the password in a DSN (URL or key=value form), keep what helps an operator."""
-    masked = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
-    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", masked)
+    """Hide the password in a DSN (URL or key=value form, parsed: see `vpnd.masking`)."""
+    from vpnd.masking import mask_dsn
+
+    return mask_dsn(dsn)
 
 
 def render_effective(config: Config) -> str:
@@ -683,6 +684,10 @@ def render_effective(config: Config) -> str:
             item = getattr(value, field.name)
             if (section, field.name) == ("database", "dsn"):
                 item = mask_dsn(item)
+            elif (section, field.name) == ("telegram", "token"):
+                from vpnd.masking import mask_telegram_token
+
+                item = mask_telegram_token(item)
             elif (section, field.name) in SECRET_KEYS:
                 item = mask_secret(item)
             lines.append(f"{field.name} = {_toml(item)}")
