@@ -116,7 +116,7 @@ def test_two_concurrent_vpnd_migrate_commands(empty_db_dsn: str, write_config: C
     outputs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     with psycopg.connect(empty_db_dsn) as conn:
-        rows = conn.execute("SELECT version, count(*) FROM schema_migrations GROUP BY 1").fetchall()
+        rows = conn.execute("SELECT version, count(*) FROM schema_migrations GROUP BY 1 ORDER BY 1").fetchall()
     assert rows == [(v, 1) for v in range(1, packaged_schema().version + 1)]
     check = subprocess.run([*command, "--check"], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and "pending migrations: none" in check.stdout

@@ -138,6 +138,9 @@ class PaymentsConfig:
     topup_min: Decimal = Decimal("1")
     topup_max: Decimal = Decimal("500")
     currency: str = "USD"
+    promo_max_wrong_attempts: int = 5
+    promo_wrong_window_minutes: int = 10
+    promo_alert_wrong_attempts: int = 50
 
 
 @attrs.frozen
@@ -185,6 +188,7 @@ class WorkersConfig:
     housekeeping_interval: float = 3600.0
     retention_days: int = 30
     batch_size: int = 500
+    audit_retention_days: int = 365
 
 
 @attrs.frozen
@@ -394,6 +398,9 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "topup_min": positive(read_decimal),
         "topup_max": positive(read_decimal),
         "currency": read_str,
+        "promo_max_wrong_attempts": in_range(read_int, 1, 1000),
+        "promo_wrong_window_minutes": in_range(read_int, 1, 7 * 24 * 60),
+        "promo_alert_wrong_attempts": in_range(read_int, 1, 1_000_000),
     },
     "cryptopay": {
         "enabled": read_bool,
@@ -431,6 +438,7 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "housekeeping_interval": positive(read_number),
         "retention_days": in_range(read_int, 1, 3650),
         "batch_size": in_range(read_int, 1, 10000),
+        "audit_retention_days": in_range(read_int, 1, 36500),
     },
     "broadcast": {"paid": read_bool, "progress_interval": positive(read_number)},
 }

@@ -44,6 +44,7 @@ class Metrics:
     auto_renewals: Counter = attrs.field(init=False)
     health_check_ok: Gauge = attrs.field(init=False)
     disk_free_bytes: Gauge = attrs.field(init=False)
+    promo_attempts: Counter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -72,5 +73,8 @@ class Metrics:
         self.health_check_ok = Gauge("vpnd_health_check_ok", "1 when the health check passes", ["check"], registry=r)
         self.disk_free_bytes = Gauge(
             "vpnd_disk_free_bytes", "Free bytes on the filesystem of the Xray config directory", registry=r
+        )
+        self.promo_attempts = Counter(
+            "vpnd_promo_attempts", "Promo codes typed by users, by result (ok, wrong, limited)", ["result"], registry=r
         )
         r.register(_PoolCollector(self.db))
