@@ -74,7 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
+    from vpnd.config_checks import config_warnings
+
     sys.stdout.write(render_effective(config))
+    for warning in config_warnings(config):
+        print(f"# warning: {warning}", file=sys.stderr)
     print(f"# {config.path}: OK", file=sys.stderr)
     return 0
 

@@ -58,6 +58,7 @@ import trio
 from vpnd import alerts
 from vpnd.app import App
 from vpnd.config import XrayConfig
+from vpnd.config_checks import EXAMPLE_REALITY_PUBLIC_KEY, KEY_PENDING_HINT, link_settings_gap
 from vpnd.db.pool import DatabaseUnavailable
 from vpnd.db.xray_state import (
     DesiredBatch,
@@ -647,6 +648,24 @@ def check_link_settings(config: XrayConfig) -> str | None:
     return None
 
 
+async def report_link_settings(app: App, texts: Texts) -> None:
+    """Start-up: a gap in the settings users' keys are built from is logged naming the key and
+    alerted to the admins (`vpnd.alerts.XRAY_LINKS`); without one, an earlier alert is closed."""
+    gap = link_settings_gap(app.config)
+    if gap is not None:
+        log.error("event=config_gap key=%s detail=%s", gap.key, quote(f"{gap.detail}; {KEY_PENDING_HINT}"))
+    if app.config.xray.public_key == EXAMPLE_REALITY_PUBLIC_KEY:
+        log.warning(
+            "event=example_reality_key key=[xray].public_key detail=%s",
+            quote("the public example key pair is configured: generate your own with `xray x25519`"),
+        )
+    detail = f"{gap.key}: {gap.detail}; {KEY_PENDING_HINT}" if gap is not None else "users' keys can be built"
+    try:
+        await alerts.report_incident(app, texts, alerts.XRAY_LINKS, gap is None, detail)
+    except (DatabaseUnavailable, psycopg.OperationalError) as exc:  # users asking for keys report it again
+        log.warning("event=incident_not_recorded incident=%s error=%s", alerts.XRAY_LINKS, type(exc).__name__)
+
+
 async def run_xray(
     app: App, *, texts: Texts | None = None, task_status: trio.TaskStatus[XrayStatus] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -659,6 +678,8 @@ async def run_xray(
     cut short is redone by the next start).
     """
     config = app.config.xray
+    texts = texts if texts is not None else Texts.load()
+    await report_link_settings(app, texts)
     if not config.enabled:
         task_status.started(XrayStatus(enabled=False, mode="disabled"))
         return
@@ -668,7 +689,7 @@ async def run_xray(
     app.metrics.xray_lag.set_function(status.seconds_since_sync)
     with ExitStack() as stack:
         api = None if restart_mode else stack.enter_context(XrayApi(config.api_address, prefix=config.api_prefix))
-        writer = XrayWriter(app, status, api, texts if texts is not None else Texts.load())
+        writer = XrayWriter(app, status, api, texts)
         link_problem = check_link_settings(config)
         if link_problem:
             writer._problem("links", link_problem)
