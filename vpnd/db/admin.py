@@ -91,7 +91,7 @@ def nonce_used(conn: psycopg.Connection[Any], nonce: str) -> bool:
 
 #: A refused stranger writes at most this many `denied` rows per window; later attempts in the
 #: window are counted on their latest row (`details.repeats`) instead of adding rows.
-DENIED_ROWS_PER_WINDOW = 5
+DENIED_ROWS_PER_WINDOW = 20
 DENIED_WINDOW_MINUTES = 10
 
 
