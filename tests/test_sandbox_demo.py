@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import html
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
+from tests.x25519_reference import public_key_of
 from vpnd.sandbox.postgres import free_port
+from vpnd.xray.links import parse_vless_link
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +80,21 @@ async def test_demo_starts_answers_in_the_web_chat_and_stops_on_ctrl_c() -> None
                 assert paid.status_code == 200
             received = await client.get("/sandbox/api/chats/1001/wait", params={"timeout": 30, "since": version})
             assert "Payment received" in received.text, received.text
+
+            # "My subscription" shows a key that works with the Xray config vpnd wrote: the link's
+            # public key belongs to the template's private key (the example pair of config.toml).
+            sent = await client.post("/sandbox/api/users/1001/send", json={"text": "/start"})
+            assert sent.status_code == 200, sent.text
+            await client.get("/sandbox/api/chats/1001/wait", params={"timeout": 20})
+            shown = await press("sub")
+            link = re.search(r"vless://[^\s<\"']+", str(shown))
+            assert link is not None, shown
+            public_key = parse_vless_link(html.unescape(link.group(0))).public_key
+            xray_path = re.search(rb"Xray config \(vpnd writes it\): (\S+)", output)
+            assert xray_path is not None
+            document = json.loads(Path(xray_path.group(1).decode()).read_text())
+            reality = next(i for i in document["inbounds"] if i.get("protocol") == "vless")["streamSettings"]
+            assert public_key == public_key_of(reality["realitySettings"]["privateKey"])
     finally:
         process.send_signal(signal.SIGINT)
         with trio.fail_after(30):

@@ -22,6 +22,7 @@ from vpnd.db.migrations import SchemaError, migrate, packaged_schema, pending
 from vpnd.errors import describe, leaf_exceptions
 from vpnd.instance_lock import InstanceLockHeld, InstanceLockLost
 from vpnd.logs import setup_logging
+from vpnd.masking import configured_secrets
 
 log = logging.getLogger("vpnd")
 
@@ -67,27 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vpnd: {exc}", file=sys.stderr)
         return 2
-    secrets = [
-        config.telegram.token,
-        config.cryptopay.token,
-        config.metrics.password,
-        config.metrics.token,
-        _dsn_password(config),
-    ]
-    setup_logging(config.log.level, config.log.format, secrets)
+    setup_logging(config.log.level, config.log.format, configured_secrets(config))
     handler = COMMANDS[args.command]
     return handler(config, args)
 
 
-def _dsn_password(config: Config) -> str:
-    try:
-        return str(psycopg.conninfo.conninfo_to_dict(config.database.dsn).get("password") or "")
-    except psycopg.ProgrammingError:
-        return ""
-
-
 def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
+    from vpnd.config_checks import config_warnings
+
     sys.stdout.write(render_effective(config))
+    for warning in config_warnings(config):
+        print(f"# warning: {warning}", file=sys.stderr)
     print(f"# {config.path}: OK", file=sys.stderr)
     return 0
 

@@ -149,6 +149,9 @@ class PaymentsConfig:
     topup_min: Decimal = Decimal("1")
     topup_max: Decimal = Decimal("500")
     currency: str = "USD"
+    promo_max_wrong_attempts: int = 5
+    promo_wrong_window_minutes: int = 10
+    promo_alert_wrong_attempts: int = 50
 
 
 @attrs.frozen
@@ -196,6 +199,7 @@ class WorkersConfig:
     housekeeping_interval: float = 3600.0
     retention_days: int = 30
     batch_size: int = 500
+    audit_retention_days: int = 365
 
 
 @attrs.frozen
@@ -413,6 +417,9 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "topup_min": positive(read_decimal),
         "topup_max": positive(read_decimal),
         "currency": read_str,
+        "promo_max_wrong_attempts": in_range(read_int, 1, 1000),
+        "promo_wrong_window_minutes": in_range(read_int, 1, 7 * 24 * 60),
+        "promo_alert_wrong_attempts": in_range(read_int, 1, 1_000_000),
     },
     "cryptopay": {
         "enabled": read_bool,
@@ -450,6 +457,7 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "housekeeping_interval": positive(read_number),
         "retention_days": in_range(read_int, 1, 3650),
         "batch_size": in_range(read_int, 1, 10000),
+        "audit_retention_days": in_range(read_int, 1, 36500),
     },
     "broadcast": {"paid": read_bool, "progress_interval": positive(read_number)},
 }
@@ -687,15 +695,16 @@ SECRET_KEYS = {
 
 
 def mask_secret(value: str) -> str:
-    if not value:
-        return ""
-    return "***" if len(value) < 12 else value[:3] + "***" + value[-2:]
+    from vpnd.masking import mask_secret
+
+    return mask_secret(value)
 
 
 def mask_dsn(dsn: str) -> str:
-    """Hide the password in a DSN (URL or key=value form), keep what helps an operator."""
-    masked = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
-    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", masked)
+    """Hide the password in a DSN (URL or key=value form, parsed: see `vpnd.masking`)."""
+    from vpnd.masking import mask_dsn
+
+    return mask_dsn(dsn)
 
 
 def render_effective(config: Config) -> str:
@@ -708,6 +717,10 @@ def render_effective(config: Config) -> str:
             item = getattr(value, field.name)
             if (section, field.name) == ("database", "dsn"):
                 item = mask_dsn(item)
+            elif (section, field.name) == ("telegram", "token"):
+                from vpnd.masking import mask_telegram_token
+
+                item = mask_telegram_token(item)
             elif (section, field.name) in SECRET_KEYS:
                 item = mask_secret(item)
             lines.append(f"{field.name} = {_toml(item)}")

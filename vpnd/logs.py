@@ -17,11 +17,15 @@ _PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 
 
 class Redactor(logging.Filter):
-    """Replaces known secret strings (tokens, DSN passwords) with *** in every record."""
+    """Replaces known secret strings (tokens, DSN passwords) with *** in every record.
+
+    Every configured secret is hidden, however short: a short password is still a password (its
+    occurrences in unrelated words are hidden too; that is the price of a short secret).
+    """
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:

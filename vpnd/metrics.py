@@ -105,6 +105,7 @@ class Metrics:
     disk_free_bytes: Gauge = attrs.field(init=False)
     http_connections_open: Gauge = attrs.field(init=False)
     http_connections_closed_oldest: Counter = attrs.field(init=False)
+    promo_attempts: Counter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -145,6 +146,9 @@ class Metrics:
             "vpnd_http_connections_closed_oldest",
             "HTTP connections closed to admit a new one (at the cap or out of descriptors)",
             registry=r,
+        )
+        self.promo_attempts = Counter(
+            "vpnd_promo_attempts", "Promo codes typed by users, by result (ok, wrong, limited)", ["result"], registry=r
         )
         r.register(_PoolCollector(self.db))
 

@@ -30,6 +30,8 @@ PROFILE_UPDATE_INTERVAL_HOURS = 12
 #: Per-token limit: a burst of this many requests, then one more every `REFILL_SECONDS`.
 RATE_BURST = 10
 RATE_REFILL_SECONDS = 6.0
+#: Retry-After while a configuration gap keeps keys from being built.
+KEY_PENDING_RETRY_SECONDS = 300
 #: Tokens remembered by the limiter; the least recently seen is forgotten beyond this.
 RATE_MAX_TOKENS = 10_000
 
@@ -86,7 +88,13 @@ class TokenRateLimiter:
 def subscription_response(config: Config, subscription: Subscription, upload: int, download: int) -> Response:
     now = dt.datetime.now(dt.UTC)
     active = subscription.is_active(now)
-    body = subscription_body(user_links(config, subscription) if active else [])
+    try:
+        links = user_links(config, subscription) if active else []
+    except ValueError:
+        # A configuration gap (e.g. no [xray].public_key yet; start-up alerted the admins): the key
+        # is being prepared, so the client app should simply ask again later.
+        return Response.text("your key is being prepared\n", 503, [("retry-after", str(KEY_PENDING_RETRY_SECONDS))])
+    body = subscription_body(links)
     title = base64.b64encode(config.xray.link_name.encode()).decode("ascii")
     headers = [
         ("profile-update-interval", str(PROFILE_UPDATE_INTERVAL_HOURS)),

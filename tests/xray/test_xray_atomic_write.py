@@ -23,14 +23,18 @@ def test_unchanged_content_is_not_written(tmp_path):
     assert os.stat(path).st_ino != before.st_ino  # replaced, not rewritten in place
 
 
-def test_mode_of_existing_file_is_kept_and_new_file_gets_default(tmp_path):
+def test_file_is_0640_whatever_mode_it_had(tmp_path):
+    """The file holds every user's UUID: a world-readable old file is not a mode to keep."""
     path = tmp_path / "config.json"
     path.write_bytes(b"old")
-    os.chmod(path, 0o604)
+    os.chmod(path, 0o644)
     assert write_atomically(path, b"new")
-    assert os.stat(path).st_mode & 0o7777 == 0o604
+    assert os.stat(path).st_mode & 0o7777 == 0o640
+    os.chmod(path, 0o666)
+    assert write_atomically(path, b"new") is False  # same content: not rewritten, but the mode is fixed
+    assert os.stat(path).st_mode & 0o7777 == 0o640
     fresh = tmp_path / "fresh.json"
-    write_atomically(fresh, b"x", new_file_mode=0o640)
+    write_atomically(fresh, b"x")
     assert os.stat(fresh).st_mode & 0o7777 == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "fresh.json"]  # no temp left
 

@@ -81,11 +81,48 @@ def recent_audit(
 
 
 def nonce_used(conn: psycopg.Connection[Any], nonce: str) -> bool:
-    """Whether an action confirmed with `nonce` was already done."""
+    """Whether an action confirmed with `nonce` was already done (an index lookup: admin_audit_nonce_idx)."""
     row = conn.execute(
-        "SELECT 1 FROM admin_audit WHERE details @> %s AND result = 'ok' LIMIT 1", (Jsonb({"nonce": nonce}),)
+        "SELECT 1 FROM admin_audit WHERE details ? 'nonce' AND details ->> 'nonce' = %s AND result = 'ok' LIMIT 1",
+        (nonce,),
     ).fetchone()
     return row is not None
+
+
+#: A refused stranger writes at most this many `denied` rows per window; later attempts in the
+#: window are counted on their latest row (`details.repeats`) instead of adding rows.
+DENIED_ROWS_PER_WINDOW = 20
+DENIED_WINDOW_MINUTES = 10
+
+
+def audit_denied(
+    conn: psycopg.Connection[Any], user_id: int, action: str, target: str, details: dict[str, Any] | None = None
+) -> bool:
+    """Audit an attempt by someone who is not an admin, in bounded space; True when a row was added."""
+    recent = conn.execute(
+        "SELECT id FROM admin_audit WHERE admin_id = %s AND result = 'denied' "
+        "AND created_at > now() - make_interval(mins => %s) ORDER BY created_at DESC LIMIT %s",
+        (user_id, DENIED_WINDOW_MINUTES, DENIED_ROWS_PER_WINDOW),
+    ).fetchall()
+    if len(recent) < DENIED_ROWS_PER_WINDOW:
+        audit(conn, user_id, action, target, "denied", details)
+        return True
+    conn.execute(
+        "UPDATE admin_audit SET details = jsonb_set(details, '{repeats}', "
+        "to_jsonb(coalesce((details ->> 'repeats')::bigint, 0) + 1)) WHERE id = %s",
+        (recent[0][0],),
+    )
+    return False
+
+
+def prune_audit(conn: psycopg.Connection[Any], days: int, limit: int) -> int:
+    """Delete up to `limit` audit rows older than `days`, oldest first; return how many."""
+    cur = conn.execute(
+        "DELETE FROM admin_audit WHERE id IN (SELECT id FROM admin_audit "
+        "WHERE created_at < now() - make_interval(days => %s) ORDER BY created_at LIMIT %s)",
+        (days, limit),
+    )
+    return cur.rowcount
 
 
 # --- stats ------------------------------------------------------------------------------------
@@ -423,12 +460,16 @@ WHERE p.id > %s ORDER BY p.id LIMIT %s
 """
 
 
+#: A cell starting with one of these is a formula (or becomes one) in a spreadsheet (OWASP "CSV injection").
+CSV_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
 def _csv_value(value: object) -> object:
     if isinstance(value, dt.datetime):
         return value.astimezone(dt.UTC).isoformat()
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+    if isinstance(value, str) and value.startswith(CSV_FORMULA_STARTS):
         return "'" + value  # no formula injection when the file is opened in a spreadsheet
     return value
 

@@ -23,7 +23,9 @@ import attrs
 import psycopg
 from psycopg.rows import class_row
 
-PromoReason = Literal["promo.not_found", "promo.inactive", "promo.expired", "promo.exhausted", "promo.already_used"]
+PromoReason = Literal[
+    "promo.not_found", "promo.inactive", "promo.expired", "promo.exhausted", "promo.already_used", "promo.too_many"
+]
 
 
 class PromoExists(Exception):
@@ -55,6 +57,8 @@ class PromoCheck:
 
     promo: PromoCode | None
     reason: PromoReason | None = None
+    #: With reason "promo.too_many": how long until the user may try again.
+    retry_after_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -177,6 +181,60 @@ def consume(conn: psycopg.Connection[Any], code: str, user_id: int, purchase_id:
     )
     clear_pending_promo(conn, user_id, code)
     return True
+
+
+# --- wrong attempts (guessing) -----------------------------------------------------------------
+
+
+def lock_user(conn: psycopg.Connection[Any], user_id: int) -> None:
+    """Serialise one user's promo attempts (the limit is check-then-insert)."""
+    conn.execute("SELECT 1 FROM users WHERE id = %s FOR UPDATE", (user_id,))
+
+
+def wrong_attempts_wait(
+    conn: psycopg.Connection[Any], user_id: int, max_wrong: int, window_minutes: int
+) -> float | None:
+    """Seconds until the user may type a code again, or None when they may now.
+
+    They may not while their last `max_wrong` wrong attempts all fall within the window; they may
+    again when the oldest of those leaves it.
+    """
+    row = conn.execute(
+        "SELECT count(*), extract(epoch FROM min(created_at) + make_interval(mins => %s) - now()) FROM ("
+        "  SELECT created_at FROM promo_attempts WHERE user_id = %s AND created_at > now() - make_interval(mins => %s)"
+        "  ORDER BY created_at DESC LIMIT %s) recent",
+        (window_minutes, user_id, window_minutes, max_wrong),
+    ).fetchone()
+    if row is None or int(row[0]) < max_wrong:
+        return None
+    return max(1.0, float(row[1]))
+
+
+def record_wrong_attempt(conn: psycopg.Connection[Any], user_id: int, code: str, reason: str) -> None:
+    conn.execute(
+        "INSERT INTO promo_attempts (user_id, code, result) VALUES (%s, %s, %s)",
+        (user_id, code.strip()[:64], reason.removeprefix("promo.")),
+    )
+
+
+def wrong_attempts_in_window(conn: psycopg.Connection[Any], window_minutes: int, cap: int) -> int:
+    """Wrong attempts of all users within the window, counted up to `cap` (a bounded read)."""
+    row = conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM promo_attempts WHERE created_at > now() - make_interval(mins => %s) "
+        "LIMIT %s) recent",
+        (window_minutes, cap),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def delete_attempts_before(conn: psycopg.Connection[Any], days: int, limit: int) -> int:
+    """Delete up to `limit` attempts older than `days`; return how many."""
+    cur = conn.execute(
+        "DELETE FROM promo_attempts WHERE id IN (SELECT id FROM promo_attempts "
+        "WHERE created_at < now() - make_interval(days => %s) ORDER BY created_at LIMIT %s)",
+        (days, limit),
+    )
+    return cur.rowcount
 
 
 # --- admin verbs ------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ async def serve_app(
             await notifier.notify("STATUS=starting: services")
             # Dependency order: the owners of derived state first, then the sources of work
             # (updates), HTTP last since it serves everyone's routes.
-            app.xray_status = await root.start(run_xray, app)
+            app.xray_status = await root.start(partial(run_xray, app, texts=ctx.texts))
             await root.start(run_outbox, app, sender)
             watcher = [partial(run_payment_watcher, app, cryptopay)] if cryptopay is not None else []
             await root.start(partial(run_workers, app, sender, extra=watcher))

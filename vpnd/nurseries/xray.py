@@ -29,7 +29,11 @@ database says, whatever crashed when.
 **Failures** (API down, template broken, directory read-only, database unreachable) never crash
 the daemon and never leave a partial file: each component retries on its own backoff, the round
 goes on with the others, and `/readyz` ("xray") and `/metrics` (`vpnd_xray_pending_ops{op=...}`,
-`vpnd_xray_seconds_since_sync`) say how far behind Xray is and why.
+`vpnd_xray_seconds_since_sync`) say how far behind Xray is and why. A broken template and a file
+that cannot be written are also admin alerts (`vpnd.alerts`: one when it starts, one when it ends).
+
+The file holds every user's UUID, so it is always written with mode 0640 (`CONFIG_FILE_MODE`),
+whatever mode an earlier file had.
 
 Removing a user does not cut a connection Xray already accepted; it refuses the next one.
 """
@@ -51,8 +55,10 @@ import attrs
 import psycopg
 import trio
 
+from vpnd import alerts
 from vpnd.app import App
 from vpnd.config import XrayConfig
+from vpnd.config_checks import EXAMPLE_REALITY_PUBLIC_KEY, KEY_PENDING_HINT, link_settings_gap
 from vpnd.db.pool import DatabaseUnavailable
 from vpnd.db.xray_state import (
     DesiredBatch,
@@ -65,6 +71,7 @@ from vpnd.db.xray_state import (
 )
 from vpnd.health import CheckResult
 from vpnd.logs import quote
+from vpnd.telegram.texts import Texts
 from vpnd.xray import links
 from vpnd.xray.api import XrayApi, XrayApiError, XrayError, XrayUnavailable
 from vpnd.xray.render import Client, ConfigRenderer, Template, TemplateError, load_template, write_atomically
@@ -93,6 +100,9 @@ MAX_API_ERRORS_PER_ROUND = 20
 RESTART_COMMAND_TIMEOUT = 60.0
 
 Component = Literal["config", "links", "template", "file", "api", "database", "restart_command"]
+
+#: Components whose problems are admin alerts (incident name by component).
+ALERTED: dict[Component, str] = {"template": alerts.XRAY_TEMPLATE, "file": alerts.XRAY_FILE}
 
 
 @attrs.define(eq=False)
@@ -190,7 +200,10 @@ class XrayWriter:
     app: App
     status: XrayStatus
     api: XrayApi | None
+    texts: Texts | None = None
     applied: dict[str, str] = attrs.field(factory=dict)
+    #: Incident name → the state last recorded in the database (True = failing).
+    reported: dict[str, bool] = attrs.field(factory=dict)
     resync_needed: bool = True
     boot_estimate: float | None = None
     uptime_reported: bool = False
@@ -232,6 +245,7 @@ class XrayWriter:
             return
         try:
             await self._round(started)
+            await self._report_incidents()
         except (DatabaseUnavailable, psycopg.OperationalError) as exc:
             self._problem("database", f"{type(exc).__name__}: {exc}".strip())
             self.db_backoff.failed(time.monotonic(), self._backoff_cap())
@@ -568,6 +582,19 @@ class XrayWriter:
             await self.app.db.run(set_sync_marker, db_now)
             self.marker_written_at = now
 
+    async def _report_incidents(self) -> None:
+        """Record each alerted component's state when it changed (a failed record is retried next round)."""
+        if self.texts is None:
+            return
+        for component, name in ALERTED.items():
+            problem = self.status.problems.get(component)
+            failing = problem is not None
+            if self.reported.get(name) == failing:
+                continue
+            detail = problem if problem is not None else f"{component} works again"
+            await alerts.report_incident(self.app, self.texts, name, not failing, detail)
+            self.reported[name] = failing
+
     def _problem(self, component: Component, message: str) -> None:
         previous = self.status.problems.get(component)
         self.status.problems[component] = message
@@ -621,14 +648,38 @@ def check_link_settings(config: XrayConfig) -> str | None:
     return None
 
 
-async def run_xray(app: App, *, task_status: trio.TaskStatus[XrayStatus] = trio.TASK_STATUS_IGNORED) -> None:
+async def report_link_settings(app: App, texts: Texts) -> None:
+    """Start-up: a gap in the settings users' keys are built from is logged naming the key and
+    alerted to the admins (`vpnd.alerts.XRAY_LINKS`); without one, an earlier alert is closed."""
+    gap = link_settings_gap(app.config)
+    if gap is not None:
+        log.error("event=config_gap key=%s detail=%s", gap.key, quote(f"{gap.detail}; {KEY_PENDING_HINT}"))
+    if app.config.xray.public_key == EXAMPLE_REALITY_PUBLIC_KEY:
+        log.warning(
+            "event=example_reality_key key=[xray].public_key detail=%s",
+            quote("the public example key pair is configured: generate your own with `xray x25519`"),
+        )
+    detail = f"{gap.key}: {gap.detail}; {KEY_PENDING_HINT}" if gap is not None else "users' keys can be built"
+    try:
+        await alerts.report_incident(app, texts, alerts.XRAY_LINKS, gap is None, detail)
+    except (DatabaseUnavailable, psycopg.OperationalError) as exc:  # users asking for keys report it again
+        log.warning("event=incident_not_recorded incident=%s error=%s", alerts.XRAY_LINKS, type(exc).__name__)
+
+
+async def run_xray(
+    app: App, *, texts: Texts | None = None, task_status: trio.TaskStatus[XrayStatus] = trio.TASK_STATUS_IGNORED
+) -> None:
     """The Xray nursery. `task_status.started(status)` after the first round, whatever its outcome.
+
+    `texts` render admin alerts (loaded here when not given).
 
     With `[xray] enabled = false` nothing runs (the returned status says so). Otherwise a readiness
     check "xray" is registered and the writer runs until shutdown begins (nothing to drain: a round
     cut short is redone by the next start).
     """
     config = app.config.xray
+    texts = texts if texts is not None else Texts.load()
+    await report_link_settings(app, texts)
     if not config.enabled:
         task_status.started(XrayStatus(enabled=False, mode="disabled"))
         return
@@ -638,7 +689,7 @@ async def run_xray(app: App, *, task_status: trio.TaskStatus[XrayStatus] = trio.
     app.metrics.xray_lag.set_function(status.seconds_since_sync)
     with ExitStack() as stack:
         api = None if restart_mode else stack.enter_context(XrayApi(config.api_address, prefix=config.api_prefix))
-        writer = XrayWriter(app, status, api)
+        writer = XrayWriter(app, status, api, texts)
         link_problem = check_link_settings(config)
         if link_problem:
             writer._problem("links", link_problem)

@@ -29,10 +29,12 @@ import attrs
 import psycopg
 import trio
 
+from vpnd import alerts
 from vpnd.app import App
-from vpnd.config import Plan
+from vpnd.config import Config, Plan
 from vpnd.cryptopay import CryptoPayClient, CryptoPayError, Invoice, InvoiceNotFound
 from vpnd.db import ledger, promo, purchases
+from vpnd.db.incidents import incident_is_open
 from vpnd.db.payments import FinalizeOutcome, PaymentRules, finalize_purchase, pay_from_balance
 from vpnd.db.purchases import (
     MethodUnavailable,
@@ -193,9 +195,60 @@ async def quote_plan(app: App, user_id: int, plan_code: str) -> Quote:
     return Quote(plan, price, code, balance, payments.currency)
 
 
-async def apply_promo_code(app: App, user_id: int, code: str) -> promo.PromoCheck:
-    """Validate a code typed by the user and remember it for their next purchase."""
-    return await app.db.run(promo.apply_promo, user_id, code)
+def _apply_promo_guarded(
+    conn: psycopg.Connection[Any], user_id: int, code: str, config: Config, texts: Texts
+) -> tuple[promo.PromoCheck, bool]:
+    """One attempt, in one transaction: the user's limit, the check, the record, the spike alert.
+
+    Returns the check and whether an admin alert was queued.
+    """
+    payments = config.payments
+    window, limit, alert_at = (
+        payments.promo_wrong_window_minutes,
+        payments.promo_max_wrong_attempts,
+        payments.promo_alert_wrong_attempts,
+    )
+    promo.lock_user(conn, user_id)
+    wait = promo.wrong_attempts_wait(conn, user_id, limit, window)
+    if wait is not None:
+        return promo.PromoCheck(None, "promo.too_many", retry_after_seconds=wait), False
+    check = promo.apply_promo(conn, user_id, code)
+    if not check.ok:
+        promo.record_wrong_attempt(conn, user_id, code, check.reason or "promo.not_found")
+    wrong = promo.wrong_attempts_in_window(conn, window, alert_at)
+    alert = None
+    if wrong >= alert_at:
+        detail = (
+            f"{wrong} or more wrong promo codes typed in the last {window} minutes, by many accounts "
+            f"(each is limited to {limit}): someone may be guessing codes"
+        )
+        alert = alerts.record_incident(conn, texts, config, alerts.PROMO_GUESSING, False, detail)
+    elif incident_is_open(conn, alerts.PROMO_GUESSING):
+        detail = f"{wrong} wrong promo codes in the last {window} minutes"
+        alert = alerts.record_incident(conn, texts, config, alerts.PROMO_GUESSING, True, detail)
+    return check, alert is not None
+
+
+async def apply_promo_code(app: App, user_id: int, code: str, *, texts: Texts | None = None) -> promo.PromoCheck:
+    """Validate a code typed by the user and remember it for their next purchase.
+
+    Wrong codes are limited per user (`[payments].promo_max_wrong_attempts` per
+    `promo_wrong_window_minutes`; then reason "promo.too_many" with `retry_after_seconds`), recorded
+    in `promo_attempts` and counted (`vpnd_promo_attempts`); many wrong codes from all users in one
+    window (`promo_alert_wrong_attempts`) alert the admins, once per incident.
+    """
+    check, alerted = await app.db.run(_apply_promo_guarded, user_id, code, app.config, texts or _TEXTS)
+    if alerted:
+        app.outbox_changed.nudge()
+    if check.ok:
+        app.metrics.promo_attempts.labels("ok").inc()
+    elif check.reason == "promo.too_many":
+        app.metrics.promo_attempts.labels("limited").inc()
+        log.warning("event=promo_limited user_id=%d retry_after=%.0f", user_id, check.retry_after_seconds)
+    else:
+        app.metrics.promo_attempts.labels("wrong").inc()
+        log.info("event=promo_wrong user_id=%d reason=%s", user_id, check.reason)
+    return check
 
 
 # --- Crypto Pay -------------------------------------------------------------------------------

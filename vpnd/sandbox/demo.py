@@ -21,6 +21,7 @@ import psycopg
 import trio
 
 from vpnd.config import Config, config_from_dict
+from vpnd.config_checks import EXAMPLE_REALITY_PRIVATE_KEY, EXAMPLE_REALITY_PUBLIC_KEY
 from vpnd.db.migrations import migrate, packaged_schema
 from vpnd.nurseries.root import run_daemon
 from vpnd.sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
@@ -30,8 +31,10 @@ from vpnd.sandbox.xray_fake import start_fake_xray
 
 log = logging.getLogger("vpnd.sandbox")
 
-DEMO_PUBLIC_KEY = "Z84J2IelR9ch3k8VtlVhhs5ycBUlXA7wHBWcBrjqnAw"
-DEMO_PRIVATE_KEY = "yJ2mmRZ0WzHhL4bQXc6M2IgJJsX2tbE2ugQGqZfh21c"
+#: The example REALITY key pair of the shipped config.toml (a real pair: the template's private key
+#: matches the public key in users' links). Public, so for demos only.
+DEMO_PUBLIC_KEY = EXAMPLE_REALITY_PUBLIC_KEY
+DEMO_PRIVATE_KEY = EXAMPLE_REALITY_PRIVATE_KEY
 DEMO_ADMIN_ID = 1
 
 

@@ -105,7 +105,7 @@ def register(routes: Routes) -> None:
 
 async def _refuse(turn: Turn, kind: str, what: str) -> None:
     log.warning("event=admin_refused user_id=%d kind=%s", turn.user.id, kind)
-    await turn.app.db.run(admin_db.audit, turn.user.id, kind, what[:64], "denied", {"via": "bot"})
+    await turn.app.db.run(admin_db.audit_denied, turn.user.id, kind, what[:64], {"via": "bot"})
 
 
 async def _audit(turn: Turn, action: str, target: object | None = None, result: str = "ok", **details: Any) -> None:

@@ -1,4 +1,5 @@
-"""Housekeeping: delete expired conversation states and inbox/outbox rows past retention.
+"""Housekeeping: delete expired conversation states, inbox/outbox rows and wrong promo attempts past
+`[workers].retention_days`, and admin audit rows past `[workers].audit_retention_days`.
 
 Every delete is a batch of at most `batch_size` rows in its own short transaction; a round does at
 most `max_batches` of each kind, so a large backlog is worked off over several rounds instead of
@@ -15,7 +16,7 @@ import psycopg
 import trio
 
 from vpnd.app import App
-from vpnd.db import conversation, inbox, outbox
+from vpnd.db import admin, conversation, inbox, outbox, promo
 
 log = logging.getLogger("vpnd.workers.housekeeping")
 
@@ -46,5 +47,12 @@ async def housekeeping_round(app: App, *, batch_size: int, max_batches: int = MA
     )
     total += await _delete_in_batches(
         app, "outbox", lambda conn, n: outbox.delete_finished_before(conn, days, n), batch_size, max_batches
+    )
+    total += await _delete_in_batches(
+        app, "promo_attempts", lambda conn, n: promo.delete_attempts_before(conn, days, n), batch_size, max_batches
+    )
+    audit_days = app.config.workers.audit_retention_days
+    total += await _delete_in_batches(
+        app, "admin_audit", lambda conn, n: admin.prune_audit(conn, audit_days, n), batch_size, max_batches
     )
     return total

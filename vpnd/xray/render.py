@@ -295,13 +295,18 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: str | os.PathLike[str], data: bytes, *, new_file_mode: int = 0o640) -> bool:
+#: The config file holds every user's UUID (their credential): owner and group only, never world-readable.
+CONFIG_FILE_MODE = 0o640
+
+
+def write_atomically(path: str | os.PathLike[str], data: bytes, *, mode: int = CONFIG_FILE_MODE) -> bool:
     """Replace ``path`` with ``data`` so that readers see the old file or the new one, never a part.
 
-    Returns False, touching nothing, when the file already holds exactly ``data``.  Otherwise writes a
-    temp file in the same directory, gives it the existing file's mode and owner (``new_file_mode``
-    when there is no file yet), fsyncs it, renames it over the target and fsyncs the directory, so
-    the new content survives a power cut once this returns.  Meant for one writer per path.
+    Returns False, touching nothing but the mode, when the file already holds exactly ``data``.
+    Otherwise writes a temp file in the same directory, gives it ``mode`` (whatever mode the old
+    file had: the file is a secret, so a mode loosened by hand is tightened again) and the existing
+    file's owner, fsyncs it, renames it over the target and fsyncs the directory, so the new content
+    survives a power cut once this returns.  Meant for one writer per path.
     """
     target = Path(path)
     try:
@@ -314,6 +319,8 @@ def write_atomically(path: str | os.PathLike[str], data: bytes, *, new_file_mode
         if current.st_size == len(data):
             with open(target, "rb") as existing:
                 if existing.read() == data:
+                    if stat.S_IMODE(current.st_mode) != mode:
+                        os.chmod(target, mode)
                     return False
     _remove_stale_temps(target)
     fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=_temp_prefix(target), suffix=".tmp")
@@ -323,8 +330,8 @@ def write_atomically(path: str | os.PathLike[str], data: bytes, *, new_file_mode
         with open(fd, "wb", closefd=True) as out:
             out.write(data)
             out.flush()
+            os.fchmod(out.fileno(), mode)
             if current is not None:
-                os.fchmod(out.fileno(), stat.S_IMODE(current.st_mode))
                 mine = os.fstat(out.fileno())
                 if (mine.st_uid, mine.st_gid) != (current.st_uid, current.st_gid):
                     try:
@@ -334,8 +341,6 @@ def write_atomically(path: str | os.PathLike[str], data: bytes, *, new_file_mode
                             f"cannot keep owner {current.st_uid}:{current.st_gid} of {target} "
                             f"(running as uid {os.getuid()}); give the file to this user or run as its owner"
                         ) from None
-            else:
-                os.fchmod(out.fileno(), new_file_mode)
             os.fsync(out.fileno())
         os.replace(temp, target)
         renamed = True

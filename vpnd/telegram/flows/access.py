@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import logging
 from typing import Any
 
 import attrs
@@ -11,6 +12,8 @@ import psycopg
 import segno
 import trio
 
+from vpnd import alerts
+from vpnd.config_checks import KEY_PENDING_HINT, link_settings_gap
 from vpnd.db import subscriptions
 from vpnd.db.subscriptions import Subscription
 from vpnd.subscription_url import user_links
@@ -18,6 +21,8 @@ from vpnd.telegram import keyboards as kb
 from vpnd.telegram.flows.menu import show_menu
 from vpnd.telegram.texts import Html
 from vpnd.telegram.turn import Turn
+
+log = logging.getLogger("vpnd.telegram.access")
 
 
 async def trial(turn: Turn) -> None:
@@ -58,6 +63,28 @@ def format_bytes(count: int) -> str:
     return f"{value:.2f} TB"
 
 
+async def links_or_report(turn: Turn, sub: Subscription) -> list[str] | None:
+    """The user's share links, or None when the configuration cannot build them (a gap such as an
+    empty `[xray].public_key`): then the admins are alerted (once per incident) and the caller tells
+    the user politely that the key is being prepared — a configuration gap is never a user's error."""
+    try:
+        return user_links(turn.app.config, sub)
+    except ValueError as exc:
+        gap = link_settings_gap(turn.app.config)
+        detail = f"{gap.key}: {gap.detail}" if gap is not None else f"[xray] link settings: {exc}"
+        log.error("event=key_unavailable user_id=%d detail=%s", turn.user.id, _quote(detail))
+        await alerts.report_incident(
+            turn.app, turn.ctx.texts, alerts.XRAY_LINKS, False, f"{detail}; {KEY_PENDING_HINT}"
+        )
+        return None
+
+
+def _quote(text: str) -> str:
+    from vpnd.logs import quote
+
+    return quote(text)
+
+
 def subscription_url(turn: Turn, sub: Subscription) -> str:
     return f"{turn.app.config.http.public_base_url}/sub/{sub.sub_token}"
 
@@ -71,7 +98,13 @@ async def my_subscription(turn: Turn, notice: str = "") -> None:
     now = dt.datetime.now(dt.UTC)
     status = "active" if sub.is_active(now) else ("revoked" if sub.status == "revoked" else "expired")
     days_left = max(0, (sub.expires_at - now).days) if status == "active" else 0
-    links = user_links(turn.app.config, sub)
+    links = await links_or_report(turn, sub)
+    if links is None:
+        await turn.show(
+            turn.t("sub.key_pending"),
+            kb.keyboard([kb.button(turn.t("menu.renew"), "buy")], [kb.button(turn.t("common.menu"), "menu")]),
+        )
+        return
     link_html = Html("\n".join(f"<code>{_escape(link)}</code>" for link in links))
     text = turn.t(
         "sub.details",
@@ -116,7 +149,10 @@ async def send_qr(turn: Turn) -> None:
     if sub is None:
         await show_menu(turn, turn.t("sub.none"))
         return
-    links = user_links(turn.app.config, sub)
+    links = await links_or_report(turn, sub)
+    if links is None:
+        await turn.answer(turn.t("sub.key_pending"), alert=True)
+        return
     png = await trio.to_thread.run_sync(qr_png, links[0])
     await turn.answer()
     await turn.ctx.sender.send_photo(turn.chat_id, png, caption=turn.t("sub.qr_caption"))

@@ -6,6 +6,7 @@ dies on its own), not memory.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from vpnd.db import conversation
@@ -34,7 +35,7 @@ async def cancel(turn: Turn) -> None:
 
 async def receive(turn: Turn, text: str) -> None:
     code = text.strip()[:64]
-    check = await apply_promo_code(turn.app, turn.user.id, code)
+    check = await apply_promo_code(turn.app, turn.user.id, code, texts=turn.ctx.texts)
     if check.ok and check.promo is not None:
         await turn.app.db.run(conversation.clear_state, turn.user.id)
         await turn.reply(
@@ -43,8 +44,9 @@ async def receive(turn: Turn, text: str) -> None:
         )
         return
     # Stay in the state (the user may retype) until it expires or they cancel.
+    minutes = max(1, math.ceil(check.retry_after_seconds / 60))
     await turn.reply(
-        turn.t(check.reason or "promo.not_found"),
+        turn.t(check.reason or "promo.not_found", minutes=minutes),
         kb.keyboard([kb.button(turn.t("promo.cancel"), "promo_cancel")]),
     )
 
