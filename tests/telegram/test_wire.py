@@ -24,8 +24,14 @@ import telegram
 import telegram.error
 import trio
 
-from vpnd.sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
-from vpnd.telegram.wire import BotWire, open_bot_wire
+from vpnd.sandbox.telegram_fake import FakeTelegram, FaultKind, serve_fake_telegram
+from vpnd.telegram.wire import BotWire, Origin, open_bot_wire
+
+# A connection BotWire forgets to close (instead of closing it on error or cancellation) fails the test.
+pytestmark = [
+    pytest.mark.filterwarnings("error::ResourceWarning"),
+    pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
+]
 
 IO_TIMEOUT = 10
 ALICE = 1001
@@ -53,7 +59,8 @@ async def api(nursery: trio.Nursery) -> AsyncIterator[Api]:
     fake.user_sends(ALICE, "/start")
     bot = telegram.Bot(fake.token, base_url=f"{base_url}/bot")
     yield Api(fake, base_url, bot)
-    await bot.request.shutdown()
+    for request in bot._request:  # getUpdates has its own HTTP client
+        await request.shutdown()
 
 
 def retry_after_seconds(exc: telegram.error.RetryAfter) -> float:
@@ -155,13 +162,14 @@ async def test_bot_api_errors_are_the_exceptions_ptb_raises(api: Api) -> None:
                     await wire_error(wrong_token, "getMe", {}),
                 )
             )
-            for fault, kind in [
+            faults: list[tuple[FaultKind, type[telegram.error.TelegramError]]] = [
                 ("409", telegram.error.Conflict),
                 ("5xx", telegram.error.NetworkError),
                 ("429", telegram.error.RetryAfter),
-            ]:
+            ]
+            for fault, kind in faults:
                 for _ in range(2):  # once for PTB, once for BotWire
-                    api.fake.inject_fault(fault, retry_after=7, methods=["getUpdates"])  # type: ignore[arg-type]
+                    api.fake.inject_fault(fault, retry_after=7, methods=["getUpdates"])
                 await both(kind, "getUpdates", {"timeout": 0})
     await wrong_token_bot.request.shutdown()
 
@@ -194,6 +202,21 @@ async def test_fake_timeout_fault_times_out_then_recovers(api: Api) -> None:
             with pytest.raises(telegram.error.TimedOut):
                 await wire.call("getMe", {}, read_timeout=0.3)  # the per-call read timeout wins
             assert (await wire.call("getMe", {}))["is_bot"] is True
+
+
+def test_base_url_is_parsed_once_into_host_port_and_target_prefix() -> None:
+    plain = Origin.parse("http://127.0.0.1:8081", TOKEN)
+    assert (plain.host, plain.port, plain.host_header) == ("127.0.0.1", 8081, b"127.0.0.1:8081")
+    assert plain.target_prefix == f"/bot{TOKEN}/".encode()
+    official = Origin.parse("https://api.telegram.org/", TOKEN)
+    assert (official.scheme, official.port, official.host_header) == ("https", 443, b"api.telegram.org")
+    proxied = Origin.parse("https://[::1]:8443/telegram/", TOKEN)
+    assert (proxied.host, proxied.host_header) == ("::1", b"[::1]:8443")
+    assert proxied.target_prefix == f"/telegram/bot{TOKEN}/".encode()
+    assert TOKEN not in repr(proxied)
+    for wrong in ("api.telegram.org", "ftp://host", "https://user:pw@host", "http://host/?q=1"):
+        with pytest.raises(ValueError):
+            Origin.parse(wrong, TOKEN)
 
 
 # ----------------------------------------------------------------------------- a scripted server
@@ -378,7 +401,8 @@ async def test_answers_map_to_what_ptb_does_with_them(nursery: trio.Nursery, nam
                 ours = await wire.call("getMe", {})
             except Exception as exc:
                 ours = exc
-    await bot.request.shutdown()
+    for request in bot._request:
+        await request.shutdown()
     if isinstance(ptb, Exception):
         assert type(ours) is type(ptb), (ours, ptb)
         assert str(ours) == str(ptb)
