@@ -562,6 +562,26 @@ async def test_connection_refused_is_a_network_error() -> None:
                 await wire.call("getMe", {})
 
 
+async def test_connect_that_never_completes_times_out() -> None:
+    """A listener whose accept queue is full (Linux drops further SYNs): connecting hangs until connect_timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+            with trio.fail_after(IO_TIMEOUT):
+                async with open_bot_wire(f"http://127.0.0.1:{port}", TOKEN, connect_timeout=0.3) as wire:
+                    with pytest.raises(telegram.error.TimedOut, match="connecting"):
+                        await wire.call("getMe", {})
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
 def make_certificate(directory: Path) -> tuple[Path, Path]:
     key, cert = directory / "key.pem", directory / "cert.pem"
     subprocess.run(
