@@ -449,6 +449,19 @@ async def test_idle_connection_closed_by_the_server_is_replaced(nursery: trio.Nu
     assert server.connections == 3 and len(server.requests) == 3
 
 
+async def test_connection_idle_past_keepalive_expiry_is_not_reused(nursery: trio.Nursery) -> None:
+    server = await start_scripted(nursery, always(Act()))
+    with trio.fail_after(IO_TIMEOUT):
+        async with open_bot_wire(server.base_url, TOKEN, keepalive_expiry=0.05) as wire:
+            assert await wire.call("getMe", {}) is True
+            assert await wire.call("getMe", {}) is True  # at once: reused
+            assert server.connections == 1
+            await trio.sleep(0.1)  # idle past the expiry (the condition itself, on the clock BotWire reads)
+            assert await wire.call("getMe", {}) is True
+            await server.wait_until(lambda: server.closed == 1)  # the expired one was closed, not leaked
+    assert server.connections == 2
+
+
 async def test_connection_close_header_is_respected(nursery: trio.Nursery) -> None:
     server = await start_scripted(nursery, always(Act(close=True)))
     with trio.fail_after(IO_TIMEOUT):
