@@ -24,8 +24,14 @@ import telegram
 import telegram.error
 import trio
 
-from vpnd.sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
-from vpnd.telegram.wire import BotWire, open_bot_wire
+from vpnd.sandbox.telegram_fake import FakeTelegram, FaultKind, serve_fake_telegram
+from vpnd.telegram.wire import BotWire, Origin, open_bot_wire
+
+# A connection BotWire forgets to close (instead of closing it on error or cancellation) fails the test.
+pytestmark = [
+    pytest.mark.filterwarnings("error::ResourceWarning"),
+    pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
+]
 
 IO_TIMEOUT = 10
 ALICE = 1001
@@ -53,7 +59,8 @@ async def api(nursery: trio.Nursery) -> AsyncIterator[Api]:
     fake.user_sends(ALICE, "/start")
     bot = telegram.Bot(fake.token, base_url=f"{base_url}/bot")
     yield Api(fake, base_url, bot)
-    await bot.request.shutdown()
+    for request in bot._request:  # getUpdates has its own HTTP client
+        await request.shutdown()
 
 
 def retry_after_seconds(exc: telegram.error.RetryAfter) -> float:
@@ -155,13 +162,14 @@ async def test_bot_api_errors_are_the_exceptions_ptb_raises(api: Api) -> None:
                     await wire_error(wrong_token, "getMe", {}),
                 )
             )
-            for fault, kind in [
+            faults: list[tuple[FaultKind, type[telegram.error.TelegramError]]] = [
                 ("409", telegram.error.Conflict),
                 ("5xx", telegram.error.NetworkError),
                 ("429", telegram.error.RetryAfter),
-            ]:
+            ]
+            for fault, kind in faults:
                 for _ in range(2):  # once for PTB, once for BotWire
-                    api.fake.inject_fault(fault, retry_after=7, methods=["getUpdates"])  # type: ignore[arg-type]
+                    api.fake.inject_fault(fault, retry_after=7, methods=["getUpdates"])
                 await both(kind, "getUpdates", {"timeout": 0})
     await wrong_token_bot.request.shutdown()
 
@@ -194,6 +202,21 @@ async def test_fake_timeout_fault_times_out_then_recovers(api: Api) -> None:
             with pytest.raises(telegram.error.TimedOut):
                 await wire.call("getMe", {}, read_timeout=0.3)  # the per-call read timeout wins
             assert (await wire.call("getMe", {}))["is_bot"] is True
+
+
+def test_base_url_is_parsed_once_into_host_port_and_target_prefix() -> None:
+    plain = Origin.parse("http://127.0.0.1:8081", TOKEN)
+    assert (plain.host, plain.port, plain.host_header) == ("127.0.0.1", 8081, b"127.0.0.1:8081")
+    assert plain.target_prefix == f"/bot{TOKEN}/".encode()
+    official = Origin.parse("https://api.telegram.org/", TOKEN)
+    assert (official.scheme, official.port, official.host_header) == ("https", 443, b"api.telegram.org")
+    proxied = Origin.parse("https://[::1]:8443/telegram/", TOKEN)
+    assert (proxied.host, proxied.host_header) == ("::1", b"[::1]:8443")
+    assert proxied.target_prefix == f"/telegram/bot{TOKEN}/".encode()
+    assert TOKEN not in repr(proxied)
+    for wrong in ("api.telegram.org", "ftp://host", "https://user:pw@host", "http://host/?q=1"):
+        with pytest.raises(ValueError):
+            Origin.parse(wrong, TOKEN)
 
 
 # ----------------------------------------------------------------------------- a scripted server
@@ -378,7 +401,8 @@ async def test_answers_map_to_what_ptb_does_with_them(nursery: trio.Nursery, nam
                 ours = await wire.call("getMe", {})
             except Exception as exc:
                 ours = exc
-    await bot.request.shutdown()
+    for request in bot._request:
+        await request.shutdown()
     if isinstance(ptb, Exception):
         assert type(ours) is type(ptb), (ours, ptb)
         assert str(ours) == str(ptb)
@@ -423,6 +447,19 @@ async def test_idle_connection_closed_by_the_server_is_replaced(nursery: trio.Nu
             await server.wait_until(lambda: server.closed == 2)
             assert await wire.call("getMe", {}) is True
     assert server.connections == 3 and len(server.requests) == 3
+
+
+async def test_connection_idle_past_keepalive_expiry_is_not_reused(nursery: trio.Nursery) -> None:
+    server = await start_scripted(nursery, always(Act()))
+    with trio.fail_after(IO_TIMEOUT):
+        async with open_bot_wire(server.base_url, TOKEN, keepalive_expiry=0.05) as wire:
+            assert await wire.call("getMe", {}) is True
+            assert await wire.call("getMe", {}) is True  # at once: reused
+            assert server.connections == 1
+            await trio.sleep(0.1)  # idle past the expiry (the condition itself, on the clock BotWire reads)
+            assert await wire.call("getMe", {}) is True
+            await server.wait_until(lambda: server.closed == 1)  # the expired one was closed, not leaked
+    assert server.connections == 2
 
 
 async def test_connection_close_header_is_respected(nursery: trio.Nursery) -> None:
@@ -536,6 +573,26 @@ async def test_connection_refused_is_a_network_error() -> None:
         async with open_bot_wire(f"http://127.0.0.1:{port}", TOKEN) as wire:
             with pytest.raises(telegram.error.NetworkError, match="connecting failed"):
                 await wire.call("getMe", {})
+
+
+async def test_connect_that_never_completes_times_out() -> None:
+    """A listener whose accept queue is full (Linux drops further SYNs): connecting hangs until connect_timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+            with trio.fail_after(IO_TIMEOUT):
+                async with open_bot_wire(f"http://127.0.0.1:{port}", TOKEN, connect_timeout=0.3) as wire:
+                    with pytest.raises(telegram.error.TimedOut, match="connecting"):
+                        await wire.call("getMe", {})
+        finally:
+            for filler in fillers:
+                filler.close()
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:

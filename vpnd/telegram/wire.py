@@ -19,7 +19,8 @@ Contract (callers swap PTB for this without changing their error handling):
   cancellation, when the server says ``Connection: close``, and when it turns readable while idle (the
   server closed it). A call that fails on a *reused* connection before any byte of the answer arrived is
   retried once on a fresh connection (the server may have closed the idle socket just as we wrote —
-  the keep-alive race); never after answer bytes were received.
+  the keep-alive race); never after answer bytes were received. A connection idle for longer than
+  ``keepalive_expiry`` is closed instead of reused.
 * The read timeout bounds the whole answer (from the end of the write to the last byte), not each read.
 
 The token is part of every request target; it never appears in reprs or exception messages.
@@ -97,6 +98,8 @@ class _Connection:
     protocol: h11.Connection = attrs.field(factory=lambda: h11.Connection(h11.CLIENT))
     #: How many requests were started on it: more than zero means a reused connection.
     used: int = 0
+    #: Trio time at which it last went back to the pool.
+    idle_since: float = 0.0
 
     def close(self) -> None:
         """Close at once, without a goodbye (no TLS close_notify): synchronous, so cancel-safe."""
@@ -125,6 +128,7 @@ class BotWire:
     read_timeout: float
     write_timeout: float
     pool_timeout: float
+    keepalive_expiry: float
     ssl_context: ssl.SSLContext | None = attrs.field(repr=False)
     _slots: trio.Semaphore = attrs.field(init=False, repr=False)
     _idle: list[_Connection] = attrs.field(factory=list, init=False, repr=False)
@@ -182,8 +186,14 @@ class BotWire:
             self._slots.release()
 
     def _take_idle(self) -> _Connection | None:
-        while self._idle:
-            connection = self._idle.pop()
+        idle = self._idle
+        if not idle:
+            return None
+        expired_before = trio.current_time() - self.keepalive_expiry
+        while idle and idle[0].idle_since < expired_before:  # the oldest are at the bottom
+            idle.pop(0).close()
+        while idle:
+            connection = idle.pop()
             if not connection.looks_closed():
                 return connection
             connection.close()
@@ -195,6 +205,7 @@ class BotWire:
             connection.close()  # Connection: close, or an answer we did not read to its end
             return
         protocol.start_next_cycle()
+        connection.idle_since = trio.current_time()
         self._idle.append(connection)
 
     async def _connect(self) -> _Connection:
@@ -331,12 +342,15 @@ async def open_bot_wire(
     read_timeout: float = 15.0,
     write_timeout: float = 15.0,
     pool_timeout: float = 10.0,
+    keepalive_expiry: float = 30.0,
     ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[BotWire]:
     """A `BotWire` for ``{api_base_url}/bot{token}/``; idle connections are closed on exit.
 
-    It starts no tasks. For https, ``ssl_context`` defaults to `ssl.create_default_context()` (a test may
-    pass one that trusts its own certificate authority).
+    It starts no tasks. A connection idle for more than ``keepalive_expiry`` seconds is not reused (a
+    middlebox may have dropped it without a word; the server's own close is seen as it happens).
+    For https, ``ssl_context`` defaults to `ssl.create_default_context()` (a test may pass one that trusts
+    its own certificate authority).
     """
     origin = Origin.parse(api_base_url, token)
     if origin.scheme == "https" and ssl_context is None:
@@ -348,6 +362,7 @@ async def open_bot_wire(
         read_timeout=read_timeout,
         write_timeout=write_timeout,
         pool_timeout=pool_timeout,
+        keepalive_expiry=keepalive_expiry,
         ssl_context=ssl_context if origin.scheme == "https" else None,
     )
     try:
