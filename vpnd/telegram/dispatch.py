@@ -1,6 +1,7 @@
-"""The update handler nursery: the update concurrency limit, per-chat order, the error boundary.
+"""The update handler nursery: per-chat queues served fairly, the update limit, the error boundary.
 
-    dispatcher nursery ── one task per chat with queued updates
+    poller ── admit(batch) ─ record in the inbox (with the drops) ─ enqueue / dropped
+    dispatcher nursery ── one task per chat with waiting updates
                           └── async with limiter:          (the only update limiter)
                                   error boundary:          (log once, polite reply, go on)
                                       with fail_after(handler timeout):
@@ -9,10 +10,12 @@
 
 **The `CapacityLimiter` is created here and used nowhere else**: background workers, the outbox and
 broadcasts never wait on it (tests/audit checks this by reading the source). Updates of one chat are
-handled one after another in update order; different chats run concurrently. Memory is bounded:
-`submit` waits while `max_pending` updates are queued (they are durable in the inbox meanwhile).
-On shutdown, running handlers finish (within the root's grace deadline) and queued ones stay in the
-inbox for the next start.
+handled one after another in update order; different chats run concurrently and take turns (the
+limiter is FIFO and each chat's task queues for it once per update). A chat's queue is bounded
+(`max_per_chat`): past it the chat's updates are dropped on purpose, recorded and counted, and never
+another chat's. Memory is bounded overall too: the poller waits while `max_pending` updates are queued
+(they wait at Telegram meanwhile, the offset unmoved). On shutdown, running handlers finish (within the
+root's grace deadline) and queued ones stay in the inbox for the next start.
 """
 
 from __future__ import annotations
