@@ -76,6 +76,7 @@ class FakeXray:
     _operations: list[tuple[str, str, str]] = attrs.field(factory=list)
     _server: Any = None
     _stopping: threading.Event = attrs.field(factory=threading.Event)
+    _delay_changed: threading.Condition = attrs.field(factory=threading.Condition)
     _started_at: float = attrs.field(factory=time.monotonic)
 
     @property
@@ -165,8 +166,26 @@ class FakeXray:
             return self._counters.get(name)
 
     def set_delay(self, seconds: float) -> None:
-        """Make every call wait this long before answering (0 to turn off)."""
-        self._delay = seconds
+        """Make every call wait this long before answering (0 to turn off).
+
+        The new delay applies to calls already waiting too: lowering it releases them, so a test can hold
+        calls with a long delay for as long as it needs ("the writer is inside AddUser now") and then let
+        them go at once, instead of guessing a delay long enough for its checks.
+        """
+        with self._delay_changed:
+            self._delay = seconds
+            self._delay_changed.notify_all()
+
+    def _wait_out_delay(self) -> bool:
+        """Wait while the call's delay lasts (measured from now); True if the server stops meanwhile."""
+        started = time.monotonic()
+        with self._delay_changed:
+            while not self._stopping.is_set():
+                remaining = started + self._delay - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._delay_changed.wait(min(remaining, 0.1))  # re-checks `_stopping` at least that often
+        return True
 
     def fail_next(
         self, count: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, details: str = "injected fault"
@@ -206,7 +225,7 @@ class FakeXray:
                 if failing:
                     self._failures_left -= 1
                     code, details = self._failure_code, self._failure_details
-            if self._delay > 0 and self._stopping.wait(self._delay):
+            if self._delay > 0 and self._wait_out_delay():
                 context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down")
             if failing:
                 context.abort(code, details)
