@@ -133,7 +133,9 @@ async def test_cancel_while_blocked_on_a_lock_held_by_the_test(env: Env) -> None
     with psycopg.connect(env.dsn) as blocker:
         # The test holds the subscription's row: finalize gets past the purchase and payment, then waits.
         blocker.execute("SELECT 1 FROM subscriptions WHERE user_id = %s FOR UPDATE", (user,))
-        lock_waits = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'vpnd' AND wait_event_type = 'Lock'"
+        lock_waits = (
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'vpnd' AND wait_event_type = 'Lock'"
+        )
         with trio.fail_after(IO_TIMEOUT):
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as nursery:
