@@ -20,6 +20,7 @@ import os
 import threading
 import time
 import uuid as uuid_module
+from collections.abc import Iterable
 from concurrent import futures
 from typing import Any
 
@@ -77,6 +78,7 @@ class FakeXray:
     _server: Any = None
     _stopping: threading.Event = attrs.field(factory=threading.Event)
     _delay_changed: threading.Condition = attrs.field(factory=threading.Condition)
+    _delay_methods: frozenset[str] | None = None
     _started_at: float = attrs.field(factory=time.monotonic)
 
     @property
@@ -165,8 +167,9 @@ class FakeXray:
         with self._lock:
             return self._counters.get(name)
 
-    def set_delay(self, seconds: float) -> None:
-        """Make every call wait this long before answering (0 to turn off).
+    def set_delay(self, seconds: float, methods: Iterable[str] | None = None) -> None:
+        """Make every call (or only calls of ``methods``, e.g. ``["AlterInbound"]``) wait this long before
+        answering (0 to turn off).
 
         The new delay applies to calls already waiting too: lowering it releases them, so a test can hold
         calls with a long delay for as long as it needs ("the writer is inside AddUser now") and then let
@@ -174,6 +177,7 @@ class FakeXray:
         """
         with self._delay_changed:
             self._delay = seconds
+            self._delay_methods = frozenset(methods) if methods is not None else None
             self._delay_changed.notify_all()
 
     def _wait_out_delay(self) -> bool:
@@ -225,7 +229,8 @@ class FakeXray:
                 if failing:
                     self._failures_left -= 1
                     code, details = self._failure_code, self._failure_details
-            if self._delay > 0 and self._wait_out_delay():
+            delayed = self._delay > 0 and (self._delay_methods is None or method in self._delay_methods)
+            if delayed and self._wait_out_delay():
                 context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down")
             if failing:
                 context.abort(code, details)
