@@ -19,6 +19,15 @@ from vpnd.sandbox.telegram_fake import FakeTelegram
 pytestmark = pytest.mark.slow
 
 
+def lock_waiters(dsn: str) -> int:
+    """Sessions of the test database waiting for a lock (vpnd's, behind the test's LOCK TABLE)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 @pytest.fixture
 def daemon_config(
     write_config: Callable[..., Path], db_dsn: str, fake_telegram: tuple[FakeTelegram, str]
@@ -48,11 +57,11 @@ async def test_ready_after_readyz_then_sigterm_exits_zero(daemon_config: tuple[P
         lines = daemon.notify.lines()
         assert lines.index("READY=1") > 0 and any(line.startswith("STATUS=") for line in lines)
 
-        stop_at = trio.current_time()
         daemon.signal(signal.SIGTERM)
-        assert await daemon.wait(timeout=4.0 + 1.0) == 0, daemon.log()
-        assert trio.current_time() - stop_at < 5.0
-        await daemon.notify.wait_for("STOPPING=1", timeout=1)
+        # Bounded by the grace (4 s) plus generous slack for a busy machine: a daemon that ignored the
+        # grace deadline would not exit at all.
+        assert await daemon.wait(timeout=4.0 + 20.0) == 0, daemon.log()
+        await daemon.notify.wait_for("STOPPING=1", timeout=10)
         assert "event=stopped" in daemon.log()
         assert "Traceback" not in daemon.log()
         nursery.cancel_scope.cancel()
@@ -74,12 +83,15 @@ async def test_in_flight_request_finishes_before_exit(
             responses.append(await daemon.get("/readyz", timeout=10))
 
         nursery.start_soon(slow_request)
-        await trio.sleep(0.5)
+        # The request is in flight once its readiness query waits on the test's lock.
+        with trio.fail_after(30):
+            while not await trio.to_thread.run_sync(lock_waiters, db_dsn):
+                await trio.sleep(0.05)
         daemon.signal(signal.SIGTERM)
-        await trio.sleep(1.0)
+        await daemon.notify.wait_for("STOPPING=1", timeout=30)  # SIGTERM taken: the stop has begun
         assert daemon.process.returncode is None  # still serving the request in flight
         await trio.to_thread.run_sync(blocker.rollback)  # the request can now finish
-        assert await daemon.wait(timeout=6) == 0, daemon.log()
+        assert await daemon.wait(timeout=30) == 0, daemon.log()
         assert len(responses) == 1 and responses[0].status_code == 200, responses
         blocker.close()
         nursery.cancel_scope.cancel()
@@ -91,7 +103,7 @@ async def test_second_instance_is_refused(daemon_config: tuple[Path, str], tmp_p
         first = await start_daemon(nursery, config, tmp_path)
         await wait_ready(first, url)
         second = await start_daemon(nursery, config, tmp_path)
-        assert await second.wait(timeout=15) == 1
+        assert await second.wait(timeout=30) == 1
         assert "another vpnd is already running on this database" in second.log()
         assert f"pg_advisory_lock({INSTANCE_LOCK_KEY})" in second.log()
         assert "Traceback" not in second.log()
@@ -115,17 +127,18 @@ async def test_crashing_child_exits_nonzero_with_cause_logged_once(
             conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'vpnd-instance-lock'"
             )
-            for _ in range(50):
+            import time
+
+            deadline = time.monotonic() + 30  # the killed backend frees the lock when it has exited
+            while time.monotonic() < deadline:
                 row = conn.execute("SELECT pg_try_advisory_lock(%s)", (INSTANCE_LOCK_KEY,)).fetchone()
                 if row and row[0]:
                     return conn
-                import time
-
                 time.sleep(0.1)
             raise AssertionError("could not take the lock")
 
         thief = await trio.to_thread.run_sync(steal_lock)
-        code = await daemon.wait(timeout=20)
+        code = await daemon.wait(timeout=40)
         thief.close()
         log = daemon.log()
         assert code == 1, log
@@ -144,7 +157,7 @@ async def test_database_newer_than_code_is_refused(
         conn.execute("INSERT INTO schema_migrations (version, name) VALUES (999, 'from the future')")
     async with trio.open_nursery() as nursery:
         daemon = await start_daemon(nursery, config, tmp_path)
-        assert await daemon.wait(timeout=20) == 1
+        assert await daemon.wait(timeout=30) == 1
         assert "schema is at version 999, newer than this vpnd knows" in daemon.log()
         assert "Traceback" not in daemon.log()
         nursery.cancel_scope.cancel()
@@ -157,7 +170,7 @@ async def test_unreachable_database_exits_one_with_reason(write_config: Callable
     )
     async with trio.open_nursery() as nursery:
         daemon = await start_daemon(nursery, config, tmp_path)
-        assert await daemon.wait(timeout=20) == 1
+        assert await daemon.wait(timeout=30) == 1
         assert "event=crashed" in daemon.log() and "Traceback" not in daemon.log()
         nursery.cancel_scope.cancel()
 

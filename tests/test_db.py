@@ -47,7 +47,7 @@ async def test_exception_rolls_back(database: Database) -> None:
 
 async def test_cancel_mid_transaction_rolls_back_and_keeps_pool_intact(database: Database) -> None:
     """A cancelled call is cancelled on the server, rolled back, and its connection returned clean."""
-    with trio.fail_after(10):
+    with trio.fail_after(30):  # far below pg_sleep(30) plus the rest: only a server-side cancel gets here
         with trio.move_on_after(0.3) as scope:
             await database.run(insert_user, 3, 30.0)  # pg_sleep(30) inside the transaction
         assert scope.cancelled_caught
@@ -65,21 +65,43 @@ async def test_cancel_mid_transaction_rolls_back_and_keeps_pool_intact(database:
         assert await database.run(count_users) == 4
 
 
+HOLD_KEY = 4_242_001
+
+
+def insert_user_then_wait_for_the_test(conn: psycopg.Connection[Any], user_id: int) -> int:
+    """Insert, then wait (holding the connection) until the test releases its advisory lock."""
+    insert_user(conn, user_id)
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (HOLD_KEY,))
+    return user_id
+
+
+def waiting_for_the_test(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s AND NOT granted", (HOLD_KEY,)
+    ).fetchone()
+    return bool(row and row[0])
+
+
 async def test_cancel_before_connection_runs_nothing(db_dsn: str) -> None:
-    async with open_database(db_dsn, min_size=1, max_size=1) as db:
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(db.run, insert_user, 20, 0.5)  # holds the only connection
-                await trio.sleep(0.1)
-                with trio.move_on_after(0.1):
-                    await db.run(insert_user, 21)  # waits for the limiter, then is cancelled
-            assert await db.run(count_users) == 1
+    with psycopg.connect(db_dsn, autocommit=True) as gate:
+        gate.execute("SELECT pg_advisory_lock(%s)", (HOLD_KEY,))
+        async with open_database(db_dsn, min_size=1, max_size=1) as db:
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(db.run, insert_user_then_wait_for_the_test, 20)  # holds the only connection
+                    while not await trio.to_thread.run_sync(lambda: waiting_for_the_test(gate)):
+                        await trio.sleep(0.02)
+                    with trio.move_on_after(0.1) as scope:
+                        await db.run(insert_user, 21)  # waits for the limiter, then is cancelled
+                    assert scope.cancelled_caught
+                    gate.execute("SELECT pg_advisory_unlock(%s)", (HOLD_KEY,))
+                assert await db.run(count_users) == 1
 
 
 async def test_transaction_functions_cannot_nest_pool_use(db_dsn: str) -> None:
     """With one connection, a nested acquire would deadlock; `run` gives fn its connection instead."""
     async with open_database(db_dsn, min_size=1, max_size=1) as db:
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             assert await db.run(lambda conn: insert_user(conn, 30) + count_users(conn)) == 31
 
 

@@ -88,7 +88,7 @@ async def start_full(nursery: trio.Nursery, config: Config, cryptopay: FakeCrypt
     return vpnd
 
 
-async def instance_lock_released(dsn: str, timeout: float = 5.0) -> None:
+async def instance_lock_released(dsn: str, timeout: float = 30.0) -> None:
     """Wait until no session holds vpnd's instance lock. PostgreSQL frees a session's advisory locks when
     its backend exits, which happens *after* the client closed the connection: a restart at once can
     find the lock still taken (vpnd then exits with "another vpnd is already running" and systemd starts

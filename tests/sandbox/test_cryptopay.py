@@ -237,13 +237,13 @@ async def test_transient_faults(fake: FakeCryptoPay, client: CryptoPayClient) ->
             assert (internal.value.code, internal.value.name) == (500, "INTERNAL_ERROR")
         await create(client)
 
-        fake.api_hang_seconds = 5
+        # The server hangs longer than this whole block may take (IO_TIMEOUT): only the client's own
+        # timeout can end the call in time, and it says so (a late 504 would be code 504, not TIMEOUT).
+        fake.api_hang_seconds = 60
         fake.fail_api("timeout")
         async with open_cryptopay_client(fake.token, f"{fake.base_url}/api", timeout=0.3) as impatient:
-            start = trio.current_time()
             with pytest.raises(TransientCryptoPayError) as timed_out:
                 await impatient.get_me()
-            assert trio.current_time() - start < 3
         assert (timed_out.value.code, timed_out.value.name) == (0, "TIMEOUT")
 
     async with open_cryptopay_client(fake.token, "http://127.0.0.1:9/api", timeout=2) as nowhere:
@@ -425,8 +425,8 @@ async def test_webhook_gives_up_after_max_attempts(
     with trio.fail_after(IO_TIMEOUT):
         invoice = await create(client)
         fake.pay(invoice.invoice_id)
-        await fake.wait_for_deliveries(3)
-        await trio.sleep(0.3)
+        await fake.wait_until(lambda: bool(fake.given_up))  # the delivery task ended: no attempt follows
+    assert list(fake.given_up) == [parse_webhook_update(receiver.received[0][0]).update_id]
     assert [d.status_code for d in fake.deliveries] == [500, 500, 500]
     assert len(receiver.received) == 3
 
@@ -450,8 +450,7 @@ async def test_webhook_not_delivered_when_switched_off(
     fake.webhooks_enabled = False
     with trio.fail_after(IO_TIMEOUT):
         invoice = await create(client)
-        fake.pay(invoice.invoice_id)
-        await trio.sleep(0.3)
+        fake.pay(invoice.invoice_id)  # the update is suppressed at once: no delivery task is started
         # The payment is real even though no webhook came: polling finds it.
         assert (await client.get_invoice(invoice.invoice_id)).status == "paid"
     assert receiver.received == [] and list(fake.deliveries) == []
@@ -463,9 +462,8 @@ async def test_webhook_out_of_order(fake: FakeCryptoPay, client: CryptoPayClient
     with trio.fail_after(IO_TIMEOUT):
         first = await create(client, payload="first")
         second = await create(client, payload="second")
-        fake.pay(first.invoice_id)
-        await trio.sleep(0.2)
-        assert receiver.received == [] and len(fake.held_updates) == 1
+        fake.pay(first.invoice_id)  # held at once: no delivery task is started for it
+        assert receiver.received == [] and len(fake.held_updates) == 1 and not fake.deliveries
         fake.pay(second.invoice_id)
         await receiver.wait_for(2)
     order = [parse_webhook_update(body).invoice.payload for body, _ in receiver.received]

@@ -103,7 +103,8 @@ async def test_renewal_holding_the_lock_wins_over_expiry(db_dsn: str, make_confi
         with psycopg.connect(db_dsn) as blocker:
             blocker.execute("SELECT 1 FROM users WHERE id = 1 FOR UPDATE")
             assert await renewal_round(app, TEXTS, batch_size=10) == 0  # skipped, not waiting
-            await trio.sleep(1.2)  # the end passes meanwhile
+            ended = "SELECT count(*) FROM subscriptions WHERE user_id = 1 AND expires_at < now()"
+            await poll_until(lambda: query(db_dsn, ended)[0][0] == 1, 30)  # the end passes meanwhile
             assert await expiry_round(app, TEXTS, batch_size=10) == 0  # renewal owed: not expired
         assert await renewal_round(app, TEXTS, batch_size=10) == 1
         assert await expiry_round(app, TEXTS, batch_size=10) == 0

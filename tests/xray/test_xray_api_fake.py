@@ -1,6 +1,5 @@
 """XrayApi against the fake Xray gRPC server on loopback (both protobuf prefixes)."""
 
-import time
 import uuid
 
 import grpc
@@ -80,10 +79,8 @@ async def test_down_then_back(fake, api):
     with trio.fail_after(20):
         await api.ping()
         fake.stop()
-        started = time.monotonic()
-        with pytest.raises(XrayUnavailable):
+        with pytest.raises(XrayUnavailable):  # refused at once, not a hang (the fail_after bounds it)
             await api.add_vless_user(TAG, "u1", str(uuid.uuid4()), "")
-        assert time.monotonic() - started < 2.5
         fake.start()
         # the channel reconnects by itself (backoff capped at 3 s)
         while True:
@@ -105,22 +102,20 @@ async def test_down_then_back(fake, api):
 
 
 async def test_slow_server_times_out(fake):
-    fake.set_delay(3)
+    fake.set_delay(60)  # far beyond the fail_after: only the client's own deadline can end the call in time
     with XrayApi(fake.address, prefix=fake.prefix, timeout=0.3) as api, trio.fail_after(10):
-        started = time.monotonic()
         with pytest.raises(XrayUnavailable, match="DEADLINE_EXCEEDED"):
             await api.ping()
-        assert time.monotonic() - started < 1.5
+    fake.set_delay(0)
 
 
 async def test_cancelling_the_task_cancels_the_call(fake):
-    fake.set_delay(3)
+    fake.set_delay(60)  # far beyond the fail_after: only cancelling the call itself ends it in time
     with XrayApi(fake.address, prefix=fake.prefix, timeout=30) as api, trio.fail_after(10):
-        started = time.monotonic()
         with trio.move_on_after(0.3) as scope:
             await api.add_vless_user(TAG, "u1", str(uuid.uuid4()), "")
         assert scope.cancelled_caught
-        assert time.monotonic() - started < 1.5
+    fake.set_delay(0)
 
 
 async def test_injected_errors(fake, api):

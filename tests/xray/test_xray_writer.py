@@ -102,7 +102,7 @@ class Setup:
             await until(lambda: self.status.rounds >= start + n)  # noqa: B023
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, step: float = 0.01) -> float:
+async def until(predicate: Callable[[], bool], timeout: float = 30.0, step: float = 0.01) -> float:
     """Poll `predicate` until it holds; return how long that took."""
     started = time.monotonic()
     with trio.fail_after(timeout):
@@ -218,15 +218,14 @@ async def test_api_down_for_a_while_then_converges(fake, make_config):
         registry = s.app.metrics.registry
         assert registry.get_sample_value("vpnd_xray_pending_ops", {"op": "add"}) == 3
         assert registry.get_sample_value("vpnd_xray_pending_ops", {"op": "remove"}) == 1
-        await trio.sleep(1.2)
-        assert registry.get_sample_value("vpnd_xray_seconds_since_sync") >= 1.0
+        await until(lambda: registry.get_sample_value("vpnd_xray_seconds_since_sync") >= 1.0)
         # the file does not wait for the API: a restarting Xray loads the right users
-        await until(lambda: set(s.file_clients()) == {"u2", "u3", "u4"}, timeout=5)
+        await until(lambda: set(s.file_clients()) == {"u2", "u3", "u4"})
 
         fake.start()  # the API comes back (Xray itself kept running with u1)
-        took = await until(lambda: set(fake.users(TAG)) == {"u2", "u3", "u4"}, timeout=15)
+        took = await until(lambda: set(fake.users(TAG)) == {"u2", "u3", "u4"})
         print(f"converged {took:.2f}s after the API came back")
-        await until(lambda: s.status.in_sync, timeout=5)
+        await until(lambda: s.status.in_sync)
         assert (await s.status.readiness()).ok
         assert registry.get_sample_value("vpnd_xray_pending_ops", {"op": "add"}) == 0
         assert registry.get_sample_value("vpnd_xray_seconds_since_sync") == 0
@@ -298,15 +297,18 @@ async def test_burst_of_1000_grants_bounded_file_writes(fake, make_config):
                 for first in range(1, 1001, 50):
                     nursery.start_soon(grant_range, first)
         burst = time.monotonic() - started
-        live_after = await until(lambda: len(fake.users(TAG)) == 1000, timeout=20)
-        await until(lambda: len(s.file_clients()) == 1000 and s.status.in_sync, timeout=20)
+        live_after = await until(lambda: len(fake.users(TAG)) == 1000, timeout=60)
+        await until(lambda: len(s.file_clients()) == 1000 and s.status.in_sync, timeout=60)
         writes = s.status.file_writes - writes_before
+        # Every write so far happened within this span (the catch-up after the burst included, which a busy
+        # machine makes longer): at most one per MIN_WRITE_INTERVAL of it.
+        writing = time.monotonic() - started
         rounds = s.status.rounds
         print(
             f"1000 grants in {burst:.2f}s, all live {live_after:.2f}s after the last one; "
             f"{rounds} rounds, {writes} file writes, {s.status.api_calls} API calls"
         )
-        assert writes <= burst / MIN_WRITE_INTERVAL + 3
+        assert writes <= writing / MIN_WRITE_INTERVAL + 3
         assert rounds < 1000  # nudges coalesce
         assert len([op for op in fake.operations() if op[0] == "add"]) == 1000  # each user added once
 
@@ -436,13 +438,13 @@ async def test_stops_promptly_even_with_a_slow_xray(fake, make_config):
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 await nursery.start(run_xray, app)
-                fake.set_delay(4)
+                fake.set_delay(60)  # beyond the fail_after: a stop that waited for the call in flight would fail
                 s = Setup(app, XrayStatus(True, "api"), Path(), Path())
+                calls_before = len(fake.calls())
                 await s.grant(1)
-                await trio.sleep(0.3)  # the round is waiting on AlterInbound
-                stop_at = time.monotonic()
+                await until(lambda: len(fake.calls()) > calls_before)  # the round waits on Xray now
                 app.lifecycle.request_stop("test")
-        assert time.monotonic() - stop_at < 1.0
+        fake.set_delay(0)
 
 
 async def test_wrong_inbound_tag_is_an_error_with_backoff(make_config):

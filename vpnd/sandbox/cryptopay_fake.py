@@ -345,6 +345,8 @@ class FakeCryptoPay:
     deliveries: deque[WebhookDelivery] = attrs.field(factory=lambda: deque(maxlen=RECORD_LIMIT))
     suppressed_updates: deque[PendingUpdate] = attrs.field(factory=lambda: deque(maxlen=RECORD_LIMIT))
     api_calls: deque[ApiCall] = attrs.field(factory=lambda: deque(maxlen=RECORD_LIMIT))
+    #: Update ids whose delivery ended without a 200 after ``webhook_max_attempts`` (no retry follows).
+    given_up: deque[int] = attrs.field(factory=lambda: deque(maxlen=RECORD_LIMIT))
 
     _held: list[PendingUpdate] = attrs.field(factory=list)
     deleted: deque[int] = attrs.field(factory=lambda: deque(maxlen=RECORD_LIMIT))
@@ -696,6 +698,8 @@ class FakeCryptoPay:
             if attempt < self.webhook_max_attempts:
                 await trio.sleep(min(self.webhook_retry_delay * 2 ** (attempt - 1), 60.0))
         logger.info("fake Crypto Pay gave up delivering update %s", update.update_id)
+        self.given_up.append(update.update_id)
+        self._notify()
 
     def successful_deliveries(self) -> list[WebhookDelivery]:
         return [d for d in self.deliveries if d.status_code == 200]

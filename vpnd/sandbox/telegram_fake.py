@@ -388,6 +388,29 @@ class FaultRule:
         }
 
 
+@attrs.define
+class RequestRecord:
+    """One Bot API request as the fake saw it (Trio time): when it arrived and, once answered, how.
+
+    ``status`` and ``answered_at`` stay None while the request is in progress (a long poll, a held
+    fault) and for a request whose connection was broken or dropped without an answer.
+    """
+
+    method: str
+    arrived_at: float
+    status: int | None = None
+    answered_at: float | None = None
+
+
+#: How many requests :attr:`FakeTelegram.request_log` keeps (the oldest are dropped).
+REQUEST_LOG_LIMIT = 100_000
+
+#: The default bound of :meth:`FakeTelegram.wait_until` and :meth:`FakeTelegram.wait_for_bot_message`:
+#: generous, because the thing waited for is usually vpnd answering through PostgreSQL on a machine that
+#: may be busy; a test that expects nothing to come passes its own short timeout.
+DEFAULT_WAIT_SECONDS = 30.0
+
+
 @attrs.frozen
 class BotReply:
     """What the HTTP layer sends for one Bot API call. ``body=None`` means: break the connection."""
@@ -464,6 +487,14 @@ class FakeTelegram:
     # Observability for tests: requests per Bot API method (canonical name), responses per HTTP status.
     requests: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     responses: collections.Counter[int] = attrs.field(factory=collections.Counter, init=False)
+    #: Every request in arrival order with its arrival and answer times (see :class:`RequestRecord`), so a
+    #: test can check ordering ("no poll before retry_after had passed") on the fake's own clock.
+    request_log: collections.deque[RequestRecord] = attrs.field(
+        factory=lambda: collections.deque(maxlen=REQUEST_LOG_LIMIT), init=False
+    )
+    #: Where the flood limits read the time (Trio's clock by default). A test can hold it still so that a
+    #: burst is judged as one instant however slow the machine is, and move it on by hand.
+    flood_clock: Callable[[], float] = attrs.field(default=trio.current_time)
     too_many_requests_sent: int = attrs.field(default=0, init=False)  # every 429 sent, injected included
     rate_limited: int = attrs.field(default=0, init=False)  # 429s caused by the flood limits only
     change_seq: int = attrs.field(default=0, init=False)
@@ -475,6 +506,7 @@ class FakeTelegram:
     _polls_waiting: int = attrs.field(default=0, init=False)
     _updates_event: trio.Event = attrs.field(factory=trio.Event, init=False)
     _change_event: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _release_held: trio.Event = attrs.field(factory=trio.Event, init=False)
     _global_bucket: TokenBucket | None = attrs.field(default=None, init=False)
     _chat_buckets: dict[int, TokenBucket] = attrs.field(factory=dict, init=False)
     _random: random.Random = attrs.field(init=False)
@@ -575,10 +607,13 @@ class FakeTelegram:
     ) -> BotReply:
         """Run one Bot API call as received over HTTP; never raises for a bad request."""
         entry = self._methods.get(method.lower())
-        self.requests[entry[0] if entry else method] += 1
+        record = RequestRecord(entry[0] if entry else method, trio.current_time())
+        self.requests[record.method] += 1
+        self.request_log.append(record)
         self._wake_waiters()
         reply = await self._dispatch(token, method, entry, content_type, body, query_string)
         if reply.body is not None:
+            record.status, record.answered_at = reply.status, trio.current_time()
             self.responses[reply.status] += 1
             if reply.status == 429:
                 self.too_many_requests_sent += 1
@@ -652,6 +687,12 @@ class FakeTelegram:
     def clear_faults(self) -> None:
         self.faults.clear()
 
+    def release_held_requests(self) -> None:
+        """End every request a ``"timeout"`` fault is holding now, as if its ``hold_seconds`` were over
+        (the connection breaks without an answer). Later matches are held again."""
+        self._release_held.set()
+        self._release_held = trio.Event()
+
     def _pick_fault(self, method: str) -> FaultRule | None:
         now = trio.current_time()
         self.faults[:] = [
@@ -682,7 +723,8 @@ class FakeTelegram:
         if rule.kind == "409":
             return _error_reply(ApiError(409, CONFLICT_OTHER_POLL))
         if rule.kind == "timeout":
-            await trio.sleep(rule.hold_seconds)
+            with trio.move_on_after(rule.hold_seconds):
+                await self._release_held.wait()
         return BotReply(0, None)
 
     # ------------------------------------------------------------------------------------ flood limits
@@ -690,11 +732,11 @@ class FakeTelegram:
     def _bucket(self, existing: TokenBucket | None, rate: float, burst: float) -> TokenBucket:
         if existing is not None and existing.rate == rate and existing.burst == burst:
             return existing
-        return TokenBucket(rate=rate, burst=burst, tokens=burst, stamp=trio.current_time())
+        return TokenBucket(rate=rate, burst=burst, tokens=burst, stamp=self.flood_clock())
 
     def _take_send_slot(self, chat_id: int) -> None:
         """Charge one message to the global and the per-chat bucket, or answer 429 with retry_after."""
-        now = trio.current_time()
+        now = self.flood_clock()
         self._global_bucket = self._bucket(self._global_bucket, self.global_rate, self.global_burst)
         chat_bucket = self._bucket(self._chat_buckets.get(chat_id), self.chat_rate, self.chat_burst)
         self._chat_buckets[chat_id] = chat_bucket
@@ -1444,7 +1486,7 @@ class FakeTelegram:
     def notices_for(self, chat_id: int) -> list[Notice]:
         return [n for n in self.notices if n.chat_id == chat_id]
 
-    async def wait_until(self, condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def wait_until(self, condition: Callable[[], bool], timeout: float = DEFAULT_WAIT_SECONDS) -> None:
         """Wait (Trio time) until ``condition()`` holds; it is re-checked after every change."""
         with trio.fail_after(timeout):
             while not condition():
@@ -1454,7 +1496,7 @@ class FakeTelegram:
         self,
         chat_id: int,
         predicate: Callable[[ChatMessage], bool] | None = None,
-        timeout: float = 5.0,
+        timeout: float = DEFAULT_WAIT_SECONDS,
         *,
         since: int | None = None,
     ) -> ChatMessage:

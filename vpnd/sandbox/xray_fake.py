@@ -20,6 +20,7 @@ import os
 import threading
 import time
 import uuid as uuid_module
+from collections.abc import Iterable
 from concurrent import futures
 from typing import Any
 
@@ -76,6 +77,8 @@ class FakeXray:
     _operations: list[tuple[str, str, str]] = attrs.field(factory=list)
     _server: Any = None
     _stopping: threading.Event = attrs.field(factory=threading.Event)
+    _delay_changed: threading.Condition = attrs.field(factory=threading.Condition)
+    _delay_methods: frozenset[str] | None = None
     _started_at: float = attrs.field(factory=time.monotonic)
 
     @property
@@ -164,9 +167,29 @@ class FakeXray:
         with self._lock:
             return self._counters.get(name)
 
-    def set_delay(self, seconds: float) -> None:
-        """Make every call wait this long before answering (0 to turn off)."""
-        self._delay = seconds
+    def set_delay(self, seconds: float, methods: Iterable[str] | None = None) -> None:
+        """Make every call (or only calls of ``methods``, e.g. ``["AlterInbound"]``) wait this long before
+        answering (0 to turn off).
+
+        The new delay applies to calls already waiting too: lowering it releases them, so a test can hold
+        calls with a long delay for as long as it needs ("the writer is inside AddUser now") and then let
+        them go at once, instead of guessing a delay long enough for its checks.
+        """
+        with self._delay_changed:
+            self._delay = seconds
+            self._delay_methods = frozenset(methods) if methods is not None else None
+            self._delay_changed.notify_all()
+
+    def _wait_out_delay(self) -> bool:
+        """Wait while the call's delay lasts (measured from now); True if the server stops meanwhile."""
+        started = time.monotonic()
+        with self._delay_changed:
+            while not self._stopping.is_set():
+                remaining = started + self._delay - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._delay_changed.wait(min(remaining, 0.1))  # re-checks `_stopping` at least that often
+        return True
 
     def fail_next(
         self, count: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, details: str = "injected fault"
@@ -206,7 +229,8 @@ class FakeXray:
                 if failing:
                     self._failures_left -= 1
                     code, details = self._failure_code, self._failure_details
-            if self._delay > 0 and self._stopping.wait(self._delay):
+            delayed = self._delay > 0 and (self._delay_methods is None or method in self._delay_methods)
+            if delayed and self._wait_out_delay():
                 context.abort(grpc.StatusCode.UNAVAILABLE, "server shutting down")
             if failing:
                 context.abort(code, details)
