@@ -277,7 +277,12 @@ def test_well_formed_hostile_updates_are_handled_ok(live: Live, updates: list[di
     errors_before = len(live.errors)
     ids = inject(live, updates)
     outcomes = wait_handled(live, ids)
-    failed = [update for update_id, update in zip(ids, updates, strict=True) if outcomes[update_id] != "ok"]
+    # "coalesced": the same message or press was still waiting in its chat (handled once, on purpose).
+    failed = [
+        update
+        for update_id, update in zip(ids, updates, strict=True)
+        if outcomes[update_id] not in ("ok", "coalesced")
+    ]
     assert not failed, (failed[:1], live.error_lines(errors_before)[:3])
     assert live.alive()
 
@@ -289,7 +294,8 @@ def test_well_formed_hostile_updates_are_handled_ok(live: Live, updates: list[di
 def test_mutated_updates_never_kill_the_loop(live: Live, updates: list[dict[str, Any]]) -> None:
     ids = inject(live, updates)
     outcomes = wait_handled(live, ids)
-    assert set(outcomes.values()) <= {"ok", "error"}
+    # Dropped on purpose (a flooding chat, a repeat, a quarantined update) or handled; never stuck.
+    assert set(outcomes.values()) <= {"ok", "error", "coalesced", "dropped", "quarantined"}
     assert live.alive()
 
 
