@@ -30,7 +30,8 @@ class BodyTooLarge(Exception):
 
 
 class BodyTimeout(Exception):
-    """The request body did not arrive in full before the request's deadline (answered 408)."""
+    """The request body did not arrive in full before the request's deadline, or the client went away
+    first (answered 408)."""
 
 
 @attrs.define(eq=False)
@@ -78,7 +79,9 @@ class Request:
             while True:
                 message = await self.receive()
                 if message["type"] == "http.disconnect":
-                    break
+                    # The body never completed: the client went away, or the server's read timeout cut
+                    # it off. A partial body is never handled as if it were the request.
+                    raise BodyTimeout
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > self.max_body_bytes:
