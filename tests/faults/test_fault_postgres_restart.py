@@ -176,8 +176,8 @@ async def restarts_under_load(
                         await until(lambda: all(replied(u) >= expected[u] for u in USERS), timeout=60, step=0.1)
                     except trio.TooSlowError:
                         raise AssertionError(f"not every message was answered; log:\n{supervisor.tail()}") from None
-                    # Every inbox row is handled: no handler is still running that could answer twice.
-                    await until(lambda: inbox_all_handled(dsn, len(sent)), timeout=60, step=0.2)
+                    # No wait for duplicates here: the counts are taken after the stop below (SIGTERM lets
+                    # the handlers in flight finish), so a second answer sent by this daemon is counted.
                     # The lock is held again, by one session (the keeper re-took it or a new daemon did).
                     await until(lambda: lock_holders(dsn) == ["vpnd-instance-lock"], timeout=35, step=0.2)
                     assert supervisor.alive(), supervisor.tail()
@@ -253,12 +253,6 @@ async def test_postgres_restarts_do_not_stop_the_daemon(
     )
     crashed = [line[-300:] for line in result.log.splitlines() if "event=crashed" in line]
     assert not result.daemon_died and result.exits == [0], (result.exits, crashed)
-
-
-def inbox_all_handled(dsn: str, count: int) -> bool:
-    """`count` updates are in the inbox and every one is handled (handled_at is set)."""
-    ((rows, handled),) = sql(dsn, "SELECT count(*), count(handled_at) FROM telegram_inbox")
-    return bool(rows == handled == count)
 
 
 def lock_holders(dsn: str) -> list[str]:
