@@ -287,6 +287,7 @@ async def test_webhook_answers_200_for_every_verified_outcome_including_internal
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 async def test_restarts_mid_watcher_webhook_and_renewal_apply_everything_exactly_once(
     fake_telegram: tuple[FakeTelegram, str],
     fake_cryptopay: tuple[FakeCryptoPay, str],
@@ -296,7 +297,8 @@ async def test_restarts_mid_watcher_webhook_and_renewal_apply_everything_exactly
 ) -> None:
     """40 invoices paid (half with their webhooks lost, the rest delivered twice and retried), 40
     auto-renewals due, every row write slowed so rounds are long — and the daemon hard-cancelled three
-    times mid-way, then started again. Each invoice pays once, each renewal period is charged once."""
+    times mid-way (each cut as soon as that run has applied something; the invoices are paid a quarter
+    per run), then started again. Each invoice pays once, each renewal period is charged once."""
     fake, _ = fake_telegram
     pay, api_url = fake_cryptopay
     pay.webhook_copies = 2
@@ -311,7 +313,7 @@ async def test_restarts_mid_watcher_webhook_and_renewal_apply_everything_exactly
     renew_from = dict(sql(db_dsn, "SELECT user_id, expires_at FROM subscriptions"))
 
     purchase_ids = []
-    with trio.fail_after(120):
+    with trio.fail_after(240):
         async with open_app(config, single_instance=False) as app, open_cryptopay_client(pay.token, api_url) as client:
             for uid in buyers:
                 await app.db.run(lambda conn, uid=uid: upsert_user(conn, uid, None, f"U{uid}", "en"))
@@ -325,18 +327,25 @@ async def test_restarts_mid_watcher_webhook_and_renewal_apply_everything_exactly
                         "FOR EACH ROW EXECUTE FUNCTION audit_slow()")  # fmt: skip
 
         total = len(buyers) + len(renewers)
+        stages = 4  # the invoices are paid a quarter per run: the last quarter only after the last cut
+
+        def pay_stage(stage: int) -> None:
+            size = len(purchase_ids) // stages
+            for index in range(stage * size, (stage + 1) * size):
+                pay.webhooks_enabled = index % 2 == 0  # odd ones: webhook lost, the watcher must find it
+                pay.pay(scalar(db_dsn, "SELECT invoice_id FROM purchases WHERE id = %s", purchase_ids[index]))
+            pay.webhooks_enabled = True
+
         at_cut: list[int] = []
         for restart in range(3):
             async with trio.open_nursery() as doomed:
                 vpnd = await start_vpnd(doomed, config)
                 pay.webhook_url = f"{vpnd.app.http_url}{WEBHOOK_PATH}"
-                if restart == 0:
-                    for index, purchase_id in enumerate(purchase_ids):
-                        pay.webhooks_enabled = index % 2 == 0  # odd ones: webhook lost, the watcher must find it
-                        invoice_id = scalar(db_dsn, "SELECT invoice_id FROM purchases WHERE id = %s", purchase_id)
-                        pay.pay(invoice_id)
-                    pay.webhooks_enabled = True
-                await trio.sleep(2.0)  # renewals: batches of 5, 3 slowed writes each (~10 s in all)
+                pay_stage(restart)
+                # Cut as soon as this run has applied something: renewals (batches of 5, 3 slowed writes
+                # each) and this stage's payments are then still under way.
+                progress = _progress_since(db_dsn, at_cut[-1] if at_cut else 0)
+                await poll(progress, 60, what=f"progress before cut {restart + 1}")
                 at_cut.append(_applied(db_dsn))
                 doomed.cancel_scope.cancel()  # everything at once: in-flight transactions roll back
             await instance_lock_released(db_dsn)
@@ -344,12 +353,16 @@ async def test_restarts_mid_watcher_webhook_and_renewal_apply_everything_exactly
         async with trio.open_nursery() as nursery:
             vpnd = await start_vpnd(nursery, config)
             pay.webhook_url = f"{vpnd.app.http_url}{WEBHOOK_PATH}"
+            pay_stage(stages - 1)
             await poll(lambda: _applied(db_dsn) == total, 60, what="everything applied")
-            await trio.sleep(2.0)  # any second application would land now (the watcher polls every 0.5 s)
+            # Any second application would come from a later round of the watcher or the renewal worker:
+            # let each complete two more rounds after everything was applied.
+            await poll(_more_rounds(vpnd.app, "payment_watcher", "renewal", count=2), 60, what="two more rounds")
             await vpnd.stop()
 
     print(f"\napplied at the three cuts: {at_cut} of {total}")
-    assert 0 < at_cut[0] and at_cut[-1] < total, f"the cuts must come while work is in progress: {at_cut}"
+    # Each cut came after progress (more applied than at the previous one) and before the last stage was paid.
+    assert 0 < at_cut[0] < at_cut[1] < at_cut[2] < total, at_cut
     assert sql(db_dsn, "SELECT purchase_id, count(*) FROM payments GROUP BY 1 HAVING count(*) <> 1") == []
     assert scalar(db_dsn, "SELECT count(*) FROM payments WHERE outcome = 'granted' AND provider <> 'balance'") == len(
         buyers
@@ -378,6 +391,21 @@ def _seed_renewals(dsn: str, user_ids: list[int]) -> None:
     sql(dsn, "INSERT INTO subscriptions (user_id, kind, status, uuid, sub_token, plan_code, expires_at, auto_renew) "
              "SELECT id, 'paid', 'active', gen_random_uuid(), 'tok' || id, 'm1', now() + interval '2 hours', true "
              "FROM unnest(%s::bigint[]) id", user_ids)  # fmt: skip
+
+
+def _progress_since(dsn: str, applied: int) -> Callable[[], bool]:
+    """A condition: more than `applied` payments and renewals have been applied."""
+    return lambda: _applied(dsn) > applied
+
+
+def _more_rounds(app: App, *workers: str, count: int) -> Callable[[], bool]:
+    """A condition: each of `workers` has completed `count` more rounds (vpnd_worker_rounds_total) than now."""
+
+    def rounds(worker: str) -> int:
+        return int(app.metrics.registry.get_sample_value("vpnd_worker_rounds_total", {"worker": worker}) or 0)
+
+    targets = {worker: rounds(worker) + count for worker in workers}
+    return lambda: all(rounds(worker) >= target for worker, target in targets.items())
 
 
 def _applied(dsn: str) -> int:

@@ -144,11 +144,11 @@ async def scenario(
         async with trio.open_nursery() as nursery:
             supervisor = Supervisor(nursery, config_path, tmp_path, port)
             await supervisor.start()
-            with trio.fail_after(90):
+            with trio.fail_after(240):
                 for uid in FIRST:
                     telegram.user_sends(uid, "/trial")
                     await telegram.wait_for_bot_message(uid, lambda m: "free trial is active" in (m.text or ""))
-                await until(lambda: desired_xray_set(db_dsn) == live() == file_clients(xray_file), timeout=10)
+                await until(lambda: desired_xray_set(db_dsn) == live() == file_clients(xray_file), timeout=30)
                 assert len(live()) == len(FIRST)
                 before = xray_file.read_bytes()
 
@@ -157,7 +157,7 @@ async def scenario(
                     telegram.user_sends(uid, "/trial")
                     await telegram.wait_for_bot_message(uid, lambda m: "free trial is active" in (m.text or ""))
                 # Live apply does not need the file.
-                await until(lambda: desired_xray_set(db_dsn) == live(), timeout=10)
+                await until(lambda: desired_xray_set(db_dsn) == live(), timeout=30)
                 assert len(live()) == len(FIRST) + len(WHILE_BROKEN)
 
                 async def xray_not_ready() -> tuple[int, dict[str, object]]:
@@ -167,7 +167,7 @@ async def scenario(
                             return status, body
                         await trio.sleep(0.2)
 
-                with trio.fail_after(10):
+                with trio.fail_after(30):
                     status, body = await xray_not_ready()
                 assert status == 503
                 checks = body["checks"]
@@ -177,7 +177,7 @@ async def scenario(
                 assert checks["database"]["ok"] and checks["telegram"]["ok"], checks
                 # Nothing else stops: the bot answers, health answers, the daemon lives.
                 telegram.user_sends(BYSTANDER, "/help")
-                await telegram.wait_for_bot_message(BYSTANDER, timeout=10)
+                await telegram.wait_for_bot_message(BYSTANDER, timeout=30)
                 assert (await get_json(f"{supervisor.url}/healthz"))[0] == 200
                 # The old file is untouched and whole; no temp file left behind.
                 assert xray_file.read_bytes() == before
@@ -188,9 +188,9 @@ async def scenario(
 
                 fixed_at = trio.current_time()
                 fix_it()
-                await until(lambda: desired_xray_set(db_dsn) == live() == file_clients(xray_file), timeout=15)
+                await until(lambda: desired_xray_set(db_dsn) == live() == file_clients(xray_file), timeout=30)
                 figures["file caught up after the fix (s)"] = trio.current_time() - fixed_at
-                with trio.fail_after(10):
+                with trio.fail_after(30):
                     while (await get_json(f"{supervisor.url}/readyz"))[0] != 200:
                         await trio.sleep(0.2)
                 figures["ready again after the fix (s)"] = trio.current_time() - fixed_at
@@ -201,7 +201,7 @@ async def scenario(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 async def test_read_only_xray_directory_is_reported_and_nothing_else_stops(
     fake_telegram: tuple[FakeTelegram, str], db_dsn: str, tmp_path: Path
 ) -> None:
@@ -224,7 +224,7 @@ async def test_read_only_xray_directory_is_reported_and_nothing_else_stops(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 async def test_full_disk_under_xray_config_is_reported_and_nothing_else_stops(
     fake_telegram: tuple[FakeTelegram, str], db_dsn: str, tmp_path: Path
 ) -> None:

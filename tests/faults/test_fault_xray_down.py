@@ -52,11 +52,11 @@ async def activate(telegram: FakeTelegram, users: list[int], spread: float) -> N
         telegram.user_sends(uid, "/trial")
         await trio.sleep(spread / len(users))
     for uid in users:
-        await telegram.wait_for_bot_message(uid, lambda m: "free trial is active" in (m.text or ""), timeout=15)
+        await telegram.wait_for_bot_message(uid, lambda m: "free trial is active" in (m.text or ""), timeout=45)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(400)
 async def test_xray_api_down_activations_queue_file_stays_valid_then_converge(
     fake_telegram: tuple[FakeTelegram, str], db_dsn: str, tmp_path: Path
 ) -> None:
@@ -111,16 +111,16 @@ async def test_xray_api_down_activations_queue_file_stays_valid_then_converge(
             nursery.start_soon(read_file_forever)
             supervisor = Supervisor(nursery, config_path, tmp_path, port)
             await supervisor.start()
-            with trio.fail_after(150):
+            with trio.fail_after(330):
                 await activate(telegram, BEFORE, 0.5)
-                await until(converged, timeout=10)
+                await until(converged, timeout=45)
 
                 # 1. The API is unreachable; Xray keeps its users.
                 xray.stop()
                 outage_started = trio.current_time()
                 await activate(telegram, DURING_OUTAGE, OUTAGE_SECONDS / 2)
                 # The file follows the database even without the API.
-                await until(lambda: file_clients(xray_file) == desired_xray_set(db_dsn), timeout=5)
+                await until(lambda: file_clients(xray_file) == desired_xray_set(db_dsn), timeout=30)
                 assert not set(live(xray)) & {f"u{uid}" for uid in DURING_OUTAGE}
                 status, body = await get_json(f"{supervisor.url}/readyz")
                 assert status == 503, body
@@ -130,8 +130,8 @@ async def test_xray_api_down_activations_queue_file_stays_valid_then_converge(
                 assert body["checks"]["telegram"]["ok"] and body["checks"]["database"]["ok"], body
                 await trio.sleep_until(outage_started + OUTAGE_SECONDS)
                 xray.start()
-                figures["outage 1 convergence (s)"] = await until(converged, timeout=15)
-                await wait_ready_200(supervisor.url, timeout=10)
+                figures["outage 1 convergence (s)"] = await until(converged, timeout=45)
+                await wait_ready_200(supervisor.url, timeout=45)
 
                 # 2. Xray restarts with the file as it is now, and its API stays away while more users
                 # activate: it comes back without them.
@@ -139,16 +139,17 @@ async def test_xray_api_down_activations_queue_file_stays_valid_then_converge(
                 snapshot.write_bytes(xray_file.read_bytes())
                 xray.stop()
                 await activate(telegram, DURING_RESTART, 2.0)
-                await until(lambda: file_clients(xray_file) == desired_xray_set(db_dsn), timeout=5)
-                await trio.sleep(3.0)
+                await until(lambda: file_clients(xray_file) == desired_xray_set(db_dsn), timeout=30)
+                await trio.sleep(3.0)  # the API stays away a little longer (not a synchronisation)
                 xray.start(reset=True, config_path=snapshot)
                 assert not set(live(xray)) & {f"u{uid}" for uid in DURING_RESTART}
-                figures["outage 2 (restart) convergence (s)"] = await until(converged, timeout=15)
+                figures["outage 2 (restart) convergence (s)"] = await until(converged, timeout=45)
+                # The reader has checked the file many times (a count it reaches, not a rate it must keep).
+                await until(lambda: reads >= 100, timeout=60)
                 assert await supervisor.stop() == 0, supervisor.tail()
             nursery.cancel_scope.cancel()
 
     assert not bad_reads, bad_reads[:3]
-    assert reads > 100
     desired = desired_xray_set(db_dsn)
     assert set(desired) == {f"u{uid}" for uid in BEFORE + DURING_OUTAGE + DURING_RESTART}
     log = supervisor.logs()

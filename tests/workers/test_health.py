@@ -11,6 +11,7 @@ import trio
 
 from tests.harness import bot_config
 from tests.workers.conftest import StoppableFake, poll_until, query, running, start_users
+from vpnd.app import App
 from vpnd.db.migrations import migrate, packaged_schema
 from vpnd.nurseries.outbox import OutboxSettings
 from vpnd.sandbox.postgres import throwaway_cluster
@@ -20,8 +21,24 @@ ADMIN = 1  # bot_config's [telegram].admin_ids
 RETRY_SOON = OutboxSettings(poll_interval=0.2, retry_base=0.3, retry_cap=0.5, max_attempts=100)
 
 
+async def wait_until_settled(dsn: str, timeout: float = 30.0) -> None:
+    """Wait until the outbox has nothing pending: anything queued by those rounds has been sent."""
+    await poll_until(lambda: not query(dsn, "SELECT count(*) FROM outbox WHERE status = 'pending'")[0][0], timeout)
+
+
 def admin_alerts(fake: FakeTelegram) -> list[str]:
     return [m.text or "" for m in fake.bot_messages(ADMIN)]
+
+
+def health_rounds(app: App) -> int:
+    """Rounds the health worker has completed (its `vpnd_worker_rounds_total` sample)."""
+    return int(app.metrics.registry.get_sample_value("vpnd_worker_rounds_total", {"worker": "health"}) or 0)
+
+
+async def more_rounds(app: App, count: int, timeout: float = 30.0) -> None:
+    """Wait until the health worker has completed `count` more rounds (not a fixed sleep)."""
+    target = health_rounds(app) + count
+    await poll_until(lambda: health_rounds(app) >= target, timeout)
 
 
 async def test_bot_api_outage_one_alert_then_one_recovery(
@@ -42,15 +59,16 @@ async def test_bot_api_outage_one_alert_then_one_recovery(
         }
         await api.stop()
         alert_sql = "SELECT 1 FROM outbox WHERE dedupe_key LIKE 'health:telegram:%'"
-        await poll_until(lambda: bool(query(db_dsn, alert_sql)), 10)
+        await poll_until(lambda: bool(query(db_dsn, alert_sql)), 30)
         assert not (await app.health.readiness())["health.telegram"].ok
         assert app.metrics.registry.get_sample_value("vpnd_health_check_ok", {"check": "telegram"}) == 0
-        await trio.sleep(1.5)  # five more failing rounds: still one alert
+        await more_rounds(app, 5)  # five more failing rounds: still one alert
         assert len(query(db_dsn, "SELECT 1 FROM outbox WHERE dedupe_key LIKE 'health:%'")) == 1
 
         await api.start()  # the same address again
-        await poll_until(lambda: len(admin_alerts(fake)) >= 2, 20)
-        await trio.sleep(1.0)  # nothing else follows
+        await poll_until(lambda: len(admin_alerts(fake)) >= 2, 60)
+        await more_rounds(app, 3)  # nothing else follows
+        await wait_until_settled(db_dsn)
         assert (await app.health.readiness())["health.telegram"].ok
     alerts = admin_alerts(fake)
     assert len(alerts) == 2, alerts
@@ -82,11 +100,12 @@ async def test_database_outage_is_reported_after_it_ends(
             app = services.app
             await trio.to_thread.run_sync(cluster.stop)
             registry = app.metrics.registry
-            await poll_until(lambda: registry.get_sample_value("vpnd_health_check_ok", {"check": "database"}) == 0, 20)
-            await trio.sleep(1.0)
+            await poll_until(lambda: registry.get_sample_value("vpnd_health_check_ok", {"check": "database"}) == 0, 60)
+            await more_rounds(app, 3)  # the outage lasts a few failing rounds
             await trio.to_thread.run_sync(cluster.start)
-            await poll_until(lambda: len(admin_alerts(fake)) >= 2, 30)
-            await trio.sleep(1.0)
+            await poll_until(lambda: len(admin_alerts(fake)) >= 2, 60)
+            await more_rounds(app, 3)  # nothing else follows
+            await wait_until_settled(dsn)
         alerts = admin_alerts(fake)
     assert len(alerts) == 2, alerts
     assert alerts[0].startswith("🚨 Health check database is failing")

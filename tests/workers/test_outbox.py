@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import trio
-
 from tests.workers.conftest import poll_until, query, running, seed_users, start_users
 from vpnd.config import Config
 from vpnd.db import outbox
@@ -45,7 +43,9 @@ async def test_rate_limit_429_pause_and_unreachable_users(
     fake_telegram: tuple[FakeTelegram, str], db_dsn: str, make_config: Callable[..., Config]
 ) -> None:
     fake, _ = fake_telegram
-    fake.global_rate, fake.global_burst = 25.0, 25.0  # Telegram's real limit, enforced with 429s
+    # Telegram's real limit, enforced with 429s; the burst allows for the sends in flight at once
+    # (`concurrency`) arriving together on a busy machine.
+    fake.global_rate, fake.global_burst = 25.0, 25.0 + FAST.concurrency
     reachable = list(range(10_001, 10_151))
     blocked = [10_201, 10_202, 10_203]
     never_started = [10_301, 10_302]
@@ -55,41 +55,39 @@ async def test_rate_limit_429_pause_and_unreachable_users(
     seed_users(db_dsn, reachable + blocked + never_started)
     config = make_config(telegram={"rate_per_second": 25.0})
 
-    sends: list[float] = []  # arrival time of every sendMessage at the fake
-    seen = {"send": 0, "429": 0}
-    too_many_at: list[float] = []
-
-    def record() -> bool:
-        now = trio.current_time()
-        count = fake.requests["sendMessage"]
-        sends.extend([now] * (count - seen["send"]))
-        seen["send"] = count
-        if fake.too_many_requests_sent > seen["429"]:
-            seen["429"] = fake.too_many_requests_sent
-            too_many_at.append(now)
-        if count == 50 and not fake.faults and not too_many_at:
+    def inject_429() -> bool:
+        """Once 50 sendMessage requests have arrived, the next one gets a 429 (retry_after 2 s)."""
+        if fake.requests["sendMessage"] >= 50:
             fake.inject_fault("429", count=1, retry_after=2, methods=["sendMessage"])
+            return True
         return False
 
-    async with trio.open_nursery() as watch:
-        watch.start_soon(lambda: fake.wait_until(record, timeout=120))
-        async with running(config, outbox_settings=FAST) as services:
-            await enqueue_each(services.app, reachable + blocked + never_started)
-            await wait_until_settled(db_dsn, timeout=60)
-            sent = services.app.metrics.outbox_sends.labels("sent")
-            await poll_until(lambda: sent._value.get() == len(reachable), 5)
-        watch.cancel_scope.cancel()
+    async with running(config, outbox_settings=FAST) as services:
+        await enqueue_each(services.app, reachable + blocked + never_started)
+        await fake.wait_until(inject_429, timeout=60)
+        await wait_until_settled(db_dsn, timeout=60)
+        sent = services.app.metrics.outbox_sends.labels("sent")
+        await poll_until(lambda: sent._value.get() == len(reachable), 30)
 
     # Everyone reachable got their message exactly once.
     assert all(len(fake.bot_messages(uid)) == 1 for uid in reachable)
     # The one 429 was injected; the fake's own flood limits never had to refuse anything.
     assert fake.too_many_requests_sent == 1 and fake.rate_limited == 0
-    # After the 429, nothing was sent for retry_after (2 s).
-    t429 = too_many_at[0]
-    after = [t for t in sends if t > t429 + 1e-9]
-    assert after and after[0] - t429 >= 2.0 - 0.05, after[0] - t429
-    # The measured rate never exceeded 25/s (a bucket of 25/s with our 20-message bulk burst).
-    assert bucket_conforms(sends, 25.0, 20.0 + 1.0)
+    # Times on the fake's clock: when each sendMessage arrived, and when the 429 was answered.
+    log = [r for r in fake.request_log if r.method == "sendMessage"]
+    sends = [r.arrived_at for r in log]
+    (t429,) = [r.answered_at for r in log if r.status == 429]
+    assert t429 is not None
+    # After the 429, nothing new was sent for retry_after (2 s). Up to `concurrency - 1` sends may have been
+    # on their way already (sent before vpnd read the 429) and arrive late on a busy machine; ignoring
+    # retry_after (25/s, or the sender's own 1 s backoff cap) would put dozens of sends in the window.
+    early = [t - t429 for t in sends if t429 < t < t429 + 2.0 - 0.05]
+    assert len(early) <= FAST.concurrency - 1, early
+    assert any(t >= t429 + 2.0 - 0.05 for t in sends)
+    # The arrival rate never exceeded 25/s: a bucket of 25/s with our 20-message bulk burst, plus the sends
+    # in flight at once (`concurrency`), which a busy machine may deliver to the fake together. Twice the
+    # rate, or no limit, overflows it within a second or two.
+    assert bucket_conforms(sends, 25.0, 20.0 + 1.0 + FAST.concurrency)
     # Sustained rate: all sends but the two bulk bursts (at the start and after the pause), per second sending.
     sending = sends[-1] - sends[0] - 2.0
     print(f"outbox: {len(sends)} sendMessage, sustained {(len(sends) - 40) / sending:.1f}/s (limit 25/s)")
