@@ -77,6 +77,10 @@ class Outcome:
         return out
 
 
+def unhandled(dsn: str) -> list[int]:
+    return [row[0] for row in sql(dsn, "SELECT update_id FROM telegram_inbox WHERE handled_at IS NULL")]
+
+
 async def restarts_under_load(
     telegram: FakeTelegram,
     telegram_url: str,
@@ -176,6 +180,12 @@ async def restarts_under_load(
                         await until(lambda: all(replied(u) >= expected[u] for u in USERS), timeout=60, step=0.1)
                     except trio.TooSlowError:
                         raise AssertionError(f"not every message was answered; log:\n{supervisor.tail()}") from None
+                    # Every answered update is also recorded as handled (the outcome write retries while
+                    # PostgreSQL is away), so none would be handled and answered again after a restart.
+                    try:
+                        await until(lambda: not unhandled(dsn), timeout=60, step=0.2)
+                    except trio.TooSlowError:
+                        raise AssertionError(f"answered but not recorded: {unhandled(dsn)}") from None
                     # No wait for duplicates here: the counts are taken after the stop below (SIGTERM lets
                     # the handlers in flight finish), so a second answer sent by this daemon is counted.
                     # The lock is held again, by one session (the keeper re-took it or a new daemon did).

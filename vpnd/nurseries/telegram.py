@@ -47,6 +47,8 @@ log = logging.getLogger("vpnd.telegram")
 
 ALLOWED_UPDATES = ["message", "callback_query", "pre_checkout_query", "my_chat_member"]
 RECOVERY_BATCH = 500
+#: Tries to record a handler's outcome while the database is away (0.5 + 1 + 2 + 4 + 8 + 8 s of waits).
+OUTCOME_ATTEMPTS = 7
 
 
 class BadToken(Exception):
@@ -260,6 +262,19 @@ class OutcomeRecorder:
     write_ended: trio.Event = attrs.Factory(trio.Event)
 
     async def record(self, update_id: int, outcome: str) -> None:
+        """Record one outcome; while PostgreSQL is away (a restart), retry with backoff for up to about
+        half a minute: an outcome left unrecorded would have its update handled — and answered — again
+        after the next start. Marking is idempotent, so a retry after an unknown commit is harmless."""
+        for attempt in range(1, OUTCOME_ATTEMPTS + 1):
+            try:
+                await self._record_once(update_id, outcome)
+                return
+            except RuntimeError as exc:
+                if attempt == OUTCOME_ATTEMPTS or not isinstance(exc.__cause__, CONNECTION_ERRORS):
+                    raise
+                await trio.sleep(min(0.25 * 2**attempt, 8.0))
+
+    async def _record_once(self, update_id: int, outcome: str) -> None:
         self.queued.append((update_id, outcome))
         mine = self.next_write
         while not mine.done.is_set():
