@@ -40,6 +40,9 @@ from vpnd.sdnotify import Notifier
 #: A task alive at least this long before the stop is a "service" (a loop, a server, a broadcast), as
 #: opposed to per-call helpers (a database call's cancel watcher, one HTTP request).
 SERVICE_AGE = 1.0
+#: A periodic loop's per-round waiter (one per wait, as long as the period): a helper of the loop, which is
+#: the service; a worker that goes on with its rounds during the grace period spawns new ones.
+PER_ROUND = "vpnd.periodic._wait_until.<locals>.first"
 
 
 @attrs.define(eq=False)
@@ -79,7 +82,11 @@ class TaskTree(trio.abc.Instrument):
         """The moment of the stop; returns the names of the services running then."""
         self.stop_at = time.monotonic()
         return sorted(
-            {t.name for t, at in self.spawned.items() if t not in self.exited and self.stop_at - at >= SERVICE_AGE}
+            {
+                t.name
+                for t, at in self.spawned.items()
+                if t not in self.exited and self.stop_at - at >= SERVICE_AGE and not t.name.endswith(PER_ROUND)
+            }
         )
 
     def still_running(self) -> list[str]:
