@@ -23,6 +23,12 @@ Stopping, and what the restart guarantee rests on:
 
 Sending shares the daemon's `Sender` (its `OutboundLimiter`) with BULK priority, so replies to users
 keep priority, a 429 pauses everything, and 403 marks the user unreachable.
+
+Paid broadcasts (`[broadcast] paid = true`): every message carries `allow_paid_broadcast` and goes
+through the limiter's paid lane at `[broadcast] paid_rate_per_second`. When Telegram refuses a paid
+send (not enough Stars), the broadcast task drops to the free pace for the rest of its run — the
+refused recipient is sent again without the flag, so nobody is skipped — and says so in the log and
+in `vpnd_broadcast_messages{result="paid_refused"}`.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Any
 import attrs
 import telegram
 import trio
-from telegram.error import TelegramError
+from telegram.error import BadRequest, TelegramError
 
 from vpnd.app import App
 from vpnd.db import CONNECTION_ERRORS
@@ -43,7 +49,14 @@ from vpnd.db.broadcasts import Broadcast, Counts
 from vpnd.db.users import get_user
 from vpnd.nudge import Nudge
 from vpnd.telegram import admin_views as views
-from vpnd.telegram.client import ChatNotFound, ChatUnreachable, Sender, SendFailed, describe_telegram_error
+from vpnd.telegram.client import (
+    ChatNotFound,
+    ChatUnreachable,
+    Sender,
+    SendFailed,
+    SentMessage,
+    describe_telegram_error,
+)
 from vpnd.telegram.ratelimit import Priority
 from vpnd.telegram.texts import Texts
 
@@ -95,6 +108,8 @@ class BroadcastTask:
     stop: trio.Event = attrs.field(factory=trio.Event)
     progress: Progress | None = None
     finished: trio.Event = attrs.field(factory=trio.Event)
+    #: Telegram refused a paid send: the rest of this run goes at the free pace.
+    paid_refused: bool = False
 
 
 @attrs.define(eq=False)
@@ -200,26 +215,37 @@ class Broadcasts:
     ) -> None:
         async with receive:
             async for user_id in receive:
-                outcome = await self._deliver_one(broadcast, markup, user_id)
+                outcome = await self._deliver_one(task, broadcast, markup, user_id)
                 if outcome != "not_pending" and task.progress is not None:
                     task.progress.record(outcome)
                 self.app.metrics.broadcast_sent.labels(outcome).inc()
 
-    async def _deliver_one(self, broadcast: Broadcast, markup: Any, user_id: int) -> str:
+    async def _send(self, task: BroadcastTask, broadcast: Broadcast, markup: Any, user_id: int) -> SentMessage:
+        paid = self.app.config.broadcast.paid and not task.paid_refused
+        try:
+            return await self.sender.send_message(
+                user_id, broadcast.text, priority=Priority.BULK, paid=paid, reply_markup=markup
+            )
+        except BadRequest as exc:
+            if not (paid and _refuses_paid_broadcast(exc)):
+                raise
+            if not task.paid_refused:
+                task.paid_refused = True
+                self.app.metrics.broadcast_sent.labels("paid_refused").inc()
+                log.warning(
+                    "event=broadcast_paid_refused id=%d error=%r: going on at the free pace",
+                    broadcast.id,
+                    str(exc)[:200],
+                )
+        return await self.sender.send_message(user_id, broadcast.text, priority=Priority.BULK, reply_markup=markup)
+
+    async def _deliver_one(self, task: BroadcastTask, broadcast: Broadcast, markup: Any, user_id: int) -> str:
         db = self.app.db
         eligibility = await db.run(bdb.skip_if_ineligible, broadcast.id, user_id, broadcast.target)
         if eligibility != "send":
             return eligibility
-        bot = self.sender.bot
-        paid = True if self.app.config.broadcast.paid else None
-
-        async def send() -> telegram.Message:
-            return await bot.send_message(
-                user_id, broadcast.text, parse_mode="HTML", reply_markup=markup, allow_paid_broadcast=paid
-            )
-
         try:
-            message = await self.sender.call(user_id, send, priority=Priority.BULK)
+            message = await self._send(task, broadcast, markup, user_id)
         except ChatUnreachable as exc:
             await db.run(bdb.mark_failed, broadcast.id, user_id, f"unreachable: {exc}", unreachable=True)
             return "failed"
@@ -295,6 +321,12 @@ class Broadcasts:
             return self.texts.get(lang, key, **values)
 
         return t
+
+
+def _refuses_paid_broadcast(exc: BadRequest) -> bool:
+    """A 400 that refuses `allow_paid_broadcast` itself (the bot's Stars balance), not this message."""
+    text = str(exc).lower()
+    return any(word in text for word in ("star", "balance", "paid", "payment"))
 
 
 def _markup(broadcast: Broadcast) -> telegram.InlineKeyboardMarkup | None:
