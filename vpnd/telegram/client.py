@@ -223,7 +223,10 @@ class Sender:
             lambda: self.bot.send_photo(chat_id, photo, caption=caption, parse_mode="HTML", **_ptb_params(kwargs)),
         )
 
-    async def edit_text(self, chat_id: int, message_id: int, text: str, **kwargs: Any) -> None:
+    async def edit_text(
+        self, chat_id: int, message_id: int, text: str, *, priority: Priority = Priority.REPLY, **kwargs: Any
+    ) -> None:
+        """Edit a message; an edit counts against the chat's limit like a new message."""
         wire = self.bot.wire
 
         async def edit() -> None:
@@ -245,7 +248,7 @@ class Sender:
                 if "message is not modified" not in str(exc).lower():
                     raise
 
-        await self.call(chat_id, edit)
+        await self.call(chat_id, edit, priority=priority)
 
     async def answer_callback(
         self, chat_id: int, callback_query_id: str, text: str | None = None, show_alert: bool = False

@@ -12,11 +12,14 @@ that they hold in every window, not just on average:
   moment; that was issue 21). The `margin` absorbs jitter in the time a request takes to reach
   Telegram: with sends ≤ limit in every `window + margin`, arrivals are ≤ limit in every `window` as long
   as their delays differ by at most `margin`.
-* **Priority.** Bulk senders (the outbox, broadcasts) may only take a slot while more than `reserve`
-  slots are free, so `reserve` slots of every window are always left for replies: a reply waits only
-  for other replies, never for a broadcast. Bulk sends are also spaced evenly (one every
-  `(window + margin) / (limit - reserve)` seconds) instead of leaving in bursts, so a busy broadcast
-  never fills a window in one go.
+* **Priority.** Bulk sends (the outbox, broadcasts) are spaced evenly — one every
+  `(window + margin) / limit` seconds — instead of leaving in bursts, so a window full of bulk sends
+  frees a slot every interval. While replies are active (one went out in the last window, or one is
+  waiting), bulk may only take a slot while more than `reserve` are free: those are left to replies,
+  and a waiting reply takes the next slot that frees before any bulk send. So the first reply after a
+  quiet moment waits at most one bulk interval (40 ms at 25/s), the following ones only for other
+  replies — and a broadcast runs at the full rate while nobody talks to the bot. `reserve` is at most
+  a fifth of the limit (at least 1), so a small limit still leaves bulk most of it.
 * **Per chat: a small-burst bucket** (`chat_burst` then `per_chat_per_second`): any interval of length
   `w` holds at most `chat_burst + per_chat_per_second * w` messages to one chat. Every call that shows
   something in a chat counts — replies, edits (a broadcast's progress message in the admin's chat
@@ -131,6 +134,9 @@ class OutboundLimiter:
     #: The bulk schedule per lane (free, paid): its next send is due then (even spacing).
     _next_bulk: dict[bool, float] = attrs.field(factory=lambda: {False: 0.0, True: 0.0}, init=False)
     _reserve_wanted: int = attrs.field(default=0, init=False)
+    #: Replies are active while one went out in the last span or one is waiting.
+    _last_reply: float = attrs.field(default=-math.inf, init=False)
+    _replies_waiting: int = attrs.field(default=0, init=False)
     pauses: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -160,7 +166,7 @@ class OutboundLimiter:
         now = trio.current_time()
         self.rate_per_second, self.per_chat_per_second = rate_per_second, per_chat_per_second
         self._free.limit = _window_limit(rate_per_second)
-        self.reserve = max(0, min(self._reserve_wanted, self._free.limit - 1))
+        self.reserve = max(0, min(self._reserve_wanted, max(1, self._free.limit // 5), self._free.limit - 1))
         if paid_rate_per_second is not None:
             self.paid_rate_per_second = paid_rate_per_second
         if self.paid_rate_per_second > 0:
@@ -174,10 +180,14 @@ class OutboundLimiter:
             bucket.refill(now)
             bucket.rate = per_chat_per_second
 
-    def bulk_rate(self, *, paid: bool = False) -> float:
-        """The steady pace of bulk sends, messages per second (what a broadcast can reach)."""
+    def bulk_rate(self, *, paid: bool = False, replies_active: bool = False) -> float:
+        """The steady pace of bulk sends, messages per second: the whole limit while nobody talks to
+        the bot, the limit less the reserve while replies are active."""
         lane = self._paid if paid and self._paid is not None else self._free
-        return max(1, lane.limit - self.reserve) / self.span
+        return max(1, lane.limit - (self.reserve if replies_active else 0)) / self.span
+
+    def _replies_active(self, now: float) -> bool:
+        return self._replies_waiting > 0 or now - self._last_reply < self.span
 
     def pause(self, seconds: float) -> None:
         """A 429 said `retry_after`: nobody sends until then."""
@@ -194,24 +204,34 @@ class OutboundLimiter:
         `paid`: a bulk send with `allow_paid_broadcast` (uses the paid lane when there is one)."""
         bulk = priority is Priority.BULK
         paid = paid and bulk and self._paid is not None
-        while True:
-            now = trio.current_time()
-            wait = self._wait_for(chat_id, now, bulk=bulk, paid=paid)
-            if wait <= 0:
-                self._take(chat_id, now, bulk=bulk, paid=paid)
-                return
-            await trio.sleep(wait)
+        waiting = False
+        try:
+            while True:
+                now = trio.current_time()
+                wait = self._wait_for(chat_id, now, bulk=bulk, paid=paid)
+                if wait <= 0:
+                    self._take(chat_id, now, bulk=bulk, paid=paid)
+                    return
+                if not bulk and not waiting:
+                    waiting = True
+                    self._replies_waiting += 1
+                await trio.sleep(wait)
+        finally:
+            if waiting:
+                self._replies_waiting -= 1
 
     def _wait_for(self, chat_id: int, now: float, *, bulk: bool, paid: bool) -> float:
-        keep = self.reserve if bulk else 0
+        keep = self.reserve if bulk and self._replies_active(now) else 0
         waits = [self._paused_until - now, self._chat(chat_id, now).wait_for(now)]
         if bulk:
-            waits.append(self._next_bulk[paid] - 1.0 / self.bulk_rate(paid=paid) - now)
+            waits.append(self._next_bulk[paid] - now)
         if self._paid is not None:
             waits.append(self._paid.wait_for(now, keep))
         if not paid:
             waits.append(self._free.wait_for(now, keep))
         wait = max(waits)
+        if keep and wait > 0:
+            wait = min(wait, self.span / 4)  # standing back for replies: look again when they are gone
         return wait if wait <= 0 else max(wait, MIN_SLEEP)
 
     def _take(self, chat_id: int, now: float, *, bulk: bool, paid: bool) -> None:
@@ -220,11 +240,14 @@ class OutboundLimiter:
             self._paid.add(now)
         if not paid:
             self._free.add(now)
+        if not bulk:
+            self._last_reply = now
         if bulk:
-            # Even spacing (GCRA): the schedule advances one interval per send; a send may go up to
-            # one interval early, so small scheduling delays do not slow the average pace, and the
-            # schedule never lags `now` (an idle lane does not save up a burst).
-            self._next_bulk[paid] = max(now, self._next_bulk[paid]) + 1.0 / self.bulk_rate(paid=paid)
+            # Even spacing: the schedule advances one interval per send. A send up to a tenth of an
+            # interval late keeps the schedule (scheduling delays do not slow the average pace); a
+            # later one (after an idle moment) restarts it from now, so no burst is saved up.
+            interval = 1.0 / self.bulk_rate(paid=paid)
+            self._next_bulk[paid] = max(self._next_bulk[paid], now - interval / 10) + interval
 
     def _chat(self, chat_id: int, now: float) -> _Bucket:
         bucket = self._chats.get(chat_id)
