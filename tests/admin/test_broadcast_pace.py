@@ -9,9 +9,11 @@ falls back to the free pace when Telegram refuses it.
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -134,4 +136,40 @@ async def test_paid_broadcast_shows_its_cost_goes_faster_and_falls_back_when_tel
     assert max_in_any_window(list(fake.paid_send_times)) > 30  # faster than the free limit
     assert max_in_any_window(list(fake.send_times)) <= 30
     assert vpnd.app.metrics.broadcast_sent.labels("paid_refused")._value.get() == 1
+    await vpnd.stop()
+
+
+@pytest.mark.timeout(300)
+async def test_a_429_that_still_happens_pauses_every_chat_for_retry_after_is_logged_and_counted(
+    nursery: trio.Nursery,
+    fake_telegram: tuple[FakeTelegram, str],
+    db_dsn: str,
+    write_config: Callable[..., Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake, base_url = fake_telegram
+    fake.strict_window = True
+    config = bot_config(write_config, db_dsn, fake, base_url, broadcast={"progress_interval": 1.0})
+    recipients = seed_users(db_dsn, fake, 100_000, 80)
+    vpnd = await start_admin_vpnd(nursery, config)
+    fake.add_user(ADMIN, "Admin")
+    with trio.fail_after(120):
+        await start_broadcast_all(fake)
+        await fake.wait_until(lambda: len(fake.send_times) >= 20, timeout=60)
+        # Telegram's flood control answers one send with 429 (e.g. another bot instance used the token).
+        fake.inject_fault("429", count=1, retry_after=2, methods=["sendMessage"])
+        await fake.wait_until(lambda: sql(db_dsn, "SELECT status FROM broadcasts") == [("done",)], timeout=60)
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"{vpnd.app.http_url}/metrics")).text
+
+    assert fake.too_many_requests_sent == 1 and fake.rate_limited == 0
+    # The whole sender paused: no send to any chat for retry_after seconds after the 429.
+    times = sorted(fake.send_times)
+    assert max(b - a for a, b in itertools.pairwise(times)) >= 2.0
+    assert [line for line in metrics.splitlines() if line.startswith("vpnd_telegram_429_total")] == [
+        "vpnd_telegram_429_total 1.0"
+    ]
+    assert any("event=telegram_429" in r.getMessage() and "retry_after=2" in r.getMessage() for r in caplog.records)
+    counts = broadcast_counts(fake)
+    assert all(counts[uid] == 1 for uid in recipients) and max(counts.values()) == 1  # retried, not lost
     await vpnd.stop()
