@@ -187,3 +187,24 @@ async def test_retune_applies_new_limits_to_windows_already_running(autojump_clo
     await burst(30, 100)
     assert max_in_any_window(sent[25:]) <= 10
     assert max_in_any_window(sent) <= 25
+
+
+async def test_memory_follows_the_recent_chats_not_every_chat_ever_sent_to(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A broadcast touches each recipient once: their buckets are forgotten once full again, so a
+    20,000-recipient run at 1,000/s tracks a few seconds' worth of chats, not 20,000."""
+    limiter = OutboundLimiter(rate_per_second=25, per_chat_per_second=1, chat_burst=3, paid_rate_per_second=1000)
+    peak = 0
+
+    async def bulk(first: int) -> None:
+        nonlocal peak
+        for chat_id in range(first, first + 2000):
+            await limiter.acquire(chat_id, Priority.BULK, paid=True)
+            peak = max(peak, limiter.tracked_chats)
+
+    async with trio.open_nursery() as nursery:
+        for worker in range(10):
+            nursery.start_soon(bulk, 100_000 * (worker + 1))
+    # Full again after burst / rate = 3 s, swept every second: about 4 s of sends at ~1,000/s.
+    assert peak <= 4.5 * 1000

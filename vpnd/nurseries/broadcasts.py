@@ -67,8 +67,9 @@ log = logging.getLogger("vpnd.broadcasts")
 #: Sends in flight per broadcast: enough to keep the limiter busy at ~100 ms Bot API latency, and the
 #: bound on duplicates after a SIGKILL.
 MAX_IN_FLIGHT = 8
-#: Sends in flight for a fast (paid) broadcast at most: a send takes two short transactions and a Bot
-#: API call (~15 ms), so 8 in flight cap a broadcast near 500/s.
+#: Sends in flight for a fast (paid, or a high `rate_per_second`) broadcast at most: a send takes two
+#: short transactions and a Bot API call (15-30 ms on a busy machine), so 8 in flight cap a broadcast
+#: at a few hundred per second.
 MAX_IN_FLIGHT_FAST = 32
 #: Pending recipients read per query.
 BATCH_SIZE = 200
@@ -191,11 +192,10 @@ class Broadcasts:
             log.info("event=broadcast_done id=%d", broadcast.id)
 
     def in_flight_for(self, task: BroadcastTask) -> int:
-        """Workers for one pass: `max_in_flight`, or about 50 ms of sends at the paid pace (at most
-        MAX_IN_FLIGHT_FAST), so that round trips do not hold a paid broadcast below its rate."""
-        if not self.app.config.broadcast.paid or task.paid_refused:
-            return self.max_in_flight
-        pace = self.sender.limiter.bulk_rate(paid=True)
+        """Workers for one pass: `max_in_flight`, or about 50 ms of sends at the broadcast's pace (at
+        most MAX_IN_FLIGHT_FAST), so that round trips do not hold a fast broadcast below its rate."""
+        paid = self.app.config.broadcast.paid and not task.paid_refused
+        pace = self.sender.limiter.bulk_rate(paid=paid)
         return max(self.max_in_flight, min(MAX_IN_FLIGHT_FAST, math.ceil(pace / 20)))
 
     def _stopped(self, task: BroadcastTask) -> bool:

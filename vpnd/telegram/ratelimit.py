@@ -123,8 +123,10 @@ class OutboundLimiter:
     #: The window Telegram counts in, and the safety margin added to it (see the module docstring).
     window: float = 1.0
     margin: float = 0.02
-    #: Chats idle this long are forgotten (their bucket would be full anyway): bounded memory.
-    forget_after: float = 60.0
+    #: Chats whose bucket is full again are forgotten (a full bucket is what a new chat gets), swept
+    #: at most once per `sweep_interval`: memory stays proportional to the chats of the last seconds,
+    #: not to every chat a 100,000-recipient broadcast has touched. `max_chats` is the hard bound.
+    sweep_interval: float = 1.0
     max_chats: int = 100_000
 
     _free: SlidingWindow = attrs.field(init=False)
@@ -134,6 +136,7 @@ class OutboundLimiter:
     #: The bulk schedule per lane (free, paid): its next send is due then (even spacing).
     _next_bulk: dict[bool, float] = attrs.field(factory=lambda: {False: 0.0, True: 0.0}, init=False)
     _reserve_wanted: int = attrs.field(default=0, init=False)
+    _next_sweep: float = attrs.field(default=0.0, init=False)
     #: Replies are active while one went out in the last span or one is waiting.
     _last_reply: float = attrs.field(default=-math.inf, init=False)
     _replies_waiting: int = attrs.field(default=0, init=False)
@@ -252,14 +255,15 @@ class OutboundLimiter:
     def _chat(self, chat_id: int, now: float) -> _Bucket:
         bucket = self._chats.get(chat_id)
         if bucket is None:
-            if len(self._chats) >= self.max_chats:
-                self._forget_idle(now)
+            if now >= self._next_sweep or len(self._chats) >= self.max_chats:
+                self._forget_full(now)
             bucket = self._chats[chat_id] = _Bucket(self.per_chat_per_second, self.chat_burst, self.chat_burst, now)
         return bucket
 
-    def _forget_idle(self, now: float) -> None:
+    def _forget_full(self, now: float) -> None:
+        self._next_sweep = now + self.sweep_interval
         for chat_id, bucket in list(self._chats.items()):
-            if now - bucket.stamp > self.forget_after:
+            if bucket.tokens + (now - bucket.stamp) * bucket.rate >= bucket.burst:
                 del self._chats[chat_id]
         if len(self._chats) >= self.max_chats:  # still full: drop the oldest half
             for chat_id, _ in sorted(self._chats.items(), key=lambda kv: kv[1].stamp)[: self.max_chats // 2]:
