@@ -83,13 +83,14 @@ async def test_300_recipient_broadcast_while_20_users_press_buttons_draws_no_429
     print(
         f"\n{len(fake.send_times)} sends, peak {max_in_any_window(list(fake.send_times))} in 1 s, "
         f"429s={fake.too_many_requests_sent}, replies p50 {sorted(latencies)[len(latencies) // 2] * 1000:.0f} ms "
-        f"max {max(latencies) * 1000:.0f} ms over {len(latencies)} (20 users at once: the 25/s limit is the floor)"
+        f"max {max(latencies) * 1000:.0f} ms over {len(latencies)} (20 users at once)"
     )
     assert fake.too_many_requests_sent == 0
     assert max_in_any_window(list(fake.send_times)) <= 30
     assert all(counts[uid] == 1 for uid in recipients), "every recipient exactly once"
     assert max(counts.values()) == 1
-    assert len(latencies) == len(PRESSERS) * 8  # every user answered, every time (bounded by the waits)
+    assert len(latencies) == len(PRESSERS) * 8  # every user answered, every time
+    assert max(latencies) < 10.0  # a starvation check only (typically under 1 s: bench/ has the speed)
     assert vpnd.sender.limiter.pauses == 0
     await vpnd.stop()
 

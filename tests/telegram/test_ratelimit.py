@@ -208,3 +208,43 @@ async def test_memory_follows_the_recent_chats_not_every_chat_ever_sent_to(
             nursery.start_soon(bulk, 100_000 * (worker + 1))
     # Full again after burst / rate = 3 s, swept every second: about 4 s of sends at ~1,000/s.
     assert peak <= 4.5 * 1000
+
+
+async def test_a_burst_of_replies_leaves_smoothly_not_as_one_block(autojump_clock: trio.testing.MockClock) -> None:
+    """60 replies at once: `reply_burst` go at once, the rest one per interval — so jitter on the way to
+    Telegram cannot bunch two blocks of a full window into one second there."""
+    limiter = OutboundLimiter(rate_per_second=25, per_chat_per_second=1, chat_burst=3, reply_burst=5)
+    sent: list[float] = []
+
+    async def reply(chat_id: int) -> None:
+        await limiter.acquire(chat_id)
+        sent.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        for chat_id in range(60):
+            nursery.start_soon(reply, chat_id)
+    interval = limiter.span / 25
+    assert sorted(sent)[:5] == [0.0] * 5
+    for span in (0.1, 0.2, 0.5):  # any short span: the burst plus the rate, never a whole window
+        assert max_in_any_window(sent, span) <= 5 + span / interval + 1e-6
+    assert max_in_any_window(sent) <= 25
+
+
+async def test_waiting_replies_go_in_arrival_order(autojump_clock: trio.testing.MockClock) -> None:
+    """Replies that wait are served first come, first served (no unlucky user waiting round after
+    round), except that one whose own chat must wait does not hold up the others."""
+    limiter = OutboundLimiter(rate_per_second=10, per_chat_per_second=1, chat_burst=1, reply_burst=2)
+    granted: list[int] = []
+    await limiter.acquire(7)  # chat 7 has spent its burst: its next message waits a second
+
+    async def reply(n: int, chat_id: int) -> None:
+        await trio.sleep(0.001 * n)
+        await limiter.acquire(chat_id)
+        granted.append(n)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reply, 0, 7)
+        for n in range(1, 30):
+            nursery.start_soon(reply, n, 100 + n)
+    assert granted.index(0) > 0  # chat 7 waited for its own bucket, the others did not wait for it
+    assert [n for n in granted if n != 0] == list(range(1, 30))

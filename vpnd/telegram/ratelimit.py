@@ -20,6 +20,13 @@ that they hold in every window, not just on average:
   quiet moment waits at most one bulk interval (40 ms at 25/s), the following ones only for other
   replies — and a broadcast runs at the full rate while nobody talks to the bot. `reserve` is at most
   a fifth of the limit (at least 1), so a small limit still leaves bulk most of it.
+* **Smooth, so that jitter does not bunch sends up at Telegram.** Bulk is spaced evenly (above);
+  replies may leave `reply_burst` at once, then one per interval too. So the sends of any short span
+  `j` are at most about `reply_burst + 1 + 2 * limit * j`, and a window at Telegram's end, which sees
+  the sends of `window + jitter`, gets at most `limit` plus that: the headroom between
+  `rate_per_second` (25) and Telegram's 30 covers `reply_burst` plus tens of milliseconds of jitter.
+  A sliding window alone lets a full window leave in one burst, and a burst that left late plus one
+  that left early can land in the same second at Telegram.
 * **Per chat: a small-burst bucket** (`chat_burst` then `per_chat_per_second`): any interval of length
   `w` holds at most `chat_burst + per_chat_per_second * w` messages to one chat. Every call that shows
   something in a chat counts — replies, edits (a broadcast's progress message in the admin's chat
@@ -120,6 +127,8 @@ class OutboundLimiter:
     reserve: int = 5
     #: Up to this many messages per second for paid broadcasts (0: no paid lane).
     paid_rate_per_second: float = 0.0
+    #: Replies may leave this many at once, then one per `(window + margin) / limit` (see the docstring).
+    reply_burst: int = 5
     #: The window Telegram counts in, and the safety margin added to it (see the module docstring).
     window: float = 1.0
     margin: float = 0.02
@@ -139,7 +148,11 @@ class OutboundLimiter:
     _next_sweep: float = attrs.field(default=0.0, init=False)
     #: Replies are active while one went out in the last span or one is waiting.
     _last_reply: float = attrs.field(default=-math.inf, init=False)
-    _replies_waiting: int = attrs.field(default=0, init=False)
+    #: The replies' schedule (GCRA): the next reply is due then; up to reply_burst - 1 may go early.
+    _reply_due: float = attrs.field(default=-math.inf, init=False)
+    #: Replies waiting, in arrival order (ticket → chat): the first whose chat may send goes first.
+    _reply_queue: dict[int, int] = attrs.field(factory=dict, init=False)
+    _tickets: int = attrs.field(default=0, init=False)
     pauses: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -189,8 +202,11 @@ class OutboundLimiter:
         lane = self._paid if paid and self._paid is not None else self._free
         return max(1, lane.limit - (self.reserve if replies_active else 0)) / self.span
 
+    def _interval(self) -> float:
+        return self.span / self._free.limit
+
     def _replies_active(self, now: float) -> bool:
-        return self._replies_waiting > 0 or now - self._last_reply < self.span
+        return bool(self._reply_queue) or now - self._last_reply < self.span
 
     def pause(self, seconds: float) -> None:
         """A 429 said `retry_after`: nobody sends until then."""
@@ -207,27 +223,41 @@ class OutboundLimiter:
         `paid`: a bulk send with `allow_paid_broadcast` (uses the paid lane when there is one)."""
         bulk = priority is Priority.BULK
         paid = paid and bulk and self._paid is not None
-        waiting = False
+        ticket = None
         try:
             while True:
                 now = trio.current_time()
                 wait = self._wait_for(chat_id, now, bulk=bulk, paid=paid)
+                if wait <= 0 and not bulk and self._earlier_reply_ready(ticket or self._tickets + 1, now):
+                    wait = MIN_SLEEP  # it goes first; look again right after
                 if wait <= 0:
                     self._take(chat_id, now, bulk=bulk, paid=paid)
                     return
-                if not bulk and not waiting:
-                    waiting = True
-                    self._replies_waiting += 1
+                if not bulk and ticket is None:
+                    ticket = self._tickets = self._tickets + 1
+                    self._reply_queue[ticket] = chat_id
                 await trio.sleep(wait)
         finally:
-            if waiting:
-                self._replies_waiting -= 1
+            if ticket is not None:
+                del self._reply_queue[ticket]
+
+    def _earlier_reply_ready(self, ticket: int, now: float) -> bool:
+        """Is a reply that came before `ticket` waiting and free to go (its chat allows it)?"""
+        for earlier, chat_id in self._reply_queue.items():
+            if earlier >= ticket:
+                return False
+            bucket = self._chats.get(chat_id)  # forgotten: full, so free to go
+            if bucket is None or bucket.wait_for(now) <= 0:
+                return True
+        return False
 
     def _wait_for(self, chat_id: int, now: float, *, bulk: bool, paid: bool) -> float:
         keep = self.reserve if bulk and self._replies_active(now) else 0
         waits = [self._paused_until - now, self._chat(chat_id, now).wait_for(now)]
         if bulk:
             waits.append(self._next_bulk[paid] - now)
+        else:
+            waits.append(self._reply_due - (self.reply_burst - 1) * self._interval() - now)
         if self._paid is not None:
             waits.append(self._paid.wait_for(now, keep))
         if not paid:
@@ -238,13 +268,14 @@ class OutboundLimiter:
         return wait if wait <= 0 else max(wait, MIN_SLEEP)
 
     def _take(self, chat_id: int, now: float, *, bulk: bool, paid: bool) -> None:
-        self._chats[chat_id].tokens -= 1
+        self._chat(chat_id, now).tokens -= 1
         if self._paid is not None:
             self._paid.add(now)
         if not paid:
             self._free.add(now)
         if not bulk:
             self._last_reply = now
+            self._reply_due = max(self._reply_due, now) + self._interval()
         if bulk:
             # Even spacing: the schedule advances one interval per send. A send up to a tenth of an
             # interval late keeps the schedule (scheduling delays do not slow the average pace); a
