@@ -192,11 +192,11 @@ class Broadcasts:
             log.info("event=broadcast_done id=%d", broadcast.id)
 
     def in_flight_for(self, task: BroadcastTask) -> int:
-        """Workers for one pass: `max_in_flight`, or about 50 ms of sends at the broadcast's pace (at
+        """Workers for one pass: `max_in_flight`, or about 100 ms of sends at the broadcast's pace (at
         most MAX_IN_FLIGHT_FAST), so that round trips do not hold a fast broadcast below its rate."""
         paid = self.app.config.broadcast.paid and not task.paid_refused
         pace = self.sender.limiter.bulk_rate(paid=paid)
-        return max(self.max_in_flight, min(MAX_IN_FLIGHT_FAST, math.ceil(pace / 20)))
+        return max(self.max_in_flight, min(MAX_IN_FLIGHT_FAST, math.ceil(pace / 10)))
 
     def _stopped(self, task: BroadcastTask) -> bool:
         return task.stop.is_set() or self.app.lifecycle.stopping.is_set()

@@ -54,6 +54,8 @@ from vpnd.config import Config
 
 #: Sleeps are at least this long, so a float clock always moves on (no busy loop).
 MIN_SLEEP = 0.0005
+#: How late a bulk send may be and still keep the schedule (see `_take`).
+BULK_SLACK = 0.005
 #: A stamp this close to expiring counts as expired (float rounding on Trio's clock).
 EPSILON = 1e-9
 
@@ -277,11 +279,13 @@ class OutboundLimiter:
             self._last_reply = now
             self._reply_due = max(self._reply_due, now) + self._interval()
         if bulk:
-            # Even spacing: the schedule advances one interval per send. A send up to a tenth of an
-            # interval late keeps the schedule (scheduling delays do not slow the average pace); a
-            # later one (after an idle moment) restarts it from now, so no burst is saved up.
+            # Even spacing: the schedule advances one interval per send. A send up to half an interval
+            # (at least 5 ms: timer wake-ups are late by about a millisecond, a paid interval is 1 ms)
+            # late keeps the schedule, so scheduling delays do not slow the average pace; a later one
+            # (after an idle moment) restarts it from now, so no burst is saved up.
             interval = 1.0 / self.bulk_rate(paid=paid)
-            self._next_bulk[paid] = max(self._next_bulk[paid], now - interval / 10) + interval
+            slack = max(interval / 2, BULK_SLACK)
+            self._next_bulk[paid] = max(self._next_bulk[paid], now - slack) + interval
 
     def _chat(self, chat_id: int, now: float) -> _Bucket:
         bucket = self._chats.get(chat_id)
