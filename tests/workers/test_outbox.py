@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -84,12 +85,12 @@ async def test_rate_limit_429_pause_and_unreachable_users(
     assert all(len(fake.bot_messages(uid)) == 1 for uid in reachable)
     # The one 429 was injected; the fake's own flood limits never had to refuse anything.
     assert fake.too_many_requests_sent == 1 and fake.rate_limited == 0
-    # After the 429, nothing was sent for retry_after (2 s).
-    t429 = too_many_at[0]
-    after = [t for t in sends if t > t429 + 1e-9]
-    assert after and after[0] - t429 >= 2.0 - 0.05, after[0] - t429
-    # The measured rate never exceeded 25/s (a bucket of 25/s with our 20-message bulk burst).
-    assert bucket_conforms(sends, 25.0, 20.0 + 1.0)
+    # After the 429, nothing was sent for retry_after (2 s): the fake's own times of the accepted sends
+    # (the watcher's polling times bunch up when the machine is busy).
+    accepted = sorted(fake.send_times)
+    assert len(too_many_at) == 1 and max(b - a for a, b in itertools.pairwise(accepted)) >= 2.0
+    # The rate at the fake never exceeded 25/s (a bucket of 25/s with our 20-message bulk burst).
+    assert bucket_conforms(accepted, 25.0, 20.0 + 1.0)
     # Sustained rate: all sends but the two bulk bursts (at the start and after the pause), per second sending.
     sending = sends[-1] - sends[0] - 2.0
     print(f"outbox: {len(sends)} sendMessage, sustained {(len(sends) - 40) / sending:.1f}/s (limit 25/s)")
