@@ -3,6 +3,14 @@
     python -m bench broadcast                       # 10,000 recipients: ~9 minutes (~20 msg/s + replies)
     python -m bench broadcast --recipients 3000
     VPND_BENCH_QUICK=1 python -m bench broadcast    # 1,500 recipients
+    python -m bench broadcast --recipients 100000 --rate 300             # the 30/s run, time-scaled x10
+    python -m bench broadcast --recipients 100000 --paid 1000            # a paid broadcast at 1,000/s
+
+`--rate R` scales Telegram's free limit (the fake counts it in a strict sliding one-second window)
+and vpnd's `rate_per_second` together: the ratio is what matters, so 100,000 recipients "at 30/s"
+can run in minutes at R = 300. `--paid R` turns on `[broadcast] paid` with `paid_rate_per_second = R`
+(the fake's paid lane allows R/s). The figures add vpnd's RSS sampled through the run (flat = constant
+memory) and the 429 count, which must be 0.
 
 The fake Bot API enforces Telegram's limits (30 messages/s overall, 1/s per chat with bursts of 5)
 and answers 429 + retry_after past them; vpnd runs with its default outbound limits
@@ -103,6 +111,12 @@ async def scenario(args: argparse.Namespace, db: BenchDatabase, workdir: Path) -
     dsn = db.fresh("broadcast")
     add_recipients(dsn, RECIPIENT_BASE, args.recipients)
     fake = TimedTelegram()  # Telegram's limits: 30/s overall, 1/s per chat (burst 5)
+    fake.strict_window = True  # counted in any one second, as Telegram does
+    fake.global_rate = fake.global_burst = args.rate
+    overrides: dict[str, dict[str, Any]] = {"telegram": {"rate_per_second": args.rate * 25 / 30}}
+    if args.paid:
+        fake.paid_rate = args.paid
+        overrides["broadcast"] = {"paid": True, "paid_rate_per_second": args.paid}
     recipients = set(range(RECIPIENT_BASE, RECIPIENT_BASE + args.recipients))
     for user_id in recipients:
         fake.add_user(user_id, "User").started = True
@@ -111,7 +125,7 @@ async def scenario(args: argparse.Namespace, db: BenchDatabase, workdir: Path) -
         fake.add_user(user_id, "Probe")
     async with trio.open_nursery() as nursery:
         telegram_url = await nursery.start(functools.partial(serve_fake_telegram, fake))
-        bot = await start_vpnd(nursery, workdir, dsn, fake, telegram_url)
+        bot = await start_vpnd(nursery, workdir, dsn, fake, telegram_url, **overrides)
         try:
             await wait_polling(fake, bot)
             idle = await run_probes(fake, probes, args.probe_interval, args.idle_seconds, trio.Event())
@@ -127,6 +141,15 @@ async def scenario(args: argparse.Namespace, db: BenchDatabase, workdir: Path) -
                 during.extend(await run_probes(fake, probes, args.probe_interval, None, done))
 
             nursery.start_soon(probes_during)
+            rss: list[float] = []
+
+            async def sample_rss() -> None:
+                while not done.is_set():
+                    rss.append(bot.meter.rss_mib())
+                    with trio.move_on_after(2.0):
+                        await done.wait()
+
+            nursery.start_soon(sample_rss)
             sent_times = await wait_for_broadcast(fake, recipients, len(recipients), args)
             done.set()
             cpu = bot.meter.cpu_seconds() - cpu0
@@ -144,6 +167,7 @@ async def scenario(args: argparse.Namespace, db: BenchDatabase, workdir: Path) -
         "cpu": cpu,
         "peak": peak,
         "fake": fake,
+        "rss": rss,
     }
 
 
@@ -151,7 +175,7 @@ async def wait_for_broadcast(
     fake: TimedTelegram, recipients: set[int], total: int, args: argparse.Namespace
 ) -> list[float]:
     """Wait until every recipient got the message; return the send times (trio time, sorted)."""
-    deadline = trio.current_time() + total / 15 + 120
+    deadline = trio.current_time() + total / min(15, args.rate / 2) + 120
     last_report = trio.current_time()
     seen = 0
     times: list[float] = []
@@ -188,12 +212,16 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
         windows.append(count / WINDOW)
         start += WINDOW
     window_median = median(windows)
-    limit = fake.global_rate
+    limit = args.paid or fake.global_rate
+    configured = args.paid or args.rate * 25 / 30
+    rss: list[float] = result["rss"]
+    quarter = max(1, len(rss) // 4)
     every = [at for at, _ in fake.output_log if times[0] <= at <= times[-1]]
     all_rate = (len(every) - 1) / span if span > 0 else float("nan")
     print_table(
-        f"broadcast: {total} recipients, fake limits {limit:g} msg/s overall and {fake.chat_rate:g}/s per chat, "
-        "vpnd at its defaults (25/s, 1/s per chat)",
+        f"broadcast: {total} recipients, fake limits {fake.global_rate:g} msg/s free (sliding window)"
+        + (f" and {args.paid:g} msg/s paid" if args.paid else "")
+        + f", {fake.chat_rate:g}/s per chat; vpnd rate_per_second {args.rate * 25 / 30:g}",
         ["figure", "value"],
         [
             ["first message after creation (s)", times[0] - result["created_at"]],
@@ -205,7 +233,11 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
                 f"{rate / limit:.2f} / {window_median / limit:.2f}",
             ],
             ["all bot messages meanwhile, broadcast + replies (msg/s)", all_rate],
-            ["fraction of vpnd's configured rate (25/s): broadcast / all", f"{rate / 25:.2f} / {all_rate / 25:.2f}"],
+            [
+                f"fraction of vpnd's configured rate ({configured:g}/s): broadcast / all",
+                f"{rate / configured:.2f} / {all_rate / configured:.2f}",
+            ],
+            ["paid messages (fake's paid lane)", len(fake.paid_send_times)],
             [
                 "429 responses from the fake (flood limits / all)",
                 f"{fake.rate_limited} / {fake.too_many_requests_sent}",
@@ -214,6 +246,10 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
             ["handler latency during the broadcast, p50 / p99 (ms)", _lat(result["during"])],
             ["vpnd CPU seconds per 1,000 messages sent", result["cpu"] / max(1, len(every)) * 1000],
             ["vpnd peak RSS (MiB)", result["peak"]],
+            [
+                "vpnd RSS first / last quarter of the run, median (MiB)",
+                f"{median(rss[:quarter]):.1f} / {median(rss[-quarter:]):.1f}" if rss else "-",
+            ],
         ],
     )
 
@@ -232,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probes", type=int, default=10, help="users talking to the bot meanwhile")
     parser.add_argument("--probe-interval", type=float, default=2.0)
     parser.add_argument("--idle-seconds", type=float, default=pick(15.0, 6.0))
+    parser.add_argument("--rate", type=float, default=30.0, help="Telegram's free limit (msg/s), time scale")
+    parser.add_argument("--paid", type=float, default=0.0, help="paid broadcast at this rate (msg/s)")
     args, _ = parser.parse_known_args(argv or [])
     print(f"# broadcast — {machine_line()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="vpnd-bench-") as tmp, bench_database() as db:

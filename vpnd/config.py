@@ -206,6 +206,8 @@ class WorkersConfig:
 class BroadcastConfig:
     paid: bool = False
     progress_interval: float = 3.0
+    #: Broadcast pace with `paid = true` (Telegram: up to 1000/s with allow_paid_broadcast, for Stars).
+    paid_rate_per_second: float = 30.0
 
 
 @attrs.frozen
@@ -459,7 +461,11 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "batch_size": in_range(read_int, 1, 10000),
         "audit_retention_days": in_range(read_int, 1, 36500),
     },
-    "broadcast": {"paid": read_bool, "progress_interval": positive(read_number)},
+    "broadcast": {
+        "paid": read_bool,
+        "progress_interval": positive(read_number),
+        "paid_rate_per_second": in_range(read_number, 1, 1000),
+    },
 }
 
 SECTION_CLASSES: dict[str, type] = {

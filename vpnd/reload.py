@@ -62,7 +62,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
             "retention_days",
         }
     ),
-    "broadcast": frozenset({"paid", "progress_interval"}),
+    "broadcast": frozenset({"paid", "progress_interval", "paid_rate_per_second"}),
 }
 
 

@@ -59,7 +59,7 @@ async def start_admin_vpnd(nursery: trio.Nursery, config: Config) -> AdminRunnin
     async def run(task_status: trio.TaskStatus[AdminRunning] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with open_app(config) as app, open_bot(app.config.telegram) as bot:
-                limiter = OutboundLimiter(app.config.telegram.rate_per_second, app.config.telegram.per_chat_per_second)
+                limiter = OutboundLimiter.from_config(app.config)
                 sender = Sender(bot, limiter, app.metrics)
                 ctx = BotContext(app, bot, sender, Texts.load())
                 async with trio.open_nursery() as root:

@@ -260,6 +260,32 @@ async def test_global_limit_spans_chats(tg: Telegram) -> None:
     assert tg.fake.rate_limited == 5
 
 
+async def test_strict_window_counts_any_one_second_and_paid_sends_have_their_own_lane(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Strict mode: at most `global_rate` sends in any one second (a bucket would let more through
+    after part of a second); paid sends bypass the free window, cost 0.1 Star, and are refused (400)
+    once the balance is spent."""
+    fake = FakeTelegram(strict_window=True, global_rate=5, stars_balance=0.2)
+    for user_id in range(3000, 3020):
+        fake.add_user(user_id, f"U{user_id}")
+        fake.user_sends(user_id, "/start")
+
+    async def send(user_id: int, **extra: Any) -> int:
+        body = json.dumps({"chat_id": user_id, "text": "news", **extra}).encode()
+        reply = await fake.handle_bot_request(fake.token, "sendMessage", "application/json", body, b"")
+        return reply.status
+
+    assert [await send(u) for u in range(3000, 3005)] == [200] * 5
+    await trio.sleep(0.6)
+    assert await send(3005) == 429  # a bucket would have refilled 3 tokens by now
+    assert [await send(u, allow_paid_broadcast=True) for u in (3006, 3007, 3008)] == [200, 200, 400]
+    assert fake.paid_refused == 1 and len(fake.paid_send_times) == 2
+    await trio.sleep(0.41)
+    assert await send(3009) == 200  # the first five are more than a second old
+    assert len(fake.send_times) == 6 and fake.rate_limited == 1
+
+
 # ----------------------------------------------------------------------------- validation of content
 
 

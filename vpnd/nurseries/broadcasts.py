@@ -18,23 +18,31 @@ Stopping, and what the restart guarantee rests on:
   still pending, so a resume (or restart) sends each one exactly once.
 * **cancel** cancels the task at once (within a second of the press); a send in flight at that
   moment may be delivered without being marked — the broadcast is over, nobody resends it.
-* **SIGKILL** loses only the marks of the sends in flight (at most `max_in_flight` per broadcast):
-  those few recipients may get the message twice after the restart.
+* **SIGKILL** loses only the marks of the sends in flight (at most `max_in_flight` per broadcast, more
+  for a fast paid broadcast: see `in_flight_for`): those few recipients may get the message twice
+  after the restart.
 
 Sending shares the daemon's `Sender` (its `OutboundLimiter`) with BULK priority, so replies to users
 keep priority, a 429 pauses everything, and 403 marks the user unreachable.
+
+Paid broadcasts (`[broadcast] paid = true`): every message carries `allow_paid_broadcast` and goes
+through the limiter's paid lane at `[broadcast] paid_rate_per_second`. When Telegram refuses a paid
+send (not enough Stars), the broadcast task drops to the free pace for the rest of its run — the
+refused recipient is sent again without the flag, so nobody is skipped — and says so in the log and
+in `vpnd_broadcast_messages{result="paid_refused"}`.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
 from typing import Any
 
 import attrs
 import telegram
 import trio
-from telegram.error import TelegramError
+from telegram.error import BadRequest, TelegramError
 
 from vpnd.app import App
 from vpnd.db import CONNECTION_ERRORS
@@ -43,7 +51,14 @@ from vpnd.db.broadcasts import Broadcast, Counts
 from vpnd.db.users import get_user
 from vpnd.nudge import Nudge
 from vpnd.telegram import admin_views as views
-from vpnd.telegram.client import ChatNotFound, ChatUnreachable, Sender, SendFailed, describe_telegram_error
+from vpnd.telegram.client import (
+    ChatNotFound,
+    ChatUnreachable,
+    Sender,
+    SendFailed,
+    SentMessage,
+    describe_telegram_error,
+)
 from vpnd.telegram.ratelimit import Priority
 from vpnd.telegram.texts import Texts
 
@@ -52,6 +67,10 @@ log = logging.getLogger("vpnd.broadcasts")
 #: Sends in flight per broadcast: enough to keep the limiter busy at ~100 ms Bot API latency, and the
 #: bound on duplicates after a SIGKILL.
 MAX_IN_FLIGHT = 8
+#: Sends in flight for a fast (paid, or a high `rate_per_second`) broadcast at most: a send takes two
+#: short transactions and a Bot API call (15-30 ms on a busy machine), so 8 in flight cap a broadcast
+#: at a few hundred per second.
+MAX_IN_FLIGHT_FAST = 32
 #: Pending recipients read per query.
 BATCH_SIZE = 200
 #: How long the final edit/summary after a broadcast ends may take.
@@ -95,6 +114,8 @@ class BroadcastTask:
     stop: trio.Event = attrs.field(factory=trio.Event)
     progress: Progress | None = None
     finished: trio.Event = attrs.field(factory=trio.Event)
+    #: Telegram refused a paid send: the rest of this run goes at the free pace.
+    paid_refused: bool = False
 
 
 @attrs.define(eq=False)
@@ -170,6 +191,13 @@ class Broadcasts:
         if done is not None:
             log.info("event=broadcast_done id=%d", broadcast.id)
 
+    def in_flight_for(self, task: BroadcastTask) -> int:
+        """Workers for one pass: `max_in_flight`, or about 100 ms of sends at the broadcast's pace (at
+        most MAX_IN_FLIGHT_FAST), so that round trips do not hold a fast broadcast below its rate."""
+        paid = self.app.config.broadcast.paid and not task.paid_refused
+        pace = self.sender.limiter.bulk_rate(paid=paid)
+        return max(self.max_in_flight, min(MAX_IN_FLIGHT_FAST, math.ceil(pace / 10)))
+
     def _stopped(self, task: BroadcastTask) -> bool:
         return task.stop.is_set() or self.app.lifecycle.stopping.is_set()
 
@@ -178,7 +206,7 @@ class Broadcasts:
         send_channel, receive_channel = trio.open_memory_channel[int](0)
         handed_out = 0
         async with trio.open_nursery() as workers:
-            for _ in range(self.max_in_flight):
+            for _ in range(self.in_flight_for(task)):
                 workers.start_soon(self._worker, task, broadcast, markup, receive_channel.clone())
             await receive_channel.aclose()
             async with send_channel:
@@ -200,26 +228,37 @@ class Broadcasts:
     ) -> None:
         async with receive:
             async for user_id in receive:
-                outcome = await self._deliver_one(broadcast, markup, user_id)
+                outcome = await self._deliver_one(task, broadcast, markup, user_id)
                 if outcome != "not_pending" and task.progress is not None:
                     task.progress.record(outcome)
                 self.app.metrics.broadcast_sent.labels(outcome).inc()
 
-    async def _deliver_one(self, broadcast: Broadcast, markup: Any, user_id: int) -> str:
+    async def _send(self, task: BroadcastTask, broadcast: Broadcast, markup: Any, user_id: int) -> SentMessage:
+        paid = self.app.config.broadcast.paid and not task.paid_refused
+        try:
+            return await self.sender.send_message(
+                user_id, broadcast.text, priority=Priority.BULK, paid=paid, reply_markup=markup
+            )
+        except BadRequest as exc:
+            if not (paid and _refuses_paid_broadcast(exc)):
+                raise
+            if not task.paid_refused:
+                task.paid_refused = True
+                self.app.metrics.broadcast_sent.labels("paid_refused").inc()
+                log.warning(
+                    "event=broadcast_paid_refused id=%d error=%r: going on at the free pace",
+                    broadcast.id,
+                    str(exc)[:200],
+                )
+        return await self.sender.send_message(user_id, broadcast.text, priority=Priority.BULK, reply_markup=markup)
+
+    async def _deliver_one(self, task: BroadcastTask, broadcast: Broadcast, markup: Any, user_id: int) -> str:
         db = self.app.db
         eligibility = await db.run(bdb.skip_if_ineligible, broadcast.id, user_id, broadcast.target)
         if eligibility != "send":
             return eligibility
-        bot = self.sender.bot
-        paid = True if self.app.config.broadcast.paid else None
-
-        async def send() -> telegram.Message:
-            return await bot.send_message(
-                user_id, broadcast.text, parse_mode="HTML", reply_markup=markup, allow_paid_broadcast=paid
-            )
-
         try:
-            message = await self.sender.call(user_id, send, priority=Priority.BULK)
+            message = await self._send(task, broadcast, markup, user_id)
         except ChatUnreachable as exc:
             await db.run(bdb.mark_failed, broadcast.id, user_id, f"unreachable: {exc}", unreachable=True)
             return "failed"
@@ -257,7 +296,8 @@ class Broadcasts:
             t = self._t(lang)
             rate = progress.rate(trio.current_time())
             text = views.progress_text(t, broadcast, "running", progress.counts, rate)
-            await self._edit_progress(broadcast, text, views.progress_keyboard(t, broadcast.id, "running"))
+            keyboard = views.progress_keyboard(t, broadcast.id, "running")
+            await self._edit_progress(broadcast, text, keyboard, priority=Priority.BULK)
 
     async def _show_final_state(self, task: BroadcastTask) -> None:
         """After the task ends (paused, cancelled, done): the progress message shows the final state."""
@@ -279,13 +319,17 @@ class Broadcasts:
             except (TelegramError, ChatUnreachable, ChatNotFound, SendFailed) as exc:
                 log.warning("event=broadcast_summary_failed id=%d error=%s", broadcast.id, type(exc).__name__)
 
-    async def _edit_progress(self, broadcast: Broadcast, text: str, keyboard: Any) -> None:
+    async def _edit_progress(
+        self, broadcast: Broadcast, text: str, keyboard: Any, *, priority: Priority = Priority.REPLY
+    ) -> None:
+        """Edit the admin's progress message. The edit counts against the admin's chat limit (the
+        shared limiter); the periodic ones go at bulk priority, like the broadcast they report on."""
         if broadcast.progress_chat_id is None or broadcast.progress_message_id is None:
             return
         markup = telegram.InlineKeyboardMarkup.de_json(keyboard, None) if keyboard else None
         try:
             await self.sender.edit_text(
-                broadcast.progress_chat_id, broadcast.progress_message_id, text, reply_markup=markup
+                broadcast.progress_chat_id, broadcast.progress_message_id, text, priority=priority, reply_markup=markup
             )
         except (TelegramError, ChatUnreachable, ChatNotFound, SendFailed) as exc:
             log.info("event=broadcast_progress_edit_failed id=%d error=%s", broadcast.id, type(exc).__name__)
@@ -295,6 +339,12 @@ class Broadcasts:
             return self.texts.get(lang, key, **values)
 
         return t
+
+
+def _refuses_paid_broadcast(exc: BadRequest) -> bool:
+    """A 400 that refuses `allow_paid_broadcast` itself (the bot's Stars balance), not this message."""
+    text = str(exc).lower()
+    return any(word in text for word in ("star", "balance", "paid", "payment"))
 
 
 def _markup(broadcast: Broadcast) -> telegram.InlineKeyboardMarkup | None:

@@ -88,11 +88,9 @@ async def serve_app(
     notifier = notifier or Notifier(None)
     config = app.config
     async with open_bot(config.telegram) as bot, _open_cryptopay(app) as cryptopay:
-        limiter = OutboundLimiter(config.telegram.rate_per_second, config.telegram.per_chat_per_second)
+        limiter = OutboundLimiter.from_config(config)
         app.reload_hooks.append(set_log_level)
-        app.reload_hooks.append(
-            lambda new: limiter.retune(new.telegram.rate_per_second, new.telegram.per_chat_per_second)
-        )
+        app.reload_hooks.append(limiter.apply)
         sender = Sender(bot, limiter, app.metrics)
         ctx = BotContext(app, bot, sender, Texts.load(), cryptopay)
         async with trio.open_nursery() as root:

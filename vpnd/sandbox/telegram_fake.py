@@ -458,6 +458,12 @@ class FakeTelegram:
     Configuration attributes may be changed at any time (limits take effect on the next send):
     ``global_rate``/``global_burst`` bound messages per second over all chats (Telegram: about 30/s),
     ``chat_rate``/``chat_burst`` per chat (Telegram: about 1/s with short bursts).
+    ``strict_window`` counts the global limit as Telegram does — at most ``global_rate`` sends in *any*
+    one second (a sliding window) — instead of a token bucket, whose burst lets ~2x through right after
+    an idle moment. Sends with ``allow_paid_broadcast`` count in their own window of ``paid_rate``
+    (Telegram: 1000/s) instead of the free one and cost 0.1 Star each from ``stars_balance`` (``None``:
+    unlimited); without enough Stars they are refused (400). ``send_times`` keeps the time of every
+    accepted free send and ``paid_send_times`` of every paid one, for tests to check any window.
     ``pre_checkout_timeout`` (seconds of Trio time, Telegram: 10) makes late pre-checkout answers fail;
     it is off by default because Trio's autojump clock may leap over it while the bot waits for a thread.
     """
@@ -469,6 +475,9 @@ class FakeTelegram:
     global_burst: float = 30.0
     chat_rate: float = 1.0
     chat_burst: float = 5.0
+    strict_window: bool = False
+    paid_rate: float = 1000.0
+    stars_balance: float | None = None
     pre_checkout_timeout: float | None = None
     max_pending_updates: int = 100_000
     seed: int = 0
@@ -498,6 +507,13 @@ class FakeTelegram:
     too_many_requests_sent: int = attrs.field(default=0, init=False)  # every 429 sent, injected included
     rate_limited: int = attrs.field(default=0, init=False)  # 429s caused by the flood limits only
     change_seq: int = attrs.field(default=0, init=False)
+    send_times: collections.deque[float] = attrs.field(factory=lambda: collections.deque(maxlen=1_000_000), init=False)
+    paid_send_times: collections.deque[float] = attrs.field(
+        factory=lambda: collections.deque(maxlen=1_000_000), init=False
+    )
+    paid_refused: int = attrs.field(default=0, init=False)
+    _free_window: collections.deque[float] = attrs.field(factory=collections.deque, init=False)
+    _paid_window: collections.deque[float] = attrs.field(factory=collections.deque, init=False)
 
     _pending: collections.deque[JSONDict] = attrs.field(factory=collections.deque, init=False)
     _next_update_id: int = attrs.field(default=700_000_001, init=False)
@@ -734,21 +750,48 @@ class FakeTelegram:
             return existing
         return TokenBucket(rate=rate, burst=burst, tokens=burst, stamp=self.flood_clock())
 
-    def _take_send_slot(self, chat_id: int) -> None:
-        """Charge one message to the global and the per-chat bucket, or answer 429 with retry_after."""
+    @staticmethod
+    def _window_wait(window: collections.deque[float], limit: float, now: float) -> float:
+        """Seconds until `window` (send times) has room for one more in the last second (0: now)."""
+        while window and window[0] <= now - 1.0:
+            window.popleft()
+        allowed = max(1, math.floor(limit))
+        if len(window) < allowed:
+            return 0.0
+        return window[len(window) - allowed] + 1.0 - now
+
+    def _take_send_slot(self, chat_id: int, *, paid: bool = False) -> None:
+        """Charge one message to the global and the per-chat limits, or answer 429 with retry_after."""
         now = self.flood_clock()
-        self._global_bucket = self._bucket(self._global_bucket, self.global_rate, self.global_burst)
+        if paid and self.stars_balance is not None and self.stars_balance < 0.1 - 1e-9:
+            self.paid_refused += 1
+            raise bad_request("not enough Stars on the bot's balance for a paid broadcast")
         chat_bucket = self._bucket(self._chat_buckets.get(chat_id), self.chat_rate, self.chat_burst)
         self._chat_buckets[chat_id] = chat_bucket
-        wait = max(self._global_bucket.wait_time(now), chat_bucket.wait_time(now))
+        if paid:
+            global_wait = self._window_wait(self._paid_window, self.paid_rate, now)
+        elif self.strict_window:
+            global_wait = self._window_wait(self._free_window, self.global_rate, now)
+        else:
+            self._global_bucket = self._bucket(self._global_bucket, self.global_rate, self.global_burst)
+            global_wait = self._global_bucket.wait_time(now)
+        wait = max(global_wait, chat_bucket.wait_time(now))
         if wait > 0:
             self.rate_limited += 1
             retry_after = max(1, math.ceil(wait))
-            raise ApiError(
-                429, f"Too Many Requests: retry after {retry_after}", {"retry_after": retry_after}
-            )
-        self._global_bucket.take(now)
+            raise ApiError(429, f"Too Many Requests: retry after {retry_after}", {"retry_after": retry_after})
         chat_bucket.take(now)
+        if paid:
+            self._paid_window.append(now)
+            self.paid_send_times.append(now)
+            if self.stars_balance is not None:
+                self.stars_balance -= 0.1
+            return
+        if self.strict_window:
+            self._free_window.append(now)
+        elif self._global_bucket is not None:
+            self._global_bucket.take(now)
+        self.send_times.append(now)
 
     # ------------------------------------------------------------------------------------- validation
 
@@ -1046,7 +1089,7 @@ class FakeTelegram:
             raise bad_request("message is too long")
         markup = self._check_reply_markup(params)
         reply_to = self._reply_target(user, params)
-        self._take_send_slot(user.id)
+        self._take_send_slot(user.id, paid=params.get_bool("allow_paid_broadcast"))
         message = self._add_message(
             user,
             from_bot=True,
@@ -1520,8 +1563,10 @@ class FakeTelegram:
         try:
             await self.wait_until(check, timeout)
         except trio.TooSlowError:
-            lines = [f"  {'bot' if m.from_bot else 'user'} #{m.message_id}: {m.text or m.caption!r}"
-                     for m in self.transcript(chat_id)]
+            lines = [
+                f"  {'bot' if m.from_bot else 'user'} #{m.message_id}: {m.text or m.caption!r}"
+                for m in self.transcript(chat_id)
+            ]
             raise trio.TooSlowError(
                 f"no matching bot message in chat {chat_id} within {timeout}s; transcript:\n" + "\n".join(lines)
             ) from None
@@ -1534,6 +1579,8 @@ class FakeTelegram:
             "responses": {str(status): count for status, count in self.responses.items()},
             "too_many_requests_sent": self.too_many_requests_sent,
             "rate_limited": self.rate_limited,
+            "paid_messages": len(self.paid_send_times),
+            "paid_refused": self.paid_refused,
             "pending_updates": len(self._pending),
             "polls_waiting": self._polls_waiting,
             "faults": [rule.to_json() for rule in self.faults],
@@ -1612,8 +1659,12 @@ def _parse_markdown_v2(text: str) -> ParsedText:
             start = position
             emit(re.sub(r"\\(.)", r"\1", match.group(1)))
             entities.append(
-                {"type": "text_link", "offset": start, "length": position - start,
-                 "url": re.sub(r"\\(.)", r"\1", match.group(2))}
+                {
+                    "type": "text_link",
+                    "offset": start,
+                    "length": position - start,
+                    "url": re.sub(r"\\(.)", r"\1", match.group(2)),
+                }
             )
             index += match.end()
             continue

@@ -529,10 +529,10 @@ async def broadcast_segment(turn: Turn, args: list[str]) -> None:
     draft = {**state.data, "segment": segment.name, "days": segment.days, "nonce": nonce}
     await _set_state(turn, BC_CONFIRM, draft)
     button = f"{draft['button_text']} → {draft['button_url']}" if draft.get("button_url") else turn.t("admin.none")
-    await turn.show(
-        turn.t("admin.bc.confirm", segment=views.segment_label(turn.t, segment), count=count, button=button),
-        views.confirm_keyboard(turn.t, views.data("bgo", nonce), turn.t("admin.bc.start")),
-    )
+    text = turn.t("admin.bc.confirm", segment=views.segment_label(turn.t, segment), count=count, button=button)
+    if turn.app.config.broadcast.paid:  # what the faster pace will cost, before the admin confirms
+        text += "\n\n" + views.paid_cost_text(turn.t, count, turn.app.config.broadcast.paid_rate_per_second)
+    await turn.show(text, views.confirm_keyboard(turn.t, views.data("bgo", nonce), turn.t("admin.bc.start")))
 
 
 async def broadcast_start(turn: Turn, args: list[str]) -> None:

@@ -24,6 +24,7 @@ import datetime as dt
 import html
 import math
 from collections.abc import Callable, Iterable, Sequence
+from decimal import ROUND_CEILING, Decimal
 
 from vpnd.db.admin import HealthFacts, RevenueRow, Stats, UserDetails
 from vpnd.db.broadcasts import Broadcast, Counts, Segment
@@ -331,3 +332,27 @@ def broadcasts_keyboard(t: T, items: Sequence[Broadcast]) -> kb.Keyboard:
             rows.append([{**button, "text": f"#{b.id} {button['text']}"} for button in markup["inline_keyboard"][0]])
     rows.append([kb.button(t("admin.back"), VERB)])
     return kb.keyboard(*rows)
+
+
+#: Telegram's free broadcast pace (messages per second) and the price of each paid message above it.
+FREE_BROADCAST_RATE = 30.0
+STARS_PER_PAID_MESSAGE = Decimal("0.1")
+
+
+def paid_broadcast_stars(recipients: int, paid_rate: float) -> tuple[int, int]:
+    """(estimate, ceiling) of the Stars a paid broadcast to `recipients` costs at `paid_rate`/s.
+
+    Telegram charges 0.1 Star per message sent above the free 30/s: at `paid_rate` that is the share
+    (paid_rate - 30) / paid_rate of the messages. The Bot API reference words it as 0.1 Star per
+    message with `allow_paid_broadcast`, so the ceiling (every message charged) is shown as well."""
+    ceiling = STARS_PER_PAID_MESSAGE * recipients
+    above = max(0.0, paid_rate - FREE_BROADCAST_RATE) / paid_rate if paid_rate > 0 else 0.0
+    estimate = ceiling * Decimal(str(round(above, 6)))
+    return int(estimate.to_integral_value(ROUND_CEILING)), int(ceiling.to_integral_value(ROUND_CEILING))
+
+
+def paid_cost_text(t: T, recipients: int, paid_rate: float) -> str:
+    stars, max_stars = paid_broadcast_stars(recipients, paid_rate)
+    return t(
+        "admin.bc.paid_cost", rate=f"{paid_rate:g}", stars=stars, max_stars=max_stars, free=f"{FREE_BROADCAST_RATE:g}"
+    )

@@ -150,13 +150,16 @@ class Sender:
         *,
         priority: Priority = Priority.REPLY,
         counts_as_message: bool = True,
+        paid: bool = False,
     ) -> T:
-        """Run one Bot API call to `chat_id` under the rate limits, with retries."""
+        """Run one Bot API call to `chat_id` under the rate limits, with retries.
+
+        `paid`: a broadcast message sent with `allow_paid_broadcast` (the limiter's paid lane)."""
         attempt = 0
         while True:
             attempt += 1
             if counts_as_message:
-                await self.limiter.acquire(chat_id, priority)
+                await self.limiter.acquire(chat_id, priority, paid=paid)
             try:
                 return await fn()
             except RetryAfter as exc:
@@ -164,7 +167,13 @@ class Sender:
                 self.limiter.pause(seconds)
                 if self.metrics is not None:
                     self.metrics.telegram_429.inc()
-                log.warning("event=telegram_429 chat_id=%s retry_after=%g", chat_id, seconds)
+                log.warning(
+                    "event=telegram_429 chat_id=%s retry_after=%g priority=%s paid=%s",
+                    chat_id,
+                    seconds,
+                    priority.value,
+                    paid,
+                )
                 if attempt >= self.max_attempts:
                     raise SendFailed(f"still rate limited after {attempt} attempts") from exc
                 await trio.sleep(seconds)
@@ -188,17 +197,21 @@ class Sender:
                 await trio.sleep(delay)
 
     async def send_message(
-        self, chat_id: int, text: str, *, priority: Priority = Priority.REPLY, **kwargs: Any
+        self, chat_id: int, text: str, *, priority: Priority = Priority.REPLY, paid: bool = False, **kwargs: Any
     ) -> SentMessage:
+        """`paid`: send with `allow_paid_broadcast` in the limiter's paid lane (broadcasts only)."""
+        if paid:
+            kwargs["allow_paid_broadcast"] = True
         wire = self.bot.wire
         if wire is not None:
             params = {"chat_id": chat_id, "text": text, "parse_mode": "HTML", **_json_params(kwargs)}
-            result = await self.call(chat_id, lambda: wire.call("sendMessage", params), priority=priority)
+            result = await self.call(chat_id, lambda: wire.call("sendMessage", params), priority=priority, paid=paid)
             return SentMessage(chat_id, int(result["message_id"]))
         message = await self.call(
             chat_id,
             lambda: self.bot.send_message(chat_id, text, parse_mode="HTML", **_ptb_params(kwargs)),
             priority=priority,
+            paid=paid,
         )
         return SentMessage(chat_id, message.message_id)
 
@@ -210,7 +223,10 @@ class Sender:
             lambda: self.bot.send_photo(chat_id, photo, caption=caption, parse_mode="HTML", **_ptb_params(kwargs)),
         )
 
-    async def edit_text(self, chat_id: int, message_id: int, text: str, **kwargs: Any) -> None:
+    async def edit_text(
+        self, chat_id: int, message_id: int, text: str, *, priority: Priority = Priority.REPLY, **kwargs: Any
+    ) -> None:
+        """Edit a message; an edit counts against the chat's limit like a new message."""
         wire = self.bot.wire
 
         async def edit() -> None:
@@ -232,7 +248,7 @@ class Sender:
                 if "message is not modified" not in str(exc).lower():
                     raise
 
-        await self.call(chat_id, edit)
+        await self.call(chat_id, edit, priority=priority)
 
     async def answer_callback(
         self, chat_id: int, callback_query_id: str, text: str | None = None, show_alert: bool = False
