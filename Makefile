@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 test: $(STAMP) system-deps lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check vpnd tests bench
+	$(BIN)/ruff check vpnd vpnd_sandbox tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -45,8 +45,8 @@ from vpnd.app import open_app
 from vpnd.config import load_config
 from vpnd.cryptopay import open_cryptopay_client
 from vpnd.payments.service import start_cryptopay_purchase
-from vpnd.sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
-from vpnd.sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
+from vpnd_sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
+from vpnd_sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
 
 USER_BASE = 40_000_000
 

@@ -51,7 +51,7 @@ from bench.common import (
     wait_polling,
 )
 from vpnd.db import broadcasts as bdb
-from vpnd.sandbox.telegram_fake import serve_fake_telegram
+from vpnd_sandbox.telegram_fake import serve_fake_telegram
 
 RECIPIENT_BASE = 20_000_000
 PROBE_BASE = 30_000_000

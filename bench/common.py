@@ -30,9 +30,9 @@ import psycopg
 import trio
 
 from vpnd.db.migrations import migrate, packaged_schema
-from vpnd.sandbox.daemon_process import start_daemon, wait_ready
-from vpnd.sandbox.postgres import Cluster, free_port, throwaway_cluster
-from vpnd.sandbox.telegram_fake import ChatMessage, FakeTelegram, FakeUser
+from vpnd_sandbox.daemon_process import start_daemon, wait_ready
+from vpnd_sandbox.postgres import Cluster, free_port, throwaway_cluster
+from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram, FakeUser
 
 TEMPLATE_DB = "bench_template"
 

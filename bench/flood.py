@@ -38,7 +38,7 @@ from bench.common import (
     start_vpnd,
     wait_polling,
 )
-from vpnd.sandbox.telegram_fake import serve_fake_telegram
+from vpnd_sandbox.telegram_fake import serve_fake_telegram
 
 SPAMMER, PRESSER = 9_000_001, 9_000_002
 OTHERS_BASE = 9_100_000

@@ -37,7 +37,7 @@ from bench.common import (
     runs,
     start_vpnd,
 )
-from vpnd.sandbox.telegram_fake import serve_fake_telegram
+from vpnd_sandbox.telegram_fake import serve_fake_telegram
 
 USERS = 50
 BACKLOG = 1000

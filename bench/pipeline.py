@@ -51,8 +51,8 @@ from bench.common import (
     start_vpnd,
     wait_polling,
 )
-from vpnd.sandbox.postgres import free_port
-from vpnd.sandbox.telegram_fake import serve_fake_telegram
+from vpnd_sandbox.postgres import free_port
+from vpnd_sandbox.telegram_fake import serve_fake_telegram
 
 USER_BASE = 10_000_000
 ROUND_TIMEOUT = 60.0

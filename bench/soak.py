@@ -46,8 +46,8 @@ from bench.common import (
     start_vpnd,
 )
 from bench.xray_support import TAG, xray_peer
-from vpnd.sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
-from vpnd.sandbox.telegram_fake import SandboxError, serve_fake_telegram
+from vpnd_sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
+from vpnd_sandbox.telegram_fake import SandboxError, serve_fake_telegram
 
 CHATTERS = 300
 CHATTER_BASE = 70_000_000

@@ -58,7 +58,7 @@ Send = Callable[[int], Awaitable[Any]]
 def serve_fake(chats: int) -> None:
     """Child process: the fake Bot API with limits lifted; prints its base URL, serves until killed."""
     from bench.common import TimedTelegram
-    from vpnd.sandbox.telegram_fake import serve_fake_telegram
+    from vpnd_sandbox.telegram_fake import serve_fake_telegram
 
     fake = TimedTelegram()
     fake.unlimited()

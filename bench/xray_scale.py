@@ -43,7 +43,7 @@ from bench.common import (
     write_vpnd_config,
 )
 from bench.xray_support import TAG, server_template
-from vpnd.sandbox.postgres import free_port
+from vpnd_sandbox.postgres import free_port
 
 BATCH = 2000  # the writer's database batch (vpnd.nurseries.xray.BATCH_SIZE)
 

@@ -22,8 +22,8 @@ from typing import Any
 import attrs
 import grpc
 
-from vpnd.sandbox.postgres import free_port
-from vpnd.sandbox.xray_fake import start_fake_xray
+from vpnd_sandbox.postgres import free_port
+from vpnd_sandbox.xray_fake import start_fake_xray
 
 TAG = "vless-in"
 _EMAIL = re.compile(rb"u(\d{1,19})")

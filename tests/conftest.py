@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from vpnd.db import Database, open_database
 from vpnd.db.migrations import migrate, packaged_schema
-from vpnd.sandbox.postgres import Cluster, throwaway_cluster
+from vpnd_sandbox.postgres import Cluster, throwaway_cluster
 
 TEMPLATE_DB = "vpnd_template"
 _counter = itertools.count(1)
@@ -108,7 +108,7 @@ def toml_value(value: object) -> str:
 @pytest.fixture
 async def fake_telegram(nursery: Any) -> tuple[Any, str]:
     """The fake Bot API served on 127.0.0.1: (fake, base_url)."""
-    from vpnd.sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
+    from vpnd_sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
 
     fake = FakeTelegram()
     base_url = await nursery.start(serve_fake_telegram, fake)
@@ -118,7 +118,7 @@ async def fake_telegram(nursery: Any) -> tuple[Any, str]:
 @pytest.fixture
 async def fake_cryptopay(nursery: Any) -> tuple[Any, str]:
     """The fake Crypto Pay served on 127.0.0.1: (fake, api_base_url)."""
-    from vpnd.sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
+    from vpnd_sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
 
     fake = FakeCryptoPay()
     base_url = await nursery.start(serve_fake_cryptopay, fake)

@@ -12,7 +12,7 @@ import trio
 from vpnd.app import App, open_app
 from vpnd.config import Config, load_config
 from vpnd.nurseries.root import serve_app
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 #: A valid REALITY public key (x25519, base64url) for link building in tests.
 TEST_PUBLIC_KEY = "Z84J2IelR9ch3k8VtlVhhs5ycBUlXA7wHBWcBrjqnAw"

@@ -12,10 +12,10 @@ import httpx
 import pytest
 import trio
 
-from vpnd.sandbox.cryptopay_fake import FakeCryptoPay
-from vpnd.sandbox.daemon_process import start_daemon, wait_ready
-from vpnd.sandbox.postgres import free_port
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
+from vpnd_sandbox.daemon_process import start_daemon, wait_ready
+from vpnd_sandbox.postgres import free_port
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 pytestmark = pytest.mark.slow
 

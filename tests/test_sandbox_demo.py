@@ -16,8 +16,8 @@ import pytest
 import trio
 
 from tests.x25519_reference import public_key_of
-from vpnd.sandbox.postgres import free_port
 from vpnd.xray.links import parse_vless_link
+from vpnd_sandbox.postgres import free_port
 
 pytestmark = pytest.mark.slow
 

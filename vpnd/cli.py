@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "sandbox":
-        from vpnd.sandbox.demo import main as sandbox_main
+        from vpnd_sandbox.demo import main as sandbox_main
 
         return sandbox_main(args.port)
     try:

@@ -19,7 +19,6 @@ from vpnd.config import Config
 from vpnd.nurseries.broadcasts import Broadcasts, run_broadcasts
 from vpnd.nurseries.http import build_router, run_http
 from vpnd.nurseries.telegram import run_telegram
-from vpnd.sandbox.telegram_fake import ChatMessage, FakeTelegram
 from vpnd.telegram import admin
 from vpnd.telegram.client import Sender, open_bot
 from vpnd.telegram.flows import register_all
@@ -27,6 +26,7 @@ from vpnd.telegram.ratelimit import OutboundLimiter
 from vpnd.telegram.router import Routes, make_apology, make_update_handler, register
 from vpnd.telegram.texts import Texts
 from vpnd.telegram.turn import BotContext
+from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
 ADMIN = 1
 

@@ -25,7 +25,7 @@ from tests.admin.harness import (
 )
 from tests.harness import bot_config
 from vpnd.db import broadcasts as bdb
-from vpnd.sandbox.telegram_fake import ChatMessage, FakeTelegram
+from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
 EVE = 666
 ALICE = 1001

@@ -16,7 +16,7 @@ import trio
 from tests.admin.harness import give_subscription, seed_users, sql, start_admin_vpnd
 from tests.harness import bot_config
 from vpnd.db import broadcasts as bdb
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import trio
 from tests.admin.harness import sql
 from tests.harness import bot_config, start_vpnd
 from vpnd.db.admin import DENIED_ROWS_PER_WINDOW
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 EVE = 666
 

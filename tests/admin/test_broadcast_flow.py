@@ -21,7 +21,7 @@ from tests.admin.harness import (
     text_has,
 )
 from tests.harness import bot_config
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 
 async def test_small_broadcast_reaches_everyone_once_with_progress_and_summary(

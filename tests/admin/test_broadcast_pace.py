@@ -19,7 +19,7 @@ import trio
 
 from tests.admin.harness import ADMIN, has_button, press, say, seed_users, sql, start_admin_vpnd, text_has
 from tests.harness import bot_config
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 pytestmark = pytest.mark.slow
 

@@ -20,9 +20,9 @@ from tests.admin.harness import seed_users, sql, start_admin_vpnd
 from tests.harness import bot_config
 from vpnd.db import broadcasts as bdb
 from vpnd.nurseries import broadcasts as broadcasts_nursery
-from vpnd.sandbox.daemon_process import start_daemon, wait_ready
-from vpnd.sandbox.postgres import free_port
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.daemon_process import start_daemon, wait_ready
+from vpnd_sandbox.postgres import free_port
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 pytestmark = pytest.mark.slow
 

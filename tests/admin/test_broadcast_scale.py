@@ -12,7 +12,7 @@ import trio
 
 from tests.admin.harness import ADMIN, button_data, seed_users, sql, start_admin_vpnd, start_broadcast
 from tests.harness import bot_config
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import trio
 
 from tests.admin.harness import ADMIN, has_button, say, seed_users, sql, start_admin_vpnd
 from tests.harness import bot_config
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 NAMES = {
     7001: '=HYPERLINK("http://evil")',

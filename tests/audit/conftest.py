@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.audit.stack import TAG
-from vpnd.sandbox.xray_fake import FakeXray, start_fake_xray
+from vpnd_sandbox.xray_fake import FakeXray, start_fake_xray
 
 
 @pytest.fixture

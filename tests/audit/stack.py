@@ -18,10 +18,10 @@ import trio
 
 from tests.harness import Running, bot_config, start_vpnd
 from vpnd.config import Config
-from vpnd.sandbox.cryptopay_fake import FakeCryptoPay
-from vpnd.sandbox.demo import DEMO_PUBLIC_KEY, xray_template
-from vpnd.sandbox.telegram_fake import ChatMessage, FakeTelegram
-from vpnd.sandbox.xray_fake import FakeXray
+from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
+from vpnd_sandbox.demo import DEMO_PUBLIC_KEY, xray_template
+from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
+from vpnd_sandbox.xray_fake import FakeXray
 
 TAG = "vless-reality"
 ADMIN = 1

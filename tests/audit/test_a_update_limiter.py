@@ -27,9 +27,9 @@ from vpnd.db import outbox
 from vpnd.db.pool import BACKGROUND_RESERVE
 from vpnd.db.subscriptions import grant_days
 from vpnd.payments.service import start_cryptopay_purchase
-from vpnd.sandbox.cryptopay_fake import FakeCryptoPay
-from vpnd.sandbox.telegram_fake import FakeTelegram
-from vpnd.sandbox.xray_fake import FakeXray
+from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
+from vpnd_sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.xray_fake import FakeXray
 
 UPDATE_LIMITER_MODULE = "vpnd/telegram/dispatch.py"
 #: The database bridge has its own limiter: worker threads = pool size (not an update semaphore).

@@ -45,9 +45,9 @@ from tests.audit.stack import (
     text_has,
 )
 from vpnd.db import Database, open_database
-from vpnd.sandbox.cryptopay_fake import FakeCryptoPay
-from vpnd.sandbox.telegram_fake import ChatMessage, FakeTelegram
-from vpnd.sandbox.xray_fake import FakeXray
+from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
+from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
+from vpnd_sandbox.xray_fake import FakeXray
 
 # --- transaction functions are synchronous (source) --------------------------------------------
 

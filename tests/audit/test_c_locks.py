@@ -23,8 +23,8 @@ from vpnd.app import open_app
 from vpnd.db.subscriptions import grant_days
 from vpnd.db.users import upsert_user
 from vpnd.nurseries.xray import run_xray
-from vpnd.sandbox.telegram_fake import FakeTelegram
-from vpnd.sandbox.xray_fake import FakeXray
+from vpnd_sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.xray_fake import FakeXray
 
 XRAY_NURSERY = "vpnd/nurseries/xray.py"
 RENDER = "vpnd/xray/render.py"

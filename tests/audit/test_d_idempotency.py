@@ -43,9 +43,9 @@ from vpnd.payments.service import (
     start_stars_purchase,
 )
 from vpnd.payments.webhook import WEBHOOK_PATH, add_payment_routes
-from vpnd.sandbox.cryptopay_fake import FakeCryptoPay
-from vpnd.sandbox.telegram_fake import FakeTelegram
 from vpnd.workers.renewal import LEDGER_REASON
+from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 IO_TIMEOUT = 30
 

@@ -31,10 +31,10 @@ import trio
 
 from tests.audit.stack import full_config, poll, press, say, scalar, sql, start_full, text_has
 from vpnd.db import broadcasts as bdb
-from vpnd.sandbox.daemon_process import Daemon, start_daemon, wait_ready
-from vpnd.sandbox.postgres import free_port
-from vpnd.sandbox.telegram_fake import FakeTelegram
 from vpnd.workers.housekeeping import housekeeping_round
+from vpnd_sandbox.daemon_process import Daemon, start_daemon, wait_ready
+from vpnd_sandbox.postgres import free_port
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 # --- conversation states expire ----------------------------------------------------------------
 

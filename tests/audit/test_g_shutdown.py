@@ -31,11 +31,11 @@ from tests.audit.stack import full_config, instance_lock_released, poll, scalar,
 from vpnd.app import App
 from vpnd.db import broadcasts as bdb
 from vpnd.nurseries.root import run_daemon
-from vpnd.sandbox.daemon_process import start_daemon, wait_ready
-from vpnd.sandbox.postgres import free_port
-from vpnd.sandbox.telegram_fake import FakeTelegram
-from vpnd.sandbox.xray_fake import FakeXray
 from vpnd.sdnotify import Notifier
+from vpnd_sandbox.daemon_process import start_daemon, wait_ready
+from vpnd_sandbox.postgres import free_port
+from vpnd_sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.xray_fake import FakeXray
 
 #: A task alive at least this long before the stop is a "service" (a loop, a server, a broadcast), as
 #: opposed to per-call helpers (a database call's cancel watcher, one HTTP request).

@@ -24,8 +24,8 @@ from tests.faults.support import PUBLIC_KEY, config_text, scalar, sql
 from vpnd.app import App, open_app
 from vpnd.config import load_config
 from vpnd.nurseries.root import serve_app
-from vpnd.sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
-from vpnd.sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
+from vpnd_sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
+from vpnd_sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
 
 T = TypeVar("T")
 ADMIN_ID = 1

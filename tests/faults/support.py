@@ -1,6 +1,6 @@
 """Helpers of the fault suite: daemon configs, a supervisor for `python -m vpnd run`, SQL, Xray checks.
 
-The daemon runs as a real subprocess (`vpnd.sandbox.daemon_process`); the fakes run in the test's
+The daemon runs as a real subprocess (`vpnd_sandbox.daemon_process`); the fakes run in the test's
 Trio run and talk to it over 127.0.0.1. `Supervisor` plays systemd: start, wait for READY=1, SIGKILL,
 SIGTERM, restart, and keeps every run's log for the failure message.
 """
@@ -19,8 +19,8 @@ import httpx
 import psycopg
 import trio
 
-from vpnd.sandbox.daemon_process import Daemon, start_daemon, wait_ready
-from vpnd.sandbox.demo import xray_template
+from vpnd_sandbox.daemon_process import Daemon, start_daemon, wait_ready
+from vpnd_sandbox.demo import xray_template
 
 #: A valid REALITY public key (x25519, base64url) for link building.
 PUBLIC_KEY = "Z84J2IelR9ch3k8VtlVhhs5ycBUlXA7wHBWcBrjqnAw"

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from tests.faults.live import ADMIN_ID, Live, open_live
 from tests.faults.support import Supervisor, config_text, daemon_sections, until_sync
-from vpnd.sandbox.postgres import free_port
+from vpnd_sandbox.postgres import free_port
 
 REAL_USERS = list(range(45_001, 45_021))
 MENUS: dict[int, dict[str, Any]] = {}  # user → the bot's first message in their chat (Bot API JSON)

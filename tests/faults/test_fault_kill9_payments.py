@@ -44,10 +44,10 @@ from vpnd.db.users import upsert_user
 from vpnd.nurseries.outbox import OutboxSettings
 from vpnd.payments.service import start_cryptopay_purchase
 from vpnd.pricing import referral_reward
-from vpnd.sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
-from vpnd.sandbox.postgres import free_port
-from vpnd.sandbox.telegram_fake import FakeTelegram
-from vpnd.sandbox.xray_fake import start_fake_xray
+from vpnd_sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
+from vpnd_sandbox.postgres import free_port
+from vpnd_sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.xray_fake import start_fake_xray
 
 PURCHASES = 1000
 FIRST_USER = 500_001

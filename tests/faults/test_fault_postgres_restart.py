@@ -23,8 +23,8 @@ import trio
 from tests.faults.support import ReplyClock, Supervisor, config_text, daemon_sections, sql, until
 from vpnd.db.migrations import migrate, packaged_schema
 from vpnd.instance_lock import INSTANCE_LOCK_KEY
-from vpnd.sandbox.postgres import Cluster, free_port, throwaway_cluster
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.postgres import Cluster, free_port, throwaway_cluster
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 USERS = list(range(41_001, 41_021))
 RATE = 10.0  # messages per second, round robin over USERS

@@ -19,8 +19,8 @@ import pytest
 import trio
 
 from tests.faults.support import Supervisor, config_text, daemon_sections, get_json, sql, until
-from vpnd.sandbox.postgres import free_port
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.postgres import free_port
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 USERS = list(range(42_001, 42_021))
 FAULT_SECONDS = 30.0

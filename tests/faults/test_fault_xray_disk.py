@@ -35,9 +35,9 @@ from tests.faults.support import (
     until,
     write_xray_template,
 )
-from vpnd.sandbox.postgres import free_port
-from vpnd.sandbox.telegram_fake import FakeTelegram
-from vpnd.sandbox.xray_fake import start_fake_xray
+from vpnd_sandbox.postgres import free_port
+from vpnd_sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.xray_fake import start_fake_xray
 
 FIRST = [44_001, 44_002]
 WHILE_BROKEN = [44_101, 44_102, 44_103]

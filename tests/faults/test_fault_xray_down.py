@@ -32,9 +32,9 @@ from tests.faults.support import (
     until,
     write_xray_template,
 )
-from vpnd.sandbox.postgres import free_port
-from vpnd.sandbox.telegram_fake import FakeTelegram
-from vpnd.sandbox.xray_fake import FakeXray, start_fake_xray
+from vpnd_sandbox.postgres import free_port
+from vpnd_sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.xray_fake import FakeXray, start_fake_xray
 
 OUTAGE_SECONDS = 20.0
 BEFORE = list(range(43_001, 43_006))

@@ -21,7 +21,7 @@ from vpnd.cryptopay import CryptoPayClient, open_cryptopay_client
 from vpnd.db.users import upsert_user
 from vpnd.nurseries.http import build_router, run_http
 from vpnd.payments.webhook import WEBHOOK_PATH, add_payment_routes
-from vpnd.sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
+from vpnd_sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
 
 IO_TIMEOUT = 20
 ADMINS = (900001, 900002)

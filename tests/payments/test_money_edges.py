@@ -24,7 +24,7 @@ from vpnd.payments.service import (
     start_stars_purchase,
 )
 from vpnd.payments.watcher import watch_once
-from vpnd.sandbox.cryptopay_fake import FakeApiError
+from vpnd_sandbox.cryptopay_fake import FakeApiError
 
 
 async def test_single_use_code_over_many_invoices_gives_one_discounted_grant(env: Env) -> None:

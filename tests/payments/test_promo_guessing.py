@@ -10,7 +10,7 @@ import psycopg
 import trio
 
 from tests.harness import bot_config, start_vpnd
-from vpnd.sandbox.telegram_fake import ChatMessage, FakeTelegram
+from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
 ADMIN, ALICE, BOB, CAROL = 1, 1001, 1002, 1003
 

@@ -32,7 +32,7 @@ from vpnd.cryptopay import (
     sign_webhook_body,
     verify_webhook_signature,
 )
-from vpnd.sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
+from vpnd_sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
 
 IO_TIMEOUT = 10
 

@@ -21,8 +21,8 @@ import telegram.error
 import trio
 import trio.testing
 
-from vpnd.sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
-from vpnd.sandbox.telegram_html import EntityParseError, detect_bot_commands, parse_html, utf16_len
+from vpnd_sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
+from vpnd_sandbox.telegram_html import EntityParseError, detect_bot_commands, parse_html, utf16_len
 
 IO_TIMEOUT = 10
 ALICE = 1001
@@ -686,14 +686,14 @@ async def test_set_my_commands_validation(tg: Telegram) -> None:
 
 
 async def test_standalone_process_serves_bot_api_and_sandbox(tmp_path: Any) -> None:
-    """``python -m vpnd.sandbox.telegram_fake`` prints its base URL first; the daemon's subprocess tests
+    """``python -m vpnd_sandbox.telegram_fake`` prints its base URL first; the daemon's subprocess tests
     and ``make demo`` talk to it only over HTTP."""
     import subprocess
     import sys
 
     with trio.fail_after(IO_TIMEOUT):
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "vpnd.sandbox.telegram_fake", "--port", "0", "--token", "42:subprocess"],
+            [sys.executable, "-m", "vpnd_sandbox.telegram_fake", "--port", "0", "--token", "42:subprocess"],
             stdout=subprocess.PIPE,
         )
         try:

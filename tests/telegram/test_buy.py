@@ -10,8 +10,8 @@ import psycopg
 import trio
 
 from tests.harness import bot_config, start_vpnd
-from vpnd.sandbox.cryptopay_fake import FakeCryptoPay
-from vpnd.sandbox.telegram_fake import ChatMessage, FakeTelegram
+from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
+from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
 ALICE = 1001
 

@@ -9,9 +9,9 @@ import telegram
 import trio
 
 from vpnd.config import TelegramConfig
-from vpnd.sandbox.telegram_fake import FakeTelegram
 from vpnd.telegram.client import ChatNotFound, ChatUnreachable, Sender, SendFailed, TrioBot, build_bot
 from vpnd.telegram.ratelimit import OutboundLimiter
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 
 def test_python_telegram_bot_minor_version_is_the_pinned_one() -> None:

@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from tests.harness import bot_config, start_vpnd
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 SPAMMER, PRESSER = 5001, 5002
 OTHERS = list(range(6001, 6201))

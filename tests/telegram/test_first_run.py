@@ -17,8 +17,8 @@ import trio
 
 from tests.harness import bot_config, start_vpnd
 from tests.x25519_reference import public_key_of
-from vpnd.sandbox.telegram_fake import ChatMessage, FakeTelegram
 from vpnd.xray.links import parse_vless_link
+from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
 REPO = Path(__file__).resolve().parent.parent.parent
 ADMIN, ALICE = 1, 1001

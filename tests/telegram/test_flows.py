@@ -11,8 +11,8 @@ import psycopg
 import trio
 
 from tests.harness import bot_config, start_vpnd
-from vpnd.sandbox.telegram_fake import ChatMessage, FakeTelegram
 from vpnd.xray.links import parse_vless_link
+from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
 ALICE = 1001
 

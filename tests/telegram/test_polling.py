@@ -13,9 +13,9 @@ import pytest
 import trio
 
 from tests.harness import bot_config, start_vpnd
-from vpnd.sandbox.daemon_process import start_daemon, wait_ready
-from vpnd.sandbox.postgres import free_port
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.daemon_process import start_daemon, wait_ready
+from vpnd_sandbox.postgres import free_port
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 ALICE = 1001
 

@@ -10,7 +10,7 @@ import psycopg
 import trio
 
 from tests.harness import bot_config, start_vpnd
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 ALICE = 1201
 

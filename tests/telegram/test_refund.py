@@ -12,8 +12,8 @@ import trio
 
 from tests.harness import bot_config, start_vpnd
 from tests.xray.test_xray_writer import PUBLIC_KEY, TAG, reality_template
-from vpnd.sandbox.telegram_fake import FakeTelegram
-from vpnd.sandbox.xray_fake import start_fake_xray
+from vpnd_sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.xray_fake import start_fake_xray
 
 ALICE, BOB, ADMIN = 1001, 2002, 1  # ADMIN: bot_config's admin_ids
 

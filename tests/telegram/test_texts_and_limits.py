@@ -10,10 +10,10 @@ import pytest
 import trio
 import trio.testing
 
-from vpnd.sandbox.telegram_html import parse_html
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.ratelimit import OutboundLimiter, Priority
 from vpnd.telegram.texts import Html, Texts
+from vpnd_sandbox.telegram_html import parse_html
 
 
 def placeholders(template: str) -> set[str]:

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from tests.harness import bot_config, start_vpnd
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")

@@ -24,8 +24,8 @@ import telegram
 import telegram.error
 import trio
 
-from vpnd.sandbox.telegram_fake import FakeTelegram, FaultKind, serve_fake_telegram
 from vpnd.telegram.wire import BotWire, Origin, open_bot_wire
+from vpnd_sandbox.telegram_fake import FakeTelegram, FaultKind, serve_fake_telegram
 
 # A connection BotWire forgets to close (instead of closing it on error or cancellation) fails the test.
 pytestmark = [

@@ -24,9 +24,9 @@ from vpnd.app import App, open_app
 from vpnd.config import Config
 from vpnd.nurseries.outbox import OutboxSender, OutboxSettings, run_outbox
 from vpnd.nurseries.workers import Job, run_workers
-from vpnd.sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
 from vpnd.telegram.client import Sender, open_bot
 from vpnd.telegram.ratelimit import OutboundLimiter
+from vpnd_sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
 
 
 @attrs.define(eq=False)

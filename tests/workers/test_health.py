@@ -14,8 +14,8 @@ from tests.workers.conftest import StoppableFake, poll_until, query, running, st
 from vpnd.app import App
 from vpnd.db.migrations import migrate, packaged_schema
 from vpnd.nurseries.outbox import OutboxSettings
-from vpnd.sandbox.postgres import throwaway_cluster
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.postgres import throwaway_cluster
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 ADMIN = 1  # bot_config's [telegram].admin_ids
 RETRY_SOON = OutboxSettings(poll_interval=0.2, retry_base=0.3, retry_cap=0.5, max_attempts=100)

@@ -9,7 +9,7 @@ from tests.workers.conftest import poll_until, query, running, seed_users, start
 from vpnd.config import Config
 from vpnd.db import outbox
 from vpnd.nurseries.outbox import OutboxSettings
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 FAST = OutboxSettings(poll_interval=0.2, retry_base=0.3, retry_cap=1.0)
 

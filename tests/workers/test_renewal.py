@@ -20,10 +20,10 @@ from vpnd.config import Config
 from vpnd.db.admin import export_payments_csv
 from vpnd.db.ledger import mismatched_balances
 from vpnd.nurseries.xray import run_xray
-from vpnd.sandbox.xray_fake import start_fake_xray
 from vpnd.telegram.texts import Texts
 from vpnd.workers.expiry import expiry_round
 from vpnd.workers.renewal import LEDGER_REASON, renewal_round
+from vpnd_sandbox.xray_fake import start_fake_xray
 
 H = dt.timedelta(hours=1)
 D = dt.timedelta(days=1)

@@ -17,9 +17,9 @@ import trio
 from tests.harness import bot_config
 from tests.workers.conftest import query, seed_subscriptions, seed_users, start_users
 from vpnd.nurseries.outbox import OutboxSettings
-from vpnd.sandbox.daemon_process import start_daemon, wait_ready
-from vpnd.sandbox.postgres import free_port
-from vpnd.sandbox.telegram_fake import FakeTelegram
+from vpnd_sandbox.daemon_process import start_daemon, wait_ready
+from vpnd_sandbox.postgres import free_port
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 USERS = list(range(100_001, 102_001))
 RUNNER = Path(__file__).with_name("runner.py")

@@ -19,9 +19,9 @@ from vpnd.db import subscriptions
 from vpnd.db.users import upsert_user
 from vpnd.db.xray_state import store_traffic
 from vpnd.nurseries.http import build_router, run_http
-from vpnd.sandbox.postgres import free_port
 from vpnd.subscription_url import TokenRateLimiter, add_subscription_routes, user_links
 from vpnd.xray.links import decode_subscription_body, parse_vless_link
+from vpnd_sandbox.postgres import free_port
 
 PUBLIC_KEY = "Z84J2IelR9ch3k8VtlVhhs5ycBUlXA7wHBWcBrjqnAw"
 XRAY = {

@@ -6,8 +6,8 @@ import grpc
 import pytest
 import trio
 
-from vpnd.sandbox.xray_fake import start_fake_xray
 from vpnd.xray.api import Traffic, XrayApi, XrayApiError, XrayUnavailable
+from vpnd_sandbox.xray_fake import start_fake_xray
 
 TAG = "vless-in"
 

@@ -30,7 +30,7 @@ from vpnd.db import subscriptions
 from vpnd.db.users import upsert_user
 from vpnd.db.xray_state import get_sync_marker, set_sync_marker, traffic_totals
 from vpnd.nurseries.xray import MIN_WRITE_INTERVAL, XrayStatus, run_xray
-from vpnd.sandbox.xray_fake import FakeUser, start_fake_xray
+from vpnd_sandbox.xray_fake import FakeUser, start_fake_xray
 
 TAG = "vless-in"
 PRIVATE_KEY = base64.urlsafe_b64encode(bytes(range(1, 33))).rstrip(b"=").decode()

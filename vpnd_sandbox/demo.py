@@ -24,12 +24,12 @@ from vpnd.config import Config, config_from_dict
 from vpnd.config_checks import EXAMPLE_REALITY_PRIVATE_KEY, EXAMPLE_REALITY_PUBLIC_KEY
 from vpnd.db.migrations import migrate, packaged_schema
 from vpnd.nurseries.root import run_daemon
-from vpnd.sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
-from vpnd.sandbox.postgres import Cluster, free_port, throwaway_cluster
-from vpnd.sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
-from vpnd.sandbox.xray_fake import start_fake_xray
+from vpnd_sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
+from vpnd_sandbox.postgres import Cluster, free_port, throwaway_cluster
+from vpnd_sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
+from vpnd_sandbox.xray_fake import start_fake_xray
 
-log = logging.getLogger("vpnd.sandbox")
+log = logging.getLogger("vpnd_sandbox")
 
 #: The example REALITY key pair of the shipped config.toml (a real pair: the template's private key
 #: matches the public key in users' links). Public, so for demos only.

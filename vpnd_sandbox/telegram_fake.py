@@ -10,7 +10,7 @@ Three audiences use it:
 * **Bot side** (the daemon under test): the HTTP Bot API under ``/bot<token>/<method>``.
 * **Users** (tests, the web chat): :class:`FakeTelegram` methods ``add_user``, ``user_sends``,
   ``user_presses_button``, ``user_pays_invoice``, ``user_blocks_bot``…, mirrored as a JSON API under
-  ``/sandbox/api/`` (see :mod:`vpnd.sandbox.telegram_asgi`) for subprocess tests and the web page at ``/``.
+  ``/sandbox/api/`` (see :mod:`vpnd_sandbox.telegram_asgi`) for subprocess tests and the web page at ``/``.
 * **Fault injection** (tests): :meth:`FakeTelegram.inject_fault` makes chosen requests fail with 502, 429,
   409, a hung request or a dropped connection; :attr:`FakeTelegram.requests` counts calls per method so a
   test can spot a busy loop.
@@ -36,7 +36,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
-from vpnd.sandbox.telegram_html import (
+from vpnd_sandbox.telegram_html import (
     EntityParseError,
     ParsedText,
     detect_bot_commands,
@@ -44,7 +44,7 @@ from vpnd.sandbox.telegram_html import (
     plain_text,
     utf16_len,
 )
-from vpnd.sandbox.telegram_wire import (
+from vpnd_sandbox.telegram_wire import (
     ApiError,
     JSONDict,
     Params,
@@ -1695,12 +1695,12 @@ async def serve_fake_telegram(
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
-    from vpnd.sandbox.telegram_asgi import FakeTelegramApp
+    from vpnd_sandbox.telegram_asgi import FakeTelegramApp
 
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
-    config.errorlog = logging.getLogger("vpnd.sandbox.telegram")
+    config.errorlog = logging.getLogger("vpnd_sandbox.telegram")
     config.graceful_timeout = 1.0
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(serve, FakeTelegramApp(fake), config)
@@ -1708,7 +1708,7 @@ async def serve_fake_telegram(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m vpnd.sandbox.telegram_fake [--host H] [--port P] [--token T]``: serve a fresh fake.
+    """``python -m vpnd_sandbox.telegram_fake [--host H] [--port P] [--token T]``: serve a fresh fake.
 
     Prints the base URL as the first line of stdout (subprocess tests read it), then serves until killed.
     """

@@ -42,8 +42,8 @@ from urllib.parse import parse_qs
 import attrs
 import trio
 
-from vpnd.sandbox.telegram_fake import BotReply, ChatMessage, FakeTelegram, SandboxError
-from vpnd.sandbox.telegram_wire import JSONDict
+from vpnd_sandbox.telegram_fake import BotReply, ChatMessage, FakeTelegram, SandboxError
+from vpnd_sandbox.telegram_wire import JSONDict
 
 __all__ = ["FakeTelegramApp"]
 
@@ -156,7 +156,7 @@ class FakeTelegramApp:
 
     def _webchat(self) -> bytes:
         if self._page is None:
-            resource = importlib.resources.files("vpnd.sandbox").joinpath("static/webchat.html")
+            resource = importlib.resources.files("vpnd_sandbox").joinpath("static/webchat.html")
             self._page = resource.read_bytes()
         return self._page
 
