@@ -91,18 +91,8 @@ MAP: dict[str, str] = {
 
 #: Known wrong arrows, (importing module, imported module) → why it is still here. Shrinks to empty.
 ALLOWED: dict[tuple[str, str], str] = {
-    ("vpnd.alerts", "vpnd.telegram.texts"): "texts move to the domain (vpnd.texts)",
     ("vpnd.app", "vpnd.nurseries.xray"): "App.xray_status's type lives with the Xray writer",
     ("vpnd.cli", "vpnd_sandbox.demo"): "`vpnd sandbox` runs the demo",
-    ("vpnd.db.payments", "vpnd.config"): "PaymentRules.from_config",
-    ("vpnd.db.payments", "vpnd.telegram.texts"): "PaymentRules loads the texts itself",
-    ("vpnd.payments.service", "vpnd.telegram.texts"): "module-global _TEXTS",
-    ("vpnd.workers.common", "vpnd.telegram.texts"): "texts move to the domain (vpnd.texts)",
-    ("vpnd.workers.expiry", "vpnd.telegram.texts"): "texts move to the domain (vpnd.texts)",
-    ("vpnd.workers.health", "vpnd.telegram.texts"): "texts move to the domain (vpnd.texts)",
-    ("vpnd.workers.reminders", "vpnd.telegram.texts"): "texts move to the domain (vpnd.texts)",
-    ("vpnd.workers.renewal", "vpnd.telegram.texts"): "texts move to the domain (vpnd.texts)",
-    ("vpnd.workers.trials", "vpnd.telegram.texts"): "texts move to the domain (vpnd.texts)",
 }
 
 #: Modules outside vpnd/db/ still running SQL themselves. Shrinks to empty.
@@ -285,3 +275,28 @@ def test_sql_outside_db_is_caught() -> None:
     source = "def f(conn):\n    conn.execute('SELECT 1')\n    with conn.cursor() as cur:\n        pass\n"
     assert len(sql_calls("vpnd.telegram.router", source, allowed={})) == 2
     assert sql_calls("vpnd.db.users", source, allowed={}) == []
+
+
+#: Where the texts may be loaded: once per app, and once per admin CLI process (it has no App).
+TEXTS_LOADED_IN = frozenset({"vpnd.app", "vpnd.admin_cli"})
+
+
+def texts_loads(module: str, source: str) -> list[str]:
+    """References to `Texts.load` (a call, or a factory handed to attrs) outside TEXTS_LOADED_IN."""
+    if module in TEXTS_LOADED_IN:
+        return []
+    return [
+        f"{module}:{node.lineno} loads the texts: take them from the caller (App.texts)"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Attribute)
+        and node.attr == "load"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "Texts"
+    ]
+
+
+def test_texts_are_loaded_once_and_handed_down() -> None:
+    """No module global of texts, no re-parse of the locale JSON per call (`PaymentRules` did both)."""
+    assert [p for module, source, _ in vpnd_sources() for p in texts_loads(module, source)] == []
+    planted = "_TEXTS = Texts.load()\n@attrs.frozen\nclass R:\n    texts: Texts = attrs.field(factory=Texts.load)\n"
+    assert len(texts_loads("vpnd.payments.service", planted)) == 2

@@ -38,7 +38,7 @@ from vpnd.db.migrations import SchemaError, check_version, packaged_schema
 from vpnd.db.payments import AUTO_RENEW_PREFIX
 from vpnd.db.subscriptions import Subscription
 from vpnd.pricing import format_money
-from vpnd.telegram.texts import Texts
+from vpnd.texts import Texts
 
 R = TypeVar("R")
 

@@ -18,7 +18,7 @@ import psycopg
 
 from vpnd.app import App
 from vpnd.config import Config
-from vpnd.telegram.texts import Texts
+from vpnd.texts import Texts
 from vpnd.workers.health import Alert, record_observation
 
 #: At most one "failing" alert per incident name per this long (the health worker's default).

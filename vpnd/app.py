@@ -25,6 +25,7 @@ from vpnd.instance_lock import InstanceLock, hold_instance_lock
 from vpnd.lifecycle import Lifecycle
 from vpnd.metrics import Metrics
 from vpnd.nudge import Changed, Nudge
+from vpnd.texts import Texts
 
 if TYPE_CHECKING:
     from vpnd.nurseries.xray import XrayStatus
@@ -59,6 +60,8 @@ class App:
     config_reloaded: Changed = attrs.field(factory=Changed)
     #: Called with the new config after a reload, for state built from it at start (rate limiters).
     reload_hooks: list[Callable[[Config], None]] = attrs.field(factory=list)
+    #: The user-facing texts, loaded once here and handed down (flows, workers, payments, alerts).
+    texts: Texts = attrs.field(factory=Texts.load)
 
 
 async def prepare_schema(

@@ -11,7 +11,7 @@ import trio
 
 from tests.payments.conftest import IO_TIMEOUT, Env
 from vpnd.db import promo
-from vpnd.db.payments import PaymentRules, finalize_purchase
+from vpnd.db.payments import finalize_purchase
 from vpnd.payments import InsufficientBalance, MethodUnavailable, PurchaseNotPayable
 from vpnd.payments.service import (
     PRE_CHECKOUT_ALREADY_PAID,
@@ -24,6 +24,7 @@ from vpnd.payments.service import (
     pay_purchase_with_balance,
     pay_with_balance,
     quote_plan,
+    rules_of,
     start_cryptopay_purchase,
     start_stars_purchase,
 )
@@ -145,7 +146,7 @@ async def test_promo_limit_holds_at_finalize_even_past_reservations(env: Env) ->
         for user in users
     ]
     env.sql("UPDATE purchases SET stars = 200, list_amount_minor = 499")
-    rules = PaymentRules.from_config(env.app.config)
+    rules = rules_of(env.app)
     with trio.fail_after(IO_TIMEOUT):
         async with trio.open_nursery() as nursery:
             for purchase_id in ids:

@@ -35,7 +35,6 @@ import attrs
 import psycopg
 from psycopg.rows import class_row
 
-from vpnd.config import Config
 from vpnd.db import ledger, outbox, promo
 from vpnd.db.purchases import (
     MethodUnavailable,
@@ -49,7 +48,7 @@ from vpnd.db.subscriptions import COLUMNS as SUBSCRIPTION_COLUMNS
 from vpnd.db.subscriptions import Subscription, grant_days
 from vpnd.db.users import language_of
 from vpnd.pricing import STARS_CURRENCY, format_money, referral_reward
-from vpnd.telegram.texts import Texts
+from vpnd.texts import Texts
 
 log = logging.getLogger("vpnd.payments")
 
@@ -66,24 +65,19 @@ FinalizeStatus = Literal[
 
 @attrs.frozen
 class PaymentRules:
-    """The configuration finalize needs (built once from the config)."""
+    """What finalize needs from the configuration and the texts, as values.
 
-    referral_percent: int = 0
-    admin_ids: tuple[int, ...] = ()
+    The caller builds it (`vpnd.payments.service.rules_of`) from the running config — whose keys here
+    are live on reload — and the texts loaded once at start; building it is cheap.
+    """
+
+    referral_percent: int
+    admin_ids: tuple[int, ...]
     #: The balance (and referral rewards) are kept in this currency.
-    balance_currency: str = "USD"
+    balance_currency: str
     #: Messages queued for users are rendered in their language (vpnd/locales).
-    texts: Texts = attrs.field(factory=Texts.load)
+    texts: Texts
     default_language: str = "en"
-
-    @classmethod
-    def from_config(cls, config: Config) -> PaymentRules:
-        return cls(
-            config.referral.percent,
-            tuple(config.telegram.admin_ids),
-            config.payments.currency,
-            default_language=config.telegram.default_language,
-        )
 
     def text(self, conn: psycopg.Connection[Any], recipient: int, key: str, /, **values: object) -> str:
         """`key` rendered in the language of user `recipient` (values are HTML-escaped)."""

@@ -372,7 +372,7 @@ async def run_broadcasts(
     broadcasts = Broadcasts(
         app,
         sender,
-        texts or Texts.load(),
+        texts or app.texts,
         app.broadcasts_changed,
         max_in_flight=max_in_flight,
         poll_interval=poll_interval,

@@ -46,7 +46,6 @@ from vpnd.subscription_url import add_subscription_routes
 from vpnd.telegram.client import Sender, open_bot
 from vpnd.telegram.ratelimit import OutboundLimiter
 from vpnd.telegram.router import default_routes, make_apology, make_drop_notice, make_update_handler
-from vpnd.telegram.texts import Texts
 from vpnd.telegram.turn import BotContext
 
 log = logging.getLogger("vpnd.root")
@@ -92,7 +91,7 @@ async def serve_app(
         app.reload_hooks.append(set_log_level)
         app.reload_hooks.append(limiter.apply)
         sender = Sender(bot, limiter, app.metrics)
-        ctx = BotContext(app, bot, sender, Texts.load(), cryptopay)
+        ctx = BotContext(app, bot, sender, app.texts, cryptopay)
         async with trio.open_nursery() as root:
             router = build_router(app)
             add_subscription_routes(router, app)

@@ -106,7 +106,7 @@ async def run_workers(
     `started()` once every job has reported started (the health check after its first round, so
     its readiness checks exist before READY=1).
     """
-    texts = Texts.load()
+    texts = app.texts
     builtin = default_jobs(app, sender, texts)
     if only is not None:
         unknown = set(only) - set(builtin)

@@ -678,7 +678,7 @@ async def run_xray(
     cut short is redone by the next start).
     """
     config = app.config.xray
-    texts = texts if texts is not None else Texts.load()
+    texts = texts if texts is not None else app.texts
     await report_link_settings(app, texts)
     if not config.enabled:
         task_status.started(XrayStatus(enabled=False, mode="disabled"))

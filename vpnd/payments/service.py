@@ -55,16 +55,14 @@ from vpnd.pricing import (
     received_to_minor,
     topup_offer,
 )
-from vpnd.telegram.texts import Texts
+from vpnd.texts import Texts
 
 log = logging.getLogger("vpnd.payments")
 
-#: Invoice descriptions are plain text (Crypto Pay, Telegram invoices), not HTML.
-_TEXTS = Texts.load()
 
-
-def _plain(language: str, key: str, **values: object) -> str:
-    return html.unescape(_TEXTS.get(language, key, **values))
+def _plain(texts: Texts, language: str, key: str, **values: object) -> str:
+    """Invoice descriptions are plain text (Crypto Pay, Telegram invoices), not HTML."""
+    return html.unescape(texts.get(language, key, **values))
 
 
 PRE_CHECKOUT_UNKNOWN = "payments.precheckout.unknown"
@@ -79,7 +77,15 @@ DELETE_BUDGET_SECONDS = 8
 
 
 def rules_of(app: App) -> PaymentRules:
-    return PaymentRules.from_config(app.config)
+    """The payment rules from the running config (its keys here are live on reload) and the app's texts."""
+    config = app.config
+    return PaymentRules(
+        config.referral.percent,
+        tuple(config.telegram.admin_ids),
+        config.payments.currency,
+        app.texts,
+        default_language=config.telegram.default_language,
+    )
 
 
 def after_commit(app: App, outcome: FinalizeOutcome, provider: str) -> None:
@@ -237,7 +243,7 @@ async def apply_promo_code(app: App, user_id: int, code: str, *, texts: Texts | 
     in `promo_attempts` and counted (`vpnd_promo_attempts`); many wrong codes from all users in one
     window (`promo_alert_wrong_attempts`) alert the admins, once per incident.
     """
-    check, alerted = await app.db.run(_apply_promo_guarded, user_id, code, app.config, texts or _TEXTS)
+    check, alerted = await app.db.run(_apply_promo_guarded, user_id, code, app.config, texts or app.texts)
     if alerted:
         app.outbox_changed.nudge()
     if check.ok:
@@ -278,13 +284,16 @@ async def start_cryptopay_purchase(
         plan = _plan(app, plan_code)
         offer = plan_offer(plan)
         description = _plain(
-            language, "payments.invoice_plan", title=plan.title.get(language, plan.code), days=plan.days
+            app.texts, language, "payments.invoice_plan", title=plan.title.get(language, plan.code), days=plan.days
         )
     else:
         assert topup_minor is not None
         offer = topup_offer(topup_minor, app.config.payments)
         description = _plain(
-            language, "payments.invoice_topup", amount=f"{from_minor(topup_minor, offer.currency)} {offer.currency}"
+            app.texts,
+            language,
+            "payments.invoice_topup",
+            amount=f"{from_minor(topup_minor, offer.currency)} {offer.currency}",
         )
 
     purchase = await _create_purchase(app, user_id, offer, "cryptopay")  # committed before any HTTP
@@ -377,7 +386,7 @@ async def start_stars_purchase(
     await delete_superseded_invoices(app, cryptopay, purchase.id)
     assert purchase.stars is not None
     title = plan.title.get(language, plan.code)
-    description = _plain(language, "payments.invoice_plan", title=title, days=plan.days)
+    description = _plain(app.texts, language, "payments.invoice_plan", title=title, days=plan.days)
     return StarsInvoice(purchase, title[:32], description[:255], str(purchase.id), STARS_CURRENCY, purchase.stars)
 
 

@@ -29,8 +29,8 @@ from vpnd.db import admin as admin_db
 from vpnd.db import broadcasts as bdb
 from vpnd.db import conversation, ledger, promo
 from vpnd.db import payments as payments_db
-from vpnd.db.payments import PaymentRules
 from vpnd.db.subscriptions import Subscription
+from vpnd.payments.service import rules_of
 from vpnd.pricing import InvalidAmount, format_money, parse_amount
 from vpnd.telegram import admin_views as views
 from vpnd.telegram import keyboards as kb
@@ -645,7 +645,7 @@ async def refund_confirmed(turn: Turn, args: list[str]) -> None:
         )
         return
 
-    rules = PaymentRules.from_config(turn.app.config)
+    rules = rules_of(turn.app)
 
     def record(conn: psycopg.Connection[Any]) -> payments_db.RefundReversal:
         reversal = payments_db.reverse_refunded_purchase(conn, purchase_id, rules=rules)

@@ -22,7 +22,7 @@ from vpnd.db.users import User
 from vpnd.telegram.client import Sender, SentMessage, TrioBot
 from vpnd.telegram.incoming import ButtonPress
 from vpnd.telegram.keyboards import Keyboard
-from vpnd.telegram.texts import Texts
+from vpnd.texts import Texts
 
 #: Menus carry links (subscription URLs, invites) that should not unfold into previews.
 NO_PREVIEW = {"is_disabled": True}

@@ -10,7 +10,7 @@ import attrs
 from vpnd.config import Config
 from vpnd.pricing import to_minor
 from vpnd.telegram.keyboards import Keyboard, button, keyboard
-from vpnd.telegram.texts import Texts
+from vpnd.texts import Texts
 
 #: Before every real `(timestamp, id)` keyset position.
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

@@ -21,7 +21,7 @@ import psycopg
 
 from vpnd.app import App
 from vpnd.db import outbox
-from vpnd.telegram.texts import Texts
+from vpnd.texts import Texts
 from vpnd.workers import trials
 from vpnd.workers.common import START, BatchResult, PlanPrices, format_date, instant_key, renew_button
 from vpnd.workers.renewal import RENEWAL_GRACE, RENEWAL_PENDING

@@ -34,7 +34,7 @@ from vpnd.db import outbox
 from vpnd.health import CheckResult, run_checks
 from vpnd.periodic import Period, run_periodic
 from vpnd.telegram.client import TrioBot
-from vpnd.telegram.texts import Texts
+from vpnd.texts import Texts
 from vpnd.workers.common import instant_key
 from vpnd.xray.api import XrayApi
 

@@ -18,7 +18,7 @@ import psycopg
 
 from vpnd.app import App
 from vpnd.db import outbox
-from vpnd.telegram.texts import Texts
+from vpnd.texts import Texts
 from vpnd.workers.common import START, BatchResult, format_date, instant_key, renew_button
 
 log = logging.getLogger("vpnd.workers.reminders")

@@ -20,7 +20,7 @@ import psycopg
 from vpnd.app import App
 from vpnd.db import outbox
 from vpnd.telegram.keyboards import Keyboard
-from vpnd.telegram.texts import Texts
+from vpnd.texts import Texts
 from vpnd.workers.common import START, BatchResult, buy_button, format_date
 
 log = logging.getLogger("vpnd.workers.trials")

@@ -19,8 +19,8 @@ from vpnd.db.subscriptions import Subscription
 from vpnd.subscription_url import user_links
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.flows.menu import show_menu
-from vpnd.telegram.texts import Html
 from vpnd.telegram.turn import Turn
+from vpnd.texts import Html
 
 log = logging.getLogger("vpnd.telegram.access")
 

@@ -21,8 +21,8 @@ from vpnd.db.purchases import PaymentError, ProviderUnavailable
 from vpnd.payments import service
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.flows.access import my_subscription
-from vpnd.telegram.texts import Html
 from vpnd.telegram.turn import BotContext, Turn
+from vpnd.texts import Html
 
 if TYPE_CHECKING:
     from vpnd.telegram.router import Routes
