@@ -1,6 +1,6 @@
 """Prices, discounts and rewards: pure functions over integers, no I/O.
 
-Money is an integer number of minor units (cents) of a currency, never a float. Config prices are
+Money is an integer number of minor units (cents) of a currency, never a float (`vpnd.money`). Config prices are
 `Decimal` strings ("4.99"); they become minor units here, exactly or not at all. Discounts round in
 the shop's favour by at most one minor unit (the customer pays the ceiling), rewards round down,
 and no price goes below the configured minimum — nor below one minor unit (one Star), because a
@@ -16,10 +16,11 @@ import attrs
 
 from vpnd.config import PaymentsConfig, Plan
 
-#: Currencies whose minor unit is not 1/100 (ISO 4217). Everything else has two decimals.
-_EXPONENTS: dict[str, int] = {"JPY": 0, "KRW": 0, "VND": 0, "CLP": 0, "ISK": 0, "XTR": 0, "KWD": 3, "BHD": 3}
-
-STARS_CURRENCY = "XTR"
+# The money helpers live in vpnd.money; re-exported so older imports from here keep working.
+from vpnd.money import STARS_CURRENCY as STARS_CURRENCY
+from vpnd.money import format_money as format_money
+from vpnd.money import from_minor as from_minor
+from vpnd.money import minor_exponent as minor_exponent
 
 #: Amounts beyond this are refused (PostgreSQL's bigint holds them, but no real price is near it).
 MAX_MINOR = 10**15
@@ -27,11 +28,6 @@ MAX_MINOR = 10**15
 
 class InvalidAmount(ValueError):
     """An amount that is not a positive number of whole minor units (or is out of bounds)."""
-
-
-def minor_exponent(currency: str) -> int:
-    """How many decimal places the currency's minor unit has (USD: 2, JPY: 0)."""
-    return _EXPONENTS.get(currency.upper(), 2)
 
 
 def to_minor(amount: Decimal, currency: str) -> int:
@@ -55,19 +51,6 @@ def received_to_minor(amount: Decimal, currency: str) -> int:
     if not amount.is_finite() or abs(amount) >= MAX_MINOR:
         raise InvalidAmount(f"not a usable amount: {amount}")
     return int(amount.scaleb(minor_exponent(currency)).to_integral_value(rounding=ROUND_DOWN))
-
-
-def from_minor(minor: int, currency: str) -> Decimal:
-    """499 → `Decimal("4.99")` for USD (exact; the inverse of `to_minor`)."""
-    exponent = minor_exponent(currency)
-    return Decimal(minor).scaleb(-exponent).quantize(Decimal(1).scaleb(-exponent))
-
-
-def format_money(minor: int, currency: str) -> str:
-    """499, "USD" → "4.99 USD"; for messages."""
-    if currency.upper() == STARS_CURRENCY:
-        return f"{minor} ⭐"
-    return f"{from_minor(minor, currency)} {currency}"
 
 
 def parse_amount(text: str, currency: str) -> int:

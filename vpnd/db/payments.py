@@ -47,7 +47,8 @@ from vpnd.db.purchases import (
 from vpnd.db.subscriptions import COLUMNS as SUBSCRIPTION_COLUMNS
 from vpnd.db.subscriptions import Subscription, grant_days
 from vpnd.db.users import language_of
-from vpnd.pricing import STARS_CURRENCY, format_money, referral_reward
+from vpnd.money import STARS_CURRENCY, format_money
+from vpnd.pricing import referral_reward
 from vpnd.texts import Texts
 
 log = logging.getLogger("vpnd.payments")

@@ -43,6 +43,7 @@ from vpnd.db.purchases import (
     PurchaseNotPayable,
     UnknownPlan,
 )
+from vpnd.money import format_money
 from vpnd.pricing import (
     STARS_CURRENCY,
     InvalidAmount,
@@ -293,7 +294,7 @@ async def start_cryptopay_purchase(
             app.texts,
             language,
             "payments.invoice_topup",
-            amount=f"{from_minor(topup_minor, offer.currency)} {offer.currency}",
+            amount=format_money(topup_minor, offer.currency),
         )
 
     purchase = await _create_purchase(app, user_id, offer, "cryptopay")  # committed before any HTTP

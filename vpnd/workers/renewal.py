@@ -32,7 +32,7 @@ from vpnd.app import App
 from vpnd.db import ledger, outbox
 from vpnd.db.payments import record_auto_renewal
 from vpnd.db.subscriptions import grant_days
-from vpnd.pricing import format_money
+from vpnd.money import format_money
 from vpnd.texts import Texts
 from vpnd.workers.common import START, BatchResult, PlanPrices, buy_button, format_date, instant_key
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import telegram
 import trio
 
-from vpnd import pricing
+from vpnd import money, pricing
 from vpnd.db import conversation
 from vpnd.db.ledger import InsufficientBalance
 from vpnd.db.purchases import PaymentError, ProviderUnavailable
@@ -36,7 +36,7 @@ PRE_CHECKOUT_BUDGET = 8.0
 
 
 def _money(minor: int, currency: str) -> str:
-    return pricing.format_money(minor, currency)
+    return money.format_money(minor, currency)
 
 
 async def choose_plan(turn: Turn) -> None:

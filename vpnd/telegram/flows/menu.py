@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 from vpnd.db import subscriptions, users
+from vpnd.money import format_money
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.turn import Turn
-
-
-def format_money(minor: int, currency: str) -> str:
-    amount = (Decimal(minor) / 100).quantize(Decimal("0.01"))
-    return f"{amount} {currency}"
 
 
 async def show_menu(turn: Turn, prefix: str = "") -> None:
