@@ -1,8 +1,9 @@
-"""The composition root: `open_app(config)` builds everything the services share.
+"""`open_app(config)` builds the resources every service shares: the `App` bundle.
 
-There are no module-level clients or singletons: the pool, the health registry, the metrics
-registry and (in later layers) the Telegram and Crypto Pay clients are built here, handed down
-as arguments, and closed here in reverse order — the database pool last.
+That is the instance lock, the schema check or migration, the database pool, the health and metrics
+registries and the texts; they are handed down as arguments and closed here in reverse order — the
+database pool last. There are no module-level clients or singletons. The Telegram and Crypto Pay
+clients and the service tasks are built on top of it by `vpnd.nurseries.root.serve_app`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The `vpnd` command: run, check-config, migrate (and sandbox, admin from later layers).
+"""The `vpnd` command: run, check-config, migrate, sandbox, and the operator's admin/broadcast commands
+(those live in `vpnd.admin_cli`). `run` hands the config to `vpnd.nurseries.root.run_daemon`.
 
 Exit codes: 0 ok, 1 failure (logged with its cause, once), 2 usage or configuration error.
 """

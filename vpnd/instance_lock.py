@@ -17,6 +17,9 @@ import attrs
 import psycopg
 import trio
 
+from vpnd.db import locks
+from vpnd.db.rows import round_trip
+
 log = logging.getLogger("vpnd.instance")
 
 #: pg_advisory_lock key naming "the vpnd daemon" ("vpnd" + "dmon").
@@ -36,19 +39,14 @@ def _connect_and_lock(dsn: str, timeout: float) -> psycopg.Connection[Any]:
     conn = psycopg.connect(
         dsn, autocommit=True, connect_timeout=max(1, int(timeout)), application_name="vpnd-instance-lock"
     )
-    row = None
+    taken: bool | None = None
     try:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (INSTANCE_LOCK_KEY,)).fetchone()
+        taken = locks.try_advisory_lock(conn, INSTANCE_LOCK_KEY)
     finally:
-        if row is None:
+        if taken is None:
             conn.close()
-    if not row or not row[0]:
-        holder = conn.execute(
-            "SELECT a.pid, a.application_name, a.client_addr::text FROM pg_locks l "
-            "JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' "
-            "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s LIMIT 1",
-            (INSTANCE_LOCK_KEY,),
-        ).fetchone()
+    if not taken:
+        holder = locks.advisory_lock_holder(conn, INSTANCE_LOCK_KEY)
         conn.close()
         if holder is None:
             # Taken, yet no live holder: the previous daemon's session is still ending (PostgreSQL
@@ -85,7 +83,7 @@ async def _take_lock(dsn: str, timeout: float) -> psycopg.Connection[Any]:
 def _release(conn: psycopg.Connection[Any]) -> None:
     """Unlock explicitly before closing, so a restart right after us finds the lock free."""
     try:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (INSTANCE_LOCK_KEY,))
+        locks.advisory_unlock(conn, INSTANCE_LOCK_KEY)
     except psycopg.Error:
         pass  # the session is gone already, and with it the lock
     finally:
@@ -93,7 +91,7 @@ def _release(conn: psycopg.Connection[Any]) -> None:
 
 
 def _still_alive(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("SELECT 1")
+    round_trip(conn)
 
 
 @attrs.define(eq=False)

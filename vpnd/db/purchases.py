@@ -210,6 +210,13 @@ def get_purchase(conn: psycopg.Connection[Any], purchase_id: int, *, lock: bool 
         ).fetchone()
 
 
+def get_purchase_at_now(conn: psycopg.Connection[Any], purchase_id: int) -> tuple[Purchase | None, dt.datetime]:
+    """The purchase and the database's `now()`: whether it is still payable is judged on the DB's clock."""
+    row = conn.execute("SELECT now()").fetchone()
+    assert row is not None
+    return get_purchase(conn, purchase_id), row[0]
+
+
 def get_by_invoice(conn: psycopg.Connection[Any], invoice_id: int) -> Purchase | None:
     with conn.cursor(row_factory=class_row(Purchase)) as cur:
         return cur.execute(f"SELECT {PURCHASE_COLUMNS} FROM purchases WHERE invoice_id = %s", (invoice_id,)).fetchone()

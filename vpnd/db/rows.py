@@ -13,3 +13,8 @@ def one(cursor: psycopg.Cursor[Any]) -> Any:
     if row is None:
         raise LookupError("the statement returned no row")
     return row
+
+
+def round_trip(conn: psycopg.Connection[Any]) -> None:
+    """One trivial statement: the database answers (the health check's probe)."""
+    conn.execute("SELECT 1").fetchone()

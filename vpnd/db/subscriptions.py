@@ -11,12 +11,14 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import psycopg
 from psycopg.rows import class_row
 
+from vpnd.db.renewals import RENEWAL_PENDING
 from vpnd.db.rows import one
 
 
@@ -195,3 +197,77 @@ def trial_eligible(conn: psycopg.Connection[Any], user_id: int) -> bool:
         {"id": user_id},
     ).fetchone()
     return bool(row and row[0])
+
+
+# --- the periodic workers' batches (keyset order, bounded) ---------------------------------------
+
+EXPIRY_CANDIDATES = """
+SELECT user_id, expires_at FROM subscriptions
+WHERE status = 'active' AND expires_at <= now() AND (expires_at, user_id) > (%(after_at)s, %(after_id)s)
+ORDER BY expires_at, user_id
+LIMIT %(limit)s
+"""
+
+EXPIRE = f"""
+UPDATE subscriptions AS s SET status = 'expired', updated_at = now()
+FROM users u
+WHERE u.id = s.user_id AND s.user_id = ANY(%(ids)s)
+  AND s.status = 'active' AND s.expires_at <= now()
+  AND NOT {RENEWAL_PENDING}
+RETURNING s.user_id, s.kind, s.expires_at, u.language, u.reachable
+"""
+
+DUE_REMINDERS = """
+SELECT s.user_id, s.expires_at, s.auto_renew, u.language, now()
+FROM subscriptions s JOIN users u ON u.id = s.user_id
+WHERE s.status = 'active' AND s.kind = 'paid' AND u.reachable
+  AND s.expires_at > now() AND s.expires_at <= now() + %(horizon)s
+  AND (s.expires_at, s.user_id) > (%(after_at)s, %(after_id)s)
+ORDER BY s.expires_at, s.user_id
+LIMIT %(limit)s
+"""
+
+# Trials that are running or ended recently, in keyset order of their end.
+DUE_TRIAL_NOTICES = """
+SELECT t.user_id, t.granted_at, t.ends_at, u.language, s.kind, s.expires_at, now()
+FROM trials t
+JOIN users u ON u.id = t.user_id
+LEFT JOIN subscriptions s ON s.user_id = t.user_id
+WHERE u.reachable AND t.ends_at > now() - %(recent)s
+  AND (s.status IS NULL OR s.status <> 'revoked')
+  AND (t.ends_at, t.user_id) > (%(after_at)s, %(after_id)s)
+ORDER BY t.ends_at, t.user_id
+LIMIT %(limit)s
+"""
+
+
+def expiry_candidates(
+    conn: psycopg.Connection[Any], after: tuple[dt.datetime, int], limit: int
+) -> list[tuple[Any, ...]]:
+    """Active subscriptions past their end, after `after` (expires_at, user_id): (user_id, expires_at)."""
+    return conn.execute(EXPIRY_CANDIDATES, {"after_at": after[0], "after_id": after[1], "limit": limit}).fetchall()
+
+
+def expire_subscriptions(
+    conn: psycopg.Connection[Any], user_ids: list[int], renewal_params: Mapping[str, object]
+) -> list[tuple[Any, ...]]:
+    """Expire those of `user_ids` still due (and not waiting for their renewal, see `RENEWAL_PENDING`):
+    (user_id, kind, expires_at, language, reachable) of each one expired."""
+    return conn.execute(EXPIRE, {"ids": user_ids, **renewal_params}).fetchall()
+
+
+def due_reminders(
+    conn: psycopg.Connection[Any], horizon: dt.timedelta, after: tuple[dt.datetime, int], limit: int
+) -> list[tuple[Any, ...]]:
+    """Paid subscriptions ending within `horizon`: (user_id, expires_at, auto_renew, language, now)."""
+    params = {"horizon": horizon, "after_at": after[0], "after_id": after[1], "limit": limit}
+    return conn.execute(DUE_REMINDERS, params).fetchall()
+
+
+def due_trial_notices(
+    conn: psycopg.Connection[Any], recent: dt.timedelta, after: tuple[dt.datetime, int], limit: int
+) -> list[tuple[Any, ...]]:
+    """Trials running or ended within `recent`:
+    (user_id, granted_at, ends_at, language, subscription kind, subscription expires_at, now)."""
+    params = {"recent": recent, "after_at": after[0], "after_id": after[1], "limit": limit}
+    return conn.execute(DUE_TRIAL_NOTICES, params).fetchall()

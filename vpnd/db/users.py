@@ -140,6 +140,22 @@ def mark_unreachable(conn: psycopg.Connection[Any], user_id: int) -> None:
     conn.execute("UPDATE users SET reachable = false, updated_at = now() WHERE id = %s", (user_id,))
 
 
+def mark_reachable(conn: psycopg.Connection[Any], user_id: int) -> None:
+    """The user unblocked the bot: messages reach them again."""
+    conn.execute("UPDATE users SET reachable = true, updated_at = now() WHERE id = %s", (user_id,))
+
+
+def balance_and_pending_promo(conn: psycopg.Connection[Any], user_id: int) -> tuple[int, str | None] | None:
+    """The user's balance (minor units) and the promo code they entered for their next purchase."""
+    row = conn.execute("SELECT balance_minor, pending_promo_code FROM users WHERE id = %s", (user_id,)).fetchone()
+    return None if row is None else (int(row[0]), row[1])
+
+
+def languages_of(conn: psycopg.Connection[Any], user_ids: list[int]) -> dict[int, str]:
+    """The language of each of `user_ids` that is a known user."""
+    return dict(conn.execute("SELECT id, language FROM users WHERE id = ANY(%s)", (user_ids,)).fetchall())
+
+
 def language_of(conn: psycopg.Connection[Any], user_id: int, default: str = "en") -> str:
     """The language a message to `user_id` is written in (their choice, or `default` for strangers)."""
     row = conn.execute("SELECT language FROM users WHERE id = %s", (user_id,)).fetchone()

@@ -33,7 +33,7 @@ from vpnd import alerts
 from vpnd.app import App
 from vpnd.config import Config, Plan
 from vpnd.cryptopay import CryptoPayClient, CryptoPayError, Invoice, InvoiceNotFound
-from vpnd.db import ledger, promo, purchases
+from vpnd.db import ledger, promo, purchases, users
 from vpnd.db.incidents import incident_is_open
 from vpnd.db.payments import FinalizeOutcome, PaymentRules, finalize_purchase, pay_from_balance
 from vpnd.db.purchases import (
@@ -189,11 +189,11 @@ async def quote_plan(app: App, user_id: int, plan_code: str) -> Quote:
     payments = app.config.payments
 
     def read(conn: psycopg.Connection[Any]) -> tuple[int, promo.PromoCheck | None]:
-        row = conn.execute("SELECT balance_minor, pending_promo_code FROM users WHERE id = %s", (user_id,)).fetchone()
-        if row is None:
+        found = users.balance_and_pending_promo(conn, user_id)
+        if found is None:
             raise purchases.UnknownUser(user_id)
-        check = promo.validate_promo(conn, user_id, row[1]) if row[1] else None
-        return int(row[0]), check
+        balance, code = found
+        return balance, promo.validate_promo(conn, user_id, code) if code else None
 
     balance, check = await app.db.run(read)
     percent = check.promo.percent if check is not None and check.ok and check.promo is not None else 0
@@ -411,12 +411,7 @@ async def check_pre_checkout(
     if wanted is None:
         return False, PRE_CHECKOUT_UNKNOWN
 
-    def read(conn: psycopg.Connection[Any]) -> tuple[Purchase | None, dt.datetime]:
-        row = conn.execute("SELECT now()").fetchone()
-        assert row is not None
-        return purchases.get_purchase(conn, wanted), row[0]
-
-    purchase, now = await app.db.run(read)
+    purchase, now = await app.db.run(purchases.get_purchase_at_now, wanted)
     if purchase is None or (user_id is not None and purchase.user_id != user_id):
         return False, PRE_CHECKOUT_UNKNOWN
     if purchase.status == "paid":

@@ -2,7 +2,9 @@
 
 PTB's API calls run on httpx, which works under Trio; only `Bot.initialize()`/`shutdown()` use
 `asyncio.gather`, so `TrioBot` overrides them with sequential awaits (tests/telegram/test_client.py
-keeps PTB's minor version honest). `telegram.ext` is asyncio-only and is not used.
+keeps PTB's minor version honest). `telegram.ext` is asyncio-only and is not used. The hot calls
+(getUpdates, sendMessage, editMessageText, answerCallbackQuery) bypass PTB's request layer through
+`TrioBot.wire` (`vpnd.telegram.wire`), set up by `open_bot`.
 
 `Sender` is how vpnd sends: every message goes through the shared `OutboundLimiter`, a 429 pauses
 all sending for `retry_after`, and transient failures (network, timeouts, 5xx) are retried with

@@ -218,17 +218,13 @@ def begin_turn(
     return TurnStart(result, subscriptions.menu_facts(conn, user_id), state)
 
 
-def _set_reachable(conn: psycopg.Connection[tuple[object, ...]], user_id: int) -> None:
-    conn.execute("UPDATE users SET reachable = true, updated_at = now() WHERE id = %s", (user_id,))
-
-
 async def _membership(ctx: BotContext, member: telegram.ChatMemberUpdated) -> None:
     """Blocked → unreachable (no more messages); unblocked → reachable again."""
     status = member.new_chat_member.status
     if status in ("kicked", "left"):
         await ctx.app.db.run(users.mark_unreachable, member.chat.id)
     elif status == "member":
-        await ctx.app.db.run(_set_reachable, member.chat.id)
+        await ctx.app.db.run(users.mark_reachable, member.chat.id)
 
 
 async def _route_message(turn: Turn, routes: Routes, text: str) -> None:

@@ -3,7 +3,7 @@
 The change is ONE statement that re-checks `status` and `expires_at` on the row it updates, so a
 renewal that commits first wins (PostgreSQL re-evaluates the condition on the newest row version
 after waiting for the renewal's lock). A subscription whose auto-renewal is still owed is left for
-the renewal worker (`renewal.RENEWAL_PENDING`). After each batch commits, the Xray writer is nudged
+the renewal worker (`vpnd.db.renewals.RENEWAL_PENDING`). After each batch commits, the Xray writer is nudged
 (it re-reads who may connect) and the outbox sender wakes for the "expired" messages.
 
 An expired trial gets the trial worker's "trial ended" message under the same dedupe key, so a user
@@ -20,31 +20,15 @@ import attrs
 import psycopg
 
 from vpnd.app import App
-from vpnd.db import outbox
+from vpnd.db import outbox, subscriptions
 from vpnd.texts import Texts
 from vpnd.workers import trials
 from vpnd.workers.common import START, BatchResult, PlanPrices, format_date, instant_key, renew_button
-from vpnd.workers.renewal import RENEWAL_GRACE, RENEWAL_PENDING
+from vpnd.workers.renewal import RENEWAL_GRACE
 
 log = logging.getLogger("vpnd.workers.expiry")
 
 WORKER_NAME = "expiry"
-
-CANDIDATES = """
-SELECT user_id, expires_at FROM subscriptions
-WHERE status = 'active' AND expires_at <= now() AND (expires_at, user_id) > (%(after_at)s, %(after_id)s)
-ORDER BY expires_at, user_id
-LIMIT %(limit)s
-"""
-
-EXPIRE = f"""
-UPDATE subscriptions AS s SET status = 'expired', updated_at = now()
-FROM users u
-WHERE u.id = s.user_id AND s.user_id = ANY(%(ids)s)
-  AND s.status = 'active' AND s.expires_at <= now()
-  AND NOT {RENEWAL_PENDING}
-RETURNING s.user_id, s.kind, s.expires_at, u.language, u.reachable
-"""
 
 
 @attrs.frozen
@@ -63,10 +47,10 @@ def dedupe_key(user_id: int, expires_at: dt.datetime) -> str:
 def expire_batch(
     conn: psycopg.Connection[Any], texts: Texts, settings: ExpirySettings, after: tuple[dt.datetime, int], limit: int
 ) -> BatchResult:
-    candidates = conn.execute(CANDIDATES, {"after_at": after[0], "after_id": after[1], "limit": limit}).fetchall()
+    candidates = subscriptions.expiry_candidates(conn, after, limit)
     if not candidates:
         return BatchResult(0, 0, None)
-    expired = conn.execute(EXPIRE, {"ids": [c[0] for c in candidates], **settings.sql_params()}).fetchall()
+    expired = subscriptions.expire_subscriptions(conn, [c[0] for c in candidates], settings.sql_params())
     queued = False
     for user_id, kind, expires_at, lang, reachable in expired:
         log.info("event=subscription_expired user_id=%s kind=%s expires_at=%s", user_id, kind, instant_key(expires_at))

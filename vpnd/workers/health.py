@@ -30,7 +30,8 @@ import psycopg
 import trio
 
 from vpnd.app import App
-from vpnd.db import outbox
+from vpnd.db import incidents, outbox, users
+from vpnd.db.rows import round_trip
 from vpnd.health import CheckResult, run_checks
 from vpnd.periodic import Period, run_periodic
 from vpnd.telegram.client import TrioBot
@@ -101,40 +102,23 @@ def record_observation(
     every: dt.timedelta,
 ) -> Alert | None:
     """Store one observation; queue the alert it calls for (same transaction); return that alert."""
-    inserted = conn.execute(
-        "INSERT INTO health_checks (name, ok, detail) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING "
-        "RETURNING since",
-        (name, ok, detail[:500]),
-    ).fetchone()
-    if inserted is not None:
+    first = incidents.record_first(conn, name, ok, detail[:500])
+    if first is not None:
         prev = None
-        now: dt.datetime = inserted[0]
+        now: dt.datetime = first
     else:
-        row = conn.execute(
-            "SELECT ok, since, last_alert_at, now() FROM health_checks WHERE name = %s FOR UPDATE", (name,)
-        ).fetchone()
-        assert row is not None
-        prev, now = Recorded(row[0], row[1], row[2]), row[3]
+        was_ok, was_since, last_alert_at, now = incidents.lock_state(conn, name)
+        prev = Recorded(was_ok, was_since, last_alert_at)
     since, alert = alert_decision(prev, ok, now, every)
-    conn.execute(
-        "UPDATE health_checks SET ok = %s, detail = %s, since = %s, "
-        "last_alert_at = CASE WHEN %s THEN now() ELSE last_alert_at END WHERE name = %s",
-        (ok, detail[:500], since, alert is not None, name),
-    )
+    incidents.update_state(conn, name, ok, detail[:500], since, alerted=alert is not None)
     if alert is not None and admin_ids:
-        languages = dict(
-            conn.execute("SELECT id, language FROM users WHERE id = ANY(%s)", (list(admin_ids),)).fetchall()
-        )
+        languages = users.languages_of(conn, list(admin_ids))
         for admin_id in admin_ids:
             lang = languages.get(admin_id, default_language)
             text = texts.get(lang, f"health.{alert}", check=name, detail=detail[:300])
             outbox.enqueue(conn, admin_id, text, dedupe_key=f"health:{name}:{alert}:{instant_key(now)}:{admin_id}")
         log.warning("event=health_alert check=%s alert=%s detail=%s", name, alert, detail[:200].replace(" ", "_"))
     return alert
-
-
-def _round_trip(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("SELECT 1").fetchone()
 
 
 # --- the probes -------------------------------------------------------------------------------
@@ -174,7 +158,7 @@ class HealthChecker:
 
     async def _database(self) -> CheckResult:
         started = trio.current_time()
-        await self.app.db.run(_round_trip)
+        await self.app.db.run(round_trip)
         return CheckResult(True, f"round trip {1000 * (trio.current_time() - started):.0f} ms")
 
     async def _telegram(self) -> CheckResult:

@@ -17,7 +17,7 @@ import attrs
 import psycopg
 
 from vpnd.app import App
-from vpnd.db import outbox
+from vpnd.db import outbox, subscriptions
 from vpnd.texts import Texts
 from vpnd.workers.common import START, BatchResult, format_date, instant_key, renew_button
 
@@ -55,24 +55,11 @@ def dedupe_key(user_id: int, expires_at: dt.datetime, stage: Stage) -> str:
     return f"reminder:{user_id}:{instant_key(expires_at)}:{stage.code}"
 
 
-DUE = """
-SELECT s.user_id, s.expires_at, s.auto_renew, u.language, now()
-FROM subscriptions s JOIN users u ON u.id = s.user_id
-WHERE s.status = 'active' AND s.kind = 'paid' AND u.reachable
-  AND s.expires_at > now() AND s.expires_at <= now() + %(horizon)s
-  AND (s.expires_at, s.user_id) > (%(after_at)s, %(after_id)s)
-ORDER BY s.expires_at, s.user_id
-LIMIT %(limit)s
-"""
-
-
 def queue_reminders(
     conn: psycopg.Connection[Any], texts: Texts, after: tuple[dt.datetime, int], limit: int
 ) -> BatchResult:
     """One keyset batch: queue the due reminder of each subscription (a no-op when already queued)."""
-    rows = conn.execute(
-        DUE, {"horizon": HORIZON, "after_at": after[0], "after_id": after[1], "limit": limit}
-    ).fetchall()
+    rows = subscriptions.due_reminders(conn, HORIZON, after, limit)
     queued = 0
     for user_id, expires_at, auto_renew, lang, now in rows:
         stage = reminder_stage(expires_at - now)

@@ -29,7 +29,7 @@ import attrs
 import psycopg
 
 from vpnd.app import App
-from vpnd.db import ledger, outbox
+from vpnd.db import ledger, outbox, renewals
 from vpnd.db.payments import record_auto_renewal
 from vpnd.db.subscriptions import grant_days
 from vpnd.money import format_money
@@ -44,42 +44,6 @@ WORKER_NAME = "renewal"
 LEDGER_REASON = "auto_renew"
 #: How long past its end a subscription may wait for its renewal before expiry goes ahead anyway.
 RENEWAL_GRACE = dt.timedelta(days=1)
-
-# True for a subscription (s) of a user (u) whose renewal for the current period is still owed:
-# auto-renew on, a configured plan, and no decision yet for this period — or an "insufficient
-# balance" decision while the balance now covers the price. Needs %(plan_codes)s, %(plan_prices)s.
-RENEWAL_PENDING = """(
-    s.auto_renew AND s.kind = 'paid' AND s.expires_at > now() - %(grace)s
-    AND EXISTS (
-        SELECT 1 FROM unnest(%(plan_codes)s::text[], %(plan_prices)s::bigint[]) AS p(code, price)
-        WHERE p.code = s.plan_code
-          AND NOT EXISTS (
-              SELECT 1 FROM auto_renewals r
-              WHERE r.user_id = s.user_id AND r.period_end = s.expires_at
-                AND (r.outcome = 'charged' OR u.balance_minor < p.price)
-          )
-    )
-)"""
-
-DUE = f"""
-SELECT s.user_id, s.expires_at, s.plan_code, u.balance_minor, u.language, u.reachable,
-       (SELECT p.price FROM unnest(%(plan_codes)s::text[], %(plan_prices)s::bigint[]) AS p(code, price)
-         WHERE p.code = s.plan_code)
-FROM subscriptions s JOIN users u ON u.id = s.user_id
-WHERE s.status = 'active' AND s.expires_at <= now() + %(window)s
-  AND {RENEWAL_PENDING}
-  AND (s.expires_at, s.user_id) > (%(after_at)s, %(after_id)s)
-ORDER BY s.expires_at, s.user_id
-LIMIT %(limit)s
-FOR UPDATE OF s, u SKIP LOCKED
-"""
-
-CLAIM_PERIOD = """
-INSERT INTO auto_renewals AS r (user_id, period_end, outcome) VALUES (%s, %s, %s)
-ON CONFLICT (user_id, period_end) DO UPDATE SET outcome = EXCLUDED.outcome, created_at = now()
-    WHERE r.outcome = 'insufficient_balance' AND EXCLUDED.outcome = 'charged'
-RETURNING 1
-"""
 
 
 def ledger_reference(user_id: int, period_end: dt.datetime) -> str:
@@ -111,9 +75,7 @@ def renew_batch(
     limit: int,
 ) -> tuple[BatchResult, RenewalCounts]:
     """One keyset batch of due renewals, all in this transaction (the rows stay locked until commit)."""
-    rows = conn.execute(
-        DUE, {**settings.sql_params(), "after_at": after[0], "after_id": after[1], "limit": limit}
-    ).fetchall()
+    rows = renewals.due_renewals(conn, settings.sql_params(), after, limit)
     charged = insufficient = 0
     queued = False
     for user_id, period_end, plan_code, balance, lang, reachable, price in rows:
@@ -122,7 +84,7 @@ def renew_batch(
             continue
         period = instant_key(period_end)
         if balance < price:
-            if conn.execute(CLAIM_PERIOD, (user_id, period_end, "insufficient_balance")).fetchone() is None:
+            if not renewals.claim_period(conn, user_id, period_end, "insufficient_balance"):
                 continue
             insufficient += 1
             log.info("event=auto_renew_insufficient user_id=%s balance=%s price=%s", user_id, balance, price)
@@ -142,7 +104,7 @@ def renew_batch(
                     reply_markup=buy_button(texts, lang),
                 )
             continue
-        if conn.execute(CLAIM_PERIOD, (user_id, period_end, "charged")).fetchone() is None:
+        if not renewals.claim_period(conn, user_id, period_end, "charged"):
             continue  # this period is charged already
         entry = ledger.record(conn, user_id, -price, LEDGER_REASON, ledger_reference(user_id, period_end))
         if entry is None:

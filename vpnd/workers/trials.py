@@ -18,7 +18,7 @@ from typing import Any, Literal
 import psycopg
 
 from vpnd.app import App
-from vpnd.db import outbox
+from vpnd.db import outbox, subscriptions
 from vpnd.telegram.keyboards import Keyboard
 from vpnd.texts import Texts
 from vpnd.workers.common import START, BatchResult, buy_button, format_date
@@ -60,27 +60,10 @@ def render(texts: Texts, lang: str, notice: Notice, ends_at: dt.datetime, suppor
     return texts.get(lang, "trial.ended"), buy_button(texts, lang)
 
 
-# Trials that are running or ended recently, in keyset order of their end.
-DUE = """
-SELECT t.user_id, t.granted_at, t.ends_at, u.language, s.kind, s.expires_at, now()
-FROM trials t
-JOIN users u ON u.id = t.user_id
-LEFT JOIN subscriptions s ON s.user_id = t.user_id
-WHERE u.reachable AND t.ends_at > now() - %(recent)s
-  AND (s.status IS NULL OR s.status <> 'revoked')
-  AND (t.ends_at, t.user_id) > (%(after_at)s, %(after_id)s)
-ORDER BY t.ends_at, t.user_id
-LIMIT %(limit)s
-"""
-
-
 def queue_trial_notices(
     conn: psycopg.Connection[Any], texts: Texts, support: str, after: tuple[dt.datetime, int], limit: int
 ) -> BatchResult:
-    rows = conn.execute(
-        DUE,
-        {"recent": ENDED_RECENTLY, "after_at": after[0], "after_id": after[1], "limit": limit},
-    ).fetchall()
+    rows = subscriptions.due_trial_notices(conn, ENDED_RECENTLY, after, limit)
     queued = 0
     for user_id, granted_at, ends_at, lang, kind, expires_at, now in rows:
         # A trial extended by hand ends when its subscription does.

@@ -14,7 +14,7 @@ import trio
 
 from vpnd import alerts
 from vpnd.config_checks import KEY_PENDING_HINT, link_settings_gap
-from vpnd.db import subscriptions
+from vpnd.db import subscriptions, xray_state
 from vpnd.db.subscriptions import Subscription
 from vpnd.subscription_url import user_links
 from vpnd.telegram import keyboards as kb
@@ -50,8 +50,8 @@ class SubscriptionView:
 
 def load_view(conn: psycopg.Connection[Any], user_id: int) -> SubscriptionView:
     sub = subscriptions.get_subscription(conn, user_id)
-    row = conn.execute("SELECT uplink_total, downlink_total FROM traffic WHERE user_id = %s", (user_id,)).fetchone()
-    return SubscriptionView(sub, int(row[0]), int(row[1])) if row else SubscriptionView(sub)
+    traffic = xray_state.traffic_totals(conn, user_id)
+    return SubscriptionView(sub, traffic.uplink, traffic.downlink)
 
 
 def format_bytes(count: int) -> str:
