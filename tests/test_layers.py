@@ -19,13 +19,14 @@ A module may import modules of its own layer and of the layers below it. Imports
 (and the cure is the same: move the value down). Imports inside functions count as well.
 
 Besides the arrows: nothing in vpnd/ imports the sandbox (`vpnd_sandbox`, a test peer), and no module
-outside vpnd/db/ runs SQL (no `.execute`/`.executemany`/`.cursor`/`.copy` calls — the db layer's
-functions take the connection and do it).
+outside vpnd/db/ runs SQL (no `.execute`/`.executemany`/`.cursor`/`.copy` calls, no string that is an
+SQL statement — the db layer's functions take the connection and do it).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,6 +105,11 @@ SQL_ALLOWED: dict[str, str] = {
 
 #: Calls that run SQL on a psycopg connection or cursor.
 SQL_CALLS = frozenset({"execute", "executemany", "cursor", "copy"})
+
+#: A string that is an SQL statement (vpnd writes SQL keywords in capitals).
+SQL_TEXT = re.compile(
+    r"\s*\(?\s*(SELECT\s|INSERT\s+INTO\s|UPDATE\s+\w+\s.*\bSET\s|DELETE\s+FROM\s|WITH\s+\w+\s+AS\s)", re.S
+)
 
 
 def module_name(path: Path) -> str:
@@ -193,6 +199,8 @@ def sql_calls(module: str, source: str, allowed: dict[str, str] = SQL_ALLOWED) -
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SQL_CALLS:
             found.append(f"{module}:{node.lineno} calls .{node.func.attr}(): SQL belongs in vpnd/db/")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and SQL_TEXT.match(node.value):
+            found.append(f"{module}:{node.lineno} holds SQL text: SQL belongs in vpnd/db/")
     return found
 
 
@@ -265,7 +273,12 @@ def test_a_wrong_import_is_caught(module: str, source: str, expected: str | None
 
 def test_sql_outside_db_is_caught() -> None:
     source = "def f(conn):\n    conn.execute('SELECT 1')\n    with conn.cursor() as cur:\n        pass\n"
-    assert len(sql_calls("vpnd.telegram.router", source, allowed={})) == 2
+    assert len(sql_calls("vpnd.telegram.router", source, allowed={})) == 3  # two calls, one SQL text
+    statements = ["UPDATE users AS u SET x = 1", "INSERT INTO t VALUES (1)", "DELETE FROM t", "WITH a AS (SELECT 1)"]
+    for statement in statements:
+        assert len(sql_calls("vpnd.workers.trials", f"Q = {statement!r}\n", allowed={})) == 1, statement
+    prose = "Q = 'With Xray enabled, every value is checked'\nR = 'Select a plan'\n"
+    assert sql_calls("vpnd.workers.trials", prose, allowed={}) == []
     assert sql_calls("vpnd.db.users", source, allowed={}) == []
 
 
