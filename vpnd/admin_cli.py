@@ -31,13 +31,14 @@ import attrs
 import psycopg
 
 from vpnd.config import Config
-from vpnd.db import admin as admin_db
 from vpnd.db import broadcasts as bdb
 from vpnd.db import promo
+from vpnd.db.admin import RevenueRow
 from vpnd.db.migrations import SchemaError, check_version, packaged_schema
 from vpnd.db.payments import AUTO_RENEW_PREFIX
 from vpnd.db.subscriptions import Subscription
 from vpnd.pricing import format_money
+from vpnd.services import admin_actions as actions
 from vpnd.texts import Texts
 
 R = TypeVar("R")
@@ -171,10 +172,8 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _audit(conn: psycopg.Connection[Any], action: str, target: object, result: str, **details: Any) -> None:
-    admin_db.audit(
-        conn, admin_db.CLI_ADMIN_ID, action, target, result, {"via": "cli", "os_user": _os_user(), **details}
-    )
+def _actor() -> actions.Actor:
+    return actions.Actor.cli(_os_user())
 
 
 def _os_user() -> str:
@@ -192,10 +191,9 @@ def _when(value: dt.datetime | None) -> str:
 
 
 def stats_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
-    s = admin_db.stats(conn)
-    _audit(conn, "stats", None, "ok")
+    s = actions.stats(conn, _actor())
 
-    def revenue(rows: list[admin_db.RevenueRow]) -> str:
+    def revenue(rows: list[RevenueRow]) -> str:
         if not rows:
             return "  —"
         return "\n".join(f"  {r.key:<12} {format_money(r.amount_minor, r.currency):>16}  ({r.payments})" for r in rows)
@@ -222,9 +220,8 @@ def stats_command(conn: psycopg.Connection[Any], args: argparse.Namespace, confi
 
 def user_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
     query = args.query.strip()
-    details = admin_db.user_details(conn, int(query) if query.lstrip("-").isdigit() else query, payments_limit=10)
-    _audit(conn, "lookup", query[:64], "ok" if details else "not_found")
-    if details is None:
+    details = actions.lookup(conn, _actor(), query, payments_limit=10)
+    if isinstance(details, actions.Refused):
         raise Failed(f"no user {query}")
     u, sub = details.user, details.subscription
     currency = config.payments.currency
@@ -255,20 +252,14 @@ def user_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config
 
 
 def grant_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
-    if not 1 <= args.days <= 3650:
-        raise Usage("days must be from 1 to 3650")
+    if not 1 <= args.days <= actions.MAX_GRANT_DAYS:
+        raise Usage(f"days must be from 1 to {actions.MAX_GRANT_DAYS}")
     texts = Texts.load()
 
     def notify(lang: str, sub: Subscription) -> str:
         return texts.get(lang, "admin.grant.user_text", days=args.days, expires=_when(sub.expires_at))
 
-    try:
-        done = admin_db.grant(
-            conn, admin_db.CLI_ADMIN_ID, args.user_id, args.days, notify_text=notify if args.notify else None, via="cli"
-        )
-    except admin_db.UserNotFound:
-        _audit(conn, "grant", args.user_id, "not_found", days=args.days)
-        raise Failed(f"no user {args.user_id}") from None
+    done = _done(actions.grant(conn, _actor(), args.user_id, args.days, notify_text=notify if args.notify else None))
     assert done.subscription is not None
     return done.subscription, (
         f"granted {args.days} days to user {args.user_id}: access until {_when(done.subscription.expires_at)}"
@@ -277,30 +268,19 @@ def grant_command(conn: psycopg.Connection[Any], args: argparse.Namespace, confi
 
 
 def revoke_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
-    try:
-        done = admin_db.revoke(conn, admin_db.CLI_ADMIN_ID, args.user_id, via="cli")
-    except admin_db.UserNotFound:
-        _audit(conn, "revoke", args.user_id, "not_found")
-        raise Failed(f"no user {args.user_id}") from None
-    if done.subscription is None:
-        raise Failed(f"user {args.user_id} has no subscription")
+    done = _done(actions.revoke(conn, _actor(), args.user_id))
     return done.subscription, f"revoked the subscription of user {args.user_id}"
 
 
 def promo_create_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
-    if args.days is not None and not 1 <= args.days <= 3650:
-        raise Usage("--days must be from 1 to 3650")
-    expires = None
-    if args.days is not None:
-        row = conn.execute("SELECT now() + %s * interval '1 day'", (args.days,)).fetchone()
-        expires = row[0] if row else None
+    if args.days is not None and not 1 <= args.days <= actions.MAX_GRANT_DAYS:
+        raise Usage(f"--days must be from 1 to {actions.MAX_GRANT_DAYS}")
     try:
-        created = promo.create_promo(conn, args.code, args.percent, max_uses=args.max_uses, expires_at=expires)
-    except promo.PromoExists:
-        raise Failed(f"the promo code {args.code.upper()} exists already") from None
+        created = _done(
+            actions.create_promo(conn, _actor(), args.code, args.percent, max_uses=args.max_uses, valid_days=args.days)
+        )
     except ValueError as exc:  # a bad code, percent or limit
         raise Usage(str(exc)) from None
-    _audit(conn, "promo_create", created.code, "ok", percent=created.percent, max_uses=created.max_uses)
     return created, f"created {created.code}: -{created.percent}%" + (
         f", at most {created.max_uses} uses" if created.max_uses else ""
     ) + (f", until {_when(created.expires_at)}" if created.expires_at else "")
@@ -324,11 +304,25 @@ def promo_list_command(conn: psycopg.Connection[Any], args: argparse.Namespace, 
 
 
 def promo_disable_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
-    disabled = promo.disable_promo(conn, args.code)
-    _audit(conn, "promo_disable", args.code.upper(), "ok" if disabled else "not_found")
-    if not disabled:
-        raise Failed(f"no active promo code {args.code.upper()}")
-    return {"code": args.code.upper(), "active": False}, f"disabled {args.code.upper()}"
+    code = _done(actions.disable_promo(conn, _actor(), args.code))
+    return {"code": code, "active": False}, f"disabled {code}"
+
+
+def _done(outcome: R | actions.Refused) -> R:
+    """An action's result; its refusal (audited already, the transaction commits) as `Failed`."""
+    if isinstance(outcome, actions.Refused):
+        raise Failed(_REFUSALS[type(outcome)](outcome))
+    return outcome
+
+
+_REFUSALS: dict[type[actions.Refused], Callable[[Any], str]] = {
+    actions.UserNotFound: lambda r: f"no user {r.target}",
+    actions.NoSubscription: lambda r: f"user {r.target} has no subscription",
+    actions.PromoExists: lambda r: f"the promo code {r.target} exists already",
+    actions.PromoNotFound: lambda r: f"no active promo code {r.target}",
+    actions.BroadcastNotFound: lambda r: f"no broadcast #{r.target}",
+    actions.BroadcastUnchanged: lambda r: f"broadcast #{r.target} is {r.view.broadcast.status}; cannot {r.verb} it",
+}
 
 
 ADMIN_COMMANDS: dict[str, Command] = {
@@ -345,10 +339,7 @@ ADMIN_COMMANDS: dict[str, Command] = {
 # --- broadcast commands -----------------------------------------------------------------------
 
 
-@attrs.frozen
-class BroadcastView:
-    broadcast: bdb.Broadcast
-    counts: bdb.Counts
+BroadcastView = actions.BroadcastView
 
 
 def _describe(view: BroadcastView) -> str:
@@ -368,12 +359,5 @@ def broadcast_command(conn: psycopg.Connection[Any], args: argparse.Namespace, c
         items = bdb.list_broadcasts(conn, limit=args.limit, status=args.status)
         views = [BroadcastView(b, bdb.counts(conn, b.id)) for b in items]
         return views, "\n".join(_describe(v) for v in views) if views else "no broadcasts"
-    change = bdb.change_status(conn, args.broadcast_id, verb)
-    result = "ok" if change.changed else ("not_found" if not change.found else "unchanged")
-    _audit(conn, f"broadcast_{verb}", args.broadcast_id, result)
-    if change.broadcast is None:
-        raise Failed(f"no broadcast #{args.broadcast_id}")
-    if not change.changed:
-        raise Failed(f"broadcast #{args.broadcast_id} is {change.broadcast.status}; cannot {verb} it")
-    view = BroadcastView(change.broadcast, bdb.counts(conn, args.broadcast_id))
+    view = _done(actions.change_broadcast(conn, _actor(), args.broadcast_id, verb))
     return view, _describe(view)

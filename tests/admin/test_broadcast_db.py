@@ -11,7 +11,7 @@ import pytest
 from tests.admin.harness import give_subscription, seed_users, sql
 from vpnd.db import broadcasts as bdb
 from vpnd.db.broadcasts import BadSegment, Segment
-from vpnd.telegram import admin_views as views
+from vpnd.telegram.admin import views
 from vpnd.telegram.texts import Texts
 
 

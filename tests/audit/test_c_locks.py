@@ -40,7 +40,7 @@ PATH_WRITES = {"replace": 1, "rename": 1, "unlink": 0}  # method → positional 
 #: Where vpnd writes files at all, and why that cannot be Xray's config file.
 KNOWN_FILE_WRITERS = {
     RENDER: "write_atomically and its temp files: the Xray config (called only by the Xray nursery)",
-    "vpnd/telegram/admin.py": "tempfile.TemporaryFile for a CSV export (anonymous, unlinked at creation)",
+    "vpnd/telegram/admin/export.py": "tempfile.TemporaryFile for a CSV export (anonymous, unlinked at creation)",
 }
 
 

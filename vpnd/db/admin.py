@@ -1,19 +1,19 @@
-"""Admin queries and verbs: the audit log, stats, user lookup, admin actions, CSV exports, health facts.
+"""Admin queries: the audit log, stats, user lookup, CSV exports, health facts.
 
 Every admin action — from the bot or the command line, done or refused — writes one `admin_audit`
-row in the transaction of the action itself (who, what, target, result, details). Attempts by people
-who are not admins are audited too (result ``denied``).
+row in the transaction of the action itself (who, what, target, result, details); the actions are
+`vpnd.services.admin_actions`. Attempts by people who are not admins are audited too (result ``denied``).
 
 Confirmed actions carry a *nonce* (from the confirmation button): an action whose nonce already has
-an ``ok`` audit row is not done again, so a double press of "Confirm" changes nothing twice. Balance
-changes use the nonce as their ledger reference as well (`UNIQUE (reason, reference)`).
+an ``ok`` audit row is not done again (`nonce_used`), so a double press of "Confirm" changes nothing
+twice. Balance changes use the nonce as their ledger reference as well (`UNIQUE (reason, reference)`).
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import attrs
@@ -21,7 +21,7 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-from vpnd.db import ledger, outbox, subscriptions
+from vpnd.db import ledger, subscriptions
 from vpnd.db.payments import PaymentRecord, payments_of
 from vpnd.db.rows import one
 from vpnd.db.subscriptions import Subscription
@@ -30,10 +30,6 @@ from vpnd.db.xray_state import get_sync_marker
 
 #: The admin id recorded for actions taken on the command line (no Telegram identity there).
 CLI_ADMIN_ID = 0
-
-
-class UserNotFound(LookupError):
-    pass
 
 
 # --- audit ------------------------------------------------------------------------------------
@@ -271,113 +267,11 @@ def user_details(conn: psycopg.Connection[Any], query: str | int, *, payments_li
     )
 
 
-def _require_user(conn: psycopg.Connection[Any], user_id: int) -> User:
-    user = conn.execute("SELECT id FROM users WHERE id = %s FOR UPDATE", (user_id,)).fetchone()
-    if user is None:
-        raise UserNotFound(f"no user {user_id}")
-    found = get_user(conn, user_id)
-    assert found is not None
-    return found
-
-
-# --- admin verbs (each: the change and its audit row, in the caller's transaction) --------------
-
-
-@attrs.frozen
-class Done:
-    """What an admin verb did: `repeated` when its nonce had been used already (nothing changed)."""
-
-    subscription: Subscription | None = None
-    balance_minor: int | None = None
-    repeated: bool = False
-
-
-def grant(
-    conn: psycopg.Connection[Any],
-    admin_id: int,
-    user_id: int,
-    days: int,
-    *,
-    notify_text: Callable[[str, Subscription], str] | None = None,
-    nonce: str | None = None,
-    via: str = "bot",
-) -> Done:
-    """Give `days` of access (a paid-kind subscription).
-
-    With `notify_text(language, subscription)` (a pure renderer), the user's message is queued in the
-    outbox in the same transaction.
-    """
-    if nonce is not None and nonce_used(conn, nonce):
-        return Done(subscriptions.get_subscription(conn, user_id), repeated=True)
-    user = _require_user(conn, user_id)
-    sub = subscriptions.grant_days(conn, user_id, days, kind="paid")
-    if notify_text is not None:
-        dedupe = f"admin_grant:{nonce}" if nonce else None
-        outbox.enqueue(conn, user_id, notify_text(user.language, sub), dedupe_key=dedupe)
-    details: dict[str, Any] = {
-        "days": days,
-        "notify": notify_text is not None,
-        "expires_at": sub.expires_at.isoformat(),
-    }
-    audit(conn, admin_id, "grant", user_id, "ok", {**details, **_extra(nonce, via)})
-    return Done(sub)
-
-
-def _extra(nonce: str | None, via: str) -> dict[str, Any]:
-    return {"via": via, **({"nonce": nonce} if nonce else {})}
-
-
-def revoke(
-    conn: psycopg.Connection[Any], admin_id: int, user_id: int, *, nonce: str | None = None, via: str = "bot"
-) -> Done:
-    if nonce is not None and nonce_used(conn, nonce):
-        return Done(subscriptions.get_subscription(conn, user_id), repeated=True)
-    _require_user(conn, user_id)
-    sub = subscriptions.revoke(conn, user_id)
-    audit(conn, admin_id, "revoke", user_id, "ok" if sub else "no_subscription", _extra(nonce, via))
-    return Done(sub)
-
-
-def reissue(
-    conn: psycopg.Connection[Any], admin_id: int, user_id: int, *, nonce: str | None = None, via: str = "bot"
-) -> Done:
-    """New key for the user (the admin is not held to the user's reissue rate limit)."""
-    if nonce is not None and nonce_used(conn, nonce):
-        return Done(subscriptions.get_subscription(conn, user_id), repeated=True)
-    _require_user(conn, user_id)
-    try:
-        sub = subscriptions.reissue_key(conn, user_id, limit=1_000_000, window_seconds=1)
-    except subscriptions.NoSubscription:
-        audit(conn, admin_id, "reissue", user_id, "no_subscription", _extra(nonce, via))
-        return Done(None)
-    audit(conn, admin_id, "reissue", user_id, "ok", _extra(nonce, via))
-    return Done(sub)
-
-
-def set_auto_renew(
-    conn: psycopg.Connection[Any], admin_id: int, user_id: int, enabled: bool, *, via: str = "bot"
-) -> Done:
-    _require_user(conn, user_id)
-    sub = subscriptions.set_auto_renew(conn, user_id, enabled)
-    audit(conn, admin_id, "auto_renew", user_id, "ok" if sub else "no_subscription", {"enabled": enabled, "via": via})
-    return Done(sub)
-
-
-def adjust_balance(
-    conn: psycopg.Connection[Any], admin_id: int, user_id: int, delta_minor: int, *, nonce: str, via: str = "bot"
-) -> Done:
-    """Credit (delta > 0) or debit (delta < 0) the balance through the ledger, once per nonce.
-
-    Raises ledger.InsufficientBalance for a debit larger than the balance (nothing changed, but the
-    refusal is audited by the caller in its own transaction).
-    """
-    _require_user(conn, user_id)
-    entry = ledger.record(conn, user_id, delta_minor, ledger.ADMIN, f"admin:{nonce}")
-    balance = ledger.balance_of(conn, user_id)
-    if entry is None:
-        return Done(balance_minor=balance, repeated=True)
-    audit(conn, admin_id, "balance", user_id, "ok", {"delta_minor": delta_minor, "nonce": nonce, "via": via})
-    return Done(balance_minor=balance)
+def lock_user(conn: psycopg.Connection[Any], user_id: int) -> User | None:
+    """The user, locked for the rest of the transaction (an admin action on them); None if there is none."""
+    if conn.execute("SELECT id FROM users WHERE id = %s FOR UPDATE", (user_id,)).fetchone() is None:
+        return None
+    return get_user(conn, user_id)
 
 
 # --- health facts -----------------------------------------------------------------------------

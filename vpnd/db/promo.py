@@ -247,9 +247,12 @@ def create_promo(
     *,
     max_uses: int | None = None,
     expires_at: dt.datetime | None = None,
+    valid_days: int | None = None,
     created_by: int | None = None,
 ) -> PromoCode:
-    """A new code; PromoExists if the code is taken, ValueError for a bad percent or limit."""
+    """A new code; PromoExists if the code is taken, ValueError for a bad percent or limit.
+
+    It expires at `expires_at`, or `valid_days` from now (the database's clock), or never."""
     key = normalize_code(code)
     if not 1 <= percent <= 100:
         raise ValueError("percent must be from 1 to 100")
@@ -257,9 +260,10 @@ def create_promo(
         raise ValueError("max_uses must be positive")
     with conn.cursor(row_factory=class_row(PromoCode)) as cur:
         promo = cur.execute(
-            f"INSERT INTO promo_codes (code, percent, max_uses, expires_at, created_by) VALUES (%s, %s, %s, %s, %s) "
+            f"INSERT INTO promo_codes (code, percent, max_uses, expires_at, created_by) VALUES (%s, %s, %s, "
+            f"coalesce(%s::timestamptz, now() + make_interval(days => %s::int)), %s) "
             f"ON CONFLICT (code) DO NOTHING RETURNING {PROMO_COLUMNS}",
-            (key, percent, max_uses, expires_at, created_by),
+            (key, percent, max_uses, expires_at, valid_days, created_by),
         ).fetchone()
     if promo is None:
         raise PromoExists(key)

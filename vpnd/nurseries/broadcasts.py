@@ -50,7 +50,7 @@ from vpnd.db import broadcasts as bdb
 from vpnd.db.broadcasts import Broadcast, Counts
 from vpnd.db.users import get_user
 from vpnd.nudge import Nudge
-from vpnd.telegram import admin_views as views
+from vpnd.telegram.admin import views
 from vpnd.telegram.client import (
     ChatNotFound,
     ChatUnreachable,

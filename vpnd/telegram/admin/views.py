@@ -1,21 +1,7 @@
 """Admin screens as pure functions: texts and keyboards from values (no I/O).
 
 `t` is a text lookup `t(key, **values)` (a `Turn.t`, or `Texts.get` bound to a language).
-Admin callback data all start with the verb ``adm`` (see `vpnd.telegram.admin`):
-
-    adm                    the admin menu             adm:st / adm:hl        stats / health
-    adm:fu                 find a user                adm:u:<uid>            a user's card
-    adm:g:<uid>            grant days (asks N)        adm:gc:<uid>:<n>:<notify>:<nonce>   confirm grant
-    adm:rv:<uid>           revoke (asks)              adm:rvc:<uid>:<nonce>  confirm revoke
-    adm:rk:<uid>           reissue (asks)             adm:rkc:<uid>:<nonce>  confirm reissue
-    adm:bal:<uid>          balance (asks amount)      adm:balc:<uid>:<delta>:<nonce>      confirm balance
-    adm:ar:<uid>:<on|off>  auto-renew                 adm:x                  cancel a pending action
-    adm:pr / adm:pn        promo list / new code      adm:pd:<code>          disable a code
-    adm:ex:<users|payments> CSV export                adm:bc                 compose a broadcast
-    adm:bn                 no URL button              adm:bs:<segment>[:<days>]           choose the segment
-    adm:bgo:<nonce>        start the broadcast        adm:bl                 list broadcasts
-    adm:bp|br|bx:<id>      pause / resume / cancel
-    adm:rf:<purchase>      refund Stars (asks)        adm:rfc:<purchase>     confirm the refund
+Every button's data comes from `vpnd.telegram.admin.verbs.Verb`.
 """
 
 from __future__ import annotations
@@ -32,16 +18,10 @@ from vpnd.db.promo import PromoCode
 from vpnd.health import CheckResult
 from vpnd.pricing import format_money
 from vpnd.telegram import keyboards as kb
+from vpnd.telegram.admin.verbs import Verb
 from vpnd.telegram.texts import Html
 
 T = Callable[..., str]
-
-VERB = "adm"
-
-
-def data(*parts: object) -> str:
-    """Admin callback data: ``adm:part:part`` (≤ 64 bytes, checked by `kb.button`)."""
-    return ":".join([VERB, *(str(p) for p in parts)])
 
 
 def esc(text: object) -> str:
@@ -71,23 +51,26 @@ def fmt_duration(seconds: float) -> str:
 
 def menu_keyboard(t: T) -> kb.Keyboard:
     return kb.keyboard(
-        [kb.button(t("admin.menu.stats"), data("st")), kb.button(t("admin.menu.health"), data("hl"))],
-        [kb.button(t("admin.menu.user"), data("fu")), kb.button(t("admin.menu.promo"), data("pr"))],
-        [kb.button(t("admin.menu.broadcast"), data("bc")), kb.button(t("admin.menu.broadcasts"), data("bl"))],
+        [kb.button(t("admin.menu.stats"), Verb.STATS.data()), kb.button(t("admin.menu.health"), Verb.HEALTH.data())],
+        [kb.button(t("admin.menu.user"), Verb.FIND_USER.data()), kb.button(t("admin.menu.promo"), Verb.PROMOS.data())],
         [
-            kb.button(t("admin.menu.export_users"), data("ex", "users")),
-            kb.button(t("admin.menu.export_payments"), data("ex", "payments")),
+            kb.button(t("admin.menu.broadcast"), Verb.BROADCAST_COMPOSE.data()),
+            kb.button(t("admin.menu.broadcasts"), Verb.BROADCASTS.data()),
+        ],
+        [
+            kb.button(t("admin.menu.export_users"), Verb.EXPORT.data("users")),
+            kb.button(t("admin.menu.export_payments"), Verb.EXPORT.data("payments")),
         ],
     )
 
 
 def back_keyboard(t: T) -> kb.Keyboard:
-    return kb.keyboard([kb.button(t("admin.back"), VERB)])
+    return kb.keyboard([kb.button(t("admin.back"), Verb.MENU.data())])
 
 
 def confirm_keyboard(t: T, confirm_data: str, confirm_label: str | None = None) -> kb.Keyboard:
     return kb.keyboard(
-        [kb.button(confirm_label or t("admin.confirm"), confirm_data), kb.button(t("admin.cancel"), data("x"))]
+        [kb.button(confirm_label or t("admin.confirm"), confirm_data), kb.button(t("admin.cancel"), Verb.CANCEL.data())]
     )
 
 
@@ -161,25 +144,33 @@ def user_text(t: T, d: UserDetails, currency: str) -> str:
 def user_keyboard(t: T, d: UserDetails) -> kb.Keyboard:
     uid = d.user.id
     rows: list[list[kb.Button]] = [
-        [kb.button(t("admin.user.grant"), data("g", uid)), kb.button(t("admin.user.balance"), data("bal", uid))]
+        [
+            kb.button(t("admin.user.grant"), Verb.GRANT.data(uid)),
+            kb.button(t("admin.user.balance"), Verb.BALANCE.data(uid)),
+        ]
     ]
     if d.subscription is not None:
         auto = d.subscription.auto_renew
         rows.append(
-            [kb.button(t("admin.user.revoke"), data("rv", uid)), kb.button(t("admin.user.reissue"), data("rk", uid))]
+            [
+                kb.button(t("admin.user.revoke"), Verb.REVOKE.data(uid)),
+                kb.button(t("admin.user.reissue"), Verb.REISSUE.data(uid)),
+            ]
         )
         rows.append(
             [
                 kb.button(
                     t("admin.user.auto_renew", state=t("admin.on" if auto else "admin.off")),
-                    data("ar", uid, "off" if auto else "on"),
+                    Verb.AUTO_RENEW.data(uid, "off" if auto else "on"),
                 )
             ]
         )
     for payment in d.payments:
         if payment.provider == "stars" and payment.outcome == "granted":
-            rows.append([kb.button(t("admin.refund.button", id=payment.purchase_id), data("rf", payment.purchase_id))])
-    rows.append([kb.button(t("admin.back"), VERB)])
+            rows.append(
+                [kb.button(t("admin.refund.button", id=payment.purchase_id), Verb.REFUND.data(payment.purchase_id))]
+            )
+    rows.append([kb.button(t("admin.back"), Verb.MENU.data())])
     return kb.keyboard(*rows)
 
 
@@ -205,8 +196,14 @@ def promo_text(t: T, promos: Sequence[PromoCode]) -> str:
 
 
 def promo_keyboard(t: T, promos: Iterable[PromoCode]) -> kb.Keyboard:
-    disable = [[kb.button(t("admin.promo.disable", code=p.code), data("pd", p.code))] for p in promos if p.active]
-    return kb.keyboard([kb.button(t("admin.promo.create"), data("pn"))], *disable, [kb.button(t("admin.back"), VERB)])
+    disable = [
+        [kb.button(t("admin.promo.disable", code=p.code), Verb.PROMO_DISABLE.data(p.code))] for p in promos if p.active
+    ]
+    return kb.keyboard(
+        [kb.button(t("admin.promo.create"), Verb.PROMO_NEW.data())],
+        *disable,
+        [kb.button(t("admin.back"), Verb.MENU.data())],
+    )
 
 
 # --- health -----------------------------------------------------------------------------------
@@ -243,14 +240,14 @@ def segment_label(t: T, segment: Segment) -> str:
 def segment_keyboard(t: T) -> kb.Keyboard:
     def seg(name: str, *args: object) -> kb.Button:
         label = t(f"admin.segment.{name}", days=args[0] if args else 0)
-        return kb.button(label, data("bs", name, *args))
+        return kb.button(label, Verb.BROADCAST_SEGMENT.data(name, *args))
 
     return kb.keyboard(
         [seg("all")],
         [seg("active"), seg("trial")],
         [seg("nosub")],
         [seg("expiring", 1), seg("expiring", 3), seg("expiring", 7)],
-        [kb.button(t("admin.cancel"), data("x"))],
+        [kb.button(t("admin.cancel"), Verb.CANCEL.data())],
     )
 
 
@@ -262,15 +259,15 @@ def progress_keyboard(t: T, broadcast_id: int, status: str) -> kb.Keyboard | Non
     if status == "running":
         return kb.keyboard(
             [
-                kb.button(t("admin.bc.pause"), data("bp", broadcast_id)),
-                kb.button(t("admin.bc.cancel"), data("bx", broadcast_id)),
+                kb.button(t("admin.bc.pause"), Verb.BROADCAST_PAUSE.data(broadcast_id)),
+                kb.button(t("admin.bc.cancel"), Verb.BROADCAST_CANCEL.data(broadcast_id)),
             ]
         )
     if status == "paused":
         return kb.keyboard(
             [
-                kb.button(t("admin.bc.resume"), data("br", broadcast_id)),
-                kb.button(t("admin.bc.cancel"), data("bx", broadcast_id)),
+                kb.button(t("admin.bc.resume"), Verb.BROADCAST_RESUME.data(broadcast_id)),
+                kb.button(t("admin.bc.cancel"), Verb.BROADCAST_CANCEL.data(broadcast_id)),
             ]
         )
     return None
@@ -330,7 +327,7 @@ def broadcasts_keyboard(t: T, items: Sequence[Broadcast]) -> kb.Keyboard:
         markup = progress_keyboard(t, b.id, b.status)
         if markup is not None:
             rows.append([{**button, "text": f"#{b.id} {button['text']}"} for button in markup["inline_keyboard"][0]])
-    rows.append([kb.button(t("admin.back"), VERB)])
+    rows.append([kb.button(t("admin.back"), Verb.MENU.data())])
     return kb.keyboard(*rows)
 
 

@@ -1,0 +1,411 @@
+"""Admin actions, written once for the bot's admin menu and the `vpnd admin`/`vpnd broadcast` CLI.
+
+Each action is a plain function `action(conn, actor, ...)` that runs inside the caller's transaction
+(`await db.run(action, actor, ...)` on the bot side, the CLI's one transaction on its connection) and
+does its change AND its `admin_audit` row there, so an action is never done without its record, nor
+recorded without being done. The audit row's shape is the same whoever acts: the action's facts
+plus the actor's channel (`Actor.details`).
+
+A refusal (no such user, no subscription, a debit the balance does not cover, ...) is *returned* as a
+typed value, not raised: it is audited too, and a raised exception would roll that row back with the
+transaction. Bad input (days out of range, a malformed promo code) is a `ValueError`, checked by the
+front ends before they call, and not audited.
+
+Nothing here wakes the owners of what changed (Xray writer, outbox, broadcasts): the front end
+that knows it runs beside them does that after commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, TextIO, TypeVar
+
+import attrs
+import psycopg
+
+from vpnd.db import admin as admin_db
+from vpnd.db import broadcasts as bdb
+from vpnd.db import ledger, outbox, promo, subscriptions
+from vpnd.db import payments as payments_db
+from vpnd.db.admin import HealthFacts, Stats, UserDetails
+from vpnd.db.payments import PaymentRules, RefundReversal
+from vpnd.db.subscriptions import Subscription
+
+Conn = psycopg.Connection[Any]
+
+#: The most days one grant may give.
+MAX_GRANT_DAYS = 3650
+
+
+@attrs.frozen
+class Actor:
+    """Who acts, and through which channel: a Telegram admin, or an operator on the command line."""
+
+    admin_id: int
+    via: str  # "bot" | "cli"
+    os_user: str | None = None
+
+    @classmethod
+    def telegram(cls, user_id: int) -> Actor:
+        return cls(user_id, "bot")
+
+    @classmethod
+    def cli(cls, os_user: str) -> Actor:
+        """The command line has no Telegram identity: admin id 0 and the OS user who ran it."""
+        return cls(admin_db.CLI_ADMIN_ID, "cli", os_user)
+
+    @property
+    def user_id(self) -> int | None:
+        """The acting Telegram user (None on the command line)."""
+        return self.admin_id if self.via == "bot" else None
+
+    def details(self, **facts: Any) -> dict[str, Any]:
+        """An audit row's details: the action's facts, then the channel (and the OS user on the CLI)."""
+        return {**facts, "via": self.via, **({"os_user": self.os_user} if self.os_user is not None else {})}
+
+
+def _audit(
+    conn: Conn,
+    actor: Actor,
+    action: str,
+    target: object | None,
+    result: str = "ok",
+    *,
+    nonce: str | None = None,
+    **facts: Any,
+) -> None:
+    """One audit row; `nonce` (a confirmation button's) is recorded when there is one."""
+    details = actor.details(**facts, **({"nonce": nonce} if nonce is not None else {}))
+    admin_db.audit(conn, actor.admin_id, action, target, result, details)
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Refused:
+    """An action that was not done; `reason` is the audit row's result."""
+
+    target: object
+    reason: ClassVar[str] = "refused"
+
+
+@attrs.frozen
+class UserNotFound(Refused):
+    reason: ClassVar[str] = "not_found"
+
+
+@attrs.frozen
+class NoSubscription(Refused):
+    reason: ClassVar[str] = "no_subscription"
+
+
+@attrs.frozen
+class InsufficientBalance(Refused):
+    balance_minor: int = 0
+    needed_minor: int = 0
+    reason: ClassVar[str] = "insufficient_balance"
+
+
+@attrs.frozen
+class PromoExists(Refused):
+    reason: ClassVar[str] = "exists"
+
+
+@attrs.frozen
+class PromoNotFound(Refused):
+    reason: ClassVar[str] = "not_found"
+
+
+@attrs.frozen
+class BroadcastNotFound(Refused):
+    reason: ClassVar[str] = "not_found"
+
+
+@attrs.frozen
+class BroadcastUnchanged(Refused):
+    """The broadcast is not in a status the verb applies to (e.g. resuming a cancelled one)."""
+
+    view: BroadcastView | None = None
+    verb: str = ""
+    reason: ClassVar[str] = "unchanged"
+
+
+F = TypeVar("F", bound=Refused)
+
+
+def _refuse(conn: Conn, actor: Actor, action: str, refusal: F, **facts: Any) -> F:
+    """Audit a refusal (in the action's transaction) and hand it back to be returned."""
+    _audit(conn, actor, action, refusal.target, refusal.reason, **facts)
+    return refusal
+
+
+# --- results --------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Access:
+    """A subscription after grant/revoke/reissue/auto-renew; `repeated`: the nonce was used, nothing changed."""
+
+    subscription: Subscription | None
+    repeated: bool = False
+
+
+@attrs.frozen
+class Balance:
+    balance_minor: int
+    repeated: bool = False
+
+
+@attrs.frozen
+class BroadcastView:
+    broadcast: bdb.Broadcast
+    counts: bdb.Counts
+
+
+# --- reading (audited: an admin looked) -------------------------------------------------------------
+
+
+def stats(conn: Conn, actor: Actor) -> Stats:
+    found = admin_db.stats(conn)
+    _audit(conn, actor, "stats", None)
+    return found
+
+
+def health(conn: Conn, actor: Actor) -> HealthFacts:
+    facts = admin_db.health_facts(conn)
+    _audit(conn, actor, "health", None)
+    return facts
+
+
+def lookup(conn: Conn, actor: Actor, query: str, *, payments_limit: int = 5) -> UserDetails | UserNotFound:
+    """A user by id or @username."""
+    query = query.strip()
+    details = admin_db.user_details(conn, query, payments_limit=payments_limit)
+    if details is None:
+        return _refuse(conn, actor, "lookup", UserNotFound(query[:64]))
+    _audit(conn, actor, "lookup", query[:64])
+    return details
+
+
+#: What can be exported as CSV, by kind.
+EXPORTS: dict[str, Callable[..., int]] = {
+    "users": admin_db.export_users_csv,
+    "payments": admin_db.export_payments_csv,
+}
+
+
+def export_csv(conn: Conn, actor: Actor, kind: str, out: TextIO) -> int:
+    """Write the `kind` export as CSV to `out`; return its rows. ValueError for an unknown kind."""
+    if kind not in EXPORTS:
+        raise ValueError(f"no export {kind!r}")
+    rows = EXPORTS[kind](conn, out)
+    _audit(conn, actor, "export", kind, rows=rows)
+    return rows
+
+
+# --- a user's access and balance ------------------------------------------------------------------
+
+
+def grant(
+    conn: Conn,
+    actor: Actor,
+    user_id: int,
+    days: int,
+    *,
+    notify_text: Callable[[str, Subscription], str] | None = None,
+    nonce: str | None = None,
+) -> Access | UserNotFound:
+    """Give `days` of access (a paid-kind subscription), once per `nonce` (a confirmation button's).
+
+    With `notify_text(language, subscription)` (a pure renderer) the user's message is queued in the
+    outbox in the same transaction.
+    """
+    if not 1 <= days <= MAX_GRANT_DAYS:
+        raise ValueError(f"days must be from 1 to {MAX_GRANT_DAYS}")
+    if nonce is not None and admin_db.nonce_used(conn, nonce):
+        return Access(subscriptions.get_subscription(conn, user_id), repeated=True)
+    user = admin_db.lock_user(conn, user_id)
+    if user is None:
+        return _refuse(conn, actor, "grant", UserNotFound(user_id), days=days)
+    sub = subscriptions.grant_days(conn, user_id, days, kind="paid")
+    if notify_text is not None:
+        outbox.enqueue(
+            conn, user_id, notify_text(user.language, sub), dedupe_key=f"admin_grant:{nonce}" if nonce else None
+        )
+    facts: dict[str, Any] = {"days": days, "notify": notify_text is not None, "expires_at": sub.expires_at.isoformat()}
+    _audit(conn, actor, "grant", user_id, nonce=nonce, **facts)
+    return Access(sub)
+
+
+def revoke(
+    conn: Conn, actor: Actor, user_id: int, *, nonce: str | None = None
+) -> Access | UserNotFound | NoSubscription:
+    """End the user's subscription now (the Xray writer removes the key)."""
+    return _change_access(conn, actor, "revoke", user_id, nonce, subscriptions.revoke)
+
+
+def reissue(
+    conn: Conn, actor: Actor, user_id: int, *, nonce: str | None = None
+) -> Access | UserNotFound | NoSubscription:
+    """A new key for the user (an admin is not held to the user's own reissue rate limit)."""
+
+    def new_key(conn: Conn, user_id: int) -> Subscription | None:
+        try:
+            return subscriptions.reissue_key(conn, user_id, limit=1_000_000, window_seconds=1)
+        except subscriptions.NoSubscription:
+            return None
+
+    return _change_access(conn, actor, "reissue", user_id, nonce, new_key)
+
+
+def set_auto_renew(conn: Conn, actor: Actor, user_id: int, enabled: bool) -> Access | UserNotFound | NoSubscription:
+    def switch(conn: Conn, user_id: int) -> Subscription | None:
+        return subscriptions.set_auto_renew(conn, user_id, enabled)
+
+    return _change_access(conn, actor, "auto_renew", user_id, None, switch, enabled=enabled)
+
+
+def _change_access(
+    conn: Conn,
+    actor: Actor,
+    action: str,
+    user_id: int,
+    nonce: str | None,
+    change: Callable[[Conn, int], Subscription | None],
+    **facts: Any,
+) -> Access | UserNotFound | NoSubscription:
+    """One change of a user's subscription: once per nonce, refused without a user or a subscription."""
+    if nonce is not None and admin_db.nonce_used(conn, nonce):
+        return Access(subscriptions.get_subscription(conn, user_id), repeated=True)
+    if admin_db.lock_user(conn, user_id) is None:
+        return _refuse(conn, actor, action, UserNotFound(user_id), **facts)
+    sub = change(conn, user_id)
+    if sub is None:
+        return _refuse(conn, actor, action, NoSubscription(user_id), nonce=nonce, **facts)
+    _audit(conn, actor, action, user_id, nonce=nonce, **facts)
+    return Access(sub)
+
+
+def change_balance(
+    conn: Conn, actor: Actor, user_id: int, delta_minor: int, *, nonce: str
+) -> Balance | UserNotFound | InsufficientBalance:
+    """Credit (delta > 0) or debit (delta < 0) the balance through the ledger, once per nonce
+    (the nonce is the ledger entry's reference too)."""
+    if admin_db.lock_user(conn, user_id) is None:
+        return _refuse(conn, actor, "balance", UserNotFound(user_id), delta_minor=delta_minor, nonce=nonce)
+    try:
+        entry = ledger.record(conn, user_id, delta_minor, ledger.ADMIN, f"admin:{nonce}")
+    except ledger.InsufficientBalance as exc:  # raised before anything was written
+        refusal = InsufficientBalance(user_id, exc.balance_minor, exc.needed_minor)
+        return _refuse(conn, actor, "balance", refusal, delta_minor=delta_minor, nonce=nonce)
+    balance = ledger.balance_of(conn, user_id)
+    if entry is None:
+        return Balance(balance, repeated=True)
+    _audit(conn, actor, "balance", user_id, delta_minor=delta_minor, nonce=nonce)
+    return Balance(balance)
+
+
+# --- promo codes ----------------------------------------------------------------------------------
+
+
+def create_promo(
+    conn: Conn,
+    actor: Actor,
+    code: str,
+    percent: int,
+    *,
+    max_uses: int | None = None,
+    valid_days: int | None = None,
+) -> promo.PromoCode | PromoExists:
+    """A new promo code (valid for `valid_days` from now, or without end). ValueError for a bad code,
+    percent, limit or number of days."""
+    if valid_days is not None and not 1 <= valid_days <= MAX_GRANT_DAYS:
+        raise ValueError(f"days must be from 1 to {MAX_GRANT_DAYS}")
+    facts: dict[str, Any] = {"percent": percent, "max_uses": max_uses, "valid_days": valid_days}
+    try:
+        created = promo.create_promo(
+            conn, code, percent, max_uses=max_uses, valid_days=valid_days, created_by=actor.user_id
+        )
+    except promo.PromoExists:
+        return _refuse(conn, actor, "promo_create", PromoExists(promo.normalize_code(code)), **facts)
+    _audit(conn, actor, "promo_create", created.code, **facts)
+    return created
+
+
+def disable_promo(conn: Conn, actor: Actor, code: str) -> str | PromoNotFound:
+    """Switch a code off; returns the code as stored (upper case)."""
+    key = code.strip().upper()
+    if not promo.disable_promo(conn, code):
+        return _refuse(conn, actor, "promo_disable", PromoNotFound(key))
+    _audit(conn, actor, "promo_disable", key)
+    return key
+
+
+# --- broadcasts -----------------------------------------------------------------------------------
+
+
+def create_broadcast(
+    conn: Conn,
+    actor: Actor,
+    *,
+    text: str,
+    segment: bdb.Segment,
+    button_text: str | None = None,
+    button_url: str | None = None,
+    progress_chat_id: int | None = None,
+    progress_message_id: int | None = None,
+) -> bdb.Broadcast:
+    """A running broadcast to everyone in `segment` now (the broadcasts nursery sends it)."""
+    broadcast = bdb.create_broadcast(
+        conn,
+        created_by=actor.admin_id,
+        text=text,
+        segment=segment,
+        button_text=button_text,
+        button_url=button_url,
+        progress_chat_id=progress_chat_id,
+        progress_message_id=progress_message_id,
+    )
+    facts: dict[str, Any] = {"segment": broadcast.segment, "days": broadcast.segment_days, "total": broadcast.total}
+    _audit(conn, actor, "broadcast_create", broadcast.id, **facts)
+    return broadcast
+
+
+def change_broadcast(
+    conn: Conn, actor: Actor, broadcast_id: int, verb: bdb.Action
+) -> BroadcastView | BroadcastNotFound | BroadcastUnchanged:
+    """Pause, resume or cancel a broadcast; refused when there is none or its status does not allow it."""
+    change = bdb.change_status(conn, broadcast_id, verb)
+    action = f"broadcast_{verb}"
+    if change.broadcast is None:
+        return _refuse(conn, actor, action, BroadcastNotFound(broadcast_id))
+    view = BroadcastView(change.broadcast, bdb.counts(conn, broadcast_id))
+    if not change.changed:
+        return _refuse(conn, actor, action, BroadcastUnchanged(broadcast_id, view, verb))
+    _audit(conn, actor, action, broadcast_id)
+    return view
+
+
+# --- refunds --------------------------------------------------------------------------------------
+
+
+def record_refund(conn: Conn, actor: Actor, purchase_id: int, charge_id: str, *, rules: PaymentRules) -> RefundReversal:
+    """Record a Stars refund the provider has made, taking back everything the purchase gave, once."""
+    reversal = payments_db.reverse_refunded_purchase(conn, purchase_id, rules=rules)
+    referral = reversal.referral
+    facts: dict[str, Any] = {
+        "charge_id": charge_id,
+        "days_removed": reversal.days_removed,
+        "access_ended": reversal.access_ended,
+        "referrer_id": reversal.referrer_id,
+        "referral_debited_minor": referral.debited_minor if referral else 0,
+        "referral_owed_minor": referral.owed_minor if referral else 0,
+    }
+    _audit(conn, actor, "refund", purchase_id, "ok" if reversal.recorded else "repeated", **facts)
+    return reversal
+
+
+def refund_failed(conn: Conn, actor: Actor, purchase_id: int, error: str) -> None:
+    """Audit a refund the provider refused (nothing changed here)."""
+    _audit(conn, actor, "refund", purchase_id, "failed", error=error[:200])

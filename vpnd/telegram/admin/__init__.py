@@ -1,0 +1,96 @@
+"""The admin menu (`/admin`): stats, health, users and their access, refunds, promo codes, broadcasts,
+CSV exports — one module per concern, the actions themselves in `vpnd.services.admin_actions`.
+
+Admins are exactly `[telegram] admin_ids`. For anyone else `/admin`, every ``adm`` button and every
+``adm_*`` state do not exist: they get the very reply an unknown command or button gets (so nothing
+reveals them), nothing changes, and the attempt is audited. An admin's button is parsed through
+`verbs.parse`: one that is unknown or of the wrong shape (stale, forged) gets a polite answer
+(``admin.bad_button``) and changes nothing. Multi-step inputs (a user id, days, an amount, a
+broadcast draft) are durable conversation states (`adm_*`), so they survive a restart and expire
+on their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from vpnd.db import conversation
+from vpnd.telegram.admin import broadcasts, callback_data, export, promo, refunds, stats, users
+from vpnd.telegram.admin.common import (
+    CallbackAction,
+    StateAction,
+    admin_menu,
+    cancel_action,
+    is_admin,
+    log,
+    refuse,
+    show_menu,
+)
+from vpnd.telegram.admin.verbs import Verb, parse
+from vpnd.telegram.flows import menu
+from vpnd.telegram.turn import Turn
+
+if TYPE_CHECKING:
+    from vpnd.telegram.router import Routes
+
+__all__ = ["CALLBACKS", "STATES", "is_admin", "register"]
+
+#: Every verb's handler (a test checks that no verb is left without one).
+CALLBACKS: dict[Verb, CallbackAction] = {
+    Verb.MENU: show_menu,
+    Verb.CANCEL: cancel_action,
+    **stats.CALLBACKS,
+    **users.CALLBACKS,
+    **refunds.CALLBACKS,
+    **promo.CALLBACKS,
+    **broadcasts.CALLBACKS,
+    **export.CALLBACKS,
+}
+
+STATES: dict[str, StateAction] = {**users.STATES, **promo.STATES, **broadcasts.STATES}
+
+
+def register(routes: Routes) -> None:
+    """/admin, the ``adm`` callbacks and the ``adm_*`` states (all refused to non-admins)."""
+
+    async def admin_command(turn: Turn, argument: str) -> None:
+        if not is_admin(turn):
+            await refuse(turn, "command", "/admin")
+            await menu.show_menu(turn, turn.t("common.unknown"))  # what an unknown command gets
+            return
+        await admin_menu(turn)
+
+    async def admin_callback(turn: Turn, args: list[str]) -> None:
+        data = callback_data.join(args)
+        if not is_admin(turn):
+            await refuse(turn, "callback", data)
+            await menu.show_menu(turn)  # what an unknown button gets
+            return
+        press = parse(data)
+        try:
+            if press is not None:
+                await CALLBACKS[press.verb](turn, press)
+                return
+        except ValueError:  # arguments of the right shape but out of range (e.g. 0 days)
+            pass
+        log.info("event=admin_bad_callback data=%s", data[:64])
+        await admin_menu(turn, turn.t("admin.bad_button"))
+
+    def state_route(name: str) -> Callable[[Turn, str], Awaitable[None]]:
+        async def route(turn: Turn, text: str) -> None:
+            if not is_admin(turn):
+                await refuse(turn, "state", name)
+                await turn.app.db.run(conversation.clear_state, turn.user.id)
+                await menu.show_menu(turn, turn.t("common.unknown"))
+                return
+            state = await turn.app.db.run(conversation.get_state, turn.user.id)
+            await STATES[name](turn, text, state.data if state is not None else {})
+
+        return route
+
+    routes.commands["admin"] = admin_command
+    routes.hidden_commands.add("admin")
+    routes.callbacks[callback_data.PREFIX] = admin_callback
+    for name in STATES:
+        routes.states[name] = state_route(name)
