@@ -12,6 +12,7 @@ from tests.admin.harness import give_subscription, seed_users, sql
 from vpnd.db import broadcasts as bdb
 from vpnd.db.broadcasts import BadSegment, Segment
 from vpnd.telegram.admin import views
+from vpnd.telegram.admin.verbs import Verb
 from vpnd.telegram.texts import Texts
 
 
@@ -119,5 +120,8 @@ def test_views_are_pure_and_localized() -> None:
     assert views.progress_keyboard(t, 7, "done") is None
     # Every admin callback fits Telegram's 64 bytes, even with the largest ids.
     big = 2**63 - 1
-    for data in (views.data("balc", big, -(10**15), "ffffffff"), views.data("gc", big, 3650, 1, "ffffffff")):
+    for data in (
+        Verb.BALANCE_CONFIRM.data(big, -(10**15), "ffffffff"),
+        Verb.GRANT_CONFIRM.data(big, 3650, 1, "ffffffff"),
+    ):
         assert len(data.encode()) <= 64
