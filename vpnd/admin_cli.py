@@ -14,9 +14,9 @@ Every command takes `--config` and `--json` (one JSON document on stdout, for sc
 0 done, 1 failed (not found, not possible now, database trouble), 2 usage. Each command is one
 transaction running an action of `vpnd.services.admin_actions` (the same the bot's admin menu runs),
 audited there like the bot's (`admin_audit`, admin id 0, details `{"via": "cli", "os_user": ...}`);
-a refused action keeps its audit row. A running
-daemon notices broadcast status changes within a second (its broadcasts nursery polls); access
-changes reach Xray at its next reconcile round and `--notify` messages leave through the outbox.
+a refused action keeps its audit row. A running daemon notices broadcast status changes within a
+second (its broadcasts nursery polls); access changes reach Xray at its next reconcile round and
+`--notify` messages leave through the outbox.
 """
 
 from __future__ import annotations
@@ -341,10 +341,7 @@ ADMIN_COMMANDS: dict[str, Command] = {
 # --- broadcast commands -----------------------------------------------------------------------
 
 
-BroadcastView = actions.BroadcastView
-
-
-def _describe(view: BroadcastView) -> str:
+def _describe(view: actions.BroadcastView) -> str:
     b, c = view.broadcast, view.counts
     segment = b.target.label()
     return (
@@ -359,7 +356,7 @@ def broadcast_command(conn: psycopg.Connection[Any], args: argparse.Namespace, c
         if not 1 <= args.limit <= 1000:
             raise Usage("--limit must be from 1 to 1000")
         items = bdb.list_broadcasts(conn, limit=args.limit, status=args.status)
-        views = [BroadcastView(b, bdb.counts(conn, b.id)) for b in items]
+        views = [actions.BroadcastView(b, bdb.counts(conn, b.id)) for b in items]
         return views, "\n".join(_describe(v) for v in views) if views else "no broadcasts"
     view = _done(actions.change_broadcast(conn, _actor(), args.broadcast_id, verb))
     return view, _describe(view)
