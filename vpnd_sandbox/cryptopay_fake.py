@@ -37,7 +37,7 @@ import logging
 import secrets
 import urllib.parse
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from functools import partial
@@ -45,11 +45,10 @@ from typing import Any, Final, Literal
 
 import attrs
 import httpx
-import hypercorn.config
-import hypercorn.trio
 import trio
 
 from vpnd.cryptopay import SIGNATURE_HEADER, sign_webhook_body
+from vpnd.web import Handler, Request, Response, Router, serve, server_config
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +85,6 @@ RECORD_LIMIT: Final = 10_000
 
 ApiFault = Literal["http_500", "http_502", "http_503", "timeout"]
 
-Scope = Mapping[str, Any]
-Message = Mapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 class FakeApiError(Exception):
@@ -750,34 +745,11 @@ def _dec_str(value: str | None) -> str:
 # ----------------------------------------------------------------------- ASGI app
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise FakeApiError(400, "CLIENT_DISCONNECTED")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise FakeApiError(413, "REQUEST_TOO_LARGE")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def _params(scope: Scope, body: bytes) -> dict[str, Any]:
-    params: dict[str, Any] = dict(urllib.parse.parse_qsl(bytes(scope.get("query_string", b"")).decode()))
+def _params(request: Request, body: bytes) -> dict[str, Any]:
+    params: dict[str, Any] = dict(urllib.parse.parse_qsl(bytes(request.scope.get("query_string", b"")).decode()))
     if not body.strip():
         return params
-    content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+    content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
     if content_type == "application/json":
         try:
             data = json.loads(body)
@@ -791,21 +763,6 @@ def _params(scope: Scope, body: bytes) -> dict[str, Any]:
     else:
         raise FakeApiError(400, "CONTENT_TYPE_INVALID")
     return params
-
-
-async def _respond(send: Send, status: int, body: bytes, content_type: str, **extra: str) -> None:
-    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-    headers += [(k.replace("_", "-").encode(), v.encode()) for k, v in extra.items()]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _respond_json(send: Send, status: int, obj: Any) -> None:
-    await _respond(send, status, _compact_json(obj), "application/json")
-
-
-def _error_json(exc: FakeApiError) -> dict[str, Any]:
-    return {"ok": False, "error": {"code": exc.code, "name": exc.name}}
 
 
 _PAGE = """<!doctype html>
@@ -868,91 +825,99 @@ def _invoice_page(inv: _StoredInvoice) -> bytes:
     return page.encode("utf-8")
 
 
-def make_asgi_app(fake: FakeCryptoPay) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """The plain ASGI application serving ``fake``."""
+#: The names the router's own errors get, in Crypto Pay's format.
+_ERROR_NAMES: Final[Mapping[int, str]] = {
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_FOUND",
+    408: "REQUEST_TIMEOUT",
+    413: "REQUEST_TOO_LARGE",
+    500: "INTERNAL_ERROR",
+}
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
+
+def _error_response(status: int, text: str) -> Response:
+    return _api_error(FakeApiError(status, _ERROR_NAMES.get(status, "INTERNAL_ERROR")))
+
+
+def _api_error(exc: FakeApiError) -> Response:
+    return Response.json({"ok": False, "error": {"code": exc.code, "name": exc.name}}, exc.code)
+
+
+def _api_errors(handler: Handler) -> Handler:
+    """A handler whose :class:`FakeApiError` is answered in Crypto Pay's error format."""
+
+    async def handle(request: Request) -> Response:
         try:
-            await _route(fake, scope, receive, send)
+            return await handler(request)
         except FakeApiError as exc:
-            await _respond_json(send, exc.code, _error_json(exc))
+            return _api_error(exc)
 
-    return app
+    return handle
 
 
-async def _route(fake: FakeCryptoPay, scope: Scope, receive: Receive, send: Send) -> None:
-    path: str = scope["path"]
-    http_method: str = scope["method"]
-    parts = [p for p in path.split("/") if p]
+def cryptopay_router(fake: FakeCryptoPay, *, body_timeout: float = float("inf")) -> Router:
+    """The fake's routes on a :class:`vpnd.web.Router` (bodies capped at ``MAX_BODY_BYTES``)."""
+    router = Router(max_body_bytes=MAX_BODY_BYTES, body_timeout=body_timeout, error_response=_error_response)
+    router.add("*", "/api/{method}", _api_errors(partial(_api, fake)))
+    router.add("POST", "/sandbox/pay/{invoice_id}", _api_errors(partial(_sandbox_pay, fake)))
+    router.add("GET", "/invoice/{hash}", partial(_invoice, fake))
+    router.add("POST", "/invoice/{hash}/pay", partial(_invoice_pay, fake))
+    return router
 
-    if len(parts) == 2 and parts[0] == "api":
-        method = parts[1]
-        body = await _read_body(receive)
-        fault = fake._take_fault(method)
-        if fault == "timeout":
-            await trio.sleep(fake.api_hang_seconds)
-            await _respond(send, 504, b"<html><body>504 Gateway Time-out</body></html>", "text/html")
-            fake.api_calls.append(ApiCall(method, http_method, 504))
-            return
-        if fault == "http_500":
-            fake.api_calls.append(ApiCall(method, http_method, 500))
-            await _respond_json(send, 500, {"ok": False, "error": {"code": 500, "name": "INTERNAL_ERROR"}})
-            return
-        if fault in ("http_502", "http_503"):
-            code = 502 if fault == "http_502" else 503
-            fake.api_calls.append(ApiCall(method, http_method, code))
-            await _respond(send, code, f"<html><body>{code}</body></html>".encode(), "text/html")
-            return
-        if http_method not in ("GET", "POST"):
-            status, obj = 405, {"ok": False, "error": {"code": 405, "name": "METHOD_NOT_FOUND"}}
-        else:
-            status, obj = fake.handle_api(method, _params(scope, body), _header(scope, b"crypto-pay-api-token"))
-        fake.api_calls.append(ApiCall(method, http_method, status))
-        await _respond_json(send, status, obj)
-        return
 
-    if len(parts) == 3 and parts[:2] == ["sandbox", "pay"] and http_method == "POST":
-        body = await _read_body(receive)
-        options = _params(scope, body)
-        if not parts[2].isdigit():
-            raise FakeApiError(404, "INVOICE_NOT_FOUND")
-        invoice = fake.pay(
-            int(parts[2]),
-            paid_asset=_param_str(options, "paid_asset"),
-            comment=_param_str(options, "comment"),
-            paid_anonymously=_param_bool(options, "paid_anonymously", False),
-        )
-        await _respond_json(send, 200, {"ok": True, "result": invoice})
-        return
+async def _api(fake: FakeCryptoPay, request: Request) -> Response:
+    method, http_method = request.params["method"], request.method
+    body = await request.body()
+    fault = fake._take_fault(method)
+    if fault == "timeout":
+        await trio.sleep(fake.api_hang_seconds)
+        fake.api_calls.append(ApiCall(method, http_method, 504))
+        return Response.html("<html><body>504 Gateway Time-out</body></html>", 504)
+    if fault == "http_500":
+        fake.api_calls.append(ApiCall(method, http_method, 500))
+        return _api_error(FakeApiError(500, "INTERNAL_ERROR"))
+    if fault in ("http_502", "http_503"):
+        code = 502 if fault == "http_502" else 503
+        fake.api_calls.append(ApiCall(method, http_method, code))
+        return Response.html(f"<html><body>{code}</body></html>", code)
+    if http_method not in ("GET", "POST"):
+        status, obj = 405, {"ok": False, "error": {"code": 405, "name": "METHOD_NOT_FOUND"}}
+    else:
+        status, obj = fake.handle_api(method, _params(request, body), request.header("crypto-pay-api-token"))
+    fake.api_calls.append(ApiCall(method, http_method, status))
+    return Response(status, _compact_json(obj), content_type="application/json")
 
-    if len(parts) in (2, 3) and parts[0] == "invoice":
-        inv = fake.invoice_by_hash(parts[1])
-        if inv is None:
-            await _respond(send, 404, b"<html><body>Invoice not found</body></html>", "text/html")
-            return
-        if len(parts) == 2 and http_method == "GET":
-            await _respond(send, 200, _invoice_page(inv), "text/html; charset=utf-8")
-            return
-        if len(parts) == 3 and parts[2] == "pay" and http_method == "POST":
-            form = _params(scope, await _read_body(receive))
-            try:
-                fake.pay(inv.invoice_id, paid_asset=_param_str(form, "paid_asset"))
-            except FakeApiError as exc:
-                logger.info("sandbox pay page: %s", exc)
-            await _respond(send, 303, b"", "text/plain", location=f"/invoice/{inv.hash}")
-            return
 
-    await _respond_json(send, 404, {"ok": False, "error": {"code": 404, "name": "NOT_FOUND"}})
+async def _sandbox_pay(fake: FakeCryptoPay, request: Request) -> Response:
+    options = _params(request, await request.body())
+    if not request.params["invoice_id"].isdigit():
+        raise FakeApiError(404, "INVOICE_NOT_FOUND")
+    invoice = fake.pay(
+        int(request.params["invoice_id"]),
+        paid_asset=_param_str(options, "paid_asset"),
+        comment=_param_str(options, "comment"),
+        paid_anonymously=_param_bool(options, "paid_anonymously", False),
+    )
+    return Response(200, _compact_json({"ok": True, "result": invoice}), content_type="application/json")
+
+
+async def _invoice(fake: FakeCryptoPay, request: Request) -> Response:
+    inv = fake.invoice_by_hash(request.params["hash"])
+    if inv is None:
+        return Response.html("<html><body>Invoice not found</body></html>", 404)
+    return Response.html(_invoice_page(inv))
+
+
+async def _invoice_pay(fake: FakeCryptoPay, request: Request) -> Response:
+    inv = fake.invoice_by_hash(request.params["hash"])
+    if inv is None:
+        return Response.html("<html><body>Invoice not found</body></html>", 404)
+    form = _params(request, await request.body())
+    try:
+        fake.pay(inv.invoice_id, paid_asset=_param_str(form, "paid_asset"))
+    except FakeApiError as exc:
+        logger.info("sandbox pay page: %s", exc)
+    return Response(303, b"", [("location", f"/invoice/{inv.hash}")])
 
 
 # ----------------------------------------------------------------------- service
@@ -963,25 +928,22 @@ async def serve_fake_cryptopay(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
+    body_timeout: float = float("inf"),
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``fake`` over HTTP until cancelled; ``task_status.started(base_url)`` once listening.
 
+    Served by the daemon's own HTTP layer (:mod:`vpnd.web`): bodies over ``MAX_BODY_BYTES`` get 413, a
+    body not complete within ``body_timeout`` seconds 408, both in Crypto Pay's error format.
     The API is at ``f"{base_url}/api/{method}"``. Webhook deliveries run in this function's
     nursery and end with it.
     """
-    config = hypercorn.config.Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None
-    config.errorlog = logging.getLogger(f"{__name__}.http")
-    config.graceful_timeout = 1.0
     async with httpx.AsyncClient(follow_redirects=False) as http, trio.open_nursery() as nursery:
         fake._http = http
         fake._nursery = nursery
-        app: Any = make_asgi_app(fake)  # a plain ASGI 3 callable; hypercorn's TypedDict scopes fit it
         try:
-            binds: list[str] = await nursery.start(partial(hypercorn.trio.serve, app, config))
-            fake.base_url = binds[0].rstrip("/")
+            router = cryptopay_router(fake, body_timeout=body_timeout)
+            fake.base_url = await nursery.start(partial(serve, router, server_config(host, port)))
             task_status.started(fake.base_url)
             await trio.sleep_forever()
         finally:

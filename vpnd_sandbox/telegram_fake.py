@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import inspect
-import logging
 import math
 import random
 import re
@@ -1683,28 +1682,20 @@ async def serve_fake_telegram(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
+    body_timeout: float = float("inf"),
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``fake`` over HTTP with hypercorn's Trio worker until cancelled.
+    """Serve ``fake`` over HTTP with the daemon's server (:func:`vpnd.web.serve`) until cancelled.
 
     ``task_status.started(base_url)`` once the socket is bound, e.g. ``"http://127.0.0.1:41234"``:
     the Bot API is at ``f"{base_url}/bot{token}/{method}"`` (python-telegram-bot:
     ``Bot(token, base_url=f"{base_url}/bot")``), the web chat at ``base_url + "/"``, the sandbox JSON API
-    under ``/sandbox/api/``.
+    under ``/sandbox/api/``. A request body must arrive within ``body_timeout`` seconds (else 408).
     """
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
+    from vpnd.web import serve, server_config
+    from vpnd_sandbox.telegram_asgi import telegram_router
 
-    from vpnd_sandbox.telegram_asgi import FakeTelegramApp
-
-    config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("vpnd_sandbox.telegram")
-    config.graceful_timeout = 1.0
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(serve, FakeTelegramApp(fake), config)
-        task_status.started(binds[0])
+    await serve(telegram_router(fake, body_timeout=body_timeout), server_config(host, port), task_status=task_status)
 
 
 def main(argv: list[str] | None = None) -> None:
