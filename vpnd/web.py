@@ -407,7 +407,8 @@ async def serve(
     gate = gate if gate is not None else ConnectionGate(DEFAULT_MAX_CONNECTIONS)
     log.info("event=http_listening url=%s max_connections=%d", url, gate.limit)
     task_status.started(url)
-    await serve_connections(app, config, listener, gate, stopping or trio.Event(), config.graceful_timeout)
+    stopping = stopping if stopping is not None else trio.Event()
+    await serve_connections(app, config, listener, gate, stopping, config.graceful_timeout)
 
 
 async def serve_connections(

@@ -41,11 +41,13 @@ from typing import Any
 import attrs
 import trio
 
-from vpnd.web import Hangup, Request, Response, Router, text_error_response
-from vpnd_sandbox.telegram_fake import BotReply, ChatMessage, FakeTelegram, SandboxError
-from vpnd_sandbox.telegram_wire import JSONDict
+from vpnd.web import Hangup, Request, Response, Router, serve, server_config, text_error_response
+from vpnd_sandbox.telegram.files import content_type
+from vpnd_sandbox.telegram.records import ChatMessage, SandboxError
+from vpnd_sandbox.telegram.state import FakeTelegram
+from vpnd_sandbox.telegram.wire import BotReply, JSONDict
 
-__all__ = ["MAX_BODY", "telegram_router"]
+__all__ = ["MAX_BODY", "main", "serve_fake_telegram", "telegram_router"]
 
 MAX_BODY = 60 * 1024 * 1024
 
@@ -144,14 +146,7 @@ class _TelegramFace:
         stored = self.fake.files.get(file_id)
         if stored is None or stored.data is None:
             return _error_response(404, "")
-        content_type = stored.mime_type or "application/octet-stream"
-        if stored.kind == "photo":
-            data = stored.data
-            content_type = (
-                "image/png" if data.startswith(b"\x89PNG") else "image/gif" if data.startswith(b"GIF8")
-                else "image/webp" if data[8:12] == b"WEBP" else "image/jpeg"
-            )
-        return Response(200, stored.data, [("cache-control", "max-age=3600")], content_type)
+        return Response(200, stored.data, [("cache-control", "max-age=3600")], content_type(stored))
 
     # ------------------------------------------------------------------------------------- sandbox API
 
@@ -259,3 +254,48 @@ class _TelegramFace:
         user = self.fake.users[user_id]
         return {**user.to_api(), "started": user.started, "blocked": user.blocked}
 
+
+async def serve_fake_telegram(
+    fake: FakeTelegram,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    body_timeout: float = float("inf"),
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``fake`` over HTTP with the daemon's server (:func:`vpnd.web.serve`) until cancelled.
+
+    ``task_status.started(base_url)`` once the socket is bound, e.g. ``"http://127.0.0.1:41234"``:
+    the Bot API is at ``f"{base_url}/bot{token}/{method}"`` (python-telegram-bot:
+    ``Bot(token, base_url=f"{base_url}/bot")``), the web chat at ``base_url + "/"``, the sandbox JSON API
+    under ``/sandbox/api/``. A request body must arrive within ``body_timeout`` seconds (else 408).
+    """
+    await serve(telegram_router(fake, body_timeout=body_timeout), server_config(host, port), task_status=task_status)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vpnd_sandbox.telegram [--host H] [--port P] [--token T]``: serve a fresh fake.
+
+    Prints the base URL as the first line of stdout (subprocess tests read it), then serves until killed.
+    """
+    import argparse
+    import functools
+
+    parser = argparse.ArgumentParser(description="Fake Telegram Bot API + web chat (vpnd sandbox)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--token", default=FakeTelegram.__attrs_attrs__.token.default)
+    parser.add_argument("--bot-username", default="vpnd_demo_bot")
+    args = parser.parse_args(argv)
+    fake = FakeTelegram(token=args.token, bot_username=args.bot_username)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            base_url = await nursery.start(functools.partial(serve_fake_telegram, fake, host=args.host, port=args.port))
+            print(base_url, flush=True)
+            print(f"web chat: {base_url}/   bot API: {base_url}/bot{fake.token}/getMe", flush=True)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
