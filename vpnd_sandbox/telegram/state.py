@@ -36,7 +36,6 @@ from vpnd_sandbox.telegram.wire import ApiError, BotReply, JSONDict, error_reply
 #: How many requests :attr:`FakeTelegram.request_log` keeps (the oldest are dropped).
 REQUEST_LOG_LIMIT = 100_000
 
-
 #: The default bound of :meth:`FakeTelegram.wait_until` and :meth:`FakeTelegram.wait_for_bot_message`:
 #: generous, because the thing waited for is usually vpnd answering through PostgreSQL on a machine that
 #: may be busy; a test that expects nothing to come passes its own short timeout.
