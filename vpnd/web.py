@@ -376,6 +376,7 @@ class ConnectionGate:
         if self.metrics is not None:
             self.metrics.http_connections_open.set(len(self.open))
 
+
 def server_config(host: str, port: int, *, graceful_timeout: float = 1.0) -> HypercornConfig:
     """Hypercorn's settings for a server on `host:port` (0: any free port), its other defaults kept."""
     config = HypercornConfig()
@@ -407,17 +408,11 @@ async def serve(
     gate = gate if gate is not None else ConnectionGate(DEFAULT_MAX_CONNECTIONS)
     log.info("event=http_listening url=%s max_connections=%d", url, gate.limit)
     task_status.started(url)
-    stopping = stopping if stopping is not None else trio.Event()
-    await serve_connections(app, config, listener, gate, stopping, config.graceful_timeout)
+    await _serve_connections(app, config, listener, gate, stopping if stopping is not None else trio.Event())
 
 
-async def serve_connections(
-    app: ASGIApp,
-    config: HypercornConfig,
-    listener: trio.SocketListener,
-    gate: ConnectionGate,
-    stopping: trio.Event,
-    grace: float,
+async def _serve_connections(
+    app: ASGIApp, config: HypercornConfig, listener: trio.SocketListener, gate: ConnectionGate, stopping: trio.Event
 ) -> None:
     """Accept connections until `stopping`, each served by hypercorn's TCPServer under `gate`."""
     asgi = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
@@ -453,4 +448,4 @@ async def serve_connections(
                     connections.start_soon(serve_one, stream, key, scope)
         # Stopped accepting: idle keep-alive connections close now, requests in flight get the grace.
         await context.terminated.set()
-        connections.cancel_scope.deadline = trio.current_time() + grace
+        connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
