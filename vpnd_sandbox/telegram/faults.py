@@ -14,7 +14,6 @@ if TYPE_CHECKING:
 
 FaultKind = Literal["5xx", "429", "409", "timeout", "drop"]
 
-
 CONFLICT_OTHER_POLL = (
     "Conflict: terminated by other getUpdates request; make sure that only one bot instance is running"
 )
@@ -51,6 +50,7 @@ class FaultRule:
 
 
 def pick_fault(fake: FakeTelegram, method: str) -> FaultRule | None:
+    """The first rule that fires for `method` (lowercase), counted; spent and expired rules are dropped."""
     now = trio.current_time()
     fake.faults[:] = [
         r for r in fake.faults if (r.remaining is None or r.remaining > 0) and (r.until is None or now < r.until)
@@ -68,6 +68,8 @@ def pick_fault(fake: FakeTelegram, method: str) -> FaultRule | None:
 
 
 async def fault_reply(fake: FakeTelegram, rule: FaultRule) -> BotReply:
+    """What a fired rule answers: an error, or a broken connection (no body) — at once for ``drop``, after
+    ``hold_seconds`` or :meth:`FakeTelegram.release_held_requests` for ``timeout``."""
     if rule.kind == "5xx":
         return error_reply(ApiError(502, "Bad Gateway"))
     if rule.kind == "429":

@@ -50,6 +50,7 @@ class TokenBucket:
 
 
 def bucket(fake: FakeTelegram, existing: TokenBucket | None, rate: float, burst: float) -> TokenBucket:
+    """`existing` while its settings still hold; a full one when they changed (or there was none)."""
     if existing is not None and existing.rate == rate and existing.burst == burst:
         return existing
     return TokenBucket(rate=rate, burst=burst, tokens=burst, stamp=fake.flood_clock())

@@ -49,7 +49,7 @@ def chat_of(fake: FakeTelegram, params: Params, name: str = "chat_id") -> FakeUs
     return user
 
 
-def parse_text(fake: FakeTelegram, text: str, parse_mode: str | None, entities: Any) -> ParsedText:
+def parse_text(text: str, parse_mode: str | None, entities: Any) -> ParsedText:
     if not parse_mode:
         if entities is not None and not isinstance(entities, list):
             raise bad_request("can't parse entities JSON object")
@@ -65,7 +65,7 @@ def parse_text(fake: FakeTelegram, text: str, parse_mode: str | None, entities: 
     raise bad_request(f"unsupported parse_mode {parse_mode!r}")
 
 
-def reply_markup(fake: FakeTelegram, params: Params) -> JSONDict | None:
+def reply_markup(params: Params) -> JSONDict | None:
     """Validate ``reply_markup`` like Telegram; returns it (None when absent)."""
     markup = params.get_json("reply_markup", error="can't parse reply keyboard markup JSON object")
     if markup is None:
@@ -103,11 +103,11 @@ def reply_target(fake: FakeTelegram, user: FakeUser, params: Params) -> ChatMess
     return target
 
 
-def caption_of(fake: FakeTelegram, params: Params) -> ParsedText | None:
+def caption_of(params: Params) -> ParsedText | None:
     caption = params.get_str("caption")
     if not caption:
         return None
-    parsed = parse_text(fake, caption, params.get_str("parse_mode"), params.get_json("caption_entities"))
+    parsed = parse_text(caption, params.get_str("parse_mode"), params.get_json("caption_entities"))
     if utf16_len(parsed.text) > MAX_CAPTION:
         raise bad_request("message caption is too long")
     return parsed

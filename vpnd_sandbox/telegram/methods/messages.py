@@ -27,12 +27,12 @@ def send_message(fake: FakeTelegram, params: Params) -> JSONDict:
     text = params.get_str("text")
     if not text:
         raise bad_request("message text is empty")
-    parsed = parse_text(fake, text, params.get_str("parse_mode"), params.get_json("entities"))
+    parsed = parse_text(text, params.get_str("parse_mode"), params.get_json("entities"))
     if not parsed.text:
         raise bad_request("message text is empty")
     if utf16_len(parsed.text) > MAX_TEXT:
         raise bad_request("message is too long")
-    markup = reply_markup(fake, params)
+    markup = reply_markup(params)
     reply_to = reply_target(fake, user, params)
     take_send_slot(fake, user.id, paid=params.get_bool("allow_paid_broadcast"))
     message = fake._add_message(
@@ -69,7 +69,7 @@ def edit_message_text(fake: FakeTelegram, params: Params) -> JSONDict:
     text = params.get_str("text")
     if not text:
         raise bad_request("message text is empty")
-    parsed = parse_text(fake, text, params.get_str("parse_mode"), params.get_json("entities"))
+    parsed = parse_text(text, params.get_str("parse_mode"), params.get_json("entities"))
     if not parsed.text:
         raise bad_request("message text is empty")
     if utf16_len(parsed.text) > MAX_TEXT:
@@ -77,7 +77,7 @@ def edit_message_text(fake: FakeTelegram, params: Params) -> JSONDict:
     if message.text is None:
         raise bad_request("there is no text in the message to edit")
     # Without reply_markup, editMessageText removes the inline keyboard (Telegram does the same).
-    markup = reply_markup(fake, params)
+    markup = reply_markup(params)
     if markup is not None and "inline_keyboard" not in markup:
         raise bad_request("inline keyboard expected")
     if message.text == parsed.text and message.entities == list(parsed.entities) and message.reply_markup == markup:
@@ -93,8 +93,8 @@ def edit_message_caption(fake: FakeTelegram, params: Params) -> JSONDict:
     _, message = message_to_edit(fake, params)
     if message.photo is None and message.document is None:
         raise bad_request("there is no caption in the message to edit")
-    parsed = caption_of(fake, params)
-    markup = reply_markup(fake, params)
+    parsed = caption_of(params)
+    markup = reply_markup(params)
     caption = parsed.text if parsed else None
     entities = list(parsed.entities) if parsed else []
     if message.caption == caption and message.caption_entities == entities and message.reply_markup == markup:
@@ -105,7 +105,7 @@ def edit_message_caption(fake: FakeTelegram, params: Params) -> JSONDict:
 
 def edit_message_reply_markup(fake: FakeTelegram, params: Params) -> JSONDict:
     _, message = message_to_edit(fake, params)
-    markup = reply_markup(fake, params)
+    markup = reply_markup(params)
     if markup is not None and "inline_keyboard" not in markup:
         raise bad_request("inline keyboard expected")
     if message.reply_markup == markup:
@@ -152,8 +152,8 @@ def answer_callback_query(fake: FakeTelegram, params: Params) -> bool:
 def send_media(fake: FakeTelegram, params: Params, field: Literal["photo", "document"]) -> JSONDict:
     user = chat_of(fake, params)
     stored = input_file(fake, params, field, field)
-    caption = caption_of(fake, params)
-    markup = reply_markup(fake, params)
+    caption = caption_of(params)
+    markup = reply_markup(params)
     reply_to = reply_target(fake, user, params)
     take_send_slot(fake, user.id)
     message = fake._add_message(

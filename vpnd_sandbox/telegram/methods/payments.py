@@ -48,7 +48,7 @@ def send_invoice(fake: FakeTelegram, params: Params) -> JSONDict:
         raise bad_request("can't parse prices JSON object")
     if not 1 <= price["amount"] <= 100_000:
         raise bad_request("CURRENCY_TOTAL_AMOUNT_INVALID")
-    markup = reply_markup(fake, params)
+    markup = reply_markup(params)
     if markup is not None:
         first = (markup.get("inline_keyboard") or [[]])[0][:1]
         if not first or not first[0].get("pay"):
