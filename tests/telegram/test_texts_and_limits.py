@@ -13,7 +13,7 @@ import trio.testing
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.ratelimit import OutboundLimiter, Priority
 from vpnd.telegram.texts import Html, Texts
-from vpnd_sandbox.telegram_html import parse_html
+from vpnd_sandbox.telegram.formatting import parse_html
 
 
 def placeholders(template: str) -> set[str]:

@@ -1,4 +1,4 @@
-"""Telegram's ``parse_mode=HTML`` and message-text rules, as a pure function.
+"""Telegram's ``parse_mode=HTML`` (and a MarkdownV2 subset) and message-text rules, as pure functions.
 
 The fake Bot API must refuse what api.telegram.org refuses, otherwise a template with a stray ``<`` or a
 ``<br>`` passes every test and fails in production. The parser follows the behaviour of Telegram's own
@@ -28,6 +28,7 @@ __all__ = [
     "ParsedText",
     "detect_bot_commands",
     "parse_html",
+    "parse_markdown_v2",
     "plain_text",
     "utf16_len",
 ]
@@ -294,3 +295,72 @@ def detect_bot_commands(text: str) -> list[dict[str, Any]]:
             }
         )
     return found
+
+
+_MD_SPECIAL = "_*[]()~`>#+-=|{}.!"
+
+
+def parse_markdown_v2(text: str) -> ParsedText:
+    """A small MarkdownV2 subset: ``*bold* _italic_ __underline__ ~strike~ ||spoiler|| `code` [t](url)``
+    and backslash escapes; an unescaped reserved character is an error, as on Telegram."""
+    chunks: list[str] = []
+    entities: list[dict[str, Any]] = []
+    open_marks: list[tuple[str, int]] = []
+    position = 0
+    index = 0
+    marks = {"*": "bold", "_": "italic", "__": "underline", "~": "strikethrough", "||": "spoiler"}
+
+    def emit(piece: str) -> None:
+        nonlocal position
+        chunks.append(piece)
+        position += utf16_len(piece)
+
+    while index < len(text):
+        char = text[index]
+        if char == "\\" and index + 1 < len(text):
+            emit(text[index + 1])
+            index += 2
+            continue
+        mark = text[index : index + 2] if text[index : index + 2] in ("__", "||") else char
+        if mark in marks:
+            if open_marks and open_marks[-1][0] == mark:
+                _, start = open_marks.pop()
+                if position > start:
+                    entities.append({"type": marks[mark], "offset": start, "length": position - start})
+            else:
+                open_marks.append((mark, position))
+            index += len(mark)
+            continue
+        if char == "`":
+            end = text.find("`", index + 1)
+            if end < 0:
+                raise EntityParseError(f"Can't find end of Code entity at byte offset {len(text[:index].encode())}")
+            start = position
+            emit(text[index + 1 : end])
+            entities.append({"type": "code", "offset": start, "length": position - start})
+            index = end + 1
+            continue
+        if char == "[":
+            match = re.match(r"\[((?:[^\]\\]|\\.)*)\]\(((?:[^)\\]|\\.)*)\)", text[index:])
+            if match is None:
+                raise EntityParseError("Character '[' is reserved and must be escaped with the preceding '\\'")
+            start = position
+            emit(re.sub(r"\\(.)", r"\1", match.group(1)))
+            entities.append(
+                {
+                    "type": "text_link",
+                    "offset": start,
+                    "length": position - start,
+                    "url": re.sub(r"\\(.)", r"\1", match.group(2)),
+                }
+            )
+            index += match.end()
+            continue
+        if char in _MD_SPECIAL:
+            raise EntityParseError(f"Character '{char}' is reserved and must be escaped with the preceding '\\'")
+        emit(char)
+        index += 1
+    if open_marks:
+        mark, _ = open_marks[-1]
+        raise EntityParseError(f"Can't find end of {marks[mark].title()} entity")
+    return plain_text("".join(chunks), entities)

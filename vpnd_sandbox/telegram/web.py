@@ -1,4 +1,4 @@
-"""The fake Telegram's HTTP face: a plain ASGI app (no framework) served by hypercorn's Trio worker.
+"""The fake Telegram's HTTP face: routes on the daemon's own ASGI layer (:mod:`vpnd.web`), served by it.
 
 Routes:
 
@@ -26,8 +26,9 @@ Routes:
 
 A Bot API request whose client disconnects is cancelled (a long poll that nobody waits for must not
 stay "the active poll"). A ``drop`` fault answers with a 200 status line and then closes the connection
-mid-body: ASGI has no way to close a connection without any response, and for a client the effect is the
-same — the request failed with a broken connection and no result.
+mid-body (:class:`vpnd.web.Hangup`). Bodies are capped at ``MAX_BODY`` (413 in the Bot API's error
+format) and, when a ``body_timeout`` is given, must arrive within it (408): both come from
+:class:`vpnd.web.Router`, as for the daemon.
 """
 
 from __future__ import annotations
@@ -35,27 +36,20 @@ from __future__ import annotations
 import importlib.resources
 import json
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import parse_qs
 
 import attrs
 import trio
 
-from vpnd_sandbox.telegram_fake import BotReply, ChatMessage, FakeTelegram, SandboxError
-from vpnd_sandbox.telegram_wire import JSONDict
+from vpnd.web import Hangup, Request, Response, Router, serve, server_config, text_error_response
+from vpnd_sandbox.telegram.files import content_type
+from vpnd_sandbox.telegram.records import ChatMessage, SandboxError
+from vpnd_sandbox.telegram.state import FakeTelegram
+from vpnd_sandbox.telegram.wire import BotReply, JSONDict
 
-__all__ = ["FakeTelegramApp"]
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+__all__ = ["MAX_BODY", "main", "serve_fake_telegram", "telegram_router"]
 
 MAX_BODY = 60 * 1024 * 1024
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 class _HttpError(Exception):
@@ -64,41 +58,26 @@ class _HttpError(Exception):
         self.status = status
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise trio.BrokenResourceError("client went away")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise _BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+def _error_response(status: int, text: str) -> Response:
+    """Errors the router answers itself, as Telegram's server does."""
+    if status == 413:
+        return Response.json({"ok": False, "error_code": 413, "description": "Request Entity Too Large"}, 413)
+    if status == 404:
+        return Response(404, b"Not Found", content_type="text/plain")
+    return text_error_response(status, text)
 
 
-async def _respond(
-    send: Send, status: int, body: bytes, content_type: str, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-    headers.extend(extra or [])
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _respond_json(send: Send, status: int, payload: Any) -> None:
-    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    await _respond(send, status, body, "application/json")
-
-
-def _header(scope: Scope, name: bytes) -> str:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return ""
+def telegram_router(fake: FakeTelegram, *, body_timeout: float = float("inf")) -> Router:
+    """The fake's routes (see the module docstring) on a :class:`vpnd.web.Router`."""
+    face = _TelegramFace(fake)
+    router = Router(max_body_bytes=MAX_BODY, body_timeout=body_timeout, error_response=_error_response)
+    router.add("*", "/bot{token}/{method:path}", face.bot_api)
+    router.add("*", "/file/bot{token}/{file_path:path}", face.bot_file)
+    for path in ("/", "/sandbox", "/sandbox/"):
+        router.add("GET", path, face.webchat)
+    router.add("GET", "/sandbox/files/{file_id}", face.sandbox_file)
+    router.add("*", "/sandbox/api/{route:path}", face.sandbox_api)
+    return router
 
 
 def message_json(message: ChatMessage) -> JSONDict:
@@ -117,120 +96,77 @@ def message_json(message: ChatMessage) -> JSONDict:
 
 
 @attrs.define(eq=False)
-class FakeTelegramApp:
-    """ASGI application exposing one :class:`FakeTelegram`."""
+class _TelegramFace:
+    """The handlers over one :class:`FakeTelegram`."""
 
     fake: FakeTelegram
     _page: bytes | None = attrs.field(default=None, init=False)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        path: str = scope["path"]
-        try:
-            if path.startswith("/bot"):
-                await self._bot_api(scope, receive, send)
-            elif path.startswith("/file/bot"):
-                await self._bot_file(path, send)
-            elif path in ("/", "/sandbox", "/sandbox/"):
-                page = self._webchat()
-                await _respond(send, 200, page, "text/html; charset=utf-8", [(b"cache-control", b"no-store")])
-            elif path.startswith("/sandbox/files/"):
-                await self._serve_file(path.removeprefix("/sandbox/files/"), send)
-            elif path.startswith("/sandbox/api/"):
-                await self._sandbox_api(scope, receive, send)
-            else:
-                await _respond(send, 404, b"Not Found", "text/plain")
-        except trio.BrokenResourceError:
-            return  # the client disconnected while sending its request
-        except _BodyTooLarge:
-            await _respond_json(send, 413, {"ok": False, "error_code": 413, "description": "Request Entity Too Large"})
-
-    def _webchat(self) -> bytes:
+    async def webchat(self, request: Request) -> Response:
         if self._page is None:
-            resource = importlib.resources.files("vpnd_sandbox").joinpath("static/webchat.html")
-            self._page = resource.read_bytes()
-        return self._page
+            self._page = importlib.resources.files("vpnd_sandbox").joinpath("static/webchat.html").read_bytes()
+        return Response.html(self._page, headers=[("cache-control", "no-store")])
 
     # ------------------------------------------------------------------------------------------ Bot API
 
-    async def _bot_api(self, scope: Scope, receive: Receive, send: Send) -> None:
-        token, _, method = scope["path"].removeprefix("/bot").partition("/")
-        body = await _read_body(receive)
+    async def bot_api(self, request: Request) -> Response:
+        body = await request.body()
         reply: BotReply | None = None
         async with trio.open_nursery() as nursery:
 
             async def cancel_on_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
+                while (await request.receive())["type"] != "http.disconnect":
                     pass
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(cancel_on_disconnect)
             reply = await self.fake.handle_bot_request(
-                token, method, _header(scope, b"content-type"), body, scope.get("query_string", b"")
+                request.params["token"],
+                request.params["method"],
+                request.header("content-type") or "",
+                body,
+                request.scope.get("query_string", b""),
             )
             nursery.cancel_scope.cancel()
         if reply is None:
-            return  # client gone
+            raise Hangup  # the client is gone
         if reply.body is None:
-            # Broken connection: status line, then close before the (chunked) body ends.
-            headers = [(b"content-type", b"application/json")]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            return
-        await _respond_json(send, reply.status, reply.body)
+            raise Hangup(200)  # broken connection: status line, then close before the body ends
+        return Response.json(reply.body, reply.status)
 
-    async def _bot_file(self, path: str, send: Send) -> None:
-        token, _, file_path = path.removeprefix("/file/bot").partition("/")
-        if token != self.fake.token:
-            await _respond_json(send, 401, {"ok": False, "error_code": 401, "description": "Unauthorized"})
-            return
-        await self._serve_file(file_path.rpartition("/")[2], send)
+    async def bot_file(self, request: Request) -> Response:
+        if request.params["token"] != self.fake.token:
+            return Response.json({"ok": False, "error_code": 401, "description": "Unauthorized"}, 401)
+        return self._file(request.params["file_path"].rpartition("/")[2])
 
-    async def _serve_file(self, file_id: str, send: Send) -> None:
+    async def sandbox_file(self, request: Request) -> Response:
+        return self._file(request.params["file_id"])
+
+    def _file(self, file_id: str) -> Response:
         stored = self.fake.files.get(file_id)
         if stored is None or stored.data is None:
-            await _respond(send, 404, b"Not Found", "text/plain")
-            return
-        content_type = stored.mime_type or "application/octet-stream"
-        if stored.kind == "photo":
-            data = stored.data
-            content_type = (
-                "image/png" if data.startswith(b"\x89PNG") else "image/gif" if data.startswith(b"GIF8")
-                else "image/webp" if data[8:12] == b"WEBP" else "image/jpeg"
-            )
-        await _respond(send, 200, stored.data, content_type, [(b"cache-control", b"max-age=3600")])
+            return _error_response(404, "")
+        return Response(200, stored.data, [("cache-control", "max-age=3600")], content_type(stored))
 
     # ------------------------------------------------------------------------------------- sandbox API
 
-    async def _sandbox_api(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await _read_body(receive)
-        route = scope["path"].removeprefix("/sandbox/api/").strip("/")
-        query = {key: values[-1] for key, values in parse_qs(scope.get("query_string", b"").decode()).items()}
+    async def sandbox_api(self, request: Request) -> Response:
+        body = await request.body()
+        route = request.params["route"].strip("/")
+        query = {key: values[-1] for key, values in request.query.items()}
         try:
             payload: Any = json.loads(body) if body.strip() else {}
         except ValueError:
-            await _respond_json(send, 400, {"ok": False, "error": "body must be JSON"})
-            return
+            return Response.json({"ok": False, "error": "body must be JSON"}, 400)
         if not isinstance(payload, dict):
-            await _respond_json(send, 400, {"ok": False, "error": "body must be a JSON object"})
-            return
+            return Response.json({"ok": False, "error": "body must be a JSON object"}, 400)
         try:
-            result = await self._sandbox_route(scope["method"], route, query, payload)
+            result = await self._sandbox_route(request.method, route, query, payload)
         except (SandboxError, ValueError, TypeError, KeyError) as error:
-            await _respond_json(send, 400, {"ok": False, "error": str(error)})
-            return
+            return Response.json({"ok": False, "error": str(error)}, 400)
         except _HttpError as error:
-            await _respond_json(send, error.status, {"ok": False, "error": str(error)})
-            return
-        await _respond_json(send, 200, {"ok": True, "result": result})
+            return Response.json({"ok": False, "error": str(error)}, error.status)
+        return Response.json({"ok": True, "result": result})
 
     async def _sandbox_route(self, method: str, route: str, query: dict[str, str], payload: JSONDict) -> Any:
         fake = self.fake
@@ -317,3 +253,49 @@ class FakeTelegramApp:
     def _user_json(self, user_id: int) -> JSONDict:
         user = self.fake.users[user_id]
         return {**user.to_api(), "started": user.started, "blocked": user.blocked}
+
+
+async def serve_fake_telegram(
+    fake: FakeTelegram,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    body_timeout: float = float("inf"),
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``fake`` over HTTP with the daemon's server (:func:`vpnd.web.serve`) until cancelled.
+
+    ``task_status.started(base_url)`` once the socket is bound, e.g. ``"http://127.0.0.1:41234"``:
+    the Bot API is at ``f"{base_url}/bot{token}/{method}"`` (python-telegram-bot:
+    ``Bot(token, base_url=f"{base_url}/bot")``), the web chat at ``base_url + "/"``, the sandbox JSON API
+    under ``/sandbox/api/``. A request body must arrive within ``body_timeout`` seconds (else 408).
+    """
+    await serve(telegram_router(fake, body_timeout=body_timeout), server_config(host, port), task_status=task_status)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vpnd_sandbox.telegram [--host H] [--port P] [--token T]``: serve a fresh fake.
+
+    Prints the base URL as the first line of stdout (subprocess tests read it), then serves until killed.
+    """
+    import argparse
+    import functools
+
+    parser = argparse.ArgumentParser(description="Fake Telegram Bot API + web chat (vpnd sandbox)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--token", default=FakeTelegram.__attrs_attrs__.token.default)
+    parser.add_argument("--bot-username", default="vpnd_demo_bot")
+    args = parser.parse_args(argv)
+    fake = FakeTelegram(token=args.token, bot_username=args.bot_username)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            base_url = await nursery.start(functools.partial(serve_fake_telegram, fake, host=args.host, port=args.port))
+            print(base_url, flush=True)
+            print(f"web chat: {base_url}/   bot API: {base_url}/bot{fake.token}/getMe", flush=True)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass

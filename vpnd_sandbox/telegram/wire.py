@@ -23,10 +23,12 @@ import attrs
 
 __all__ = [
     "ApiError",
+    "BotReply",
     "Params",
     "UploadedFile",
     "bad_request",
     "error_body",
+    "error_reply",
     "ok_body",
     "parse_multipart",
     "parse_request",
@@ -256,3 +258,15 @@ def parse_request(content_type: str, body: bytes, query_string: bytes) -> Params
         else:
             raise bad_request(f"unsupported Content-Type {kind!r}")
     return Params(values=values, files=files)
+
+
+@attrs.frozen
+class BotReply:
+    """What the HTTP layer sends for one Bot API call. ``body=None`` means: break the connection."""
+
+    status: int
+    body: JSONDict | None
+
+
+def error_reply(error: ApiError) -> BotReply:
+    return BotReply(error.error_code, error_body(error))
