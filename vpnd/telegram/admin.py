@@ -124,11 +124,6 @@ async def _clear_state(turn: Turn) -> None:
     await turn.app.db.run(conversation.clear_state, turn.user.id)
 
 
-def _nudge_broadcasts(turn: Turn) -> None:
-    """Wake the broadcasts nursery (it also polls the database, so this only makes it faster)."""
-    turn.app.broadcasts_changed.nudge()
-
-
 # --- menu, stats, health ----------------------------------------------------------------------
 
 
@@ -232,9 +227,6 @@ async def grant_confirmed(turn: Turn, args: list[str]) -> None:
     if done.repeated:
         await show_user(turn, user_id, turn.t("admin.already_done"))
         return
-    turn.app.xray_changed.nudge()
-    if notify:
-        turn.app.outbox_changed.nudge()
     assert done.subscription is not None
     notice = turn.t("admin.grant.done", days=days, id=user_id, expires=views.fmt_time(done.subscription.expires_at))
     await show_user(turn, user_id, notice)
@@ -276,7 +268,6 @@ async def _access_action(turn: Turn, args: list[str], action: Any, done_key: str
     elif done.subscription is None:
         notice = turn.t("admin.no_subscription", id=user_id)
     else:
-        turn.app.xray_changed.nudge()
         notice = turn.t(done_key, id=user_id)
     await show_user(turn, user_id, notice)
 
@@ -571,7 +562,6 @@ async def broadcast_start(turn: Turn, args: list[str]) -> None:
     if broadcast is None:
         await admin_menu(turn, turn.t("admin.bc.no_draft"))
         return
-    _nudge_broadcasts(turn)
     log.info("event=broadcast_created id=%d total=%d segment=%s", broadcast.id, broadcast.total, broadcast.segment)
     counts = bdb.Counts(total=broadcast.total, pending=broadcast.total)
     await turn.show(
@@ -600,8 +590,6 @@ def _status_action(action: bdb.Action) -> CallbackAction:
         if change.broadcast is None:
             await admin_menu(turn)
             return
-        if change.changed:
-            _nudge_broadcasts(turn)
         b = change.broadcast
         await turn.show(
             views.progress_text(turn.t, b, b.status, counts, None), views.progress_keyboard(turn.t, b.id, b.status)
@@ -662,10 +650,6 @@ async def refund_confirmed(turn: Turn, args: list[str]) -> None:
         return reversal
 
     reversal = await turn.app.db.run(record)
-    if reversal.days_removed:
-        turn.app.xray_changed.nudge()
-    if reversal.notified:
-        turn.app.outbox_changed.nudge()
     currency = turn.app.config.payments.currency
     referral = reversal.referral
     taken = (referral.debited_minor + referral.owed_minor) if referral else 0
