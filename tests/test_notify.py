@@ -159,10 +159,14 @@ async def test_bulk_change_in_one_transaction_wakes_the_writer_once(
     users = add_users(db_dsn, 6000, 200, days=30)
     async with daemon_with_xray(nursery, fake_telegram, db_dsn, write_config, tmp_path) as (vpnd, xray):
         await until(lambda: len(emails(xray)) == len(users), 30)
-        await trio.sleep(1.0)  # the start-up rounds (first reconcile, the listener's connect nudge) are done
         status = vpnd.app.xray_status
         assert status is not None
-        wakes, rounds = vpnd.app.xray_changed.count, status.rounds
+        with trio.fail_after(30):  # the start-up rounds (first reconcile, the listener's connect nudge) are done
+            while True:
+                wakes, rounds = vpnd.app.xray_changed.count, status.rounds
+                await trio.sleep(1.0)
+                if (vpnd.app.xray_changed.count, status.rounds) == (wakes, rounds):
+                    break
         with psycopg.connect(db_dsn) as conn:
             for user_id in users:
                 conn.execute("UPDATE subscriptions SET status = 'revoked' WHERE user_id = %s", (user_id,))
