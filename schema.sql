@@ -301,3 +301,25 @@ CREATE TABLE admin_audit (
 CREATE INDEX admin_audit_nonce_idx ON admin_audit ((details ->> 'nonce')) WHERE details ? 'nonce';
 CREATE INDEX admin_audit_denied_idx ON admin_audit (admin_id, created_at) WHERE result = 'denied';
 CREATE INDEX admin_audit_created_at_idx ON admin_audit (created_at);
+
+-- Changes wake their owner by themselves: each statement below notifies its owner's channel
+-- (vpnd/db/notify.py); PostgreSQL delivers at commit only and folds identical notifications of one
+-- transaction into one, so a bulk change wakes its owner once, whichever process made it.
+CREATE FUNCTION vpnd_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify(TG_ARGV[0], '');
+    RETURN NULL;
+END
+$$;
+
+-- The Xray writer's desired set reads subscriptions only (vpnd/db/xray_state.py): user, status, UUID, expiry.
+CREATE TRIGGER subscriptions_notify_xray
+    AFTER INSERT OR DELETE OR TRUNCATE OR UPDATE OF user_id, status, uuid, expires_at ON subscriptions
+    FOR EACH STATEMENT EXECUTE FUNCTION vpnd_notify('vpnd_xray');
+CREATE TRIGGER outbox_notify_sender
+    AFTER INSERT ON outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION vpnd_notify('vpnd_outbox');
+-- A broadcast created, paused, resumed or cancelled (progress columns change without waking anyone).
+CREATE TRIGGER broadcasts_notify
+    AFTER INSERT OR UPDATE OF status ON broadcasts
+    FOR EACH STATEMENT EXECUTE FUNCTION vpnd_notify('vpnd_broadcasts');

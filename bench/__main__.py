@@ -17,7 +17,7 @@ import time
 
 from bench.common import machine_line, quick
 
-BENCHMARKS = ["pipeline", "flood", "broadcast", "activation", "xray_scale", "lifecycle", "soak", "wire"]
+BENCHMARKS = ["pipeline", "flood", "broadcast", "activation", "xray_scale", "lifecycle", "soak", "wire", "notify"]
 
 
 def main(argv: list[str]) -> int:

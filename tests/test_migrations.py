@@ -29,7 +29,13 @@ def catalog(dsn: str) -> list[tuple[Any, ...]]:
             "WHERE connamespace = 'public'::regnamespace ORDER BY 1, 2"
         ).fetchall()
         indexes = conn.execute("SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1").fetchall()
-    return [*columns, *constraints, *indexes]
+        triggers = conn.execute(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1"
+        ).fetchall()
+        functions = conn.execute(
+            "SELECT pg_get_functiondef(oid) FROM pg_proc WHERE pronamespace = 'public'::regnamespace ORDER BY 1"
+        ).fetchall()
+    return [*columns, *constraints, *indexes, *triggers, *functions]
 
 
 def test_packaged_schema_is_the_top_level_schema_sql() -> None:
@@ -120,3 +126,20 @@ def test_two_concurrent_vpnd_migrate_commands(empty_db_dsn: str, write_config: C
     assert rows == [(v, 1) for v in range(1, packaged_schema().version + 1)]
     check = subprocess.run([*command, "--check"], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and "pending migrations: none" in check.stdout
+
+
+def test_notify_migration_on_a_version_4_database_equals_the_fresh_schema(pg_server: Any, empty_db_dsn: str) -> None:
+    """0005 (commit-time notify triggers) applied to a database at version 4 gives what schema.sql gives."""
+    schema = packaged_schema()
+    notify = next(m for m in schema.migrations if m.name == "notify")
+    with psycopg.connect(empty_db_dsn, autocommit=True) as conn:
+        migrate(conn, schema)
+        conn.execute("DROP FUNCTION vpnd_notify() CASCADE")  # and with it the triggers: version 4 had neither
+        conn.execute("DELETE FROM schema_migrations WHERE version >= %s", (notify.version,))
+        assert list(pending(conn, schema)) == list(range(notify.version, schema.version + 1))
+        assert migrate(conn, schema) == list(range(notify.version, schema.version + 1))
+    fresh = pg_server.create_database(f"fresh_{Path(empty_db_dsn).name}")
+    with psycopg.connect(fresh, autocommit=True) as conn:
+        migrate(conn, schema)
+    assert catalog(empty_db_dsn) == catalog(fresh)
+    assert sum("vpnd_notify" in str(row) for row in catalog(fresh)) == 4  # the function and three triggers

@@ -48,8 +48,6 @@ def record_incident(
 
 
 async def report_incident(app: App, texts: Texts, name: str, ok: bool, detail: str) -> Alert | None:
-    """Record the state in its own transaction and wake the outbox sender when an alert was queued."""
+    """Record the state in its own transaction (a queued alert wakes the outbox sender at commit)."""
     alert = await app.db.run(record_incident, texts, app.config, name, ok, detail)
-    if alert is not None:
-        app.outbox_changed.nudge()
     return alert

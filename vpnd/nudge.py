@@ -1,8 +1,9 @@
 """A coalescing wake-up signal: many `nudge()`s while the owner is busy cause one more round.
 
-Used by owners of derived state (the Xray writer, the outbox sender): other code commits to the
-database, then nudges; the owner re-reads the database. A nudge carries no data, so nothing is lost
-if the daemon dies between commit and nudge — the periodic round catches up.
+Used by owners of derived state (the Xray writer, the outbox sender, broadcasts): the notify
+listener (`vpnd.nurseries.listener`) nudges on the commit-time notification a change sends by itself;
+the owner re-reads the database. A nudge carries no data, so nothing is lost if the daemon misses
+one (down, or between reconnects) — the periodic round catches up.
 """
 
 from __future__ import annotations

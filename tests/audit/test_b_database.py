@@ -88,6 +88,7 @@ CONNECTION_MAKERS = {
     "vpnd/db/pool.py": "the pool itself (`Database.run` is its only user) and a diagnostic connect on failure",
     "vpnd/app.py": "schema check/migration before the pool opens",
     "vpnd/instance_lock.py": "the instance lock's own session (an advisory lock, never a transaction of ours)",
+    "vpnd/db/notify.py": "the notify listener's session: LISTEN belongs to a session, so it cannot be pooled",
     "vpnd/cli.py": "`vpnd migrate`, a separate process",
     "vpnd/admin_cli.py": "`vpnd admin ...`, a separate process",
 }

@@ -20,6 +20,7 @@ from vpnd.config import load_config
 from vpnd.cryptopay import CryptoPayClient, open_cryptopay_client
 from vpnd.db.users import upsert_user
 from vpnd.nurseries.http import build_router, run_http
+from vpnd.nurseries.listener import run_listener
 from vpnd.payments.webhook import WEBHOOK_PATH, add_payment_routes
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
 
@@ -144,6 +145,7 @@ async def env(make_config: Callable[..., Any], db_dsn: str) -> AsyncIterator[Env
             add_payment_routes(router, app, config.cryptopay.token)
             async with trio.open_nursery() as inner:
                 with trio.fail_after(IO_TIMEOUT):
+                    await inner.start(run_listener, app)  # commits wake their owners, as in the daemon
                     url = await inner.start(run_http, app, router)
                 env = Env(app, fake, client, url.rstrip("/"), db_dsn)
                 fake.webhook_url = env.webhook_url

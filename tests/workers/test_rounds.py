@@ -14,6 +14,7 @@ from vpnd.app import App, open_app
 from vpnd.config import Config
 from vpnd.db import conversation, outbox
 from vpnd.db.subscriptions import grant_days
+from vpnd.nurseries.listener import run_listener
 from vpnd.telegram.texts import Texts
 from vpnd.workers.expiry import expiry_round
 from vpnd.workers.housekeeping import housekeeping_round
@@ -28,8 +29,10 @@ TEXTS = Texts.load()
 @asynccontextmanager
 async def opened(config: Config) -> AsyncIterator[App]:
     with trio.fail_after(60):
-        async with open_app(config, single_instance=False) as app:
+        async with open_app(config, single_instance=False) as app, trio.open_nursery() as nursery:
+            await nursery.start(run_listener, app)  # commits wake their owners, as in the daemon
             yield app
+            nursery.cancel_scope.cancel()
 
 
 def messages(dsn: str) -> dict[str, tuple[int, str, Any]]:
@@ -140,6 +143,9 @@ async def test_expiry_rechecks_expires_at_nudges_xray_and_tells_the_user(
     async with opened(make_config()) as app:
         nudges = app.xray_changed.count
         assert await expiry_round(app, TEXTS, batch_size=2) == 7
+        with trio.fail_after(10):  # the commits' notifications reach the listener a moment later
+            while app.xray_changed.count == nudges:
+                await trio.sleep(0.01)
         assert app.xray_changed.count > nudges
         assert await expiry_round(app, TEXTS, batch_size=2) == 0
     status = dict(query(db_dsn, "SELECT user_id, status FROM subscriptions"))

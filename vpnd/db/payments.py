@@ -21,8 +21,8 @@ one sees "already paid" and changes nothing:
    A payment for a superseded invoice is alerted either way;
 6. the user's "payment received" message is queued in the outbox with a dedupe key.
 
-No HTTP, no second connection: the caller nudges the Xray writer and the outbox sender after the
-commit (`FinalizeOutcome.access_changed` / `.notified`).
+No HTTP, no second connection: the commit wakes the Xray writer and the outbox sender by itself
+(`vpnd.db.notify`; `FinalizeOutcome.access_changed` / `.notified` say whether it will).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class FinalizeOutcome:
     balance_minor: int | None = None
     referral_reward_minor: int = 0
     promo_consumed: bool = False
-    #: Outbox rows were queued (nudge the outbox sender after commit).
+    #: Outbox rows were queued (the commit wakes the outbox sender).
     notified: bool = False
     #: The promo discount was refused: valued at the list price, the rest credited (flagged, alerted).
     repriced: bool = False
@@ -109,7 +109,7 @@ class FinalizeOutcome:
 
     @property
     def access_changed(self) -> bool:
-        """Who may connect changed (nudge the Xray writer after commit)."""
+        """Who may connect changed (the commit wakes the Xray writer)."""
         return self.status == "granted"
 
 
@@ -594,7 +594,7 @@ def reverse_refunded_purchase(
 
     In one transaction, with the lock order (the buyer's row, the purchase's, the referrer's): the
     payment becomes `refunded` (compare-and-set: a second call changes nothing); the days it granted
-    are taken off the subscription (ended at once when that reaches the past — the caller nudges the
+    are taken off the subscription (ended at once when that reaches the past — the commit wakes the
     Xray writer); the referrer's reward and any balance the payment credited are debited through the
     ledger — as far as each balance goes, the rest recorded as owed (`ledger.debit_or_owe`), never
     a negative balance; the user is told.

@@ -34,6 +34,7 @@ from vpnd.cryptopay import CryptoPayClient, open_cryptopay_client
 from vpnd.logs import quote
 from vpnd.nurseries.broadcasts import run_broadcasts
 from vpnd.nurseries.http import build_router, run_http
+from vpnd.nurseries.listener import run_listener
 from vpnd.nurseries.outbox import run_outbox
 from vpnd.nurseries.telegram import run_telegram
 from vpnd.nurseries.workers import run_workers
@@ -100,6 +101,7 @@ async def serve_app(
             await notifier.notify("STATUS=starting: services")
             # Dependency order: the owners of derived state first, then the sources of work
             # (updates), HTTP last since it serves everyone's routes.
+            await root.start(run_listener, app)
             app.xray_status = await root.start(partial(run_xray, app, texts=ctx.texts))
             await root.start(run_outbox, app, sender)
             watcher = [partial(run_payment_watcher, app, cryptopay)] if cryptopay is not None else []

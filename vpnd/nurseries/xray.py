@@ -1,7 +1,7 @@
 """The Xray writer: the only task that touches Xray's config file and its live user list.
 
-Other code commits to the database and nudges `app.xray_changed`; this task re-reads the desired set
-(active, unexpired subscriptions) and makes Xray match it. One round:
+Other code commits to the database, whose triggers wake `app.xray_changed` (`vpnd.db.notify`); this
+task re-reads the desired set (active, unexpired subscriptions) and makes Xray match it. One round:
 
 1. **Look at Xray.** `GetSysStats` uptime tells whether Xray restarted since the last look (its live
    users are then the config file's, its counters zero). A restart, the daemon's start, and the API

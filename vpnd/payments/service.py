@@ -1,8 +1,8 @@
 """Payment orchestration for the Telegram layer: async functions over `app.db.run` and providers.
 
 Every database step is its own short transaction; provider calls (Crypto Pay) happen between
-them, never inside one. After a transaction that granted access or queued messages, the Xray
-writer and the outbox sender are nudged.
+them, never inside one. A transaction that granted access or queued messages wakes the Xray
+writer and the outbox sender by itself at commit (`vpnd.db.notify`).
 
 Crypto Pay: `start_cryptopay_purchase` commits the purchase first, then creates the invoice
 (payload = the purchase id), then attaches it — so a crash at any point leaves either nothing
@@ -90,11 +90,7 @@ def rules_of(app: App) -> PaymentRules:
 
 
 def after_commit(app: App, outcome: FinalizeOutcome, provider: str) -> None:
-    """Nudge the owners of derived state and count the payment, once its transaction committed."""
-    if outcome.access_changed:
-        app.xray_changed.nudge()
-    if outcome.notified:
-        app.outbox_changed.nudge()
+    """Count and log the payment once its transaction committed (its rows wake their owners themselves)."""
     app.metrics.payments.labels(provider, outcome.status).inc()
     if outcome.applied:
         log.info(
@@ -244,9 +240,7 @@ async def apply_promo_code(app: App, user_id: int, code: str, *, texts: Texts | 
     in `promo_attempts` and counted (`vpnd_promo_attempts`); many wrong codes from all users in one
     window (`promo_alert_wrong_attempts`) alert the admins, once per incident.
     """
-    check, alerted = await app.db.run(_apply_promo_guarded, user_id, code, app.config, texts or app.texts)
-    if alerted:
-        app.outbox_changed.nudge()
+    check, _alerted = await app.db.run(_apply_promo_guarded, user_id, code, app.config, texts or app.texts)
     if check.ok:
         app.metrics.promo_attempts.labels("ok").inc()
     elif check.reason == "promo.too_many":

@@ -3,8 +3,8 @@
 The change is ONE statement that re-checks `status` and `expires_at` on the row it updates, so a
 renewal that commits first wins (PostgreSQL re-evaluates the condition on the newest row version
 after waiting for the renewal's lock). A subscription whose auto-renewal is still owed is left for
-the renewal worker (`vpnd.db.renewals.RENEWAL_PENDING`). After each batch commits, the Xray writer is nudged
-(it re-reads who may connect) and the outbox sender wakes for the "expired" messages.
+the renewal worker (`vpnd.db.renewals.RENEWAL_PENDING`). Each batch's commit wakes the Xray writer
+(it re-reads who may connect) and the outbox sender for the "expired" messages (`vpnd.db.notify`).
 
 An expired trial gets the trial worker's "trial ended" message under the same dedupe key, so a user
 gets one of the two.
@@ -75,10 +75,6 @@ async def expiry_round(app: App, texts: Texts, *, batch_size: int, settings: Exp
     while True:
         result = await app.db.run(expire_batch, texts, settings, after, batch_size)
         total += result.handled
-        if result.access_changed:
-            app.xray_changed.nudge()
-        if result.queued:
-            app.outbox_changed.nudge()
         if result.last is None or result.seen < batch_size:
             return total
         after = result.last

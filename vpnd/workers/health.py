@@ -237,8 +237,6 @@ class HealthChecker:
             )
             alerts += alert is not None
         self.unrecorded_db_failure = None
-        if alerts:
-            self.app.outbox_changed.nudge()
         return alerts
 
     def readiness(self, name: str) -> Callable[[], Awaitable[CheckResult]]:

@@ -76,14 +76,12 @@ def queue_reminders(
 
 
 async def reminders_round(app: App, texts: Texts, *, batch_size: int) -> int:
-    """Queue every due reminder; returns how many were queued. The sender is nudged after each batch."""
+    """Queue every due reminder; returns how many were queued. Each batch's commit wakes the sender."""
     after = START
     total = 0
     while True:
         result = await app.db.run(queue_reminders, texts, after, batch_size)
         total += result.handled
-        if result.queued:
-            app.outbox_changed.nudge()
         if result.last is None or result.seen < batch_size:
             return total
         after = result.last

@@ -160,10 +160,6 @@ async def renewal_round(app: App, texts: Texts, *, batch_size: int, settings: Re
             app.metrics.auto_renewals.labels("charged").inc(counts.charged)
         if counts.insufficient:
             app.metrics.auto_renewals.labels("insufficient_balance").inc(counts.insufficient)
-        if result.access_changed:
-            app.xray_changed.nudge()
-        if result.queued:
-            app.outbox_changed.nudge()
         if result.last is None or result.seen < batch_size:
             return total
         after = result.last

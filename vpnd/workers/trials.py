@@ -85,8 +85,6 @@ async def trials_round(app: App, texts: Texts, *, batch_size: int) -> int:
     while True:
         result = await app.db.run(queue_trial_notices, texts, support, after, batch_size)
         total += result.handled
-        if result.queued:
-            app.outbox_changed.nudge()
         if result.last is None or result.seen < batch_size:
             return total
         after = result.last

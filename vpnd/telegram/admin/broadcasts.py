@@ -35,11 +35,6 @@ MAX_BUTTON_TEXT = 64
 BUTTON_INPUT = re.compile(r"(?P<label>[^|]{1,64}?)\s*\|\s*(?P<url>(?:https?|tg)://\S+)")
 
 
-def _nudge_broadcasts(turn: Turn) -> None:
-    """Wake the broadcasts nursery (it also polls the database, so this only makes it faster)."""
-    turn.app.broadcasts_changed.nudge()
-
-
 async def compose_broadcast(turn: Turn, press: Press) -> None:
     await set_state(turn, BC_TEXT)
     await turn.show(turn.t("admin.bc.ask_text"), views.back_keyboard(turn.t))
@@ -145,7 +140,6 @@ async def broadcast_start(turn: Turn, press: Press) -> None:
     if broadcast is None:
         await admin_menu(turn, turn.t("admin.bc.no_draft"))
         return
-    _nudge_broadcasts(turn)
     log.info("event=broadcast_created id=%d total=%d segment=%s", broadcast.id, broadcast.total, broadcast.segment)
     counts = bdb.Counts(total=broadcast.total, pending=broadcast.total)
     await turn.show(
@@ -169,7 +163,6 @@ def _status_action(verb: bdb.Action) -> CallbackAction:
             assert done.view is not None
             view = done.view
         else:
-            _nudge_broadcasts(turn)
             view = done
         b = view.broadcast
         await turn.show(

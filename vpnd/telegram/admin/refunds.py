@@ -53,10 +53,6 @@ async def refund_confirmed(turn: Turn, press: Press) -> None:
     reversal = await turn.app.db.run(
         actions.record_refund, actor(turn), purchase_id, charge_id, rules=rules_of(turn.app)
     )
-    if reversal.days_removed:
-        turn.app.xray_changed.nudge()
-    if reversal.notified:
-        turn.app.outbox_changed.nudge()
     currency = turn.app.config.payments.currency
     referral = reversal.referral
     taken = (referral.debited_minor + referral.owed_minor) if referral else 0

@@ -104,9 +104,6 @@ async def grant_confirmed(turn: Turn, press: Press) -> None:
     if done.repeated:
         await show_user(turn, user_id, turn.t("admin.already_done"))
         return
-    turn.app.xray_changed.nudge()
-    if notify:
-        turn.app.outbox_changed.nudge()
     assert done.subscription is not None
     notice = turn.t("admin.grant.done", days=days, id=user_id, expires=views.fmt_time(done.subscription.expires_at))
     await show_user(turn, user_id, notice)
@@ -142,7 +139,7 @@ async def reissue_confirmed(turn: Turn, press: Press) -> None:
 async def _access_changed(
     turn: Turn, user_id: int, done: actions.Access | actions.UserNotFound | actions.NoSubscription, done_key: str
 ) -> None:
-    """After a confirmed revoke/reissue: nudge Xray when something changed, show the card."""
+    """After a confirmed revoke/reissue: show the card (the commit itself wakes the Xray writer)."""
     if isinstance(done, actions.UserNotFound):
         await not_found(turn, user_id)
         return
@@ -151,7 +148,6 @@ async def _access_changed(
     elif done.repeated:
         notice = turn.t("admin.already_done")
     else:
-        turn.app.xray_changed.nudge()
         notice = turn.t(done_key, id=user_id)
     await show_user(turn, user_id, notice)
 

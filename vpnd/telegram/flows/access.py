@@ -34,7 +34,6 @@ async def trial(turn: Turn) -> None:
     if not outcome.granted or outcome.subscription is None:
         await turn.show(turn.t("trial.refused"), kb.back_to_menu(turn.t))
         return
-    turn.app.xray_changed.nudge()
     text = turn.t("trial.granted", days=config.days, expires=turn.format_date(outcome.subscription.expires_at))
     await turn.show(
         text, kb.keyboard([kb.button(turn.t("menu.subscription"), "sub")], [kb.button(turn.t("common.menu"), "menu")])
@@ -167,7 +166,6 @@ async def reissue(turn: Turn) -> None:
     except subscriptions.NoSubscription:
         await show_menu(turn, turn.t("sub.none"))
         return
-    turn.app.xray_changed.nudge()
     await my_subscription(turn, turn.t("sub.reissued"))
 
 
