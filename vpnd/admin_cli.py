@@ -14,9 +14,9 @@ Every command takes `--config` and `--json` (one JSON document on stdout, for sc
 0 done, 1 failed (not found, not possible now, database trouble), 2 usage. Each command is one
 transaction running an action of `vpnd.services.admin_actions` (the same the bot's admin menu runs),
 audited there like the bot's (`admin_audit`, admin id 0, details `{"via": "cli", "os_user": ...}`);
-a refused action keeps its audit row. A running daemon notices broadcast status changes within a
-second (its broadcasts nursery polls); access changes reach Xray at its next reconcile round and
-`--notify` messages leave through the outbox.
+a refused action keeps its audit row. A running daemon hears of the change at commit (`pg_notify`):
+access changes reach Xray, broadcast status changes the broadcasts nursery, and `--notify` messages
+leave through the outbox.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ typed value, not raised: it is audited too, and a raised exception would roll th
 transaction. Bad input (days out of range, a malformed promo code) is a `ValueError`, checked by the
 front ends before they call, and not audited.
 
-Nothing here wakes the owners of what changed (Xray writer, outbox, broadcasts): the front end
-that knows it runs beside them does that after commit.
+Nobody has to wake the owners of what changed (Xray writer, outbox, broadcasts): the commit's
+`pg_notify` (database triggers) does, whichever process committed, the bot's or the CLI's.
 """
 
 from __future__ import annotations

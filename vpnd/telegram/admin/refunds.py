@@ -28,7 +28,7 @@ async def refund_confirmed(turn: Turn, press: Press) -> None:
 
     Telegram refuses a second refund of the same charge, so a repeated press changes nothing.
     Everything the payment gave is taken back in the recording transaction
-    (`payments_db.reverse_refunded_purchase`): its days (the Xray writer is nudged, so access that
+    (`payments_db.reverse_refunded_purchase`): its days (the commit wakes the Xray writer, so access that
     ended is removed at once), the referrer's reward and any balance it credited.
     """
     purchase_id = press.number(0)
