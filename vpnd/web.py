@@ -124,7 +124,7 @@ class Request:
         """The raw body; raises BodyTooLarge past `max_body_bytes` (checked before buffering) and
         BodyTimeout when it is not complete by `body_deadline`."""
         declared = self.header("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared and declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise BodyTooLarge
         chunks: list[bytes] = []
         size = 0

@@ -83,7 +83,7 @@ def get_user(conn: psycopg.Connection[Any], user_id: int) -> User | None:
 def find_user(conn: psycopg.Connection[Any], query: str) -> User | None:
     """By numeric id or @username (case-insensitive)."""
     query = query.strip()
-    if query.lstrip("-").isdigit():
+    if query.lstrip("-").isdecimal():
         return get_user(conn, int(query))
     with conn.cursor(row_factory=class_row(User)) as cur:
         return cur.execute(

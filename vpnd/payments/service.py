@@ -389,7 +389,7 @@ def _purchase_id(payload: str | int) -> int | None:
     if isinstance(payload, int):
         return payload
     text = payload.strip()
-    return int(text) if text.isdigit() and len(text) < 19 else None
+    return int(text) if text.isdecimal() and len(text) < 19 else None
 
 
 async def check_pre_checkout(

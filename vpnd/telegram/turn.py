@@ -79,18 +79,26 @@ class Turn:
         return await self.ctx.sender.send_message(self.chat_id, text, reply_markup=keyboard, **kwargs)
 
     async def show(self, text: str, keyboard: Keyboard | None = None) -> None:
-        """Edit the message the pressed button was on, or send a new one."""
+        """Edit the message the pressed button was on, or send a new one.
+
+        A message that is gone or too old to edit (Telegram refuses edits after 48 hours) gets the
+        answer as a new message: the user pressed a button and expects to see something.
+        """
         message = self.callback.message if self.callback else None
         if message is not None and message.has_text:
-            await self.ctx.sender.edit_text(
-                self.chat_id,
-                message.message_id,
-                text,
-                reply_markup=keyboard,
-                link_preview_options=NO_PREVIEW,
-            )
-        else:
-            await self.reply(text, keyboard, link_preview_options=NO_PREVIEW)
+            try:
+                await self.ctx.sender.edit_text(
+                    self.chat_id,
+                    message.message_id,
+                    text,
+                    reply_markup=keyboard,
+                    link_preview_options=NO_PREVIEW,
+                )
+                return
+            except telegram.error.BadRequest as exc:
+                if not _uneditable(exc):
+                    raise
+        await self.reply(text, keyboard, link_preview_options=NO_PREVIEW)
 
     async def answer(self, text: str | None = None, *, alert: bool = False) -> None:
         """Answer the callback query (every callback query is answered, once)."""
@@ -100,3 +108,9 @@ class Turn:
 
     def format_date(self, when: dt.datetime) -> str:
         return when.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _uneditable(error: telegram.error.BadRequest) -> bool:
+    """Telegram's answer to an edit of a message that was deleted or is too old to edit."""
+    message = str(error).lower()
+    return "message to edit not found" in message or "message can't be edited" in message

@@ -72,7 +72,7 @@ async def ask_grant(turn: Turn, press: Press) -> None:
 
 async def grant_days_entered(turn: Turn, text: str, data: dict[str, Any]) -> None:
     user_id = int(data.get("user_id", 0))
-    if not text.strip().isdigit() or not 1 <= int(text.strip()) <= actions.MAX_GRANT_DAYS:
+    if not text.strip().isdecimal() or not 1 <= int(text.strip()) <= actions.MAX_GRANT_DAYS:
         await turn.reply(turn.t("admin.grant.bad_days", max=actions.MAX_GRANT_DAYS), views.back_keyboard(turn.t))
         return
     days = int(text.strip())

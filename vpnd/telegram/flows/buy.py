@@ -249,7 +249,7 @@ def register(routes: Routes) -> None:
         await choose_topup(turn)
 
     async def topup_preset_route(turn: Turn, args: list[str]) -> None:
-        if not args or not args[0].isdigit():
+        if not args or not args[0].isdecimal():
             await choose_topup(turn)
             return
         try:
