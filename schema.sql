@@ -159,7 +159,7 @@ CREATE TABLE purchases (
     kind              text NOT NULL CHECK (kind IN ('plan', 'topup')),
     plan_code         text,
     days              integer,
-    method            text NOT NULL CHECK (method IN ('cryptopay', 'stars', 'balance')),
+    method            text NOT NULL CHECK (method IN ('cryptopay', 'stars', 'balance', 'yookassa')),
     amount_minor      bigint NOT NULL CHECK (amount_minor >= 0),
     currency          text NOT NULL,
     stars             integer,
@@ -189,7 +189,7 @@ CREATE TABLE payments (
     id                   bigserial PRIMARY KEY,
     purchase_id          bigint NOT NULL UNIQUE REFERENCES purchases (id),
     user_id              bigint NOT NULL REFERENCES users (id),
-    provider             text NOT NULL CHECK (provider IN ('cryptopay', 'stars', 'balance')),
+    provider             text NOT NULL CHECK (provider IN ('cryptopay', 'stars', 'balance', 'yookassa')),
     provider_payment_id  text NOT NULL,
     amount_minor         bigint NOT NULL,
     currency             text NOT NULL,
@@ -204,6 +204,19 @@ CREATE TABLE payments (
     UNIQUE (provider, provider_payment_id)
 );
 CREATE INDEX payments_created_idx ON payments (created_at);
+
+-- A purchase paid on a hosted checkout page (YooKassa): the provider's payment id (unique per provider),
+-- the page, and the provider's status as last seen (the watcher polls the pending ones).
+CREATE TABLE checkout_payments (
+    purchase_id       bigint PRIMARY KEY REFERENCES purchases (id),
+    provider          text NOT NULL,
+    payment_id        text NOT NULL,
+    confirmation_url  text,
+    status            text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'succeeded', 'canceled')),
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (provider, payment_id)
+);
+CREATE INDEX checkout_payments_pending_idx ON checkout_payments (purchase_id) WHERE status = 'pending';
 
 -- Every change of a balance; the balance equals the sum of its ledger.
 CREATE TABLE balance_ledger (

@@ -69,6 +69,7 @@ MAP: dict[str, str] = {
     "vpnd.sdnotify": "runtime",
     "vpnd.instance_lock": "runtime",
     "vpnd.cryptopay": "runtime",  # the Crypto Pay client
+    "vpnd.yookassa": "runtime",  # the YooKassa client
     "vpnd.xray.api": "runtime",  # the Xray gRPC client
     "vpnd.telegram.client": "runtime",  # the Bot API client and sender
     "vpnd.telegram.wire": "runtime",
@@ -82,6 +83,7 @@ MAP: dict[str, str] = {
     "vpnd.alerts": "services",
     # interfaces: parse, call, render
     "vpnd.payments.webhook": "interfaces",  # the Crypto Pay webhook route
+    "vpnd.payments.checkout_webhook": "interfaces",  # the YooKassa notification route
     "vpnd.subscription_url": "interfaces",  # the /sub/<token> route
     "vpnd.admin_cli": "interfaces",
     "vpnd.telegram.admin": "interfaces",  # the admin menu: verbs, callback data, views, one module per concern

@@ -31,6 +31,7 @@ SECRET_SOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("telegram", "token"): ("VPND_TELEGRAM_TOKEN", "telegram_token"),
     ("database", "dsn"): ("VPND_DATABASE_DSN", "database_dsn"),
     ("cryptopay", "token"): ("VPND_CRYPTOPAY_TOKEN", "cryptopay_token"),
+    ("yookassa", "secret_key"): ("VPND_YOOKASSA_SECRET_KEY", "yookassa_secret_key"),
     ("metrics", "password"): ("VPND_METRICS_PASSWORD", "metrics_password"),
     ("metrics", "token"): ("VPND_METRICS_TOKEN", "metrics_token"),
 }
@@ -164,6 +165,25 @@ class CryptoPayConfig:
 
 
 @attrs.frozen
+class YooKassaConfig:
+    enabled: bool = False
+    shop_id: str = ""
+    secret_key: str = ""
+    api_base_url: str = "https://api.yookassa.ru/v3"
+    #: Notifications are accepted only from these networks (YooKassa's published ranges).
+    notify_networks: tuple[str, ...] = (
+        "185.71.76.0/27", "185.71.77.0/27", "77.75.153.0/25", "77.75.156.11/32", "77.75.156.35/32",
+        "77.75.154.128/25", "2a02:5180::/32",
+    )  # fmt: skip
+    currency: str = "RUB"
+    #: Offered as buttons: "bank_card", "sbp"; empty: one button, the method chosen on YooKassa's page.
+    methods: tuple[str, ...] = ("bank_card", "sbp")
+    #: Where YooKassa's page sends the payer back (https://t.me/<bot>); empty: the page's own.
+    return_url: str = ""
+    poll_interval: float = 30.0
+
+
+@attrs.frozen
 class StarsConfig:
     enabled: bool = True
 
@@ -223,6 +243,7 @@ class Config:
     referral: ReferralConfig = ReferralConfig()
     payments: PaymentsConfig = PaymentsConfig()
     cryptopay: CryptoPayConfig = CryptoPayConfig()
+    yookassa: YooKassaConfig = YooKassaConfig()
     stars: StarsConfig = StarsConfig()
     xray: XrayConfig = XrayConfig()
     workers: WorkersConfig = WorkersConfig()
@@ -307,6 +328,17 @@ def read_url(value: object) -> str:
     if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
         raise _expected("an http:// or https:// URL", value)
     return text.rstrip("/")
+
+
+def read_network(value: object) -> str:
+    """A CIDR network such as "185.71.76.0/27" (a bare address is a /32 or /128)."""
+    import ipaddress
+
+    text = read_str(value)
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise _expected('a network such as "185.71.76.0/27"', value) from None
 
 
 def read_list(item: Callable[[object], T]) -> Callable[[object], tuple[T, ...]]:
@@ -430,6 +462,17 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "poll_interval": positive(read_number),
         "accepted_assets": read_list(read_str),
     },
+    "yookassa": {
+        "enabled": read_bool,
+        "shop_id": read_str,
+        "secret_key": read_str,
+        "api_base_url": read_url,
+        "notify_networks": read_list(read_network),
+        "currency": read_str,
+        "methods": read_list(one_of("bank_card", "sbp")),
+        "return_url": read_str,
+        "poll_interval": positive(read_number),
+    },
     "stars": {"enabled": read_bool},
     "xray": {
         "enabled": read_bool,
@@ -479,6 +522,7 @@ SECTION_CLASSES: dict[str, type] = {
     "referral": ReferralConfig,
     "payments": PaymentsConfig,
     "cryptopay": CryptoPayConfig,
+    "yookassa": YooKassaConfig,
     "stars": StarsConfig,
     "xray": XrayConfig,
     "workers": WorkersConfig,
@@ -641,6 +685,10 @@ def check_whole(name: str, config: Config) -> None:
         raise ConfigError(
             name, "[cryptopay].token", "required when [cryptopay].enabled = true (or VPND_CRYPTOPAY_TOKEN)"
         )
+    if config.yookassa.enabled and not (config.yookassa.shop_id and config.yookassa.secret_key):
+        raise ConfigError(
+            name, "[yookassa].secret_key", "shop_id and secret_key are required when [yookassa].enabled = true"
+        )
 
 
 def _check_amounts(name: str, payments: PaymentsConfig) -> None:
@@ -695,6 +743,7 @@ SECRET_KEYS = {
     ("telegram", "token"),
     ("database", "dsn"),
     ("cryptopay", "token"),
+    ("yookassa", "secret_key"),
     ("metrics", "password"),
     ("metrics", "token"),
 }

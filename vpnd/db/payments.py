@@ -53,7 +53,7 @@ from vpnd.texts import Texts
 
 log = logging.getLogger("vpnd.payments")
 
-Provider = Literal["cryptopay", "stars", "balance"]
+Provider = Literal["cryptopay", "stars", "balance", "yookassa"]
 FinalizeStatus = Literal[
     "granted",  # a plan's days were given
     "credited",  # a top-up reached the balance

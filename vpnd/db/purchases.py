@@ -25,7 +25,7 @@ from vpnd.db import promo
 from vpnd.db.rows import one
 from vpnd.pricing import Offer, price_offer
 
-Method = Literal["cryptopay", "stars", "balance"]
+Method = Literal["cryptopay", "stars", "balance", "yookassa"]
 PurchaseStatus = Literal["pending", "paid", "expired", "cancelled"]
 
 

@@ -39,6 +39,8 @@ from vpnd.nurseries.outbox import run_outbox
 from vpnd.nurseries.telegram import run_telegram
 from vpnd.nurseries.workers import run_workers
 from vpnd.nurseries.xray import run_xray
+from vpnd.payments.checkout import HostedCheckout, YooKassaCheckout, run_checkout_watcher
+from vpnd.payments.checkout_webhook import add_checkout_routes
 from vpnd.payments.watcher import run_payment_watcher
 from vpnd.payments.webhook import add_payment_routes
 from vpnd.reload import reload_config, set_log_level
@@ -48,6 +50,7 @@ from vpnd.telegram.client import Sender, open_bot
 from vpnd.telegram.ratelimit import OutboundLimiter
 from vpnd.telegram.router import default_routes, make_apology, make_drop_notice, make_update_handler
 from vpnd.telegram.turn import BotContext
+from vpnd.yookassa import open_yookassa_client
 
 log = logging.getLogger("vpnd.root")
 
@@ -87,17 +90,19 @@ async def serve_app(
     """
     notifier = notifier or Notifier(None)
     config = app.config
-    async with open_bot(config.telegram) as bot, _open_cryptopay(app) as cryptopay:
+    async with open_bot(config.telegram) as bot, _open_cryptopay(app) as cryptopay, _open_checkout(app) as checkout:
         limiter = OutboundLimiter.from_config(config)
         app.reload_hooks.append(set_log_level)
         app.reload_hooks.append(limiter.apply)
         sender = Sender(bot, limiter, app.metrics)
-        ctx = BotContext(app, bot, sender, app.texts, cryptopay)
+        ctx = BotContext(app, bot, sender, app.texts, cryptopay, checkout)
         async with trio.open_nursery() as root:
             router = build_router(app)
             add_subscription_routes(router, app)
             if cryptopay is not None:
                 add_payment_routes(router, app, config.cryptopay.token)
+            if checkout is not None:
+                add_checkout_routes(router, app, checkout)
             await notifier.notify("STATUS=starting: services")
             # Dependency order: the owners of derived state first, then the sources of work
             # (updates), HTTP last since it serves everyone's routes.
@@ -105,6 +110,7 @@ async def serve_app(
             app.xray_status = await root.start(partial(run_xray, app, texts=ctx.texts))
             await root.start(run_outbox, app, sender)
             watcher = [partial(run_payment_watcher, app, cryptopay)] if cryptopay is not None else []
+            watcher += [partial(run_checkout_watcher, app, checkout)] if checkout is not None else []
             await root.start(partial(run_workers, app, sender, extra=watcher))
             await root.start(
                 partial(run_telegram, drop_notice=make_drop_notice(ctx)),
@@ -139,6 +145,16 @@ async def _open_cryptopay(app: App) -> AsyncIterator[CryptoPayClient | None]:
         return
     async with open_cryptopay_client(app.config.cryptopay.token, app.config.cryptopay.api_base_url) as client:
         yield client
+
+
+@asynccontextmanager
+async def _open_checkout(app: App) -> AsyncIterator[HostedCheckout | None]:
+    config = app.config.yookassa
+    if not config.enabled:
+        yield None
+        return
+    async with open_yookassa_client(config.shop_id, config.secret_key, config.api_base_url) as client:
+        yield YooKassaCheckout(client)
 
 
 #: Checks without which vpnd cannot do its job at all: READY=1 waits for them (systemd's

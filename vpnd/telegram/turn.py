@@ -19,6 +19,7 @@ from vpnd.db.conversation import State
 from vpnd.db.pool import calls_in_update
 from vpnd.db.subscriptions import MenuFacts
 from vpnd.db.users import User
+from vpnd.payments.checkout import HostedCheckout
 from vpnd.telegram.client import Sender, SentMessage, TrioBot
 from vpnd.telegram.incoming import ButtonPress
 from vpnd.telegram.keyboards import Keyboard
@@ -36,6 +37,8 @@ class BotContext:
     texts: Texts
     #: The Crypto Pay client when `[cryptopay] enabled`, else None (the method is not offered).
     cryptopay: CryptoPayClient | None = None
+    #: The hosted checkout (YooKassa) when `[yookassa] enabled`, else None (its methods are not offered).
+    checkout: HostedCheckout | None = None
 
 
 @attrs.define(eq=False)
