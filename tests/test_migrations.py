@@ -136,8 +136,9 @@ def test_notify_migration_on_a_version_4_database_equals_the_fresh_schema(pg_ser
         migrate(conn, schema)
         conn.execute("DROP FUNCTION vpnd_notify() CASCADE")  # and with it the triggers: version 4 had neither
         conn.execute("DELETE FROM schema_migrations WHERE version >= %s", (notify.version,))
-        assert list(pending(conn, schema)) == list(range(notify.version, schema.version + 1))
-        assert migrate(conn, schema) == list(range(notify.version, schema.version + 1))
+        since = [m.version for m in schema.migrations if m.version >= notify.version]  # numbers may skip (branches)
+        assert list(pending(conn, schema)) == since
+        assert migrate(conn, schema) == since
     fresh = pg_server.create_database(f"fresh_{Path(empty_db_dsn).name}")
     with psycopg.connect(fresh, autocommit=True) as conn:
         migrate(conn, schema)
