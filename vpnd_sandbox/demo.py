@@ -1,7 +1,8 @@
 """`vpnd sandbox` (`make demo`): the whole bot on one machine, no Telegram token needed.
 
 One process tree: a throwaway PostgreSQL cluster, the fake Bot API with its web chat, the fake Crypto
-Pay, the fake Xray API, and vpnd itself — all on 127.0.0.1. It prints the URL to open; Ctrl-C stops
+Pay, the fake YooKassa (card and SBP, for the plan priced in RUB), the fake Xray API, and vpnd
+itself — all on 127.0.0.1. It prints the URL to open; Ctrl-C stops
 vpnd gracefully, then the fakes, then PostgreSQL.
 """
 
@@ -28,6 +29,7 @@ from vpnd_sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
 from vpnd_sandbox.postgres import Cluster, free_port, throwaway_cluster
 from vpnd_sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
 from vpnd_sandbox.xray_fake import start_fake_xray
+from vpnd_sandbox.yookassa import FakeYooKassa, serve_fake_yookassa
 
 log = logging.getLogger("vpnd_sandbox")
 
@@ -113,6 +115,13 @@ def demo_config(
                 "currency": "USD",
                 "stars": 650,
             },
+            {
+                "code": "r1",
+                "title": {"en": "1 month (RUB)", "ru": "1 месяц (₽)"},
+                "days": 30,
+                "price": "299.00",
+                "currency": "RUB",
+            },
         ],
     }
     for section, values in extra.items():
@@ -145,11 +154,22 @@ async def run_sandbox(web_port: int) -> None:
             telegram_url = await fakes.start(partial(serve_fake_telegram, fake, port=_port_or_free(web_port)))
             cryptopay = FakeCryptoPay()
             cryptopay_url = await fakes.start(serve_fake_cryptopay, cryptopay)
+            yookassa = FakeYooKassa()
+            yookassa_url = await fakes.start(serve_fake_yookassa, yookassa)
             http_port = free_port()
             cryptopay.webhook_url = f"http://127.0.0.1:{http_port}/webhooks/cryptopay"
+            yookassa.notification_url = f"http://127.0.0.1:{http_port}/webhooks/yookassa"
             (workdir / "xray-template.json").write_text(json.dumps(xray_template(tag), indent=2))
             extra: dict[str, Any] = {
                 "cryptopay": {"enabled": True, "token": cryptopay.token, "api_base_url": f"{cryptopay_url}/api"},
+                "yookassa": {
+                    "enabled": True,
+                    "shop_id": yookassa.shop_id,
+                    "secret_key": yookassa.secret_key,
+                    "api_base_url": f"{yookassa_url}/v3",
+                    "notify_networks": ["127.0.0.1/32"],
+                    "return_url": f"{telegram_url}/",
+                },
                 "xray": {"enabled": True, "inbound_tag": tag, "api_address": xray.address, "reconcile_interval": 30.0},
             }
             config = demo_config(workdir, dsn, telegram_url, fake, http_port, extra)
@@ -159,7 +179,8 @@ async def run_sandbox(web_port: int) -> None:
                 f"  vpnd health:         http://127.0.0.1:{http_port}/readyz\n"
                 f"  Xray config (vpnd writes it): {workdir / 'xray-config.json'}\n"
                 f"  Users: Alice (1001, en), Борис (1002, ru), Admin (1) — pick one and send /start.\n"
-                f"  Buy with Crypto Pay (the invoice link opens a fake pay page) or Telegram Stars.\n"
+                f"  Buy with Crypto Pay (the invoice link opens a fake pay page) or Telegram Stars;\n"
+                f"  the RUB plan also by card or SBP on a fake YooKassa page (Pay / Fail buttons).\n"
                 f"  Stop with Ctrl-C.\n",
                 flush=True,
             )

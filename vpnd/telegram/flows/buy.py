@@ -18,7 +18,7 @@ from vpnd import money, pricing
 from vpnd.db import conversation
 from vpnd.db.ledger import InsufficientBalance
 from vpnd.db.purchases import PaymentError, ProviderUnavailable
-from vpnd.payments import service
+from vpnd.payments import checkout, service
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.flows.access import my_subscription
 from vpnd.telegram.turn import BotContext, Turn
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("vpnd.payments")
 
 TOPUP_STATE = "topup_amount"
-METHOD_CODES = {"c": "cryptopay", "s": "stars", "b": "balance"}
+METHOD_CODES = {"c": "cryptopay", "s": "stars", "b": "balance", "k": "bank_card", "q": "sbp", "y": "yookassa"}
+#: The hosted checkout's buttons: method code → (the YooKassa method, None: chosen on the page; its label).
+CHECKOUT_METHODS = {"bank_card": ("k", "buy.method.card"), "sbp": ("q", "buy.method.sbp")}
 #: Telegram wants an answer to a pre-checkout query within 10 s; refuse rather than be late.
 PRE_CHECKOUT_BUDGET = 8.0
 
@@ -67,6 +69,7 @@ async def choose_method(turn: Turn, plan_code: str) -> None:
     rows = []
     if turn.ctx.cryptopay is not None:
         rows.append([kb.button(turn.t("buy.method.cryptopay"), f"pay:{plan.code}:c")])
+    rows += _checkout_buttons(turn, plan.code, quote.price.currency)
     if turn.app.config.stars.enabled and quote.price.stars:
         rows.append([kb.button(turn.t("buy.method.stars", stars=f"{quote.price.stars} ⭐"), f"pay:{plan.code}:s")])
     if quote.balance_covers:
@@ -77,9 +80,23 @@ async def choose_method(turn: Turn, plan_code: str) -> None:
     await turn.show(text, kb.keyboard(*rows))
 
 
+def _checkout_buttons(turn: Turn, plan_code: str, currency: str) -> list[list[kb.Button]]:
+    """Card and SBP (YooKassa), for plans priced in the shop's currency; one button when the page chooses."""
+    config = turn.app.config.yookassa
+    if turn.ctx.checkout is None or currency.upper() != config.currency.upper():
+        return []
+    if not config.methods:
+        return [[kb.button(turn.t("buy.method.yookassa"), f"pay:{plan_code}:y")]]
+    return [
+        [kb.button(turn.t(CHECKOUT_METHODS[m][1]), f"pay:{plan_code}:{CHECKOUT_METHODS[m][0]}")] for m in config.methods
+    ]
+
+
 async def pay(turn: Turn, plan_code: str, method: str) -> None:
     try:
-        if method == "cryptopay":
+        if method in ("bank_card", "sbp", "yookassa"):
+            await _pay_checkout(turn, plan_code, None if method == "yookassa" else method)
+        elif method == "cryptopay":
             await _pay_cryptopay(turn, plan_code=plan_code)
         elif method == "stars":
             await _pay_stars(turn, plan_code)
@@ -116,6 +133,27 @@ async def _pay_cryptopay(turn: Turn, *, plan_code: str | None = None, topup_mino
     text = turn.t(
         "buy.cryptopay_invoice", price=price, title=title, minutes=turn.app.config.payments.purchase_ttl_minutes
     )
+    await turn.show(
+        text,
+        kb.keyboard(
+            [kb.url_button(turn.t("buy.pay_button", price=price), url)], [kb.button(turn.t("common.menu"), "menu")]
+        ),
+    )
+
+
+async def _pay_checkout(turn: Turn, plan_code: str, method: str | None) -> None:
+    """Create the payment at the hosted checkout and show the button to its page."""
+    provider = turn.ctx.checkout
+    if provider is None:
+        await turn.answer(turn.t("payments.method_unavailable"), alert=True)
+        return
+    purchase, url = await checkout.start_checkout_purchase(
+        turn.app, provider, turn.user.id, plan_code, method=method, language=turn.lang, cryptopay=turn.ctx.cryptopay
+    )
+    price = _money(purchase.amount_minor, purchase.currency)
+    plan = turn.app.config.plan(plan_code)
+    title = plan.title.get(turn.lang, plan.code) if plan else plan_code
+    text = turn.t("buy.checkout_payment", price=price, title=title)
     await turn.show(
         text,
         kb.keyboard(
