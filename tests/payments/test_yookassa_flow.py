@@ -6,6 +6,7 @@ The fake YooKassa is a real HTTP server; the daemon's notification route is serv
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -168,7 +169,7 @@ async def test_card_payment_through_the_notification(yk: YkEnv) -> None:
             page = await http.get(url)
             assert page.status_code == 200 and 'id="pay"' in page.text and 'id="fail"' in page.text
             assert (await http.post(url + "/pay")).status_code == 303
-        await wait_for(yk, "SELECT count(*) FROM payments", 1)
+        await yk.fake.wait_until(lambda: len(yk.fake.deliveries) == 1)  # answered after the commit
     assert [d.status_code for d in yk.fake.deliveries] == [200]
     assert yk.sql("SELECT provider, provider_payment_id, amount_minor, currency, outcome FROM payments") == [
         ("yookassa", payment_id, 29900, "RUB", "granted")
@@ -258,9 +259,11 @@ async def test_notifications_and_watcher_race_on_200_payments(yk: YkEnv) -> None
                 yk.fake.pay(payment_id)
                 await trio.lowlevel.checkpoint()
             await wait_for(yk, "SELECT count(*) FROM payments", 200)
-            await yk.fake.wait_until(lambda: len(yk.fake.deliveries) >= 300)
+            await yk.fake.wait_until(lambda: sum(d.status_code == 200 for d in yk.fake.deliveries) >= 300)
             stop.set()
-    assert all(d.status_code == 200 for d in yk.fake.deliveries)
+    # Every notification was acknowledged (a 503 — YooKassa's API slow under this load — is repeated).
+    acknowledged = {d.object_id for d in yk.fake.deliveries if d.status_code == 200}
+    assert acknowledged == set(ids[50:]), collections.Counter(d.status_code for d in yk.fake.deliveries)
     assert yk.scalar("SELECT count(DISTINCT purchase_id) FROM payments WHERE outcome = 'granted'") == 200
     assert yk.scalar("SELECT count(*) FROM checkout_payments WHERE status = 'succeeded'") == 200
     assert yk.scalar("SELECT count(*) FROM outbox WHERE dedupe_key LIKE 'payment:%%'") == 200
@@ -344,6 +347,8 @@ async def test_refund_succeeded_reverses_the_grant_once(yk: YkEnv) -> None:
         yk.fake.notification_copies = 2
         refund = await yk.checkout.refund(payment_id, 29900, "RUB", key=f"refund-{purchase.id}")
         assert refund.succeeded and refund.payment_id == payment_id
+        again = await yk.checkout.refund(payment_id, 29900, "RUB", key=f"refund-{purchase.id}")
+        assert again == refund and len(yk.fake.refunds) == 1  # the same key: no second refund
         await wait_for(yk, "SELECT outcome FROM payments", "refunded")
         await yk.fake.wait_until(lambda: len(yk.fake.deliveries) == 3)
     assert [d.status_code for d in yk.fake.deliveries] == [200, 200, 200]

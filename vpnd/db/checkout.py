@@ -58,6 +58,27 @@ def checkout_of(conn: psycopg.Connection[Any], purchase_id: int) -> CheckoutRef 
     return CheckoutRef(int(row[0]), str(row[1]), str(row[2])) if row else None
 
 
+@attrs.frozen
+class CheckoutCharge:
+    """A granted hosted-checkout payment: what a refund at the provider needs."""
+
+    user_id: int
+    provider: str
+    payment_id: str
+    amount_minor: int
+    currency: str
+
+
+def granted_charge(conn: psycopg.Connection[Any], purchase_id: int) -> CheckoutCharge | None:
+    row = conn.execute(
+        "SELECT p.user_id, c.provider, c.payment_id, p.amount_minor, p.currency FROM payments p "
+        "JOIN checkout_payments c ON c.purchase_id = p.purchase_id AND c.provider = p.provider "
+        "AND c.payment_id = p.provider_payment_id WHERE p.purchase_id = %s AND p.outcome = 'granted'",
+        (purchase_id,),
+    ).fetchone()
+    return CheckoutCharge(int(row[0]), str(row[1]), str(row[2]), int(row[3]), str(row[4])) if row else None
+
+
 def pending_checkouts(
     conn: psycopg.Connection[Any], provider: str, *, after_id: int = 0, limit: int = 100
 ) -> list[CheckoutRef]:

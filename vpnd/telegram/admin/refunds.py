@@ -1,10 +1,12 @@
-"""Refunds of Telegram Stars payments, from a user's card."""
+"""Refunds of Telegram Stars and hosted checkout (YooKassa) payments, from a user's card."""
 
 from __future__ import annotations
 
 import telegram
 
+from vpnd.db import checkout as checkout_db
 from vpnd.db import payments as payments_db
+from vpnd.payments.checkout import CheckoutError
 from vpnd.payments.service import rules_of
 from vpnd.pricing import format_money
 from vpnd.services import admin_actions as actions
@@ -34,7 +36,7 @@ async def refund_confirmed(turn: Turn, press: Press) -> None:
     purchase_id = press.number(0)
     charge = await turn.app.db.run(payments_db.stars_charge, purchase_id)
     if charge is None:
-        await turn.show(turn.t("admin.refund.not_stars", id=purchase_id), views.back_keyboard(turn.t))
+        await _refund_checkout(turn, purchase_id)
         return
     user_id, charge_id = charge
     try:
@@ -50,6 +52,32 @@ async def refund_confirmed(turn: Turn, press: Press) -> None:
         )
         return
 
+    await _recorded(turn, purchase_id, user_id, charge_id)
+
+
+async def _refund_checkout(turn: Turn, purchase_id: int) -> None:
+    """A hosted checkout payment: the provider's refund first (its idempotence key is the purchase, so a
+    repeated press makes no second refund), then the same record. The provider's refund.succeeded
+    notification finds it recorded and changes nothing."""
+    charge = await turn.app.db.run(checkout_db.granted_charge, purchase_id)
+    provider = turn.ctx.checkout
+    if charge is None or provider is None or provider.name != charge.provider:
+        await turn.show(turn.t("admin.refund.not_stars", id=purchase_id), views.back_keyboard(turn.t))
+        return
+    try:
+        refund = await provider.refund(
+            charge.payment_id, charge.amount_minor, charge.currency, key=f"vpnd-refund-{purchase_id}"
+        )
+    except CheckoutError as exc:
+        await turn.app.db.run(actions.refund_failed, actor(turn), purchase_id, str(exc))
+        await turn.show(
+            turn.t("admin.refund.failed", id=purchase_id, error=str(exc)[:200]), views.back_keyboard(turn.t)
+        )
+        return
+    await _recorded(turn, purchase_id, charge.user_id, refund.refund_id)
+
+
+async def _recorded(turn: Turn, purchase_id: int, user_id: int, charge_id: str) -> None:
     reversal = await turn.app.db.run(
         actions.record_refund, actor(turn), purchase_id, charge_id, rules=rules_of(turn.app)
     )

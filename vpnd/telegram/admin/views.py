@@ -166,7 +166,7 @@ def user_keyboard(t: T, d: UserDetails) -> kb.Keyboard:
             ]
         )
     for payment in d.payments:
-        if payment.provider == "stars" and payment.outcome == "granted":
+        if payment.provider in ("stars", "yookassa") and payment.outcome == "granted":
             rows.append(
                 [kb.button(t("admin.refund.button", id=payment.purchase_id), Verb.REFUND.data(payment.purchase_id))]
             )
