@@ -49,6 +49,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "referral": frozenset({"percent"}),
     "payments": frozenset({"purchase_ttl_minutes", "min_price", "topup_presets", "topup_min", "topup_max"}),
     "cryptopay": frozenset({"poll_interval", "accepted_assets"}),
+    "yookassa": frozenset({"poll_interval", "notify_networks", "methods", "return_url"}),
     "stars": frozenset({"enabled"}),
     "workers": frozenset(
         {
