@@ -354,3 +354,25 @@ async def test_refund_succeeded_reverses_the_grant_once(yk: YkEnv) -> None:
     assert [d.status_code for d in yk.fake.deliveries] == [200, 200, 200]
     assert yk.scalar("SELECT status FROM subscriptions WHERE user_id = 5010") == "expired"
     assert yk.scalar("SELECT count(*) FROM outbox WHERE dedupe_key = %s", (f"refund:{purchase.id}",)) == 1
+
+
+async def test_payment_created_just_before_a_crash_is_recognised_once(yk: YkEnv) -> None:
+    """The daemon created the payment at YooKassa and died before recording it: the payment still names
+    the purchase (metadata, set by us, read back from the API), so its notification grants, once."""
+    from vpnd.payments.service import _create_purchase
+    from vpnd.pricing import plan_offer
+
+    await yk.add_users(5011)
+    plan = yk.app.config.plan("r1")
+    assert plan is not None
+    with trio.fail_after(IO_TIMEOUT):
+        purchase = await _create_purchase(yk.app, 5011, plan_offer(plan), "yookassa")
+        made = await yk.checkout.create(purchase, method="sbp", description="x", return_url="")  # then: crash
+        assert yk.scalar("SELECT count(*) FROM checkout_payments") == 0
+        yk.fake.notification_copies = 2
+        yk.fake.pay(made.payment_id)
+        await yk.fake.wait_until(lambda: len(yk.fake.deliveries) == 2)
+    assert yk.sql("SELECT purchase_id, provider_payment_id, outcome FROM payments") == [
+        (purchase.id, made.payment_id, "granted")
+    ]
+    assert yk.sql("SELECT purchase_id, status FROM checkout_payments") == [(purchase.id, "succeeded")]

@@ -12,7 +12,8 @@ watcher (`run_checkout_watcher`) both only *name* a payment: `settle_checkout_pa
 from the provider and acts on what the provider says — succeeded with the purchase id we recorded
 → `finalize_purchase` (exactly once: the purchase's row lock and the payments' unique keys; an
 amount or currency that differs from the purchase is recorded and alerted, no access), canceled →
-the purchase expires, pending → nothing. A payment id we never created changes nothing.
+the purchase expires, pending → nothing. A payment id we never created changes nothing; one created
+just before a crash and never recorded is recognised by the purchase id it carries, and recorded then.
 """
 
 from __future__ import annotations
@@ -224,9 +225,17 @@ def _finalize_checkout(
 ) -> FinalizeOutcome | None:
     """Finalize the purchase a succeeded payment pays and stop watching it, in one transaction.
 
-    None (nothing changed) when the payment is not one we created for the purchase it names.
+    A payment we have no record of, but which the API says is in our shop and names one of our
+    purchases of this method that has no payment yet, was created by us just before a crash (between
+    the create and its record): it is recorded now. None (nothing changed) when the payment is not
+    one we created for the purchase it names.
     """
     purchase_id = checkout_db.purchase_of(conn, provider, payment.payment_id)
+    if purchase_id is None and payment.purchase_id is not None:
+        named = purchases.get_purchase(conn, payment.purchase_id)
+        if named is not None and named.method == provider:
+            attached = checkout_db.attach_checkout(conn, named.id, provider, payment.payment_id, None)
+            purchase_id = named.id if attached is not None else None
     if purchase_id is None or purchase_id != payment.purchase_id:
         return None
     outcome = finalize_purchase(
