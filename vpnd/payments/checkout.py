@@ -206,7 +206,8 @@ async def start_checkout_purchase(
         log.warning("event=checkout_failed provider=%s purchase_id=%s error=%s", checkout.name, purchase.id, exc)
         await app.db.run(purchases.expire_purchase, purchase.id, status="cancelled")
         raise ProviderUnavailable(str(exc)) from exc
-    if payment.confirmation_url is None:
+    if payment.confirmation_url is None:  # nothing the payer could open: as good as refused
+        await app.db.run(purchases.expire_purchase, purchase.id, status="cancelled")
         raise ProviderUnavailable(f"{checkout.name} payment {payment.payment_id} has no confirmation URL")
     status = await app.db.run(
         checkout_db.attach_checkout, purchase.id, checkout.name, payment.payment_id, payment.confirmation_url
