@@ -31,7 +31,7 @@ log = logging.getLogger("vpnd.payments")
 
 TOPUP_STATE = "topup_amount"
 METHOD_CODES = {"c": "cryptopay", "s": "stars", "b": "balance", "k": "bank_card", "q": "sbp", "y": "yookassa"}
-#: The hosted checkout's buttons: method code → (the YooKassa method, None: chosen on the page; its label).
+#: The hosted checkout's buttons: YooKassa method → (its callback code, its label key).
 CHECKOUT_METHODS = {"bank_card": ("k", "buy.method.card"), "sbp": ("q", "buy.method.sbp")}
 #: Telegram wants an answer to a pre-checkout query within 10 s; refuse rather than be late.
 PRE_CHECKOUT_BUDGET = 8.0
