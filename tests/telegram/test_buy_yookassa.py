@@ -37,10 +37,10 @@ async def test_buy_by_card_and_by_sbp_on_the_hosted_page(
     shop.notification_url = f"{vpnd.app.http_url}/webhooks/yookassa"
     fake.add_user(ALICE, "Alice")
     with trio.fail_after(30):
-        for code, method, days in (("k", "bank_card", 30), ("q", "sbp", 60)):
+        for code, method, days in (("yk", "bank_card", 30), ("ys", "sbp", 60)):
             plans = await open_buy(fake)
             methods = await press(fake, plans, "plan:m1", predicate=lambda m: "pay:m1:s" in m.callback_data)
-            assert {"pay:m1:k", "pay:m1:q"} <= set(methods.callback_data)
+            assert {"pay:m1:yk", "pay:m1:ys"} <= set(methods.callback_data)
             page_message = await press(
                 fake, methods, f"pay:m1:{code}", predicate=lambda m: "YooKassa" in (m.text or "")
             )
@@ -80,7 +80,7 @@ async def test_admin_refunds_a_card_payment_once(
     with trio.fail_after(30):
         plans = await open_buy(fake)
         methods = await press(fake, plans, "plan:m1", predicate=lambda m: "pay:m1:s" in m.callback_data)
-        assert "pay:m1:y" in methods.callback_data and "pay:m1:k" not in methods.callback_data  # the page chooses
+        assert "pay:m1:y" in methods.callback_data and "pay:m1:yk" not in methods.callback_data  # the page chooses
         await press(fake, methods, "pay:m1:y", predicate=lambda m: "YooKassa" in (m.text or ""))
         (payment_id,) = shop.payments
         shop.pay(payment_id)

@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("vpnd.payments")
 
 TOPUP_STATE = "topup_amount"
-METHOD_CODES = {"c": "cryptopay", "s": "stars", "b": "balance", "k": "bank_card", "q": "sbp", "y": "yookassa"}
+METHOD_CODES = {"c": "cryptopay", "s": "stars", "b": "balance", "yk": "bank_card", "ys": "sbp", "y": "yookassa"}
 #: The hosted checkout's buttons: YooKassa method → (its callback code, its label key).
-CHECKOUT_METHODS = {"bank_card": ("k", "buy.method.card"), "sbp": ("q", "buy.method.sbp")}
+CHECKOUT_METHODS = {"bank_card": ("yk", "buy.method.yookassa_card"), "sbp": ("ys", "buy.method.yookassa_sbp")}
 #: Telegram wants an answer to a pre-checkout query within 10 s; refuse rather than be late.
 PRE_CHECKOUT_BUDGET = 8.0
 
