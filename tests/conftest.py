@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from tests.harness import toml_value
 from vpnd.db import Database, open_database
 from vpnd.db.migrations import migrate, packaged_schema
 from vpnd_sandbox.postgres import Cluster, throwaway_cluster
@@ -93,16 +94,6 @@ def write_config(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)
 
 
 @pytest.fixture

@@ -16,11 +16,10 @@ import psycopg
 import pytest
 import trio
 
-from tests.admin.harness import seed_users, sql, start_admin_vpnd
-from tests.harness import bot_config
+from tests.admin.harness import seed_users, start_admin_vpnd
+from tests.harness import bot_config, sql, start_daemon, wait_ready
 from vpnd.db import broadcasts as bdb
 from vpnd.nurseries import broadcasts as broadcasts_nursery
-from vpnd_sandbox.daemon_process import start_daemon, wait_ready
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 

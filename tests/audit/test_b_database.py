@@ -29,21 +29,8 @@ import pytest
 import trio
 
 from tests.audit.source import SourceIndex, is_db_run, where
-from tests.audit.stack import (
-    ADMIN,
-    desired_emails,
-    file_emails,
-    full_config,
-    has_button,
-    live_emails,
-    poll,
-    press,
-    say,
-    scalar,
-    sql,
-    start_full,
-    text_has,
-)
+from tests.audit.stack import ADMIN, desired_emails, file_emails, full_config, live_emails, poll, start_full
+from tests.harness import has_button, press, say, scalar, sql, text_has
 from vpnd.db import Database, open_database
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
 from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram

@@ -20,7 +20,8 @@ import psycopg
 import pytest
 import trio
 
-from tests.faults.support import ReplyClock, Supervisor, config_text, daemon_sections, sql, until
+from tests.faults.support import ReplyClock, Supervisor, daemon_sections, until
+from tests.harness import config_text, sql
 from vpnd.db.migrations import migrate, packaged_schema
 from vpnd.instance_lock import INSTANCE_LOCK_KEY
 from vpnd_sandbox.postgres import Cluster, free_port, throwaway_cluster

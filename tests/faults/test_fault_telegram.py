@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.faults.support import Supervisor, config_text, daemon_sections, get_json, sql, until
+from tests.faults.support import Supervisor, daemon_sections, get_json, until
+from tests.harness import config_text, sql
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 

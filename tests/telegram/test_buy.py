@@ -45,7 +45,7 @@ async def test_buy_with_crypto_pay_grants_once_via_signed_webhook(
         write_config, db_dsn, fake, base_url, cryptopay={"enabled": True, "token": pay.token, "api_base_url": pay_url}
     )
     vpnd = await start_vpnd(nursery, config)
-    pay.webhook_url = f"{vpnd.app.http_url}/webhooks/cryptopay"
+    pay.webhook_url = f"{vpnd.http_url}/webhooks/cryptopay"
     pay.webhook_copies = 3  # Crypto Pay may deliver more than once
     fake.add_user(ALICE, "Alice")
     with trio.fail_after(30):

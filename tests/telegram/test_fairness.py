@@ -108,7 +108,7 @@ async def test_a_flooding_chat_slows_only_itself(
     assert spam.get("dropped", 0) >= 2000 - 20 * 10, spam  # at most its share got through
     assert presses.get("coalesced", 0) + presses.get("dropped", 0) >= 1000, presses
     async with httpx.AsyncClient() as client:
-        metrics = (await client.get(f"{vpnd.app.http_url}/metrics")).text
+        metrics = (await client.get(f"{vpnd.http_url}/metrics")).text
     dropped_metric = sum(
         float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("vpnd_updates_dropped_total{")
     )
