@@ -21,7 +21,7 @@ from tests.admin.harness import ADMIN, seed_users, start_admin_vpnd
 from tests.harness import bot_config, has_button, press, say, sql, text_has
 from vpnd_sandbox.telegram_fake import FakeTelegram
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # alone: it measures the pace
 
 RECIPIENTS = 300
 PRESSERS = list(range(500, 520))

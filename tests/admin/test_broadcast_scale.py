@@ -14,7 +14,7 @@ from tests.admin.harness import ADMIN, seed_users, start_admin_vpnd, start_broad
 from tests.harness import bot_config, button, sql
 from vpnd_sandbox.telegram_fake import FakeTelegram
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # alone: it measures the send rate
 
 RECIPIENTS = 5000
 #: vpnd's configured overall rate, and the fake's flood limit above it (Telegram: ~30/s; scaled up so

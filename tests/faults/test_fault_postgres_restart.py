@@ -204,6 +204,7 @@ async def restarts_under_load(
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # bounds the recovery time under load
 @pytest.mark.timeout(300)
 async def test_postgres_restart_under_load_loses_nothing_and_serves_again(
     fake_telegram: tuple[FakeTelegram, str], tmp_path: Path

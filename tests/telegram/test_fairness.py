@@ -37,6 +37,7 @@ def inbox(dsn: str, query: str, params: object = None) -> list[tuple[object, ...
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # measures reply latencies under a flood
 @pytest.mark.timeout(300)
 async def test_a_flooding_chat_slows_only_itself(
     nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
