@@ -3,7 +3,7 @@
 
 The in-process tests stop vpnd the way SIGTERM does (`lifecycle.request_stop`) or cancel its whole
 tree at once (what a second signal does). The subprocess tests send real SIGTERM/SIGKILL to
-`vpnd run`; they need the broadcasts nursery wired into the root (`serve_app`).
+`vpnd run`; they need the broadcasts nursery wired into the root (`vpnd.compose.open_vpnd`).
 """
 
 from __future__ import annotations
