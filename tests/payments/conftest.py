@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import trio
 
-from tests.harness import scalar, sql, start_vpnd
+from tests.harness import config_sections, merge, scalar, sql, start_vpnd, write_config_file
 from vpnd.app import App
 from vpnd.compose import Services
 from vpnd.config import load_config
@@ -101,11 +101,10 @@ class Env:
 
 
 @pytest.fixture
-def make_config(write_config: Callable[..., Path], db_dsn: str) -> Callable[..., Any]:
+def make_config(tmp_path: Path, db_dsn: str) -> Callable[..., Any]:
     def make(fake: FakeCryptoPay, **overrides: dict[str, Any]) -> Any:
-        sections: dict[str, dict[str, Any]] = {
-            "database": {"dsn": db_dsn, "pool_min": 2, "pool_max": 12},
-            "http": {"listen": "127.0.0.1:0"},
+        payments: dict[str, dict[str, Any]] = {
+            "database": {"pool_min": 2, "pool_max": 12},
             "telegram": {"admin_ids": list(ADMINS)},
             "referral": {"percent": 10},
             "payments": {"purchase_ttl_minutes": 30, "min_price": "0.50", "currency": "USD"},
@@ -117,12 +116,8 @@ def make_config(write_config: Callable[..., Path], db_dsn: str) -> Callable[...,
             },
             "shutdown": {"grace_seconds": 1},
         }
-        for section, values in overrides.items():
-            sections.setdefault(section, {}).update(values)
-        # Sections first, plans last: keys after a [[plans]] header would belong to that plan.
-        path = write_config("", **sections)
-        path.write_text(path.read_text() + PLANS)
-        return load_config(path, environ={})
+        sections = merge(config_sections(db_dsn, **payments), overrides)
+        return load_config(write_config_file(tmp_path / "config.toml", sections, PLANS), environ={})
 
     return make
 

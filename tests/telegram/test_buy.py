@@ -9,17 +9,11 @@ from typing import Any
 import psycopg
 import trio
 
-from tests.harness import bot_config, start_vpnd
+from tests.harness import bot_config, scalar, start_vpnd
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
 from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
 ALICE = 1001
-
-
-def scalar(dsn: str, query: str, *params: Any) -> Any:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(query, params).fetchone()
-    return None if row is None else row[0]
 
 
 async def press(fake: FakeTelegram, message: ChatMessage, data: str, **wait: Any) -> ChatMessage:
