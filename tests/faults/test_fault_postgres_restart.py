@@ -273,6 +273,6 @@ def lock_holders(dsn: str) -> list[str]:
         dsn,
         "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
         "WHERE l.locktype = 'advisory' AND l.granted AND ((l.classid::bigint << 32) | l.objid::bigint) = %s",
-        (INSTANCE_LOCK_KEY,),
+        INSTANCE_LOCK_KEY,
     )
     return [row[0] for row in rows]
