@@ -29,7 +29,6 @@ import psycopg
 import trio
 
 from bench.common import (
-    PUBLIC_KEY,
     BenchDatabase,
     bench_database,
     machine_line,
@@ -41,6 +40,7 @@ from bench.common import (
     start_vpnd,
 )
 from bench.xray_support import TAG, FileWatch, TimingProxy, timing_proxy, xray_peer
+from tests.keys import PUBLIC_KEY
 from vpnd.compose import Services, open_vpnd
 from vpnd.config import load_config
 from vpnd.cryptopay import open_cryptopay_client

@@ -31,17 +31,9 @@ from typing import Any
 
 import psycopg
 
-from bench.common import (
-    PUBLIC_KEY,
-    ProcessMeter,
-    bench_database,
-    machine_line,
-    median,
-    pick,
-    print_table,
-    runs,
-)
+from bench.common import ProcessMeter, bench_database, machine_line, median, pick, print_table, runs
 from bench.xray_support import TAG, server_template
+from tests.keys import PUBLIC_KEY
 from vpnd_sandbox.postgres import free_port
 
 BATCH = 2000  # the writer's database batch (vpnd.nurseries.xray.BATCH_SIZE)
