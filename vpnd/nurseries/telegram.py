@@ -119,7 +119,6 @@ async def run_telegram(
     ) as dispatcher:
         app.metrics.watch_updates(dispatcher.backlog)
 
-
         async def retune_on_reload() -> None:  # SIGHUP
             while True:
                 await app.config_reloaded.wait()
