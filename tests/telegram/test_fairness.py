@@ -129,6 +129,7 @@ async def test_a_flooding_chat_slows_only_itself(
     await vpnd.stop()
 
 
+@pytest.mark.alone  # which presses wait (and so are superseded) depends on the handlers' pace
 async def test_a_newer_press_on_the_same_menu_supersedes_the_waiting_ones(
     nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
 ) -> None:
