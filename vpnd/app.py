@@ -40,11 +40,12 @@ class App:
     health: Health
     metrics: Metrics
     instance_lock: InstanceLock | None = None
-    #: Nudged after a commit that changes who may connect; the Xray writer re-reads the database.
+    #: Nudged by the notify listener (`vpnd.nurseries.listener`) when a commit changed a subscription
+    #: (the triggers of migration 0005 `pg_notify` at commit, from any process); the Xray writer re-reads.
     xray_changed: Nudge = attrs.field(factory=Nudge)
-    #: Nudged after a commit that queues outbox messages; the outbox sender wakes up.
+    #: Nudged by the listener when a commit queued outbox messages; the outbox sender wakes up.
     outbox_changed: Nudge = attrs.field(factory=Nudge)
-    #: Nudged after a commit that creates, pauses, resumes or cancels a broadcast.
+    #: Nudged by the listener when a commit created, paused, resumed or cancelled a broadcast.
     broadcasts_changed: Nudge = attrs.field(factory=Nudge)
     #: Fired after a configuration reload replaced `config` (periodic workers re-read their period).
     config_reloaded: Changed = attrs.field(factory=Changed)

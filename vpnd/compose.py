@@ -2,8 +2,9 @@
 
     open_vpnd ── instance lock, schema, database pool (closed last), health, metrics, texts
                  bot client, outbound limiter, sender, Crypto Pay client, HTTP router, BotContext
-                 └── root nursery ── xray, outbox, workers (+ payment watcher), poller,
-                                     broadcasts, http, watchdog         (those in `services`)
+                 └── root nursery ── listener (LISTEN: commits wake their owners), xray, outbox,
+                                     workers (+ payment watcher), poller, broadcasts, http,
+                                     watchdog                           (those in `services`)
 
 Everything is built here, once, before anything runs; the `App` is frozen (only `config` changes, on
 SIGHUP). What is known only once a service runs (the HTTP address, the Xray writer's state, the bot's

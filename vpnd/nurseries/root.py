@@ -2,8 +2,8 @@
 
     outer nursery ── signal watcher (SIGTERM/SIGINT: 1st stop, 2nd cancel now; SIGHUP: reload)
     └── open_vpnd (instance lock, schema, database pool — closed last; bot, sender, router)
-        └── root nursery ── xray writer, outbox sender, workers (incl. payment watcher),
-                            telegram (polling + handler nursery), broadcasts, http, watchdog
+        └── root nursery ── notify listener, xray writer, outbox sender, workers (incl. payment
+                            watcher), telegram (polling + handler nursery), broadcasts, http, watchdog
 
 `vpnd.compose.open_vpnd` starts every service in dependency order with `await nursery.start(...)`
 and sends READY=1 only after the last one reported started. On the first SIGTERM/SIGINT
