@@ -15,6 +15,8 @@ finish within the grace period.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
@@ -49,6 +51,8 @@ ALLOWED_UPDATES = ["message", "callback_query", "pre_checkout_query", "my_chat_m
 RECOVERY_BATCH = 500
 #: Tries to record a handler's outcome while the database is away (0.5 + 1 + 2 + 4 + 8 + 8 s of waits).
 OUTCOME_ATTEMPTS = 7
+#: How long one write of outcomes may take once started; shutdown does not cut it short.
+OUTCOME_WRITE_SECONDS = 5.0
 
 
 class BadToken(Exception):
@@ -100,16 +104,16 @@ async def run_telegram(
     app.health.add_check("telegram", lambda: _poll_health(app, state))
     app.health.watch("telegram_poll", config.poll_dead_after_seconds)
 
-    record = OutcomeRecorder(app).record
+    recorder = OutcomeRecorder(app)
 
     def on_done(outcome: str, seconds: float) -> None:
         app.metrics.updates.labels(outcome).inc()
         app.metrics.update_latency.observe(seconds)
 
-    async with open_dispatcher(
+    async with recorder.flushed_at_exit(), open_dispatcher(
         handler,
         apology,
-        record,
+        recorder.record,
         max_concurrent_updates=config.max_concurrent_updates,
         handler_timeout=config.handler_timeout_seconds,
         max_per_chat=config.max_pending_per_chat,
@@ -301,19 +305,43 @@ class OutcomeRecorder:
         if mine.error is not None:
             raise RuntimeError("the outcome was not recorded") from mine.error
 
+    @asynccontextmanager
+    async def flushed_at_exit(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """At shutdown: write the outcomes still queued (their handlers were cancelled while waiting
+        for another's write, which the grace deadline may cut). Bounded, and shielded like `_write`."""
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + OUTCOME_WRITE_SECONDS
+            while self.writing:
+                await self.write_ended.wait()
+            if self.queued:
+                write = self.next_write
+                await self._write(write)
+                if write.error is not None:
+                    log.warning("event=update_outcomes_not_recorded error=%s", quote(str(write.error)))
+
     async def _write(self, write: _Write) -> None:
         batch, self.queued = self.queued, []
         self.next_write = _Write()
         self.writing = True
         committed = False
         try:
-            await self.app.db.run(inbox.mark_handled_many, batch)
-            committed = True
+            # Shielded: the shutdown's grace deadline must not roll back a batch of outcomes whose
+            # updates were answered — each would be handled, and answered, again after the restart.
+            with trio.CancelScope(shield=True) as shield:
+                shield.deadline = trio.current_time() + OUTCOME_WRITE_SECONDS
+                await self.app.db.run(inbox.mark_handled_many, batch)
+                committed = True
         except Exception as exc:
             write.error = exc
         finally:
-            if not committed and write.error is None:  # cancelled: rolled back
-                write.error = RuntimeError("the write was cancelled")
+            if not committed and write.error is None:  # the write's own deadline: rolled back
+                write.error = RuntimeError("the write took too long and was cancelled")
             self.writing = False
             write.done.set()
             ended, self.write_ended = self.write_ended, trio.Event()
