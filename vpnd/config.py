@@ -398,7 +398,7 @@ def read_telegram_currency(value: object) -> str:
     from vpnd.money import TELEGRAM_CURRENCIES
 
     text = read_str(value)
-    if text.upper() not in TELEGRAM_CURRENCIES:
+    if text and text.upper() not in TELEGRAM_CURRENCIES:
         raise _expected('an ISO 4217 code Telegram Payments take, such as "USD" or "RUB"', value)
     return text.upper()
 
@@ -712,6 +712,11 @@ def check_whole(name: str, config: Config) -> None:
             "[telegram_payments].provider_token",
             "required when [telegram_payments].enabled = true (or VPND_TELEGRAM_PAYMENTS_TOKEN)",
         )
+    if config.telegram_payments.enabled and not config.telegram_payments.currency:
+        try:  # the card currency defaults to the shop's, which must then be one Telegram takes
+            read_telegram_currency(config.payments.currency)
+        except ValueError as exc:
+            raise ConfigError(name, "[telegram_payments].currency", f"{exc} ([payments].currency)") from None
 
 
 def _check_amounts(name: str, payments: PaymentsConfig) -> None:
