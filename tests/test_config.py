@@ -88,7 +88,7 @@ CASES = [
     ),
     ('[xray]\napi_prefix = "v3."\n', '[xray].api_prefix: expected one of "xray.", "v2ray.core.", got "v3."'),
     ("[telegram_payments]\nenabled = true\n", "[telegram_payments].provider_token: required when"),
-    ('[telegram_payments]\ncurrency = "RUR"\n', '[telegram_payments].currency: expected an ISO 4217 code Telegram'),
+    ('[telegram_payments]\ncurrency = "RUR"\n', "[telegram_payments].currency: expected an ISO 4217 code Telegram"),
     ("[telegram_payments]\nvat_code = 0\n", "[telegram_payments].vat_code: expected a value from 1 to 12"),
     (
         '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\nprices = { JPY = "499.5" }\n',
