@@ -46,9 +46,18 @@ async def start_vpnd(nursery: trio.Nursery, config: Config) -> Running:
 
 
 def bot_config(
-    write_config: Callable[..., Path], db_dsn: str, fake: FakeTelegram, base_url: str, **sections: dict[str, Any]
+    write_config: Callable[..., Path],
+    db_dsn: str,
+    fake: FakeTelegram,
+    base_url: str,
+    *,
+    plans: str = "",
+    **sections: dict[str, Any],
 ) -> Config:
-    """A config for vpnd against the fake Bot API and the test database; sections override defaults."""
+    """A config for vpnd against the fake Bot API and the test database; sections override defaults.
+
+    `plans` (TOML `[[plans]]` tables) come after the default plan "m1".
+    """
     base: dict[str, dict[str, Any]] = {
         "telegram": {
             "token": fake.token,
@@ -64,8 +73,8 @@ def bot_config(
     }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
-    plans = (
+    default_plans = (
         '[[plans]]\ncode = "m1"\ntitle = { en = "1 month", ru = "1 месяц" }\ndays = 30\nprice = "4.99"\n'
         'currency = "USD"\nstars = 250\n'
     )
-    return load_config(write_config(plans, **base), environ={})
+    return load_config(write_config(default_plans + plans, **base), environ={})
