@@ -7,6 +7,7 @@ charge ids. Replays are raw updates injected into the fake, as Telegram may deli
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ import trio
 
 from tests.harness import Running, bot_config, start_vpnd
 from vpnd.config import Config
+from vpnd.db import admin
+from vpnd.db.admin import RevenueRow
 from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
 ALICE = 1001
@@ -131,6 +134,12 @@ async def test_card_purchase_grants_once_however_often_the_payment_arrives(
     assert days == 30  # granted once
     alerts = sql(db_dsn, "SELECT count(*) FROM outbox WHERE dedupe_key LIKE 'alert:payment_duplicate:card:%%'")
     assert alerts == [(1,)]  # the one admin
+    # Stats and the payments CSV list the method like any other.
+    with psycopg.connect(db_dsn) as conn:
+        assert RevenueRow("card", "RUB", 29900, 1) in admin.stats(conn).revenue_by_method
+        out = io.StringIO()
+        assert admin.export_payments_csv(conn, out) == 1
+    assert f",card,{provider_charge},29900,RUB,granted" in out.getvalue()
     await vpnd.stop()
 
 
