@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.keys import PUBLIC_KEY
 from vpnd.config import SECTION_READERS, ConfigError, load_config, render_effective
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,7 +84,7 @@ CASES = [
     ("[cryptopay]\nenabled = true\n", "[cryptopay].token: required when [cryptopay].enabled = true"),
     ("[xray]\nenabled = true\n", "[xray].public_key: REALITY public key must be 43 characters"),
     (
-        '[xray]\nenabled = true\npublic_key = "Z84J2IelR9ch3k8VtlVhhs5ycBUlXA7wHBWcBrjqnAw"\nshort_id = "zz"\n',
+        f'[xray]\nenabled = true\npublic_key = "{PUBLIC_KEY}"\nshort_id = "zz"\n',
         "[xray].short_id: REALITY short id must be hex digits",
     ),
     ('[xray]\napi_prefix = "v3."\n', '[xray].api_prefix: expected one of "xray.", "v2ray.core.", got "v3."'),

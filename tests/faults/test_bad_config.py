@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.keys import PUBLIC_KEY
 from vpnd.config import SECTION_READERS, Config, ConfigError, load_config, render_effective
 from vpnd.pricing import min_price_minor, plan_offer, topup_presets_minor
 
@@ -144,7 +145,7 @@ BASE: dict[str, Any] = {
     "database": {"dsn": "postgresql://vpnd@/vpnd"},
     "xray": {
         "enabled": True,
-        "public_key": "Z84J2IelR9ch3k8VtlVhhs5ycBUlXA7wHBWcBrjqnAw",
+        "public_key": PUBLIC_KEY,
         "short_id": "0123abcd",
         "host": "vpn.example.com",
     },

@@ -11,13 +11,12 @@ import io
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 import trio
 
-from tests.harness import Running, bot_config, start_vpnd
+from tests.harness import Running, bot_config, sql, start_vpnd
 from vpnd.config import Config
 from vpnd.db import admin
 from vpnd.db.admin import RevenueRow
@@ -48,12 +47,6 @@ def card_config(
         "vat_code": 4,
     }
     return bot_config(write_config, db_dsn, fake, base_url, plans=CARD_PLAN, telegram_payments=card)
-
-
-def sql(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 def payments_counted(vpnd: Running, outcome: str) -> float:

@@ -12,8 +12,7 @@ import psycopg
 import pytest
 import trio
 
-from tests.harness import bot_config, start_vpnd
-from vpnd_sandbox.daemon_process import start_daemon, wait_ready
+from tests.harness import bot_config, start_daemon, start_vpnd, wait_ready
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 
@@ -120,7 +119,7 @@ async def test_blocked_handlers_do_not_block_other_work(
         await trio.sleep(0.5)  # a 21st send (a broken limiter) would show now
         # 20 handlers hold the limiter (waiting on Telegram); 5 updates wait their turn.
         assert fake.requests["sendMessage"] == 20
-        async with httpx.AsyncClient(base_url=vpnd.app.http_url, timeout=5) as client:
+        async with httpx.AsyncClient(base_url=vpnd.http_url, timeout=5) as client:
             assert (await client.get("/healthz")).status_code == 200
             ready = await client.get("/readyz")
         assert ready.json()["checks"]["database"]["ok"] is True

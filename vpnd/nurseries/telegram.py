@@ -64,6 +64,21 @@ class PollState:
     last_error: str = ""
 
 
+async def identify_bot(app: App, bot: TrioBot) -> str:
+    """The bot's @username (getMe), retried like every start-up call; a bad token ends the start."""
+    me = await _call_with_retries(app, "getMe", bot.get_me)
+    log.info("event=telegram_bot username=%s id=%s", me.username, me.id)
+    return me.username or ""
+
+
+def retune(dispatcher: Dispatcher, config: Config) -> None:
+    """Apply the reloaded `[telegram]` limits to the running dispatcher."""
+    dispatcher.limiter.total_tokens = config.telegram.max_concurrent_updates
+    dispatcher.handler_timeout = config.telegram.handler_timeout_seconds
+    dispatcher.max_per_chat = config.telegram.max_pending_per_chat
+    dispatcher.flood_window = config.telegram.flood_notice_interval_seconds
+
+
 async def run_telegram(
     app: App,
     bot: TrioBot,
@@ -73,10 +88,11 @@ async def run_telegram(
     drop_notice: DropNotice | None = None,
     task_status: trio.TaskStatus[PollState] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Poll updates into the handler nursery; `task_status.started(state)` once the inbox is recovered.
+
+    The composition root called `identify_bot` (getMe) before: the flows need the bot's username.
+    """
     config = app.config.telegram
-    me = await _call_with_retries(app, "getMe", bot.get_me)
-    app.bot_username = me.username or ""
-    log.info("event=telegram_bot username=%s id=%s", me.username, me.id)
     await _call_with_retries(app, "deleteWebhook", lambda: bot.delete_webhook(drop_pending_updates=False))
 
     state = PollState(last_ok=trio.current_time())
@@ -103,13 +119,11 @@ async def run_telegram(
     ) as dispatcher:
         app.metrics.watch_updates(dispatcher.backlog)
 
-        def retune(new: Config) -> None:  # SIGHUP
-            dispatcher.limiter.total_tokens = new.telegram.max_concurrent_updates
-            dispatcher.handler_timeout = new.telegram.handler_timeout_seconds
-            dispatcher.max_per_chat = new.telegram.max_pending_per_chat
-            dispatcher.flood_window = new.telegram.flood_notice_interval_seconds
+        async def retune_on_reload() -> None:  # SIGHUP
+            while True:
+                await app.config_reloaded.wait()
+                retune(dispatcher, app.config)
 
-        app.reload_hooks.append(retune)
         recovered = 0
         after = 0
         while True:
@@ -125,7 +139,9 @@ async def run_telegram(
         task_status.started(state)
 
         async def poll_forever() -> None:
-            await _poll(app, bot, state, dispatcher)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(retune_on_reload)
+                await _poll(app, bot, state, dispatcher)
 
         await app.lifecycle.run_until_stopping(poll_forever)
         log.info("event=polling_stopped handlers_running=%d", dispatcher.in_handler)

@@ -36,6 +36,8 @@ class BotContext:
     texts: Texts
     #: The Crypto Pay client when `[cryptopay] enabled`, else None (the method is not offered).
     cryptopay: CryptoPayClient | None = None
+    #: The bot's @username from getMe at start (links such as t.me/<bot>?start=ref_...).
+    bot_username: str = ""
 
 
 @attrs.define(eq=False)
