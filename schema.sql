@@ -159,7 +159,7 @@ CREATE TABLE purchases (
     kind              text NOT NULL CHECK (kind IN ('plan', 'topup')),
     plan_code         text,
     days              integer,
-    method            text NOT NULL CHECK (method IN ('cryptopay', 'stars', 'balance')),
+    method            text NOT NULL CHECK (method IN ('cryptopay', 'stars', 'balance', 'card')),
     amount_minor      bigint NOT NULL CHECK (amount_minor >= 0),
     currency          text NOT NULL,
     stars             integer,
@@ -189,7 +189,7 @@ CREATE TABLE payments (
     id                   bigserial PRIMARY KEY,
     purchase_id          bigint NOT NULL UNIQUE REFERENCES purchases (id),
     user_id              bigint NOT NULL REFERENCES users (id),
-    provider             text NOT NULL CHECK (provider IN ('cryptopay', 'stars', 'balance')),
+    provider             text NOT NULL CHECK (provider IN ('cryptopay', 'stars', 'balance', 'card')),
     provider_payment_id  text NOT NULL,
     amount_minor         bigint NOT NULL,
     currency             text NOT NULL,
@@ -201,6 +201,8 @@ CREATE TABLE payments (
     -- Its promo discount was refused (a superseded invoice paid anyway, or the code's uses were gone):
     -- valued at the list price instead, the rest credited to the balance; alerted.
     repriced             boolean NOT NULL DEFAULT false,
+    -- Card payments (Telegram Payments): Telegram's charge id; provider_payment_id is the provider's.
+    telegram_payment_charge_id text,
     UNIQUE (provider, provider_payment_id)
 );
 CREATE INDEX payments_created_idx ON payments (created_at);

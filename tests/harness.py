@@ -115,10 +115,19 @@ def write_config_file(path: Path, sections: Mapping[str, Mapping[str, Any]], pla
 
 
 def bot_config(
-    write_config: Callable[..., Path], db_dsn: str, fake: FakeTelegram, base_url: str, **sections: dict[str, Any]
+    write_config: Callable[..., Path],
+    db_dsn: str,
+    fake: FakeTelegram,
+    base_url: str,
+    *,
+    plans: str = "",
+    **sections: dict[str, Any],
 ) -> Config:
-    """A config for vpnd against the fake Bot API and the test database; sections override defaults."""
-    path = write_config_file(write_config(), config_sections(db_dsn, (fake, base_url), **sections))
+    """A config for vpnd against the fake Bot API and the test database; sections override defaults.
+
+    `plans` (TOML `[[plans]]` tables) come after the default plan "m1".
+    """
+    path = write_config_file(write_config(), config_sections(db_dsn, (fake, base_url), **sections), PLANS + plans)
     return load_config(path, environ={})
 
 

@@ -88,6 +88,25 @@ CASES = [
         "[xray].short_id: REALITY short id must be hex digits",
     ),
     ('[xray]\napi_prefix = "v3."\n', '[xray].api_prefix: expected one of "xray.", "v2ray.core.", got "v3."'),
+    ("[telegram_payments]\nenabled = true\n", "[telegram_payments].provider_token: required when"),
+    ('[telegram_payments]\ncurrency = "RUR"\n', "[telegram_payments].currency: expected an ISO 4217 code Telegram"),
+    ("[telegram_payments]\nvat_code = 0\n", "[telegram_payments].vat_code: expected a value from 1 to 12"),
+    (
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\nprices = { JPY = "499.5" }\n',
+        "[[plans]][0].prices.JPY: expected a price in whole JPY minor units",
+    ),
+    (
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\nprices = { RUB = "-1" }\n',
+        "[[plans]][0].prices: RUB: expected a positive value",
+    ),
+    (
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\nprices = { rouble = "1" }\n',
+        '[[plans]][0].prices: expected an ISO 4217 currency code, got "rouble"',
+    ),
+    (
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\nprices = "299 RUB"\n',
+        "[[plans]][0].prices: expected a table of currencies",
+    ),
 ]
 
 

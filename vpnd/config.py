@@ -33,6 +33,7 @@ SECRET_SOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("cryptopay", "token"): ("VPND_CRYPTOPAY_TOKEN", "cryptopay_token"),
     ("metrics", "password"): ("VPND_METRICS_PASSWORD", "metrics_password"),
     ("metrics", "token"): ("VPND_METRICS_TOKEN", "metrics_token"),
+    ("telegram_payments", "provider_token"): ("VPND_TELEGRAM_PAYMENTS_TOKEN", "telegram_payments_token"),
 }
 
 SUPPORTED_LANGUAGES = ("en", "ru")
@@ -139,6 +140,14 @@ class Plan:
     price: Decimal
     currency: str
     stars: int
+    #: Prices in other currencies (`prices = { RUB = "299" }`), e.g. for card payments in the shop's currency.
+    prices: Mapping[str, Decimal] = attrs.field(factory=dict)
+
+    def price_in(self, currency: str) -> Decimal | None:
+        """The plan's price in `currency`, or None when it is not sold in that currency."""
+        if currency.upper() == self.currency.upper():
+            return self.price
+        return self.prices.get(currency.upper())
 
 
 @attrs.frozen
@@ -166,6 +175,21 @@ class CryptoPayConfig:
 @attrs.frozen
 class StarsConfig:
     enabled: bool = True
+
+
+@attrs.frozen
+class TelegramPaymentsConfig:
+    """Card payments through Telegram Payments: `sendInvoice` with the provider token BotFather gave."""
+
+    enabled: bool = False
+    provider_token: str = ""
+    #: ISO 4217 code the invoices are in; "" = `[payments].currency`.
+    currency: str = ""
+    need_email: bool = False
+    send_email_to_provider: bool = False
+    #: Send `provider_data` with a fiscal receipt item (YooKassa's `{"receipt": {"items": [...]}}`).
+    receipt: bool = False
+    vat_code: int = 1
 
 
 @attrs.frozen
@@ -224,6 +248,7 @@ class Config:
     payments: PaymentsConfig = PaymentsConfig()
     cryptopay: CryptoPayConfig = CryptoPayConfig()
     stars: StarsConfig = StarsConfig()
+    telegram_payments: TelegramPaymentsConfig = TelegramPaymentsConfig()
     xray: XrayConfig = XrayConfig()
     workers: WorkersConfig = WorkersConfig()
     broadcast: BroadcastConfig = BroadcastConfig()
@@ -231,6 +256,11 @@ class Config:
 
     def plan(self, code: str) -> Plan | None:
         return next((p for p in self.plans if p.code == code), None)
+
+    @property
+    def card_currency(self) -> str:
+        """The currency of card invoices (`[telegram_payments].currency`, else the shop's)."""
+        return (self.telegram_payments.currency or self.payments.currency).upper()
 
 
 # --- field readers ----------------------------------------------------------------------------
@@ -364,6 +394,15 @@ def in_range(reader: Callable[[object], T], low: float, high: float) -> Callable
     return read
 
 
+def read_telegram_currency(value: object) -> str:
+    from vpnd.money import TELEGRAM_CURRENCIES
+
+    text = read_str(value)
+    if text and text.upper() not in TELEGRAM_CURRENCIES:
+        raise _expected('an ISO 4217 code Telegram Payments take, such as "USD" or "RUB"', value)
+    return text.upper()
+
+
 def read_language(value: object) -> str:
     return one_of(*SUPPORTED_LANGUAGES)(value)
 
@@ -431,6 +470,15 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "accepted_assets": read_list(read_str),
     },
     "stars": {"enabled": read_bool},
+    "telegram_payments": {
+        "enabled": read_bool,
+        "provider_token": read_str,
+        "currency": read_telegram_currency,
+        "need_email": read_bool,
+        "send_email_to_provider": read_bool,
+        "receipt": read_bool,
+        "vat_code": in_range(read_int, 1, 12),
+    },
     "xray": {
         "enabled": read_bool,
         "template_path": read_str,
@@ -480,12 +528,13 @@ SECTION_CLASSES: dict[str, type] = {
     "payments": PaymentsConfig,
     "cryptopay": CryptoPayConfig,
     "stars": StarsConfig,
+    "telegram_payments": TelegramPaymentsConfig,
     "xray": XrayConfig,
     "workers": WorkersConfig,
     "broadcast": BroadcastConfig,
 }
 
-PLAN_KEYS = {"code", "title", "days", "price", "currency", "stars"}
+PLAN_KEYS = {"code", "title", "days", "price", "currency", "stars", "prices"}
 #: A Stars price must fit the database's integer column (and Telegram's own limits are far lower).
 MAX_STARS = 1_000_000
 
@@ -582,7 +631,7 @@ def _read_plan(name: str, where: str, table: object) -> Plan:
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(name, f"{where}.{key}", f"unknown key (known: {', '.join(sorted(PLAN_KEYS))})")
-    missing = PLAN_KEYS - set(table) - {"title", "stars"}
+    missing = PLAN_KEYS - set(table) - {"title", "stars", "prices"}
     if missing:
         raise ConfigError(name, f"{where}.{sorted(missing)[0]}", "missing required key")
 
@@ -602,16 +651,32 @@ def _read_plan(name: str, where: str, table: object) -> Plan:
         price=field("price", positive(read_decimal)),
         currency=field("currency", read_str),
         stars=field("stars", in_range(read_int, 0, MAX_STARS), 0),
+        prices=field("prices", _read_prices, {}),
     )
     from vpnd import pricing
 
-    try:
-        pricing.plan_offer(plan)
-    except pricing.InvalidAmount as exc:
-        raise ConfigError(
-            name, f"{where}.price", f"expected a price in whole {plan.currency} minor units: {exc}"
-        ) from None
+    for key, currency in [("price", plan.currency), *((f"prices.{c}", c) for c in plan.prices)]:
+        try:
+            pricing.plan_offer(plan, currency)
+        except pricing.InvalidAmount as exc:
+            raise ConfigError(
+                name, f"{where}.{key}", f"expected a price in whole {currency} minor units: {exc}"
+            ) from None
     return plan
+
+
+def _read_prices(value: object) -> Mapping[str, Decimal]:
+    if not isinstance(value, dict):
+        raise _expected('a table of currencies such as { RUB = "299", USD = "4.99" }', value)
+    prices = {}
+    for currency, amount in value.items():
+        if not re.fullmatch(r"[A-Za-z]{3}", currency):
+            raise ValueError(f"expected an ISO 4217 currency code, got {_show(currency)}")
+        try:
+            prices[currency.upper()] = positive(read_decimal)(amount)
+        except ValueError as exc:
+            raise ValueError(f"{currency}: {exc}") from None
+    return prices
 
 
 def _read_title(value: object) -> Mapping[str, str]:
@@ -641,6 +706,17 @@ def check_whole(name: str, config: Config) -> None:
         raise ConfigError(
             name, "[cryptopay].token", "required when [cryptopay].enabled = true (or VPND_CRYPTOPAY_TOKEN)"
         )
+    if config.telegram_payments.enabled and not config.telegram_payments.provider_token:
+        raise ConfigError(
+            name,
+            "[telegram_payments].provider_token",
+            "required when [telegram_payments].enabled = true (or VPND_TELEGRAM_PAYMENTS_TOKEN)",
+        )
+    if config.telegram_payments.enabled and not config.telegram_payments.currency:
+        try:  # the card currency defaults to the shop's, which must then be one Telegram takes
+            read_telegram_currency(config.payments.currency)
+        except ValueError as exc:
+            raise ConfigError(name, "[telegram_payments].currency", f"{exc} ([payments].currency)") from None
 
 
 def _check_amounts(name: str, payments: PaymentsConfig) -> None:
@@ -697,6 +773,7 @@ SECRET_KEYS = {
     ("cryptopay", "token"),
     ("metrics", "password"),
     ("metrics", "token"),
+    ("telegram_payments", "provider_token"),
 }
 
 
@@ -738,6 +815,8 @@ def render_effective(config: Config) -> str:
         lines.append(f"price = {_toml(plan.price)}")
         lines.append(f"currency = {_toml(plan.currency)}")
         lines.append(f"stars = {plan.stars}")
+        if plan.prices:
+            lines.append("prices = { " + ", ".join(f"{k} = {_toml(v)}" for k, v in plan.prices.items()) + " }")
     return "\n".join(lines) + "\n"
 
 

@@ -104,6 +104,7 @@ def demo_config(
                 "price": "4.99",
                 "currency": "USD",
                 "stars": 250,
+                "prices": {"RUB": "299"},
             },
             {
                 "code": "m3",
@@ -112,6 +113,7 @@ def demo_config(
                 "price": "12.99",
                 "currency": "USD",
                 "stars": 650,
+                "prices": {"RUB": "799"},
             },
         ],
     }
@@ -150,6 +152,12 @@ async def run_sandbox(web_port: int) -> None:
             (workdir / "xray-template.json").write_text(json.dumps(xray_template(tag), indent=2))
             extra: dict[str, Any] = {
                 "cryptopay": {"enabled": True, "token": cryptopay.token, "api_base_url": f"{cryptopay_url}/api"},
+                "telegram_payments": {
+                    "enabled": True,
+                    "provider_token": fake.payment_provider_token,
+                    "currency": "RUB",
+                    "receipt": True,
+                },
                 "xray": {"enabled": True, "inbound_tag": tag, "api_address": xray.address, "reconcile_interval": 30.0},
             }
             config = demo_config(workdir, dsn, telegram_url, fake, http_port, extra)
@@ -159,7 +167,7 @@ async def run_sandbox(web_port: int) -> None:
                 f"  vpnd health:         http://127.0.0.1:{http_port}/readyz\n"
                 f"  Xray config (vpnd writes it): {workdir / 'xray-config.json'}\n"
                 f"  Users: Alice (1001, en), Борис (1002, ru), Admin (1) — pick one and send /start.\n"
-                f"  Buy with Crypto Pay (the invoice link opens a fake pay page) or Telegram Stars.\n"
+                f"  Buy with Crypto Pay (the invoice link opens a fake pay page), Telegram Stars or a card (RUB).\n"
                 f"  Stop with Ctrl-C.\n",
                 flush=True,
             )

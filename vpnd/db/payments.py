@@ -53,7 +53,7 @@ from vpnd.texts import Texts
 
 log = logging.getLogger("vpnd.payments")
 
-Provider = Literal["cryptopay", "stars", "balance"]
+Provider = Literal["cryptopay", "stars", "balance", "card"]
 FinalizeStatus = Literal[
     "granted",  # a plan's days were given
     "credited",  # a top-up reached the balance
@@ -169,11 +169,13 @@ def finalize_purchase(
     amount_minor: int,
     currency: str,
     rules: PaymentRules,
+    telegram_charge_id: str | None = None,
 ) -> FinalizeOutcome:
     """Record a payment received for `purchase_id` and give what was bought, exactly once.
 
     `amount_minor`/`currency` are what the provider says was paid (Stars: the number of Stars and
-    "XTR"). Run it as the whole of a transaction (`await db.run(finalize_purchase, ...)`), or as the
+    "XTR"). A card payment is keyed by the provider's charge id and keeps Telegram's (`telegram_charge_id`).
+    Run it as the whole of a transaction (`await db.run(finalize_purchase, ...)`), or as the
     last step of one (`pay_from_balance`). See the module docstring for the steps.
     """
     received = format_money(amount_minor, currency)
@@ -213,7 +215,10 @@ def finalize_purchase(
     )
 
     if not matches:
-        _insert_payment(conn, purchase, provider, provider_payment_id, amount_minor, currency, "amount_mismatch")
+        _insert_payment(
+            conn, purchase, provider, provider_payment_id, amount_minor, currency, "amount_mismatch",
+            telegram_charge_id=telegram_charge_id,
+        )  # fmt: skip
         expected = (
             format_money(expected_amount, expected_currency) if expected_amount is not None else f"a {purchase.method}"
         )
@@ -239,7 +244,7 @@ def finalize_purchase(
             text += "\n" + rules.text(conn, user_id, "payments.received_late")
         _insert_payment(
             conn, purchase, provider, provider_payment_id, amount_minor, currency, "granted",
-            credited_minor=purchase.amount_minor,
+            credited_minor=purchase.amount_minor, telegram_charge_id=telegram_charge_id,
         )  # fmt: skip
         outbox.enqueue(conn, user_id, text, dedupe_key=f"payment:{purchase_id}")
         return FinalizeOutcome("credited", purchase_id, user_id, paid_late, balance_minor=topped_up, notified=True)
@@ -267,6 +272,7 @@ def finalize_purchase(
     _insert_payment(
         conn, purchase, provider, provider_payment_id, amount_minor, currency, "granted",
         granted_days=value.days or None, credited_minor=value.credited_minor, repriced=refused,
+        telegram_charge_id=telegram_charge_id,
     )  # fmt: skip
 
     if refused:
@@ -393,12 +399,14 @@ def _insert_payment(
     granted_days: int | None = None,
     credited_minor: int = 0,
     repriced: bool = False,
+    telegram_charge_id: str | None = None,
 ) -> None:
     conn.execute(
         "INSERT INTO payments (purchase_id, user_id, provider, provider_payment_id, amount_minor, currency, outcome, "
-        "granted_days, credited_minor, repriced) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        "granted_days, credited_minor, repriced, telegram_payment_charge_id) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (purchase.id, purchase.user_id, provider, provider_payment_id, amount_minor, currency, outcome,
-         granted_days, credited_minor, repriced),
+         granted_days, credited_minor, repriced, telegram_charge_id),
     )  # fmt: skip
 
 

@@ -70,6 +70,8 @@ class FakeTelegram:
     paid_rate: float = 1000.0
     stars_balance: float | None = None
     pre_checkout_timeout: float | None = None
+    #: The card provider BotFather "connected" (Telegram Payments): fiat invoices must carry this token.
+    payment_provider_token: str = "284685063:TEST:vpndSandboxCardProvider"
     max_pending_updates: int = 100_000
     seed: int = 0
 
@@ -425,16 +427,16 @@ class FakeTelegram:
             created_at=trio.current_time(),
         )
         self.pre_checkout_queries[query.id] = query
-        self._queue_update(
-            "pre_checkout_query",
-            {
-                "id": query.id,
-                "from": user.to_api(),
-                "currency": message.invoice.currency,
-                "total_amount": message.invoice.total_amount,
-                "invoice_payload": message.invoice.payload,
-            },
-        )
+        checkout = {
+            "id": query.id,
+            "from": user.to_api(),
+            "currency": message.invoice.currency,
+            "total_amount": message.invoice.total_amount,
+            "invoice_payload": message.invoice.payload,
+        }
+        if message.invoice.need_email:
+            checkout["order_info"] = {"email": f"user{user.id}@example.test"}
+        self._queue_update("pre_checkout_query", checkout)
         self._changed()
         return query
 
