@@ -152,6 +152,8 @@ class PaymentsConfig:
     promo_max_wrong_attempts: int = 5
     promo_wrong_window_minutes: int = 10
     promo_alert_wrong_attempts: int = 50
+    #: A Telegram chat (a group or channel id, or a person's id) told of every successful payment; None: off.
+    notify_chat_id: int | None = None
 
 
 @attrs.frozen
@@ -364,6 +366,14 @@ def in_range(reader: Callable[[object], T], low: float, high: float) -> Callable
     return read
 
 
+def read_chat_id(value: object) -> int:
+    """A Telegram chat id: a person's (positive) or a group's or channel's (negative, e.g. -100…); 52 bits."""
+    chat_id = read_int(value)
+    if chat_id == 0 or abs(chat_id) >= 2**52:
+        raise _expected("a Telegram chat id (a non-zero integer such as -1001234567890)", value)
+    return chat_id
+
+
 def read_language(value: object) -> str:
     return one_of(*SUPPORTED_LANGUAGES)(value)
 
@@ -422,6 +432,7 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "promo_max_wrong_attempts": in_range(read_int, 1, 1000),
         "promo_wrong_window_minutes": in_range(read_int, 1, 7 * 24 * 60),
         "promo_alert_wrong_attempts": in_range(read_int, 1, 1_000_000),
+        "notify_chat_id": read_chat_id,
     },
     "cryptopay": {
         "enabled": read_bool,
