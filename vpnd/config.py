@@ -152,8 +152,8 @@ class PaymentsConfig:
     promo_max_wrong_attempts: int = 5
     promo_wrong_window_minutes: int = 10
     promo_alert_wrong_attempts: int = 50
-    #: A Telegram chat (a group or channel id, or a person's id) told of every successful payment; None: off.
-    notify_chat_id: int | None = None
+    #: A Telegram chat (a group's or channel's id, or a person's) told of every successful payment; 0: nobody.
+    notify_chat_id: int = 0
 
 
 @attrs.frozen
@@ -367,10 +367,10 @@ def in_range(reader: Callable[[object], T], low: float, high: float) -> Callable
 
 
 def read_chat_id(value: object) -> int:
-    """A Telegram chat id: a person's (positive) or a group's or channel's (negative, e.g. -100…); 52 bits."""
+    """A Telegram chat id: a person's (positive) or a group's or channel's (negative, e.g. -100…), or 0 (none)."""
     chat_id = read_int(value)
-    if chat_id == 0 or abs(chat_id) >= 2**52:
-        raise _expected("a Telegram chat id (a non-zero integer such as -1001234567890)", value)
+    if abs(chat_id) >= 2**52:  # Telegram's ids fit 52 bits
+        raise _expected("a Telegram chat id (an integer such as -1001234567890)", value)
     return chat_id
 
 
