@@ -6,26 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import trio
 
-from tests.harness import bot_config, start_vpnd
+from tests.harness import bot_config, has_button, press, say, scalar, sql, start_vpnd, text_has
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
-from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
+from vpnd_sandbox.telegram_fake import FakeTelegram
 
 ALICE, BOB, OPERATOR = 1001, 1002, 9001
 NOTICE = "💸"
-
-
-def sql(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
-
-
-def scalar(dsn: str, query: str, *params: Any) -> Any:
-    rows = sql(dsn, query, *params)
-    return rows[0][0] if rows else None
 
 
 async def until(dsn: str, query: str, expected: object, *params: Any) -> None:
@@ -51,9 +39,11 @@ def seed_payment(
     )  # fmt: skip
 
 
-async def press(fake: FakeTelegram, user: int, message: ChatMessage, data: str) -> ChatMessage:
-    fake.user_presses_button(user, message.message_id, data)
-    return await fake.wait_for_bot_message(user, lambda m: "My payments" in (m.text or ""))
+async def buy_m1(fake: FakeTelegram, method: str) -> None:
+    """Alice picks plan m1 and pays with `method` ("c": Crypto Pay, "s": Stars) — until the invoice is shown."""
+    plans = await say(fake, ALICE, "/buy", predicate=has_button("plan:m1"))
+    methods = await press(fake, ALICE, plans, "plan:m1", predicate=has_button(f"pay:m1:{method}"))
+    fake.user_presses_button(ALICE, methods.message_id, f"pay:m1:{method}")
 
 
 async def test_history_pages_newest_first_and_never_shows_another_users_rows(
@@ -64,12 +54,10 @@ async def test_history_pages_newest_first_and_never_shows_another_users_rows(
     fake.add_user(ALICE, "Alice")
     fake.add_user(BOB, "Bob")
     with trio.fail_after(30):
-        fake.user_sends(ALICE, "/start")
-        menu = await fake.wait_for_bot_message(ALICE, lambda m: "pays" in m.callback_data)
-        empty = await press(fake, ALICE, menu, "pays")
+        menu = await say(fake, ALICE, "/start", predicate=has_button("pays"))
+        empty = await press(fake, ALICE, menu, "pays", predicate=text_has("My payments"))
         assert "No payments yet" in (empty.text or "") and "pays:1" not in empty.callback_data
-        fake.user_sends(BOB, "/start")
-        await fake.wait_for_bot_message(BOB)
+        await say(fake, BOB, "/start")
 
         # Alice: 12 payments, 1.01 USD twelve days ago … 1.12 USD yesterday; one a top-up, one refunded.
         for n in range(1, 13):
@@ -79,8 +67,7 @@ async def test_history_pages_newest_first_and_never_shows_another_users_rows(
             )  # fmt: skip
         seed_payment(db_dsn, BOB, 777, 0)
 
-        fake.user_sends(ALICE, "/payments")
-        first = await fake.wait_for_bot_message(ALICE, lambda m: "page 1" in (m.text or ""))
+        first = await say(fake, ALICE, "/payments", predicate=text_has("page 1"))
         lines = (first.text or "").splitlines()[1:]
         assert [line.split(" · ")[2] for line in lines] == [f"1.{n:02d} USD" for n in range(12, 2, -1)]
         assert lines[0].endswith("1 month · 1.12 USD · balance · refunded")
@@ -88,14 +75,13 @@ async def test_history_pages_newest_first_and_never_shows_another_users_rows(
         assert lines[-1].split(" · ")[1:] == ["balance top-up", "1.03 USD", "balance", "paid"]
         assert "pays:1" in first.callback_data and "pays:0" not in first.callback_data
 
-        second = await press(fake, ALICE, first, "pays:1")
+        second = await press(fake, ALICE, first, "pays:1", predicate=text_has("My payments"))
         assert "page 2" in (second.text or "")
         assert [line.split(" · ")[2] for line in (second.text or "").splitlines()[1:]] == ["1.02 USD", "1.01 USD"]
         assert second.callback_data[:1] == ["pays:0"] and "pays:2" not in second.callback_data
 
         # Bob forges Alice's buttons: the page is all a button carries; the rows are always the sender's own.
-        fake.user_sends(BOB, "/payments")
-        own = await fake.wait_for_bot_message(BOB, lambda m: "page 1" in (m.text or ""))
+        own = await say(fake, BOB, "/payments", predicate=text_has("page 1"))
         assert "7.77 USD" in (own.text or "") and "1.12 USD" not in (own.text or "")
         for n, data in enumerate(("pays:1", "pays:0", "pays:99999999", "pays:²")):
             mark = fake.change_seq
@@ -104,7 +90,7 @@ async def test_history_pages_newest_first_and_never_shows_another_users_rows(
                 {"callback_query": {"id": f"forged{data}", "from": fake.users[BOB].to_api(), "message": forged,
                                     "chat_instance": "1", "data": data}}
             )  # fmt: skip
-            shown = await fake.wait_for_bot_message(BOB, lambda m: "My payments" in (m.text or ""), since=mark)
+            shown = await fake.wait_for_bot_message(BOB, text_has("My payments"), since=mark)
             assert "USD" not in (shown.text or "").replace("7.77 USD", ""), (data, shown.text)
     await vpnd.stop()
 
@@ -127,27 +113,20 @@ async def test_each_payment_is_announced_once_to_the_admin_chat(
     )  # fmt: skip
     sql(db_dsn, "INSERT INTO promo_codes (code, percent, max_uses) VALUES ('SPRING20', 20, 10)")
     vpnd = await start_vpnd(nursery, config)
-    pay.webhook_url = f"{vpnd.app.http_url}/webhooks/cryptopay"
+    pay.webhook_url = f"{vpnd.http_url}/webhooks/cryptopay"
     fake.add_user(OPERATOR, "Operator")
     fake.add_user(BOB, "Bob", username="bob")
     fake.add_user(ALICE, "Alice", username="alice")
     with trio.fail_after(60):
         for user in (OPERATOR, BOB):
-            fake.user_sends(user, "/start")
-            await fake.wait_for_bot_message(user)
+            await say(fake, user, "/start")
         code = scalar(db_dsn, "SELECT referral_code FROM users WHERE id = %s", BOB)
-        fake.user_sends(ALICE, f"/start ref_{code}")
-        await fake.wait_for_bot_message(ALICE)
-        fake.user_sends(ALICE, "/promo SPRING20")
-        await fake.wait_for_bot_message(ALICE, lambda m: "SPRING20" in (m.text or ""))
+        await say(fake, ALICE, f"/start ref_{code}")
+        await say(fake, ALICE, "/promo SPRING20", predicate=text_has("SPRING20"))
 
         # Crypto Pay: the webhook is withheld until the watcher has granted, then arrives twice.
-        fake.user_sends(ALICE, "/buy")
-        plans = await fake.wait_for_bot_message(ALICE, lambda m: "plan:m1" in m.callback_data)
-        fake.user_presses_button(ALICE, plans.message_id, "plan:m1")
-        methods = await fake.wait_for_bot_message(ALICE, lambda m: "pay:m1:c" in m.callback_data)
-        fake.user_presses_button(ALICE, methods.message_id, "pay:m1:c")
-        await fake.wait_for_bot_message(ALICE, lambda m: "Crypto Pay" in (m.text or ""))
+        await buy_m1(fake, "c")
+        await fake.wait_for_bot_message(ALICE, text_has("Crypto Pay"))
         purchase = scalar(db_dsn, "SELECT id FROM purchases WHERE user_id = %s AND method = 'cryptopay'", ALICE)
         pay.webhooks_enabled = False
         pay.pay(scalar(db_dsn, "SELECT invoice_id FROM purchases WHERE id = %s", purchase))
@@ -157,11 +136,7 @@ async def test_each_payment_is_announced_once_to_the_admin_chat(
         await pay.wait_until(lambda: len(pay.successful_deliveries()) == 2)
 
         # Stars: paid, then the same successful_payment delivered again.
-        fake.user_sends(ALICE, "/buy")
-        plans = await fake.wait_for_bot_message(ALICE, lambda m: "plan:m1" in m.callback_data)
-        fake.user_presses_button(ALICE, plans.message_id, "plan:m1")
-        methods = await fake.wait_for_bot_message(ALICE, lambda m: "pay:m1:s" in m.callback_data)
-        fake.user_presses_button(ALICE, methods.message_id, "pay:m1:s")
+        await buy_m1(fake, "s")
         invoice = await fake.wait_for_bot_message(ALICE, lambda m: m.invoice is not None)
         fake.user_pays_invoice(ALICE, invoice.message_id)
         await until(db_dsn, "SELECT count(*) FROM payments WHERE provider = 'stars'", 1)
@@ -190,14 +165,10 @@ async def test_no_notice_without_notify_chat_id(
     vpnd = await start_vpnd(nursery, bot_config(write_config, db_dsn, fake, base_url))
     fake.add_user(ALICE, "Alice")
     with trio.fail_after(30):
-        fake.user_sends(ALICE, "/buy")
-        plans = await fake.wait_for_bot_message(ALICE, lambda m: "plan:m1" in m.callback_data)
-        fake.user_presses_button(ALICE, plans.message_id, "plan:m1")
-        methods = await fake.wait_for_bot_message(ALICE, lambda m: "pay:m1:s" in m.callback_data)
-        fake.user_presses_button(ALICE, methods.message_id, "pay:m1:s")
+        await buy_m1(fake, "s")
         invoice = await fake.wait_for_bot_message(ALICE, lambda m: m.invoice is not None)
         fake.user_pays_invoice(ALICE, invoice.message_id)
-        await fake.wait_for_bot_message(ALICE, lambda m: "Payment received" in (m.text or ""))
+        await fake.wait_for_bot_message(ALICE, text_has("Payment received"))
     assert sql(db_dsn, "SELECT chat_id, dedupe_key FROM outbox WHERE chat_id <> %s", ALICE) == []
     assert scalar(db_dsn, "SELECT count(*) FROM payments WHERE outcome = 'granted'") == 1
     await vpnd.stop()

@@ -213,7 +213,7 @@ async def test_each_auto_renewal_is_a_purchase_in_stats_csv_and_history(
     ]
     assert all(pid.startswith("auto_renew:") for _, _, pid, _, _ in payments)
     assert charges(db_dsn) == {1: 1, 2: 1}  # one charge each, as before
-    notices = query(db_dsn, "SELECT payload->>'text' FROM outbox WHERE chat_id = -100777 ORDER BY id")
+    notices = sql(db_dsn, "SELECT payload->>'text' FROM outbox WHERE chat_id = -100777 ORDER BY id")
     assert sorted(text.split("\n")[1] for (text,) in notices) == ["User: 1", "User: 2"]  # one each, in the admin chat
     assert all("4.99 USD via balance (auto-renewal)" in text and "Plan: m1" in text for (text,) in notices)
     rows = list(csv.DictReader(io.StringIO(csv_out.getvalue())))
