@@ -17,8 +17,8 @@ from vpnd.db import outbox
 from vpnd.money import format_money
 from vpnd.texts import Texts
 
-#: The payment id of an auto-renewal starts with this (`vpnd.db.payments.AUTO_RENEW_PREFIX`, not imported: no cycle).
-_AUTO_RENEW_PREFIX = "auto_renew:"
+#: The payment id of an auto-renewal (`provider = 'balance'`) starts with this, then the ledger reference.
+AUTO_RENEW_PREFIX = "auto_renew:"
 
 
 @attrs.frozen
@@ -62,7 +62,7 @@ def history_page(conn: psycopg.Connection[Any], user_id: int, page: int, per_pag
     """
     rows = conn.execute(
         HISTORY_PAGE,
-        {"auto_renew": _AUTO_RENEW_PREFIX, "user_id": user_id, "limit": per_page + 1, "offset": page * per_page},
+        {"auto_renew": AUTO_RENEW_PREFIX, "user_id": user_id, "limit": per_page + 1, "offset": page * per_page},
     ).fetchall()
     return HistoryPage([HistoryEntry(*row) for row in rows[:per_page]], len(rows) > per_page)
 
@@ -87,7 +87,7 @@ def queue_payment_notice(
     at all, and its dedupe key makes it one per purchase however often finalize runs. Returns whether
     a row was queued.
     """
-    row = conn.execute(NOTICE_FACTS, {"auto_renew": _AUTO_RENEW_PREFIX, "purchase_id": purchase_id}).fetchone()
+    row = conn.execute(NOTICE_FACTS, {"auto_renew": AUTO_RENEW_PREFIX, "purchase_id": purchase_id}).fetchone()
     if row is None:
         return False
     user_id, username, kind, plan_code, promo_code, method, amount, currency, auto, referrer, referrer_name = row

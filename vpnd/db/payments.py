@@ -37,6 +37,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from vpnd.db import history, ledger, outbox, promo
+from vpnd.db.history import AUTO_RENEW_PREFIX as AUTO_RENEW_PREFIX  # re-exported (admin_cli)
 from vpnd.db.purchases import (
     MethodUnavailable,
     Purchase,
@@ -484,10 +485,6 @@ def pay_from_balance(
         currency=purchase.currency,
         rules=rules,
     )
-
-
-#: The payment id of an auto-renewal (`provider = 'balance'`) starts with this, then the ledger reference.
-AUTO_RENEW_PREFIX = "auto_renew:"
 
 
 def record_auto_renewal(
