@@ -87,6 +87,12 @@ CASES = [
         f'[xray]\nenabled = true\npublic_key = "{PUBLIC_KEY}"\nshort_id = "zz"\n',
         "[xray].short_id: REALITY short id must be hex digits",
     ),
+    ('[payments]\nnotify_chat_id = "@sales"\n', '[payments].notify_chat_id: expected an integer, got "@sales"'),
+    ("[payments]\nnotify_chat_id = -1e13\n", "[payments].notify_chat_id: expected an integer, got -10000000000000.0"),
+    (
+        "[payments]\nnotify_chat_id = 10000000000000000\n",
+        "[payments].notify_chat_id: expected a Telegram chat id (an integer such as -1001234567890)",
+    ),
     ('[xray]\napi_prefix = "v3."\n', '[xray].api_prefix: expected one of "xray.", "v2ray.core.", got "v3."'),
     ("[telegram_payments]\nenabled = true\n", "[telegram_payments].provider_token: required when"),
     ('[telegram_payments]\ncurrency = "RUR"\n', "[telegram_payments].currency: expected an ISO 4217 code Telegram"),

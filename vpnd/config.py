@@ -161,6 +161,8 @@ class PaymentsConfig:
     promo_max_wrong_attempts: int = 5
     promo_wrong_window_minutes: int = 10
     promo_alert_wrong_attempts: int = 50
+    #: A Telegram chat (a group's or channel's id, or a person's) told of every successful payment; 0: nobody.
+    notify_chat_id: int = 0
 
 
 @attrs.frozen
@@ -403,6 +405,14 @@ def read_telegram_currency(value: object) -> str:
     return text.upper()
 
 
+def read_chat_id(value: object) -> int:
+    """A Telegram chat id: a person's (positive) or a group's or channel's (negative, e.g. -100…), or 0 (none)."""
+    chat_id = read_int(value)
+    if abs(chat_id) >= 2**52:  # Telegram's ids fit 52 bits
+        raise _expected("a Telegram chat id (an integer such as -1001234567890)", value)
+    return chat_id
+
+
 def read_language(value: object) -> str:
     return one_of(*SUPPORTED_LANGUAGES)(value)
 
@@ -461,6 +471,7 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "promo_max_wrong_attempts": in_range(read_int, 1, 1000),
         "promo_wrong_window_minutes": in_range(read_int, 1, 7 * 24 * 60),
         "promo_alert_wrong_attempts": in_range(read_int, 1, 1_000_000),
+        "notify_chat_id": read_chat_id,
     },
     "cryptopay": {
         "enabled": read_bool,

@@ -195,7 +195,7 @@ async def test_each_auto_renewal_is_a_purchase_in_stats_csv_and_history(
     shows it in the user's history. Before, a renewal left only a ledger row and an `auto_renewals` row."""
     seed_users(db_dsn, [1, 2], balance_minor=2_000)
     seed_subscriptions(db_dsn, [1, 2], 6 * H, auto_renew=True)
-    config = make_config(workers={"renewal_interval": 0.1})
+    config = make_config(workers={"renewal_interval": 0.1}, payments={"notify_chat_id": -100777})
     async with running(config, outbox=False, workers=["renewal"]) as services:
         await poll_until(lambda: len(sql(db_dsn, "SELECT 1 FROM payments")) == 2, 20)
         csv_out = io.StringIO()
@@ -213,6 +213,9 @@ async def test_each_auto_renewal_is_a_purchase_in_stats_csv_and_history(
     ]
     assert all(pid.startswith("auto_renew:") for _, _, pid, _, _ in payments)
     assert charges(db_dsn) == {1: 1, 2: 1}  # one charge each, as before
+    notices = sql(db_dsn, "SELECT payload->>'text' FROM outbox WHERE chat_id = -100777 ORDER BY id")
+    assert sorted(text.split("\n")[1] for (text,) in notices) == ["User: 1", "User: 2"]  # one each, in the admin chat
+    assert all("4.99 USD via balance (auto-renewal)" in text and "Plan: m1" in text for (text,) in notices)
     rows = list(csv.DictReader(io.StringIO(csv_out.getvalue())))
     assert [(r["user_id"], r["kind"], r["plan_code"], r["provider"], r["amount_minor"]) for r in rows] == [
         ("1", "plan", "m1", "balance", str(PRICE)),

@@ -19,7 +19,8 @@ one sees "already paid" and changes nothing:
    *repriced*: valued at the list price (`list_amount_minor`), it buys the whole plans it covers and
    the rest is credited to the balance; the payment is flagged (`repriced`) and the admins alerted.
    A payment for a superseded invoice is alerted either way;
-6. the user's "payment received" message is queued in the outbox with a dedupe key.
+6. the user's "payment received" message is queued in the outbox with a dedupe key, and so is the
+   admin chat's notice of the payment (`[payments] notify_chat_id`, `vpnd.db.history`), whatever the provider.
 
 No HTTP, no second connection: the commit wakes the Xray writer and the outbox sender by itself
 (`vpnd.db.notify`; `FinalizeOutcome.access_changed` / `.notified` say whether it will).
@@ -35,7 +36,8 @@ import attrs
 import psycopg
 from psycopg.rows import class_row
 
-from vpnd.db import ledger, outbox, promo
+from vpnd.db import history, ledger, outbox, promo
+from vpnd.db.history import AUTO_RENEW_PREFIX as AUTO_RENEW_PREFIX  # re-exported (admin_cli)
 from vpnd.db.purchases import (
     MethodUnavailable,
     Purchase,
@@ -79,6 +81,13 @@ class PaymentRules:
     #: Messages queued for users are rendered in their language (vpnd/locales).
     texts: Texts
     default_language: str = "en"
+    #: The chat told of every successful payment (`[payments] notify_chat_id`); None: nobody.
+    notify_chat_id: int | None = None
+
+    def announce(self, conn: psycopg.Connection[Any], purchase_id: int) -> None:
+        """Queue the admin chat's notice of the payment just recorded, in the same transaction (once per purchase)."""
+        if self.notify_chat_id is not None:
+            history.queue_payment_notice(conn, self.notify_chat_id, self.texts, self.default_language, purchase_id)
 
     def text(self, conn: psycopg.Connection[Any], recipient: int, key: str, /, **values: object) -> str:
         """`key` rendered in the language of user `recipient` (values are HTML-escaped)."""
@@ -247,6 +256,7 @@ def finalize_purchase(
             credited_minor=purchase.amount_minor, telegram_charge_id=telegram_charge_id,
         )  # fmt: skip
         outbox.enqueue(conn, user_id, text, dedupe_key=f"payment:{purchase_id}")
+        rules.announce(conn, purchase_id)
         return FinalizeOutcome("credited", purchase_id, user_id, paid_late, balance_minor=topped_up, notified=True)
 
     if not purchase.days:
@@ -307,6 +317,7 @@ def finalize_purchase(
 
     reward = _reward_referrer(conn, purchase, referrer, value.bought_minor, rules) if referrer is not None else 0
     outbox.enqueue(conn, user_id, text, dedupe_key=f"payment:{purchase_id}")
+    rules.announce(conn, purchase_id)
     return FinalizeOutcome(
         "granted" if value.days else "credited",
         purchase_id,
@@ -482,10 +493,6 @@ def pay_from_balance(
         currency=purchase.currency,
         rules=rules,
     )
-
-
-#: The payment id of an auto-renewal (`provider = 'balance'`) starts with this, then the ledger reference.
-AUTO_RENEW_PREFIX = "auto_renew:"
 
 
 def record_auto_renewal(

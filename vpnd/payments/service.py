@@ -91,6 +91,7 @@ def rules_of(app: App) -> PaymentRules:
         config.payments.currency,
         app.texts,
         default_language=config.telegram.default_language,
+        notify_chat_id=config.payments.notify_chat_id or None,
     )
 
 
