@@ -762,3 +762,23 @@ async def test_standalone_process_serves_bot_api_and_sandbox(tmp_path: Any) -> N
         finally:
             process.kill()
             await process.wait()
+
+
+async def test_the_benchmarks_timed_fake_counts_messages_and_edits(nursery: trio.Nursery) -> None:
+    """bench.common.TimedTelegram hooks the fake's `_add_message` and `_edited`: a split of the fake that
+    bypasses them leaves the pipeline benchmark waiting forever for edits (it did once)."""
+    from bench.common import TimedTelegram
+
+    fake = TimedTelegram()
+    base_url = await nursery.start(serve_fake_telegram, fake)
+    fake.add_user(ALICE, "Alice")
+    fake.user_sends(ALICE, "/start")
+    bot = telegram.Bot(fake.token, base_url=f"{base_url}/bot")
+    try:
+        with trio.fail_after(IO_TIMEOUT):
+            sent = await bot.send_message(ALICE, "menu")
+            assert fake.outputs(ALICE) == 1
+            await bot.edit_message_text("help", ALICE, sent.message_id)
+            assert fake.outputs(ALICE) == 2
+    finally:
+        await bot.request.shutdown()

@@ -290,6 +290,12 @@ class FakeTelegram:
         chat = self.messages.setdefault(chat_id, [])
         return chat[-1].message_id + 1 if chat else 1
 
+    def _edited(self, message: ChatMessage) -> JSONDict:
+        """A bot's edit took effect (subclasses count it: the benchmarks' timed fake)."""
+        message.edit_date = int(time.time())
+        message.revision = self._changed()
+        return message.to_api()
+
     def _add_message(self, user: FakeUser, *, from_bot: bool, **content: Any) -> ChatMessage:
         message = ChatMessage(
             chat_id=user.id,
