@@ -21,8 +21,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two phases: everything but the `alone` tests on PYTEST_WORKERS xdist workers (each its own PostgreSQL
+# cluster; PYTEST_WORKERS=0: serial), then the `alone` tests (they measure pace, fairness, latency) serially
+# on a quiet machine. Exit status 5 is "no test selected" (PYTEST_ARGS picked tests of one phase only).
+PYTEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(max(4, os.cpu_count() or 1))')
+
 pytest: $(STAMP)
-	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/pytest -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup -m "not alone" $(PYTEST_ARGS) \
+	  || [ $$? = 5 ]
+	$(BIN)/pytest -p no:cacheprovider -m alone $(PYTEST_ARGS) || [ $$? = 5 ]
 
 # Optional test peers from Debian: a real V2Ray (Xray API tests) and Chromium (the web chat test).
 # Installed only when running as root with apt; without them those tests skip and say why.

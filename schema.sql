@@ -201,6 +201,8 @@ CREATE TABLE payments (
     -- Its promo discount was refused (a superseded invoice paid anyway, or the code's uses were gone):
     -- valued at the list price instead, the rest credited to the balance; alerted.
     repriced             boolean NOT NULL DEFAULT false,
+    -- Card payments (Telegram Payments): Telegram's charge id; provider_payment_id is the provider's.
+    telegram_payment_charge_id text,
     UNIQUE (provider, provider_payment_id)
 );
 CREATE INDEX payments_created_idx ON payments (created_at);

@@ -29,7 +29,6 @@ import psycopg
 import trio
 
 from bench.common import (
-    PUBLIC_KEY,
     BenchDatabase,
     bench_database,
     machine_line,
@@ -41,7 +40,8 @@ from bench.common import (
     start_vpnd,
 )
 from bench.xray_support import TAG, FileWatch, TimingProxy, timing_proxy, xray_peer
-from vpnd.app import open_app
+from tests.keys import PUBLIC_KEY
+from vpnd.compose import Services, open_vpnd
 from vpnd.config import load_config
 from vpnd.cryptopay import open_cryptopay_client
 from vpnd.payments.service import start_cryptopay_purchase
@@ -66,9 +66,10 @@ async def create_purchases(config_path: Path, cryptopay: FakeCryptoPay, users: l
     invoices: dict[int, int] = {}
     limiter = trio.CapacityLimiter(8)
     async with (
-        open_app(config, single_instance=False) as app,
+        open_vpnd(config, Services.only(), single_instance=False) as vpnd,
         open_cryptopay_client(cryptopay.token, f"{cryptopay.base_url}/api") as client,
     ):
+        app = vpnd.app
 
         async def buy(user_id: int) -> None:
             async with limiter:

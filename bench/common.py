@@ -29,8 +29,8 @@ import psutil
 import psycopg
 import trio
 
+from tests.harness import start_daemon, wait_ready, write_config_file
 from vpnd.db.migrations import migrate, packaged_schema
-from vpnd_sandbox.daemon_process import start_daemon, wait_ready
 from vpnd_sandbox.postgres import Cluster, free_port, throwaway_cluster
 from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram, FakeUser
 
@@ -250,34 +250,6 @@ class ProcessMeter:
         return self.rss_mib()
 
 
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
-PLANS_TOML = (
-    '[[plans]]\ncode = "m1"\ntitle = { en = "1 month", ru = "1 месяц" }\ndays = 30\nprice = "4.99"\n'
-    'currency = "USD"\nstars = 250\n'
-)
-
-#: A valid REALITY public key (x25519, base64url), for link building.
-PUBLIC_KEY = "Z84J2IelR9ch3k8VtlVhhs5ycBUlXA7wHBWcBrjqnAw"
-
-
-def write_vpnd_config(path: Path, sections: dict[str, dict[str, Any]], *, extra: str = PLANS_TOML) -> Path:
-    lines: list[str] = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
-    path.write_text("\n".join(lines) + "\n" + extra)
-    return path
-
-
 def vpnd_sections(
     dsn: str, fake: FakeTelegram, telegram_url: str, port: int, **overrides: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
@@ -332,7 +304,7 @@ async def start_vpnd(
     """`python -m vpnd run` with a fake NOTIFY_SOCKET; returns after READY=1."""
     port = free_port()
     sections = vpnd_sections(dsn, fake, telegram_url, port, **overrides)
-    config = write_vpnd_config(workdir / f"vpnd-{port}.toml", sections)
+    config = write_config_file(workdir / f"vpnd-{port}.toml", sections)
     daemon = await start_daemon(nursery, config, workdir, env=env)
     try:
         await wait_ready(daemon, f"http://127.0.0.1:{port}", timeout=90)

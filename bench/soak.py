@@ -35,7 +35,6 @@ import trio
 from bench.activation import create_purchases
 from bench.broadcast import add_recipients, create_broadcast
 from bench.common import (
-    PUBLIC_KEY,
     BenchDatabase,
     TimedTelegram,
     bench_database,
@@ -46,6 +45,7 @@ from bench.common import (
     start_vpnd,
 )
 from bench.xray_support import TAG, xray_peer
+from tests.keys import PUBLIC_KEY
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
 from vpnd_sandbox.telegram_fake import SandboxError, serve_fake_telegram
 

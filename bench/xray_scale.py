@@ -31,18 +31,9 @@ from typing import Any
 
 import psycopg
 
-from bench.common import (
-    PUBLIC_KEY,
-    ProcessMeter,
-    bench_database,
-    machine_line,
-    median,
-    pick,
-    print_table,
-    runs,
-    write_vpnd_config,
-)
+from bench.common import ProcessMeter, bench_database, machine_line, median, pick, print_table, runs
 from bench.xray_support import TAG, server_template
+from tests.keys import PUBLIC_KEY
 from vpnd_sandbox.postgres import free_port
 
 BATCH = 2000  # the writer's database batch (vpnd.nurseries.xray.BATCH_SIZE)
@@ -103,7 +94,8 @@ def child_render(count: int, workdir: Path) -> dict[str, Any]:
 def child_writer(count: int, dsn: str, workdir: Path) -> dict[str, Any]:
     import trio
 
-    from vpnd.app import open_app
+    from tests.harness import write_config_file
+    from vpnd.compose import Services, open_vpnd
     from vpnd.config import load_config
     from vpnd.nurseries.xray import run_xray
 
@@ -126,11 +118,12 @@ def child_writer(count: int, dsn: str, workdir: Path) -> dict[str, Any]:
             "host": "vpn.example.test",
         },
     }
-    config = load_config(write_vpnd_config(workdir / "vpnd.toml", sections), environ={})
+    config = load_config(write_config_file(workdir / "vpnd.toml", sections), environ={})
     result: dict[str, Any] = {}
 
     async def run() -> None:
-        async with open_app(config, single_instance=False) as app, trio.open_nursery() as nursery:
+        async with open_vpnd(config, Services.only(), single_instance=False) as vpnd, trio.open_nursery() as nursery:
+            app = vpnd.app
             baseline = _rss_now()
             started = trio.current_time()
             status = await nursery.start(run_xray, app)

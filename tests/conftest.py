@@ -1,7 +1,8 @@
 """Shared fixtures: a real PostgreSQL (a throwaway cluster, or $VPND_TEST_DSN) and configs.
 
 Each test gets its own database cloned from a migrated template, so tests never see each other's
-rows and cloning costs milliseconds instead of a migration per test.
+rows and cloning costs milliseconds instead of a migration per test. Under pytest-xdist every worker
+is its own session: its own throwaway cluster (or, on $VPND_TEST_DSN, its own template database).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from tests.harness import toml_value
 from vpnd.db import Database, open_database
 from vpnd.db.migrations import migrate, packaged_schema
 from vpnd_sandbox.postgres import Cluster, throwaway_cluster
 
-TEMPLATE_DB = "vpnd_template"
+#: One per xdist worker ("gw0", ...): workers sharing $VPND_TEST_DSN must not drop each other's template.
+TEMPLATE_DB = "vpnd_template_" + os.environ.get("PYTEST_XDIST_WORKER", "main")
 _counter = itertools.count(1)
 
 
@@ -93,16 +96,6 @@ def write_config(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.keys import PUBLIC_KEY
 from vpnd.config import SECTION_READERS, ConfigError, load_config, render_effective
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,10 +84,35 @@ CASES = [
     ("[cryptopay]\nenabled = true\n", "[cryptopay].token: required when [cryptopay].enabled = true"),
     ("[xray]\nenabled = true\n", "[xray].public_key: REALITY public key must be 43 characters"),
     (
-        '[xray]\nenabled = true\npublic_key = "Z84J2IelR9ch3k8VtlVhhs5ycBUlXA7wHBWcBrjqnAw"\nshort_id = "zz"\n',
+        f'[xray]\nenabled = true\npublic_key = "{PUBLIC_KEY}"\nshort_id = "zz"\n',
         "[xray].short_id: REALITY short id must be hex digits",
     ),
+    ('[payments]\nnotify_chat_id = "@sales"\n', '[payments].notify_chat_id: expected an integer, got "@sales"'),
+    ("[payments]\nnotify_chat_id = -1e13\n", "[payments].notify_chat_id: expected an integer, got -10000000000000.0"),
+    (
+        "[payments]\nnotify_chat_id = 10000000000000000\n",
+        "[payments].notify_chat_id: expected a Telegram chat id (an integer such as -1001234567890)",
+    ),
     ('[xray]\napi_prefix = "v3."\n', '[xray].api_prefix: expected one of "xray.", "v2ray.core.", got "v3."'),
+    ("[telegram_payments]\nenabled = true\n", "[telegram_payments].provider_token: required when"),
+    ('[telegram_payments]\ncurrency = "RUR"\n', "[telegram_payments].currency: expected an ISO 4217 code Telegram"),
+    ("[telegram_payments]\nvat_code = 0\n", "[telegram_payments].vat_code: expected a value from 1 to 12"),
+    (
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\nprices = { JPY = "499.5" }\n',
+        "[[plans]][0].prices.JPY: expected a price in whole JPY minor units",
+    ),
+    (
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\nprices = { RUB = "-1" }\n',
+        "[[plans]][0].prices: RUB: expected a positive value",
+    ),
+    (
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\nprices = { rouble = "1" }\n',
+        '[[plans]][0].prices: expected an ISO 4217 currency code, got "rouble"',
+    ),
+    (
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\nprices = "299 RUB"\n',
+        "[[plans]][0].prices: expected a table of currencies",
+    ),
 ]
 
 

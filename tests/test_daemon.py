@@ -11,8 +11,8 @@ import psycopg
 import pytest
 import trio
 
+from tests.harness import start_daemon, wait_ready
 from vpnd.instance_lock import INSTANCE_LOCK_KEY
-from vpnd_sandbox.daemon_process import start_daemon, wait_ready
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 

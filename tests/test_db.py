@@ -45,6 +45,7 @@ async def test_exception_rolls_back(database: Database) -> None:
     assert await database.run(count_users) == 0
 
 
+@pytest.mark.alone  # the cancel must land inside pg_sleep, 0.3 s after the call started
 async def test_cancel_mid_transaction_rolls_back_and_keeps_pool_intact(database: Database) -> None:
     """A cancelled call is cancelled on the server, rolled back, and its connection returned clean."""
     with trio.fail_after(30):  # far below pg_sleep(30) plus the rest: only a server-side cancel gets here

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import trio
 
+from tests.harness import start_daemon, wait_ready
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
-from vpnd_sandbox.daemon_process import start_daemon, wait_ready
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 

@@ -135,6 +135,7 @@ def test_notify_migration_on_a_version_4_database_equals_the_fresh_schema(pg_ser
     with psycopg.connect(empty_db_dsn, autocommit=True) as conn:
         migrate(conn, schema)
         conn.execute("DROP FUNCTION vpnd_notify() CASCADE")  # and with it the triggers: version 4 had neither
+        undo_card_payments(conn)  # nor what 0006 added
         conn.execute("DELETE FROM schema_migrations WHERE version >= %s", (notify.version,))
         since = [m.version for m in schema.migrations if m.version >= notify.version]  # numbers may skip (branches)
         assert list(pending(conn, schema)) == since
@@ -144,3 +145,42 @@ def test_notify_migration_on_a_version_4_database_equals_the_fresh_schema(pg_ser
         migrate(conn, schema)
     assert catalog(empty_db_dsn) == catalog(fresh)
     assert sum("vpnd_notify" in str(row) for row in catalog(fresh)) == 4  # the function and three triggers
+
+
+def undo_card_payments(conn: psycopg.Connection[Any]) -> None:
+    """Back to version 5: the method/provider checks without 'card', no Telegram charge id."""
+    conn.execute(
+        "ALTER TABLE payments DROP COLUMN telegram_payment_charge_id;"
+        "ALTER TABLE purchases DROP CONSTRAINT purchases_method_check, ADD CONSTRAINT purchases_method_check "
+        "CHECK (method IN ('cryptopay', 'stars', 'balance'));"
+        "ALTER TABLE payments DROP CONSTRAINT payments_provider_check, ADD CONSTRAINT payments_provider_check "
+        "CHECK (provider IN ('cryptopay', 'stars', 'balance'));"
+    )
+
+
+def test_card_payments_migration_on_a_version_5_database_equals_the_fresh_schema(
+    pg_server: Any, empty_db_dsn: str
+) -> None:
+    """0006 (card payments) applied to a database at version 5, with a Stars payment in it, gives schema.sql."""
+    schema = packaged_schema()
+    card = next(m for m in schema.migrations if m.name == "card_payments")
+    with psycopg.connect(empty_db_dsn, autocommit=True) as conn:
+        migrate(conn, schema)
+        undo_card_payments(conn)
+        conn.execute("DELETE FROM schema_migrations WHERE version >= %s", (card.version,))
+        conn.execute("INSERT INTO users (id, referral_code) VALUES (1, 'r1')")
+        conn.execute(
+            "INSERT INTO purchases (id, user_id, kind, method, amount_minor, currency, expires_at, status) "
+            "VALUES (1, 1, 'plan', 'stars', 499, 'USD', now(), 'paid')"
+        )
+        conn.execute(
+            "INSERT INTO payments (purchase_id, user_id, provider, provider_payment_id, amount_minor, currency, "
+            "outcome) VALUES (1, 1, 'stars', 'stx1', 250, 'XTR', 'granted')"
+        )
+        assert migrate(conn, schema) == list(range(card.version, schema.version + 1))
+        assert conn.execute("SELECT provider, telegram_payment_charge_id FROM payments").fetchall() == [("stars", None)]
+        conn.execute("DELETE FROM payments; DELETE FROM purchases; DELETE FROM users")
+    fresh = pg_server.create_database(f"fresh_{Path(empty_db_dsn).name}")
+    with psycopg.connect(fresh, autocommit=True) as conn:
+        migrate(conn, schema)
+    assert catalog(empty_db_dsn) == catalog(fresh)

@@ -159,7 +159,7 @@ async def test_bulk_change_in_one_transaction_wakes_the_writer_once(
     users = add_users(db_dsn, 6000, 200, days=30)
     async with daemon_with_xray(nursery, fake_telegram, db_dsn, write_config, tmp_path) as (vpnd, xray):
         await until(lambda: len(emails(xray)) == len(users), 30)
-        status = vpnd.app.xray_status
+        status = vpnd.started.xray_status
         assert status is not None
         with trio.fail_after(30):  # the start-up rounds (first reconcile, the listener's connect nudge) are done
             while True:

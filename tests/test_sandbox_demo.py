@@ -95,6 +95,30 @@ async def test_demo_starts_answers_in_the_web_chat_and_stops_on_ctrl_c() -> None
             document = json.loads(Path(xray_path.group(1).decode()).read_text())
             reality = next(i for i in document["inbounds"] if i.get("protocol") == "vless")["streamSettings"]
             assert public_key == public_key_of(reality["realitySettings"]["privateKey"])
+
+            # And three months by card (Telegram Payments, in RUB): the invoice, "Pay", the payment received.
+            async def messages() -> list[dict[str, object]]:
+                result: list[dict[str, object]] = (await client.get("/sandbox/api/chats/1001")).json()["result"][
+                    "messages"
+                ]
+                return result
+
+            sent = await client.post("/sandbox/api/users/1001/send", json={"text": "/buy"})
+            assert sent.status_code == 200, sent.text
+            await client.get("/sandbox/api/chats/1001/wait", params={"timeout": 20})
+            await press("plan:m3")
+            await press("pay:m3:k")
+            with trio.fail_after(20):
+                while not (invoices := [m for m in await messages() if "invoice" in m]):
+                    await trio.sleep(0.1)
+            card = invoices[-1]
+            invoice = card["invoice"]
+            assert isinstance(invoice, dict) and (invoice["currency"], invoice["amount_text"]) == ("RUB", "799.00 RUB")
+            paid = await client.post("/sandbox/api/users/1001/pay", json={"message_id": card["message_id"]})
+            assert paid.status_code == 200 and paid.json()["result"]["total_amount"] == 79900, paid.text
+            with trio.fail_after(30):
+                while sum("Payment received" in str(m.get("text")) for m in await messages()) < 2:
+                    await trio.sleep(0.2)
     finally:
         process.send_signal(signal.SIGINT)
         with trio.fail_after(30):

@@ -50,11 +50,14 @@ def test_check_config_shows_nothing_of_other_secrets(write_config: Callable[...,
         telegram={"token": "123456:Zx9-Telegram-Secret-Part"},
         cryptopay={"enabled": True, "token": "Cr7-pay-token-long-enoughWv"},
         metrics={"username": "prom", "password": "Mq4-metrics-passwordZq"},
+        telegram_payments={"enabled": True, "provider_token": "381764678:LIVE:Pv8-card-provider"},
     )
     result = run_cli("check-config", "--config", str(path))
     assert result.returncode == 0, result.stderr
-    for secret in ("Zx9", "Telegram-Secret", "Cr7", "Wv", "Mq4", "Zq"):
+    assert 'provider_token = "***"' in result.stdout
+    for secret in ("Zx9", "Telegram-Secret", "Cr7", "Wv", "Mq4", "Zq", "381764678", "Pv8-card"):
         values = [line for line in result.stdout.splitlines() if line.startswith(("token = ", "password = "))]
+        values += [line for line in result.stdout.splitlines() if line.startswith("provider_token = ")]
         assert all(secret not in line for line in values), values
     assert 'token = "123456:***"' in result.stdout  # the bot id is public and tells which bot
 

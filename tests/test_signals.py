@@ -14,8 +14,8 @@ import psycopg
 import pytest
 import trio
 
+from tests.harness import Daemon, start_daemon, wait_ready
 from vpnd.db.migrations import MIGRATION_LOCK_KEY
-from vpnd_sandbox.daemon_process import Daemon, start_daemon, wait_ready
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 

@@ -1,67 +1,57 @@
-"""`open_app(config)` builds the resources every service shares: the `App` bundle.
+"""The `App` bundle: the resources every service shares, handed down as an argument.
 
-That is the instance lock, the schema check or migration, the database pool, the health and metrics
-registries and the texts; they are handed down as arguments and closed here in reverse order — the
-database pool last. There are no module-level clients or singletons. The Telegram and Crypto Pay
-clients and the service tasks are built on top of it by `vpnd.nurseries.root.serve_app`.
+`vpnd.compose.open_vpnd` builds it (instance lock, schema check or migration, database pool, health
+and metrics registries, texts) before any service runs, and it is frozen from then on: only `config`
+is replaced, by a SIGHUP reload. There are no module-level clients or singletons. What services
+report once they run (the HTTP address, the Xray writer's state) is in `vpnd.compose.Started`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 import psycopg
 import trio
-from prometheus_client import CollectorRegistry
 
 from vpnd.config import Config
-from vpnd.db import Database, open_database
-from vpnd.db.migrations import Schema, check_version, migrate, packaged_schema
+from vpnd.db import Database
+from vpnd.db.migrations import Schema, check_version, migrate
 from vpnd.health import CheckResult, Health
-from vpnd.instance_lock import InstanceLock, hold_instance_lock
+from vpnd.instance_lock import InstanceLock
 from vpnd.lifecycle import Lifecycle
 from vpnd.metrics import Metrics
 from vpnd.nudge import Changed, Nudge
 from vpnd.texts import Texts
 
-if TYPE_CHECKING:
-    from vpnd.nurseries.xray import XrayStatus
-
 log = logging.getLogger("vpnd.app")
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, on_setattr=attrs.setters.frozen)
 class App:
-    #: The running configuration. SIGHUP replaces it (`vpnd.reload`) with one whose live keys come
-    #: from the re-read file: read `app.config...` when the value is used, don't keep a copy.
-    config: Config
+    #: The running configuration: the one field that changes. SIGHUP replaces it (`vpnd.reload`) with
+    #: one whose live keys come from the re-read file: read `app.config...` when the value is used.
+    config: Config = attrs.field(on_setattr=attrs.setters.NO_OP)
     db: Database
     schema: Schema
     lifecycle: Lifecycle
     health: Health
     metrics: Metrics
     instance_lock: InstanceLock | None = None
-    #: The bot's @username, known after getMe (links such as t.me/<bot>?start=ref_...).
-    bot_username: str = ""
-    #: The Xray writer's state (sync lag, pending operations), once it started.
-    xray_status: XrayStatus | None = None
-    #: Where the HTTP server listens, once it does (e.g. "http://127.0.0.1:8080").
-    http_url: str = ""
-    #: Nudged after a commit that changes who may connect; the Xray writer re-reads the database.
+    #: Nudged by the notify listener (`vpnd.nurseries.listener`) when a commit changed a subscription
+    #: (the triggers of migration 0005 `pg_notify` at commit, from any process); the Xray writer re-reads.
     xray_changed: Nudge = attrs.field(factory=Nudge)
-    #: Nudged after a commit that queues outbox messages; the outbox sender wakes up.
+    #: Nudged by the listener when a commit queued outbox messages; the outbox sender wakes up.
     outbox_changed: Nudge = attrs.field(factory=Nudge)
-    #: Nudged after a commit that creates, pauses, resumes or cancels a broadcast.
+    #: Nudged by the listener when a commit created, paused, resumed or cancelled a broadcast.
     broadcasts_changed: Nudge = attrs.field(factory=Nudge)
     #: Fired after a configuration reload replaced `config` (periodic workers re-read their period).
     config_reloaded: Changed = attrs.field(factory=Changed)
     #: Called with the new config after a reload, for state built from it at start (rate limiters).
-    reload_hooks: list[Callable[[Config], None]] = attrs.field(factory=list)
-    #: The user-facing texts, loaded once here and handed down (flows, workers, payments, alerts).
+    reload_hooks: tuple[Callable[[Config], None], ...] = ()
+    #: The user-facing texts, loaded once by the composition root and handed down (flows, workers, payments, alerts).
     texts: Texts = attrs.field(factory=Texts.load)
 
 
@@ -90,41 +80,6 @@ async def prepare_schema(
                     )
 
     await trio.to_thread.run_sync(work)
-
-
-@asynccontextmanager
-async def open_app(config: Config, *, single_instance: bool = True) -> AsyncIterator[App]:
-    db_config = config.database
-    schema = packaged_schema()
-    async with _maybe_instance_lock(config, single_instance) as lock:
-        await prepare_schema(
-            db_config.dsn,
-            schema,
-            apply=db_config.migrate_on_start,
-            timeout=db_config.connect_timeout_seconds,
-            lock_timeout=db_config.migration_lock_timeout_seconds,
-        )
-        async with open_database(
-            db_config.dsn,
-            min_size=db_config.pool_min,
-            max_size=db_config.pool_max,
-            statement_timeout_ms=db_config.statement_timeout_ms,
-            connect_timeout=db_config.connect_timeout_seconds,
-        ) as db:
-            health = Health()
-            metrics = Metrics(CollectorRegistry(), db)
-            app = App(config, db, schema, Lifecycle(), health, metrics, lock)
-            health.add_check("database", lambda: database_ready(app))
-            yield app
-
-
-@asynccontextmanager
-async def _maybe_instance_lock(config: Config, wanted: bool) -> AsyncIterator[InstanceLock | None]:
-    if not wanted:
-        yield None
-        return
-    async with hold_instance_lock(config.database.dsn, timeout=config.database.connect_timeout_seconds) as lock:
-        yield lock
 
 
 async def database_ready(app: App) -> CheckResult:

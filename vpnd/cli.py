@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import psycopg
 import trio
@@ -47,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
         return p
 
-    with_config(sub.add_parser("run", help="run the daemon (systemd: Type=notify)"))
+    run_parser = with_config(sub.add_parser("run", help="run the daemon (systemd: Type=notify)"))
+    run_parser.add_argument(
+        "--services",
+        type=lambda text: frozenset(name for name in text.split(",") if name),
+        default=None,
+        help="run only these services, comma-separated (default: all; names in vpnd.compose.SERVICE_NAMES)",
+    )
     with_config(sub.add_parser("check-config", help="validate the config and print it, secrets masked"))
     migrate_parser = with_config(sub.add_parser("migrate", help="apply pending database migrations"))
     migrate_parser.add_argument("--check", action="store_true", help="only report pending migrations (exit 1 if any)")
@@ -125,16 +132,21 @@ def require_runtime_secrets_db(config: Config) -> None:
 
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from vpnd.compose import Services
     from vpnd.nurseries.root import run_daemon
 
     try:
         require_runtime_secrets(config)
+        services = Services.all() if args.services is None else Services(args.services)
     except ConfigError as exc:
         print(f"vpnd: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:
+        print(f"vpnd: --services: {exc}", file=sys.stderr)
+        return 2
     log.info("event=starting version=%s config=%s", _version(), config.path)
     try:
-        trio.run(run_daemon, config)
+        trio.run(partial(run_daemon, config, services=services))
     except Exception as exc:  # the daemon's one error boundary: classify, log once, exit code
         return _report_crash(exc)
     return 0

@@ -34,6 +34,7 @@ SECRET_SOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("yookassa", "secret_key"): ("VPND_YOOKASSA_SECRET_KEY", "yookassa_secret_key"),
     ("metrics", "password"): ("VPND_METRICS_PASSWORD", "metrics_password"),
     ("metrics", "token"): ("VPND_METRICS_TOKEN", "metrics_token"),
+    ("telegram_payments", "provider_token"): ("VPND_TELEGRAM_PAYMENTS_TOKEN", "telegram_payments_token"),
 }
 
 SUPPORTED_LANGUAGES = ("en", "ru")
@@ -140,6 +141,14 @@ class Plan:
     price: Decimal
     currency: str
     stars: int
+    #: Prices in other currencies (`prices = { RUB = "299" }`), e.g. for card payments in the shop's currency.
+    prices: Mapping[str, Decimal] = attrs.field(factory=dict)
+
+    def price_in(self, currency: str) -> Decimal | None:
+        """The plan's price in `currency`, or None when it is not sold in that currency."""
+        if currency.upper() == self.currency.upper():
+            return self.price
+        return self.prices.get(currency.upper())
 
 
 @attrs.frozen
@@ -153,6 +162,8 @@ class PaymentsConfig:
     promo_max_wrong_attempts: int = 5
     promo_wrong_window_minutes: int = 10
     promo_alert_wrong_attempts: int = 50
+    #: A Telegram chat (a group's or channel's id, or a person's) told of every successful payment; 0: nobody.
+    notify_chat_id: int = 0
 
 
 @attrs.frozen
@@ -186,6 +197,21 @@ class YooKassaConfig:
 @attrs.frozen
 class StarsConfig:
     enabled: bool = True
+
+
+@attrs.frozen
+class TelegramPaymentsConfig:
+    """Card payments through Telegram Payments: `sendInvoice` with the provider token BotFather gave."""
+
+    enabled: bool = False
+    provider_token: str = ""
+    #: ISO 4217 code the invoices are in; "" = `[payments].currency`.
+    currency: str = ""
+    need_email: bool = False
+    send_email_to_provider: bool = False
+    #: Send `provider_data` with a fiscal receipt item (YooKassa's `{"receipt": {"items": [...]}}`).
+    receipt: bool = False
+    vat_code: int = 1
 
 
 @attrs.frozen
@@ -245,6 +271,7 @@ class Config:
     cryptopay: CryptoPayConfig = CryptoPayConfig()
     yookassa: YooKassaConfig = YooKassaConfig()
     stars: StarsConfig = StarsConfig()
+    telegram_payments: TelegramPaymentsConfig = TelegramPaymentsConfig()
     xray: XrayConfig = XrayConfig()
     workers: WorkersConfig = WorkersConfig()
     broadcast: BroadcastConfig = BroadcastConfig()
@@ -252,6 +279,11 @@ class Config:
 
     def plan(self, code: str) -> Plan | None:
         return next((p for p in self.plans if p.code == code), None)
+
+    @property
+    def card_currency(self) -> str:
+        """The currency of card invoices (`[telegram_payments].currency`, else the shop's)."""
+        return (self.telegram_payments.currency or self.payments.currency).upper()
 
 
 # --- field readers ----------------------------------------------------------------------------
@@ -396,6 +428,23 @@ def in_range(reader: Callable[[object], T], low: float, high: float) -> Callable
     return read
 
 
+def read_telegram_currency(value: object) -> str:
+    from vpnd.money import TELEGRAM_CURRENCIES
+
+    text = read_str(value)
+    if text and text.upper() not in TELEGRAM_CURRENCIES:
+        raise _expected('an ISO 4217 code Telegram Payments take, such as "USD" or "RUB"', value)
+    return text.upper()
+
+
+def read_chat_id(value: object) -> int:
+    """A Telegram chat id: a person's (positive) or a group's or channel's (negative, e.g. -100…), or 0 (none)."""
+    chat_id = read_int(value)
+    if abs(chat_id) >= 2**52:  # Telegram's ids fit 52 bits
+        raise _expected("a Telegram chat id (an integer such as -1001234567890)", value)
+    return chat_id
+
+
 def read_language(value: object) -> str:
     return one_of(*SUPPORTED_LANGUAGES)(value)
 
@@ -454,6 +503,7 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "promo_max_wrong_attempts": in_range(read_int, 1, 1000),
         "promo_wrong_window_minutes": in_range(read_int, 1, 7 * 24 * 60),
         "promo_alert_wrong_attempts": in_range(read_int, 1, 1_000_000),
+        "notify_chat_id": read_chat_id,
     },
     "cryptopay": {
         "enabled": read_bool,
@@ -474,6 +524,15 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "poll_interval": positive(read_number),
     },
     "stars": {"enabled": read_bool},
+    "telegram_payments": {
+        "enabled": read_bool,
+        "provider_token": read_str,
+        "currency": read_telegram_currency,
+        "need_email": read_bool,
+        "send_email_to_provider": read_bool,
+        "receipt": read_bool,
+        "vat_code": in_range(read_int, 1, 12),
+    },
     "xray": {
         "enabled": read_bool,
         "template_path": read_str,
@@ -524,12 +583,13 @@ SECTION_CLASSES: dict[str, type] = {
     "cryptopay": CryptoPayConfig,
     "yookassa": YooKassaConfig,
     "stars": StarsConfig,
+    "telegram_payments": TelegramPaymentsConfig,
     "xray": XrayConfig,
     "workers": WorkersConfig,
     "broadcast": BroadcastConfig,
 }
 
-PLAN_KEYS = {"code", "title", "days", "price", "currency", "stars"}
+PLAN_KEYS = {"code", "title", "days", "price", "currency", "stars", "prices"}
 #: A Stars price must fit the database's integer column (and Telegram's own limits are far lower).
 MAX_STARS = 1_000_000
 
@@ -626,7 +686,7 @@ def _read_plan(name: str, where: str, table: object) -> Plan:
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(name, f"{where}.{key}", f"unknown key (known: {', '.join(sorted(PLAN_KEYS))})")
-    missing = PLAN_KEYS - set(table) - {"title", "stars"}
+    missing = PLAN_KEYS - set(table) - {"title", "stars", "prices"}
     if missing:
         raise ConfigError(name, f"{where}.{sorted(missing)[0]}", "missing required key")
 
@@ -646,16 +706,32 @@ def _read_plan(name: str, where: str, table: object) -> Plan:
         price=field("price", positive(read_decimal)),
         currency=field("currency", read_str),
         stars=field("stars", in_range(read_int, 0, MAX_STARS), 0),
+        prices=field("prices", _read_prices, {}),
     )
     from vpnd import pricing
 
-    try:
-        pricing.plan_offer(plan)
-    except pricing.InvalidAmount as exc:
-        raise ConfigError(
-            name, f"{where}.price", f"expected a price in whole {plan.currency} minor units: {exc}"
-        ) from None
+    for key, currency in [("price", plan.currency), *((f"prices.{c}", c) for c in plan.prices)]:
+        try:
+            pricing.plan_offer(plan, currency)
+        except pricing.InvalidAmount as exc:
+            raise ConfigError(
+                name, f"{where}.{key}", f"expected a price in whole {currency} minor units: {exc}"
+            ) from None
     return plan
+
+
+def _read_prices(value: object) -> Mapping[str, Decimal]:
+    if not isinstance(value, dict):
+        raise _expected('a table of currencies such as { RUB = "299", USD = "4.99" }', value)
+    prices = {}
+    for currency, amount in value.items():
+        if not re.fullmatch(r"[A-Za-z]{3}", currency):
+            raise ValueError(f"expected an ISO 4217 currency code, got {_show(currency)}")
+        try:
+            prices[currency.upper()] = positive(read_decimal)(amount)
+        except ValueError as exc:
+            raise ValueError(f"{currency}: {exc}") from None
+    return prices
 
 
 def _read_title(value: object) -> Mapping[str, str]:
@@ -689,6 +765,17 @@ def check_whole(name: str, config: Config) -> None:
         raise ConfigError(
             name, "[yookassa].secret_key", "shop_id and secret_key are required when [yookassa].enabled = true"
         )
+    if config.telegram_payments.enabled and not config.telegram_payments.provider_token:
+        raise ConfigError(
+            name,
+            "[telegram_payments].provider_token",
+            "required when [telegram_payments].enabled = true (or VPND_TELEGRAM_PAYMENTS_TOKEN)",
+        )
+    if config.telegram_payments.enabled and not config.telegram_payments.currency:
+        try:  # the card currency defaults to the shop's, which must then be one Telegram takes
+            read_telegram_currency(config.payments.currency)
+        except ValueError as exc:
+            raise ConfigError(name, "[telegram_payments].currency", f"{exc} ([payments].currency)") from None
 
 
 def _check_amounts(name: str, payments: PaymentsConfig) -> None:
@@ -746,6 +833,7 @@ SECRET_KEYS = {
     ("yookassa", "secret_key"),
     ("metrics", "password"),
     ("metrics", "token"),
+    ("telegram_payments", "provider_token"),
 }
 
 
@@ -787,6 +875,8 @@ def render_effective(config: Config) -> str:
         lines.append(f"price = {_toml(plan.price)}")
         lines.append(f"currency = {_toml(plan.currency)}")
         lines.append(f"stars = {plan.stars}")
+        if plan.prices:
+            lines.append("prices = { " + ", ".join(f"{k} = {_toml(v)}" for k, v in plan.prices.items()) + " }")
     return "\n".join(lines) + "\n"
 
 

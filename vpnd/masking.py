@@ -158,9 +158,7 @@ def dsn_secret_forms(dsn: str) -> list[str]:
 
 def configured_secrets(config: Config) -> list[str]:
     """Every secret of the configuration, in every form it may be logged (for `logs.Redactor`)."""
-    secrets = [
-        config.telegram.token, config.cryptopay.token, config.yookassa.secret_key, config.metrics.password,
-        config.metrics.token,
-    ]  # fmt: skip
+    secrets = [config.telegram.token, config.cryptopay.token, config.metrics.password, config.metrics.token]
+    secrets += [config.telegram_payments.provider_token, config.yookassa.secret_key]
     secrets += dsn_secret_forms(config.database.dsn)
     return [secret for secret in secrets if secret]

@@ -34,6 +34,16 @@ _CRYPTO_EXPONENTS: dict[str, int] = {
 
 _EXPONENTS: dict[str, int] = {**_ISO_4217_EXPONENTS, **_CRYPTO_EXPONENTS, STARS_CURRENCY: 0}
 
+#: The fiat currencies Telegram Payments take (core.telegram.org/bots/payments/currencies.json). Telegram's
+#: `exp` for each is its ISO 4217 minor unit (CLP ISK JPY KRW PYG UGX VND 0, KWD 3, the rest 2), so
+#: `minor_exponent` gives the amounts `sendInvoice` wants.
+TELEGRAM_CURRENCIES = frozenset(
+    "AED AFN ALL AMD ARS AUD AZN BAM BDT BGN BND BOB BRL BYN CAD CHF CLP CNY COP CRC CZK DKK DOP DZD EGP ETB "
+    "EUR GBP GEL GTQ HKD HNL HRK HUF IDR ILS INR ISK JMD JPY KES KGS KRW KWD KZT LBP LKR MAD MDL MNT MUR MVR "
+    "MXN MYR MZN NGN NIO NOK NPR NZD PAB PEN PHP PKR PLN PYG QAR RON RSD RUB SAR SEK SGD THB TJS TRY TTD TWD "
+    "TZS UAH UGX USD UYU UZS VND YER ZAR".split()
+)
+
 
 def minor_exponent(currency: str) -> int:
     """How many decimal places the currency's minor unit has (USD: 2, JPY: 0, KWD: 3, TON: 9)."""

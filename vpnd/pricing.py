@@ -9,6 +9,7 @@ zero-amount invoice cannot be paid by any provider.
 
 from __future__ import annotations
 
+import json
 from decimal import ROUND_DOWN, Decimal, DecimalException, InvalidOperation
 from typing import Literal
 
@@ -109,15 +110,33 @@ class Offer:
     stars: int | None = None
 
 
-def plan_offer(plan: Plan) -> Offer:
+def plan_offer(plan: Plan, currency: str | None = None) -> Offer:
+    """The plan at its list price in `currency` (default: its own); InvalidAmount when not sold in it."""
+    currency = plan.currency if currency is None or currency.upper() == plan.currency.upper() else currency.upper()
+    price = plan.price_in(currency)
+    if price is None:
+        raise InvalidAmount(f"plan {plan.code} has no price in {currency}")
     return Offer(
         kind="plan",
-        price_minor=to_minor(plan.price, plan.currency),
-        currency=plan.currency,
+        price_minor=to_minor(price, currency),
+        currency=currency,
         plan_code=plan.code,
         days=plan.days,
         stars=plan.stars or None,
     )
+
+
+def receipt_provider_data(description: str, amount_minor: int, currency: str, vat_code: int) -> str:
+    """`provider_data` carrying one fiscal receipt item (the format YooKassa documents for Telegram Payments)."""
+    item = {
+        "description": description[:128],
+        "quantity": "1.00",
+        "amount": {"value": str(from_minor(amount_minor, currency)), "currency": currency},
+        "vat_code": vat_code,
+        "payment_mode": "full_payment",
+        "payment_subject": "service",
+    }
+    return json.dumps({"receipt": {"items": [item]}}, ensure_ascii=False)
 
 
 def topup_offer(amount_minor: int, payments: PaymentsConfig) -> Offer:

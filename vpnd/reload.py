@@ -47,7 +47,9 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "shutdown": frozenset({"grace_seconds"}),
     "trial": frozenset({"enabled", "days"}),
     "referral": frozenset({"percent"}),
-    "payments": frozenset({"purchase_ttl_minutes", "min_price", "topup_presets", "topup_min", "topup_max"}),
+    "payments": frozenset(
+        {"purchase_ttl_minutes", "min_price", "topup_presets", "topup_min", "topup_max", "notify_chat_id"}
+    ),
     "cryptopay": frozenset({"poll_interval", "accepted_assets"}),
     "yookassa": frozenset({"poll_interval", "notify_networks", "methods", "return_url"}),
     "stars": frozenset({"enabled"}),

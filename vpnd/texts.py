@@ -62,3 +62,9 @@ class Texts:
         if not values:
             return template
         return template.format_map({name: _escape(value) for name, value in values.items()})
+
+    def get_or(self, lang: str, key: str, default: str) -> str:
+        """`key`'s text (no placeholders), or `default` where no language has it — e.g. the name of a
+        payment method that is in the data but has no text yet."""
+        catalog = self.catalogs.get(lang) or self.catalogs[FALLBACK]
+        return catalog.get(key) or self.catalogs[FALLBACK].get(key) or default

@@ -106,6 +106,7 @@ def demo_config(
                 "price": "4.99",
                 "currency": "USD",
                 "stars": 250,
+                "prices": {"RUB": "299"},
             },
             {
                 "code": "m3",
@@ -114,6 +115,7 @@ def demo_config(
                 "price": "12.99",
                 "currency": "USD",
                 "stars": 650,
+                "prices": {"RUB": "799"},
             },
             {
                 "code": "r1",
@@ -170,6 +172,12 @@ async def run_sandbox(web_port: int) -> None:
                     "notify_networks": ["127.0.0.1/32"],
                     "return_url": f"{telegram_url}/",
                 },
+                "telegram_payments": {
+                    "enabled": True,
+                    "provider_token": fake.payment_provider_token,
+                    "currency": "RUB",
+                    "receipt": True,
+                },
                 "xray": {"enabled": True, "inbound_tag": tag, "api_address": xray.address, "reconcile_interval": 30.0},
             }
             config = demo_config(workdir, dsn, telegram_url, fake, http_port, extra)
@@ -179,7 +187,7 @@ async def run_sandbox(web_port: int) -> None:
                 f"  vpnd health:         http://127.0.0.1:{http_port}/readyz\n"
                 f"  Xray config (vpnd writes it): {workdir / 'xray-config.json'}\n"
                 f"  Users: Alice (1001, en), Борис (1002, ru), Admin (1) — pick one and send /start.\n"
-                f"  Buy with Crypto Pay (the invoice link opens a fake pay page) or Telegram Stars;\n"
+                f"  Buy with Crypto Pay (the invoice link opens a fake pay page), Telegram Stars or a card (RUB);\n"
                 f"  the RUB plan also by card or SBP on a fake YooKassa page (Pay / Fail buttons).\n"
                 f"  Stop with Ctrl-C.\n",
                 flush=True,

@@ -11,8 +11,8 @@ from typing import Any
 
 import trio
 
-from tests.admin.harness import ADMIN, button_data, has_button, press, say, seed_users, sql, start_admin_vpnd, text_has
-from tests.harness import bot_config
+from tests.admin.harness import ADMIN, seed_users, start_admin_vpnd
+from tests.harness import bot_config, button, has_button, press, say, sql, text_has
 from vpnd.telegram.admin import CALLBACKS
 from vpnd.telegram.admin import callback_data as wire
 from vpnd.telegram.admin.verbs import Verb, parse
@@ -161,7 +161,7 @@ async def test_the_bot_and_the_cli_write_the_same_audit_record_for_a_grant(
         card = await say(fake, ADMIN, str(by_bot), predicate=has_button(f"adm:g:{by_bot}"))
         await press(fake, ADMIN, card, f"adm:g:{by_bot}", predicate=text_has("How many days"))
         confirm = await say(fake, ADMIN, "10", predicate=has_button("adm:gc:"))
-        fake.user_presses_button(ADMIN, confirm.message_id, button_data(confirm, f"adm:gc:{by_bot}:10:1:"))
+        fake.user_presses_button(ADMIN, confirm.message_id, button(confirm, f"adm:gc:{by_bot}:10:1:"))
         await fake.wait_for_bot_message(ADMIN, text_has("Granted 10 days"))
 
         process = await trio.run_process(

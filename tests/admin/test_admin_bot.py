@@ -10,20 +10,8 @@ from pathlib import Path
 import psycopg
 import trio
 
-from tests.admin.harness import (
-    ADMIN,
-    button_data,
-    give_subscription,
-    has_button,
-    press,
-    say,
-    seed_users,
-    sql,
-    start_admin_vpnd,
-    start_broadcast,
-    text_has,
-)
-from tests.harness import bot_config
+from tests.admin.harness import ADMIN, give_subscription, seed_users, start_admin_vpnd, start_broadcast
+from tests.harness import bot_config, button, has_button, press, say, sql, text_has
 from vpnd.db import broadcasts as bdb
 from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
@@ -146,7 +134,7 @@ async def test_stats_lookup_grant_revoke_reissue_balance_and_auto_renew(
         await say(fake, ADMIN, "0", predicate=text_has("whole number"))
         confirm = await say(fake, ADMIN, "10", predicate=has_button("adm:gc:"))
         assert ask is not None
-        data = button_data(confirm, f"adm:gc:{ALICE}:10:1:")
+        data = button(confirm, f"adm:gc:{ALICE}:10:1:")
         fake.user_presses_button(ADMIN, confirm.message_id, data)
         card = await fake.wait_for_bot_message(ADMIN, text_has("Granted 10 days"))
         expiry = sql(db_dsn, "SELECT expires_at FROM subscriptions WHERE user_id = %s", ALICE)
@@ -215,7 +203,7 @@ async def test_promo_codes_health_and_csv_export(
         await say(fake, ADMIN, "SPRING 150", predicate=text_has("Send it as"))
         listed = await say(fake, ADMIN, "spring 20 100 30", predicate=text_has("Created SPRING"))
         assert "SPRING −20% · used 0/100" in (listed.text or "")
-        disable_data = button_data(listed, "adm:pd:SPRING")
+        disable_data = button(listed, "adm:pd:SPRING")
         await press(fake, ADMIN, listed, "adm:pn", predicate=text_has("CODE PERCENT"))
         exists = await say(fake, ADMIN, "SPRING 10", predicate=text_has("exists already"))
         menu = await press(fake, ADMIN, exists, "adm", predicate=has_button("adm:pr"))

@@ -13,8 +13,8 @@ import psycopg
 import pytest
 import trio
 
-from tests.admin.harness import give_subscription, seed_users, sql, start_admin_vpnd
-from tests.harness import bot_config
+from tests.admin.harness import give_subscription, seed_users, start_admin_vpnd
+from tests.harness import bot_config, sql
 from vpnd.db import broadcasts as bdb
 from vpnd_sandbox.telegram_fake import FakeTelegram
 

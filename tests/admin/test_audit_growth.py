@@ -7,8 +7,7 @@ from pathlib import Path
 
 import trio
 
-from tests.admin.harness import sql
-from tests.harness import bot_config, start_vpnd
+from tests.harness import bot_config, sql, start_vpnd
 from vpnd.db.admin import DENIED_ROWS_PER_WINDOW
 from vpnd_sandbox.telegram_fake import FakeTelegram
 

@@ -8,7 +8,8 @@ import datetime as dt
 import psycopg
 import pytest
 
-from tests.admin.harness import give_subscription, seed_users, sql
+from tests.admin.harness import give_subscription, seed_users
+from tests.harness import sql
 from vpnd.db import broadcasts as bdb
 from vpnd.db.broadcasts import BadSegment, Segment
 from vpnd.telegram.admin import views

@@ -11,16 +11,11 @@ from tests.admin.harness import (
     ADMIN,
     bot_message_counts,
     give_subscription,
-    has_button,
-    press,
-    say,
     seed_users,
-    sql,
     start_admin_vpnd,
     start_broadcast,
-    text_has,
 )
-from tests.harness import bot_config
+from tests.harness import bot_config, has_button, press, say, sql, text_has
 from vpnd_sandbox.telegram_fake import FakeTelegram
 
 

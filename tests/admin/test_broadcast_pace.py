@@ -17,11 +17,11 @@ import httpx
 import pytest
 import trio
 
-from tests.admin.harness import ADMIN, has_button, press, say, seed_users, sql, start_admin_vpnd, text_has
-from tests.harness import bot_config
+from tests.admin.harness import ADMIN, seed_users, start_admin_vpnd
+from tests.harness import bot_config, has_button, press, say, sql, text_has
 from vpnd_sandbox.telegram_fake import FakeTelegram
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # alone: it measures the pace
 
 RECIPIENTS = 300
 PRESSERS = list(range(500, 520))
@@ -161,7 +161,7 @@ async def test_a_429_that_still_happens_pauses_every_chat_for_retry_after_is_log
         fake.inject_fault("429", count=1, retry_after=2, methods=["sendMessage"])
         await fake.wait_until(lambda: sql(db_dsn, "SELECT status FROM broadcasts") == [("done",)], timeout=60)
         async with httpx.AsyncClient() as client:
-            metrics = (await client.get(f"{vpnd.app.http_url}/metrics")).text
+            metrics = (await client.get(f"{vpnd.http_url}/metrics")).text
 
     assert fake.too_many_requests_sent == 1 and fake.rate_limited == 0
     # The whole sender paused: no send to any chat for retry_after seconds after the 429.

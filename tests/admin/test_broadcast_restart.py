@@ -3,7 +3,7 @@
 
 The in-process tests stop vpnd the way SIGTERM does (`lifecycle.request_stop`) or cancel its whole
 tree at once (what a second signal does). The subprocess tests send real SIGTERM/SIGKILL to
-`vpnd run`; they need the broadcasts nursery wired into the root (`serve_app`).
+`vpnd run`; they need the broadcasts nursery wired into the root (`vpnd.compose.open_vpnd`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import psycopg
 import pytest
 import trio
 
-from tests.admin.harness import seed_users, sql, start_admin_vpnd
-from tests.harness import bot_config
+from tests.admin.harness import seed_users, start_admin_vpnd
+from tests.harness import bot_config, sql, start_daemon, wait_ready
 from vpnd.db import broadcasts as bdb
 from vpnd.nurseries import broadcasts as broadcasts_nursery
-from vpnd_sandbox.daemon_process import start_daemon, wait_ready
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 

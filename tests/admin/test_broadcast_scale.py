@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.admin.harness import ADMIN, button_data, seed_users, sql, start_admin_vpnd, start_broadcast
-from tests.harness import bot_config
+from tests.admin.harness import ADMIN, seed_users, start_admin_vpnd, start_broadcast
+from tests.harness import bot_config, button, sql
 from vpnd_sandbox.telegram_fake import FakeTelegram
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # alone: it measures the send rate
 
 RECIPIENTS = 5000
 #: vpnd's configured overall rate, and the fake's flood limit above it (Telegram: ~30/s; scaled up so
@@ -85,7 +85,7 @@ async def test_5000_recipients_under_the_limit_with_progress_then_cancel(
         # Let it run to about 60 %, then cancel from the progress message.
         await fake.wait_until(lambda: delivered() >= RECIPIENTS * 0.6, timeout=120)
         elapsed = trio.current_time() - started
-        fake.user_presses_button(ADMIN, progress.message_id, button_data(edited, "adm:bx:"))
+        fake.user_presses_button(ADMIN, progress.message_id, button(edited, "adm:bx:"))
         pressed_at = trio.current_time()
         # The cancel ends the broadcast's task (its sends in flight are cut); once it has ended nothing
         # sends any more, so the count is final. How long that took is printed below.

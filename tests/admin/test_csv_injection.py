@@ -9,8 +9,8 @@ from pathlib import Path
 
 import trio
 
-from tests.admin.harness import ADMIN, has_button, say, seed_users, sql, start_admin_vpnd
-from tests.harness import bot_config
+from tests.admin.harness import ADMIN, seed_users, start_admin_vpnd
+from tests.harness import bot_config, has_button, say, sql
 from vpnd_sandbox.telegram_fake import FakeTelegram
 
 NAMES = {

@@ -13,14 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import trio
 
-from tests.harness import Running, bot_config, start_vpnd
+from tests.harness import Running, bot_config, sql, start_vpnd
 from vpnd.config import Config
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
 from vpnd_sandbox.demo import DEMO_PUBLIC_KEY, xray_template
-from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
+from vpnd_sandbox.telegram_fake import FakeTelegram
 from vpnd_sandbox.xray_fake import FakeXray
 
 TAG = "vless-reality"
@@ -84,7 +83,7 @@ async def start_full(nursery: trio.Nursery, config: Config, cryptopay: FakeCrypt
     with trio.fail_after(40):
         vpnd = await start_vpnd(nursery, config)
     if cryptopay is not None:
-        cryptopay.webhook_url = f"{vpnd.app.http_url}/webhooks/cryptopay"
+        cryptopay.webhook_url = f"{vpnd.http_url}/webhooks/cryptopay"
     return vpnd
 
 
@@ -99,18 +98,6 @@ async def instance_lock_released(dsn: str, timeout: float = 30.0) -> None:
 
 
 # --- reading the outcome -------------------------------------------------------------------------
-
-
-def sql(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
-    """One statement on the test's own connection (autocommit); its rows, if any."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute(query, params or None)
-        return cur.fetchall() if cur.description else []
-
-
-def scalar(dsn: str, query: str, *params: Any) -> Any:
-    rows = sql(dsn, query, *params)
-    return rows[0][0] if rows else None
 
 
 async def poll(condition: Callable[[], bool], timeout: float, step: float = 0.05, what: str = "") -> None:
@@ -140,35 +127,3 @@ def desired_emails(dsn: str) -> set[str]:
     """What Xray must hold: the email ("u<user id>") of every active, unexpired subscription."""
     rows = sql(dsn, "SELECT user_id FROM subscriptions WHERE status = 'active' AND expires_at > now()")
     return {f"u{user_id}" for (user_id,) in rows}
-
-
-# --- talking as a user ----------------------------------------------------------------------------
-
-
-def button(message: ChatMessage, prefix: str) -> str:
-    """The button whose data is `prefix`, else the first whose data starts with it."""
-    if prefix in message.callback_data:
-        return prefix
-    for data in message.callback_data:
-        if data.startswith(prefix):
-            return data
-    raise AssertionError(f"no button {prefix!r} on message {message.message_id}: {message.callback_data}")
-
-
-async def press(fake: FakeTelegram, user_id: int, message: ChatMessage, prefix: str, **wait: Any) -> ChatMessage:
-    """Press the button `prefix` (exact, or the first starting with it); the bot's next message."""
-    fake.user_presses_button(user_id, message.message_id, button(message, prefix))
-    return await fake.wait_for_bot_message(user_id, **wait)
-
-
-async def say(fake: FakeTelegram, user_id: int, text: str, **wait: Any) -> ChatMessage:
-    fake.user_sends(user_id, text)
-    return await fake.wait_for_bot_message(user_id, **wait)
-
-
-def has_button(prefix: str) -> Callable[[ChatMessage], bool]:
-    return lambda m: any(d.startswith(prefix) for d in m.callback_data)
-
-
-def text_has(fragment: str) -> Callable[[ChatMessage], bool]:
-    return lambda m: fragment in (m.text or "")

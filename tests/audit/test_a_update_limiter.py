@@ -19,7 +19,8 @@ import pytest
 import trio
 
 from tests.audit.source import calls_named, daemon_modules, function
-from tests.audit.stack import full_config, live_emails, poll, scalar, sql, start_full
+from tests.audit.stack import full_config, live_emails, poll, start_full
+from tests.harness import scalar, sql
 from vpnd.app import App
 from vpnd.cryptopay import open_cryptopay_client
 from vpnd.db import broadcasts as bdb

@@ -29,21 +29,8 @@ import pytest
 import trio
 
 from tests.audit.source import SourceIndex, is_db_run, where
-from tests.audit.stack import (
-    ADMIN,
-    desired_emails,
-    file_emails,
-    full_config,
-    has_button,
-    live_emails,
-    poll,
-    press,
-    say,
-    scalar,
-    sql,
-    start_full,
-    text_has,
-)
+from tests.audit.stack import ADMIN, desired_emails, file_emails, full_config, live_emails, poll, start_full
+from tests.harness import has_button, press, say, scalar, sql, text_has
 from vpnd.db import Database, open_database
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
 from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
@@ -349,6 +336,8 @@ async def test_end_to_end_with_one_pooled_connection(
         # Crypto Pay: invoice in the bot, paid at the fake, signed webhook to our HTTP server
         purchase = await buy_with_crypto_pay(fake, pay, db_dsn, ALICE)
         await poll(lambda: scalar(db_dsn, "SELECT status FROM purchases WHERE id = %s", purchase) == "paid", 20)
+        # (the fake records the delivery once our answer arrived, just after the commit the poll saw)
+        await poll(lambda: bool(pay.deliveries), 10, what="the webhook delivery is recorded")
         assert [d.status_code for d in pay.deliveries] == [200]
 
         # admin credits Bob's balance in the bot; Bob pays from it

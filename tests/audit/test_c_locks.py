@@ -19,7 +19,7 @@ import trio
 
 from tests.audit.source import SourceIndex, daemon_modules, is_db_run, where
 from tests.audit.stack import file_emails, full_config, live_emails, poll
-from vpnd.app import open_app
+from tests.harness import open_app
 from vpnd.db.subscriptions import grant_days
 from vpnd.db.users import upsert_user
 from vpnd.nurseries.xray import run_xray

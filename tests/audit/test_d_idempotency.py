@@ -27,9 +27,9 @@ import httpx
 import pytest
 import trio
 
-from tests.audit.stack import full_config, instance_lock_released, poll, scalar, sql
-from tests.harness import start_vpnd
-from vpnd.app import App, open_app
+from tests.audit.stack import full_config, instance_lock_released, poll
+from tests.harness import open_app, scalar, sql, start_vpnd
+from vpnd.app import App
 from vpnd.cryptopay import SIGNATURE_HEADER, CryptoPayClient, open_cryptopay_client, sign_webhook_body
 from vpnd.db import ledger
 from vpnd.db.purchases import PurchaseNotPayable
@@ -340,7 +340,7 @@ async def test_restarts_mid_watcher_webhook_and_renewal_apply_everything_exactly
         for restart in range(3):
             async with trio.open_nursery() as doomed:
                 vpnd = await start_vpnd(doomed, config)
-                pay.webhook_url = f"{vpnd.app.http_url}{WEBHOOK_PATH}"
+                pay.webhook_url = f"{vpnd.http_url}{WEBHOOK_PATH}"
                 pay_stage(restart)
                 # Cut as soon as this run has applied something: renewals (batches of 5, 3 slowed writes
                 # each) and this stage's payments are then still under way.
@@ -352,7 +352,7 @@ async def test_restarts_mid_watcher_webhook_and_renewal_apply_everything_exactly
 
         async with trio.open_nursery() as nursery:
             vpnd = await start_vpnd(nursery, config)
-            pay.webhook_url = f"{vpnd.app.http_url}{WEBHOOK_PATH}"
+            pay.webhook_url = f"{vpnd.http_url}{WEBHOOK_PATH}"
             pay_stage(stages - 1)
             await poll(lambda: _applied(db_dsn) == total, 60, what="everything applied")
             # Any second application would come from a later round of the watcher or the renewal worker:

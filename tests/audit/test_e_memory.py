@@ -29,10 +29,10 @@ import psycopg
 import pytest
 import trio
 
-from tests.audit.stack import full_config, poll, press, say, scalar, sql, start_full, text_has
+from tests.audit.stack import full_config, poll, start_full
+from tests.harness import Daemon, press, say, scalar, sql, start_daemon, text_has, wait_ready
 from vpnd.db import broadcasts as bdb
 from vpnd.workers.housekeeping import housekeeping_round
-from vpnd_sandbox.daemon_process import Daemon, start_daemon, wait_ready
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 

@@ -27,12 +27,12 @@ import psycopg
 import pytest
 import trio
 
-from tests.audit.stack import full_config, instance_lock_released, poll, scalar, sql
+from tests.audit.stack import full_config, instance_lock_released, poll
+from tests.harness import scalar, sql, start_daemon, wait_ready
 from vpnd.app import App
 from vpnd.db import broadcasts as bdb
 from vpnd.nurseries.root import run_daemon
 from vpnd.sdnotify import Notifier
-from vpnd_sandbox.daemon_process import start_daemon, wait_ready
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 from vpnd_sandbox.xray_fake import FakeXray

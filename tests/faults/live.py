@@ -2,8 +2,8 @@
 
 Hypothesis drives its examples from plain (synchronous) test functions, while vpnd must keep running
 across all of them: starting a daemon per example would cost seconds each. `open_live(...)` starts
-one Trio run in a thread — the fakes on 127.0.0.1 and vpnd's whole service tree (`open_app` +
-`serve_app`, as `vpnd run` does minus signals) — and hands the test a `Live` whose `call`/`run`
+one Trio run in a thread — the fakes on 127.0.0.1 and vpnd's whole service tree (`tests.harness.start_vpnd`,
+as `vpnd run` does minus signals) — and hands the test a `Live` whose `call`/`run`
 reach into that run (`trio.from_thread`). Records logged at ERROR or above are kept for assertions.
 """
 
@@ -14,16 +14,14 @@ import logging
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
 
-from tests.faults.support import PUBLIC_KEY, config_text, scalar, sql
-from vpnd.app import App, open_app
+from tests.harness import config_sections, merge, scalar, sql, start_vpnd, write_config_file
+from vpnd.app import App
 from vpnd.config import load_config
-from vpnd.nurseries.root import serve_app
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
 from vpnd_sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
 
@@ -49,6 +47,7 @@ class Live:
         telegram: FakeTelegram,
         cryptopay: FakeCryptoPay,
         app: App,
+        http_url: str,
         dsn: str,
         errors: list[logging.LogRecord],
         finished: threading.Event,
@@ -58,13 +57,14 @@ class Live:
         self.telegram = telegram
         self.cryptopay = cryptopay
         self.app = app
+        self.http_url = http_url
         self.dsn = dsn
         self.errors = errors
         self.finished = finished
         self.crash = crash
 
     def __repr__(self) -> str:
-        return f"<Live vpnd at {self.app.http_url}>"
+        return f"<Live vpnd at {self.http_url}>"
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a sync function inside the Trio run (the fakes are not thread-safe)."""
@@ -75,16 +75,16 @@ class Live:
 
     @property
     def webhook_url(self) -> str:
-        return f"{self.app.http_url.rstrip('/')}/webhooks/cryptopay"
+        return f"{self.http_url.rstrip('/')}/webhooks/cryptopay"
 
     def alive(self) -> bool:
         return not self.finished.is_set()
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        return sql(self.dsn, query, params)
+        return sql(self.dsn, query, *(params or ()))
 
     def scalar(self, query: str, params: Any = None) -> Any:
-        return scalar(self.dsn, query, params)
+        return scalar(self.dsn, query, *(params or ()))
 
     def error_lines(self, since: int = 0) -> list[str]:
         return [f"{r.name}: {r.getMessage()[:300]}" for r in self.errors[since:]]
@@ -110,18 +110,15 @@ def open_live(dsn: str, workdir: Path, **overrides: dict[str, Any]) -> Iterator[
         async with trio.open_nursery() as fakes:
             telegram_url = await fakes.start(serve_fake_telegram, telegram)
             await fakes.start(serve_fake_cryptopay, cryptopay)
-            sections: dict[str, dict[str, Any]] = {
+            live_sections: dict[str, dict[str, Any]] = {
                 "telegram": {
-                    "token": telegram.token,
-                    "api_base_url": telegram_url,
                     "poll_timeout": 1,
                     "admin_ids": [ADMIN_ID],
                     "handler_timeout_seconds": 15.0,
                     "rate_per_second": 1000.0,
                     "per_chat_per_second": 100.0,
                 },
-                "database": {"dsn": dsn, "pool_min": 1, "pool_max": 8},
-                "http": {"listen": "127.0.0.1:0", "public_base_url": "https://vpn.example.test"},
+                "database": {"pool_max": 8},
                 "shutdown": {"grace_seconds": 3.0},
                 "cryptopay": {
                     "enabled": True,
@@ -129,31 +126,20 @@ def open_live(dsn: str, workdir: Path, **overrides: dict[str, Any]) -> Iterator[
                     "api_base_url": f"{cryptopay.base_url}/api",
                     "poll_interval": 3600.0,  # the watcher's first round only: state changes come from requests
                 },
-                "xray": {"public_key": PUBLIC_KEY, "short_id": "0123abcd", "host": "vpn.example.test"},
             }
-            for name, values in overrides.items():
-                sections[name] = {**sections.get(name, {}), **values}
-            path = workdir / "live-config.toml"
-            path.write_text(config_text(sections))
-            config = load_config(path, environ={})
+            sections = merge(config_sections(dsn, (telegram, telegram_url), **live_sections), overrides)
+            config = load_config(write_config_file(workdir / "live-config.toml", sections), environ={})
             try:
-                async with open_app(config) as app:
-                    async with trio.open_nursery() as inner:
-                        await inner.start(partial(serve_app, app))
-                        cryptopay.webhook_url = f"{app.http_url.rstrip('/')}/webhooks/cryptopay"
-                        live = Live(
-                            trio.lowlevel.current_trio_token(),
-                            telegram,
-                            cryptopay,
-                            app,
-                            dsn,
-                            collect.records,
-                            finished,
-                            crash,
-                        )
-                        started.put(live)
-                        await stop.wait()
-                        app.lifecycle.request_stop("test")
+                async with trio.open_nursery() as inner:
+                    vpnd = await start_vpnd(inner, config)
+                    cryptopay.webhook_url = f"{vpnd.http_url.rstrip('/')}/webhooks/cryptopay"
+                    token = trio.lowlevel.current_trio_token()
+                    live = Live(
+                        token, telegram, cryptopay, vpnd.app, vpnd.http_url, dsn, collect.records, finished, crash
+                    )
+                    started.put(live)
+                    await stop.wait()
+                    await vpnd.stop()
             finally:
                 fakes.cancel_scope.cancel()
 

@@ -1,6 +1,6 @@
 """Helpers of the fault suite: daemon configs, a supervisor for `python -m vpnd run`, SQL, Xray checks.
 
-The daemon runs as a real subprocess (`vpnd_sandbox.daemon_process`); the fakes run in the test's
+The daemon runs as a real subprocess (`tests.harness.start_daemon`); the fakes run in the test's
 Trio run and talk to it over 127.0.0.1. `Supervisor` plays systemd: start, wait for READY=1, SIGKILL,
 SIGTERM, restart, and keeps every run's log for the failure message.
 """
@@ -16,45 +16,12 @@ from typing import Any
 
 import attrs
 import httpx
-import psycopg
 import trio
 
-from vpnd_sandbox.daemon_process import Daemon, start_daemon, wait_ready
+from tests.harness import Daemon, config_sections, merge, sql, start_daemon, wait_ready
 from vpnd_sandbox.demo import xray_template
 
-#: A valid REALITY public key (x25519, base64url) for link building.
-PUBLIC_KEY = "Z84J2IelR9ch3k8VtlVhhs5ycBUlXA7wHBWcBrjqnAw"
 TAG = "vless-reality"
-
-PLANS = """
-[[plans]]
-code = "m1"
-title = { en = "1 month", ru = "1 месяц" }
-days = 30
-price = "4.99"
-currency = "USD"
-stars = 250
-"""
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string is a JSON string for what we write
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
-def config_text(sections: Mapping[str, Mapping[str, Any]], plans: str = PLANS) -> str:
-    """TOML for `sections` (a dict per table), plans last (keys after [[plans]] would belong to it)."""
-    lines: list[str] = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
-        lines.append("")
-    return "\n".join(lines) + plans
 
 
 def daemon_sections(
@@ -65,25 +32,21 @@ def daemon_sections(
     port: int,
     **overrides: Mapping[str, Any],
 ) -> dict[str, dict[str, Any]]:
-    """Sections of a daemon config against the fakes; `overrides` are merged per section."""
-    sections: dict[str, dict[str, Any]] = {
+    """Sections of a daemon config against the fakes (`tests.harness.config_sections`, tuned for faults)."""
+    faults: dict[str, dict[str, Any]] = {
         "telegram": {
             "token": token,
             "api_base_url": telegram_url,
             "poll_timeout": 1,
-            "admin_ids": [1],
             "rate_per_second": 500.0,
             "per_chat_per_second": 50.0,
             "handler_timeout_seconds": 20.0,
         },
-        "database": {"dsn": dsn, "pool_min": 1, "pool_max": 8, "connect_timeout_seconds": 5.0},
-        "http": {"listen": f"127.0.0.1:{port}", "public_base_url": f"http://127.0.0.1:{port}"},
+        "database": {"pool_max": 8, "connect_timeout_seconds": 5.0},
         "shutdown": {"grace_seconds": 3.0},
-        "xray": {"public_key": PUBLIC_KEY, "short_id": "0123abcd", "host": "vpn.example.test", "inbound_tag": TAG},
+        "xray": {"inbound_tag": TAG},
     }
-    for name, values in overrides.items():
-        sections[name] = {**sections.get(name, {}), **values}
-    return sections
+    return merge(config_sections(dsn, port=port, **faults), overrides)
 
 
 def write_xray_template(path: Path, tag: str = TAG) -> Path:
@@ -103,18 +66,6 @@ def file_clients(config_path: Path, tag: str = TAG) -> dict[str, str] | None:
     document = json.loads(text)
     inbound = next(i for i in document["inbounds"] if i.get("tag") == tag)
     return {c["email"]: c["id"] for c in inbound["settings"]["clients"]}
-
-
-def sql(dsn: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    """Read (or set up) state on a separate, direct connection — the test's own view."""
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
-
-
-def scalar(dsn: str, query: str, params: Any = None) -> Any:
-    rows = sql(dsn, query, params)
-    return rows[0][0] if rows else None
 
 
 def desired_xray_set(dsn: str) -> dict[str, str]:

@@ -26,12 +26,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.keys import PUBLIC_KEY
 from vpnd.config import SECTION_READERS, Config, ConfigError, load_config, render_effective
 from vpnd.pricing import min_price_minor, plan_offer, topup_presets_minor
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE = (REPO / "config.toml").read_text()
-PLAN_KEYS = ["code", "title", "days", "price", "currency", "stars"]
+PLAN_KEYS = ["code", "title", "days", "price", "currency", "stars", "prices"]
 SETTINGS = settings(
     max_examples=int(os.environ.get("VPND_FUZZ_EXAMPLES", "1000")),
     deadline=None,
@@ -144,7 +145,7 @@ BASE: dict[str, Any] = {
     "database": {"dsn": "postgresql://vpnd@/vpnd"},
     "xray": {
         "enabled": True,
-        "public_key": "Z84J2IelR9ch3k8VtlVhhs5ycBUlXA7wHBWcBrjqnAw",
+        "public_key": PUBLIC_KEY,
         "short_id": "0123abcd",
         "host": "vpn.example.com",
     },
@@ -263,6 +264,7 @@ def test_accepted_configs_have_usable_prices(content: str) -> None:
     for plan in checked.config.plans:
         offer = plan_offer(plan)
         assert 0 <= offer.price_minor and 0 <= plan.stars < 2**31, plan
+        assert all(plan_offer(plan, currency).price_minor > 0 for currency in plan.prices), plan
     topup_presets_minor(payments)
     min_price_minor(payments, payments.currency)
 
@@ -277,6 +279,7 @@ CLI_CASES: dict[str, bytes] = {
     "wrong type": b"[http]\nlisten = 8080\n",
     "out of range": b"[telegram]\npoll_timeout = 99\n",
     "bad plan": b'[[plans]]\ncode = "M 1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\n',
+    "card currency Telegram does not take": b'[telegram_payments]\ncurrency = "XTR"\n',
     "section not a table": b"telegram = 5\n",
     "empty file, run needs a token": b"",
 }

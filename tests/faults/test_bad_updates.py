@@ -32,7 +32,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.faults.live import ADMIN_ID, Live, open_live
-from tests.faults.support import Supervisor, config_text, daemon_sections, until_sync
+from tests.faults.support import Supervisor, daemon_sections, until_sync
+from tests.harness import config_text
 from vpnd_sandbox.postgres import free_port
 
 REAL_USERS = list(range(45_001, 45_021))

@@ -27,16 +27,13 @@ import trio
 from tests.faults.support import (
     TAG,
     Supervisor,
-    config_text,
     daemon_sections,
     desired_xray_set,
     file_clients,
-    scalar,
-    sql,
     until,
     write_xray_template,
 )
-from vpnd.app import open_app
+from tests.harness import config_text, open_app, scalar, sql
 from vpnd.config import load_config
 from vpnd.cryptopay import open_cryptopay_client
 from vpnd.db import ledger
@@ -267,7 +264,7 @@ async def test_sigkill_during_1000_payments_grants_each_exactly_once(
     outbox_rows = scalar(db_dsn, "SELECT count(*) FROM outbox WHERE dedupe_key LIKE 'payment:%%'")
     assert outbox_rows == PURCHASES
     sent_total = sum(len(telegram.bot_messages(uid)) for uid in user_ids())
-    duplicates = sent_total - scalar(db_dsn, "SELECT count(*) FROM outbox WHERE chat_id >= %s", (FIRST_USER,))
+    duplicates = sent_total - scalar(db_dsn, "SELECT count(*) FROM outbox WHERE chat_id >= %s", FIRST_USER)
     assert 0 <= duplicates <= KILLS * OutboxSettings().concurrency
 
     webhook_ok = len({d.invoice_id for d in cryptopay.deliveries if d.status_code == 200})

@@ -19,8 +19,8 @@ import psycopg
 import pytest
 import trio
 
-from tests.faults.support import Supervisor, config_text, daemon_sections, scalar, sql, until
-from vpnd.app import open_app
+from tests.faults.support import Supervisor, daemon_sections, until
+from tests.harness import config_text, open_app, scalar, sql
 from vpnd.config import load_config
 from vpnd.db.users import upsert_user
 from vpnd.payments.checkout import YooKassaCheckout, start_checkout_purchase
@@ -52,8 +52,8 @@ async def create_purchases(config_path: Path, shop: FakeYooKassa) -> dict[str, i
                 upsert_user(conn, uid, f"user{uid}", f"User {uid}", "en")
         for uid in range(FIRST_USER, FIRST_USER + PURCHASES):
             purchase, _ = await start_checkout_purchase(app, YooKassaCheckout(client), uid, "r1", method="bank_card")
-            payment_id = scalar(config.database.dsn, "SELECT payment_id FROM checkout_payments WHERE purchase_id = %s",
-                                (purchase.id,))  # fmt: skip
+            query = "SELECT payment_id FROM checkout_payments WHERE purchase_id = %s"
+            payment_id = scalar(config.database.dsn, query, purchase.id)
             out[str(payment_id)] = purchase.id
     return out
 

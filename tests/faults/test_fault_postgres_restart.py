@@ -20,7 +20,8 @@ import psycopg
 import pytest
 import trio
 
-from tests.faults.support import ReplyClock, Supervisor, config_text, daemon_sections, sql, until
+from tests.faults.support import ReplyClock, Supervisor, daemon_sections, until
+from tests.harness import config_text, sql
 from vpnd.db.migrations import migrate, packaged_schema
 from vpnd.instance_lock import INSTANCE_LOCK_KEY
 from vpnd_sandbox.postgres import Cluster, free_port, throwaway_cluster
@@ -203,6 +204,7 @@ async def restarts_under_load(
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # bounds the recovery time under load
 @pytest.mark.timeout(300)
 async def test_postgres_restart_under_load_loses_nothing_and_serves_again(
     fake_telegram: tuple[FakeTelegram, str], tmp_path: Path
@@ -271,6 +273,6 @@ def lock_holders(dsn: str) -> list[str]:
         dsn,
         "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
         "WHERE l.locktype = 'advisory' AND l.granted AND ((l.classid::bigint << 32) | l.objid::bigint) = %s",
-        (INSTANCE_LOCK_KEY,),
+        INSTANCE_LOCK_KEY,
     )
     return [row[0] for row in rows]

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.faults.support import Supervisor, config_text, daemon_sections, get_json, sql, until
+from tests.faults.support import Supervisor, daemon_sections, get_json, until
+from tests.harness import config_text, sql
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 
@@ -28,6 +29,7 @@ RATE = 8.0  # user messages per second over all users
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # "no spin" counts requests per second of work, and every reply has a deadline
 @pytest.mark.timeout(200)
 async def test_random_telegram_faults_for_30s_no_crash_no_spin_no_loss(
     fake_telegram: tuple[FakeTelegram, str], db_dsn: str, tmp_path: Path

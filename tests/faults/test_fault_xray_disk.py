@@ -27,7 +27,6 @@ import trio
 from tests.faults.support import (
     TAG,
     Supervisor,
-    config_text,
     daemon_sections,
     desired_xray_set,
     file_clients,
@@ -35,6 +34,7 @@ from tests.faults.support import (
     until,
     write_xray_template,
 )
+from tests.harness import config_text
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 from vpnd_sandbox.xray_fake import start_fake_xray

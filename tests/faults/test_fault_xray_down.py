@@ -24,7 +24,6 @@ import trio
 from tests.faults.support import (
     TAG,
     Supervisor,
-    config_text,
     daemon_sections,
     desired_xray_set,
     file_clients,
@@ -32,6 +31,7 @@ from tests.faults.support import (
     until,
     write_xray_template,
 )
+from tests.harness import config_text
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 from vpnd_sandbox.xray_fake import FakeXray, start_fake_xray

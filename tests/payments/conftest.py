@@ -1,7 +1,7 @@
 """Payments fixtures: a real PostgreSQL, the fake Crypto Pay over HTTP, vpnd's App and its HTTP server.
 
-`env` opens the App exactly as the daemon does (`open_app`), serves `build_router(app)` plus the
-payment routes with `run_http` on 127.0.0.1, and points the fake Crypto Pay's webhooks at it.
+`env` starts vpnd with only its HTTP service (`tests.harness.start_vpnd`: the webhook route is there
+since Crypto Pay is enabled) on 127.0.0.1, and points the fake Crypto Pay's webhooks at it.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import psycopg
 import pytest
 import trio
 
-from vpnd.app import App, open_app
+from tests.harness import config_sections, merge, scalar, sql, start_vpnd, write_config_file
+from vpnd.app import App
+from vpnd.compose import Services
 from vpnd.config import load_config
 from vpnd.cryptopay import CryptoPayClient, open_cryptopay_client
 from vpnd.db.users import upsert_user
-from vpnd.nurseries.http import build_router, run_http
-from vpnd.nurseries.listener import run_listener
-from vpnd.payments.webhook import WEBHOOK_PATH, add_payment_routes
+from vpnd.payments.webhook import WEBHOOK_PATH
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay, serve_fake_cryptopay
 
 IO_TIMEOUT = 20
@@ -67,13 +67,10 @@ class Env:
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
         """Read (or set up) state on a separate, direct connection — the test's own view."""
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
+        return sql(self.dsn, query, *(params or ()))
 
     def scalar(self, query: str, params: Any = None) -> Any:
-        rows = self.sql(query, params)
-        return rows[0][0] if rows else None
+        return scalar(self.dsn, query, *(params or ()))
 
     async def add_user(self, user_id: int, *, balance_minor: int = 0, referred_by: int | None = None) -> int:
         def create(conn: psycopg.Connection[Any]) -> None:
@@ -104,11 +101,10 @@ class Env:
 
 
 @pytest.fixture
-def make_config(write_config: Callable[..., Path], db_dsn: str) -> Callable[..., Any]:
+def make_config(tmp_path: Path, db_dsn: str) -> Callable[..., Any]:
     def make(fake: FakeCryptoPay, **overrides: dict[str, Any]) -> Any:
-        sections: dict[str, dict[str, Any]] = {
-            "database": {"dsn": db_dsn, "pool_min": 2, "pool_max": 12},
-            "http": {"listen": "127.0.0.1:0"},
+        payments: dict[str, dict[str, Any]] = {
+            "database": {"pool_min": 2, "pool_max": 12},
             "telegram": {"admin_ids": list(ADMINS)},
             "referral": {"percent": 10},
             "payments": {"purchase_ttl_minutes": 30, "min_price": "0.50", "currency": "USD"},
@@ -120,12 +116,8 @@ def make_config(write_config: Callable[..., Path], db_dsn: str) -> Callable[...,
             },
             "shutdown": {"grace_seconds": 1},
         }
-        for section, values in overrides.items():
-            sections.setdefault(section, {}).update(values)
-        # Sections first, plans last: keys after a [[plans]] header would belong to that plan.
-        path = write_config("", **sections)
-        path.write_text(path.read_text() + PLANS)
-        return load_config(path, environ={})
+        sections = merge(config_sections(db_dsn, **payments), overrides)
+        return load_config(write_config_file(tmp_path / "config.toml", sections, PLANS), environ={})
 
     return make
 
@@ -137,19 +129,12 @@ async def env(make_config: Callable[..., Any], db_dsn: str) -> AsyncIterator[Env
         with trio.fail_after(IO_TIMEOUT):
             await outer.start(serve_fake_cryptopay, fake)
         config = make_config(fake)
-        async with (
-            open_app(config, single_instance=False) as app,
-            open_cryptopay_client(fake.token, f"{fake.base_url}/api", timeout=5) as client,
-        ):
-            router = build_router(app)
-            add_payment_routes(router, app, config.cryptopay.token)
-            async with trio.open_nursery() as inner:
-                with trio.fail_after(IO_TIMEOUT):
-                    await inner.start(run_listener, app)  # commits wake their owners, as in the daemon
-                    url = await inner.start(run_http, app, router)
-                env = Env(app, fake, client, url.rstrip("/"), db_dsn)
-                fake.webhook_url = env.webhook_url
-                yield env
-                fake.webhooks_enabled = False
-                inner.cancel_scope.cancel()
+        async with open_cryptopay_client(fake.token, f"{fake.base_url}/api", timeout=5) as client:
+            with trio.fail_after(IO_TIMEOUT):
+                vpnd = await start_vpnd(outer, config, Services.only("listener", "http"), single_instance=False)
+            env = Env(vpnd.app, fake, client, vpnd.http_url.rstrip("/"), db_dsn)
+            fake.webhook_url = env.webhook_url
+            yield env
+            fake.webhooks_enabled = False
+            await vpnd.stop()
         outer.cancel_scope.cancel()

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vpnd.config import PaymentsConfig, Plan
+from vpnd.money import TELEGRAM_CURRENCIES, minor_exponent
 from vpnd.pricing import (
     InvalidAmount,
     discounted,
@@ -18,6 +19,7 @@ from vpnd.pricing import (
     parse_amount,
     plan_offer,
     price_offer,
+    receipt_provider_data,
     received_to_minor,
     referral_reward,
     stars_price,
@@ -109,3 +111,48 @@ def test_discount_bounds(price: int, percent: int, floor: int) -> None:
 @given(st.integers(min_value=0, max_value=10**14))
 def test_minor_round_trip(minor: int) -> None:
     assert to_minor(from_minor(minor, "USD"), "USD") == minor
+
+
+def test_a_plan_is_offered_in_the_currencies_it_has_a_price_in() -> None:
+    plan = Plan("m1", {"en": "1 month"}, 30, Decimal("4.99"), "USD", 0, {"RUB": Decimal("299"), "KWD": Decimal("1.5")})
+    assert (plan_offer(plan).price_minor, plan_offer(plan).currency) == (499, "USD")
+    assert (plan_offer(plan, "usd").price_minor, plan_offer(plan, "rub").currency) == (499, "RUB")
+    assert plan_offer(plan, "RUB").price_minor == 29900
+    assert plan_offer(plan, "KWD").price_minor == 1500  # 1.500 KWD: three decimals
+    with pytest.raises(InvalidAmount):
+        plan_offer(plan, "EUR")  # not sold in euros
+
+
+def test_telegram_card_currencies_use_their_iso_minor_units() -> None:
+    """Telegram's `exp` (currencies.json) is the ISO 4217 minor unit for every currency it takes."""
+    assert {c for c in TELEGRAM_CURRENCIES if minor_exponent(c) == 0} == {
+        "CLP",
+        "ISK",
+        "JPY",
+        "KRW",
+        "PYG",
+        "UGX",
+        "VND",
+    }
+    assert {c for c in TELEGRAM_CURRENCIES if minor_exponent(c) == 3} == {"KWD"}
+    assert "XTR" not in TELEGRAM_CURRENCIES and "USD" in TELEGRAM_CURRENCIES
+
+
+def test_receipt_provider_data_is_one_item_at_the_price() -> None:
+    import json
+
+    data = json.loads(receipt_provider_data("VPN, 30 days", 500, "JPY", 1))
+    assert data == {
+        "receipt": {
+            "items": [
+                {
+                    "description": "VPN, 30 days",
+                    "quantity": "1.00",
+                    "amount": {"value": "500", "currency": "JPY"},
+                    "vat_code": 1,
+                    "payment_mode": "full_payment",
+                    "payment_subject": "service",
+                }
+            ]
+        }
+    }

@@ -6,19 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import psycopg
 import trio
 
-from tests.harness import bot_config, start_vpnd
+from tests.harness import bot_config, sql, start_vpnd
 from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
 ADMIN, ALICE, BOB, CAROL = 1, 1001, 1002, 1003
-
-
-def sql(dsn: str, query: str, *params: object) -> list[tuple[object, ...]]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute(query, params or None)
-        return cur.fetchall() if cur.description else []
 
 
 async def say(fake: FakeTelegram, user_id: int, text: str) -> ChatMessage:

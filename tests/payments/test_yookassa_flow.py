@@ -19,20 +19,19 @@ import pytest
 import trio
 import trio.lowlevel
 
+from tests.harness import scalar, sql, start_vpnd
 from tests.payments.conftest import ADMINS, IO_TIMEOUT
-from vpnd.app import App, open_app
+from vpnd.app import App
+from vpnd.compose import Services
 from vpnd.config import load_config
 from vpnd.db.users import upsert_user
-from vpnd.nurseries.http import build_router, run_http
-from vpnd.nurseries.listener import run_listener
 from vpnd.payments import MethodUnavailable, ProviderUnavailable
 from vpnd.payments.checkout import (
     YooKassaCheckout,
     start_checkout_purchase,
     watch_checkouts_once,
 )
-from vpnd.payments.checkout_webhook import NOTIFICATION_PATH, add_checkout_routes
-from vpnd.yookassa import open_yookassa_client
+from vpnd.payments.checkout_webhook import NOTIFICATION_PATH
 from vpnd_sandbox.yookassa import FakeYooKassa, serve_fake_yookassa
 
 PLANS = """
@@ -65,13 +64,11 @@ class YkEnv:
         return self.http_url + NOTIFICATION_PATH
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
+        """Read (or set up) state on a separate, direct connection — the test's own view."""
+        return sql(self.dsn, query, *(params or ()))
 
     def scalar(self, query: str, params: Any = None) -> Any:
-        rows = self.sql(query, params)
-        return rows[0][0] if rows else None
+        return scalar(self.dsn, query, *(params or ()))
 
     async def add_users(self, *user_ids: int) -> None:
         def create(conn: psycopg.Connection[Any]) -> None:
@@ -126,22 +123,14 @@ async def yk(write_config: Callable[..., Path], db_dsn: str) -> AsyncIterator[Yk
         )
         path.write_text(path.read_text() + PLANS)
         config = load_config(path, environ={})
-        async with (
-            open_app(config, single_instance=False) as app,
-            open_yookassa_client(fake.shop_id, fake.secret_key, f"{fake.base_url}/v3", timeout=5) as client,
-        ):
-            checkout = YooKassaCheckout(client)
-            router = build_router(app)
-            add_checkout_routes(router, app, checkout)
-            async with trio.open_nursery() as inner:
-                with trio.fail_after(IO_TIMEOUT):
-                    await inner.start(run_listener, app)
-                    url = await inner.start(run_http, app, router)
-                env = YkEnv(app, fake, checkout, url.rstrip("/"), db_dsn)
-                fake.notification_url = env.notification_url
-                yield env
-                fake.notifications_enabled = False
-                inner.cancel_scope.cancel()
+        with trio.fail_after(IO_TIMEOUT):
+            vpnd = await start_vpnd(outer, config, Services.only("listener", "http"), single_instance=False)
+        assert isinstance(vpnd.vpnd.ctx.checkout, YooKassaCheckout)  # compose wired it from [yookassa]
+        env = YkEnv(vpnd.app, fake, vpnd.vpnd.ctx.checkout, vpnd.http_url.rstrip("/"), db_dsn)
+        fake.notification_url = env.notification_url
+        yield env
+        fake.notifications_enabled = False
+        await vpnd.stop()
         outer.cancel_scope.cancel()
 
 

@@ -546,6 +546,56 @@ async def test_refused_pre_checkout_shows_the_error_to_the_user(tg: Telegram) ->
     assert tg.fake.payments == {}
 
 
+async def test_card_invoice_is_checked_like_telegram_and_paid_with_both_charge_ids(tg: Telegram) -> None:
+    tg.fake.user_sends(ALICE, "/buy")
+    token = tg.fake.payment_provider_token
+    with trio.fail_after(IO_TIMEOUT):
+        offset = (await tg.bot.get_updates())[-1].update_id + 1
+        price = [telegram.LabeledPrice("30 days", 29900)]
+        refused = [
+            (dict(currency="RUB", provider_token=""), "PAYMENT_PROVIDER_INVALID"),  # fiat needs the token
+            (dict(currency="RUB", provider_token="1:TEST:other"), "PAYMENT_PROVIDER_INVALID"),
+            (dict(currency="XTR", provider_token=token), "PAYMENT_PROVIDER_INVALID"),  # Stars take none
+            (dict(currency="ZZZ", provider_token=token), "CURRENCY_INVALID"),
+        ]
+        for kwargs, error in refused:
+            with pytest.raises(telegram.error.BadRequest, match=f"(?i){error}"):
+                await tg.bot.send_invoice(ALICE, "1 month", "VPN", "order:3", prices=price, **kwargs)
+        with pytest.raises(telegram.error.BadRequest, match=r"(?i)CURRENCY_TOTAL_AMOUNT_INVALID"):
+            await tg.bot.send_invoice(
+                ALICE, "1 month", "VPN", "order:3", "RUB", [telegram.LabeledPrice("x", 0)], provider_token=token
+            )
+        fractional = await tg.call(
+            "sendInvoice", chat_id=ALICE, title="t", description="d", payload="p", currency="RUB",
+            provider_token=token, prices='[{"label": "x", "amount": 299.5}]',
+        )  # fmt: skip
+        assert fractional.status_code == 400 and "prices" in fractional.json()["description"]  # minor units only
+        invoice = await tg.bot.send_invoice(
+            ALICE, "1 month", "VPN", "order:3", "RUB", price, provider_token=token, need_email=True,
+            send_email_to_provider=True, provider_data='{"receipt": {"items": []}}',
+        )  # fmt: skip
+        assert invoice.invoice is not None and (invoice.invoice.currency, invoice.invoice.total_amount) == (
+            "RUB",
+            29900,
+        )
+        sent = tg.fake.transcript(ALICE)[-1].invoice
+        assert sent is not None and sent.need_email and sent.provider_data == '{"receipt": {"items": []}}'
+
+        tg.fake.user_pays_invoice(ALICE, invoice.message_id)
+        [update] = await tg.bot.get_updates(offset=offset, timeout=5)
+        checkout = update.pre_checkout_query
+        assert checkout is not None and (checkout.currency, checkout.total_amount) == ("RUB", 29900)
+        assert checkout.order_info is not None and checkout.order_info.email
+        assert await tg.bot.answer_pre_checkout_query(checkout.id, ok=True) is True
+        [paid] = await tg.bot.get_updates(offset=update.update_id + 1, timeout=5)
+        assert paid.message is not None and paid.message.successful_payment is not None
+        payment = paid.message.successful_payment
+        assert payment.telegram_payment_charge_id and payment.provider_payment_charge_id
+        assert payment.telegram_payment_charge_id != payment.provider_payment_charge_id
+        with pytest.raises(telegram.error.BadRequest, match=r"(?i)CHARGE_NOT_FOUND"):
+            await tg.bot.refund_star_payment(ALICE, payment.telegram_payment_charge_id)  # a card is not Stars
+
+
 # ------------------------------------------------------------------------------------- blocked bot
 
 
@@ -712,3 +762,23 @@ async def test_standalone_process_serves_bot_api_and_sandbox(tmp_path: Any) -> N
         finally:
             process.kill()
             await process.wait()
+
+
+async def test_the_benchmarks_timed_fake_counts_messages_and_edits(nursery: trio.Nursery) -> None:
+    """bench.common.TimedTelegram hooks the fake's `_add_message` and `_edited`: a split of the fake that
+    bypasses them leaves the pipeline benchmark waiting forever for edits (it did once)."""
+    from bench.common import TimedTelegram
+
+    fake = TimedTelegram()
+    base_url = await nursery.start(serve_fake_telegram, fake)
+    fake.add_user(ALICE, "Alice")
+    fake.user_sends(ALICE, "/start")
+    bot = telegram.Bot(fake.token, base_url=f"{base_url}/bot")
+    try:
+        with trio.fail_after(IO_TIMEOUT):
+            sent = await bot.send_message(ALICE, "menu")
+            assert fake.outputs(ALICE) == 1
+            await bot.edit_message_text("help", ALICE, sent.message_id)
+            assert fake.outputs(ALICE) == 2
+    finally:
+        await bot.request.shutdown()

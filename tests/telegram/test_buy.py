@@ -9,17 +9,11 @@ from typing import Any
 import psycopg
 import trio
 
-from tests.harness import bot_config, start_vpnd
+from tests.harness import bot_config, scalar, start_vpnd
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
 from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
 ALICE = 1001
-
-
-def scalar(dsn: str, query: str, *params: Any) -> Any:
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(query, params).fetchone()
-    return None if row is None else row[0]
 
 
 async def press(fake: FakeTelegram, message: ChatMessage, data: str, **wait: Any) -> ChatMessage:
@@ -45,7 +39,7 @@ async def test_buy_with_crypto_pay_grants_once_via_signed_webhook(
         write_config, db_dsn, fake, base_url, cryptopay={"enabled": True, "token": pay.token, "api_base_url": pay_url}
     )
     vpnd = await start_vpnd(nursery, config)
-    pay.webhook_url = f"{vpnd.app.http_url}/webhooks/cryptopay"
+    pay.webhook_url = f"{vpnd.http_url}/webhooks/cryptopay"
     pay.webhook_copies = 3  # Crypto Pay may deliver more than once
     fake.add_user(ALICE, "Alice")
     with trio.fail_after(30):

@@ -34,7 +34,7 @@ async def test_buy_by_card_and_by_sbp_on_the_hosted_page(
         },
     )  # fmt: skip
     vpnd = await start_vpnd(nursery, config)
-    shop.notification_url = f"{vpnd.app.http_url}/webhooks/yookassa"
+    shop.notification_url = f"{vpnd.http_url.rstrip('/')}/webhooks/yookassa"
     fake.add_user(ALICE, "Alice")
     with trio.fail_after(30):
         for code, method, days in (("yk", "bank_card", 30), ("ys", "sbp", 60)):
@@ -74,7 +74,7 @@ async def test_admin_refunds_a_card_payment_once(
         },
     )  # fmt: skip
     vpnd = await start_vpnd(nursery, config)
-    shop.notification_url = f"{vpnd.app.http_url}/webhooks/yookassa"
+    shop.notification_url = f"{vpnd.http_url.rstrip('/')}/webhooks/yookassa"
     fake.add_user(ALICE, "Alice")
     fake.add_user(ADMIN, "Admin")
     with trio.fail_after(30):

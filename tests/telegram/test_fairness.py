@@ -18,11 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 import trio
 
-from tests.harness import bot_config, start_vpnd
+from tests.harness import bot_config, sql, start_vpnd
 from vpnd_sandbox.telegram_fake import FakeTelegram
 
 SPAMMER, PRESSER = 5001, 5002
@@ -31,12 +30,8 @@ OTHERS = list(range(6001, 6201))
 STARVATION_BOUND = 20.0
 
 
-def inbox(dsn: str, query: str, params: object = None) -> list[tuple[object, ...]]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
-
-
 @pytest.mark.slow
+@pytest.mark.alone  # measures reply latencies under a flood
 @pytest.mark.timeout(300)
 async def test_a_flooding_chat_slows_only_itself(
     nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
@@ -89,11 +84,11 @@ async def test_a_flooding_chat_slows_only_itself(
     # Nothing of theirs dropped: every update of the other users was handled (the outcome is recorded
     # just after the reply is sent, so wait for the last ones).
     with trio.fail_after(30):
-        while inbox(db_dsn, "SELECT count(*) FROM telegram_inbox WHERE chat_id = ANY(%s) AND handled_at IS NULL",
-                    (OTHERS,))[0][0]:  # fmt: skip
+        while sql(db_dsn, "SELECT count(*) FROM telegram_inbox WHERE chat_id = ANY(%s) AND handled_at IS NULL",
+                    OTHERS)[0][0]:  # fmt: skip
             await trio.sleep(0.05)
     outcomes = dict(
-        inbox(db_dsn, "SELECT outcome, count(*) FROM telegram_inbox WHERE chat_id = ANY(%s) GROUP BY 1", (OTHERS,))
+        sql(db_dsn, "SELECT outcome, count(*) FROM telegram_inbox WHERE chat_id = ANY(%s) GROUP BY 1", OTHERS)
     )
     assert outcomes == {"ok": 2 * len(OTHERS)}
 
@@ -102,17 +97,17 @@ async def test_a_flooding_chat_slows_only_itself(
         "SELECT coalesce(outcome, 'waiting'), count(*) FROM telegram_inbox WHERE chat_id = %s AND payload ? %s "
         "GROUP BY 1"
     )
-    spam = dict(inbox(db_dsn, by_outcome, (SPAMMER, "message")))
-    presses = dict(inbox(db_dsn, by_outcome, (PRESSER, "callback_query")))
+    spam = dict(sql(db_dsn, by_outcome, SPAMMER, "message"))
+    presses = dict(sql(db_dsn, by_outcome, PRESSER, "callback_query"))
     assert sum(spam.values()) == 2000 and sum(presses.values()) == 1200
     assert spam.get("dropped", 0) >= 2000 - 20 * 10, spam  # at most its share got through
     assert presses.get("coalesced", 0) + presses.get("dropped", 0) >= 1000, presses
     async with httpx.AsyncClient() as client:
-        metrics = (await client.get(f"{vpnd.app.http_url}/metrics")).text
+        metrics = (await client.get(f"{vpnd.http_url}/metrics")).text
     dropped_metric = sum(
         float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("vpnd_updates_dropped_total{")
     )
-    dropped_rows = inbox(db_dsn, "SELECT count(*) FROM telegram_inbox WHERE outcome IN ('dropped', 'coalesced')")
+    dropped_rows = sql(db_dsn, "SELECT count(*) FROM telegram_inbox WHERE outcome IN ('dropped', 'coalesced')")
     assert dropped_metric == dropped_rows[0][0] > 0
     assert "vpnd_updates_oldest_pending_seconds" in metrics
     # A dropped button press is answered ("please wait" or silently when coalesced); the spammer is told
@@ -125,15 +120,16 @@ async def test_a_flooding_chat_slows_only_itself(
     # Stop: what was still queued stays in the inbox and is handled after a restart; nothing is lost.
     with trio.fail_after(config.shutdown.grace_seconds + 15):
         await vpnd.stop(timeout=config.shutdown.grace_seconds + 15)
-    total = inbox(db_dsn, "SELECT count(*) FROM telegram_inbox")[0][0]
+    total = sql(db_dsn, "SELECT count(*) FROM telegram_inbox")[0][0]
     assert total == 1 + 2000 + 1200 + 2 * len(OTHERS)  # every update recorded
     vpnd = await start_vpnd(nursery, config)
     with trio.fail_after(120):
-        while inbox(db_dsn, "SELECT count(*) FROM telegram_inbox WHERE handled_at IS NULL")[0][0]:
+        while sql(db_dsn, "SELECT count(*) FROM telegram_inbox WHERE handled_at IS NULL")[0][0]:
             await trio.sleep(0.2)
     await vpnd.stop()
 
 
+@pytest.mark.alone  # which presses wait (and so are superseded) depends on the handlers' pace
 async def test_a_newer_press_on_the_same_menu_supersedes_the_waiting_ones(
     nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
 ) -> None:
@@ -150,19 +146,19 @@ async def test_a_newer_press_on_the_same_menu_supersedes_the_waiting_ones(
         last = presses[-1]
         # Handled in order, the last press last: its view is what the user ends up seeing.
         while (
-            inbox(db_dsn, "SELECT count(*) FROM telegram_inbox WHERE handled_at IS NULL")[0][0]
+            sql(db_dsn, "SELECT count(*) FROM telegram_inbox WHERE handled_at IS NULL")[0][0]
             or len(
-                inbox(db_dsn, "SELECT 1 FROM telegram_inbox WHERE payload->'callback_query'->>'id' = %s", (last.id,))
+                sql(db_dsn, "SELECT 1 FROM telegram_inbox WHERE payload->'callback_query'->>'id' = %s", last.id)
             )
             == 0
         ):
             await trio.sleep(0.05)
     outcomes = dict(
-        inbox(db_dsn, "SELECT outcome, count(*) FROM telegram_inbox WHERE payload ? 'callback_query' GROUP BY 1")
+        sql(db_dsn, "SELECT outcome, count(*) FROM telegram_inbox WHERE payload ? 'callback_query' GROUP BY 1")
     )
     assert sum(outcomes.values()) == 30 and outcomes.get("coalesced", 0) >= 1, outcomes
-    last_outcome = inbox(
-        db_dsn, "SELECT outcome FROM telegram_inbox WHERE payload->'callback_query'->>'id' = %s", (last.id,)
+    last_outcome = sql(
+        db_dsn, "SELECT outcome FROM telegram_inbox WHERE payload->'callback_query'->>'id' = %s", last.id
     )
     assert last_outcome == [("ok",)]
     final = fake.bot_messages(user)[-1]

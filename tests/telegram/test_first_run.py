@@ -89,7 +89,7 @@ async def test_missing_reality_key_is_a_polite_wait_for_users_and_one_alert_for_
         with psycopg.connect(db_dsn) as conn:
             row = conn.execute("SELECT sub_token FROM subscriptions WHERE user_id = %s", (ALICE,)).fetchone()
         assert row is not None
-        async with httpx.AsyncClient(base_url=vpnd.app.http_url, timeout=10) as client:
+        async with httpx.AsyncClient(base_url=vpnd.http_url, timeout=10) as client:
             answer = await client.get(f"/sub/{row[0]}")
         assert answer.status_code == 503 and answer.headers["retry-after"] == "300"
 

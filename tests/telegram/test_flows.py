@@ -136,7 +136,7 @@ async def test_subscription_url_matches_the_link(
     with psycopg.connect(db_dsn) as conn:
         row = conn.execute("SELECT uuid::text, sub_token FROM subscriptions WHERE user_id = %s", (ALICE,)).fetchone()
     assert row is not None and parse_vless_link(link).uuid == row[0]
-    async with httpx.AsyncClient(base_url=vpnd.app.http_url, timeout=5) as client:
+    async with httpx.AsyncClient(base_url=vpnd.http_url, timeout=5) as client:
         response = await client.get(f"/sub/{row[1]}")
     assert response.status_code == 200
     assert base64.b64decode(response.content).decode().splitlines() == [link]

@@ -1,8 +1,7 @@
 """Helpers for the workers and outbox tests: vpnd's background services running in the test's Trio run.
 
-`running(config)` opens the app (real PostgreSQL), a bot against the fake Bot API and a `Sender`
-with the shared outbound limiter — as `serve_app` does — and starts the outbox sender and, when
-asked, the workers nursery. Seeding goes through the database like any other writer.
+`running(config)` starts vpnd (`vpnd.compose.open_vpnd`) with only the outbox sender and the workers
+asked for. Seeding goes through the database like any other writer.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +18,11 @@ import pytest
 import trio
 
 from tests.harness import bot_config
-from vpnd.app import App, open_app
+from vpnd.compose import WORKERS, Services, Tuning, Vpnd, open_vpnd
 from vpnd.config import Config
-from vpnd.nurseries.outbox import OutboxSender, OutboxSettings, run_outbox
-from vpnd.nurseries.workers import Job, run_workers
-from vpnd.telegram.client import Sender, open_bot
-from vpnd.telegram.ratelimit import OutboundLimiter
+from vpnd.nurseries.outbox import OutboxSettings
+from vpnd.nurseries.workers import Job
 from vpnd_sandbox.telegram_fake import FakeTelegram, serve_fake_telegram
-
-
-@attrs.define(eq=False)
-class Services:
-    app: App
-    sender: Sender
-    outbox: OutboxSender | None
 
 
 @asynccontextmanager
@@ -46,21 +35,14 @@ async def running(
     extra: Sequence[Job] = (),
     max_attempts: int = 5,
     single_instance: bool = False,
-) -> AsyncIterator[Services]:
+) -> AsyncIterator[Vpnd]:
     """Run the outbox sender and the named workers (`None`: all of them; `()`: none)."""
-    async with open_app(config, single_instance=single_instance) as app, open_bot(config.telegram) as bot:
-        limiter = OutboundLimiter(config.telegram.rate_per_second, config.telegram.per_chat_per_second)
-        sender = Sender(bot, limiter, app.metrics, max_attempts=max_attempts, max_backoff=2.0)
-        async with trio.open_nursery() as nursery:
-            with trio.fail_after(30):
-                sender_task = None
-                if outbox:
-                    sender_task = await nursery.start(partial(run_outbox, app, sender, settings=outbox_settings))
-                if workers is None or workers or extra:
-                    await nursery.start(partial(run_workers, app, sender, only=workers, extra=extra))
-            yield Services(app, sender, sender_task)
-            app.lifecycle.request_stop("test")
-            nursery.cancel_scope.deadline = trio.current_time() + 10
+    names = ["listener", *(WORKERS if workers is None else workers)]  # commits wake their owners, as in the daemon
+    if outbox:
+        names.append("outbox")
+    tuning = Tuning(send_attempts=max_attempts, send_max_backoff=2.0, outbox=outbox_settings, extra_jobs=tuple(extra))
+    async with open_vpnd(config, Services.only(*names), single_instance=single_instance, tuning=tuning) as vpnd:
+        yield vpnd
 
 
 @pytest.fixture
@@ -123,13 +105,6 @@ async def poll_until(condition: Callable[[], bool], timeout: float, step: float 
             if condition():
                 return
             await trio.sleep(step)
-
-
-def query(dsn: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    """Run one statement in its own transaction; its rows, if it returns any."""
-    with psycopg.connect(dsn) as conn:
-        cur = conn.execute(sql, args or None)
-        return cur.fetchall() if cur.description is not None else []
 
 
 @attrs.define(eq=False)

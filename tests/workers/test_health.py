@@ -9,8 +9,8 @@ import psycopg
 import pytest
 import trio
 
-from tests.harness import bot_config
-from tests.workers.conftest import StoppableFake, poll_until, query, running, start_users
+from tests.harness import bot_config, sql
+from tests.workers.conftest import StoppableFake, poll_until, running, start_users
 from vpnd.app import App
 from vpnd.db.migrations import migrate, packaged_schema
 from vpnd.nurseries.outbox import OutboxSettings
@@ -23,7 +23,7 @@ RETRY_SOON = OutboxSettings(poll_interval=0.2, retry_base=0.3, retry_cap=0.5, ma
 
 async def wait_until_settled(dsn: str, timeout: float = 30.0) -> None:
     """Wait until the outbox has nothing pending: anything queued by those rounds has been sent."""
-    await poll_until(lambda: not query(dsn, "SELECT count(*) FROM outbox WHERE status = 'pending'")[0][0], timeout)
+    await poll_until(lambda: not sql(dsn, "SELECT count(*) FROM outbox WHERE status = 'pending'")[0][0], timeout)
 
 
 def admin_alerts(fake: FakeTelegram) -> list[str]:
@@ -59,11 +59,11 @@ async def test_bot_api_outage_one_alert_then_one_recovery(
         }
         await api.stop()
         alert_sql = "SELECT 1 FROM outbox WHERE dedupe_key LIKE 'health:telegram:%'"
-        await poll_until(lambda: bool(query(db_dsn, alert_sql)), 30)
+        await poll_until(lambda: bool(sql(db_dsn, alert_sql)), 30)
         assert not (await app.health.readiness())["health.telegram"].ok
         assert app.metrics.registry.get_sample_value("vpnd_health_check_ok", {"check": "telegram"}) == 0
         await more_rounds(app, 5)  # five more failing rounds: still one alert
-        assert len(query(db_dsn, "SELECT 1 FROM outbox WHERE dedupe_key LIKE 'health:%'")) == 1
+        assert len(sql(db_dsn, "SELECT 1 FROM outbox WHERE dedupe_key LIKE 'health:%'")) == 1
 
         await api.start()  # the same address again
         await poll_until(lambda: len(admin_alerts(fake)) >= 2, 60)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tests.workers.conftest import poll_until, query, running, seed_users, start_users
+from tests.harness import sql
+from tests.workers.conftest import poll_until, running, seed_users, start_users
 from vpnd.config import Config
 from vpnd.db import outbox
 from vpnd.nurseries.outbox import OutboxSettings
@@ -24,7 +25,7 @@ async def enqueue_each(app: Any, user_ids: list[int], text: str = "hello {uid}")
 
 
 async def wait_until_settled(dsn: str, timeout: float) -> None:
-    await poll_until(lambda: not query(dsn, "SELECT count(*) FROM outbox WHERE status = 'pending'")[0][0], timeout)
+    await poll_until(lambda: not sql(dsn, "SELECT count(*) FROM outbox WHERE status = 'pending'")[0][0], timeout)
 
 
 def bucket_conforms(times: list[float], rate: float, burst: float) -> bool:
@@ -92,10 +93,10 @@ async def test_rate_limit_429_pause_and_unreachable_users(
     sending = sends[-1] - sends[0] - 2.0
     print(f"outbox: {len(sends)} sendMessage, sustained {(len(sends) - 40) / sending:.1f}/s (limit 25/s)")
 
-    rows = dict(query(db_dsn, "SELECT chat_id, status FROM outbox"))
+    rows = dict(sql(db_dsn, "SELECT chat_id, status FROM outbox"))
     assert {rows[uid] for uid in reachable} == {"sent"}
     assert {rows[uid] for uid in blocked + never_started} == {"dropped"}
-    unreachable = {r[0] for r in query(db_dsn, "SELECT id FROM users WHERE NOT reachable")}
+    unreachable = {r[0] for r in sql(db_dsn, "SELECT id FROM users WHERE NOT reachable")}
     assert unreachable == set(blocked)
 
 
@@ -110,11 +111,11 @@ async def test_transient_failures_retry_then_give_up_visibly(
         # Two 502s: the Sender's two tries fail, the row is retried later and then delivered.
         fake.inject_fault("5xx", count=2, methods=["sendMessage"])
         await enqueue_each(services.app, [1])
-        await poll_until(lambda: query(db_dsn, "SELECT attempts FROM outbox WHERE chat_id = 1") == [(1,)], 10)
+        await poll_until(lambda: sql(db_dsn, "SELECT attempts FROM outbox WHERE chat_id = 1") == [(1,)], 10)
         # A newer message to the same chat waits for the one being retried: the order holds.
         await enqueue_each(services.app, [1], text="second {uid}")
         await wait_until_settled(db_dsn, timeout=10)
-        assert query(db_dsn, "SELECT status, attempts FROM outbox WHERE chat_id = 1 ORDER BY id") == [
+        assert sql(db_dsn, "SELECT status, attempts FROM outbox WHERE chat_id = 1 ORDER BY id") == [
             ("sent", 2),
             ("sent", 1),
         ]
@@ -124,7 +125,7 @@ async def test_transient_failures_retry_then_give_up_visibly(
         rule = fake.inject_fault("5xx", probability=1.0, methods=["sendMessage"])
         await enqueue_each(services.app, [2])
         await wait_until_settled(db_dsn, timeout=30)
-        status, attempts, error = query(db_dsn, "SELECT status, attempts, last_error FROM outbox WHERE chat_id = 2")[0]
+        status, attempts, error = sql(db_dsn, "SELECT status, attempts, last_error FROM outbox WHERE chat_id = 2")[0]
         assert (status, attempts) == ("failed", 3)
         assert "SendFailed" in error and "Bad Gateway" in error
         assert rule.fired == 3 * 2  # three deliveries, two tries each
@@ -149,7 +150,7 @@ async def test_per_chat_order_and_graceful_stop_leaves_nothing_half_done(
         await fake.wait_until(lambda: fake.requests["sendMessage"] >= 40, timeout=20)
     delivered = sum(len(fake.bot_messages(u)) for u in users)
     assert 40 <= delivered < 120
-    assert query(db_dsn, "SELECT count(*) FROM outbox WHERE status = 'sent'")[0][0] == delivered
+    assert sql(db_dsn, "SELECT count(*) FROM outbox WHERE status = 'sent'")[0][0] == delivered
 
     async with running(config, outbox_settings=FAST):
         await wait_until_settled(db_dsn, timeout=30)

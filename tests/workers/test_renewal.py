@@ -14,7 +14,8 @@ from pathlib import Path
 import psycopg
 import trio
 
-from tests.workers.conftest import poll_until, query, running, seed_subscriptions, seed_users
+from tests.harness import sql
+from tests.workers.conftest import poll_until, running, seed_subscriptions, seed_users
 from tests.xray.test_xray_writer import PUBLIC_KEY, TAG, reality_template
 from vpnd.config import Config
 from vpnd.db.admin import export_payments_csv
@@ -33,12 +34,12 @@ TEXTS = Texts.load()
 
 def charges(dsn: str) -> dict[int, int]:
     """user → number of auto-renewal ledger entries."""
-    rows = query(dsn, "SELECT user_id, count(*) FROM balance_ledger WHERE reason = %s GROUP BY user_id", LEDGER_REASON)
+    rows = sql(dsn, "SELECT user_id, count(*) FROM balance_ledger WHERE reason = %s GROUP BY user_id", LEDGER_REASON)
     return dict(rows)
 
 
 def expiries(dsn: str) -> dict[int, tuple[str, dt.datetime]]:
-    return {u: (s, e) for u, s, e in query(dsn, "SELECT user_id, status, expires_at FROM subscriptions")}
+    return {u: (s, e) for u, s, e in sql(dsn, "SELECT user_id, status, expires_at FROM subscriptions")}
 
 
 async def test_two_rounds_at_once_charge_each_period_once(db_dsn: str, make_config: Callable[..., Config]) -> None:
@@ -61,14 +62,14 @@ async def test_two_rounds_at_once_charge_each_period_once(db_dsn: str, make_conf
             assert await renewal_round(app, TEXTS, batch_size=50) == 0
         assert await app.db.run(mismatched_balances) == []
     assert charges(db_dsn) == dict.fromkeys(users, 1)
-    balances = dict(query(db_dsn, "SELECT id, balance_minor FROM users"))
+    balances = dict(sql(db_dsn, "SELECT id, balance_minor FROM users"))
     assert set(balances.values()) == {10_000 - PRICE}
     after = expiries(db_dsn)
     for uid in users:
         assert after[uid] == ("active", before[uid][1] + 30 * D)
-    rows = query(db_dsn, "SELECT user_id, outcome FROM auto_renewals")
+    rows = sql(db_dsn, "SELECT user_id, outcome FROM auto_renewals")
     assert sorted(rows) == [(u, "charged") for u in users]
-    notices = query(db_dsn, "SELECT chat_id, payload->>'text' FROM outbox")
+    notices = sql(db_dsn, "SELECT chat_id, payload->>'text' FROM outbox")
     assert len(notices) == len(users) and all("paid from your balance" in text for _, text in notices)
 
 
@@ -104,7 +105,7 @@ async def test_renewal_holding_the_lock_wins_over_expiry(db_dsn: str, make_confi
             blocker.execute("SELECT 1 FROM users WHERE id = 1 FOR UPDATE")
             assert await renewal_round(app, TEXTS, batch_size=10) == 0  # skipped, not waiting
             ended = "SELECT count(*) FROM subscriptions WHERE user_id = 1 AND expires_at < now()"
-            await poll_until(lambda: query(db_dsn, ended)[0][0] == 1, 30)  # the end passes meanwhile
+            await poll_until(lambda: sql(db_dsn, ended)[0][0] == 1, 30)  # the end passes meanwhile
             assert await expiry_round(app, TEXTS, batch_size=10) == 0  # renewal owed: not expired
         assert await renewal_round(app, TEXTS, batch_size=10) == 1
         assert await expiry_round(app, TEXTS, batch_size=10) == 0
@@ -122,18 +123,18 @@ async def test_short_balance_one_notice_per_period_then_renews_after_top_up(
         app = services.app
         assert await renewal_round(app, TEXTS, batch_size=10) == 1
         assert await renewal_round(app, TEXTS, batch_size=10) == 0  # one notice per period
-        texts = [r[0] for r in query(db_dsn, "SELECT payload->>'text' FROM outbox ORDER BY id")]
+        texts = [r[0] for r in sql(db_dsn, "SELECT payload->>'text' FROM outbox ORDER BY id")]
         assert len(texts) == 1 and "does not cover 4.99 USD" in texts[0] and "1.00 USD" in texts[0]
-        query(
+        sql(
             db_dsn,
             "WITH l AS (INSERT INTO balance_ledger (user_id, delta_minor, reason, reference) "
             "VALUES (1, 500, 'topup', 'test') RETURNING 1) UPDATE users SET balance_minor = balance_minor + 500",
         )
         assert await renewal_round(app, TEXTS, batch_size=10) == 1
         assert await app.db.run(mismatched_balances) == []
-    assert query(db_dsn, "SELECT balance_minor FROM users") == [(101,)]
-    assert query(db_dsn, "SELECT outcome FROM auto_renewals") == [("charged",)]
-    assert len(query(db_dsn, "SELECT 1 FROM outbox")) == 2
+    assert sql(db_dsn, "SELECT balance_minor FROM users") == [(101,)]
+    assert sql(db_dsn, "SELECT outcome FROM auto_renewals") == [("charged",)]
+    assert len(sql(db_dsn, "SELECT 1 FROM outbox")) == 2
 
 
 async def test_renewals_racing_expiry_never_remove_anyone_from_xray(
@@ -170,8 +171,8 @@ async def test_renewals_racing_expiry_never_remove_anyone_from_xray(
                     await nursery.start(run_xray, services.app)
 
                     def all_renewed() -> bool:
-                        sql = "SELECT count(*) FROM subscriptions WHERE expires_at > now() + interval '29 days'"
-                        return bool(query(db_dsn, sql)[0][0] == len(users))
+                        renewed = "SELECT count(*) FROM subscriptions WHERE expires_at > now() + interval '29 days'"
+                        return bool(sql(db_dsn, renewed)[0][0] == len(users))
 
                     await poll_until(all_renewed, 20)
                     await trio.sleep(0.5)
@@ -183,7 +184,7 @@ async def test_renewals_racing_expiry_never_remove_anyone_from_xray(
     assert sorted(added) == sorted(f"u{u}" for u in users)  # each added once, at the start
     assert charges(db_dsn) == dict.fromkeys(users, 1)
     assert {s for s, _ in expiries(db_dsn).values()} == {"active"}
-    assert query(db_dsn, "SELECT count(*) FROM subscriptions WHERE status = 'expired'") == [(0,)]
+    assert sql(db_dsn, "SELECT count(*) FROM subscriptions WHERE status = 'expired'") == [(0,)]
 
 
 async def test_each_auto_renewal_is_a_purchase_in_stats_csv_and_history(
@@ -194,24 +195,27 @@ async def test_each_auto_renewal_is_a_purchase_in_stats_csv_and_history(
     shows it in the user's history. Before, a renewal left only a ledger row and an `auto_renewals` row."""
     seed_users(db_dsn, [1, 2], balance_minor=2_000)
     seed_subscriptions(db_dsn, [1, 2], 6 * H, auto_renew=True)
-    config = make_config(workers={"renewal_interval": 0.1})
+    config = make_config(workers={"renewal_interval": 0.1}, payments={"notify_chat_id": -100777})
     async with running(config, outbox=False, workers=["renewal"]) as services:
-        await poll_until(lambda: len(query(db_dsn, "SELECT 1 FROM payments")) == 2, 20)
+        await poll_until(lambda: len(sql(db_dsn, "SELECT 1 FROM payments")) == 2, 20)
         csv_out = io.StringIO()
         await services.app.db.run(lambda conn: export_payments_csv(conn, csv_out))
     bought = "SELECT user_id, kind, plan_code, days, method, amount_minor, status FROM purchases ORDER BY user_id"
-    assert query(db_dsn, bought) == [
+    assert sql(db_dsn, bought) == [
         (1, "plan", "m1", 30, "balance", PRICE, "paid"),
         (2, "plan", "m1", 30, "balance", PRICE, "paid"),
     ]
     paid = "SELECT user_id, provider, provider_payment_id, outcome, granted_days FROM payments ORDER BY user_id"
-    payments = query(db_dsn, paid)
+    payments = sql(db_dsn, paid)
     assert [(u, p, o, d) for u, p, _, o, d in payments] == [
         (1, "balance", "granted", 30),
         (2, "balance", "granted", 30),
     ]
     assert all(pid.startswith("auto_renew:") for _, _, pid, _, _ in payments)
     assert charges(db_dsn) == {1: 1, 2: 1}  # one charge each, as before
+    notices = sql(db_dsn, "SELECT payload->>'text' FROM outbox WHERE chat_id = -100777 ORDER BY id")
+    assert sorted(text.split("\n")[1] for (text,) in notices) == ["User: 1", "User: 2"]  # one each, in the admin chat
+    assert all("4.99 USD via balance (auto-renewal)" in text and "Plan: m1" in text for (text,) in notices)
     rows = list(csv.DictReader(io.StringIO(csv_out.getvalue())))
     assert [(r["user_id"], r["kind"], r["plan_code"], r["provider"], r["amount_minor"]) for r in rows] == [
         ("1", "plan", "m1", "balance", str(PRICE)),

@@ -9,8 +9,9 @@ from typing import Any
 
 import trio
 
-from tests.workers.conftest import query, seed_subscriptions, seed_users
-from vpnd.app import App, open_app
+from tests.harness import open_app, sql
+from tests.workers.conftest import seed_subscriptions, seed_users
+from vpnd.app import App
 from vpnd.config import Config
 from vpnd.db import conversation, outbox
 from vpnd.db.subscriptions import grant_days
@@ -37,12 +38,12 @@ async def opened(config: Config) -> AsyncIterator[App]:
 
 def messages(dsn: str) -> dict[str, tuple[int, str, Any]]:
     """dedupe_key → (chat_id, text, reply_markup) of every queued message."""
-    rows = query(dsn, "SELECT dedupe_key, chat_id, payload FROM outbox ORDER BY id")
+    rows = sql(dsn, "SELECT dedupe_key, chat_id, payload FROM outbox ORDER BY id")
     return {key: (chat, payload["text"], payload.get("reply_markup")) for key, chat, payload in rows}
 
 
 def seed_trial(dsn: str, user_id: int, granted_ago: dt.timedelta, length: dt.timedelta, *, paid: bool = False) -> None:
-    query(
+    sql(
         dsn,
         "INSERT INTO trials (user_id, granted_at, ends_at) VALUES (%s, now() - %s, now() - %s + %s)",
         user_id,
@@ -50,7 +51,7 @@ def seed_trial(dsn: str, user_id: int, granted_ago: dt.timedelta, length: dt.tim
         granted_ago,
         length,
     )
-    query(
+    sql(
         dsn,
         "INSERT INTO subscriptions (user_id, kind, status, uuid, sub_token, starts_at, expires_at) "
         "VALUES (%s, %s, 'active', gen_random_uuid(), 'tok' || %s, now() - %s, now() - %s + %s)",
@@ -69,7 +70,7 @@ async def test_reminders_one_per_stage_per_expiry_and_renewal_rearms(
     seed_users(db_dsn, [1, 2, 3, 4, 5, 6])
     seed_users(db_dsn, [7], language="ru")
     seed_users(db_dsn, [8])
-    query(db_dsn, "UPDATE users SET reachable = false WHERE id = 8")
+    sql(db_dsn, "UPDATE users SET reachable = false WHERE id = 8")
     seed_subscriptions(db_dsn, [1], 2 * D + 12 * H)  # 3-day stage
     seed_subscriptions(db_dsn, [2], 20 * H)  # 1-day stage
     seed_subscriptions(db_dsn, [3], 2 * H)  # 3-hour stage
@@ -94,7 +95,7 @@ async def test_reminders_one_per_stage_per_expiry_and_renewal_rearms(
         assert "закончится через 3 дня" in by_chat[7][0] and "Автопродление включено" in by_chat[7][0]
 
         # Renewal moves expires_at: the reminders are armed again for the new date.
-        query(db_dsn, "UPDATE subscriptions SET expires_at = expires_at + interval '1 hour' WHERE user_id = 1")
+        sql(db_dsn, "UPDATE subscriptions SET expires_at = expires_at + interval '1 hour' WHERE user_id = 1")
         assert await reminders_round(app, TEXTS, batch_size=100) == 1
         assert [chat for chat, _, _ in messages(db_dsn).values()].count(1) == 2
         # A renewal far into the future: nothing new.
@@ -129,13 +130,13 @@ async def test_expiry_rechecks_expires_at_nudges_xray_and_tells_the_user(
     seed_users(db_dsn, users)
     seed_users(db_dsn, [9], balance_minor=10_000)
     seed_users(db_dsn, [10], balance_minor=100)
-    query(db_dsn, "UPDATE users SET reachable = false WHERE id = 7")
+    sql(db_dsn, "UPDATE users SET reachable = false WHERE id = 7")
     seed_subscriptions(db_dsn, [1, 2, 3, 4, 5], [-H * (n + 1) for n in range(5)])
     seed_subscriptions(db_dsn, [6], H)  # not yet
     seed_subscriptions(db_dsn, [7], -H)  # unreachable: expired, not told
     seed_subscriptions(db_dsn, [9], -H, auto_renew=True)  # renewal owed: left to the renewal worker
     seed_subscriptions(db_dsn, [10], -H, auto_renew=True)  # renewal refused for lack of money: expires
-    query(
+    sql(
         db_dsn,
         "INSERT INTO auto_renewals (user_id, period_end, outcome) "
         "SELECT user_id, expires_at, 'insufficient_balance' FROM subscriptions WHERE user_id = 10",
@@ -148,7 +149,7 @@ async def test_expiry_rechecks_expires_at_nudges_xray_and_tells_the_user(
                 await trio.sleep(0.01)
         assert app.xray_changed.count > nudges
         assert await expiry_round(app, TEXTS, batch_size=2) == 0
-    status = dict(query(db_dsn, "SELECT user_id, status FROM subscriptions"))
+    status = dict(sql(db_dsn, "SELECT user_id, status FROM subscriptions"))
     assert {u for u, s in status.items() if s == "expired"} == {1, 2, 3, 4, 5, 7, 10}
     assert status[6] == status[9] == "active"
     queued = messages(db_dsn)
@@ -180,9 +181,9 @@ async def test_housekeeping_deletes_old_rows_in_batches(db_dsn: str, make_config
         # 3 states, inbox rows 10 and 8 days old, outbox old:0..3 (old:4 is still pending).
         assert await housekeeping_round(app, batch_size=2) == 3 + 2 + 4
         assert await housekeeping_round(app, batch_size=2) == 0
-    assert [r[0] for r in query(db_dsn, "SELECT user_id FROM conversation_states ORDER BY 1")] == [4, 5]
-    assert [r[0] for r in query(db_dsn, "SELECT update_id FROM telegram_inbox ORDER BY 1")] == [2, 3, 4]
-    assert sorted(r[0] for r in query(db_dsn, "SELECT dedupe_key FROM outbox")) == [
+    assert [r[0] for r in sql(db_dsn, "SELECT user_id FROM conversation_states ORDER BY 1")] == [4, 5]
+    assert [r[0] for r in sql(db_dsn, "SELECT update_id FROM telegram_inbox ORDER BY 1")] == [2, 3, 4]
+    assert sorted(r[0] for r in sql(db_dsn, "SELECT dedupe_key FROM outbox")) == [
         "new:0",
         "new:1",
         "new:2",

@@ -4,25 +4,20 @@ reminder exactly once, except at most the messages that were in flight when the 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.harness import bot_config
-from tests.workers.conftest import query, seed_subscriptions, seed_users, start_users
+from tests.harness import bot_config, sql, start_daemon, wait_ready
+from tests.workers.conftest import seed_subscriptions, seed_users, start_users
 from vpnd.nurseries.outbox import OutboxSettings
-from vpnd_sandbox.daemon_process import start_daemon, wait_ready
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 
 USERS = list(range(100_001, 102_001))
-RUNNER = Path(__file__).with_name("runner.py")
 IN_FLIGHT = OutboxSettings().concurrency
 
 
@@ -45,23 +40,21 @@ def check_exactly_once(fake: FakeTelegram, db_dsn: str) -> int:
     assert all("ends in 3 days" in (m.text or "") for uid in USERS[:50] for m in fake.bot_messages(uid))
     # (Only the users' reminders: the daemon may also alert the admin, e.g. about the missing REALITY key.)
     reminders = "SELECT status, count(*) FROM outbox WHERE chat_id = ANY(%s) GROUP BY status"
-    assert query(db_dsn, reminders, list(USERS)) == [("sent", len(USERS))]
+    assert sql(db_dsn, reminders, list(USERS)) == [("sent", len(USERS))]
     return duplicated
 
 
-async def start_runner(config_path: Path, log_path: Path) -> trio.Process:
-    with log_path.open("ab") as log_file:
-        return await trio.lowlevel.open_process(
-            [sys.executable, str(RUNNER), str(config_path), "reminders"],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(RUNNER.parents[2])},
-        )
+#: What the SIGKILL'd process runs: the outbox sender and the reminders, no polling, no HTTP.
+ONLY_REMINDERS = ("run", "--services", "outbox,reminders")
 
 
 @pytest.mark.slow
 async def test_sigkill_mid_reminder_round_then_restart_reminds_everyone_once(
-    fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path], tmp_path: Path
+    fake_telegram: tuple[FakeTelegram, str],
+    db_dsn: str,
+    write_config: Callable[..., Path],
+    tmp_path: Path,
+    nursery: trio.Nursery,
 ) -> None:
     fake, base_url = fake_telegram
     prepare(fake, db_dsn)
@@ -73,20 +66,19 @@ async def test_sigkill_mid_reminder_round_then_restart_reminds_everyone_once(
         telegram={"rate_per_second": 200.0},
         workers={"reminders_interval": 60.0, "batch_size": 10},
     )
-    log_path = tmp_path / "runner.log"
     with trio.fail_after(120):
-        first = await start_runner(Path(config.path), log_path)
+        first = await start_daemon(nursery, Path(config.path), tmp_path, args=ONLY_REMINDERS)
         await fake.wait_until(lambda: fake.requests["sendMessage"] >= 100, timeout=30)
-        first.kill()
+        first.signal(signal.SIGKILL)
         assert await first.wait() == -signal.SIGKILL
         at_kill = delivered(fake)
-        queued_at_kill = query(db_dsn, "SELECT count(*) FROM outbox")[0][0]
-        sent_at_kill = query(db_dsn, "SELECT count(*) FROM outbox WHERE status = 'sent'")[0][0]
+        queued_at_kill = sql(db_dsn, "SELECT count(*) FROM outbox")[0][0]
+        sent_at_kill = sql(db_dsn, "SELECT count(*) FROM outbox WHERE status = 'sent'")[0][0]
 
-        second = await start_runner(Path(config.path), log_path)
+        second = await start_daemon(nursery, Path(config.path), tmp_path, args=ONLY_REMINDERS)
         await fake.wait_until(lambda: all(fake.bot_messages(uid) for uid in USERS), timeout=60)
-        second.send_signal(signal.SIGTERM)  # duplicates sent until it exits are counted below
-        assert await second.wait() == 0, log_path.read_text()[-3000:]
+        second.signal(signal.SIGTERM)  # duplicates sent until it exits are counted below
+        assert await second.wait() == 0, second.log()[-3000:]
     duplicated = check_exactly_once(fake, db_dsn)
     print(
         f"\nSIGKILL after {at_kill} delivered ({sent_at_kill} marked sent, {queued_at_kill} of {len(USERS)} queued); "

@@ -13,7 +13,9 @@ import httpx
 import pytest
 import trio
 
-from vpnd.app import App, open_app
+from tests.harness import open_app
+from tests.keys import PUBLIC_KEY
+from vpnd.app import App
 from vpnd.config import load_config
 from vpnd.db import subscriptions
 from vpnd.db.users import upsert_user
@@ -23,7 +25,6 @@ from vpnd.subscription_url import TokenRateLimiter, add_subscription_routes, use
 from vpnd.xray.links import decode_subscription_body, parse_vless_link
 from vpnd_sandbox.postgres import free_port
 
-PUBLIC_KEY = "Z84J2IelR9ch3k8VtlVhhs5ycBUlXA7wHBWcBrjqnAw"
 XRAY = {
     "host": "vpn.example.com",
     "port": 8443,

@@ -24,7 +24,9 @@ import attrs
 import pytest
 import trio
 
-from vpnd.app import App, open_app
+from tests.harness import open_app
+from tests.keys import PUBLIC_KEY
+from vpnd.app import App
 from vpnd.config import load_config
 from vpnd.db import subscriptions
 from vpnd.db.users import upsert_user
@@ -34,7 +36,6 @@ from vpnd_sandbox.xray_fake import FakeUser, start_fake_xray
 
 TAG = "vless-in"
 PRIVATE_KEY = base64.urlsafe_b64encode(bytes(range(1, 33))).rstrip(b"=").decode()
-PUBLIC_KEY = "Z84J2IelR9ch3k8VtlVhhs5ycBUlXA7wHBWcBrjqnAw"
 
 
 def reality_template(tag: str = TAG) -> dict[str, Any]:

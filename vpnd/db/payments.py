@@ -19,7 +19,8 @@ one sees "already paid" and changes nothing:
    *repriced*: valued at the list price (`list_amount_minor`), it buys the whole plans it covers and
    the rest is credited to the balance; the payment is flagged (`repriced`) and the admins alerted.
    A payment for a superseded invoice is alerted either way;
-6. the user's "payment received" message is queued in the outbox with a dedupe key.
+6. the user's "payment received" message is queued in the outbox with a dedupe key, and so is the
+   admin chat's notice of the payment (`[payments] notify_chat_id`, `vpnd.db.history`), whatever the provider.
 
 No HTTP, no second connection: the commit wakes the Xray writer and the outbox sender by itself
 (`vpnd.db.notify`; `FinalizeOutcome.access_changed` / `.notified` say whether it will).
@@ -35,7 +36,8 @@ import attrs
 import psycopg
 from psycopg.rows import class_row
 
-from vpnd.db import ledger, outbox, promo
+from vpnd.db import history, ledger, outbox, promo
+from vpnd.db.history import AUTO_RENEW_PREFIX as AUTO_RENEW_PREFIX  # re-exported (admin_cli)
 from vpnd.db.purchases import (
     MethodUnavailable,
     Purchase,
@@ -53,7 +55,7 @@ from vpnd.texts import Texts
 
 log = logging.getLogger("vpnd.payments")
 
-Provider = Literal["cryptopay", "stars", "balance", "yookassa"]
+Provider = Literal["cryptopay", "stars", "balance", "card", "yookassa"]
 FinalizeStatus = Literal[
     "granted",  # a plan's days were given
     "credited",  # a top-up reached the balance
@@ -79,6 +81,13 @@ class PaymentRules:
     #: Messages queued for users are rendered in their language (vpnd/locales).
     texts: Texts
     default_language: str = "en"
+    #: The chat told of every successful payment (`[payments] notify_chat_id`); None: nobody.
+    notify_chat_id: int | None = None
+
+    def announce(self, conn: psycopg.Connection[Any], purchase_id: int) -> None:
+        """Queue the admin chat's notice of the payment just recorded, in the same transaction (once per purchase)."""
+        if self.notify_chat_id is not None:
+            history.queue_payment_notice(conn, self.notify_chat_id, self.texts, self.default_language, purchase_id)
 
     def text(self, conn: psycopg.Connection[Any], recipient: int, key: str, /, **values: object) -> str:
         """`key` rendered in the language of user `recipient` (values are HTML-escaped)."""
@@ -169,11 +178,13 @@ def finalize_purchase(
     amount_minor: int,
     currency: str,
     rules: PaymentRules,
+    telegram_charge_id: str | None = None,
 ) -> FinalizeOutcome:
     """Record a payment received for `purchase_id` and give what was bought, exactly once.
 
     `amount_minor`/`currency` are what the provider says was paid (Stars: the number of Stars and
-    "XTR"). Run it as the whole of a transaction (`await db.run(finalize_purchase, ...)`), or as the
+    "XTR"). A card payment is keyed by the provider's charge id and keeps Telegram's (`telegram_charge_id`).
+    Run it as the whole of a transaction (`await db.run(finalize_purchase, ...)`), or as the
     last step of one (`pay_from_balance`). See the module docstring for the steps.
     """
     received = format_money(amount_minor, currency)
@@ -213,7 +224,10 @@ def finalize_purchase(
     )
 
     if not matches:
-        _insert_payment(conn, purchase, provider, provider_payment_id, amount_minor, currency, "amount_mismatch")
+        _insert_payment(
+            conn, purchase, provider, provider_payment_id, amount_minor, currency, "amount_mismatch",
+            telegram_charge_id=telegram_charge_id,
+        )  # fmt: skip
         expected = (
             format_money(expected_amount, expected_currency) if expected_amount is not None else f"a {purchase.method}"
         )
@@ -239,9 +253,10 @@ def finalize_purchase(
             text += "\n" + rules.text(conn, user_id, "payments.received_late")
         _insert_payment(
             conn, purchase, provider, provider_payment_id, amount_minor, currency, "granted",
-            credited_minor=purchase.amount_minor,
+            credited_minor=purchase.amount_minor, telegram_charge_id=telegram_charge_id,
         )  # fmt: skip
         outbox.enqueue(conn, user_id, text, dedupe_key=f"payment:{purchase_id}")
+        rules.announce(conn, purchase_id)
         return FinalizeOutcome("credited", purchase_id, user_id, paid_late, balance_minor=topped_up, notified=True)
 
     if not purchase.days:
@@ -267,6 +282,7 @@ def finalize_purchase(
     _insert_payment(
         conn, purchase, provider, provider_payment_id, amount_minor, currency, "granted",
         granted_days=value.days or None, credited_minor=value.credited_minor, repriced=refused,
+        telegram_charge_id=telegram_charge_id,
     )  # fmt: skip
 
     if refused:
@@ -301,6 +317,7 @@ def finalize_purchase(
 
     reward = _reward_referrer(conn, purchase, referrer, value.bought_minor, rules) if referrer is not None else 0
     outbox.enqueue(conn, user_id, text, dedupe_key=f"payment:{purchase_id}")
+    rules.announce(conn, purchase_id)
     return FinalizeOutcome(
         "granted" if value.days else "credited",
         purchase_id,
@@ -393,12 +410,14 @@ def _insert_payment(
     granted_days: int | None = None,
     credited_minor: int = 0,
     repriced: bool = False,
+    telegram_charge_id: str | None = None,
 ) -> None:
     conn.execute(
         "INSERT INTO payments (purchase_id, user_id, provider, provider_payment_id, amount_minor, currency, outcome, "
-        "granted_days, credited_minor, repriced) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        "granted_days, credited_minor, repriced, telegram_payment_charge_id) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (purchase.id, purchase.user_id, provider, provider_payment_id, amount_minor, currency, outcome,
-         granted_days, credited_minor, repriced),
+         granted_days, credited_minor, repriced, telegram_charge_id),
     )  # fmt: skip
 
 
@@ -474,10 +493,6 @@ def pay_from_balance(
         currency=purchase.currency,
         rules=rules,
     )
-
-
-#: The payment id of an auto-renewal (`provider = 'balance'`) starts with this, then the ledger reference.
-AUTO_RENEW_PREFIX = "auto_renew:"
 
 
 def record_auto_renewal(

@@ -25,7 +25,7 @@ from vpnd.db import promo
 from vpnd.db.rows import one
 from vpnd.pricing import Offer, price_offer
 
-Method = Literal["cryptopay", "stars", "balance", "yookassa"]
+Method = Literal["cryptopay", "stars", "balance", "card", "yookassa"]
 PurchaseStatus = Literal["pending", "paid", "expired", "cancelled"]
 
 
@@ -145,7 +145,7 @@ def create_purchase(
     """
     if method == "stars" and (offer.kind != "plan" or not offer.stars):
         raise MethodUnavailable("this cannot be bought with Telegram Stars")
-    if method == "balance" and offer.kind != "plan":
+    if method in ("balance", "card") and offer.kind != "plan":
         raise MethodUnavailable("the balance cannot top up itself")
     remembered = lock_user(conn, user_id)
     superseded = [

@@ -15,6 +15,8 @@ finish within the grace period.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
@@ -49,6 +51,8 @@ ALLOWED_UPDATES = ["message", "callback_query", "pre_checkout_query", "my_chat_m
 RECOVERY_BATCH = 500
 #: Tries to record a handler's outcome while the database is away (0.5 + 1 + 2 + 4 + 8 + 8 s of waits).
 OUTCOME_ATTEMPTS = 7
+#: How long one write of outcomes may take once started; shutdown does not cut it short.
+OUTCOME_WRITE_SECONDS = 5.0
 
 
 class BadToken(Exception):
@@ -64,6 +68,21 @@ class PollState:
     last_error: str = ""
 
 
+async def identify_bot(app: App, bot: TrioBot) -> str:
+    """The bot's @username (getMe), retried like every start-up call; a bad token ends the start."""
+    me = await _call_with_retries(app, "getMe", bot.get_me)
+    log.info("event=telegram_bot username=%s id=%s", me.username, me.id)
+    return me.username or ""
+
+
+def retune(dispatcher: Dispatcher, config: Config) -> None:
+    """Apply the reloaded `[telegram]` limits to the running dispatcher."""
+    dispatcher.limiter.total_tokens = config.telegram.max_concurrent_updates
+    dispatcher.handler_timeout = config.telegram.handler_timeout_seconds
+    dispatcher.max_per_chat = config.telegram.max_pending_per_chat
+    dispatcher.flood_window = config.telegram.flood_notice_interval_seconds
+
+
 async def run_telegram(
     app: App,
     bot: TrioBot,
@@ -73,10 +92,11 @@ async def run_telegram(
     drop_notice: DropNotice | None = None,
     task_status: trio.TaskStatus[PollState] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Poll updates into the handler nursery; `task_status.started(state)` once the inbox is recovered.
+
+    The composition root called `identify_bot` (getMe) before: the flows need the bot's username.
+    """
     config = app.config.telegram
-    me = await _call_with_retries(app, "getMe", bot.get_me)
-    app.bot_username = me.username or ""
-    log.info("event=telegram_bot username=%s id=%s", me.username, me.id)
     await _call_with_retries(app, "deleteWebhook", lambda: bot.delete_webhook(drop_pending_updates=False))
 
     state = PollState(last_ok=trio.current_time())
@@ -84,16 +104,16 @@ async def run_telegram(
     app.health.add_check("telegram", lambda: _poll_health(app, state))
     app.health.watch("telegram_poll", config.poll_dead_after_seconds)
 
-    record = OutcomeRecorder(app).record
+    recorder = OutcomeRecorder(app)
 
     def on_done(outcome: str, seconds: float) -> None:
         app.metrics.updates.labels(outcome).inc()
         app.metrics.update_latency.observe(seconds)
 
-    async with open_dispatcher(
+    async with recorder.flushed_at_exit(), open_dispatcher(
         handler,
         apology,
-        record,
+        recorder.record,
         max_concurrent_updates=config.max_concurrent_updates,
         handler_timeout=config.handler_timeout_seconds,
         max_per_chat=config.max_pending_per_chat,
@@ -103,13 +123,11 @@ async def run_telegram(
     ) as dispatcher:
         app.metrics.watch_updates(dispatcher.backlog)
 
-        def retune(new: Config) -> None:  # SIGHUP
-            dispatcher.limiter.total_tokens = new.telegram.max_concurrent_updates
-            dispatcher.handler_timeout = new.telegram.handler_timeout_seconds
-            dispatcher.max_per_chat = new.telegram.max_pending_per_chat
-            dispatcher.flood_window = new.telegram.flood_notice_interval_seconds
+        async def retune_on_reload() -> None:  # SIGHUP
+            while True:
+                await app.config_reloaded.wait()
+                retune(dispatcher, app.config)
 
-        app.reload_hooks.append(retune)
         recovered = 0
         after = 0
         while True:
@@ -125,7 +143,9 @@ async def run_telegram(
         task_status.started(state)
 
         async def poll_forever() -> None:
-            await _poll(app, bot, state, dispatcher)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(retune_on_reload)
+                await _poll(app, bot, state, dispatcher)
 
         await app.lifecycle.run_until_stopping(poll_forever)
         log.info("event=polling_stopped handlers_running=%d", dispatcher.in_handler)
@@ -285,19 +305,43 @@ class OutcomeRecorder:
         if mine.error is not None:
             raise RuntimeError("the outcome was not recorded") from mine.error
 
+    @asynccontextmanager
+    async def flushed_at_exit(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """At shutdown: write the outcomes still queued (their handlers were cancelled while waiting
+        for another's write, which the grace deadline may cut). Bounded, and shielded like `_write`."""
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + OUTCOME_WRITE_SECONDS
+            while self.writing:
+                await self.write_ended.wait()
+            if self.queued:
+                write = self.next_write
+                await self._write(write)
+                if write.error is not None:
+                    log.warning("event=update_outcomes_not_recorded error=%s", quote(str(write.error)))
+
     async def _write(self, write: _Write) -> None:
         batch, self.queued = self.queued, []
         self.next_write = _Write()
         self.writing = True
         committed = False
         try:
-            await self.app.db.run(inbox.mark_handled_many, batch)
-            committed = True
+            # Shielded: the shutdown's grace deadline must not roll back a batch of outcomes whose
+            # updates were answered — each would be handled, and answered, again after the restart.
+            with trio.CancelScope(shield=True) as shield:
+                shield.deadline = trio.current_time() + OUTCOME_WRITE_SECONDS
+                await self.app.db.run(inbox.mark_handled_many, batch)
+                committed = True
         except Exception as exc:
             write.error = exc
         finally:
-            if not committed and write.error is None:  # cancelled: rolled back
-                write.error = RuntimeError("the write was cancelled")
+            if not committed and write.error is None:  # the write's own deadline: rolled back
+                write.error = RuntimeError("the write took too long and was cancelled")
             self.writing = False
             write.done.set()
             ended, self.write_ended = self.write_ended, trio.Event()

@@ -16,6 +16,10 @@ finalize, which never honours a superseded purchase's discount (and the watcher 
 Telegram Stars: `start_stars_purchase` gives what `sendInvoice` needs (currency "XTR", one price,
 payload = the purchase id); `check_pre_checkout` answers the pre_checkout_query; and
 `finalize_stars_payment` handles successful_payment, keyed by `telegram_payment_charge_id`.
+
+Cards (Telegram Payments, `[telegram_payments]`): the same with the provider token BotFather connected,
+the plan's price in the card currency in its minor units, and `finalize_card_payment` keyed by the
+provider's charge id (`provider_payment_charge_id`), Telegram's stored beside it.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from vpnd.pricing import (
     min_price_minor,
     plan_offer,
     price_offer,
+    receipt_provider_data,
     received_to_minor,
     topup_offer,
 )
@@ -86,6 +91,7 @@ def rules_of(app: App) -> PaymentRules:
         config.payments.currency,
         app.texts,
         default_language=config.telegram.default_language,
+        notify_chat_id=config.payments.notify_chat_id or None,
     )
 
 
@@ -178,10 +184,13 @@ class Quote:
         )
 
 
-async def quote_plan(app: App, user_id: int, plan_code: str) -> Quote:
-    """The price shown before buying; the purchase itself re-checks the promo code under lock."""
+async def quote_plan(app: App, user_id: int, plan_code: str, *, currency: str | None = None) -> Quote:
+    """The price shown before buying (in `currency`, default the plan's); the purchase re-checks the promo code.
+
+    Raises UnknownPlan, InvalidAmount (the plan has no price in `currency`).
+    """
     plan = _plan(app, plan_code)
-    offer = plan_offer(plan)
+    offer = plan_offer(plan, currency)
     payments = app.config.payments
 
     def read(conn: psycopg.Connection[Any]) -> tuple[int, promo.PromoCheck | None]:
@@ -398,7 +407,8 @@ async def check_pre_checkout(
     """Answer a pre_checkout_query: (True, None), or (False, reason locale key).
 
     OK only when the purchase (the invoice payload) exists, is the user's (when `user_id` is given),
-    is a pending, unexpired Stars purchase, and `amount`/`currency` are its Stars price and "XTR".
+    is pending and unexpired, and `amount`/`currency` are what its invoice asked: a Stars purchase its
+    Stars price and "XTR", a card purchase its price in minor units and its currency.
     Answer Telegram within 10 s: bound the call (e.g. `trio.move_on_after(8)`) and refuse on timeout.
     """
     wanted = _purchase_id(purchase_id)
@@ -412,7 +422,13 @@ async def check_pre_checkout(
         return False, PRE_CHECKOUT_ALREADY_PAID
     if not purchase.is_payable(now):
         return False, PRE_CHECKOUT_EXPIRED
-    if purchase.method != "stars" or currency != STARS_CURRENCY or amount != purchase.stars:
+    if purchase.method == "stars":
+        expected: tuple[int | None, str] = (purchase.stars, STARS_CURRENCY)
+    elif purchase.method == "card":
+        expected = (purchase.amount_minor, purchase.currency.upper())
+    else:
+        return False, PRE_CHECKOUT_MISMATCH
+    if (amount, currency) != expected:
         return False, PRE_CHECKOUT_MISMATCH
     return True, None
 
@@ -440,6 +456,92 @@ async def finalize_stars_payment(
         rules=rules_of(app),
     )
     after_commit(app, outcome, "stars")
+    return outcome
+
+
+# --- cards (Telegram Payments) ----------------------------------------------------------------
+
+
+@attrs.frozen
+class CardInvoice:
+    """What `sendInvoice` needs for a card payment: the provider token, a fiat currency, minor units."""
+
+    purchase: Purchase
+    title: str
+    description: str
+    payload: str
+    currency: str
+    amount: int
+    provider_token: str
+    need_email: bool
+    send_email_to_provider: bool
+    #: JSON for the provider (a fiscal receipt), or None.
+    provider_data: str | None
+
+
+def card_price_available(app: App, plan: Plan) -> bool:
+    """Cards are configured and the plan has a price in the card currency."""
+    return app.config.telegram_payments.enabled and plan.price_in(app.config.card_currency) is not None
+
+
+async def start_card_purchase(
+    app: App, user_id: int, plan_code: str, *, language: str = "en", cryptopay: CryptoPayClient | None = None
+) -> CardInvoice:
+    """Create a card purchase of a plan in the card currency.
+
+    Raises UnknownPlan, MethodUnavailable (cards off, or no price in the card currency), UnknownUser.
+    `cryptopay` deletes the Crypto Pay invoices this purchase supersedes (after its commit).
+    """
+    config = app.config.telegram_payments
+    plan = _plan(app, plan_code)
+    if not card_price_available(app, plan):
+        raise MethodUnavailable(f"plan {plan_code} is not sold by card in {app.config.card_currency}")
+    purchase = await _create_purchase(app, user_id, plan_offer(plan, app.config.card_currency), "card")
+    await delete_superseded_invoices(app, cryptopay, purchase.id)
+    title = plan.title.get(language, plan.code)
+    description = _plain(app.texts, language, "payments.invoice_plan", title=title, days=plan.days)
+    provider_data = None
+    if config.receipt:
+        provider_data = receipt_provider_data(description, purchase.amount_minor, purchase.currency, config.vat_code)
+    return CardInvoice(
+        purchase,
+        title[:32],
+        description[:255],
+        str(purchase.id),
+        purchase.currency.upper(),
+        purchase.amount_minor,
+        config.provider_token,
+        config.need_email or config.receipt,
+        config.send_email_to_provider or config.receipt,
+        provider_data,
+    )
+
+
+async def finalize_card_payment(
+    app: App,
+    purchase_id: str | int,
+    *,
+    telegram_payment_charge_id: str,
+    provider_payment_charge_id: str,
+    total_amount: int,
+    currency: str,
+) -> FinalizeOutcome:
+    """Handle a card successful_payment, keyed by the provider's charge id: a second delivery changes nothing.
+
+    The same provider charge id presented for another purchase is a `duplicate_payment` (alerted, no grant).
+    """
+    wanted = _purchase_id(purchase_id)
+    outcome = await app.db.run(
+        finalize_purchase,
+        wanted if wanted is not None else -1,
+        provider="card",
+        provider_payment_id=provider_payment_charge_id or f"telegram:{telegram_payment_charge_id}",
+        amount_minor=total_amount,
+        currency=currency.upper(),
+        rules=rules_of(app),
+        telegram_charge_id=telegram_payment_charge_id,
+    )
+    after_commit(app, outcome, "card")
     return outcome
 
 

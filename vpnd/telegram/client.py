@@ -122,7 +122,7 @@ def build_bot(config: TelegramConfig, *, pool_size: int = 64) -> TrioBot:
 
 @asynccontextmanager
 async def open_bot(config: TelegramConfig, *, pool_size: int = 64) -> AsyncIterator[TrioBot]:
-    """A bot whose HTTP clients are open; `getMe` is not called here (the poller does it)."""
+    """A bot whose HTTP clients are open; `getMe` is not called here (`vpnd.compose` does, before polling)."""
     bot = build_bot(config, pool_size=pool_size)
     for request in bot._request:
         await request.initialize()

@@ -2,7 +2,7 @@
 
 Callback data scheme (`verb` or `verb:arg[:arg]`):
     menu, sub, buy, trial, promo, promo_cancel, invite, lang, lang:<code>, help, qr, reissue, ar:<on|off>,
-    plan:<code>, pay:<code>:<method>
+    plan:<code>, pay:<code>:<method>, pays:<page>
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def parse_callback(data: str) -> tuple[str, list[str]]:
 
 def main_menu(t: Callable[[str], str], *, trial_eligible: bool, has_subscription: bool) -> Keyboard:
     return keyboard(
-        [button(t("menu.subscription"), "sub")],
+        [button(t("menu.subscription"), "sub"), button(t("menu.payments"), "pays")],
         [button(t("menu.renew") if has_subscription else t("menu.buy"), "buy")],
         [button(t("menu.trial"), "trial")] if trial_eligible else [],
         [button(t("menu.promo"), "promo"), button(t("menu.invite"), "invite")],

@@ -39,6 +39,8 @@ class BotContext:
     cryptopay: CryptoPayClient | None = None
     #: The hosted checkout (YooKassa) when `[yookassa] enabled`, else None (its methods are not offered).
     checkout: HostedCheckout | None = None
+    #: The bot's @username from getMe at start (links such as t.me/<bot>?start=ref_...).
+    bot_username: str = ""
 
 
 @attrs.define(eq=False)

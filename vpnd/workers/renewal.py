@@ -9,7 +9,7 @@ the subscription from its current end. Two rounds racing for the same period cha
 row lock, the period row and the ledger key each guarantee it on their own. Each renewal is a
 purchase like any other: a `purchases` row (method `balance`, paid) and its `payments` row
 (`vpnd.db.payments.record_auto_renewal`), in the same transaction — so stats, CSV exports and the
-user's payment history show it.
+user's payment history show it, and `[payments].notify_chat_id` is told of it like any payment.
 
 A balance that does not cover the plan gets one notice per period (the period row records
 `insufficient_balance`); if the user tops up before the end, the next round renews after all.
@@ -29,7 +29,7 @@ import attrs
 import psycopg
 
 from vpnd.app import App
-from vpnd.db import ledger, outbox, renewals
+from vpnd.db import history, ledger, outbox, renewals
 from vpnd.db.payments import record_auto_renewal
 from vpnd.db.subscriptions import grant_days
 from vpnd.money import format_money
@@ -56,6 +56,9 @@ class RenewalSettings:
     plans: PlanPrices
     currency: str
     grace: dt.timedelta = RENEWAL_GRACE
+    #: `[payments].notify_chat_id` (0: none) and the language of its notices.
+    notify_chat_id: int = 0
+    notify_language: str = "en"
 
     def sql_params(self) -> dict[str, object]:
         return {"window": self.window, "grace": self.grace, **self.plans.sql_params()}
@@ -113,7 +116,7 @@ def renew_batch(
             log.error("event=auto_renew_inconsistent user_id=%s period_end=%s", user_id, period)
             continue
         sub = grant_days(conn, user_id, days, kind="paid", plan_code=plan_code)
-        record_auto_renewal(
+        purchase_id = record_auto_renewal(
             conn,
             user_id,
             plan_code=plan_code,
@@ -122,6 +125,8 @@ def renew_batch(
             currency=settings.currency,
             ledger_reference=ledger_reference(user_id, period_end),
         )
+        if settings.notify_chat_id:
+            history.queue_payment_notice(conn, settings.notify_chat_id, texts, settings.notify_language, purchase_id)
         charged += 1
         log.info("event=auto_renewed user_id=%s plan=%s price=%s expires=%s", user_id, plan_code, price, sub.expires_at)
         if reachable:
@@ -143,6 +148,8 @@ def renewal_settings(app: App) -> RenewalSettings:
         window=dt.timedelta(hours=workers.renewal_window_hours),
         plans=PlanPrices.from_config(app.config),
         currency=app.config.payments.currency,
+        notify_chat_id=app.config.payments.notify_chat_id,
+        notify_language=app.config.telegram.default_language,
     )
 
 

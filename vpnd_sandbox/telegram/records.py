@@ -92,7 +92,7 @@ class StoredFile:
 
 @attrs.define(eq=False)
 class Invoice:
-    """An invoice message's content. Telegram Stars only (currency ``XTR``, one price)."""
+    """An invoice message's content: Telegram Stars (``XTR``, one price) or a fiat card invoice of a provider."""
 
     title: str
     description: str
@@ -102,6 +102,9 @@ class Invoice:
     prices: list[JSONDict]
     start_parameter: str = ""
     paid_charge_id: str | None = None
+    need_email: bool = False
+    send_email_to_provider: bool = False
+    provider_data: str | None = None
 
     def to_api(self) -> JSONDict:
         return {
@@ -204,7 +207,7 @@ class CallbackQuery:
 
 @attrs.define(eq=False)
 class PreCheckoutQuery:
-    """The user confirmed a Stars payment; the bot must accept (ok=true) or refuse it, once."""
+    """The user confirmed a payment (Stars or card); the bot must accept (ok=true) or refuse it, once."""
 
     id: str
     user_id: int

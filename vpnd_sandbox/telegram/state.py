@@ -70,6 +70,8 @@ class FakeTelegram:
     paid_rate: float = 1000.0
     stars_balance: float | None = None
     pre_checkout_timeout: float | None = None
+    #: The card provider BotFather "connected" (Telegram Payments): fiat invoices must carry this token.
+    payment_provider_token: str = "284685063:TEST:vpndSandboxCardProvider"
     max_pending_updates: int = 100_000
     seed: int = 0
 
@@ -288,6 +290,12 @@ class FakeTelegram:
         chat = self.messages.setdefault(chat_id, [])
         return chat[-1].message_id + 1 if chat else 1
 
+    def _edited(self, message: ChatMessage) -> JSONDict:
+        """A bot's edit took effect (subclasses count it: the benchmarks' timed fake)."""
+        message.edit_date = int(time.time())
+        message.revision = self._changed()
+        return message.to_api()
+
     def _add_message(self, user: FakeUser, *, from_bot: bool, **content: Any) -> ChatMessage:
         message = ChatMessage(
             chat_id=user.id,
@@ -425,16 +433,16 @@ class FakeTelegram:
             created_at=trio.current_time(),
         )
         self.pre_checkout_queries[query.id] = query
-        self._queue_update(
-            "pre_checkout_query",
-            {
-                "id": query.id,
-                "from": user.to_api(),
-                "currency": message.invoice.currency,
-                "total_amount": message.invoice.total_amount,
-                "invoice_payload": message.invoice.payload,
-            },
-        )
+        checkout = {
+            "id": query.id,
+            "from": user.to_api(),
+            "currency": message.invoice.currency,
+            "total_amount": message.invoice.total_amount,
+            "invoice_payload": message.invoice.payload,
+        }
+        if message.invoice.need_email:
+            checkout["order_info"] = {"email": f"user{user.id}@example.test"}
+        self._queue_update("pre_checkout_query", checkout)
         self._changed()
         return query
 

@@ -41,6 +41,7 @@ from typing import Any
 import attrs
 import trio
 
+from vpnd.money import format_money
 from vpnd.web import Hangup, Request, Response, Router, serve, server_config, text_error_response
 from vpnd_sandbox.telegram.files import content_type
 from vpnd_sandbox.telegram.records import ChatMessage, SandboxError
@@ -92,6 +93,10 @@ def message_json(message: ChatMessage) -> JSONDict:
         entry["document_url"] = message.document.url or f"/sandbox/files/{message.document.file_id}"
     if message.invoice is not None:
         entry["invoice"]["paid"] = message.invoice.paid_charge_id is not None
+        entry["invoice"]["amount_text"] = format_money(message.invoice.total_amount, message.invoice.currency)
+    if message.successful_payment is not None:
+        paid = message.successful_payment
+        entry["paid_text"] = format_money(paid["total_amount"], paid["currency"])
     return entry
 
 

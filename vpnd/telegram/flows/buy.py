@@ -1,4 +1,4 @@
-"""Buying and renewing: plan → method → invoice; Telegram Stars pre-checkout and payment; top-ups.
+"""Buying and renewing: plan → method → invoice; Telegram Stars and card pre-checkout and payment; top-ups.
 
 Prices come from `vpnd.payments.service.quote_plan` (with the remembered promo code); purchases and
 invoices from the payments service, which commits the purchase before calling any provider. The
@@ -30,7 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("vpnd.payments")
 
 TOPUP_STATE = "topup_amount"
-METHOD_CODES = {"c": "cryptopay", "s": "stars", "b": "balance", "yk": "bank_card", "ys": "sbp", "y": "yookassa"}
+METHOD_CODES = {
+    **{"c": "cryptopay", "s": "stars", "b": "balance", "k": "card"},
+    **{"yk": "bank_card", "ys": "sbp", "y": "yookassa"},
+}
 #: The hosted checkout's buttons: YooKassa method → (its callback code, its label key).
 CHECKOUT_METHODS = {"bank_card": ("yk", "buy.method.yookassa_card"), "sbp": ("ys", "buy.method.yookassa_sbp")}
 #: Telegram wants an answer to a pre-checkout query within 10 s; refuse rather than be late.
@@ -72,6 +75,10 @@ async def choose_method(turn: Turn, plan_code: str) -> None:
     rows += _checkout_buttons(turn, plan.code, quote.price.currency)
     if turn.app.config.stars.enabled and quote.price.stars:
         rows.append([kb.button(turn.t("buy.method.stars", stars=f"{quote.price.stars} ⭐"), f"pay:{plan.code}:s")])
+    if service.card_price_available(turn.app, plan):
+        card = await service.quote_plan(turn.app, turn.user.id, plan.code, currency=turn.app.config.card_currency)
+        card_price = _money(card.price.amount_minor, card.price.currency)
+        rows.append([kb.button(turn.t("buy.method.card", price=card_price), f"pay:{plan.code}:k")])
     if quote.balance_covers:
         balance = _money(quote.balance_minor, quote.balance_currency)
         rows.append([kb.button(turn.t("buy.method.balance", balance=balance), f"pay:{plan.code}:b")])
@@ -100,6 +107,8 @@ async def pay(turn: Turn, plan_code: str, method: str) -> None:
             await _pay_cryptopay(turn, plan_code=plan_code)
         elif method == "stars":
             await _pay_stars(turn, plan_code)
+        elif method == "card":
+            await _pay_card(turn, plan_code)
         elif method == "balance":
             await _pay_balance(turn, plan_code)
         else:
@@ -181,6 +190,28 @@ async def _pay_stars(turn: Turn, plan_code: str) -> None:
     )
 
 
+async def _pay_card(turn: Turn, plan_code: str) -> None:
+    invoice = await service.start_card_purchase(
+        turn.app, turn.user.id, plan_code, language=turn.lang, cryptopay=turn.ctx.cryptopay
+    )
+    await turn.answer()
+    await turn.ctx.sender.call(
+        turn.chat_id,
+        lambda: turn.ctx.bot.send_invoice(
+            turn.chat_id,
+            title=invoice.title,
+            description=invoice.description,
+            payload=invoice.payload,
+            currency=invoice.currency,
+            prices=[telegram.LabeledPrice(invoice.title, invoice.amount)],
+            provider_token=invoice.provider_token,
+            need_email=invoice.need_email,
+            send_email_to_provider=invoice.send_email_to_provider,
+            provider_data=invoice.provider_data,
+        ),
+    )
+
+
 async def _pay_balance(turn: Turn, plan_code: str) -> None:
     outcome = await service.pay_with_balance(turn.app, turn.user.id, plan_code, cryptopay=turn.ctx.cryptopay)
     log.info("event=paid_from_balance user_id=%d status=%s", turn.user.id, outcome.status)
@@ -226,7 +257,7 @@ async def topup_typed(turn: Turn, text: str) -> None:
         await turn.reply(turn.t("payments.provider_unavailable"))
 
 
-# --- Telegram Stars: pre-checkout and successful payment ----------------------------------------
+# --- Telegram Stars and cards: pre-checkout and successful payment -------------------------------
 
 
 async def pre_checkout(ctx: BotContext, update_id: int, update: telegram.Update) -> bool:
@@ -256,6 +287,17 @@ async def successful_payment(turn: Turn, message: telegram.Message) -> bool:
     payment = message.successful_payment
     if payment is None:
         return False
+    if payment.currency != pricing.STARS_CURRENCY:
+        outcome = await service.finalize_card_payment(
+            turn.app,
+            payment.invoice_payload,
+            telegram_payment_charge_id=payment.telegram_payment_charge_id,
+            provider_payment_charge_id=payment.provider_payment_charge_id,
+            total_amount=payment.total_amount,
+            currency=payment.currency,
+        )
+        log.info("event=card_payment user_id=%d status=%s", turn.user.id, outcome.status)
+        return True
     outcome = await service.finalize_stars_payment(
         turn.app,
         payment.invoice_payload,

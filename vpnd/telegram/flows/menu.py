@@ -49,7 +49,7 @@ async def set_language(turn: Turn, code: str) -> None:
 
 async def invite(turn: Turn) -> None:
     stats = await turn.app.db.run(users.referral_stats, turn.user.id)
-    link = f"https://t.me/{turn.app.bot_username}?start=ref_{turn.user.referral_code}"
+    link = f"https://t.me/{turn.ctx.bot_username}?start=ref_{turn.user.referral_code}"
     text = turn.t(
         "invite.text",
         percent=turn.app.config.referral.percent,

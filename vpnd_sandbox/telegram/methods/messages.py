@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Literal
 
 from vpnd_sandbox.telegram.files import input_file
@@ -59,9 +58,7 @@ def message_to_edit(fake: FakeTelegram, params: Params) -> tuple[FakeUser, ChatM
 
 
 def edited(fake: FakeTelegram, message: ChatMessage) -> JSONDict:
-    message.edit_date = int(time.time())
-    message.revision = fake._changed()
-    return message.to_api()
+    return fake._edited(message)
 
 
 def edit_message_text(fake: FakeTelegram, params: Params) -> JSONDict:

@@ -1,4 +1,10 @@
-"""Bot API methods of Telegram Stars payments: invoices, pre-checkout answers, refunds."""
+"""Bot API methods of payments: invoices (Telegram Stars, or fiat through a card provider's token),
+pre-checkout answers, Stars refunds.
+
+Checked like Telegram: a known currency (`vpnd.money.TELEGRAM_CURRENCIES` or XTR); XTR with an empty
+provider token and one price; fiat with the provider token BotFather connected (`payment_provider_token`)
+and integer amounts in the currency's minor units whose total is positive.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from vpnd.money import TELEGRAM_CURRENCIES
 from vpnd_sandbox.telegram.limits import take_send_slot
 from vpnd_sandbox.telegram.methods.checks import chat_of, reply_markup
 from vpnd_sandbox.telegram.methods.messages import QUERY_TOO_OLD
@@ -32,21 +39,25 @@ def send_invoice(fake: FakeTelegram, params: Params) -> JSONDict:
     currency = params.get_str("currency") or ""
     if not currency:
         raise bad_request("currency is empty")
-    if currency != "XTR" or params.get_str("provider_token"):
-        # The fake knows no payment providers: only Telegram Stars, which take no provider token.
+    if currency != "XTR" and currency not in TELEGRAM_CURRENCIES:
+        raise bad_request("CURRENCY_INVALID")
+    token = params.get_str("provider_token") or ""
+    if token != ("" if currency == "XTR" else fake.payment_provider_token):
+        # Stars take no provider token; fiat needs the one BotFather connected.
         raise bad_request("PAYMENT_PROVIDER_INVALID")
     prices = params.get_json("prices", error="can't parse prices JSON object")
-    if not isinstance(prices, list) or len(prices) != 1:
+    if not isinstance(prices, list) or not prices or (currency == "XTR" and len(prices) != 1):
         raise bad_request("prices must contain exactly one item for payments in Telegram Stars")
-    price = prices[0]
-    if (
-        not isinstance(price, dict)
-        or not isinstance(price.get("label"), str)
-        or not isinstance(price.get("amount"), int)
-        or isinstance(price.get("amount"), bool)
-    ):
-        raise bad_request("can't parse prices JSON object")
-    if not 1 <= price["amount"] <= 100_000:
+    for price in prices:
+        if (
+            not isinstance(price, dict)
+            or not isinstance(price.get("label"), str)
+            or not isinstance(price.get("amount"), int)
+            or isinstance(price.get("amount"), bool)
+        ):
+            raise bad_request("can't parse prices JSON object")
+    total = sum(price["amount"] for price in prices)
+    if not 1 <= total <= (100_000 if currency == "XTR" else 10**12):
         raise bad_request("CURRENCY_TOTAL_AMOUNT_INVALID")
     markup = reply_markup(params)
     if markup is not None:
@@ -59,9 +70,12 @@ def send_invoice(fake: FakeTelegram, params: Params) -> JSONDict:
         description=fields["description"],
         payload=payload,
         currency=currency,
-        total_amount=price["amount"],
-        prices=[{"label": price["label"], "amount": price["amount"]}],
+        total_amount=total,
+        prices=[{"label": price["label"], "amount": price["amount"]} for price in prices],
         start_parameter=params.get_str("start_parameter") or "",
+        need_email=params.get_bool("need_email"),
+        send_email_to_provider=params.get_bool("send_email_to_provider"),
+        provider_data=params.get_str("provider_data"),
     )
     message = fake._add_message(user, from_bot=True, invoice=invoice, reply_markup=markup)
     return message.to_api()
@@ -89,23 +103,24 @@ def answer_pre_checkout_query(fake: FakeTelegram, params: Params) -> bool:
         )
         fake._changed()
         return True
-    charge_id = fake._new_id("stxFAKE")
+    stars = query.invoice.currency == "XTR"
+    charge_id = fake._new_id("stxFAKE" if stars else "tgcFAKE")
     query.charge_id = charge_id
     query.invoice.paid_charge_id = charge_id
-    fake.payments[charge_id] = StarPayment(
-        charge_id=charge_id, user_id=user.id, amount=query.invoice.total_amount, payload=query.invoice.payload
-    )
-    paid = fake._add_message(
-        user,
-        from_bot=False,
-        successful_payment={
-            "currency": query.invoice.currency,
-            "total_amount": query.invoice.total_amount,
-            "invoice_payload": query.invoice.payload,
-            "telegram_payment_charge_id": charge_id,
-            "provider_payment_charge_id": "",
-        },
-    )
+    if stars:  # refundStarPayment refunds Stars only; a card is refunded at its provider
+        fake.payments[charge_id] = StarPayment(
+            charge_id=charge_id, user_id=user.id, amount=query.invoice.total_amount, payload=query.invoice.payload
+        )
+    payment = {
+        "currency": query.invoice.currency,
+        "total_amount": query.invoice.total_amount,
+        "invoice_payload": query.invoice.payload,
+        "telegram_payment_charge_id": charge_id,
+        "provider_payment_charge_id": "" if stars else fake._new_id("prvFAKE"),
+    }
+    if query.invoice.need_email:
+        payment["order_info"] = {"email": f"user{user.id}@example.test"}
+    paid = fake._add_message(user, from_bot=False, successful_payment=payment)
     fake._queue_update("message", paid.to_api())
     return True
 
