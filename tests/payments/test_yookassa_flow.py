@@ -1,7 +1,8 @@
 """YooKassa end to end: purchase → payment at the fake (over HTTP) → notification / watcher → access.
 
-The fake YooKassa is a real HTTP server; the daemon's notification route is served by `run_http` on
-127.0.0.1 as in production, and `[yookassa].notify_networks` decides whether 127.0.0.1 may post.
+The fake YooKassa is a real HTTP server; vpnd runs its listener and HTTP services (`start_vpnd`, which
+wires the checkout client and the notification route from `[yookassa]`) on 127.0.0.1 as in production, and
+`[yookassa].notify_networks` decides whether 127.0.0.1 may post.
 """
 
 from __future__ import annotations

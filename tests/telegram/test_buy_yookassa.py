@@ -1,6 +1,6 @@
 """Buying through the bot by card and by SBP: the method buttons, YooKassa's page, the notification, access.
 
-The whole daemon (`start_vpnd`: the root wires the YooKassa client, the notification route and the
+The whole daemon (`start_vpnd`: `vpnd.compose` wires the YooKassa client, the notification route and the
 watcher from `[yookassa]`) against the fake Bot API and the fake YooKassa, both real HTTP servers.
 """
 
