@@ -365,8 +365,12 @@ async def finalize_cryptopay_invoice(app: App, invoice: Invoice) -> FinalizeOutc
 
 
 @attrs.frozen
-class StarsInvoice:
-    """What `sendInvoice` needs: `prices=[LabeledPrice(title, amount)]`, `currency="XTR"`, no provider token."""
+class TelegramInvoice:
+    """What `sendInvoice` needs: `prices=[LabeledPrice(title, amount)]` in `currency`'s minor units.
+
+    Stars: `currency="XTR"` and no provider token; a card: the provider's token, a fiat currency and
+    what the provider wants for a fiscal receipt.
+    """
 
     purchase: Purchase
     title: str
@@ -374,11 +378,16 @@ class StarsInvoice:
     payload: str
     currency: str
     amount: int
+    provider_token: str = ""
+    need_email: bool = False
+    send_email_to_provider: bool = False
+    #: JSON for the provider (a fiscal receipt), or None.
+    provider_data: str | None = None
 
 
 async def start_stars_purchase(
     app: App, user_id: int, plan_code: str, *, language: str = "en", cryptopay: CryptoPayClient | None = None
-) -> StarsInvoice:
+) -> TelegramInvoice:
     """Create a Stars purchase of a plan. Raises UnknownPlan, MethodUnavailable (no Stars price), UnknownUser.
 
     `cryptopay` deletes the Crypto Pay invoices this purchase supersedes (after its commit).
@@ -391,7 +400,7 @@ async def start_stars_purchase(
     assert purchase.stars is not None
     title = plan.title.get(language, plan.code)
     description = _plain(app.texts, language, "payments.invoice_plan", title=title, days=plan.days)
-    return StarsInvoice(purchase, title[:32], description[:255], str(purchase.id), STARS_CURRENCY, purchase.stars)
+    return TelegramInvoice(purchase, title[:32], description[:255], str(purchase.id), STARS_CURRENCY, purchase.stars)
 
 
 def _purchase_id(payload: str | int) -> int | None:
@@ -462,23 +471,6 @@ async def finalize_stars_payment(
 # --- cards (Telegram Payments) ----------------------------------------------------------------
 
 
-@attrs.frozen
-class CardInvoice:
-    """What `sendInvoice` needs for a card payment: the provider token, a fiat currency, minor units."""
-
-    purchase: Purchase
-    title: str
-    description: str
-    payload: str
-    currency: str
-    amount: int
-    provider_token: str
-    need_email: bool
-    send_email_to_provider: bool
-    #: JSON for the provider (a fiscal receipt), or None.
-    provider_data: str | None
-
-
 def card_price_available(app: App, plan: Plan) -> bool:
     """Cards are configured and the plan has a price in the card currency."""
     return app.config.telegram_payments.enabled and plan.price_in(app.config.card_currency) is not None
@@ -486,7 +478,7 @@ def card_price_available(app: App, plan: Plan) -> bool:
 
 async def start_card_purchase(
     app: App, user_id: int, plan_code: str, *, language: str = "en", cryptopay: CryptoPayClient | None = None
-) -> CardInvoice:
+) -> TelegramInvoice:
     """Create a card purchase of a plan in the card currency.
 
     Raises UnknownPlan, MethodUnavailable (cards off, or no price in the card currency), UnknownUser.
@@ -503,7 +495,7 @@ async def start_card_purchase(
     provider_data = None
     if config.receipt:
         provider_data = receipt_provider_data(description, purchase.amount_minor, purchase.currency, config.vat_code)
-    return CardInvoice(
+    return TelegramInvoice(
         purchase,
         title[:32],
         description[:255],

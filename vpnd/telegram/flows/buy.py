@@ -142,12 +142,7 @@ async def _pay_cryptopay(turn: Turn, *, plan_code: str | None = None, topup_mino
     text = turn.t(
         "buy.cryptopay_invoice", price=price, title=title, minutes=turn.app.config.payments.purchase_ttl_minutes
     )
-    await turn.show(
-        text,
-        kb.keyboard(
-            [kb.url_button(turn.t("buy.pay_button", price=price), url)], [kb.button(turn.t("common.menu"), "menu")]
-        ),
-    )
+    await _show_payment_page(turn, text, price, url)
 
 
 async def _pay_checkout(turn: Turn, plan_code: str, method: str | None) -> None:
@@ -162,7 +157,11 @@ async def _pay_checkout(turn: Turn, plan_code: str, method: str | None) -> None:
     price = _money(purchase.amount_minor, purchase.currency)
     plan = turn.app.config.plan(plan_code)
     title = plan.title.get(turn.lang, plan.code) if plan else plan_code
-    text = turn.t("buy.checkout_payment", price=price, title=title)
+    await _show_payment_page(turn, turn.t("buy.checkout_payment", price=price, title=title), price, url)
+
+
+async def _show_payment_page(turn: Turn, text: str, price: str, url: str) -> None:
+    """The purchase's text with a button to the provider's payment page (Crypto Pay, a hosted checkout)."""
     await turn.show(
         text,
         kb.keyboard(
@@ -175,25 +174,17 @@ async def _pay_stars(turn: Turn, plan_code: str) -> None:
     invoice = await service.start_stars_purchase(
         turn.app, turn.user.id, plan_code, language=turn.lang, cryptopay=turn.ctx.cryptopay
     )
-    await turn.answer()
-    await turn.ctx.sender.call(
-        turn.chat_id,
-        lambda: turn.ctx.bot.send_invoice(
-            turn.chat_id,
-            title=invoice.title,
-            description=invoice.description,
-            payload=invoice.payload,
-            currency=invoice.currency,
-            prices=[telegram.LabeledPrice(invoice.title, invoice.amount)],
-            provider_token="",
-        ),
-    )
+    await _send_invoice(turn, invoice)
 
 
 async def _pay_card(turn: Turn, plan_code: str) -> None:
     invoice = await service.start_card_purchase(
         turn.app, turn.user.id, plan_code, language=turn.lang, cryptopay=turn.ctx.cryptopay
     )
+    await _send_invoice(turn, invoice)
+
+
+async def _send_invoice(turn: Turn, invoice: service.TelegramInvoice) -> None:
     await turn.answer()
     await turn.ctx.sender.call(
         turn.chat_id,
