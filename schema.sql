@@ -249,9 +249,20 @@ CREATE INDEX balance_owed_user_idx ON balance_owed (user_id);
 CREATE TABLE auto_renewals (
     user_id     bigint NOT NULL REFERENCES users (id),
     period_end  timestamptz NOT NULL,
-    outcome     text NOT NULL CHECK (outcome IN ('charged', 'insufficient_balance')),
+    outcome     text NOT NULL CHECK (outcome IN ('charged', 'insufficient_balance', 'card_pending', 'card_failed')),
     created_at  timestamptz NOT NULL DEFAULT now(),
+    -- A saved-card charge's purchase (vpnd/workers/renewal.py): a retry charges the same one.
+    purchase_id bigint REFERENCES purchases (id),
     PRIMARY KEY (user_id, period_end)
+);
+
+-- A user's payment method saved at the provider with their consent, charged by auto-renewal.
+CREATE TABLE saved_payment_methods (
+    user_id     bigint PRIMARY KEY REFERENCES users (id),
+    provider    text NOT NULL,
+    method_id   text NOT NULL,
+    title       text NOT NULL DEFAULT '',
+    created_at  timestamptz NOT NULL DEFAULT now()
 );
 
 -- Monotonic traffic totals per user, from Xray's counters read without reset.

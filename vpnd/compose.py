@@ -245,7 +245,7 @@ async def _start_services(
     if "payment_watcher" in services and checkout is not None:
         jobs.append(partial(run_checkout_watcher, app, checkout))
     if services.workers() or jobs:
-        await root.start(partial(run_workers, app, sender, only=services.workers(), extra=jobs))
+        await root.start(partial(run_workers, app, sender, only=services.workers(), extra=jobs, checkout=checkout))
     if "poller" in services:
         handler = make_update_handler(ctx, default_routes())
         run = partial(run_telegram, drop_notice=make_drop_notice(ctx))

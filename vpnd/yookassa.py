@@ -79,6 +79,10 @@ class Payment:
     metadata: Mapping[str, str]
     confirmation_url: str | None = None
     method_type: str | None = None
+    #: The payment method's id when YooKassa saved it (``payment_method.saved``), for charging it later.
+    saved_method_id: str | None = None
+    #: What to call the saved method to its owner ("MasterCard *4477").
+    method_title: str = ""
 
     @property
     def purchase_id(self) -> str | None:
@@ -149,7 +153,26 @@ def parse_payment(obj: Any) -> Payment:
         metadata={str(k): str(v) for k, v in metadata.items()},
         confirmation_url=confirmation.get("confirmation_url") if isinstance(confirmation, Mapping) else None,
         method_type=method.get("type") if isinstance(method, Mapping) else None,
+        saved_method_id=_saved_id(method),
+        method_title=_method_title(method),
     )
+
+
+def _saved_id(method: Any) -> str | None:
+    if not isinstance(method, Mapping) or method.get("saved") is not True:
+        return None
+    value = method.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+def _method_title(method: Any) -> str:
+    if not isinstance(method, Mapping):
+        return ""
+    card = method.get("card")
+    if isinstance(card, Mapping) and isinstance(card.get("last4"), str):
+        return f"{card.get('card_type') or 'Card'} *{card['last4']}"[:64]
+    title = method.get("title")
+    return title[:64] if isinstance(title, str) else ""
 
 
 def parse_refund(obj: Any) -> Refund:
@@ -224,17 +247,28 @@ class YooKassaClient:
         return_url: str,
         method: str | None,
         idempotence_key: str,
+        save_method: bool = False,
+        saved_method_id: str | None = None,
     ) -> Payment:
-        """Create a payment captured at once, confirmed on YooKassa's page (``redirect``)."""
+        """Create a payment captured at once, confirmed on YooKassa's page (``redirect``).
+
+        ``save_method``: the payer consented to keep the method for auto-renewal. ``saved_method_id``:
+        charge a saved method without the payer (no confirmation; the answer is final or pending).
+        """
         body: dict[str, Any] = {
             "amount": format_amount(amount, currency),
             "capture": True,
-            "confirmation": {"type": "redirect", "return_url": return_url},
             "description": description[:128],
             "metadata": {"purchase_id": str(purchase_id)},
         }
-        if method is not None:
+        if saved_method_id is not None:
+            body["payment_method_id"] = saved_method_id
+        else:
+            body["confirmation"] = {"type": "redirect", "return_url": return_url}
+        if method is not None and saved_method_id is None:
             body["payment_method_data"] = {"type": method}
+        if save_method:
+            body["save_payment_method"] = True
         return self._parsed(parse_payment, await self.request("POST", "payments", body, key=idempotence_key))
 
     async def get_payment(self, payment_id: str) -> Payment:

@@ -103,3 +103,37 @@ def settle_checkout(conn: psycopg.Connection[Any], purchase_id: int, status: str
     if row is not None and status == "canceled":
         expire_purchase(conn, purchase_id)
     return row is not None
+
+
+@attrs.frozen
+class SavedMethod:
+    """A payment method the user let the provider keep (their consent), charged by auto-renewal."""
+
+    provider: str
+    method_id: str
+    title: str
+
+
+def save_method(conn: psycopg.Connection[Any], user_id: int, provider: str, method_id: str, title: str) -> None:
+    """Remember the user's saved method (one per user: the newest consent wins)."""
+    conn.execute(
+        "INSERT INTO saved_payment_methods (user_id, provider, method_id, title) VALUES (%s, %s, %s, %s) "
+        "ON CONFLICT (user_id) DO UPDATE SET provider = EXCLUDED.provider, method_id = EXCLUDED.method_id, "
+        "title = EXCLUDED.title, created_at = now()",
+        (user_id, provider, method_id, title),
+    )
+
+
+def saved_method(conn: psycopg.Connection[Any], user_id: int) -> SavedMethod | None:
+    row = conn.execute(
+        "SELECT provider, method_id, title FROM saved_payment_methods WHERE user_id = %s", (user_id,)
+    ).fetchone()
+    return SavedMethod(str(row[0]), str(row[1]), str(row[2])) if row else None
+
+
+def forget_method(conn: psycopg.Connection[Any], user_id: int) -> bool:
+    """The user unlinked their card: no renewal charges it again. False when none was saved."""
+    return (
+        conn.execute("DELETE FROM saved_payment_methods WHERE user_id = %s RETURNING 1", (user_id,)).fetchone()
+        is not None
+    )

@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from vpnd.app import App
+from vpnd.payments.checkout import HostedCheckout
 from vpnd.periodic import Period, RoundFn, run_periodic
 from vpnd.telegram.client import Sender
 from vpnd.telegram.texts import Texts
@@ -59,8 +60,11 @@ async def run_worker(
     )
 
 
-def default_jobs(app: App, sender: Sender, texts: Texts) -> dict[str, Job]:
-    """The built-in jobs by name, configured from `[workers]` (intervals read live: see `vpnd.reload`)."""
+def default_jobs(app: App, sender: Sender, texts: Texts, checkout: HostedCheckout | None = None) -> dict[str, Job]:
+    """The built-in jobs by name, configured from `[workers]` (intervals read live: see `vpnd.reload`).
+
+    `checkout`: the hosted checkout whose saved cards auto-renewal charges (None: balances only).
+    """
     batch = app.config.workers.batch_size
 
     def job(name: str, interval_key: str, round_fn: RoundFn) -> Job:
@@ -82,7 +86,9 @@ def default_jobs(app: App, sender: Sender, texts: Texts) -> dict[str, Job]:
             expiry.WORKER_NAME, "expiry_interval", partial(expiry.expiry_round, app, texts, batch_size=batch)
         ),
         renewal.WORKER_NAME: job(
-            renewal.WORKER_NAME, "renewal_interval", partial(renewal.renewal_round, app, texts, batch_size=batch)
+            renewal.WORKER_NAME,
+            "renewal_interval",
+            partial(renewal.renewal_round, app, texts, batch_size=batch, checkout=checkout),
         ),
         housekeeping.WORKER_NAME: job(
             housekeeping.WORKER_NAME,
@@ -99,6 +105,7 @@ async def run_workers(
     *,
     extra: Sequence[Job] = (),
     only: Sequence[str] | None = None,
+    checkout: HostedCheckout | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Start every job (the built-in ones, or those named in `only`, then `extra`); run until shutdown.
@@ -107,7 +114,7 @@ async def run_workers(
     its readiness checks exist before READY=1).
     """
     texts = app.texts
-    builtin = default_jobs(app, sender, texts)
+    builtin = default_jobs(app, sender, texts, checkout)
     if only is not None:
         unknown = set(only) - set(builtin)
         if unknown:

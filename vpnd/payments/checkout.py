@@ -67,6 +67,9 @@ class CheckoutPayment:
     #: The purchase id the payment carries (its metadata), as the provider reports it.
     purchase_id: int | None
     confirmation_url: str | None = None
+    #: The method the provider saved with the payer's consent (for auto-renewal), and its title.
+    saved_method_id: str | None = None
+    saved_method_title: str = ""
 
 
 @attrs.frozen
@@ -83,8 +86,12 @@ class HostedCheckout(Protocol):
     def name(self) -> payments_db.Provider: ...
 
     async def create(
-        self, purchase: Purchase, *, method: str | None, description: str, return_url: str
+        self, purchase: Purchase, *, method: str | None, description: str, return_url: str, save_method: bool = False
     ) -> CheckoutPayment: ...
+
+    async def charge(self, purchase: Purchase, *, saved_method_id: str, description: str, key: str) -> CheckoutPayment:
+        """Charge a saved method without the payer; `key` makes a retry return the first charge."""
+        ...
 
     async def fetch(self, payment_id: str) -> CheckoutPayment: ...
 
@@ -115,7 +122,7 @@ class YooKassaCheckout:
         return "yookassa"
 
     async def create(
-        self, purchase: Purchase, *, method: str | None, description: str, return_url: str
+        self, purchase: Purchase, *, method: str | None, description: str, return_url: str, save_method: bool = False
     ) -> CheckoutPayment:
         with _errors():
             payment = await self.client.create_payment(
@@ -126,6 +133,21 @@ class YooKassaCheckout:
                 return_url=return_url,
                 method=method,
                 idempotence_key=f"vpnd-purchase-{purchase.id}",
+                save_method=save_method,
+            )
+        return self._value(payment)
+
+    async def charge(self, purchase: Purchase, *, saved_method_id: str, description: str, key: str) -> CheckoutPayment:
+        with _errors():
+            payment = await self.client.create_payment(
+                amount=from_minor(purchase.amount_minor, purchase.currency),
+                currency=purchase.currency,
+                purchase_id=purchase.id,
+                description=description,
+                return_url="",
+                method=None,
+                idempotence_key=key,
+                saved_method_id=saved_method_id,
             )
         return self._value(payment)
 
@@ -156,6 +178,8 @@ class YooKassaCheckout:
             payment.currency,
             _purchase_id(payment.purchase_id),
             payment.confirmation_url,
+            payment.saved_method_id,
+            payment.method_title,
         )
 
 
@@ -182,12 +206,14 @@ async def start_checkout_purchase(
     method: str | None = None,
     language: str = "en",
     cryptopay: CryptoPayClient | None = None,
+    save_method: bool = False,
 ) -> tuple[Purchase, str]:
     """Create a purchase of a plan and its payment at the provider; the purchase and the page URL.
 
     Raises UnknownPlan, UnknownUser, MethodUnavailable (switched off, or the plan is priced in
     another currency than the shop's), ProviderUnavailable (the provider refused or failed; the
     purchase is then cancelled), PurchaseNotPayable (a newer purchase superseded this one meanwhile).
+    `save_method`: the payer consented to auto-renewal by this card (the provider keeps the method).
     """
     config = app.config.yookassa
     if not config.enabled:
@@ -201,7 +227,9 @@ async def start_checkout_purchase(
     )
     purchase = await _create_purchase(app, user_id, offer, checkout.name)  # committed before any HTTP
     try:
-        payment = await checkout.create(purchase, method=method, description=description, return_url=config.return_url)
+        payment = await checkout.create(
+            purchase, method=method, description=description, return_url=config.return_url, save_method=save_method
+        )
     except CheckoutError as exc:
         log.warning("event=checkout_failed provider=%s purchase_id=%s error=%s", checkout.name, purchase.id, exc)
         await app.db.run(purchases.expire_purchase, purchase.id, status="cancelled")
@@ -249,6 +277,8 @@ def _finalize_checkout(
         rules=rules,
     )
     checkout_db.settle_checkout(conn, purchase_id, "succeeded")
+    if payment.saved_method_id is not None and outcome.status == "granted" and outcome.user_id is not None:
+        checkout_db.save_method(conn, outcome.user_id, provider, payment.saved_method_id, payment.saved_method_title)
     return outcome
 
 

@@ -14,6 +14,15 @@ user's payment history show it, and `[payments].notify_chat_id` is told of it li
 A balance that does not cover the plan gets one notice per period (the period row records
 `insufficient_balance`); if the user tops up before the end, the next round renews after all.
 
+A user who consented to keep their card (a YooKassa payment with `save_payment_method`) is charged
+on the card first, without them (`renew_by_card`): a purchase row and the period's `card_pending`
+decision are committed first, in their own transaction; then the provider is asked to charge the
+saved method with an idempotence key of (user, period), so a retry, a second worker or a restart
+after kill -9 gets the first charge back, never a second one; the payment is then settled by the
+ordinary finalize path (the checkout watcher and the notification are the backstop). A declined
+charge marks the period `card_failed`, and the balance renewal below takes it as if no card were
+saved (then its insufficient-balance notice, then the reminders).
+
 Expiry waits for this decision (`RENEWAL_PENDING`): a subscription whose renewal is still owed is
 not expired, so a renewal that is about to happen always wins — for at most `RENEWAL_GRACE` past
 the end, after which expiry proceeds even if renewal never came.
@@ -29,10 +38,15 @@ import attrs
 import psycopg
 
 from vpnd.app import App
-from vpnd.db import history, ledger, outbox, renewals
+from vpnd.config import PaymentsConfig
+from vpnd.db import checkout as checkout_db
+from vpnd.db import history, ledger, outbox, purchases, renewals
 from vpnd.db.payments import record_auto_renewal
+from vpnd.db.purchases import Purchase
 from vpnd.db.subscriptions import grant_days
 from vpnd.money import format_money
+from vpnd.payments.checkout import CheckoutError, HostedCheckout, settle_checkout_payment
+from vpnd.pricing import InvalidAmount, Offer, min_price_minor, plan_offer
 from vpnd.texts import Texts
 from vpnd.workers.common import START, BatchResult, PlanPrices, buy_button, format_date, instant_key
 
@@ -153,13 +167,136 @@ def renewal_settings(app: App) -> RenewalSettings:
     )
 
 
-async def renewal_round(app: App, texts: Texts, *, batch_size: int, settings: RenewalSettings | None = None) -> int:
-    """Renew every due subscription; returns how many were charged or notified."""
+# --- by a saved card ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class CardCharge:
+    """A period to charge to the user's saved card, and the purchase that records it."""
+
+    user_id: int
+    period_end: dt.datetime
+    purchase: Purchase
+    method_id: str
+
+    @property
+    def key(self) -> str:
+        """The idempotence key: one per (user, period), so the provider makes one charge whatever retries."""
+        return f"vpnd-renew-{self.user_id}-{instant_key(self.period_end)}"
+
+
+def card_offers(app: App) -> dict[str, Offer]:
+    """Each plan at its price in the checkout's currency (plans not sold in it are left to the balance)."""
+    offers = {}
+    for plan in app.config.plans:
+        try:
+            offers[plan.code] = plan_offer(plan, app.config.yookassa.currency)
+        except InvalidAmount:
+            continue
+    return offers
+
+
+def begin_card_batch(
+    conn: psycopg.Connection[Any],
+    settings: RenewalSettings,
+    provider: str,
+    offers: dict[str, Offer],
+    payments: PaymentsConfig,
+    after: tuple[dt.datetime, int],
+    limit: int,
+) -> tuple[list[CardCharge], tuple[dt.datetime, int] | None, int]:
+    """Claim a batch of periods for their saved cards (a purchase each), committed before any charge.
+
+    A period claimed earlier whose charge never finished (a crash, a provider outage) comes back
+    with its purchase, to be charged again with the same key.
+    """
+    params = {**settings.sql_params(), "provider": provider}
+    rows = renewals.due_card_renewals(conn, params, after, limit)
+    charges = []
+    for user_id, period_end, plan_code, method_id, purchase_id in rows:
+        purchase = purchases.get_purchase(conn, purchase_id) if purchase_id is not None else None
+        if purchase is None:
+            offer = offers.get(plan_code)
+            if offer is None:
+                continue
+            purchase = purchases.create_purchase(
+                conn, user_id, offer, method="yookassa", ttl_minutes=payments.purchase_ttl_minutes,
+                min_price_minor=min_price_minor(payments, offer.currency), use_promo=False,
+            )  # fmt: skip
+            renewals.claim_card_period(conn, user_id, period_end, purchase.id)
+        charges.append(CardCharge(user_id, period_end, purchase, method_id))
+    last = (rows[-1][1], rows[-1][0]) if rows else None
+    return charges, last, len(rows)
+
+
+def _card_failed(conn: psycopg.Connection[Any], charge: CardCharge) -> None:
+    purchases.expire_purchase(conn, charge.purchase.id, status="cancelled")
+    renewals.settle_card_period(conn, charge.user_id, charge.period_end, "card_failed")
+
+
+async def charge_card(app: App, checkout: HostedCheckout, charge: CardCharge) -> str:
+    """Charge one claimed period to the saved card and settle it: "charged", "card_failed" or "pending"."""
+    try:
+        payment = await checkout.charge(
+            charge.purchase, saved_method_id=charge.method_id, description=f"Auto-renewal {charge.purchase.plan_code}",
+            key=charge.key,
+        )  # fmt: skip
+    except CheckoutError as exc:
+        log.warning("event=card_renew_failed user_id=%s transient=%s error=%s", charge.user_id, exc.transient, exc)
+        if exc.transient:
+            return "pending"  # the next round asks again, with the same key
+        await app.db.run(_card_failed, charge)
+        return "card_failed"
+    await app.db.run(checkout_db.attach_checkout, charge.purchase.id, checkout.name, payment.payment_id, None)
+    try:
+        result = await settle_checkout_payment(app, checkout, payment.payment_id)
+    except CheckoutError:
+        return "pending"  # the watcher settles it
+    if result in ("granted", "already_paid"):
+        await app.db.run(renewals.settle_card_period, charge.user_id, charge.period_end, "charged")
+        log.info("event=card_renewed user_id=%s purchase_id=%s", charge.user_id, charge.purchase.id)
+        return "charged"
+    if result == "canceled":
+        await app.db.run(renewals.settle_card_period, charge.user_id, charge.period_end, "card_failed")
+        log.info("event=card_renew_declined user_id=%s purchase_id=%s", charge.user_id, charge.purchase.id)
+        return "card_failed"
+    return "pending"
+
+
+async def renew_by_card(app: App, checkout: HostedCheckout, settings: RenewalSettings, *, batch_size: int) -> int:
+    """Charge every due period to its saved card; how many were charged."""
+    offers = card_offers(app)
+    after = START
+    charged = 0
+    while True:
+        charges, last, seen = await app.db.run(
+            begin_card_batch, settings, checkout.name, offers, app.config.payments, after, batch_size
+        )
+        for charge in charges:
+            outcome = await charge_card(app, checkout, charge)
+            app.metrics.auto_renewals.labels(outcome if outcome == "card_failed" else f"card_{outcome}").inc()
+            charged += outcome == "charged"
+        if last is None or seen < batch_size:
+            return charged
+        after = last
+
+
+async def renewal_round(
+    app: App,
+    texts: Texts,
+    *,
+    batch_size: int,
+    settings: RenewalSettings | None = None,
+    checkout: HostedCheckout | None = None,
+) -> int:
+    """Renew every due subscription (saved cards first, then balances); how many were charged or notified."""
     settings = settings or renewal_settings(app)
     if not settings.plans.codes:
         return 0
-    after = START
     total = 0
+    if checkout is not None:
+        total += await renew_by_card(app, checkout, settings, batch_size=batch_size)
+    after = START
     while True:
         result, counts = await app.db.run(renew_batch, texts, settings, after, batch_size)
         total += result.handled

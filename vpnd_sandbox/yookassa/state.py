@@ -84,10 +84,14 @@ class FakeYooKassa:
     notification_delay: float = 0.0  # seconds before delivery (late)
     notification_attempts: int = 3  # per copy; any answer but 200 is retried
     retry_delay: float = 0.2
+    #: False: a charge of a saved method (``payment_method_id``) is declined (canceled).
+    saved_charges_succeed: bool = True
 
     base_url: str | None = None
     payments: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     refunds: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    #: Payment methods saved with the payer's consent (``save_payment_method``): id → the method.
+    saved_methods: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     deliveries: deque[Delivery] = attrs.field(factory=lambda: deque(maxlen=RECORD_LIMIT))
     #: (method, path, HTTP status) of every API call.
     api_calls: deque[tuple[str, str, int]] = attrs.field(factory=lambda: deque(maxlen=RECORD_LIMIT))
@@ -132,6 +136,8 @@ class FakeYooKassa:
 
     def _create_payment(self, body: Mapping[str, Any]) -> dict[str, Any]:
         amount = _amount(body.get("amount"), "amount")
+        if "payment_method_id" in body:
+            return self._charge_saved(body, amount)
         confirmation = body.get("confirmation")
         if not isinstance(confirmation, Mapping) or confirmation.get("type") != "redirect":
             raise FakeApiError(400, "invalid_request", "confirmation.type must be redirect here", "confirmation")
@@ -155,11 +161,39 @@ class FakeYooKassa:
             "refundable": False,
             "test": True,
             "capture": bool(body.get("capture")),
+            "save_payment_method": body.get("save_payment_method") is True,
         }  # fmt: skip
         if method_type is not None:
             payment["payment_method"] = {"type": method_type, "id": str(uuid.uuid4()), "saved": False}
         self.payments[payment_id] = payment
         return payment
+
+    def _charge_saved(self, body: Mapping[str, Any], amount: dict[str, str]) -> dict[str, Any]:
+        """A payment by a saved method: no page, settled at once (``saved_charges_succeed``), notified."""
+        method = self.saved_methods.get(str(body.get("payment_method_id")))
+        if method is None:
+            raise FakeApiError(400, "invalid_request", "unknown payment method", "payment_method_id")
+        payment_id = str(uuid.uuid4())
+        succeeded = self.saved_charges_succeed
+        payment: dict[str, Any] = {
+            "id": payment_id, "status": "succeeded" if succeeded else "canceled", "paid": succeeded,
+            "amount": amount, "created_at": _now(), "description": str(body.get("description") or ""),
+            "metadata": dict(body.get("metadata") or {}), "recipient": {"account_id": self.shop_id, "gateway_id": "1"},
+            "refundable": succeeded, "test": True, "capture": True, "payment_method": dict(method),
+        }  # fmt: skip
+        if not succeeded:
+            payment["cancellation_details"] = {"party": "payment_network", "reason": "insufficient_funds"}
+        self.payments[payment_id] = payment
+        self._post("payment.succeeded" if succeeded else "payment.canceled", payment)
+        return payment
+
+    def saved_charges(self) -> list[dict[str, Any]]:
+        """The succeeded payments made by a saved method (what the payers were charged without them)."""
+        saved = self.saved_methods
+        return [
+            p for p in self.payments.values()
+            if p["status"] == "succeeded" and "confirmation" not in p and p["payment_method"]["id"] in saved
+        ]  # fmt: skip
 
     def _create_refund(self, body: Mapping[str, Any]) -> dict[str, Any]:
         payment = self.payments.get(str(body.get("payment_id")))
@@ -188,6 +222,9 @@ class FakeYooKassa:
         method = payment.setdefault("payment_method", {"type": "bank_card", "id": str(uuid.uuid4()), "saved": False})
         if method["type"] == "bank_card":
             method["card"] = {"first6": "555555", "last4": "4477", "card_type": "MasterCard"}
+            if payment.get("save_payment_method"):
+                method["saved"] = True
+                self.saved_methods[method["id"]] = dict(method)
         payment.update(status="succeeded", paid=True, refundable=True, captured_at=_now())
         payment["income_amount"] = dict(payment["amount"])
         self._post("payment.succeeded", payment)
