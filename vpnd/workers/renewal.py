@@ -256,8 +256,8 @@ async def charge_card(app: App, checkout: HostedCheckout, charge: CardCharge) ->
         await app.db.run(renewals.settle_card_period, charge.user_id, charge.period_end, "charged")
         log.info("event=card_renewed user_id=%s purchase_id=%s", charge.user_id, charge.purchase.id)
         return "charged"
-    if result == "canceled":
-        await app.db.run(renewals.settle_card_period, charge.user_id, charge.period_end, "card_failed")
+    if payment.status == "canceled":  # declined (a notification may have settled it first: result "unknown")
+        await app.db.run(_card_failed, charge)
         log.info("event=card_renew_declined user_id=%s purchase_id=%s", charge.user_id, charge.purchase.id)
         return "card_failed"
     return "pending"
