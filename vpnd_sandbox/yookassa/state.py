@@ -86,6 +86,9 @@ class FakeYooKassa:
     retry_delay: float = 0.2
     #: False: a charge of a saved method (``payment_method_id``) is declined (canceled).
     saved_charges_succeed: bool = True
+    #: True: a charge of a saved method is made, but its answer is withheld until this is False again
+    #: (the caller hangs between the charge and its record: a test kills it there).
+    hold_saved_charges: bool = False
 
     base_url: str | None = None
     payments: dict[str, dict[str, Any]] = attrs.field(factory=dict)
@@ -272,6 +275,14 @@ class FakeYooKassa:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+    async def release_saved_charge(self) -> None:
+        """Wait while saved charges are held (the web layer calls it before answering one)."""
+        await self.wait_until(lambda: not self.hold_saved_charges)
+
+    def release(self) -> None:
+        self.hold_saved_charges = False
+        self._notify()
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds (re-checked after every change); bound it with ``fail_after``."""

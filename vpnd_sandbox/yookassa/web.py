@@ -76,6 +76,8 @@ async def _api(fake: FakeYooKassa, request: Request) -> Response:
         request.method, path, body, request.header("authorization"), request.header("idempotence-key")
     )
     fake.api_calls.append((request.method, path, status))
+    if isinstance(body, dict) and "payment_method_id" in body:
+        await fake.release_saved_charge()
     return Response.json(answer, status)
 
 
