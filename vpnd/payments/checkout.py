@@ -33,7 +33,7 @@ from vpnd.app import App
 from vpnd.cryptopay import CryptoPayClient
 from vpnd.db import checkout as checkout_db
 from vpnd.db import payments as payments_db
-from vpnd.db import purchases
+from vpnd.db import purchases, subscriptions
 from vpnd.db.payments import FinalizeOutcome, PaymentRules, RefundReversal, finalize_purchase
 from vpnd.db.purchases import MethodUnavailable, ProviderUnavailable, Purchase, PurchaseNotPayable
 from vpnd.money import from_minor
@@ -279,6 +279,7 @@ def _finalize_checkout(
     checkout_db.settle_checkout(conn, purchase_id, "succeeded")
     if payment.saved_method_id is not None and outcome.status == "granted" and outcome.user_id is not None:
         checkout_db.save_method(conn, outcome.user_id, provider, payment.saved_method_id, payment.saved_method_title)
+        subscriptions.set_auto_renew(conn, outcome.user_id, True)  # what the payer consented to
     return outcome
 
 

@@ -78,6 +78,7 @@ def register(routes: Routes) -> None:
             "qr": no_args(access.send_qr),
             "reissue": no_args(access.reissue),
             "ar": auto_renew,
+            "card": no_args(access.remove_saved_card),
             "lang": lang,
             "invite": no_args(menu.invite),
             "help": no_args(menu.help_text),

@@ -14,6 +14,7 @@ import trio
 
 from vpnd import alerts
 from vpnd.config_checks import KEY_PENDING_HINT, link_settings_gap
+from vpnd.db import checkout as checkout_db
 from vpnd.db import subscriptions, xray_state
 from vpnd.db.subscriptions import Subscription
 from vpnd.subscription_url import user_links
@@ -120,11 +121,14 @@ async def my_subscription(turn: Turn, notice: str = "") -> None:
     if notice:
         text = notice + "\n\n" + text
     toggle = "sub.auto_renew_toggle_off" if sub.auto_renew else "sub.auto_renew_toggle_on"
+    card = await turn.app.db.run(checkout_db.saved_method, turn.user.id)
+    card_rows = [[kb.button(turn.t("sub.card_remove", title=card.title or "•"), "card:rm")]] if card else []
     await turn.show(
         text,
         kb.keyboard(
             [kb.button(turn.t("sub.qr"), "qr"), kb.button(turn.t("sub.reissue"), "reissue")],
             [kb.button(turn.t(toggle), "ar:off" if sub.auto_renew else "ar:on")],
+            *card_rows,
             [kb.button(turn.t("menu.renew"), "buy")],
             [kb.button(turn.t("common.menu"), "menu")],
         ),
@@ -175,4 +179,11 @@ async def set_auto_renew(turn: Turn, enabled: bool) -> None:
         await show_menu(turn, turn.t("sub.none"))
         return
     await turn.answer(turn.t("sub.auto_renew_set_on" if enabled else "sub.auto_renew_set_off"))
+    await my_subscription(turn)
+
+
+async def remove_saved_card(turn: Turn) -> None:
+    """Unlink the saved card: auto-renewal never charges it again (the balance still may)."""
+    removed = await turn.app.db.run(checkout_db.forget_method, turn.user.id)
+    await turn.answer(turn.t("sub.card_removed" if removed else "sub.card_none"))
     await my_subscription(turn)

@@ -32,7 +32,7 @@ log = logging.getLogger("vpnd.payments")
 TOPUP_STATE = "topup_amount"
 METHOD_CODES = {
     **{"c": "cryptopay", "s": "stars", "b": "balance", "k": "card"},
-    **{"yk": "bank_card", "ys": "sbp", "y": "yookassa"},
+    **{"yk": "bank_card", "ys": "sbp", "y": "yookassa", "ya": "bank_card_save"},
 }
 #: The hosted checkout's buttons: YooKassa method → (its callback code, its label key).
 CHECKOUT_METHODS = {"bank_card": ("yk", "buy.method.yookassa_card"), "sbp": ("ys", "buy.method.yookassa_sbp")}
@@ -92,16 +92,21 @@ def _checkout_buttons(turn: Turn, plan_code: str, currency: str) -> list[list[kb
     config = turn.app.config.yookassa
     if turn.ctx.checkout is None or currency.upper() != config.currency.upper():
         return []
+    # Card + auto-renewal: the same card payment, with the payer's consent to keep the card (opt-in).
+    save = [kb.button(turn.t("buy.method.yookassa_card_autorenew"), f"pay:{plan_code}:ya")]
     if not config.methods:
-        return [[kb.button(turn.t("buy.method.yookassa"), f"pay:{plan_code}:y")]]
-    return [
+        return [[kb.button(turn.t("buy.method.yookassa"), f"pay:{plan_code}:y")], save]
+    rows = [
         [kb.button(turn.t(CHECKOUT_METHODS[m][1]), f"pay:{plan_code}:{CHECKOUT_METHODS[m][0]}")] for m in config.methods
     ]
+    return [*rows, save] if "bank_card" in config.methods else rows
 
 
 async def pay(turn: Turn, plan_code: str, method: str) -> None:
     try:
-        if method in ("bank_card", "sbp", "yookassa"):
+        if method == "bank_card_save":
+            await _pay_checkout(turn, plan_code, "bank_card", save_method=True)
+        elif method in ("bank_card", "sbp", "yookassa"):
             await _pay_checkout(turn, plan_code, None if method == "yookassa" else method)
         elif method == "cryptopay":
             await _pay_cryptopay(turn, plan_code=plan_code)
@@ -145,19 +150,26 @@ async def _pay_cryptopay(turn: Turn, *, plan_code: str | None = None, topup_mino
     await _show_payment_page(turn, text, price, url)
 
 
-async def _pay_checkout(turn: Turn, plan_code: str, method: str | None) -> None:
-    """Create the payment at the hosted checkout and show the button to its page."""
+async def _pay_checkout(turn: Turn, plan_code: str, method: str | None, *, save_method: bool = False) -> None:
+    """Create the payment at the hosted checkout and show the button to its page.
+
+    `save_method`: the user chose "Card + auto-renewal"; the page's text says what they consent to.
+    """
     provider = turn.ctx.checkout
     if provider is None:
         await turn.answer(turn.t("payments.method_unavailable"), alert=True)
         return
     purchase, url = await checkout.start_checkout_purchase(
-        turn.app, provider, turn.user.id, plan_code, method=method, language=turn.lang, cryptopay=turn.ctx.cryptopay
-    )
+        turn.app, provider, turn.user.id, plan_code, method=method, language=turn.lang, cryptopay=turn.ctx.cryptopay,
+        save_method=save_method,
+    )  # fmt: skip
     price = _money(purchase.amount_minor, purchase.currency)
     plan = turn.app.config.plan(plan_code)
     title = plan.title.get(turn.lang, plan.code) if plan else plan_code
-    await _show_payment_page(turn, turn.t("buy.checkout_payment", price=price, title=title), price, url)
+    text = turn.t("buy.checkout_payment", price=price, title=title)
+    if save_method:
+        text = text + "\n\n" + turn.t("buy.card_autorenew_consent", price=price)
+    await _show_payment_page(turn, text, price, url)
 
 
 async def _show_payment_page(turn: Turn, text: str, price: str, url: str) -> None:
