@@ -106,3 +106,42 @@ async def test_admin_refunds_a_card_payment_once(
     assert scalar(db_dsn, "SELECT status FROM subscriptions WHERE user_id = %s", ALICE) == "expired"
     assert scalar(db_dsn, "SELECT count(*) FROM outbox WHERE dedupe_key = %s", f"refund:{purchase_id}") == 1
     await vpnd.stop()
+
+
+async def test_card_with_auto_renewal_consent_saves_it_and_the_user_removes_it(
+    nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    """ "Card + auto-renewal" shows the consent text, asks YooKassa to save the card; My subscription
+    then offers "Remove saved card", which unlinks it."""
+    fake, base_url = fake_telegram
+    shop = FakeYooKassa()
+    shop_url = await nursery.start(serve_fake_yookassa, shop)
+    config = bot_config(
+        write_config, db_dsn, fake, base_url,
+        yookassa={
+            "enabled": True, "shop_id": shop.shop_id, "secret_key": shop.secret_key, "api_base_url": f"{shop_url}/v3",
+            "notify_networks": ["127.0.0.1/32"], "currency": "USD",
+        },
+    )  # fmt: skip
+    vpnd = await start_vpnd(nursery, config)
+    shop.notification_url = f"{vpnd.http_url.rstrip('/')}/webhooks/yookassa"
+    fake.add_user(ALICE, "Alice")
+    with trio.fail_after(30):
+        plans = await open_buy(fake)
+        methods = await press(fake, plans, "plan:m1", predicate=lambda m: "pay:m1:s" in m.callback_data)
+        page = await press(fake, methods, "pay:m1:ya", predicate=lambda m: "YooKassa" in (m.text or ""))
+        assert "charged to it automatically" in (page.text or "") and "Remove saved card" in (page.text or "")
+        (payment_id,) = shop.payments
+        assert shop.payments[payment_id]["save_payment_method"] is True
+        shop.pay(payment_id)
+        await shop.wait_until(lambda: len(shop.deliveries) == 1)
+        assert scalar(db_dsn, "SELECT title FROM saved_payment_methods WHERE user_id = %s", ALICE) == "MasterCard *4477"
+        assert scalar(db_dsn, "SELECT auto_renew FROM subscriptions WHERE user_id = %s", ALICE) is True
+        fake.user_sends(ALICE, "/subscription")
+        sub = await fake.wait_for_bot_message(ALICE, lambda m: "card:rm" in m.callback_data)
+        fake.user_presses_button(ALICE, sub.message_id, "card:rm")
+        await fake.wait_for_bot_message(
+            ALICE, lambda m: "card:rm" not in m.callback_data and "ar:off" in m.callback_data
+        )
+    assert scalar(db_dsn, "SELECT count(*) FROM saved_payment_methods") == 0
+    await vpnd.stop()
