@@ -53,17 +53,14 @@ currency = "EUR"
 """
 
 
-@attrs.define(eq=False)
-class Env:
+@attrs.define(eq=False, kw_only=True)
+class PaymentsEnv:
+    """A vpnd serving payment routes over HTTP, the test's database and its users: the payment providers'
+    test environments (Crypto Pay here, YooKassa in test_yookassa_flow) add their fake and client."""
+
     app: App
-    fake: FakeCryptoPay
-    client: CryptoPayClient
     http_url: str
     dsn: str
-
-    @property
-    def webhook_url(self) -> str:
-        return self.http_url + WEBHOOK_PATH
 
     def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
         """Read (or set up) state on a separate, direct connection — the test's own view."""
@@ -71,6 +68,10 @@ class Env:
 
     def scalar(self, query: str, params: Any = None) -> Any:
         return scalar(self.dsn, query, *(params or ()))
+
+    async def add_users(self, *user_ids: int) -> None:
+        for user_id in user_ids:
+            await self.add_user(user_id)
 
     async def add_user(self, user_id: int, *, balance_minor: int = 0, referred_by: int | None = None) -> int:
         def create(conn: psycopg.Connection[Any]) -> None:
@@ -86,6 +87,17 @@ class Env:
 
         await self.app.db.run(create)
         return user_id
+
+
+
+@attrs.define(eq=False, kw_only=True)
+class Env(PaymentsEnv):
+    fake: FakeCryptoPay
+    client: CryptoPayClient
+
+    @property
+    def webhook_url(self) -> str:
+        return self.http_url + WEBHOOK_PATH
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a payment can change, to assert that nothing did."""
@@ -132,7 +144,7 @@ async def env(make_config: Callable[..., Any], db_dsn: str) -> AsyncIterator[Env
         async with open_cryptopay_client(fake.token, f"{fake.base_url}/api", timeout=5) as client:
             with trio.fail_after(IO_TIMEOUT):
                 vpnd = await start_vpnd(outer, config, Services.only("listener", "http"), single_instance=False)
-            env = Env(vpnd.app, fake, client, vpnd.http_url.rstrip("/"), db_dsn)
+            env = Env(app=vpnd.app, fake=fake, client=client, http_url=vpnd.http_url.rstrip("/"), dsn=db_dsn)
             fake.webhook_url = env.webhook_url
             yield env
             fake.webhooks_enabled = False

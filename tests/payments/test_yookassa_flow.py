@@ -15,17 +15,14 @@ from typing import Any
 
 import attrs
 import httpx
-import psycopg
 import pytest
 import trio
 import trio.lowlevel
 
-from tests.harness import scalar, sql, start_vpnd
-from tests.payments.conftest import ADMINS, IO_TIMEOUT
-from vpnd.app import App
+from tests.harness import start_vpnd
+from tests.payments.conftest import ADMINS, IO_TIMEOUT, PaymentsEnv
 from vpnd.compose import Services
 from vpnd.config import load_config
-from vpnd.db.users import upsert_user
 from vpnd.payments import MethodUnavailable, ProviderUnavailable
 from vpnd.payments.checkout import (
     YooKassaCheckout,
@@ -52,31 +49,14 @@ currency = "USD"
 """
 
 
-@attrs.define(eq=False)
-class YkEnv:
-    app: App
+@attrs.define(eq=False, kw_only=True)
+class YkEnv(PaymentsEnv):
     fake: FakeYooKassa
     checkout: YooKassaCheckout
-    http_url: str
-    dsn: str
 
     @property
     def notification_url(self) -> str:
         return self.http_url + NOTIFICATION_PATH
-
-    def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        """Read (or set up) state on a separate, direct connection — the test's own view."""
-        return sql(self.dsn, query, *(params or ()))
-
-    def scalar(self, query: str, params: Any = None) -> Any:
-        return scalar(self.dsn, query, *(params or ()))
-
-    async def add_users(self, *user_ids: int) -> None:
-        def create(conn: psycopg.Connection[Any]) -> None:
-            for user_id in user_ids:
-                upsert_user(conn, user_id, f"user{user_id}", f"User {user_id}", "en")
-
-        await self.app.db.run(create)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -127,7 +107,9 @@ async def yk(write_config: Callable[..., Path], db_dsn: str) -> AsyncIterator[Yk
         with trio.fail_after(IO_TIMEOUT):
             vpnd = await start_vpnd(outer, config, Services.only("listener", "http"), single_instance=False)
         assert isinstance(vpnd.vpnd.ctx.checkout, YooKassaCheckout)  # compose wired it from [yookassa]
-        env = YkEnv(vpnd.app, fake, vpnd.vpnd.ctx.checkout, vpnd.http_url.rstrip("/"), db_dsn)
+        env = YkEnv(
+            app=vpnd.app, fake=fake, checkout=vpnd.vpnd.ctx.checkout, http_url=vpnd.http_url.rstrip("/"), dsn=db_dsn
+        )
         fake.notification_url = env.notification_url
         yield env
         fake.notifications_enabled = False
