@@ -270,9 +270,28 @@ CREATE TABLE traffic (
     user_id          bigint PRIMARY KEY REFERENCES users (id),
     uplink_total     bigint NOT NULL DEFAULT 0,
     downlink_total   bigint NOT NULL DEFAULT 0,
-    uplink_seen      bigint NOT NULL DEFAULT 0,
-    downlink_seen    bigint NOT NULL DEFAULT 0,
     updated_at       timestamptz NOT NULL DEFAULT now()
+);
+-- Each node's raw counters as last read (a node restarting resets only its own); `traffic` sums the deltas.
+CREATE TABLE traffic_seen (
+    node           text NOT NULL,
+    user_id        bigint NOT NULL REFERENCES users (id),
+    uplink_seen    bigint NOT NULL DEFAULT 0,
+    downlink_seen  bigint NOT NULL DEFAULT 0,
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (node, user_id)
+);
+-- What each Xray node's writer last saw (`vpnd admin nodes`, the admin bot).
+CREATE TABLE xray_nodes (
+    name           text PRIMARY KEY,
+    reachable      boolean NOT NULL,
+    detail         text NOT NULL DEFAULT '',
+    users          integer NOT NULL DEFAULT 0,
+    online         integer NOT NULL DEFAULT 0,
+    traffic_day    date,
+    traffic_today  bigint NOT NULL DEFAULT 0,
+    synced_at      timestamptz,
+    updated_at     timestamptz NOT NULL DEFAULT now()
 );
 
 -- Current state of each health check, for alerts on a change of state.

@@ -126,7 +126,7 @@ def child_writer(count: int, dsn: str, workdir: Path) -> dict[str, Any]:
             app = vpnd.app
             baseline = _rss_now()
             started = trio.current_time()
-            status = await nursery.start(run_xray, app)
+            status = (await nursery.start(run_xray, app)).status()
             with trio.fail_after(600):  # the first round writes the file (no API: nothing else to do)
                 while True:
                     if status.file_writes >= 1:

@@ -34,7 +34,7 @@ async def test_only_http_serves_healthz_and_nobody_polls_telegram(
             assert (await client.get("/healthz")).status_code == 200
         await trio.sleep(1.0)  # a poller would have long-polled by now
         assert fake.requests["getUpdates"] == 0 and fake.requests["getMe"] == 0
-        assert vpnd.started.xray_status is None and vpnd.started.outbox is None and vpnd.started.polling is None
+        assert vpnd.started.xray is None and vpnd.started.outbox is None and vpnd.started.polling is None
         await vpnd.stop()
 
 

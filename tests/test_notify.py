@@ -159,8 +159,8 @@ async def test_bulk_change_in_one_transaction_wakes_the_writer_once(
     users = add_users(db_dsn, 6000, 200, days=30)
     async with daemon_with_xray(nursery, fake_telegram, db_dsn, write_config, tmp_path) as (vpnd, xray):
         await until(lambda: len(emails(xray)) == len(users), 30)
-        status = vpnd.started.xray_status
-        assert status is not None
+        assert vpnd.started.xray is not None
+        status = vpnd.started.xray.status()
         with trio.fail_after(30):  # the start-up rounds (first reconcile, the listener's connect nudge) are done
             while True:
                 wakes, rounds = vpnd.app.xray_changed.count, status.rounds

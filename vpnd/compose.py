@@ -43,7 +43,7 @@ from vpnd.nurseries.listener import run_listener
 from vpnd.nurseries.outbox import OutboxSender, OutboxSettings, run_outbox
 from vpnd.nurseries.telegram import PollState, identify_bot, run_telegram
 from vpnd.nurseries.workers import Job, run_workers
-from vpnd.nurseries.xray import XrayStatus, run_xray
+from vpnd.nurseries.xray import XrayFleet, run_xray
 from vpnd.payments.checkout import HostedCheckout, YooKassaCheckout, run_checkout_watcher
 from vpnd.payments.checkout_webhook import add_checkout_routes
 from vpnd.payments.watcher import run_payment_watcher
@@ -122,7 +122,7 @@ class Started:
     """What the running services reported: known only once they run."""
 
     http_url: str = ""
-    xray_status: XrayStatus | None = None
+    xray: XrayFleet | None = None
     bot_username: str = ""
     polling: PollState | None = None
     outbox: OutboxSender | None = None
@@ -231,12 +231,12 @@ async def _start_services(
 ) -> Started:
     """Start the chosen services in `SERVICE_NAMES` order; what they reported."""
     app, sender, cryptopay, checkout = ctx.app, ctx.sender, ctx.cryptopay, ctx.checkout
-    xray_status = outbox = polling = broadcasts = None
+    xray = outbox = polling = broadcasts = None
     http_url = ""
     if "listener" in services:
         await root.start(run_listener, app)
     if "xray" in services:
-        xray_status = await root.start(partial(run_xray, app, texts=ctx.texts))
+        xray = await root.start(partial(run_xray, app, texts=ctx.texts))
     if "outbox" in services:
         outbox = await root.start(partial(run_outbox, app, sender, settings=tuning.outbox))
     jobs = list(tuning.extra_jobs)
@@ -262,7 +262,7 @@ async def _start_services(
         http_url = await root.start(run_http, app, router)
     if "watchdog" in services:
         root.start_soon(_watchdog, app, notifier)
-    return Started(http_url, xray_status, ctx.bot_username, polling, outbox, broadcasts)
+    return Started(http_url, xray, ctx.bot_username, polling, outbox, broadcasts)
 
 
 @asynccontextmanager
@@ -308,7 +308,7 @@ async def _wait_until_ready(app: App, notifier: Notifier) -> None:
     patience_until = trio.current_time() + STARTUP_PATIENCE
     while True:
         results = await app.health.readiness()
-        failing = {name: r.detail for name, r in results.items() if not r.ok}
+        failing = {name: r.detail for name, r in results.items() if not r.ok and r.required}
         if not failing:
             return
         if not (set(failing) & CRITICAL_CHECKS) and trio.current_time() > patience_until:

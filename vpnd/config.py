@@ -143,6 +143,8 @@ class Plan:
     stars: int
     #: Prices in other currencies (`prices = { RUB = "299" }`), e.g. for card payments in the shop's currency.
     prices: Mapping[str, Decimal] = attrs.field(factory=dict)
+    #: Names of the nodes this plan's users may use (premium locations); empty: every node.
+    nodes: tuple[str, ...] = ()
 
     def price_in(self, currency: str) -> Decimal | None:
         """The plan's price in `currency`, or None when it is not sold in that currency."""
@@ -232,6 +234,82 @@ class XrayConfig:
     sni: str = "www.microsoft.com"
     fingerprint: str = "chrome"
     link_name: str = "vpnd"
+    #: This server's location as users see it (language → label); empty: `link_name`.
+    location: Mapping[str, str] = attrs.field(factory=dict)
+
+    def as_node(self) -> NodeConfig:
+        """The local Xray as a node: the one whose config file vpnd writes."""
+        return NodeConfig(
+            name=LOCAL_NODE,
+            location=self.location or {lang: self.link_name for lang in SUPPORTED_LANGUAGES},
+            host=self.host,
+            port=self.port,
+            public_key=self.public_key,
+            short_id=self.short_id,
+            sni=self.sni,
+            fingerprint=self.fingerprint,
+            flow=self.flow,
+            inbound_tag=self.inbound_tag,
+            api_address="" if self.restart_command else self.api_address,
+            api_prefix=self.api_prefix,
+            template_path=self.template_path,
+            config_path=self.config_path,
+            restart_command=self.restart_command,
+            managed=self.enabled,
+        )
+
+
+#: The name of the node `[xray]` describes (the Xray on vpnd's own host).
+LOCAL_NODE = "local"
+
+
+@attrs.frozen
+class NodeTls:
+    """How vpnd reaches a remote node's Xray API: mutual TLS (see README "Several servers")."""
+
+    #: PEM of the CA that signed the node's server certificate (vpnd trusts nothing else).
+    ca_file: str
+    #: vpnd's client certificate and key (PEM), which the node's TLS proxy requires.
+    cert_file: str
+    key_file: str
+    #: The name in the node's certificate, when it differs from the host of `api_address`.
+    server_name: str = ""
+
+
+@attrs.frozen
+class NodeConfig:
+    """One Xray server users connect to (`[[nodes]]`, or the local one from `[xray]`)."""
+
+    name: str
+    #: Language → what users see ("🇩🇪 Frankfurt"): the link's name and the location in "My subscription".
+    location: Mapping[str, str]
+    host: str
+    port: int = 443
+    public_key: str = ""
+    short_id: str = ""
+    sni: str = "www.microsoft.com"
+    fingerprint: str = "chrome"
+    flow: str = "xtls-rprx-vision"
+    inbound_tag: str = "vless-reality"
+    #: Where vpnd reaches the node's Xray API; "" when it has none (a local Xray with `restart_command`).
+    api_address: str = ""
+    api_prefix: str = "xray."
+    tls: NodeTls | None = None
+    #: Only the local node: the template, the file vpnd writes, and the restart for an API-less Xray.
+    template_path: str = ""
+    config_path: str = ""
+    restart_command: str = ""
+    #: False: links are built for it, but vpnd does not drive its Xray (`[xray].enabled = false`).
+    managed: bool = True
+
+    def label(self, language: str) -> str:
+        """The location in `language` (else English, else any)."""
+        return self.location.get(language) or self.location.get("en") or next(iter(self.location.values()), self.name)
+
+    @property
+    def connection(self) -> tuple[str, str, NodeTls | None]:
+        """What a writer's API channel is built from: a change needs a new channel."""
+        return (self.api_address, self.api_prefix, self.tls)
 
 
 @attrs.frozen
@@ -276,9 +354,34 @@ class Config:
     workers: WorkersConfig = WorkersConfig()
     broadcast: BroadcastConfig = BroadcastConfig()
     plans: tuple[Plan, ...] = ()
+    #: `[[nodes]]`: the remote Xray servers (the local one is `[xray]`).
+    nodes: tuple[NodeConfig, ...] = ()
 
     def plan(self, code: str) -> Plan | None:
         return next((p for p in self.plans if p.code == code), None)
+
+    @property
+    def vpn_nodes(self) -> tuple[NodeConfig, ...]:
+        """Every server users connect to, in the order links list them: the local one (when vpnd
+        drives it, or when it is the only one) and then `[[nodes]]`."""
+        local = self.xray.as_node()
+        return (local, *self.nodes) if local.managed or not self.nodes else self.nodes
+
+    @property
+    def managed_nodes(self) -> tuple[NodeConfig, ...]:
+        """The nodes whose Xray vpnd drives (one writer each)."""
+        return tuple(node for node in self.vpn_nodes if node.managed)
+
+    def nodes_for_plan(self, plan_code: str | None) -> tuple[NodeConfig, ...]:
+        """The servers a subscription of `plan_code` may use (a trial, or a plan no longer sold: all)."""
+        plan = self.plan(plan_code) if plan_code else None
+        if plan is None or not plan.nodes:
+            return self.vpn_nodes
+        return tuple(node for node in self.vpn_nodes if node.name in plan.nodes)
+
+    def plans_not_on(self, node_name: str) -> tuple[str, ...]:
+        """Codes of the plans restricted to other nodes (their users are not put on `node_name`)."""
+        return tuple(plan.code for plan in self.plans if plan.nodes and node_name not in plan.nodes)
 
     @property
     def card_currency(self) -> str:
@@ -550,6 +653,7 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "sni": read_str,
         "fingerprint": read_str,
         "link_name": read_str,
+        "location": lambda v: _read_location(v),
     },
     "workers": {
         "reminders_interval": positive(read_number),
@@ -589,7 +693,7 @@ SECTION_CLASSES: dict[str, type] = {
     "broadcast": BroadcastConfig,
 }
 
-PLAN_KEYS = {"code", "title", "days", "price", "currency", "stars", "prices"}
+PLAN_KEYS = {"code", "title", "days", "price", "currency", "stars", "prices", "nodes"}
 #: A Stars price must fit the database's integer column (and Telegram's own limits are far lower).
 MAX_STARS = 1_000_000
 
@@ -621,10 +725,10 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
 def config_from_dict(raw: Mapping[str, Any], name: str, environ: Mapping[str, str]) -> Config:
     sections: dict[str, Any] = {}
     for section, value in raw.items():
-        if section == "plans":
+        if section in ("plans", "nodes"):
             continue
         if section not in SECTION_READERS:
-            known = ", ".join(sorted([*SECTION_READERS, "plans"]))
+            known = ", ".join(sorted([*SECTION_READERS, "plans", "nodes"]))
             raise ConfigError(name, f"[{section}]", f"unknown section (known: {known})")
         if not isinstance(value, dict):
             raise ConfigError(name, f"[{section}]", f"expected a table, got {_show(value)}")
@@ -637,7 +741,8 @@ def config_from_dict(raw: Mapping[str, Any], name: str, environ: Mapping[str, st
 
     values = {s: SECTION_CLASSES[s](**kwargs) for s, kwargs in sections.items()}
     plans = _read_plans(name, raw.get("plans", []))
-    config = Config(path=name, plans=plans, **values)
+    nodes = _read_nodes(name, raw.get("nodes", []))
+    config = Config(path=name, plans=plans, nodes=nodes, **values)
     check_whole(name, config)
     return config
 
@@ -686,7 +791,7 @@ def _read_plan(name: str, where: str, table: object) -> Plan:
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(name, f"{where}.{key}", f"unknown key (known: {', '.join(sorted(PLAN_KEYS))})")
-    missing = PLAN_KEYS - set(table) - {"title", "stars", "prices"}
+    missing = PLAN_KEYS - set(table) - {"title", "stars", "prices", "nodes"}
     if missing:
         raise ConfigError(name, f"{where}.{sorted(missing)[0]}", "missing required key")
 
@@ -707,6 +812,7 @@ def _read_plan(name: str, where: str, table: object) -> Plan:
         currency=field("currency", read_str),
         stars=field("stars", in_range(read_int, 0, MAX_STARS), 0),
         prices=field("prices", _read_prices, {}),
+        nodes=field("nodes", read_list(read_str), []),
     )
     from vpnd import pricing
 
@@ -718,6 +824,104 @@ def _read_plan(name: str, where: str, table: object) -> Plan:
                 name, f"{where}.{key}", f"expected a price in whole {currency} minor units: {exc}"
             ) from None
     return plan
+
+
+#: `[[nodes]]` keys → readers (link and API settings default like `[xray]`'s).
+NODE_READERS: dict[str, Callable[[object], Any]] = {
+    "name": read_str,
+    "location": lambda v: _read_location(v),
+    "host": read_str,
+    "port": in_range(read_int, 1, 65535),
+    "public_key": read_str,
+    "short_id": read_str,
+    "sni": read_str,
+    "fingerprint": read_str,
+    "flow": read_str,
+    "inbound_tag": read_str,
+    "api_address": lambda v: str(read_host_port(v)),
+    "api_prefix": one_of("xray.", "v2ray.core."),
+    "api_tls_ca": read_str,
+    "api_tls_cert": read_str,
+    "api_tls_key": read_str,
+    "api_tls_server_name": read_str,
+}
+NODE_REQUIRED = ("name", "location", "host", "api_address", "public_key")
+_TLS_KEYS = ("api_tls_ca", "api_tls_cert", "api_tls_key")
+
+
+def _read_nodes(name: str, raw: object) -> tuple[NodeConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(name, "[[nodes]]", f"expected an array of tables, got {_show(raw)}")
+    nodes = [_read_node(name, f"[[nodes]][{index}]", table) for index, table in enumerate(raw)]
+    names = [node.name for node in nodes]
+    for index, node_name in enumerate(names):
+        if names.index(node_name) != index:
+            raise ConfigError(name, f"[[nodes]][{index}].name", f'duplicate node name "{node_name}"')
+    return tuple(nodes)
+
+
+def _read_node(name: str, where: str, table: object) -> NodeConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(name, where, f"expected a table, got {_show(table)}")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        reader = NODE_READERS.get(key)
+        if reader is None:
+            raise ConfigError(name, f"{where}.{key}", f"unknown key (known: {', '.join(NODE_READERS)})")
+        try:
+            values[key] = reader(value)
+        except ValueError as exc:
+            raise ConfigError(name, f"{where}.{key}", str(exc)) from None
+    for key in NODE_REQUIRED:
+        if key not in values:
+            raise ConfigError(name, f"{where}.{key}", "missing required key")
+    if not re.fullmatch(r"[a-z0-9_-]{1,32}", values["name"]) or values["name"] == LOCAL_NODE:
+        raise ConfigError(
+            name,
+            f"{where}.name",
+            f'expected 1-32 of a-z, 0-9, _, - (and not "{LOCAL_NODE}"), got {_show(values["name"])}',
+        )
+    tls_given = [key for key in _TLS_KEYS if values.get(key)]
+    tls = None
+    if tls_given:
+        missing = [key for key in _TLS_KEYS if not values.get(key)]
+        if missing:
+            raise ConfigError(
+                name, f"{where}.{missing[0]}", f"required with {tls_given[0]} (mutual TLS needs all three)"
+            )
+        for key in _TLS_KEYS:
+            if not Path(values[key]).is_file():
+                raise ConfigError(name, f"{where}.{key}", f"file not found: {values[key]}")
+        tls = NodeTls(
+            values.pop("api_tls_ca"),
+            values.pop("api_tls_cert"),
+            values.pop("api_tls_key"),
+            values.pop("api_tls_server_name", ""),
+        )
+    elif not _is_loopback(values["api_address"]):
+        raise ConfigError(
+            name,
+            f"{where}.api_tls_ca",
+            f"required: the Xray API at {values['api_address']} would be reached in the clear; set api_tls_ca, "
+            'api_tls_cert and api_tls_key (mutual TLS, README "Several servers"), or use a loopback address '
+            "such as a WireGuard-forwarded port on 127.0.0.1",
+        )
+    values.pop("api_tls_server_name", None)
+    node = NodeConfig(**values, tls=tls)
+    _check_link_settings(name, node, where)
+    return node
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _read_prices(value: object) -> Mapping[str, Decimal]:
@@ -744,6 +948,11 @@ def _read_title(value: object) -> Mapping[str, str]:
     raise _expected('a string or a table of languages such as { en = "1 month", ru = "1 месяц" }', value)
 
 
+def _read_location(value: object) -> Mapping[str, str]:
+    """Like a plan's title; empty labels are left out (`location = ""`: none)."""
+    return {lang: label for lang, label in _read_title(value).items() if label}
+
+
 def check_whole(name: str, config: Config) -> None:
     """Checks that involve more than one key."""
     if config.database.pool_min > config.database.pool_max:
@@ -756,7 +965,16 @@ def check_whole(name: str, config: Config) -> None:
         raise ConfigError(name, "[payments].topup_min", "expected at most [payments].topup_max")
     _check_amounts(name, config.payments)
     if config.xray.enabled:
-        _check_link_settings(name, config.xray)
+        _check_link_settings(name, config.xray, "[xray]")
+    known_nodes = {node.name for node in config.vpn_nodes}
+    for index, plan in enumerate(config.plans):
+        for node_name in plan.nodes:
+            if node_name not in known_nodes:
+                raise ConfigError(
+                    name,
+                    f"[[plans]][{index}].nodes",
+                    f'unknown node "{node_name}" (known: {", ".join(sorted(known_nodes))})',
+                )
     if config.cryptopay.enabled and not config.cryptopay.token:
         raise ConfigError(
             name, "[cryptopay].token", "required when [cryptopay].enabled = true (or VPND_CRYPTOPAY_TOKEN)"
@@ -797,7 +1015,7 @@ def _check_amounts(name: str, payments: PaymentsConfig) -> None:
             ) from None
 
 
-def _check_link_settings(name: str, xray: XrayConfig) -> None:
+def _check_link_settings(name: str, xray: XrayConfig | NodeConfig, where: str) -> None:
     """With Xray enabled, every value that goes into users' links must be valid at load time."""
     from vpnd.xray import links
 
@@ -813,7 +1031,7 @@ def _check_link_settings(name: str, xray: XrayConfig) -> None:
         try:
             validate(value)
         except ValueError as exc:
-            raise ConfigError(name, f"[xray].{key}", str(exc)) from None
+            raise ConfigError(name, f"{where}.{key}", str(exc)) from None
 
 
 def require_runtime_secrets(config: Config) -> None:
@@ -877,6 +1095,17 @@ def render_effective(config: Config) -> str:
         lines.append(f"stars = {plan.stars}")
         if plan.prices:
             lines.append("prices = { " + ", ".join(f"{k} = {_toml(v)}" for k, v in plan.prices.items()) + " }")
+        if plan.nodes:
+            lines.append(f"nodes = {_toml(plan.nodes)}")
+    for node in config.nodes:
+        lines.append("\n[[nodes]]")
+        for field in attrs.fields(NodeConfig):
+            item = getattr(node, field.name)
+            if field.name == "tls" and item is not None:
+                for key in ("ca_file", "cert_file", "key_file", "server_name"):
+                    lines.append(f"api_tls_{key.removesuffix('_file')} = {_toml(getattr(item, key))}")
+            elif field.name in NODE_READERS:
+                lines.append(f"{field.name} = {_toml(item)}")
     return "\n".join(lines) + "\n"
 
 
@@ -888,4 +1117,6 @@ def _toml(value: object) -> str:
         return f'"{text}"'
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
     return repr(value)

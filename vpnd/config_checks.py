@@ -25,9 +25,12 @@ KEY_PENDING_HINT = 'users are told "your key is being prepared" until it is set'
 
 
 def link_settings_gap(config: Config) -> ConfigError | None:
-    """The first `[xray]` link setting users' keys cannot be built with (the error names the key)."""
+    """The first `[xray]` link setting users' keys cannot be built with (the error names the key);
+    None also when `[xray]` is not a server users get links for (only `[[nodes]]`, checked at load)."""
+    if config.xray.as_node() not in config.vpn_nodes:
+        return None
     try:
-        _check_link_settings(config.path, config.xray)
+        _check_link_settings(config.path, config.xray, "[xray]")
     except ConfigError as exc:
         return exc
     return None

@@ -17,6 +17,8 @@ import trio
 class CheckResult:
     ok: bool
     detail: str = ""
+    #: False: failing leaves vpnd *degraded* (/readyz still 200) rather than unready (a remote Xray node).
+    required: bool = True
 
 
 ReadinessCheck = Callable[[], Awaitable[CheckResult]]
@@ -35,6 +37,9 @@ class Health:
 
     def add_check(self, name: str, check: ReadinessCheck) -> None:
         self.checks[name] = check
+
+    def remove_check(self, name: str) -> None:
+        self.checks.pop(name, None)
 
     def watch(self, name: str, max_age: float) -> None:
         """Register a critical loop that must `beat(name)` at least every `max_age` seconds."""

@@ -97,6 +97,9 @@ class Metrics:
     payments: Counter = attrs.field(init=False)
     xray_pending: Gauge = attrs.field(init=False)
     xray_lag: Gauge = attrs.field(init=False)
+    xray_node_up: Gauge = attrs.field(init=False)
+    xray_node_pending: Gauge = attrs.field(init=False)
+    xray_node_users: Gauge = attrs.field(init=False)
     broadcast_sent: Counter = attrs.field(init=False)
     outbox_backlog: Gauge = attrs.field(init=False)
     outbox_oldest_seconds: Gauge = attrs.field(init=False)
@@ -131,6 +134,11 @@ class Metrics:
         )
         self.xray_pending = Gauge("vpnd_xray_pending_ops", "Xray operations not yet applied", ["op"], registry=r)
         self.xray_lag = Gauge("vpnd_xray_seconds_since_sync", "Seconds since Xray was last in sync", registry=r)
+        self.xray_node_up = Gauge("vpnd_xray_node_up", "1 while the node's Xray API answers", ["node"], registry=r)
+        self.xray_node_pending = Gauge(
+            "vpnd_xray_node_pending_ops", "Xray operations not yet applied, by node", ["node", "op"], registry=r
+        )
+        self.xray_node_users = Gauge("vpnd_xray_node_users", "Users live on the node", ["node"], registry=r)
         self.broadcast_sent = Counter("vpnd_broadcast_messages", "Broadcast messages by result", ["result"], registry=r)
         self.outbox_backlog = Gauge("vpnd_outbox_backlog", "Outbox messages due and not yet sent", registry=r)
         self.outbox_oldest_seconds = Gauge(

@@ -5,7 +5,7 @@ environment and credentials included). A broken file changes nothing: the error 
 file and key, and the running configuration stays. Otherwise the new configuration is merged into
 the running one key by key:
 
-- keys in `LIVE_KEYS` (and `[[plans]]`) take the new value: readers consult `app.config` each time
+- keys in `LIVE_KEYS` (and `[[plans]]`, `[[nodes]]`) take the new value: readers consult `app.config` each time
   they use it, `app.reload_hooks` retune what was built from it (the outbound rate limiter, the log
   level), and `app.config_reloaded` wakes the periodic workers so they re-read their period;
 - every other key keeps its running value, and a changed one is logged as needing a restart.
@@ -53,6 +53,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "cryptopay": frozenset({"poll_interval", "accepted_assets"}),
     "yookassa": frozenset({"poll_interval", "notify_networks", "methods", "return_url"}),
     "stars": frozenset({"enabled"}),
+    "xray": frozenset({"location", "link_name"}),
     "workers": frozenset(
         {
             "reminders_interval",
@@ -97,6 +98,10 @@ def merge_live(running: Config, new: Config) -> tuple[Config, ReloadResult]:
     if running.plans != new.plans:
         applied.append("[[plans]]")
         sections["plans"] = new.plans
+    if running.nodes != new.nodes:
+        # The Xray fleet follows: writers start for added nodes, retire removed ones (`vpnd.nurseries.xray`).
+        applied.append("[[nodes]]")
+        sections["nodes"] = new.nodes
     merged = attrs.evolve(running, **sections)
     return merged, ReloadResult(tuple(applied), tuple(needs_restart))
 

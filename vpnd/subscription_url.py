@@ -38,25 +38,27 @@ RATE_MAX_TOKENS = 10_000
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
-def user_links(config: Config, subscription: Subscription) -> list[str]:
-    """The share links of a subscription (one VLESS + REALITY link today), whatever its status.
+def user_links(config: Config, subscription: Subscription, language: str | None = None) -> list[str]:
+    """The share links of a subscription, whatever its status: one VLESS + REALITY link per server
+    its plan may use, named by the server's location in `language` (default: the bot's).
 
     Raises ValueError when an `[xray]` link setting is invalid (the writer's readiness check
     "xray" reports that at start).
     """
-    xray = config.xray
+    language = language or config.telegram.default_language
     return [
         build_vless_reality_link(
             uuid=str(subscription.uuid),
-            host=xray.host,
-            port=xray.port,
-            public_key=xray.public_key,
-            short_id=xray.short_id,
-            sni=xray.sni,
-            fingerprint=xray.fingerprint,
-            flow=xray.flow,
-            name=xray.link_name,
+            host=node.host,
+            port=node.port,
+            public_key=node.public_key,
+            short_id=node.short_id,
+            sni=node.sni,
+            fingerprint=node.fingerprint,
+            flow=node.flow,
+            name=node.label(language),
         )
+        for node in config.nodes_for_plan(subscription.plan_code)
     ]
 
 

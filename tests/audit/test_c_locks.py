@@ -84,8 +84,9 @@ def test_the_xray_config_file_has_one_writer() -> None:
                 config_path_users.add(path)
     assert set(writers) <= set(KNOWN_FILE_WRITERS), {p: w for p, w in writers.items() if p not in KNOWN_FILE_WRITERS}
     assert atomic_callers == {XRAY_NURSERY}, atomic_callers
-    # Readers of the path: the writer, and the health check's free-space probe (os.statvfs of its directory).
-    assert config_path_users <= {XRAY_NURSERY, "vpnd/workers/health.py"}, config_path_users
+    # Readers of the path: the writer, the health check's free-space probe (os.statvfs of its directory),
+    # and the config module that hands `[xray]`'s path to the local node (`XrayConfig.as_node`).
+    assert config_path_users <= {XRAY_NURSERY, "vpnd/workers/health.py", "vpnd/config.py"}, config_path_users
 
 
 # --- no lock held across a database call ----------------------------------------------------------

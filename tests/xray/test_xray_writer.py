@@ -162,7 +162,8 @@ async def running_writer(config_file: Path) -> AsyncIterator[Setup]:
     async with open_app(config, single_instance=False) as app:
         async with trio.open_nursery() as nursery:
             with trio.fail_after(30):
-                status = await nursery.start(run_xray, app)
+                fleet = await nursery.start(run_xray, app)
+                status = fleet.statuses.get("local", XrayStatus(enabled=False, mode="disabled"))
             yield Setup(app, status, Path(config.xray.config_path), Path(config.xray.template_path))
             app.lifecycle.request_stop("test")
 
@@ -283,7 +284,8 @@ async def test_start_resyncs_from_the_sync_marker(fake, make_config, db_dsn):
         await app.db.run(subscriptions.revoke, 2)
         async with trio.open_nursery() as nursery:
             with trio.fail_after(30):
-                status = await nursery.start(run_xray, app)
+                fleet = await nursery.start(run_xray, app)
+                status = fleet.statuses.get("local", XrayStatus(enabled=False, mode="disabled"))
             live = fake.users(TAG)
             assert set(live) == {"u1", "u3"}
             assert live["u1"].uuid == str(reissued.uuid) and live["u3"].uuid == str(subs[3].uuid)

@@ -46,6 +46,7 @@ CANCEL_REQUEST_TIMEOUT = 5.0
 #: workers, broadcasts, health) always find one, even when every handler waits inside the database.
 BACKGROUND_RESERVE = 2
 
+
 @attrs.define(eq=False)
 class _Lane:
     #: Database calls made so far by this update's handler.

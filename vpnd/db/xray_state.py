@@ -26,6 +26,12 @@ from vpnd.db.subscriptions import Subscription, get_by_token
 XRAY_EMAIL = "('u' || s.user_id::text)"
 
 SYNC_MARKER_KEY = "xray_synced_at"
+#: The node `[xray]` describes (its marker key and traffic rows predate several nodes).
+LOCAL_NODE = "local"
+
+
+def sync_marker_key(node: str) -> str:
+    return SYNC_MARKER_KEY if node == LOCAL_NODE else f"{SYNC_MARKER_KEY}:{node}"
 
 
 @attrs.frozen
@@ -51,6 +57,7 @@ SELECT {XRAY_EMAIL} COLLATE "C" AS email,
        coalesce(s.updated_at > %(since)s::timestamptz, true) AS changed
 FROM subscriptions s
 WHERE s.status = 'active' AND s.expires_at > now() AND {XRAY_EMAIL} COLLATE "C" > %(after)s
+  AND (s.plan_code IS NULL OR s.plan_code <> ALL(%(excluded)s::text[]))
 ORDER BY 1
 LIMIT %(limit)s
 """
@@ -61,10 +68,16 @@ SELECT now(), (SELECT min(expires_at) FROM subscriptions WHERE status = 'active'
 
 
 def desired_batch(
-    conn: psycopg.Connection[Any], after: str, limit: int, changed_since: dt.datetime | None = None
+    conn: psycopg.Connection[Any],
+    after: str,
+    limit: int,
+    changed_since: dt.datetime | None = None,
+    excluded_plans: Sequence[str] = (),
 ) -> DesiredBatch:
-    """Up to `limit` users who may connect, with email greater than `after` (byte order)."""
-    rows = conn.execute(DESIRED_BATCH, {"after": after, "limit": limit, "since": changed_since}).fetchall()
+    """Up to `limit` users who may connect, with email greater than `after` (byte order), leaving
+    out subscriptions of `excluded_plans` (plans restricted to other nodes)."""
+    params = {"after": after, "limit": limit, "since": changed_since, "excluded": list(excluded_plans)}
+    rows = conn.execute(DESIRED_BATCH, params).fetchall()
     clock = conn.execute(CLOCK_AND_NEXT_EXPIRY).fetchone()
     assert clock is not None
     return DesiredBatch(
@@ -77,8 +90,9 @@ def desired_batch(
 UNDESIRED_CHANGED_BATCH = f"""
 SELECT s.user_id, {XRAY_EMAIL}
 FROM subscriptions s
-WHERE NOT (s.status = 'active' AND s.expires_at > now())
-  AND (%(since)s::timestamptz IS NULL OR s.updated_at > %(since)s OR s.expires_at > %(since)s)
+WHERE (NOT (s.status = 'active' AND s.expires_at > now()) OR s.plan_code = ANY(%(excluded)s::text[]))
+  AND (%(since)s::timestamptz IS NULL OR s.updated_at > %(since)s OR s.expires_at > %(since)s
+       OR s.plan_code = ANY(%(excluded)s::text[]))
   AND s.user_id > %(after)s
 ORDER BY s.user_id
 LIMIT %(limit)s
@@ -86,28 +100,34 @@ LIMIT %(limit)s
 
 
 def undesired_changed_batch(
-    conn: psycopg.Connection[Any], after_user_id: int, limit: int, since: dt.datetime | None
+    conn: psycopg.Connection[Any],
+    after_user_id: int,
+    limit: int,
+    since: dt.datetime | None,
+    excluded_plans: Sequence[str] = (),
 ) -> list[tuple[int, str]]:
-    """(user_id, email) of users who may not connect and whose row changed or expired after `since`
-    (every such user when `since` is None), in user_id order after `after_user_id`."""
-    rows = conn.execute(UNDESIRED_CHANGED_BATCH, {"after": after_user_id, "limit": limit, "since": since}).fetchall()
+    """(user_id, email) of users who may not connect (here: a plan of `excluded_plans` counts as not)
+    and whose row changed or expired after `since` (every such user when `since` is None), in
+    user_id order after `after_user_id`."""
+    params = {"after": after_user_id, "limit": limit, "since": since, "excluded": list(excluded_plans)}
+    rows = conn.execute(UNDESIRED_CHANGED_BATCH, params).fetchall()
     return [(int(user_id), str(email)) for user_id, email in rows]
 
 
-def get_sync_marker(conn: psycopg.Connection[Any]) -> dt.datetime | None:
+def get_sync_marker(conn: psycopg.Connection[Any], node: str = LOCAL_NODE) -> dt.datetime | None:
     row = conn.execute(
-        "SELECT (value #>> '{}')::timestamptz FROM daemon_state WHERE key = %s", (SYNC_MARKER_KEY,)
+        "SELECT (value #>> '{}')::timestamptz FROM daemon_state WHERE key = %s", (sync_marker_key(node),)
     ).fetchone()
     return None if row is None else row[0]
 
 
-def set_sync_marker(conn: psycopg.Connection[Any], at: dt.datetime) -> None:
-    """Record that Xray matched the database as read at `at` (never moves the marker back)."""
+def set_sync_marker(conn: psycopg.Connection[Any], at: dt.datetime, node: str = LOCAL_NODE) -> None:
+    """Record that `node`'s Xray matched the database as read at `at` (never moves the marker back)."""
     conn.execute(
         "INSERT INTO daemon_state (key, value) VALUES (%(key)s, to_jsonb(%(at)s::timestamptz)) "
         "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value "
         "WHERE (daemon_state.value #>> '{}')::timestamptz < %(at)s::timestamptz",
-        {"key": SYNC_MARKER_KEY, "at": at},
+        {"key": sync_marker_key(node), "at": at},
     )
 
 
@@ -121,46 +141,75 @@ class TrafficTotals:
 
 
 STORE_TRAFFIC = """
-INSERT INTO traffic AS t (user_id, uplink_total, downlink_total, uplink_seen, downlink_seen)
-SELECT c.user_id, c.up, c.down, c.up, c.down
-FROM unnest(%(ids)s::bigint[], %(ups)s::bigint[], %(downs)s::bigint[]) AS c (user_id, up, down)
-WHERE EXISTS (SELECT 1 FROM users u WHERE u.id = c.user_id)
-ON CONFLICT (user_id) DO UPDATE SET
-    uplink_total = t.uplink_total + CASE
-        WHEN %(reset)s OR EXCLUDED.uplink_seen < t.uplink_seen OR EXCLUDED.downlink_seen < t.downlink_seen
-        THEN EXCLUDED.uplink_seen ELSE EXCLUDED.uplink_seen - t.uplink_seen END,
-    downlink_total = t.downlink_total + CASE
-        WHEN %(reset)s OR EXCLUDED.uplink_seen < t.uplink_seen OR EXCLUDED.downlink_seen < t.downlink_seen
-        THEN EXCLUDED.downlink_seen ELSE EXCLUDED.downlink_seen - t.downlink_seen END,
-    uplink_seen = EXCLUDED.uplink_seen,
-    downlink_seen = EXCLUDED.downlink_seen,
-    updated_at = now()
-WHERE %(reset)s OR EXCLUDED.uplink_seen <> t.uplink_seen OR EXCLUDED.downlink_seen <> t.downlink_seen
+WITH sample AS (
+    SELECT c.user_id, c.up, c.down
+    FROM unnest(%(ids)s::bigint[], %(ups)s::bigint[], %(downs)s::bigint[]) AS c (user_id, up, down)
+    WHERE EXISTS (SELECT 1 FROM users u WHERE u.id = c.user_id)
+), delta AS (
+    SELECT s.user_id, s.up, s.down,
+           CASE WHEN seen.user_id IS NULL OR %(reset)s OR s.up < seen.uplink_seen OR s.down < seen.downlink_seen
+                THEN s.up ELSE s.up - seen.uplink_seen END AS d_up,
+           CASE WHEN seen.user_id IS NULL OR %(reset)s OR s.up < seen.uplink_seen OR s.down < seen.downlink_seen
+                THEN s.down ELSE s.down - seen.downlink_seen END AS d_down
+    FROM sample s
+    LEFT JOIN traffic_seen seen ON seen.node = %(node)s AND seen.user_id = s.user_id
+    WHERE seen.user_id IS NULL OR %(reset)s OR s.up <> seen.uplink_seen OR s.down <> seen.downlink_seen
+    ORDER BY s.user_id
+), seen_rows AS (
+    INSERT INTO traffic_seen AS t (node, user_id, uplink_seen, downlink_seen)
+    SELECT %(node)s, user_id, up, down FROM delta
+    ON CONFLICT (node, user_id) DO UPDATE SET
+        uplink_seen = EXCLUDED.uplink_seen, downlink_seen = EXCLUDED.downlink_seen, updated_at = now()
+), totals AS (
+    INSERT INTO traffic AS t (user_id, uplink_total, downlink_total)
+    SELECT user_id, d_up, d_down FROM delta
+    ON CONFLICT (user_id) DO UPDATE SET
+        uplink_total = t.uplink_total + EXCLUDED.uplink_total,
+        downlink_total = t.downlink_total + EXCLUDED.downlink_total,
+        updated_at = now()
+)
+SELECT count(*) FILTER (WHERE d_up + d_down > 0), coalesce(sum(d_up + d_down), 0) FROM delta
 """
 
 
-def store_traffic(
-    conn: psycopg.Connection[Any], samples: Sequence[tuple[int, int, int]], *, counters_reset: bool = False
-) -> int:
-    """Fold raw Xray counters `(user_id, uplink, downlink)` (read without reset) into monotonic totals.
+@attrs.frozen
+class TrafficStored:
+    #: Users whose counters moved since the last reading (they were online in between).
+    active_users: int
+    #: Bytes (both directions) added to the totals.
+    bytes: int
 
-    The delta since the last reading is added; a counter lower than last seen means Xray restarted
-    and counts from zero, so the raw value itself is the traffic since then. `counters_reset` says
-    the caller knows Xray restarted since the last reading (a counter may already have grown past
-    its old value). Counters of unknown users are ignored. Returns the number of rows changed.
+
+def store_traffic(
+    conn: psycopg.Connection[Any],
+    samples: Sequence[tuple[int, int, int]],
+    *,
+    counters_reset: bool = False,
+    node: str = LOCAL_NODE,
+) -> TrafficStored:
+    """Fold `node`'s raw Xray counters `(user_id, uplink, downlink)` (read without reset) into the
+    users' monotonic totals (the sum over every node).
+
+    The delta since the node's last reading is added; a counter lower than last seen means that
+    Xray restarted and counts from zero, so the raw value itself is the traffic since then.
+    `counters_reset` says the caller knows the node restarted since the last reading (a counter may
+    already have grown past its old value). Counters of unknown users are ignored.
     """
     if not samples:
-        return 0
-    cursor = conn.execute(
+        return TrafficStored(0, 0)
+    ordered = sorted(samples)  # one lock order for every node's writer: no deadlock between them
+    row = conn.execute(
         STORE_TRAFFIC,
         {
-            "ids": [s[0] for s in samples],
-            "ups": [max(0, s[1]) for s in samples],
-            "downs": [max(0, s[2]) for s in samples],
+            "ids": [s[0] for s in ordered],
+            "ups": [max(0, s[1]) for s in ordered],
+            "downs": [max(0, s[2]) for s in ordered],
             "reset": counters_reset,
+            "node": node,
         },
-    )
-    return cursor.rowcount
+    ).fetchone()
+    assert row is not None
+    return TrafficStored(int(row[0]), int(row[1]))
 
 
 def traffic_totals(conn: psycopg.Connection[Any], user_id: int) -> TrafficTotals:

@@ -69,13 +69,18 @@ def build_router(app: App) -> Router:
         if app.lifecycle.stopping.is_set():
             return Response.json({"status": "stopping"}, 503)
         results = await app.health.readiness()
-        ready = all(r.ok for r in results.values())
+        ready = all(r.ok for r in results.values() if r.required)
+        degraded = ready and not all(r.ok for r in results.values())
         if not operator(request):
             # Paths, disk figures and error texts are for operators only.
-            return Response.json({"status": "ready" if ready else "unavailable"}, 200 if ready else 503)
+            word = "degraded" if degraded else "ready" if ready else "unavailable"
+            return Response.json({"status": word}, 200 if ready else 503)
         body = {
-            "status": "ready" if ready else "not ready",
-            "checks": {name: {"ok": r.ok, "detail": r.detail} for name, r in sorted(results.items())},
+            "status": "degraded" if degraded else "ready" if ready else "not ready",
+            "checks": {
+                name: {"ok": r.ok, "detail": r.detail, **({} if r.required else {"required": False})}
+                for name, r in sorted(results.items())
+            },
         }
         return Response.json(body, 200 if ready else 503)
 

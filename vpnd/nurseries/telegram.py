@@ -110,17 +110,20 @@ async def run_telegram(
         app.metrics.updates.labels(outcome).inc()
         app.metrics.update_latency.observe(seconds)
 
-    async with recorder.flushed_at_exit(), open_dispatcher(
-        handler,
-        apology,
-        recorder.record,
-        max_concurrent_updates=config.max_concurrent_updates,
-        handler_timeout=config.handler_timeout_seconds,
-        max_per_chat=config.max_pending_per_chat,
-        flood_window=config.flood_notice_interval_seconds,
-        on_done=on_done,
-        drop_notice=drop_notice,
-    ) as dispatcher:
+    async with (
+        recorder.flushed_at_exit(),
+        open_dispatcher(
+            handler,
+            apology,
+            recorder.record,
+            max_concurrent_updates=config.max_concurrent_updates,
+            handler_timeout=config.handler_timeout_seconds,
+            max_per_chat=config.max_pending_per_chat,
+            flood_window=config.flood_notice_interval_seconds,
+            on_done=on_done,
+            drop_notice=drop_notice,
+        ) as dispatcher,
+    ):
         app.metrics.watch_updates(dispatcher.backlog)
 
         async def retune_on_reload() -> None:  # SIGHUP

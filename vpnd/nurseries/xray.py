@@ -49,6 +49,7 @@ import shlex
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
+from functools import partial
 from typing import Literal
 
 import attrs
@@ -57,8 +58,9 @@ import trio
 
 from vpnd import alerts
 from vpnd.app import App
-from vpnd.config import XrayConfig
+from vpnd.config import LOCAL_NODE, NodeConfig
 from vpnd.config_checks import EXAMPLE_REALITY_PUBLIC_KEY, KEY_PENDING_HINT, link_settings_gap
+from vpnd.db.nodes import NodeObservation, forget_node, record_node
 from vpnd.db.pool import DatabaseUnavailable
 from vpnd.db.xray_state import (
     DesiredBatch,
@@ -71,9 +73,10 @@ from vpnd.db.xray_state import (
 )
 from vpnd.health import CheckResult
 from vpnd.logs import quote
+from vpnd.nudge import Nudge
 from vpnd.telegram.texts import Texts
 from vpnd.xray import links
-from vpnd.xray.api import XrayApi, XrayApiError, XrayError, XrayUnavailable
+from vpnd.xray.api import ApiTls, XrayApi, XrayApiError, XrayError, XrayUnavailable
 from vpnd.xray.render import Client, ConfigRenderer, Template, TemplateError, load_template, write_atomically
 
 log = logging.getLogger("vpnd.xray")
@@ -98,6 +101,11 @@ RESTART_TOLERANCE = 1.5
 MAX_API_ERRORS_PER_ROUND = 20
 #: Bound on running `[xray] restart_command`.
 RESTART_COMMAND_TIMEOUT = 60.0
+#: A node's state is recorded for operators (`vpnd.db.nodes`) at most this often (and on a change).
+NODE_RECORD_INTERVAL = 10.0
+#: Between rounds, each node's API is asked its uptime this often: a restarted Xray (which came back
+#: with only its config file's users) or an API back from an outage is resynced within seconds.
+PROBE_INTERVAL = 2.0
 
 Component = Literal["config", "links", "template", "file", "api", "database", "restart_command"]
 
@@ -114,7 +122,13 @@ class XrayStatus:
 
     enabled: bool
     mode: Literal["api", "restart-command", "disabled"]
+    #: The node (`[[nodes]]` name, or "local" for `[xray]`).
+    node: str = LOCAL_NODE
     started_at: float = attrs.field(factory=time.monotonic)
+    #: False while the node's API does not answer at all.
+    reachable: bool = True
+    #: Users whose traffic counters moved at the last reading (online in that interval).
+    online_users: int = 0
     #: Rounds completed.
     rounds: int = 0
     live_in_sync: bool = False
@@ -135,6 +149,11 @@ class XrayStatus:
     @property
     def in_sync(self) -> bool:
         return self.live_in_sync and self.file_current
+
+    @property
+    def check_name(self) -> str:
+        """Its /readyz check: "xray" for the local Xray (required), "node:<name>" for a remote one."""
+        return "xray" if self.node == LOCAL_NODE else f"node:{self.node}"
 
     def seconds_since_sync(self) -> float:
         """0 while in sync; otherwise how long since the last moment it was (or since start)."""
@@ -157,8 +176,12 @@ class XrayStatus:
         return "; ".join(parts)
 
     async def readiness(self) -> CheckResult:
-        """Ready when every component works (a round in progress may still be catching up)."""
-        return CheckResult(self.rounds > 0 and not self.problems, self.summary()[:500])
+        """Ready when every component works (a round in progress may still be catching up).
+
+        A remote node that is down leaves vpnd degraded, not unready: the bot, payments and the other
+        nodes work, and a load balancer in front of two vpnd hosts must keep routing to this one."""
+        ok = self.rounds > 0 and not self.problems
+        return CheckResult(ok, self.summary()[:500], required=self.node == LOCAL_NODE)
 
 
 @attrs.frozen
@@ -200,7 +223,14 @@ class XrayWriter:
     app: App
     status: XrayStatus
     api: XrayApi | None
+    #: This node's settings, refreshed from `app.config` at every round (kept when it left the config).
+    node: NodeConfig = attrs.field(factory=lambda: NodeConfig(LOCAL_NODE, {}, ""))
     texts: Texts | None = None
+    #: This writer's wake-up (the fleet fans `app.xray_changed` out to every writer).
+    wake: Nudge = attrs.field(factory=Nudge)
+    #: The node was removed from the config: take every user off it, then stop.
+    retiring: bool = False
+    retired: bool = False
     applied: dict[str, str] = attrs.field(factory=dict)
     #: Incident name → the state last recorded in the database (True = failing).
     reported: dict[str, bool] = attrs.field(factory=dict)
@@ -223,19 +253,47 @@ class XrayWriter:
     expiry_wake_at: float = math.inf
     api_outage: bool = False
     marker_written_at: float = -math.inf
+    next_probe_at: float = 0.0
+    #: Traffic bytes read since the node's state was last recorded.
+    traffic_bytes: int = 0
+    recorded_at: float = -math.inf
+    recorded_reachable: bool | None = None
     _round_api_up: bool = False
     _round_api_errors: int = 0
 
     @property
-    def xray(self) -> XrayConfig:
-        return self.app.config.xray
+    def interval(self) -> float:
+        return self.app.config.xray.reconcile_interval
+
+    @property
+    def incident(self) -> str:
+        """The admin alert of this node being unreachable."""
+        return f"xray_node:{self.node.name}"
 
     # --- the loop ------------------------------------------------------------------------------
 
     async def run_forever(self) -> None:
-        while True:
-            await self.app.xray_changed.wait(timeout=max(0.0, self.next_round_at - time.monotonic()))
-            await self.reconcile()
+        """Rounds on a nudge, at `next_round_at`, or when a probe finds Xray restarted; returns
+        once a retiring node has no user left."""
+        while not self.retired:
+            wake_at = min(self.next_round_at, self.next_probe_at) if self.api is not None else self.next_round_at
+            nudged = await self.wake.wait(timeout=max(0.0, wake_at - time.monotonic()))
+            if nudged or self.retiring or time.monotonic() >= self.next_round_at or await self._probe():
+                await self.reconcile()
+
+    async def _probe(self) -> bool:
+        """Between rounds: ask the API its uptime. True when a round is due (Xray restarted, or its
+        API is back)."""
+        self.next_probe_at = time.monotonic() + PROBE_INTERVAL
+        was_reachable = self.status.reachable
+        self._round_api_up = True
+        await self._observe_xray()
+        self._round_api_up = False
+        if self.status.reachable and not was_reachable:
+            self.api_backoff.succeeded()
+        if self.status.reachable != was_reachable:
+            await self._report_incidents()
+        return self.resync_needed and self.status.reachable
 
     async def reconcile(self) -> None:
         """One round; never raises for an outside failure (they are recorded in `status`)."""
@@ -243,9 +301,11 @@ class XrayWriter:
         if not self.db_backoff.due(started):
             self.next_round_at = self.db_backoff.retry_at
             return
+        self._refresh_node()
         try:
             await self._round(started)
             await self._report_incidents()
+            await self._record_node()
         except (DatabaseUnavailable, psycopg.OperationalError) as exc:
             self._problem("database", f"{type(exc).__name__}: {exc}".strip())
             self.db_backoff.failed(time.monotonic(), self._backoff_cap())
@@ -261,8 +321,13 @@ class XrayWriter:
         self._publish_metrics()
         self.next_round_at = self._next_round(started, finished)
 
+    def _refresh_node(self) -> None:
+        for node in self.app.config.managed_nodes:
+            if node.name == self.node.name:
+                self.node = node
+
     def _next_round(self, started: float, now: float) -> float:
-        at = min(started + self.xray.reconcile_interval, self.expiry_wake_at)
+        at = min(started + self.interval, self.expiry_wake_at)
         if self.db_backoff.retry_at:
             at = min(at, self.db_backoff.retry_at)
         if self.api is not None and self.api_backoff.retry_at:
@@ -274,7 +339,7 @@ class XrayWriter:
         return at
 
     def _backoff_cap(self) -> float:
-        return min(MAX_BACKOFF, self.xray.reconcile_interval)
+        return min(MAX_BACKOFF, self.interval)
 
     # --- one round -------------------------------------------------------------------------------
 
@@ -283,10 +348,13 @@ class XrayWriter:
         self._round_api_errors = 0
         if self._round_api_up:
             await self._observe_xray()
+        if self.retiring:
+            await self._retire()
+            return
         resync = self.resync_needed and self._round_api_up
         since: dt.datetime | None = None
         if resync:
-            marker = await self.app.db.run(get_sync_marker)
+            marker = await self.app.db.run(get_sync_marker, self.node.name)
             since = None if marker is None else marker - SYNC_MARKER_MARGIN
             self.applied = {}
 
@@ -333,6 +401,7 @@ class XrayWriter:
             return
         finally:
             self.status.api_calls += 1
+        self.status.reachable = True
         now = time.monotonic()
         # 0 is what a fresh Xray says, and also what one says that does not report uptime at all.
         self.uptime_reported = self.uptime_reported or uptime > 0
@@ -343,25 +412,26 @@ class XrayWriter:
                 self.status.restarts_detected += 1
                 self.resync_needed = True
                 self.boot_estimate = boot
-                log.warning("event=xray_restart_detected uptime_seconds=%d", uptime)
+                log.warning("event=xray_restart_detected node=%s uptime_seconds=%d", self.node.name, uptime)
             elif self.boot_estimate is None or boot < self.boot_estimate:
                 self.boot_estimate = boot
         if self.api_outage:
             # Xray may have restarted while its API was unreachable: check every user.
             self.api_outage = False
             self.resync_needed = True
-            log.info("event=xray_api_back action=resync")
+            log.info("event=xray_api_back node=%s action=resync", self.node.name)
 
     async def _apply_desired(
         self, resync: bool, since: dt.datetime | None
     ) -> tuple[dt.datetime, dt.datetime | None, bytes, int, set[str]]:
-        digest = hashlib.sha256(self.xray.flow.encode() + b"\n")
+        digest = hashlib.sha256(self.node.flow.encode() + b"\n")
         seen: set[str] = set()
         pending = 0
         after = ""
         first: DesiredBatch | None = None
+        excluded = self.app.config.plans_not_on(self.node.name)
         while True:
-            batch = await self.app.db.run(desired_batch, after, BATCH_SIZE, since if resync else None)
+            batch = await self.app.db.run(desired_batch, after, BATCH_SIZE, since if resync else None, excluded)
             first = first or batch
             ops: list[_Op] = []
             for client in batch.clients:
@@ -379,14 +449,34 @@ class XrayWriter:
                 return first.db_now, first.next_expiry, digest.digest(), pending, seen
             after = batch.clients[-1].email
 
+    async def _retire(self) -> None:
+        """Take every user vpnd may have put on this node off it (the node left the config)."""
+        if not self._round_api_up:
+            return
+        pending = 0
+        after = ""
+        while True:
+            batch = await self.app.db.run(desired_batch, after, BATCH_SIZE)
+            pending += await self._apply([_Op("remove", client.email) for client in batch.clients])
+            if len(batch.clients) < BATCH_SIZE:
+                break
+            after = batch.clients[-1].email
+        pending += await self._apply([_Op("remove", email) for email in list(self.applied)])
+        self.status.live_users = len(self.applied)
+        if pending == 0 and self._round_api_up:
+            self.retired = True
+            await self.app.db.run(forget_node, self.node.name)
+            log.info("event=xray_node_retired node=%s", self.node.name)
+
     async def _apply_removals(self, seen: set[str], resync: bool, since: dt.datetime | None) -> int:
         pending = await self._apply([_Op("remove", email) for email in self.applied if email not in seen])
         if not resync:
             return pending
         # Users who lost access after the marker may still be live (a crash or restart in between).
         after = 0
+        excluded = self.app.config.plans_not_on(self.node.name)
         while True:
-            rows = await self.app.db.run(undesired_changed_batch, after, BATCH_SIZE, since)
+            rows = await self.app.db.run(undesired_changed_batch, after, BATCH_SIZE, since, excluded)
             pending += await self._apply([_Op("remove", email) for _user_id, email in rows])
             if len(rows) < BATCH_SIZE:
                 return pending
@@ -426,7 +516,7 @@ class XrayWriter:
 
     async def _do(self, op: _Op) -> None:
         assert self.api is not None
-        api, tag, flow = self.api, self.xray.inbound_tag, self.xray.flow
+        api, tag, flow = self.api, self.node.inbound_tag, self.node.flow
         calls = 0
         try:
             if op.kind in ("remove", "replace"):
@@ -455,7 +545,8 @@ class XrayWriter:
         if isinstance(exc, XrayUnavailable):
             self.api_outage = True
             self.resync_needed = True
-            self._problem("api", f"Xray API at {self.xray.api_address} unreachable: {exc}")
+            self.status.reachable = False
+            self._problem("api", f"Xray API at {self.node.api_address} unreachable: {exc}")
         else:
             self._problem("api", str(exc))
 
@@ -479,20 +570,29 @@ class XrayWriter:
             if user_id is not None:
                 samples.append((user_id, traffic.uplink, traffic.downlink))
         reset = boots_seen != self.traffic_boots_seen
+        online = moved = 0
         for start in range(0, len(samples), BATCH_SIZE):
-            await self.app.db.run(store_traffic, samples[start : start + BATCH_SIZE], counters_reset=reset)
+            stored = await self.app.db.run(
+                partial(store_traffic, counters_reset=reset, node=self.node.name), samples[start : start + BATCH_SIZE]
+            )
+            online, moved = online + stored.active_users, moved + stored.bytes
+        self.status.online_users = online
+        self.traffic_bytes += moved
         self.traffic_boots_seen = boots_seen
-        self.traffic_due = now + self.xray.reconcile_interval
+        self.traffic_due = now + self.interval
 
     # --- the file ----------------------------------------------------------------------------------
 
     async def _maintain_file(self, set_digest: bytes, now: float) -> None:
+        if not self.node.template_path:  # a remote node: its file is its own (users come live from vpnd)
+            self.status.file_current = True
+            return
         template = await self._current_template()
         if template is None or self.template_stamp is None:
             self.status.file_current = False
             return
         key = _FileKey(set_digest, self.template_stamp)
-        path = self.xray.config_path
+        path = self.node.config_path
         stat = await trio.to_thread.run_sync(_stat_stamp, path)
         if key == self.file_key and stat == self.file_stat and stat is not None:
             self.status.file_current = True
@@ -504,12 +604,13 @@ class XrayWriter:
             await self._run_restart_command()
 
     async def _current_template(self) -> Template | None:
-        path = self.xray.template_path
+        path = self.node.template_path
         stamp = await trio.to_thread.run_sync(_stat_stamp, path)
         if stamp is not None and stamp == self.template_stamp and self.template is not None:
             return self.template
+        tag = self.node.inbound_tag
         try:
-            template = await trio.to_thread.run_sync(lambda: load_template(path, inbound_tag=self.xray.inbound_tag))
+            template = await trio.to_thread.run_sync(lambda: load_template(path, inbound_tag=tag))
         except TemplateError as exc:
             self.template, self.template_stamp = None, None
             self._problem("template", f"{exc} (the config file is left as it is until the template is fixed)")
@@ -522,9 +623,9 @@ class XrayWriter:
         """Render the current desired set (a second streaming read) and replace the file if it changed."""
         renderer = ConfigRenderer(template)
         parts = [renderer.begin()]
-        digest = hashlib.sha256(self.xray.flow.encode() + b"\n")
+        digest = hashlib.sha256(self.node.flow.encode() + b"\n")
         after = ""
-        flow = self.xray.flow
+        flow = self.node.flow
         while True:
             batch = await self.app.db.run(desired_batch, after, BATCH_SIZE)
             rows = [(c.email, c.uuid) for c in batch.clients]
@@ -551,12 +652,12 @@ class XrayWriter:
             self.last_write_at = time.monotonic()
             self.status.file_writes += 1
             log.info("event=xray_config_written path=%s clients=%d", quote(path), renderer.count)
-            if self.api is None and self.xray.restart_command:
+            if self.api is None and self.node.restart_command:
                 self.restart_pending = True
 
     async def _run_restart_command(self) -> None:
         """Only for a config without an API: Xray reloads the file by restarting."""
-        command = shlex.split(self.xray.restart_command)
+        command = shlex.split(self.node.restart_command)
         try:
             with trio.fail_after(RESTART_COMMAND_TIMEOUT):
                 result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
@@ -572,26 +673,52 @@ class XrayWriter:
             return
         self.restart_pending = False
         self._solved("restart_command")
-        log.info("event=xray_restarted command=%s", quote(self.xray.restart_command))
+        log.info("event=xray_restarted command=%s", quote(self.node.restart_command))
 
     # --- bookkeeping -------------------------------------------------------------------------------
+
+    async def _record_node(self) -> None:
+        """Record the node's state for operators: on a change of reachability, else every few seconds."""
+        now = time.monotonic()
+        status = self.status
+        if self.retired or (
+            status.reachable == self.recorded_reachable and now - self.recorded_at < NODE_RECORD_INTERVAL
+        ):
+            return
+        seen = NodeObservation(
+            name=self.node.name,
+            reachable=status.reachable,
+            detail=status.summary(),
+            users=status.live_users,
+            online=status.online_users,
+            traffic_bytes=self.traffic_bytes,
+            in_sync=status.in_sync,
+        )
+        await self.app.db.run(record_node, seen)
+        self.traffic_bytes = 0
+        self.recorded_at, self.recorded_reachable = now, status.reachable
 
     async def _refresh_sync_marker(self, db_now: dt.datetime) -> None:
         now = time.monotonic()
         if now - self.marker_written_at >= SYNC_MARKER_INTERVAL:
-            await self.app.db.run(set_sync_marker, db_now)
+            await self.app.db.run(set_sync_marker, db_now, self.node.name)
             self.marker_written_at = now
 
     async def _report_incidents(self) -> None:
         """Record each alerted component's state when it changed (a failed record is retried next round)."""
         if self.texts is None:
             return
-        for component, name in ALERTED.items():
-            problem = self.status.problems.get(component)
+        states = [
+            (name, self.status.problems.get(component), f"{component} works again")
+            for component, name in ALERTED.items()
+        ]
+        unreachable = None if self.status.reachable else self.status.problems.get("api", "unreachable")
+        states.append((self.incident, unreachable, f"node {self.node.name} reachable again"))
+        for name, problem, recovered in states:
             failing = problem is not None
-            if self.reported.get(name) == failing:
-                continue
-            detail = problem if problem is not None else f"{component} works again"
+            if self.reported.get(name, False) == failing:
+                continue  # (a node never seen down has nothing to recover from)
+            detail = f"node {self.node.name}: {problem}" if problem is not None else recovered
             await alerts.report_incident(self.app, self.texts, name, not failing, detail)
             self.reported[name] = failing
 
@@ -600,16 +727,18 @@ class XrayWriter:
         self.status.problems[component] = message
         self.status.last_error = f"{component}: {message}"
         if previous != message:
-            log.error("event=xray_problem component=%s detail=%s", component, quote(message))
+            log.error("event=xray_problem component=%s node=%s detail=%s", component, self.node.name, quote(message))
 
     def _solved(self, component: Component) -> None:
         if self.status.problems.pop(component, None) is not None:
-            log.info("event=xray_recovered component=%s", component)
+            log.info("event=xray_recovered component=%s node=%s", component, self.node.name)
 
     def _publish_metrics(self) -> None:
-        metrics = self.app.metrics
-        metrics.xray_pending.labels(op="add").set(self.status.pending_adds)
-        metrics.xray_pending.labels(op="remove").set(self.status.pending_removes)
+        metrics, status, node = self.app.metrics, self.status, self.node.name
+        metrics.xray_node_up.labels(node=node).set(1 if status.reachable and self.api is not None else 0)
+        metrics.xray_node_pending.labels(node=node, op="add").set(status.pending_adds)
+        metrics.xray_node_pending.labels(node=node, op="remove").set(status.pending_removes)
+        metrics.xray_node_users.labels(node=node).set(status.live_users)
 
 
 def _stat_stamp(path: str) -> tuple[int, int, int] | None:
@@ -629,22 +758,23 @@ def _write_parts(path: str, parts: list[bytes]) -> tuple[bool, tuple[int, int, i
     return changed, _stat_stamp(path)
 
 
-def check_link_settings(config: XrayConfig) -> str | None:
-    """What is wrong with the `[xray]` settings that go into share links, or None."""
+def check_link_settings(node: NodeConfig) -> str | None:
+    """What is wrong with a node's settings that go into share links, or None."""
     try:
         links.build_vless_reality_link(
             uuid="00000000-0000-4000-8000-000000000000",
-            host=config.host,
-            port=config.port,
-            public_key=config.public_key,
-            short_id=config.short_id,
-            sni=config.sni,
-            fingerprint=config.fingerprint,
-            flow=config.flow,
-            name=config.link_name,
+            host=node.host,
+            port=node.port,
+            public_key=node.public_key,
+            short_id=node.short_id,
+            sni=node.sni,
+            fingerprint=node.fingerprint,
+            flow=node.flow,
+            name=node.label("en"),
         )
     except ValueError as exc:
-        return f"[xray] link settings: {exc}"
+        where = "[xray]" if node.name == LOCAL_NODE else f"node {node.name}"
+        return f"{where} link settings: {exc}"
     return None
 
 
@@ -666,46 +796,156 @@ async def report_link_settings(app: App, texts: Texts) -> None:
         log.warning("event=incident_not_recorded incident=%s error=%s", alerts.XRAY_LINKS, type(exc).__name__)
 
 
+def api_tls(node: NodeConfig) -> ApiTls | None:
+    """The node's mutual-TLS material, read from its files (a reload re-reads them)."""
+    if node.tls is None:
+        return None
+    tls = node.tls
+    with open(tls.ca_file, "rb") as ca, open(tls.cert_file, "rb") as cert, open(tls.key_file, "rb") as key:
+        return ApiTls(ca.read(), cert.read(), key.read(), tls.server_name)
+
+
+@attrs.define(eq=False)
+class _Running:
+    writer: XrayWriter
+    scope: trio.CancelScope
+    connection: tuple[object, ...]
+
+
+@attrs.define(eq=False)
+class XrayFleet:
+    """The writers of every node vpnd drives: one task each, children of the Xray nursery, so a node
+    that is down or slow delays no other. A reload (SIGHUP) that adds a node starts its writer (a
+    full reconcile); one that removes a node retires it (its users are taken off it, then it stops);
+    one that changes how a node is reached restarts its writer."""
+
+    app: App
+    texts: Texts
+    #: Node name → its writer's status (what /readyz, /metrics and the admin read).
+    statuses: dict[str, XrayStatus] = attrs.field(factory=dict)
+    _running: dict[str, _Running] = attrs.field(factory=dict)
+    _nursery: trio.Nursery | None = None
+
+    def status(self, node: str = LOCAL_NODE) -> XrayStatus:
+        return self.statuses[node]
+
+    def seconds_since_sync(self) -> float:
+        """The furthest-behind node's lag (0 when every node is in sync)."""
+        return max((status.seconds_since_sync() for status in self.statuses.values()), default=0.0)
+
+    async def serve(self, *, task_status: trio.TaskStatus[XrayFleet] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start a writer per node (concurrently; each reports after its first round), then follow
+        nudges and reloads until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            async with trio.open_nursery() as starting:
+                for node in self.app.config.managed_nodes:
+                    starting.start_soon(self._start, node)
+            task_status.started(self)
+            nursery.start_soon(self._fan_out)
+            nursery.start_soon(self._follow_config)
+
+    async def _start(self, node: NodeConfig) -> None:
+        assert self._nursery is not None
+        await self._nursery.start(self._run_writer, node)
+
+    async def _run_writer(self, node: NodeConfig, *, task_status: trio.TaskStatus[XrayStatus]) -> None:
+        app = self.app
+        status = XrayStatus(enabled=True, mode="api" if node.api_address else "restart-command", node=node.name)
+        with trio.CancelScope() as scope, ExitStack() as stack:
+            api = None
+            if node.api_address:
+                tls = await trio.to_thread.run_sync(api_tls, node)
+                api = stack.enter_context(XrayApi(node.api_address, prefix=node.api_prefix, tls=tls))
+            writer = XrayWriter(app, status, api, node, self.texts)
+            self._running[node.name] = _Running(writer, scope, node.connection)
+            self.statuses[node.name] = status
+            app.health.add_check(status.check_name, status.readiness)
+            try:
+                link_problem = check_link_settings(node)
+                if link_problem:
+                    writer._problem("links", link_problem)
+                try:
+                    links.validate_flow(node.flow)
+                except ValueError as exc:
+                    writer._problem("config", f"flow: {exc}")
+                    task_status.started(status)
+                    await trio.sleep_forever()
+                log.info(
+                    "event=xray_writer_starting node=%s mode=%s api=%s tls=%s config=%s",
+                    node.name,
+                    status.mode,
+                    node.api_address or "-",
+                    "mutual" if node.tls else "none",
+                    quote(node.config_path or "-"),
+                )
+                await writer.reconcile()
+                task_status.started(status)
+                await writer.run_forever()
+            finally:
+                if self._running.get(node.name, None) is not None and self._running[node.name].writer is writer:
+                    del self._running[node.name]
+                    if self.statuses.get(node.name) is status:
+                        del self.statuses[node.name]
+                        app.health.remove_check(status.check_name)
+        if scope.cancelled_caught:
+            log.info("event=xray_writer_stopped node=%s", node.name)
+
+    async def _fan_out(self) -> None:
+        """Every writer wakes on a commit that changed a subscription (`app.xray_changed`)."""
+        while True:
+            await self.app.xray_changed.wait()
+            for running in list(self._running.values()):
+                running.writer.wake.nudge()
+
+    async def _follow_config(self) -> None:
+        while True:
+            await self.app.config_reloaded.wait()
+            await self.apply_config()
+
+    async def apply_config(self) -> None:
+        """Make the running writers match `app.config`'s nodes."""
+        wanted = {node.name: node for node in self.app.config.managed_nodes}
+        for name, running in list(self._running.items()):
+            node = wanted.get(name)
+            if node is None and not running.writer.retiring:
+                log.info("event=xray_node_removed node=%s action=retire", name)
+                running.writer.retiring = True
+                running.writer.wake.nudge()
+            elif node is not None and (running.writer.retiring or running.connection != node.connection):
+                log.info("event=xray_node_changed node=%s action=restart_writer", name)
+                running.scope.cancel()
+                del self._running[name]
+        for name, node in wanted.items():
+            if name not in self._running:
+                log.info("event=xray_node_added node=%s", name)
+                await self._start(node)
+
+
 async def run_xray(
-    app: App, *, texts: Texts | None = None, task_status: trio.TaskStatus[XrayStatus] = trio.TASK_STATUS_IGNORED
+    app: App, *, texts: Texts | None = None, task_status: trio.TaskStatus[XrayFleet] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """The Xray nursery. `task_status.started(status)` after the first round, whatever its outcome.
+    """The Xray nursery. `task_status.started(fleet)` after each node's first round, whatever its outcome.
 
     `texts` render admin alerts (loaded here when not given).
 
-    With `[xray] enabled = false` nothing runs (the returned status says so). Otherwise a readiness
-    check "xray" is registered and the writer runs until shutdown begins (nothing to drain: a round
-    cut short is redone by the next start).
+    Every node vpnd drives (`[xray]` with `enabled = true`, and each of `[[nodes]]`) gets a writer
+    and a readiness check; the writers run until shutdown begins (nothing to drain: a round cut short
+    is redone by the next start). With no node at all the fleet is empty.
     """
-    config = app.config.xray
     texts = texts if texts is not None else app.texts
     await report_link_settings(app, texts)
-    if not config.enabled:
-        task_status.started(XrayStatus(enabled=False, mode="disabled"))
-        return
-    restart_mode = bool(config.restart_command)
-    status = XrayStatus(enabled=True, mode="restart-command" if restart_mode else "api")
-    app.health.add_check("xray", status.readiness)
-    app.metrics.xray_lag.set_function(status.seconds_since_sync)
-    with ExitStack() as stack:
-        api = None if restart_mode else stack.enter_context(XrayApi(config.api_address, prefix=config.api_prefix))
-        writer = XrayWriter(app, status, api, texts)
-        link_problem = check_link_settings(config)
-        if link_problem:
-            writer._problem("links", link_problem)
-        try:
-            links.validate_flow(config.flow)
-        except ValueError as exc:
-            writer._problem("config", f"[xray] flow: {exc}")
-            task_status.started(status)
-            await app.lifecycle.stopping.wait()
-            return
-        log.info(
-            "event=xray_writer_starting mode=%s api=%s config=%s",
-            status.mode,
-            config.api_address if api else "-",
-            quote(config.config_path),
-        )
-        await writer.reconcile()
-        task_status.started(status)
-        await app.lifecycle.run_until_stopping(writer.run_forever)
+    fleet = XrayFleet(app, texts)
+    app.metrics.xray_lag.set_function(fleet.seconds_since_sync)
+    app.metrics.xray_pending.labels(op="add").set_function(
+        lambda: sum(status.pending_adds for status in fleet.statuses.values())
+    )
+    app.metrics.xray_pending.labels(op="remove").set_function(
+        lambda: sum(status.pending_removes for status in fleet.statuses.values())
+    )
+    await app.lifecycle.run_until_stopping(partial(_serve_until_stopping, fleet, task_status))
+
+
+async def _serve_until_stopping(fleet: XrayFleet, task_status: trio.TaskStatus[XrayFleet]) -> None:
+    async with trio.open_nursery() as nursery:
+        task_status.started(await nursery.start(fleet.serve))

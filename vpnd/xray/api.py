@@ -1,5 +1,8 @@
 """Client for Xray's gRPC API (HandlerService to add/remove users live, StatsService for traffic).
 
+A remote node's API is reached over mutual TLS (`ApiTls`): the node's TLS-terminating proxy (nginx in
+the README's example) requires vpnd's client certificate, and vpnd trusts only the node CA.
+
 The few messages needed are hand-encoded with :mod:`vpnd.xray.protowire` and sent through grpcio's
 generic ``unary_unary`` with raw bytes, so no generated code is involved.  The protobuf package prefix
 is configurable: ``"xray."`` for Xray-core, ``"v2ray.core."`` for V2Ray 4.x (same wire format).
@@ -101,6 +104,21 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
+@attrs.frozen(repr=False)
+class ApiTls:
+    """Mutual TLS to a remote node's API (PEM bytes): vpnd trusts only `ca` for the node's certificate
+    and presents `cert` + `key` as its own. The key never appears in a repr or a log."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+    #: The name in the node's certificate when it is not the host of the address (e.g. an IP address).
+    server_name: str = ""
+
+    def __repr__(self) -> str:
+        return f"ApiTls(server_name={self.server_name!r})"
+
+
 @attrs.define
 class XrayApi:
     """One gRPC channel to Xray's API inbound (e.g. ``"127.0.0.1:10085"``).
@@ -112,6 +130,8 @@ class XrayApi:
     address: str
     prefix: str = "xray."
     timeout: float = 5.0
+    #: None: plaintext (only for an API on loopback or inside a tunnel); else mutual TLS.
+    tls: ApiTls | None = None
     _channel: Any = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
@@ -119,7 +139,16 @@ class XrayApi:
             raise ValueError(f"unknown Xray API prefix {self.prefix!r}; use 'xray.' or 'v2ray.core.'")
         if self.timeout <= 0:
             raise ValueError("timeout must be positive")
-        self._channel = grpc.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+        if self.tls is None:
+            self._channel = grpc.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            return
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.tls.ca, private_key=self.tls.key, certificate_chain=self.tls.cert
+        )
+        options: tuple[tuple[str, object], ...] = _CHANNEL_OPTIONS
+        if self.tls.server_name:
+            options = (*options, ("grpc.ssl_target_name_override", self.tls.server_name))
+        self._channel = grpc.secure_channel(self.address, credentials, options=options)
 
     def close(self) -> None:
         self._channel.close()

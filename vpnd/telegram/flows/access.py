@@ -68,7 +68,7 @@ async def links_or_report(turn: Turn, sub: Subscription) -> list[str] | None:
     empty `[xray].public_key`): then the admins are alerted (once per incident) and the caller tells
     the user politely that the key is being prepared — a configuration gap is never a user's error."""
     try:
-        return user_links(turn.app.config, sub)
+        return user_links(turn.app.config, sub, turn.lang)
     except ValueError as exc:
         gap = link_settings_gap(turn.app.config)
         detail = f"{gap.key}: {gap.detail}" if gap is not None else f"[xray] link settings: {exc}"
@@ -105,7 +105,16 @@ async def my_subscription(turn: Turn, notice: str = "") -> None:
             kb.keyboard([kb.button(turn.t("menu.renew"), "buy")], [kb.button(turn.t("common.menu"), "menu")]),
         )
         return
-    link_html = Html("\n".join(f"<code>{_escape(link)}</code>" for link in links))
+    nodes = turn.app.config.nodes_for_plan(sub.plan_code)
+    if len(nodes) > 1:  # several locations: each link under its name
+        link_html = Html(
+            "\n".join(
+                f"{_escape(node.label(turn.lang))}\n<code>{_escape(link)}</code>"
+                for node, link in zip(nodes, links, strict=True)
+            )
+        )
+    else:
+        link_html = Html("\n".join(f"<code>{_escape(link)}</code>" for link in links))
     text = turn.t(
         "sub.details",
         kind=turn.t(f"sub.kind.{sub.kind}"),
