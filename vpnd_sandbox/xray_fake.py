@@ -66,6 +66,8 @@ class FakeXray:
 
     prefix: str
     port: int = 0
+    #: (server key, server certificate, client CA) PEM: serve mutual TLS, as a node behind its TLS proxy.
+    tls: tuple[bytes, bytes, bytes] | None = None
     _lock: threading.Lock = attrs.field(factory=threading.Lock)
     _inbounds: dict[str, dict[str, FakeUser]] = attrs.field(factory=dict)
     _counters: dict[str, int] = attrs.field(factory=dict)
@@ -120,7 +122,14 @@ class FakeXray:
                 ),
             )
         )
-        port = server.add_insecure_port(f"127.0.0.1:{self.port}")
+        if self.tls is None:
+            port = server.add_insecure_port(f"127.0.0.1:{self.port}")
+        else:
+            key, cert, client_ca = self.tls
+            credentials = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=client_ca, require_client_auth=True
+            )
+            port = server.add_secure_port(f"127.0.0.1:{self.port}", credentials)
         if port == 0:
             raise OSError(f"fake Xray could not bind 127.0.0.1:{self.port}")
         self.port = port
@@ -345,10 +354,15 @@ def users_from_config(path: str | os.PathLike[str]) -> dict[str, list[FakeUser]]
     return out
 
 
-def start_fake_xray(prefix: str = "xray.", *, inbound_tags: tuple[str, ...] = ("vless-in",)) -> FakeXray:
+def start_fake_xray(
+    prefix: str = "xray.",
+    *,
+    inbound_tags: tuple[str, ...] = ("vless-in",),
+    tls: tuple[bytes, bytes, bytes] | None = None,
+) -> FakeXray:
     """Start a fake Xray API on 127.0.0.1 (a free port) with empty inbounds ``inbound_tags``.
     Stop it with ``.stop()`` or use it as a context manager."""
-    fake = FakeXray(prefix=prefix)
+    fake = FakeXray(prefix=prefix, tls=tls)
     for tag in inbound_tags:
         fake.add_inbound(tag)
     fake.start()
