@@ -57,9 +57,11 @@ def toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string is a JSON string for what we write
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string is a JSON string for what we write
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{key} = {toml_value(v)}" for key, v in value.items()) + " }"
     return repr(value)
 
 

@@ -282,18 +282,42 @@ class XrayWriter:
                 await self.reconcile()
 
     async def _probe(self) -> bool:
-        """Between rounds: ask the API its uptime. True when a round is due (Xray restarted, or its
-        API is back)."""
+        """Between rounds: ask the API its uptime, and add one user known to be live again ("already
+        exists" is the expected answer; a success means Xray lost its live users — restarted, even
+        too soon after its last start for the uptime to show). True when a round is due (Xray
+        restarted, or its API is back)."""
         self.next_probe_at = time.monotonic() + PROBE_INTERVAL
         was_reachable = self.status.reachable
         self._round_api_up = True
         await self._observe_xray()
+        if self._round_api_up and not self.resync_needed and self.applied:
+            await self._check_canary()
         self._round_api_up = False
         if self.status.reachable and not was_reachable:
             self.api_backoff.succeeded()
         if self.status.reachable != was_reachable:
-            await self._report_incidents()
+            try:
+                await self._report_incidents()
+                await self._record_node()
+            except (DatabaseUnavailable, psycopg.OperationalError) as exc:  # the next round records it
+                log.warning("event=xray_node_state_not_recorded node=%s error=%s", self.node.name, type(exc).__name__)
         return self.resync_needed and self.status.reachable
+
+    async def _check_canary(self) -> None:
+        assert self.api is not None
+        email, uuid = next(iter(self.applied.items()))
+        try:
+            added = await self.api.add_vless_user(self.node.inbound_tag, email, uuid, self.node.flow)
+        except XrayError as exc:
+            self._api_failed(exc)
+            return
+        finally:
+            self.status.api_calls += 1
+        if added:
+            self.boots_seen += 1
+            self.status.restarts_detected += 1
+            self.resync_needed = True
+            log.warning("event=xray_restart_detected node=%s by=live_users_lost", self.node.name)
 
     async def reconcile(self) -> None:
         """One round; never raises for an outside failure (they are recorded in `status`)."""
@@ -899,8 +923,11 @@ class XrayFleet:
                 running.writer.wake.nudge()
 
     async def _follow_config(self) -> None:
+        applied = self.app.config
         while True:
-            await self.app.config_reloaded.wait()
+            if self.app.config is applied:  # (a reload during the last apply is not missed)
+                await self.app.config_reloaded.wait()
+            applied = self.app.config
             await self.apply_config()
 
     async def apply_config(self) -> None:
