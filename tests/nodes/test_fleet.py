@@ -249,6 +249,7 @@ async def test_a_reload_adds_a_node_and_retires_a_removed_one(make_fleet: Any) -
         await until(lambda: s.live("de1") == set(), 10)
         await until(lambda: set(s.fleet.statuses) == {"nl1"}, 10)
         assert "node:de1" not in s.app.health.checks
+        assert s.app.metrics.registry.get_sample_value("vpnd_xray_node_up", {"node": "de1"}) is None
         assert s.live("nl1") == {"u1", "u2"}
         await s.grant(3)
         await until(lambda: s.live("nl1") == {"u1", "u2", "u3"}, 10)

@@ -912,6 +912,7 @@ class XrayFleet:
                     if self.statuses.get(node.name) is status:
                         del self.statuses[node.name]
                         app.health.remove_check(status.check_name)
+                        _forget_metrics(app, node.name)
         if scope.cancelled_caught:
             log.info("event=xray_writer_stopped node=%s", node.name)
 
@@ -947,6 +948,18 @@ class XrayFleet:
             if name not in self._running:
                 log.info("event=xray_node_added node=%s", name)
                 await self._start(node)
+
+
+def _forget_metrics(app: App, node: str) -> None:
+    """A node that left the fleet is no longer a series in /metrics."""
+    metrics = app.metrics
+    series = [(metrics.xray_node_up, (node,)), (metrics.xray_node_users, (node,))]
+    series += [(metrics.xray_node_pending, (node, op)) for op in ("add", "remove")]
+    for gauge, labels in series:
+        try:
+            gauge.remove(*labels)
+        except KeyError:
+            pass
 
 
 async def run_xray(
