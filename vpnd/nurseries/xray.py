@@ -55,6 +55,7 @@ from typing import Literal
 import attrs
 import psycopg
 import trio
+from prometheus_client import Gauge
 
 from vpnd import alerts
 from vpnd.app import App
@@ -953,7 +954,7 @@ class XrayFleet:
 def _forget_metrics(app: App, node: str) -> None:
     """A node that left the fleet is no longer a series in /metrics."""
     metrics = app.metrics
-    series = [(metrics.xray_node_up, (node,)), (metrics.xray_node_users, (node,))]
+    series: list[tuple[Gauge, tuple[str, ...]]] = [(metrics.xray_node_up, (node,)), (metrics.xray_node_users, (node,))]
     series += [(metrics.xray_node_pending, (node, op)) for op in ("add", "remove")]
     for gauge, labels in series:
         try:
