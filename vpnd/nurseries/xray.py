@@ -737,8 +737,9 @@ class XrayWriter:
             (name, self.status.problems.get(component), f"{component} works again")
             for component, name in ALERTED.items()
         ]
-        unreachable = None if self.status.reachable else self.status.problems.get("api", "unreachable")
-        states.append((self.incident, unreachable, f"node {self.node.name} reachable again"))
+        if self.node.name != LOCAL_NODE:  # (the local Xray's API is the health worker's probe "xray")
+            unreachable = None if self.status.reachable else self.status.problems.get("api", "unreachable")
+            states.append((self.incident, unreachable, f"node {self.node.name} reachable again"))
         for name, problem, recovered in states:
             failing = problem is not None
             if self.reported.get(name, False) == failing:
