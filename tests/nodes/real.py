@@ -51,7 +51,7 @@ server {{
 
 #: The README's values: the node "de1" with Xray's API inbound on 127.0.0.1:10085.
 README_EXAMPLE: dict[str, Any] = {
-    "listen": "8443",
+    "listen": "10443",
     "cert": "/etc/nginx/vpnd/de1.pem",
     "key": "/etc/nginx/vpnd/de1.key",
     "ca": "/etc/nginx/vpnd/ca.pem",
