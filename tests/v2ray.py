@@ -9,11 +9,13 @@ V2Ray 4.x has no REALITY, so the VLESS inbound is plain TCP; the API wire format
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +197,28 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+
+
+@asynccontextmanager
+async def vless_client(directory: Path, routes: dict[str, tuple[int, str]]) -> AsyncIterator[Callable[[str], Any]]:
+    """A V2Ray VLESS client with a route per key (a server's VLESS port, user id) and a page to fetch:
+    yields `fetch(key)`, the page's response through that route (b"" when refused)."""
+    http_port = free_port()
+    socks = {key: free_port() for key in routes}
+    path = directory / "client.json"
+    path.write_text(json.dumps(client_config((socks[key], port, user) for key, (port, user) in routes.items())))
+    processes = Processes(directory)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_page, http_port)
+        processes.start("client", v2ray_commands(path)[0])
+        try:
+            for port in socks.values():
+                await wait_for_port(port)
+
+            async def fetch(key: str) -> bytes:
+                return await fetch_via_socks(socks[key], http_port)
+
+            yield fetch
+        finally:
+            processes.stop_all()
+            nursery.cancel_scope.cancel()
