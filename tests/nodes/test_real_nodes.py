@@ -5,7 +5,8 @@ the Xray fleet, one writer per node applies it through that node's nginx with vp
 What a node holds is asked of the node itself, through the same channel: adding a user again is
 refused ("already exists") when the user is live, removing one is refused ("not found") when not — and
 a VLESS client gets through a node or not. (Fleet behaviour against fake nodes — readiness, metrics,
-alerts, slow nodes, plans limited to nodes — is in test_fleet.py.)
+alerts, slow nodes, plans limited to nodes — is in test_fleet.py; the README's setup is checked against
+this one in test_nodes_readme.py.)
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import pytest
 import trio
 
 from tests.harness import PLANS, Running, start_vpnd
-from tests.keys import PUBLIC_KEY
-from tests.nodes.pki import make_pki, shell_commands
-from tests.nodes.real import NGINX, NGINX_SERVER, NO_NGINX, README_EXAMPLE, RealNodes, open_real_nodes
+from tests.nodes.pki import make_pki
+from tests.nodes.real import NGINX, NO_NGINX, RealNodes, open_real_nodes
 from tests.v2ray import (
     NO_V2RAY,
     PAGE,
@@ -42,18 +42,12 @@ from vpnd.reload import reload_config
 from vpnd.xray.api import ApiTls, XrayApi, XrayError
 
 NAMES = ["n1", "n2", "n3"]
-needs_real_nodes = [
+pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(V2RAY is None, reason=NO_V2RAY),
     pytest.mark.skipif(NGINX is None, reason=NO_NGINX),
     pytest.mark.timeout(300),
 ]
-
-
-def real_nodes_test(test: Callable[..., Any]) -> Callable[..., Any]:
-    for mark in needs_real_nodes:
-        test = mark(test)
-    return test
 
 
 @attrs.define
@@ -89,7 +83,7 @@ class Shop:
         assert sub is not None
         return sub
 
-    async def in_sync(self, nodes: Iterable[str], users: int, timeout: float = 15) -> float:
+    async def in_sync(self, nodes: list[str], users: int, timeout: float = 15) -> float:
         """Until each node's writer has applied `users` users and is in sync; how long that took."""
         return await until(
             lambda: all(self.status(n).in_sync and self.status(n).live_users == users for n in nodes),
@@ -144,7 +138,6 @@ def open_shop(tmp_path: Path, write_config: Callable[..., Path], db_dsn: str) ->
     return open_
 
 
-@real_nodes_test
 async def test_a_purchase_is_live_on_every_node_and_a_vless_client_gets_through_each(
     open_shop: Any, tmp_path: Path
 ) -> None:
@@ -168,7 +161,6 @@ async def test_a_purchase_is_live_on_every_node_and_a_vless_client_gets_through_
                 assert PAGE not in await fetch(f"{node} stranger")
 
 
-@real_nodes_test
 @pytest.mark.alone
 async def test_a_node_killed_during_100_purchases_the_others_at_once_it_all_100_when_back(open_shop: Any) -> None:
     async with open_shop() as s:
@@ -199,7 +191,6 @@ async def test_a_node_killed_during_100_purchases_the_others_at_once_it_all_100_
         assert s.status("n2").reachable
 
 
-@real_nodes_test
 @pytest.mark.alone
 async def test_a_restarted_node_has_its_users_live_again_within_10_seconds(open_shop: Any, tmp_path: Path) -> None:
     async with open_shop() as s:
@@ -233,7 +224,6 @@ async def test_a_restarted_node_has_its_users_live_again_within_10_seconds(open_
         print(f"the writer noticed the restart because its {how}")
 
 
-@real_nodes_test
 async def test_a_node_removed_on_reload_loses_its_users_and_the_others_keep_theirs(open_shop: Any) -> None:
     async with open_shop() as s:
         for user_id in range(1, 6):
@@ -255,7 +245,6 @@ async def test_a_node_removed_on_reload_loses_its_users_and_the_others_keep_thei
         await assert_gone(s.real, "n2", ["u6"])
 
 
-@real_nodes_test
 async def test_nginx_refuses_a_client_without_vpnds_certificate(tmp_path: Path) -> None:
     async with open_real_nodes(tmp_path / "nodes", ["n1"]) as real:
         stranger_ca = make_pki(tmp_path / "stranger", [])  # a "vpnd" certificate from another CA
@@ -274,27 +263,3 @@ async def test_nginx_refuses_a_client_without_vpnds_certificate(tmp_path: Path) 
             with pytest.raises(XrayError):
                 await plain.uptime()  # no TLS at all
         await assert_gone(real, "n1", ["intruder"])  # vpnd's own certificate: answered, nobody was added
-
-
-def readme_block(language: str) -> str:
-    """The first ```<language> block of README "Several servers (nodes)"."""
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    section = readme.split("### Several servers (nodes)\n", 1)[1]
-    return section.split(f"```{language}\n", 1)[1].split("```", 1)[0]
-
-
-def test_the_readme_shows_the_tested_nginx_server_block() -> None:
-    assert readme_block("nginx") == NGINX_SERVER.format(**README_EXAMPLE)
-
-
-def test_the_readme_shows_the_openssl_commands_the_tests_run() -> None:
-    assert readme_block("sh").splitlines() == shell_commands({"de1": "DNS:de1.example.com"})
-
-
-def test_the_readmes_node_loads(tmp_path: Path, write_config: Callable[..., Path], db_dsn: str) -> None:
-    pki = make_pki(tmp_path / "pki", [])  # the files vpnd checks are there (the key stays a placeholder)
-    text = readme_block("toml").replace("/etc/vpnd/nodes/", f"{pki.directory}/")
-    config = load_config(write_config(text.replace('"..."', f'"{PUBLIC_KEY}"'), database={"dsn": db_dsn}), environ={})
-    (node,) = config.nodes
-    assert (node.name, node.api_address, node.label("ru")) == ("de1", "de1.example.com:10443", "🇩🇪 Франкфурт")
-    assert node.tls is not None and node.tls.cert_file == str(pki.cert("vpnd"))
