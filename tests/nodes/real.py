@@ -65,8 +65,8 @@ def nginx_conf(directory: Path, servers: list[str]) -> str:
     As root nginx's workers would switch to `nobody`, who cannot enter the test's 0700 directory:
     `user root;` keeps them able to (a real node keeps the default user; the master reads the keys).
     """
-    temp = "".join(f"    {kind}_temp_path {directory / kind};\n" for kind in ("client_body", "proxy", "fastcgi"))
-    temp += "".join(f"    {kind}_temp_path {directory / kind};\n" for kind in ("uwsgi", "scgi"))
+    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    temp = "".join(f"    {kind}_temp_path {directory / kind};\n" for kind in kinds)
     return (
         ("user root;\n" if os.geteuid() == 0 else "")
         + f"worker_processes 1;\npid {directory / 'nginx.pid'};\nerror_log {directory / 'error.log'} info;\n"
