@@ -26,6 +26,7 @@ import trio
 
 from tests.harness import open_app
 from tests.keys import PUBLIC_KEY
+from tests.v2ray import NO_V2RAY, V2RAY
 from vpnd.app import App
 from vpnd.config import load_config
 from vpnd.db import subscriptions
@@ -507,11 +508,9 @@ async def test_restart_command_mode_for_a_config_without_an_api(make_config, tmp
 
 # --- end to end against a real V2Ray ---------------------------------------------------------------
 
-V2RAY = shutil.which("v2ray")
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(V2RAY is None, reason="no v2ray binary (install it with: apt-get install -y v2ray)")
+@pytest.mark.skipif(V2RAY is None, reason=NO_V2RAY)
 async def test_real_v2ray_grant_lets_a_vless_client_through_and_expiry_refuses_it(make_config, tmp_path, processes):
     from tests.v2ray import (
         PAGE,
