@@ -31,12 +31,16 @@ pytest: $(STAMP)
 	  || [ $$? = 5 ]
 	$(BIN)/pytest -p no:cacheprovider -m alone $(PYTEST_ARGS) || [ $$? = 5 ]
 
-# Optional test peers from Debian: a real V2Ray (Xray API tests) and Chromium (the web chat test).
-# Installed only when running as root with apt; without them those tests skip and say why.
+# Optional test peers from Debian: a real V2Ray (Xray API tests), nginx (in front of real V2Ray nodes, mutual
+# TLS: tests/nodes/test_real_nodes.py) and Chromium (the web chat test).
+# Installed only when running as root with apt; without them those tests skip and say why. (The tests run
+# their own nginx from a temporary directory; where systemd runs services, Debian also starts its default
+# site on port 80: `systemctl disable --now nginx` if you do not want it.)
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  missing=""; \
 	  command -v v2ray >/dev/null 2>&1 || missing="$$missing v2ray"; \
+	  command -v nginx >/dev/null 2>&1 || missing="$$missing nginx"; \
 	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages for optional tests:$$missing"; \

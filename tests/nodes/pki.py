@@ -7,6 +7,7 @@ nodes alone.
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -46,24 +47,45 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
+def ca_command() -> list[str]:
+    return ["req", "-x509", *EC, "-days", "3650", "-subj", "/CN=vpnd nodes CA", "-keyout", "ca.key", "-out", "ca.pem"]
+
+
+def extensions(*, server: bool, san: str) -> str:
+    """The certificate's extension file: a node's proxy serves (`san`: its names), vpnd is a client."""
+    return f"subjectAltName={san}\nextendedKeyUsage=serverAuth\n" if server else "extendedKeyUsage=clientAuth\n"
+
+
+def issue_commands(name: str) -> list[list[str]]:
+    """A key and a request for `name`, then its certificate signed by the CA with `<name>.ext`."""
+    return [
+        ["req", *EC, "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr"],
+        ["x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-days", "825", "-extfile", f"{name}.ext", "-out", f"{name}.pem"],
+    ]  # fmt: skip
+
+
+def shell_commands(nodes: dict[str, str], client: str = "vpnd") -> list[str]:
+    """What `make_pki` runs, as shell lines (README "Several servers (nodes)"): node name → its names."""
+    lines = [shlex.join(["openssl", *ca_command()])]
+    for name, server, san in [*((node, True, san) for node, san in nodes.items()), (client, False, "")]:
+        printf = extensions(server=server, san=san).replace("\n", "\\n")
+        lines.append(f"printf '{printf}' > {name}.ext")
+        lines += [shlex.join(["openssl", *command]) for command in issue_commands(name)]
+    return lines
+
+
 def make_ca(directory: Path) -> Pki:
     directory.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", *EC, "-days", "3650", "-subj", "/CN=vpnd nodes CA", "-keyout", "ca.key", "-out", "ca.pem",
-             cwd=directory)  # fmt: skip
+    _openssl(*ca_command(), cwd=directory)
     return Pki(directory)
 
 
 def issue(pki: Pki, name: str, *, server: bool, san: str = "DNS:localhost,IP:127.0.0.1") -> None:
     """A certificate for a node's TLS proxy (`server`) or for vpnd (a client), signed by the CA."""
-    directory = pki.directory
-    usage = "serverAuth" if server else "clientAuth"
-    extensions = directory / f"{name}.ext"
-    extensions.write_text(
-        f"subjectAltName={san}\nextendedKeyUsage={usage}\n" if server else f"extendedKeyUsage={usage}\n"
-    )
-    _openssl("req", *EC, "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=directory)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-days", "825", "-extfile", extensions.name, "-out", f"{name}.pem", cwd=directory)  # fmt: skip
+    (pki.directory / f"{name}.ext").write_text(extensions(server=server, san=san))
+    for command in issue_commands(name):
+        _openssl(*command, cwd=pki.directory)
 
 
 def make_pki(directory: Path, nodes: list[str], client: str = "vpnd") -> Pki:

@@ -1,196 +1,31 @@
 """End to end against a real V2Ray 4.x (Debian's `v2ray` package): users added and removed live
-through XrayApi decide whether a VLESS client gets through.
-
-    apt-get install -y v2ray      # V2Ray 4.34 on Debian 12; skipped when the binary is absent
-
-V2Ray 4.x has no REALITY, so the VLESS inbound is plain TCP; the API wire format (prefix
-"v2ray.core.") and the config layout are the same as Xray-core's.
+through XrayApi decide whether a VLESS client gets through (helpers: `tests.v2ray`).
 """
 
 import json
-import shutil
-import socket
-import subprocess
 import uuid
 
 import pytest
 import trio
 
+from tests.v2ray import (
+    NO_V2RAY,
+    PAGE,
+    TAG,
+    V2RAY,
+    Processes,
+    client_config,
+    fetch_via_socks,
+    free_port,
+    serve_page,
+    server_template,
+    v2ray_commands,
+    wait_for_port,
+)
 from vpnd.xray.api import XrayApi, XrayApiError, XrayUnavailable
 from vpnd.xray.render import Client, load_template, render_config, write_atomically
 
-V2RAY = shutil.which("v2ray")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(V2RAY is None, reason="no v2ray binary (install it with: apt-get install -y v2ray)"),
-]
-
-TAG = "vless-in"
-PAGE = b"hello through vless"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def v2ray_commands(config):
-    """(run, test) argv for this v2ray: 4.x takes flags, 5.x takes subcommands."""
-    version = subprocess.run([V2RAY, "-version"], capture_output=True, text=True, timeout=30).stdout
-    if version.startswith("V2Ray 4."):
-        return [V2RAY, "-config", str(config)], [V2RAY, "-test", "-config", str(config)]
-    return [V2RAY, "run", "-c", str(config)], [V2RAY, "test", "-c", str(config)]
-
-
-def server_template(api_port, vless_port):
-    return {
-        "log": {"loglevel": "warning"},
-        "api": {"tag": "api", "services": ["HandlerService", "StatsService"]},
-        "stats": {},
-        "policy": {"levels": {"0": {"statsUserUplink": True, "statsUserDownlink": True}}},
-        "inbounds": [
-            {
-                "tag": "api",
-                "listen": "127.0.0.1",
-                "port": api_port,
-                "protocol": "dokodemo-door",
-                "settings": {"address": "127.0.0.1"},
-            },
-            {
-                "tag": TAG,
-                "listen": "127.0.0.1",
-                "port": vless_port,
-                "protocol": "vless",
-                "settings": {"clients": [], "decryption": "none"},
-                "streamSettings": {"network": "tcp", "security": "none"},
-            },
-        ],
-        "outbounds": [{"protocol": "freedom", "tag": "direct"}],
-        "routing": {"rules": [{"type": "field", "inboundTag": ["api"], "outboundTag": "api"}]},
-    }
-
-
-def client_config(vless_port, socks_ports_by_uuid):
-    """One v2ray acting as VLESS client: a SOCKS inbound per user id, each routed to its own outbound."""
-    inbounds, outbounds, rules = [], [], []
-    for n, (user_id, socks_port) in enumerate(socks_ports_by_uuid.items()):
-        inbounds.append(
-            {
-                "tag": f"socks{n}",
-                "listen": "127.0.0.1",
-                "port": socks_port,
-                "protocol": "socks",
-                "settings": {"auth": "noauth", "udp": False},
-            }
-        )
-        outbounds.append(
-            {
-                "tag": f"vless{n}",
-                "protocol": "vless",
-                "settings": {
-                    "vnext": [
-                        {"address": "127.0.0.1", "port": vless_port, "users": [{"id": user_id, "encryption": "none"}]}
-                    ]
-                },
-            }
-        )
-        rules.append({"type": "field", "inboundTag": [f"socks{n}"], "outboundTag": f"vless{n}"})
-    return {"log": {"loglevel": "warning"}, "inbounds": inbounds, "outbounds": outbounds, "routing": {"rules": rules}}
-
-
-async def serve_page(port, *, task_status=trio.TASK_STATUS_IGNORED):
-    async def handle(stream):
-        with trio.move_on_after(5):
-            request = b""
-            while b"\r\n\r\n" not in request:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                request += chunk
-            await stream.send_all(
-                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(PAGE), PAGE)
-            )
-        await stream.aclose()
-
-    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-    task_status.started()
-    await trio.serve_listeners(handle, listeners)
-
-
-async def fetch_via_socks(socks_port, http_port):
-    """GET / through a SOCKS5 proxy; returns the raw response (b"" when the tunnel is refused)."""
-    with trio.fail_after(30):
-        stream = await trio.open_tcp_stream("127.0.0.1", socks_port)
-        async with stream:
-
-            async def receive_exactly(n):
-                data = b""
-                while len(data) < n:
-                    chunk = await stream.receive_some(n - len(data))
-                    if not chunk:
-                        raise EOFError
-                    data += chunk
-                return data
-
-            try:
-                await stream.send_all(b"\x05\x01\x00")
-                assert await receive_exactly(2) == b"\x05\x00"
-                await stream.send_all(
-                    b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + http_port.to_bytes(2, "big")
-                )
-                reply = await receive_exactly(10)
-                if reply[1] != 0:
-                    return b""
-                await stream.send_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-                response = b""
-                while chunk := await stream.receive_some(65536):
-                    response += chunk
-                    head, sep, body = response.partition(b"\r\n\r\n")
-                    if sep and b"Content-Length: %d" % len(body) in head:
-                        break  # complete; don't wait for v2ray's idle timeout to close the tunnel
-                return response
-            except (EOFError, trio.BrokenResourceError):
-                return b""
-
-
-async def wait_for_port(port):
-    with trio.fail_after(30):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return
-
-
-class Processes:
-    def __init__(self, tmp_path):
-        self.tmp_path = tmp_path
-        self.procs = []
-
-    def start(self, name, argv):
-        log = open(self.tmp_path / f"{name}.log", "wb")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def logs(self):
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.tmp_path.glob("*.log")))
-
-    def stop_all(self):
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(V2RAY is None, reason=NO_V2RAY)]
 
 
 @pytest.fixture
@@ -212,7 +47,7 @@ async def test_live_user_add_and_remove_gate_a_real_vless_client(tmp_path, proce
     server_path = tmp_path / "server.json"
     assert write_atomically(server_path, render_config(template, [Client(uuid=in_file, email="from-file", flow="")]))
     client_path = tmp_path / "client.json"
-    client_path.write_text(json.dumps(client_config(vless_port, socks)))
+    client_path.write_text(json.dumps(client_config((port, vless_port, user) for user, port in socks.items())))
 
     for path in (server_path, client_path):
         _run, test = v2ray_commands(path)

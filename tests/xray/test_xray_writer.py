@@ -26,6 +26,7 @@ import trio
 
 from tests.harness import open_app
 from tests.keys import PUBLIC_KEY
+from tests.v2ray import NO_V2RAY, V2RAY
 from vpnd.app import App
 from vpnd.config import load_config
 from vpnd.db import subscriptions
@@ -507,13 +508,11 @@ async def test_restart_command_mode_for_a_config_without_an_api(make_config, tmp
 
 # --- end to end against a real V2Ray ---------------------------------------------------------------
 
-V2RAY = shutil.which("v2ray")
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(V2RAY is None, reason="no v2ray binary (install it with: apt-get install -y v2ray)")
+@pytest.mark.skipif(V2RAY is None, reason=NO_V2RAY)
 async def test_real_v2ray_grant_lets_a_vless_client_through_and_expiry_refuses_it(make_config, tmp_path, processes):
-    from tests.xray.test_xray_real_v2ray import (
+    from tests.v2ray import (
         PAGE,
         client_config,
         fetch_via_socks,
@@ -529,7 +528,7 @@ async def test_real_v2ray_grant_lets_a_vless_client_through_and_expiry_refuses_i
     config_file = make_config(f"127.0.0.1:{api_port}", api_prefix="v2ray.core.", flow="", reconcile_interval=60.0)
     sub_uuid = str(uuid.uuid4())  # the key the client will use, set on the subscription below
     client_path = tmp_path / "client.json"
-    client_path.write_text(json.dumps(client_config(vless_port, {sub_uuid: socks_port})))
+    client_path.write_text(json.dumps(client_config([(socks_port, vless_port, sub_uuid)])))
 
     async with running_writer(config_file) as s:
         # the writer made the file (Xray down: the API part waits); V2Ray accepts it and starts from it
@@ -578,7 +577,7 @@ async def test_real_v2ray_grant_lets_a_vless_client_through_and_expiry_refuses_i
 
 @pytest.fixture
 def processes(tmp_path):
-    from tests.xray.test_xray_real_v2ray import Processes
+    from tests.v2ray import Processes
 
     procs = Processes(tmp_path)
     yield procs
