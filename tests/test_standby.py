@@ -134,7 +134,8 @@ def check_each_message_answered_once(
 
 @attrs.define(eq=False)
 class Load:
-    """Users writing to the bot at RATE messages a second, round robin, until stopped."""
+    """Users writing to the bot (texts and commands, each answered by one message) at RATE messages a
+    second, round robin, until stopped."""
 
     telegram: FakeTelegram
     sent: collections.Counter[int] = attrs.field(factory=collections.Counter)
@@ -144,7 +145,7 @@ class Load:
         index = 0
         while not self.stop.is_set():
             uid = WRITERS[index % len(WRITERS)]
-            self.telegram.user_sends(uid, f"load {index}")
+            self.telegram.user_sends(uid, "/help" if index % 3 == 0 else f"load {index}")
             self.sent[uid] += 1
             index += 1
             await trio.sleep(1 / RATE)
@@ -373,6 +374,7 @@ async def test_postgres_restart_with_two_hosts_the_standby_serves_once_it_is_bac
             assert await standby.wait() == 0, standby.log()[-3000:]
         log = primary.log()
         assert "event=fenced" in log and "event=instance_lock_reacquired" not in log, log[-3000:]
+        assert "event=standby_database_unreachable" in standby.log()  # it waited through the restart
         extra_answers = check_each_message_answered_once(telegram, load.sent, in_flight)
     print(
         f"\nPostgreSQL restart, two hosts: the primary stopped (fenced), the standby served (READY=1) "

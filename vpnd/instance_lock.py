@@ -167,8 +167,8 @@ class InstanceLock:
 
     async def keep(self) -> None:
         while True:
-            await self._quiet_or_ending()
             try:
+                await self._quiet_or_ending()
                 await trio.to_thread.run_sync(_still_alive, self.conn, abandon_on_cancel=True)
                 continue
             except psycopg.OperationalError as exc:
