@@ -25,6 +25,7 @@ import trio
 
 from vpnd.db import locks
 from vpnd.db.rows import round_trip
+from vpnd.logs import quote
 
 log = logging.getLogger("vpnd.instance")
 
@@ -213,8 +214,9 @@ async def _wait_as_standby(
 ) -> psycopg.Connection[Any]:
     try:
         return await _take_lock(dsn, timeout)  # free: this one is the primary, it never waited
-    except (InstanceLockHeld, psycopg.OperationalError):
-        pass  # someone else is primary, or the database is away for now: wait for either to change
+    except (InstanceLockHeld, psycopg.OperationalError) as exc:
+        # Someone else is primary (the message names its session), or the database is away for now.
+        log.info("event=standby_because detail=%s", quote(_first_line(exc)))
     started = trio.current_time()
     conn: psycopg.Connection[Any] | None = None
     try:
