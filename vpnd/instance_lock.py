@@ -97,6 +97,8 @@ RELEASE_WAIT = 5.0
 MIN_CHECK_GAP = 0.05
 #: How often a standby tries the lock: the takeover comes at most this long after the holder's session ended.
 STANDBY_POLL = 0.5
+#: How long a daemon that lost its lock session (not a standby's) waits before taking the lock back.
+REACQUIRE_AFTER = 2 * STANDBY_POLL
 
 
 async def _take_lock(dsn: str, timeout: float) -> psycopg.Connection[Any]:
@@ -193,6 +195,10 @@ class InstanceLock:
     async def _reacquire(self) -> None:
         await trio.to_thread.run_sync(self.conn.close)
         deadline = trio.current_time() + self.reacquire_within
+        # The loss is seen at once, but whoever waits for the lock (a standby, polling every
+        # STANDBY_POLL) gets the first chance at it: taking it back in the same instant would only
+        # make the outcome a race. Found taken then, this daemon stops.
+        await trio.sleep(REACQUIRE_AFTER)
         while True:
             try:
                 self.conn = await _take_lock(self.dsn, self.timeout)
