@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run only these services, comma-separated (default: all; names in vpnd.compose.SERVICE_NAMES)",
     )
+    run_parser.add_argument(
+        "--standby",
+        action="store_true",
+        help="if another vpnd holds this database, wait and take over when it is gone (instead of exiting 1)",
+    )
     with_config(sub.add_parser("check-config", help="validate the config and print it, secrets masked"))
     migrate_parser = with_config(sub.add_parser("migrate", help="apply pending database migrations"))
     migrate_parser.add_argument("--check", action="store_true", help="only report pending migrations (exit 1 if any)")
@@ -146,7 +151,7 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
         return 2
     log.info("event=starting version=%s config=%s", _version(), config.path)
     try:
-        trio.run(partial(run_daemon, config, services=services))
+        trio.run(partial(run_daemon, config, services=services, standby=args.standby))
     except Exception as exc:  # the daemon's one error boundary: classify, log once, exit code
         return _report_crash(exc)
     return 0

@@ -1,6 +1,6 @@
 """The composition root: `open_vpnd(config, services)` builds the whole daemon and runs the chosen services.
 
-    open_vpnd ── instance lock, schema, database pool (closed last), health, metrics, texts
+    open_vpnd ── instance lock (a standby waits for it), schema, database pool (closed last), health, metrics, texts
                  bot client, outbound limiter, sender, Crypto Pay and YooKassa clients, HTTP router, BotContext
                  └── root nursery ── listener (LISTEN: commits wake their owners), xray, outbox,
                                      workers (+ payment watchers), poller, broadcasts, http,
@@ -19,8 +19,8 @@ pool closes last. An exception in the block (or a crashed service) cancels every
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 
 import attrs
@@ -41,6 +41,7 @@ from vpnd.nurseries.broadcasts import Broadcasts, run_broadcasts
 from vpnd.nurseries.http import build_router, run_http
 from vpnd.nurseries.listener import run_listener
 from vpnd.nurseries.outbox import OutboxSender, OutboxSettings, run_outbox
+from vpnd.nurseries.standby import serving_standby
 from vpnd.nurseries.telegram import PollState, identify_bot, run_telegram
 from vpnd.nurseries.workers import Job, run_workers
 from vpnd.nurseries.xray import XrayFleet, run_xray
@@ -153,12 +154,15 @@ async def open_vpnd(
     services: Services | Iterable[str],
     *,
     single_instance: bool = True,
+    standby: bool = False,
     notifier: Notifier | None = None,
     tuning: Tuning | None = None,
 ) -> AsyncIterator[Vpnd]:
     """Build vpnd from `config`, start `services` in dependency order, yield once they run (READY=1).
 
     `single_instance=False` skips the instance lock (tests that open several apps on one database).
+    `standby=True` waits for the lock, serving the standby's health endpoints meanwhile
+    (`vpnd.nurseries.standby`), instead of failing when another vpnd holds it.
     """
     services = services if isinstance(services, Services) else Services(frozenset(services))
     notifier = notifier or Notifier(None)
@@ -166,7 +170,8 @@ async def open_vpnd(
     db_config = config.database
     schema = packaged_schema()
     await notifier.notify("STATUS=starting: database")
-    async with _maybe_instance_lock(config, single_instance) as lock:
+    waiting = partial(serving_standby, config, notifier) if standby else None
+    async with _maybe_instance_lock(config, single_instance, waiting) as lock:
         await prepare_schema(
             db_config.dsn,
             schema,
@@ -266,11 +271,14 @@ async def _start_services(
 
 
 @asynccontextmanager
-async def _maybe_instance_lock(config: Config, wanted: bool) -> AsyncIterator[InstanceLock | None]:
+async def _maybe_instance_lock(
+    config: Config, wanted: bool, waiting: Callable[[], AbstractAsyncContextManager[object]] | None
+) -> AsyncIterator[InstanceLock | None]:
     if not wanted:
         yield None
         return
-    async with hold_instance_lock(config.database.dsn, timeout=config.database.connect_timeout_seconds) as lock:
+    timeout = config.database.connect_timeout_seconds
+    async with hold_instance_lock(config.database.dsn, timeout=timeout, waiting=waiting) as lock:
         yield lock
 
 

@@ -28,6 +28,7 @@ from hypercorn.config import Config as HypercornConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vpnd.app import App
+from vpnd.config import Config
 from vpnd.web import (
     LISTEN_BACKLOG,
     ConnectionGate,
@@ -116,11 +117,11 @@ def connection_limit(configured: int, pool_max: int) -> int:
     return limit
 
 
-def hypercorn_config(app: App) -> HypercornConfig:
-    http = app.config.http
+def hypercorn_config(vpnd_config: Config) -> HypercornConfig:
+    http = vpnd_config.http
     config = HypercornConfig()
     config.bind = [str(http.listen)]
-    config.graceful_timeout = app.config.shutdown.grace_seconds
+    config.graceful_timeout = vpnd_config.shutdown.grace_seconds
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = http.keep_alive_timeout_seconds
@@ -133,4 +134,5 @@ def hypercorn_config(app: App) -> HypercornConfig:
 async def run_http(app: App, router: Router, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve `router` on `[http].listen`; `task_status.started(url)` once the socket is bound."""
     gate = ConnectionGate(connection_limit(app.config.http.max_connections, app.config.database.pool_max), app.metrics)
-    await serve(router, hypercorn_config(app), gate=gate, stopping=app.lifecycle.stopping, task_status=task_status)
+    config = hypercorn_config(app.config)
+    await serve(router, config, gate=gate, stopping=app.lifecycle.stopping, task_status=task_status)

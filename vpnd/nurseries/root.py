@@ -1,7 +1,9 @@
 """The root of the task tree: signals, sd_notify and the graceful deadline around the composition root.
 
     outer nursery ── signal watcher (SIGTERM/SIGINT: 1st stop, 2nd cancel now; SIGHUP: reload)
-    └── open_vpnd (instance lock, schema, database pool — closed last; bot, sender, router)
+    ├── standby only: WATCHDOG=1 while it waits for the instance lock and starts after taking it
+    └── open_vpnd (instance lock — a standby waits for it, serving its /healthz —, schema, database
+                   pool — closed last; bot, sender, router)
         └── root nursery ── notify listener, xray writer, outbox sender, workers (incl. payment
                             watcher), telegram (polling + handler nursery), broadcasts, http, watchdog
 
@@ -29,7 +31,7 @@ from vpnd.app import App
 from vpnd.compose import Services, Vpnd, open_vpnd
 from vpnd.config import Config
 from vpnd.reload import reload_config
-from vpnd.sdnotify import Notifier
+from vpnd.sdnotify import Notifier, watchdog_interval
 
 log = logging.getLogger("vpnd.root")
 
@@ -39,9 +41,13 @@ async def run_daemon(
     *,
     notifier: Notifier | None = None,
     services: Services | None = None,
+    standby: bool = False,
     task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run vpnd (every service, or `services`) until a signal or a crash; return after a clean shutdown."""
+    """Run vpnd (every service, or `services`) until a signal or a crash; return after a clean shutdown.
+
+    `standby`: wait for the instance lock (`vpnd run --standby`) instead of failing when it is taken.
+    """
     notifier = notifier or Notifier.from_environ()
     try:
         async with trio.open_nursery() as outer:
@@ -49,8 +55,11 @@ async def run_daemon(
             box: list[Vpnd] = []
             serving = trio.Event()
             outer.start_soon(_watch_signals, box, serving, cancel_all, notifier)
+            if standby:
+                outer.start_soon(_watchdog_until_serving, serving, notifier)
             with cancel_all:
-                async with open_vpnd(config, services or Services.all(), notifier=notifier) as vpnd:
+                chosen = services or Services.all()
+                async with open_vpnd(config, chosen, standby=standby, notifier=notifier) as vpnd:
                     box.append(vpnd)
                     serving.set()
                     task_status.started(vpnd.app)
@@ -91,6 +100,18 @@ async def _watch_signals(
                     log.warning("event=cancel_now signal=%s", name)
                     await notifier.notify("STOPPING=1")
                     cancel_all.cancel()
+
+
+async def _watchdog_until_serving(serving: trio.Event, notifier: Notifier) -> None:
+    """WATCHDOG=1 for a standby, which said READY=1 already (so systemd's watchdog runs): while it waits
+    and while it starts after the takeover, until the daemon's own watchdog takes over once it serves."""
+    interval = watchdog_interval()
+    if interval is None:
+        return
+    while not serving.is_set():
+        await notifier.notify("WATCHDOG=1")
+        with trio.move_on_after(interval):
+            await serving.wait()
 
 
 async def _reload(vpnd: Vpnd, notifier: Notifier) -> None:
