@@ -17,7 +17,7 @@ import time
 
 from bench.common import machine_line, quick
 
-BENCHMARKS = ["pipeline", "flood", "broadcast", "activation", "xray_scale", "lifecycle", "soak", "wire", "notify"]
+BENCHMARKS = ["pipeline", "flood", "broadcast", "activation", "xray_scale", "lifecycle", "soak", "wire", "notify", "nodes"]
 
 
 def main(argv: list[str]) -> int:
