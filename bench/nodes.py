@@ -2,7 +2,7 @@
 
     python -m bench nodes                     # 1, 3, 10 nodes: 5,000 users, 100 purchases; reconcile 100,000 (1, 3)
     VPND_BENCH_QUICK=1 python -m bench nodes  # 2,000 users, 30 purchases; reconcile 10,000
-    python -m bench nodes --nodes 3 --purchases 200 --reconcile-nodes 3 --profile
+    python -m bench nodes --nodes 3 --tls-nodes --purchases 200 --reconcile-nodes 3 --profile
 
 Every node is a real V2Ray 4.x process on loopback (Debian's `v2ray`; its own API port, plaintext gRPC
 as the config allows for loopback addresses): node "local" is `[xray]` (vpnd also writes its config
@@ -16,6 +16,8 @@ services: one writer per node) in a child process, so the benchmark's probes sha
   benchmark speaks VLESS to each node's inbound (the header with the UUID, aimed at a loopback server
   that answers at once) every few milliseconds until the answer comes back. That observes the nodes
   themselves, as a user would, and changes nothing in them (an AddUser probe would race vpnd's own add).
+  Once more with the remote nodes' APIs behind nginx terminating mutual TLS (`--tls-nodes`), the
+  channel a real remote node is reached by (certificates from `tests/nodes/pki.py`).
 * **full reconcile**: a fresh database with 100,000 active subscribers and fresh, empty V2Rays; the
   fleet's start (each node's first round: every user added over the API) is timed, then a sample of
   users is checked to get through every node.
@@ -36,7 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ from bench.common import ProcessMeter, bench_database, machine_line, percentile,
 from bench.xray_support import TAG, server_template, v2ray_binary, v2ray_run_command, wait_for_port
 from tests.harness import PLANS, config_sections, write_config_file
 from tests.keys import PUBLIC_KEY
+from tests.nodes.pki import make_pki
 from vpnd.db.subscriptions import grant_days
 from vpnd_sandbox.postgres import free_port
 
@@ -114,9 +117,11 @@ def v2ray_nodes(workdir: Path, count: int) -> Iterator[list[Node]]:
                 process.wait(timeout=5)
 
 
-def vpnd_config(workdir: Path, dsn: str, nodes: Sequence[Node]) -> Path:
-    """`[xray]` drives the first node (and writes its file), `[[nodes]]` the others."""
+def vpnd_config(workdir: Path, dsn: str, nodes: Sequence[Node], channels: Mapping[str, str] | None = None) -> Path:
+    """`[xray]` drives the first node (and writes its file), `[[nodes]]` the others; `channels`: the
+    `[[nodes]]` keys by which vpnd reaches them (default: their loopback API in plaintext)."""
     local, *remote = nodes
+    channels = channels or {node.name: f'api_address = "{node.api_address}"\n' for node in remote}
     sections = config_sections(
         dsn,
         telegram={"token": TOKEN},
@@ -135,10 +140,59 @@ def vpnd_config(workdir: Path, dsn: str, nodes: Sequence[Node]) -> Path:
     tables = "".join(
         f'\n[[nodes]]\nname = "{node.name}"\nlocation = {{ en = "Node {node.name}" }}\n'
         f'host = "{node.name}.example.test"\npublic_key = "{PUBLIC_KEY}"\nshort_id = "0123abcd"\n'
-        f'api_address = "{node.api_address}"\napi_prefix = "v2ray.core."\ninbound_tag = "{TAG}"\nflow = ""\n'
+        f'{channels[node.name]}api_prefix = "v2ray.core."\ninbound_tag = "{TAG}"\nflow = ""\n'
         for node in remote
     )
     return write_config_file(workdir / "vpnd.toml", sections, PLANS + tables)
+
+
+NGINX_SERVER = """
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_client_certificate {ca};
+        ssl_verify_client on;
+        location / {{ grpc_pass grpc://127.0.0.1:{api_port}; }}
+    }}
+"""
+
+
+@contextlib.contextmanager
+def nginx_mtls(workdir: Path, nodes: Sequence[Node]) -> Iterator[dict[str, str]]:
+    """nginx terminating mutual TLS in front of each node's loopback API (one certificate per node,
+    vpnd's client certificate, one CA: `tests/nodes/pki.py`); yields the `[[nodes]]` keys by name."""
+    pki = make_pki(workdir / "pki", [node.name for node in nodes])
+    ports = {node.name: free_port() for node in nodes}
+    servers = "".join(
+        NGINX_SERVER.format(
+            port=ports[node.name], cert=pki.cert(node.name), key=pki.key(node.name), ca=pki.ca, api_port=node.api_port
+        )
+        for node in nodes
+    )
+    temp = " ".join(
+        f"{kind}_temp_path {workdir}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        f"worker_processes 1;\npid {workdir}/nginx.pid;\nerror_log stderr warn;\nevents {{}}\n"
+        f"http {{\n    access_log off;\n    {temp}\n{servers}}}\n"
+    )
+    with (workdir / "nginx.log").open("wb") as log:
+        process = subprocess.Popen(
+            ["nginx", "-p", str(workdir), "-c", str(conf), "-e", "stderr", "-g", "daemon off;"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        for port in ports.values():
+            wait_for_port(port)
+        keys = "".join(f'{key} = "{value}"\n' for key, value in pki.node_keys().items())
+        yield {name: f'api_address = "127.0.0.1:{port}"\n{keys}' for name, port in ports.items()}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 # ------------------------------------------------------------------------------------------ VLESS probes
@@ -342,14 +396,17 @@ async def check_probes(nodes: Sequence[Node], dsn: str, target_port: int, sample
 
 
 async def paid_to_live(
-    db_dsn: str, workdir: Path, count: int, subscribers: int, purchases: int, profile: float
+    db_dsn: str, workdir: Path, count: int, subscribers: int, purchases: int, profile: float, tls: bool = False
 ) -> dict[str, Any]:
     add_subscribers(db_dsn, subscribers)
     buyers = add_buyers(db_dsn, purchases)
     every: list[float] = []
     each: list[float] = []
-    with v2ray_nodes(workdir, count) as nodes, psycopg.connect(db_dsn, autocommit=True) as conn:
-        config_path = vpnd_config(workdir, db_dsn, nodes)
+    with contextlib.ExitStack() as stack:
+        nodes = stack.enter_context(v2ray_nodes(workdir, count))
+        conn = stack.enter_context(psycopg.connect(db_dsn, autocommit=True))
+        channels = stack.enter_context(nginx_mtls(workdir, nodes[1:])) if tls else None
+        config_path = vpnd_config(workdir, db_dsn, nodes, channels)
         async with trio.open_nursery() as nursery:
             target_port = await nursery.start(serve_target)
             fleet = await Fleet.start("fleet", config_path, workdir / "fleet.log")
@@ -376,7 +433,7 @@ async def paid_to_live(
                 await fleet.stop()
             nursery.cancel_scope.cancel()
     return {
-        "nodes": count,
+        "nodes": f"{count}, mTLS (nginx)" if tls else count,
         "subscribers": subscribers,
         "purchases": purchases,
         "initial_s": ready["seconds"],
@@ -428,11 +485,13 @@ async def run(args: argparse.Namespace) -> None:
     live_rows: list[list[Any]] = []
     reconcile_rows: list[list[Any]] = []
     with bench_database() as db, tempfile.TemporaryDirectory(prefix="vpnd-bench-nodes-") as tmp:
-        for count in args.nodes:
-            workdir = Path(tmp) / f"live{count}"
+        cases = [(count, False) for count in args.nodes] + [(count, True) for count in args.tls_nodes if count > 1]
+        for count, tls in cases:
+            workdir = Path(tmp) / f"live{count}{'-tls' if tls else ''}"
             workdir.mkdir()
-            profile = args.profile_seconds if args.profile and count == max(args.nodes) else 0.0
-            r = await paid_to_live(db.fresh(f"live{count}"), workdir, count, args.subscribers, args.purchases, profile)
+            profile = args.profile_seconds if args.profile and count == max(args.nodes) and not tls else 0.0
+            dsn = db.fresh(f"live{count}")
+            r = await paid_to_live(dsn, workdir, count, args.subscribers, args.purchases, profile, tls)
             live_rows.append(
                 [
                     r["nodes"],
@@ -446,7 +505,7 @@ async def run(args: argparse.Namespace) -> None:
                     r["cpu_ms"],
                 ]
             )
-            print(f"  {count} nodes: live on every node p50 {r['every_p50']:.1f} ms, p99 {r['every_p99']:.1f} ms")
+            print(f"  {r['nodes']} nodes: live on every node p50 {r['every_p50']:.1f} ms, p99 {r['every_p99']:.1f} ms")
         for count in args.reconcile_nodes:
             workdir = Path(tmp) / f"reconcile{count}"
             workdir.mkdir()
@@ -491,6 +550,14 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m bench nodes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--nodes", type=int, nargs="*", default=[1, 3, 10], help="node counts for paid → live")
+    parser.add_argument(
+        "--tls-nodes",
+        type=int,
+        nargs="*",
+        default=[3],
+        help="node counts for paid → live with the remote nodes' "
+        "APIs behind nginx terminating mutual TLS (the local node stays on loopback)",
+    )
     parser.add_argument("--subscribers", type=int, default=pick(5000, 2000), help="active users before purchases")
     parser.add_argument("--purchases", type=int, default=pick(100, 30))
     parser.add_argument("--reconcile-nodes", type=int, nargs="*", default=[1, 3])
