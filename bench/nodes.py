@@ -146,14 +146,21 @@ def vpnd_config(workdir: Path, dsn: str, nodes: Sequence[Node], channels: Mappin
     return write_config_file(workdir / "vpnd.toml", sections, PLANS + tables)
 
 
+#: `keepalive`: without it nginx opens a new connection to V2Ray's API for every call, and under
+#: thousands of calls V2Ray closes some before answering (nginx: 502, "upstream prematurely closed
+#: connection"), which vpnd rightly takes for an outage: the node never gets in sync.
 NGINX_SERVER = """
+    upstream api_{port} {{
+        server 127.0.0.1:{api_port};
+        keepalive 32;
+    }}
     server {{
         listen 127.0.0.1:{port} ssl http2;
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_client_certificate {ca};
         ssl_verify_client on;
-        location / {{ grpc_pass grpc://127.0.0.1:{api_port}; }}
+        location / {{ grpc_pass grpc://api_{port}; }}
     }}
 """
 
