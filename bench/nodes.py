@@ -335,7 +335,6 @@ async def child(mode: str, config_path: Path) -> dict[str, Any]:
                     await trio.sleep(0.01)
             out = {
                 "seconds": seconds,
-                "in_sync_seconds": trio.current_time() - started,
                 "nodes": {name: {"live": s.live_users, "api_calls": s.api_calls} for name, s in fleet.statuses.items()},
                 "peak_mib": meter.peak_rss_mib(),
             }
