@@ -1,7 +1,7 @@
 """`python -m bench [NAME ...] [--option ...]`: run the named benchmarks (default: all) and print their figures.
 
     python -m bench                          # everything (the soak alone takes 30 minutes)
-    VPND_BENCH_QUICK=1 python -m bench       # everything, briefly (about 12 minutes on 2 cores)
+    VPND_BENCH_QUICK=1 python -m bench       # everything, briefly (about 14 minutes on 2 cores)
     python -m bench pipeline --profile       # options after the names go to each named benchmark
     python -m bench soak --minutes 60
 
@@ -17,7 +17,18 @@ import time
 
 from bench.common import machine_line, quick
 
-BENCHMARKS = ["pipeline", "flood", "broadcast", "activation", "xray_scale", "lifecycle", "soak", "wire", "notify"]
+BENCHMARKS = [
+    "pipeline",
+    "flood",
+    "broadcast",
+    "activation",
+    "xray_scale",
+    "lifecycle",
+    "soak",
+    "wire",
+    "notify",
+    "nodes",
+]
 
 
 def main(argv: list[str]) -> int:

@@ -86,7 +86,7 @@ def v2ray_run_command(binary: str, config: Path) -> list[str]:
     return [binary, "run", "-c", str(config)]
 
 
-def _wait_for_port(port: int, timeout: float = 15) -> None:
+def wait_for_port(port: int, timeout: float = 15) -> None:
     import socket
 
     deadline = time.monotonic() + timeout
@@ -119,7 +119,7 @@ def xray_peer(workdir: Path, *, prefer_real: bool = True) -> Iterator[tuple[Xray
         )
         log.close()
         try:
-            _wait_for_port(api_port)
+            wait_for_port(api_port)
             yield XrayPeer("v2ray", f"127.0.0.1:{api_port}", "v2ray.core.", "", process), template_path, config_path
         finally:
             process.terminate()
