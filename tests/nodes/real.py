@@ -35,6 +35,11 @@ PREFIX = "v2ray.core."
 
 #: A node's server block. The README shows it with `README_EXAMPLE`; the tests run it as it is.
 NGINX_SERVER = """\
+upstream {upstream} {{
+    server 127.0.0.1:{api_port};
+    keepalive 32;
+}}
+
 server {{
     listen {listen} ssl http2;
     ssl_certificate        {cert};
@@ -44,7 +49,7 @@ server {{
     ssl_protocols          TLSv1.3;
 
     location / {{
-        grpc_pass grpc://127.0.0.1:{api_port};
+        grpc_pass grpc://{upstream};
     }}
 }}
 """
@@ -56,6 +61,7 @@ README_EXAMPLE: dict[str, Any] = {
     "key": "/etc/nginx/vpnd/de1.key",
     "ca": "/etc/nginx/vpnd/ca.pem",
     "api_port": 10085,
+    "upstream": "xray_de1",
 }
 
 
@@ -169,6 +175,7 @@ async def open_real_nodes(directory: Path, names: list[str]) -> AsyncIterator[Re
             key=pki.key(name),
             ca=pki.ca,
             api_port=node.api_port,
+            upstream=f"xray_{name}",
         )
         for name, node in nodes.items()
     ]

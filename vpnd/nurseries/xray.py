@@ -465,7 +465,10 @@ class XrayWriter:
                 if have == client.uuid:
                     continue
                 if resync:
-                    ops.append(_Op("replace" if client.changed else "add-trust", client.email, client.uuid))
+                    # Without a marker (a new node, a first start) most users are not there yet: "add"
+                    # costs one call for those and replaces only a user Xray already has.
+                    uncertain = "add" if since is None else "replace"
+                    ops.append(_Op(uncertain if client.changed else "add-trust", client.email, client.uuid))
                 else:
                     ops.append(_Op("add" if have is None else "replace", client.email, client.uuid))
             digest.update("".join(f"{c.email} {c.uuid}\n" for c in batch.clients).encode())
