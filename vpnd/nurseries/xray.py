@@ -297,6 +297,7 @@ class XrayWriter:
         if self.status.reachable and not was_reachable:
             self.api_backoff.succeeded()
         if self.status.reachable != was_reachable:
+            self._publish_metrics()
             try:
                 await self._report_incidents()
                 await self._record_node()
@@ -467,7 +468,7 @@ class XrayWriter:
                 if resync:
                     # Without a marker (a new node, a first start) most users are not there yet: "add"
                     # costs one call for those and replaces only a user Xray already has.
-                    uncertain = "add" if since is None else "replace"
+                    uncertain: Literal["add", "replace"] = "add" if since is None else "replace"
                     ops.append(_Op(uncertain if client.changed else "add-trust", client.email, client.uuid))
                 else:
                     ops.append(_Op("add" if have is None else "replace", client.email, client.uuid))
