@@ -247,16 +247,34 @@ def node_ago(node: NodeStatus) -> tuple[str, str]:
     return fmt_duration(row.seconds_since_update), synced
 
 
+#: The nodes screen stays under Telegram's 4096 characters: details are clipped, and nodes that do not
+#: fit are counted instead (the CLI lists them all).
+NODES_TEXT_BUDGET = 3500
+NODE_DETAIL_CHARS = 200
+
+
 def nodes_text(t: T, nodes: Sequence[NodeStatus]) -> str:
     if not nodes:
         return t("admin.nodes.none")
-    return t("admin.nodes", nodes=Html("\n\n".join(_node_text(t, node) for node in nodes)))
+    parts: list[str] = []
+    used = 0
+    for index, node in enumerate(nodes):
+        part = _node_text(t, node)
+        if used + len(part) > NODES_TEXT_BUDGET:
+            parts.append(t("admin.nodes.more", count=len(nodes) - index))
+            break
+        parts.append(part)
+        used += len(part) + 2
+    return t("admin.nodes", nodes=Html("\n\n".join(parts)))
 
 
 def _node_text(t: T, node: NodeStatus) -> str:
     row = node.record
     updated, synced = node_ago(node)
-    state = t(f"admin.nodes.{node.state}", detail=row.detail if row else "", age=updated)
+    detail = row.detail if row is not None else ""
+    if len(detail) > NODE_DETAIL_CHARS:
+        detail = detail[:NODE_DETAIL_CHARS] + "…"
+    state = t(f"admin.nodes.{node.state}", detail=detail, age=updated)
     head = t("admin.nodes.node", mark=NODE_MARKS[node.state], name=node.name, location=node.location, state=Html(state))
     if row is None:
         return head
