@@ -7,6 +7,7 @@
     vpnd admin promo create <CODE> <PERCENT> [--max-uses N] [--days D]
     vpnd admin promo list
     vpnd admin promo disable <CODE>
+    vpnd admin nodes
     vpnd broadcast list [--status S]
     vpnd broadcast pause|resume|cancel <id>
 
@@ -41,6 +42,8 @@ from vpnd.db.payments import AUTO_RENEW_PREFIX
 from vpnd.db.subscriptions import Subscription
 from vpnd.pricing import format_money
 from vpnd.services import admin_actions as actions
+from vpnd.telegram.admin import views
+from vpnd.telegram.flows.access import format_bytes
 from vpnd.texts import Texts
 
 R = TypeVar("R")
@@ -73,6 +76,7 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     admin = sub.add_parser("admin", help="admin tools on the database (stats, users, promo codes)")
     actions = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
     leaf(actions, "stats", "users, subscriptions, conversion and revenue")
+    leaf(actions, "nodes", "each Xray node: reachable, users, online now, traffic today, last sync")
     user = leaf(actions, "user", "a user's status, expiry, payments, balance and referrals")
     user.add_argument("query", help="a user id or @username")
     grant = leaf(actions, "grant", "give a user N days of access")
@@ -220,6 +224,36 @@ def stats_command(conn: psycopg.Connection[Any], args: argparse.Namespace, confi
     return s, text
 
 
+def nodes_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    """The nodes as the daemon's writers last recorded them (this command reads; it reaches no node)."""
+    found = actions.nodes(conn, _actor(), config.managed_nodes, "en", reconcile_interval=config.xray.reconcile_interval)
+    if not found:
+        return found, "no Xray nodes: [xray] enabled = false and no [[nodes]] in the configuration"
+    width = max(len(node.name) for node in found)
+    place = max(len(node.location) for node in found)
+    return found, "\n".join(_node_line(node, width, place) for node in found)
+
+
+def _node_line(node: actions.NodeStatus, width: int, place: int) -> str:
+    row = node.record
+    updated, synced = views.node_ago(node)
+    state = {
+        "up": "reachable: yes",
+        "down": "reachable: no",
+        "never": "never seen",
+        "stale": f"stale: not updated for {updated}",
+        "removed": "removed (retiring)",
+    }[node.state]
+    line = f"{node.name:<{width}}  {node.location:<{place}}  {state}"
+    if row is None:
+        return line
+    line += (
+        f"  users {row.users}  online {row.online}  traffic today {format_bytes(row.traffic_today)}"
+        f"  last sync {f'{synced} ago' if synced else 'never'}"
+    )
+    return line + (f"  ({row.detail})" if node.state == "down" and row.detail else "")
+
+
 def user_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
     query = args.query.strip()
     details = actions.lookup(conn, _actor(), query, payments_limit=10)
@@ -329,6 +363,7 @@ _REFUSALS: dict[type[actions.Refused], Callable[[Any], str]] = {
 
 ADMIN_COMMANDS: dict[str, Command] = {
     "stats": stats_command,
+    "nodes": nodes_command,
     "user": user_command,
     "grant": grant_command,
     "revoke": revoke_command,

@@ -27,6 +27,7 @@ WIDEST: dict[Verb, tuple[object, ...]] = {
     Verb.MENU: (),
     Verb.STATS: (),
     Verb.HEALTH: (),
+    Verb.NODES: (),
     Verb.CANCEL: (),
     Verb.FIND_USER: (),
     Verb.USER: (BIG,),

@@ -17,17 +17,19 @@ Nobody has to wake the owners of what changed (Xray writer, outbox, broadcasts):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar, TextIO, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal, TextIO, TypeVar
 
 import attrs
 import psycopg
 
+from vpnd.config import NodeConfig
 from vpnd.db import admin as admin_db
 from vpnd.db import broadcasts as bdb
 from vpnd.db import ledger, outbox, promo, subscriptions
 from vpnd.db import payments as payments_db
 from vpnd.db.admin import HealthFacts, Stats, UserDetails
+from vpnd.db.nodes import NodeRow, list_nodes
 from vpnd.db.payments import PaymentRules, RefundReversal
 from vpnd.db.subscriptions import Subscription
 
@@ -176,6 +178,56 @@ def health(conn: Conn, actor: Actor) -> HealthFacts:
     facts = admin_db.health_facts(conn)
     _audit(conn, actor, "health", None)
     return facts
+
+
+#: A node's record is "stale" past its writer's idle round interval plus this: the writers record at
+#: each round (at most every 10 s), and an idle daemon's rounds are `[xray].reconcile_interval` apart.
+NODE_STALE_MARGIN = 30.0
+#: ... and never sooner than this (a short reconcile interval does not make a busy node look stale).
+NODE_STALE_MIN = 60.0
+
+NodeState = Literal["up", "down", "never", "stale", "removed"]
+
+
+@attrs.frozen
+class NodeStatus:
+    """One node as operators see it: from the configuration (name, location) and its writer's record.
+
+    `state`: "up"/"down" as last recorded; "never" — configured, never recorded (the daemon has not run
+    since it was added); "stale" — recorded longer ago than `stale_after` seconds (the daemon is not
+    running, or the writer is stuck); "removed" — recorded, no longer configured (being retired: its
+    users are taken off it, then its row is deleted).
+    """
+
+    name: str
+    #: Its location in the language asked for ("" once removed).
+    location: str
+    state: NodeState
+    record: NodeRow | None
+    stale_after: float
+
+
+def nodes(
+    conn: Conn, actor: Actor, configured: Sequence[NodeConfig], language: str, *, reconcile_interval: float
+) -> list[NodeStatus]:
+    """Every node vpnd drives (configuration order) joined with its record, then the removed ones."""
+    records = {row.name: row for row in list_nodes(conn)}
+    stale_after = max(NODE_STALE_MIN, reconcile_interval + NODE_STALE_MARGIN)
+
+    def state(row: NodeRow | None) -> NodeState:
+        if row is None:
+            return "never"
+        if row.seconds_since_update > stale_after:
+            return "stale"
+        return "up" if row.reachable else "down"
+
+    found: list[NodeStatus] = []
+    for node in configured:
+        row = records.pop(node.name, None)
+        found.append(NodeStatus(node.name, node.label(language), state(row), row, stale_after))
+    found += [NodeStatus(name, "", "removed", row, stale_after) for name, row in records.items()]
+    _audit(conn, actor, "nodes", None)
+    return found
 
 
 def lookup(conn: Conn, actor: Actor, query: str, *, payments_limit: int = 5) -> UserDetails | UserNotFound:

@@ -1,4 +1,4 @@
-"""Stats and health screens."""
+"""Stats, health and nodes screens."""
 
 from __future__ import annotations
 
@@ -20,4 +20,13 @@ async def show_health(turn: Turn, press: Press) -> None:
     await turn.show(views.health_text(turn.t, checks, facts), views.back_keyboard(turn.t))
 
 
-CALLBACKS: dict[Verb, CallbackAction] = {Verb.STATS: show_stats, Verb.HEALTH: show_health}
+async def show_nodes(turn: Turn, press: Press) -> None:
+    """The Xray nodes as their writers last recorded them (Refresh reads again)."""
+    config = turn.app.config
+    found = await turn.app.db.run(
+        actions.nodes, actor(turn), config.managed_nodes, turn.lang, reconcile_interval=config.xray.reconcile_interval
+    )
+    await turn.show(views.nodes_text(turn.t, found), views.nodes_keyboard(turn.t))
+
+
+CALLBACKS: dict[Verb, CallbackAction] = {Verb.STATS: show_stats, Verb.HEALTH: show_health, Verb.NODES: show_nodes}

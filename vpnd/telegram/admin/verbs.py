@@ -26,6 +26,7 @@ class Verb(enum.Enum):
     MENU = ("", "")
     STATS = ("st", "")
     HEALTH = ("hl", "")
+    NODES = ("nd", "")
     CANCEL = ("x", "")
     FIND_USER = ("fu", "")
     USER = ("u", _ID)

@@ -17,8 +17,10 @@ from vpnd.db.broadcasts import Broadcast, Counts, Segment
 from vpnd.db.promo import PromoCode
 from vpnd.health import CheckResult
 from vpnd.pricing import format_money
+from vpnd.services.admin_actions import NodeStatus
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.admin.verbs import Verb
+from vpnd.telegram.flows.access import format_bytes
 from vpnd.telegram.texts import Html
 
 T = Callable[..., str]
@@ -52,6 +54,7 @@ def fmt_duration(seconds: float) -> str:
 def menu_keyboard(t: T) -> kb.Keyboard:
     return kb.keyboard(
         [kb.button(t("admin.menu.stats"), Verb.STATS.data()), kb.button(t("admin.menu.health"), Verb.HEALTH.data())],
+        [kb.button(t("admin.menu.nodes"), Verb.NODES.data())],
         [kb.button(t("admin.menu.user"), Verb.FIND_USER.data()), kb.button(t("admin.menu.promo"), Verb.PROMOS.data())],
         [
             kb.button(t("admin.menu.broadcast"), Verb.BROADCAST_COMPOSE.data()),
@@ -227,6 +230,67 @@ def health_text(t: T, checks: dict[str, CheckResult], facts: HealthFacts) -> str
         outbox_age=fmt_duration(facts.outbox_age_seconds),
         running=facts.running_broadcasts,
         paused=facts.paused_broadcasts,
+    )
+
+
+# --- nodes ------------------------------------------------------------------------------------
+
+NODE_MARKS = {"up": "✅", "down": "❌", "never": "⚪️", "stale": "⚠️", "removed": "🗑"}
+
+
+def node_ago(node: NodeStatus) -> tuple[str, str]:
+    """(since its last record, since its last sync) as durations ("" where there is none)."""
+    row = node.record
+    if row is None:
+        return "", ""
+    synced = "" if row.synced_at is None else fmt_duration((row.db_now - row.synced_at).total_seconds())
+    return fmt_duration(row.seconds_since_update), synced
+
+
+#: The nodes screen stays under Telegram's 4096 characters: details are clipped, and nodes that do not
+#: fit are counted instead (the CLI lists them all).
+NODES_TEXT_BUDGET = 3500
+NODE_DETAIL_CHARS = 200
+
+
+def nodes_text(t: T, nodes: Sequence[NodeStatus]) -> str:
+    if not nodes:
+        return t("admin.nodes.none")
+    parts: list[str] = []
+    used = 0
+    for index, node in enumerate(nodes):
+        part = _node_text(t, node)
+        if used + len(part) > NODES_TEXT_BUDGET:
+            parts.append(t("admin.nodes.more", count=len(nodes) - index))
+            break
+        parts.append(part)
+        used += len(part) + 2
+    return t("admin.nodes", nodes=Html("\n\n".join(parts)))
+
+
+def _node_text(t: T, node: NodeStatus) -> str:
+    row = node.record
+    updated, synced = node_ago(node)
+    detail = row.detail if row is not None else ""
+    if len(detail) > NODE_DETAIL_CHARS:
+        detail = detail[:NODE_DETAIL_CHARS] + "…"
+    state = t(f"admin.nodes.{node.state}", detail=detail, age=updated)
+    head = t("admin.nodes.node", mark=NODE_MARKS[node.state], name=node.name, location=node.location, state=Html(state))
+    if row is None:
+        return head
+    facts = t(
+        "admin.nodes.facts",
+        users=row.users,
+        online=row.online,
+        traffic=format_bytes(row.traffic_today),
+        synced=t("admin.nodes.ago", age=synced) if synced else t("admin.never"),
+    )
+    return f"{head}\n{facts}"
+
+
+def nodes_keyboard(t: T) -> kb.Keyboard:
+    return kb.keyboard(
+        [kb.button(t("admin.nodes.refresh"), Verb.NODES.data()), kb.button(t("admin.back"), Verb.MENU.data())]
     )
 
 
