@@ -773,15 +773,22 @@ def _secret_from_outside(env_name: str, credential: str, environ: Mapping[str, s
     return None
 
 
-def _read_plans(name: str, raw: object) -> tuple[Plan, ...]:
+def _read_array(
+    name: str, raw: object, array: str, read: Callable[[str, str, object], T], key: str, ident: Callable[[T], str]
+) -> tuple[T, ...]:
+    """An array of tables (`[[plans]]`, `[[nodes]]`), each read by `read`, their `key` unique."""
     if not isinstance(raw, list):
-        raise ConfigError(name, "[[plans]]", f"expected an array of tables, got {_show(raw)}")
-    plans = [_read_plan(name, f"[[plans]][{index}]", table) for index, table in enumerate(raw)]
-    codes = [p.code for p in plans]
-    for index, code in enumerate(codes):
-        if codes.index(code) != index:
-            raise ConfigError(name, f"[[plans]][{index}].code", f'duplicate plan code "{code}"')
-    return tuple(plans)
+        raise ConfigError(name, f"[[{array}]]", f"expected an array of tables, got {_show(raw)}")
+    items = [read(name, f"[[{array}]][{index}]", table) for index, table in enumerate(raw)]
+    seen = [ident(item) for item in items]
+    for index, value in enumerate(seen):
+        if seen.index(value) != index:
+            raise ConfigError(name, f"[[{array}]][{index}].{key}", f'duplicate {array[:-1]} {key} "{value}"')
+    return tuple(items)
+
+
+def _read_plans(name: str, raw: object) -> tuple[Plan, ...]:
+    return _read_array(name, raw, "plans", _read_plan, "code", lambda plan: plan.code)
 
 
 def _read_plan(name: str, where: str, table: object) -> Plan:
@@ -829,17 +836,11 @@ def _read_plan(name: str, where: str, table: object) -> Plan:
 #: `[[nodes]]` keys → readers (link and API settings default like `[xray]`'s).
 NODE_READERS: dict[str, Callable[[object], Any]] = {
     "name": read_str,
-    "location": lambda v: _read_location(v),
-    "host": read_str,
-    "port": in_range(read_int, 1, 65535),
-    "public_key": read_str,
-    "short_id": read_str,
-    "sni": read_str,
-    "fingerprint": read_str,
-    "flow": read_str,
-    "inbound_tag": read_str,
-    "api_address": lambda v: str(read_host_port(v)),
-    "api_prefix": one_of("xray.", "v2ray.core."),
+    **{
+        key: SECTION_READERS["xray"][key]
+        for key in ("location", "host", "port", "public_key", "short_id", "sni", "fingerprint", "flow")
+    },
+    **{key: SECTION_READERS["xray"][key] for key in ("inbound_tag", "api_address", "api_prefix")},
     "api_tls_ca": read_str,
     "api_tls_cert": read_str,
     "api_tls_key": read_str,
@@ -850,14 +851,7 @@ _TLS_KEYS = ("api_tls_ca", "api_tls_cert", "api_tls_key")
 
 
 def _read_nodes(name: str, raw: object) -> tuple[NodeConfig, ...]:
-    if not isinstance(raw, list):
-        raise ConfigError(name, "[[nodes]]", f"expected an array of tables, got {_show(raw)}")
-    nodes = [_read_node(name, f"[[nodes]][{index}]", table) for index, table in enumerate(raw)]
-    names = [node.name for node in nodes]
-    for index, node_name in enumerate(names):
-        if names.index(node_name) != index:
-            raise ConfigError(name, f"[[nodes]][{index}].name", f'duplicate node name "{node_name}"')
-    return tuple(nodes)
+    return _read_array(name, raw, "nodes", _read_node, "name", lambda node: node.name)
 
 
 def _read_node(name: str, where: str, table: object) -> NodeConfig:
