@@ -43,10 +43,15 @@ CREATE TABLE subscriptions (
     expires_at   timestamptz NOT NULL,
     auto_renew   boolean NOT NULL DEFAULT false,
     created_at   timestamptz NOT NULL DEFAULT now(),
-    updated_at   timestamptz NOT NULL DEFAULT now()
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    -- Over its traffic quota: taken off Xray until a pack, a reset or an admin's grant (vpnd/db/quota.py).
+    traffic_blocked  boolean NOT NULL DEFAULT false,
+    -- Device slots granted by an admin beyond the plan's `devices`.
+    extra_devices    integer NOT NULL DEFAULT 0 CHECK (extra_devices >= 0)
 );
 CREATE INDEX subscriptions_active_expiry_idx ON subscriptions (expires_at, user_id) WHERE status = 'active';
 -- The Xray writer streams the desired set ordered by its client email ("u<user_id>", byte order).
+CREATE INDEX subscriptions_traffic_blocked_idx ON subscriptions (user_id) WHERE traffic_blocked;
 CREATE INDEX subscriptions_xray_email_idx ON subscriptions ((('u' || user_id::text) COLLATE "C"))
     WHERE status = 'active';
 
@@ -156,7 +161,7 @@ CREATE INDEX promo_attempts_created_at_idx ON promo_attempts (created_at);
 CREATE TABLE purchases (
     id                bigserial PRIMARY KEY,
     user_id           bigint NOT NULL REFERENCES users (id),
-    kind              text NOT NULL CHECK (kind IN ('plan', 'topup')),
+    kind              text NOT NULL CHECK (kind IN ('plan', 'topup', 'pack')),
     plan_code         text,
     days              integer,
     method            text NOT NULL CHECK (method IN ('cryptopay', 'stars', 'balance', 'card', 'yookassa')),
@@ -203,7 +208,9 @@ CREATE TABLE payments (
     repriced             boolean NOT NULL DEFAULT false,
     -- Card payments (Telegram Payments): Telegram's charge id; provider_payment_id is the provider's.
     telegram_payment_charge_id text,
-    UNIQUE (provider, provider_payment_id)
+    UNIQUE (provider, provider_payment_id),
+    -- A traffic pack's bytes added to the period (a refund takes back what is left of them).
+    granted_bytes        bigint
 );
 CREATE INDEX payments_created_idx ON payments (created_at);
 
@@ -281,6 +288,36 @@ CREATE TABLE traffic_seen (
     updated_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (node, user_id)
 );
+-- Traffic per quota period: the bytes used in it (summed over nodes), the packs and grants added to it,
+-- and the highest usage notice sent (80, 95, 100 %). One current period per user; `ends_at` is the next
+-- reset (NULL: the quota never resets). Closed periods stay as history.
+CREATE TABLE traffic_periods (
+    user_id      bigint NOT NULL REFERENCES users (id),
+    started_at   timestamptz NOT NULL,
+    ends_at      timestamptz,
+    used_bytes   bigint NOT NULL DEFAULT 0,
+    extra_bytes  bigint NOT NULL DEFAULT 0 CHECK (extra_bytes >= 0),
+    notified     smallint NOT NULL DEFAULT 0 CHECK (notified IN (0, 80, 95, 100)),
+    current      boolean NOT NULL DEFAULT true,
+    PRIMARY KEY (user_id, started_at),
+    CHECK (ends_at IS NULL OR ends_at > started_at)
+);
+CREATE UNIQUE INDEX traffic_periods_current_idx ON traffic_periods (user_id) WHERE current;
+CREATE INDEX traffic_periods_due_idx ON traffic_periods (ends_at, user_id) WHERE current AND ends_at IS NOT NULL;
+
+-- Devices that fetched a subscription URL with a device id (`x-hwid`), for the plan's device limit.
+CREATE TABLE devices (
+    user_id     bigint NOT NULL REFERENCES users (id),
+    hwid        text NOT NULL,
+    os          text NOT NULL DEFAULT '',
+    os_version  text NOT NULL DEFAULT '',
+    model       text NOT NULL DEFAULT '',
+    user_agent  text NOT NULL DEFAULT '',
+    first_seen  timestamptz NOT NULL DEFAULT now(),
+    last_seen   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, hwid)
+);
+
 -- What each Xray node's writer last saw (`vpnd admin nodes`, the admin bot).
 CREATE TABLE xray_nodes (
     name           text PRIMARY KEY,
@@ -357,9 +394,11 @@ BEGIN
 END
 $$;
 
--- The Xray writer's desired set reads subscriptions only (vpnd/db/xray_state.py): user, status, UUID, expiry.
+-- The Xray writer's desired set reads subscriptions only (vpnd/db/xray_state.py): user, status, UUID,
+-- expiry, plan (its nodes) and the traffic block.
 CREATE TRIGGER subscriptions_notify_xray
-    AFTER INSERT OR DELETE OR TRUNCATE OR UPDATE OF user_id, status, uuid, expires_at ON subscriptions
+    AFTER INSERT OR DELETE OR TRUNCATE OR UPDATE OF user_id, status, uuid, expires_at, plan_code, traffic_blocked
+    ON subscriptions
     FOR EACH STATEMENT EXECUTE FUNCTION vpnd_notify('vpnd_xray');
 CREATE TRIGGER outbox_notify_sender
     AFTER INSERT ON outbox

@@ -47,6 +47,7 @@ MAP: dict[str, str] = {
     "vpnd.config_checks": "domain",  # gaps in the config values (pure)
     "vpnd.masking": "domain",
     "vpnd.pricing": "domain",
+    "vpnd.quota": "domain",
     "vpnd.money": "domain",
     "vpnd.texts": "domain",
     "vpnd.locales": "domain",

@@ -126,6 +126,10 @@ class LogConfig:
 class TrialConfig:
     enabled: bool = True
     days: int = 3
+    #: The trial's limits (0: unlimited), like a plan's. A `[[plans]]` entry with `trial = true`
+    #: replaces this section's days and limits.
+    devices: int = 0
+    traffic_gb: int = 0
 
 
 @attrs.frozen
@@ -145,12 +149,64 @@ class Plan:
     prices: Mapping[str, Decimal] = attrs.field(factory=dict)
     #: Names of the nodes this plan's users may use (premium locations); empty: every node.
     nodes: tuple[str, ...] = ()
+    #: Devices (subscription-URL device ids) a subscriber may use; 0: unlimited.
+    devices: int = 0
+    #: Traffic per period in GB (GiB, 2**30 bytes); 0: unlimited.
+    traffic_gb: int = 0
+    #: When the traffic quota starts again: "never", "monthly" (each month from the period's start) or
+    #: "per_period" (every `days` days, each paid period).
+    traffic_reset: str = "per_period"
+    #: A longer text shown beside the tier (language → text).
+    description: Mapping[str, str] = attrs.field(factory=dict)
+    #: False: not offered (existing subscribers keep it and its limits).
+    visible: bool = True
+    #: The free trial's plan (never sold).
+    trial: bool = False
+
+    @property
+    def traffic_limit_bytes(self) -> int:
+        """The quota per period in bytes (0: unlimited)."""
+        return self.traffic_gb * GIB
+
+    def label(self, language: str) -> str:
+        return self.title.get(language) or self.title.get("en") or next(iter(self.title.values()), self.code)
 
     def price_in(self, currency: str) -> Decimal | None:
         """The plan's price in `currency`, or None when it is not sold in that currency."""
         if currency.upper() == self.currency.upper():
             return self.price
         return self.prices.get(currency.upper())
+
+    def describe(self, language: str) -> str:
+        return self.description.get(language) or self.description.get("en") or ""
+
+
+#: One GB of a plan's traffic (binary: clients show 2**30 bytes as "1 GB").
+GIB = 2**30
+
+#: The code of the trial plan built from `[trial]` when no `[[plans]]` entry has `trial = true`.
+TRIAL_PLAN_CODE = "trial"
+
+
+@attrs.frozen
+class TrafficPack:
+    """Extra traffic for the current period (`[[traffic_packs]]`), bought with any payment method."""
+
+    code: str
+    title: Mapping[str, str]
+    gb: int
+    price: Decimal
+    currency: str
+    stars: int = 0
+    prices: Mapping[str, Decimal] = attrs.field(factory=dict)
+
+    def price_in(self, currency: str) -> Decimal | None:
+        if currency.upper() == self.currency.upper():
+            return self.price
+        return self.prices.get(currency.upper())
+
+    def label(self, language: str) -> str:
+        return self.title.get(language) or self.title.get("en") or f"{self.gb} GB"
 
 
 @attrs.frozen
@@ -226,6 +282,8 @@ class XrayConfig:
     api_address: str = "127.0.0.1:10085"
     api_prefix: str = "xray."
     reconcile_interval: float = 60.0
+    #: How often each node's traffic counters are read (usage, quotas, "online now").
+    traffic_interval: float = 30.0
     restart_command: str = ""
     host: str = "vpn.example.com"
     port: int = 443
@@ -316,6 +374,8 @@ class NodeConfig:
 class WorkersConfig:
     reminders_interval: float = 300.0
     trial_interval: float = 300.0
+    #: Traffic periods that ended are rolled (and blocks lifted) at least this often, and at each period's end.
+    quota_interval: float = 60.0
     expiry_interval: float = 60.0
     renewal_interval: float = 600.0
     renewal_window_hours: float = 24.0
@@ -356,9 +416,43 @@ class Config:
     plans: tuple[Plan, ...] = ()
     #: `[[nodes]]`: the remote Xray servers (the local one is `[xray]`).
     nodes: tuple[NodeConfig, ...] = ()
+    #: `[[traffic_packs]]`: extra traffic for sale.
+    traffic_packs: tuple[TrafficPack, ...] = ()
 
     def plan(self, code: str) -> Plan | None:
-        return next((p for p in self.plans if p.code == code), None)
+        """The plan `code` (the trial plan included), or None when no such plan is configured."""
+        found = next((p for p in self.plans if p.code == code), None)
+        if found is None and code == self.trial_plan.code:
+            return self.trial_plan
+        return found
+
+    @property
+    def sale_plans(self) -> tuple[Plan, ...]:
+        """The plans offered to buyers, in config order (visible, not the trial)."""
+        return tuple(p for p in self.plans if p.visible and not p.trial)
+
+    @property
+    def trial_plan(self) -> Plan:
+        """The free trial as a plan: the `[[plans]]` entry with `trial = true`, else one built from `[trial]`."""
+        configured = next((p for p in self.plans if p.trial), None)
+        if configured is not None:
+            return configured
+        return Plan(
+            code=TRIAL_PLAN_CODE,
+            title={"en": "Trial", "ru": "Пробный период"},
+            days=self.trial.days,
+            price=Decimal(0),
+            currency=self.payments.currency,
+            stars=0,
+            devices=self.trial.devices,
+            traffic_gb=self.trial.traffic_gb,
+            traffic_reset="never",
+            visible=False,
+            trial=True,
+        )
+
+    def traffic_pack(self, code: str) -> TrafficPack | None:
+        return next((p for p in self.traffic_packs if p.code == code), None)
 
     @property
     def vpn_nodes(self) -> tuple[NodeConfig, ...]:
@@ -594,7 +688,12 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "level": one_of("debug", "info", "warning", "error"),
         "format": one_of("kv", "json"),
     },
-    "trial": {"enabled": read_bool, "days": in_range(read_int, 1, 365)},
+    "trial": {
+        "enabled": read_bool,
+        "days": in_range(read_int, 1, 365),
+        "devices": in_range(read_int, 0, 1000),
+        "traffic_gb": in_range(read_int, 0, 1_000_000),
+    },
     "referral": {"percent": in_range(read_int, 0, 100)},
     "payments": {
         "purchase_ttl_minutes": in_range(read_int, 1, 7 * 24 * 60),
@@ -645,6 +744,7 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "api_address": lambda v: str(read_host_port(v)),
         "api_prefix": one_of("xray.", "v2ray.core."),
         "reconcile_interval": positive(read_number),
+        "traffic_interval": in_range(read_number, 1, 3600),
         "restart_command": read_str,
         "host": read_str,
         "port": in_range(read_int, 1, 65535),
@@ -658,6 +758,7 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
     "workers": {
         "reminders_interval": positive(read_number),
         "trial_interval": positive(read_number),
+        "quota_interval": positive(read_number),
         "expiry_interval": positive(read_number),
         "renewal_interval": positive(read_number),
         "renewal_window_hours": positive(read_number),
@@ -693,7 +794,16 @@ SECTION_CLASSES: dict[str, type] = {
     "broadcast": BroadcastConfig,
 }
 
-PLAN_KEYS = {"code", "title", "days", "price", "currency", "stars", "prices", "nodes"}
+PLAN_KEYS = {
+    "code", "title", "days", "price", "currency", "stars", "prices", "nodes",
+    "devices", "traffic_gb", "traffic_reset", "description", "visible", "trial",
+}  # fmt: skip
+#: Keys a plan may leave out (a trial plan also `price` and `currency`: it is never sold).
+PLAN_OPTIONAL = {
+    "title", "stars", "prices", "nodes", "devices", "traffic_gb", "traffic_reset", "description", "visible", "trial",
+}  # fmt: skip
+PACK_KEYS = {"code", "title", "gb", "price", "currency", "stars", "prices"}
+TRAFFIC_RESETS = ("never", "monthly", "per_period")
 #: A Stars price must fit the database's integer column (and Telegram's own limits are far lower).
 MAX_STARS = 1_000_000
 
@@ -725,10 +835,10 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
 def config_from_dict(raw: Mapping[str, Any], name: str, environ: Mapping[str, str]) -> Config:
     sections: dict[str, Any] = {}
     for section, value in raw.items():
-        if section in ("plans", "nodes"):
+        if section in ("plans", "nodes", "traffic_packs"):
             continue
         if section not in SECTION_READERS:
-            known = ", ".join(sorted([*SECTION_READERS, "plans", "nodes"]))
+            known = ", ".join(sorted([*SECTION_READERS, "plans", "nodes", "traffic_packs"]))
             raise ConfigError(name, f"[{section}]", f"unknown section (known: {known})")
         if not isinstance(value, dict):
             raise ConfigError(name, f"[{section}]", f"expected a table, got {_show(value)}")
@@ -742,7 +852,8 @@ def config_from_dict(raw: Mapping[str, Any], name: str, environ: Mapping[str, st
     values = {s: SECTION_CLASSES[s](**kwargs) for s, kwargs in sections.items()}
     plans = _read_plans(name, raw.get("plans", []))
     nodes = _read_nodes(name, raw.get("nodes", []))
-    config = Config(path=name, plans=plans, nodes=nodes, **values)
+    packs = _read_traffic_packs(name, raw.get("traffic_packs", []))
+    config = Config(path=name, plans=plans, nodes=nodes, traffic_packs=packs, **values)
     check_whole(name, config)
     return config
 
@@ -791,6 +902,52 @@ def _read_plans(name: str, raw: object) -> tuple[Plan, ...]:
     return _read_array(name, raw, "plans", _read_plan, "code", lambda plan: plan.code)
 
 
+def _read_traffic_packs(name: str, raw: object) -> tuple[TrafficPack, ...]:
+    return _read_array(name, raw, "traffic_packs", _read_traffic_pack, "code", lambda pack: pack.code)
+
+
+def _read_traffic_pack(name: str, where: str, table: object) -> TrafficPack:
+    if not isinstance(table, dict):
+        raise ConfigError(name, where, f"expected a table, got {_show(table)}")
+    unknown = set(table) - PACK_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(name, f"{where}.{key}", f"unknown key (known: {', '.join(sorted(PACK_KEYS))})")
+    missing = PACK_KEYS - set(table) - {"title", "stars", "prices"}
+    if missing:
+        raise ConfigError(name, f"{where}.{sorted(missing)[0]}", "missing required key")
+
+    def field(key: str, reader: Callable[[object], T], default: object = None) -> T:
+        try:
+            return reader(table.get(key, default))
+        except ValueError as exc:
+            raise ConfigError(name, f"{where}.{key}", str(exc)) from None
+
+    code = field("code", read_str)
+    if not re.fullmatch(r"[a-z0-9_]{1,32}", code):
+        raise ConfigError(name, f"{where}.code", f"expected 1-32 of a-z, 0-9, _, got {_show(code)}")
+    gb = field("gb", in_range(read_int, 1, 1_000_000))
+    pack = TrafficPack(
+        code=code,
+        title=field("title", _read_title, f"+{gb} GB"),
+        gb=gb,
+        price=field("price", positive(read_decimal)),
+        currency=field("currency", read_str),
+        stars=field("stars", in_range(read_int, 0, MAX_STARS), 0),
+        prices=field("prices", _read_prices, {}),
+    )
+    from vpnd import pricing
+
+    for key, currency in [("price", pack.currency), *((f"prices.{c}", c) for c in pack.prices)]:
+        try:
+            pricing.to_minor(pack.price_in(currency) or Decimal(0), currency)
+        except pricing.InvalidAmount as exc:
+            raise ConfigError(
+                name, f"{where}.{key}", f"expected a price in whole {currency} minor units: {exc}"
+            ) from None
+    return pack
+
+
 def _read_plan(name: str, where: str, table: object) -> Plan:
     if not isinstance(table, dict):
         raise ConfigError(name, where, f"expected a table, got {_show(table)}")
@@ -798,7 +955,8 @@ def _read_plan(name: str, where: str, table: object) -> Plan:
     if unknown:
         key = sorted(unknown)[0]
         raise ConfigError(name, f"{where}.{key}", f"unknown key (known: {', '.join(sorted(PLAN_KEYS))})")
-    missing = PLAN_KEYS - set(table) - {"title", "stars", "prices", "nodes"}
+    is_trial = table.get("trial") is True
+    missing = PLAN_KEYS - set(table) - PLAN_OPTIONAL - ({"price", "currency"} if is_trial else set())
     if missing:
         raise ConfigError(name, f"{where}.{sorted(missing)[0]}", "missing required key")
 
@@ -815,15 +973,25 @@ def _read_plan(name: str, where: str, table: object) -> Plan:
         code=code,
         title=field("title", _read_title, code),
         days=field("days", in_range(read_int, 1, 3650)),
-        price=field("price", positive(read_decimal)),
-        currency=field("currency", read_str),
+        price=field("price", positive(read_decimal), "1" if is_trial else None),
+        currency=field("currency", read_str, "USD" if is_trial else None),
         stars=field("stars", in_range(read_int, 0, MAX_STARS), 0),
         prices=field("prices", _read_prices, {}),
         nodes=field("nodes", read_list(read_str), []),
+        devices=field("devices", in_range(read_int, 0, 1000), 0),
+        traffic_gb=field("traffic_gb", in_range(read_int, 0, 1_000_000), 0),
+        traffic_reset=field("traffic_reset", one_of(*TRAFFIC_RESETS), "per_period"),
+        description=field("description", _read_title, {}),
+        visible=field("visible", read_bool, not is_trial),
+        trial=field("trial", read_bool, False),
     )
+    if plan.trial and plan.visible:
+        raise ConfigError(name, f"{where}.visible", "a trial plan is never sold: leave visible out or set it to false")
     from vpnd import pricing
 
     for key, currency in [("price", plan.currency), *((f"prices.{c}", c) for c in plan.prices)]:
+        if plan.trial:
+            break
         try:
             pricing.plan_offer(plan, currency)
         except pricing.InvalidAmount as exc:
@@ -969,6 +1137,15 @@ def check_whole(name: str, config: Config) -> None:
                     f"[[plans]][{index}].nodes",
                     f'unknown node "{node_name}" (known: {", ".join(sorted(known_nodes))})',
                 )
+    trials = [index for index, plan in enumerate(config.plans) if plan.trial]
+    if len(trials) > 1:
+        raise ConfigError(name, f"[[plans]][{trials[1]}].trial", "only one plan can be the trial")
+    if not config.sale_plans and config.plans:
+        raise ConfigError(name, "[[plans]]", "expected at least one plan for sale (visible = true and not the trial)")
+    plan_codes = {plan.code for plan in config.plans}
+    for index, pack in enumerate(config.traffic_packs):
+        if pack.code in plan_codes:
+            raise ConfigError(name, f"[[traffic_packs]][{index}].code", f'"{pack.code}" is also a plan\'s code')
     if config.cryptopay.enabled and not config.cryptopay.token:
         raise ConfigError(
             name, "[cryptopay].token", "required when [cryptopay].enabled = true (or VPND_CRYPTOPAY_TOKEN)"
@@ -1091,6 +1268,24 @@ def render_effective(config: Config) -> str:
             lines.append("prices = { " + ", ".join(f"{k} = {_toml(v)}" for k, v in plan.prices.items()) + " }")
         if plan.nodes:
             lines.append(f"nodes = {_toml(plan.nodes)}")
+        lines.append(f"devices = {plan.devices}")
+        lines.append(f"traffic_gb = {plan.traffic_gb}")
+        lines.append(f"traffic_reset = {_toml(plan.traffic_reset)}")
+        if plan.description:
+            lines.append(f"description = {_toml(plan.description)}")
+        lines.append(f"visible = {_toml(plan.visible)}")
+        if plan.trial:
+            lines.append("trial = true")
+    for pack in config.traffic_packs:
+        lines.append("\n[[traffic_packs]]")
+        lines.append(f"code = {_toml(pack.code)}")
+        lines.append(f"title = {_toml(pack.title)}")
+        lines.append(f"gb = {pack.gb}")
+        lines.append(f"price = {_toml(pack.price)}")
+        lines.append(f"currency = {_toml(pack.currency)}")
+        lines.append(f"stars = {pack.stars}")
+        if pack.prices:
+            lines.append(f"prices = {_toml(pack.prices)}")
     for node in config.nodes:
         lines.append("\n[[nodes]]")
         for field in attrs.fields(NodeConfig):

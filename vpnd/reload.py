@@ -45,7 +45,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     ),
     "log": frozenset({"level"}),
     "shutdown": frozenset({"grace_seconds"}),
-    "trial": frozenset({"enabled", "days"}),
+    "trial": frozenset({"enabled", "days", "devices", "traffic_gb"}),
     "referral": frozenset({"percent"}),
     "payments": frozenset(
         {"purchase_ttl_minutes", "min_price", "topup_presets", "topup_min", "topup_max", "notify_chat_id"}
@@ -53,11 +53,12 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "cryptopay": frozenset({"poll_interval", "accepted_assets"}),
     "yookassa": frozenset({"poll_interval", "notify_networks", "methods", "return_url"}),
     "stars": frozenset({"enabled"}),
-    "xray": frozenset({"location", "link_name"}),
+    "xray": frozenset({"location", "link_name", "traffic_interval"}),
     "workers": frozenset(
         {
             "reminders_interval",
             "trial_interval",
+            "quota_interval",
             "expiry_interval",
             "renewal_interval",
             "renewal_window_hours",
@@ -98,6 +99,9 @@ def merge_live(running: Config, new: Config) -> tuple[Config, ReloadResult]:
     if running.plans != new.plans:
         applied.append("[[plans]]")
         sections["plans"] = new.plans
+    if running.traffic_packs != new.traffic_packs:
+        applied.append("[[traffic_packs]]")
+        sections["traffic_packs"] = new.traffic_packs
     if running.nodes != new.nodes:
         # The Xray fleet follows: writers start for added nodes, retire removed ones (`vpnd.nurseries.xray`).
         applied.append("[[nodes]]")

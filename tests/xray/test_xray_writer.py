@@ -402,7 +402,7 @@ async def test_template_error_is_clear_and_the_daemon_keeps_running(fake, make_c
 
 
 async def test_traffic_totals_survive_counter_resets(fake, make_config):
-    async with running_writer(make_config(fake.address, reconcile_interval=0.5)) as s:
+    async with running_writer(make_config(fake.address, reconcile_interval=0.5, traffic_interval=1.0)) as s:
         await s.grant(1)
         await s.grant(2)
 

@@ -19,7 +19,6 @@ import psycopg
 from psycopg.rows import class_row
 
 from vpnd.db.renewals import RENEWAL_PENDING
-from vpnd.db.rows import one
 
 
 class ReissueRateLimited(Exception):
@@ -62,41 +61,53 @@ def new_sub_token() -> str:
 
 
 GRANT = f"""
+WITH before AS (
+    SELECT s.user_id, s.status = 'active' AND s.expires_at > now() AND s.plan_code IS NOT DISTINCT FROM
+           coalesce(%(plan)s::text, s.plan_code) AS continues
+    FROM subscriptions s WHERE s.user_id = %(user_id)s
+)
 INSERT INTO subscriptions AS s (user_id, kind, status, uuid, sub_token, plan_code, starts_at, expires_at)
 VALUES (%(user_id)s, %(kind)s, 'active', %(uuid)s, %(token)s, %(plan)s, now(), now() + %(days)s * interval '1 day')
 ON CONFLICT (user_id) DO UPDATE SET
     kind = CASE WHEN %(kind)s = 'paid' THEN 'paid' ELSE s.kind END,
     plan_code = coalesce(%(plan)s, s.plan_code),
     status = 'active',
-    starts_at = CASE WHEN s.status = 'active' AND s.expires_at > now() THEN s.starts_at ELSE now() END,
+    starts_at = CASE WHEN (SELECT continues FROM before) THEN s.starts_at ELSE now() END,
     expires_at = CASE WHEN s.status = 'active' AND s.expires_at > now() THEN s.expires_at ELSE now() END
                  + %(days)s * interval '1 day',
+    traffic_blocked = CASE WHEN (SELECT continues FROM before) THEN s.traffic_blocked ELSE false END,
     updated_at = now()
-RETURNING {COLUMNS}
+RETURNING {COLUMNS}, starts_at = now() AS restarted
 """
 
 
 def grant_days(
     conn: psycopg.Connection[Any], user_id: int, days: int, *, kind: str, plan_code: str | None = None
 ) -> Subscription:
-    """Give `days` of access (creating the subscription if needed); return the new state."""
+    """Give `days` of access (creating the subscription if needed); return the new state.
+
+    A renewal of the same plan while active extends it and keeps its traffic period. A (re)start — a
+    new subscription, one that had ended, or another plan — starts at now: its traffic period is closed
+    (the next one opens from the new start, `vpnd.db.quota`) and a traffic block is lifted.
+    """
     if days <= 0:
         raise ValueError("days must be positive")
-    with conn.cursor(row_factory=class_row(Subscription)) as cur:
-        sub: Subscription = one(
-            cur.execute(
-                GRANT,
-                {
-                    "user_id": user_id,
-                    "kind": kind,
-                    "uuid": uuid.uuid4(),
-                    "token": new_sub_token(),
-                    "plan": plan_code,
-                    "days": days,
-                },
-            )
-        )
-        return sub
+    row = conn.execute(
+        GRANT,
+        {
+            "user_id": user_id,
+            "kind": kind,
+            "uuid": uuid.uuid4(),
+            "token": new_sub_token(),
+            "plan": plan_code,
+            "days": days,
+        },
+    ).fetchone()
+    assert row is not None
+    *values, restarted = row
+    if restarted:
+        conn.execute("UPDATE traffic_periods SET current = false WHERE user_id = %s AND current", (user_id,))
+    return Subscription(*values)
 
 
 def get_subscription(conn: psycopg.Connection[Any], user_id: int) -> Subscription | None:
@@ -156,7 +167,7 @@ class TrialOutcome:
     subscription: Subscription | None
 
 
-def grant_trial(conn: psycopg.Connection[Any], user_id: int, days: int) -> TrialOutcome:
+def grant_trial(conn: psycopg.Connection[Any], user_id: int, days: int, plan_code: str | None = None) -> TrialOutcome:
     """Once per user, ever: the `trials` primary key decides, not a check-then-insert."""
     if get_subscription(conn, user_id) is not None:
         # Someone who already had access (paid or trial) is not eligible.
@@ -168,7 +179,7 @@ def grant_trial(conn: psycopg.Connection[Any], user_id: int, days: int) -> Trial
     ).fetchone()
     if inserted is None:
         return TrialOutcome(False, None)
-    return TrialOutcome(True, grant_days(conn, user_id, days, kind="trial"))
+    return TrialOutcome(True, grant_days(conn, user_id, days, kind="trial", plan_code=plan_code))
 
 
 @attrs.frozen

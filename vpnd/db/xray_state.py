@@ -1,7 +1,7 @@
 """Queries of the Xray writer: the desired user set, its sync marker, and per-user traffic totals.
 
-The desired set is every subscription that is active and not expired. It is streamed in keyset
-batches ordered by the Xray email in byte order (`COLLATE "C"`, the order the renderer checks), so
+The desired set is every subscription that is active, not expired and not over its traffic quota. It
+is streamed in keyset batches ordered by the Xray email in byte order (`COLLATE "C"`, the order the renderer checks), so
 no query returns "all users" and each batch is its own short transaction.
 
 The *sync marker* (`daemon_state['xray_synced_at']`) is the database time of the last round after
@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import psycopg
 
+from vpnd.db.quota import QuotaRules, account_usage
 from vpnd.db.subscriptions import Subscription, get_by_token
 
 #: Xray's key for a user, in SQL; must equal `Subscription.xray_email` ("u<user_id>").
@@ -56,7 +57,7 @@ SELECT {XRAY_EMAIL} COLLATE "C" AS email,
        s.uuid,
        coalesce(s.updated_at > %(since)s::timestamptz, true) AS changed
 FROM subscriptions s
-WHERE s.status = 'active' AND s.expires_at > now() AND {XRAY_EMAIL} COLLATE "C" > %(after)s
+WHERE s.status = 'active' AND s.expires_at > now() AND NOT s.traffic_blocked AND {XRAY_EMAIL} COLLATE "C" > %(after)s
   AND (s.plan_code IS NULL OR s.plan_code <> ALL(%(excluded)s::text[]))
 ORDER BY 1
 LIMIT %(limit)s
@@ -90,7 +91,8 @@ def desired_batch(
 UNDESIRED_CHANGED_BATCH = f"""
 SELECT s.user_id, {XRAY_EMAIL}
 FROM subscriptions s
-WHERE (NOT (s.status = 'active' AND s.expires_at > now()) OR s.plan_code = ANY(%(excluded)s::text[]))
+WHERE (NOT (s.status = 'active' AND s.expires_at > now()) OR s.traffic_blocked
+       OR s.plan_code = ANY(%(excluded)s::text[]))
   AND (%(since)s::timestamptz IS NULL OR s.updated_at > %(since)s OR s.expires_at > %(since)s
        OR s.plan_code = ANY(%(excluded)s::text[]))
   AND s.user_id > %(after)s
@@ -168,7 +170,7 @@ WITH sample AS (
         downlink_total = t.downlink_total + EXCLUDED.downlink_total,
         updated_at = now()
 )
-SELECT count(*) FILTER (WHERE d_up + d_down > 0), coalesce(sum(d_up + d_down), 0) FROM delta
+SELECT user_id, d_up + d_down FROM delta WHERE d_up + d_down > 0
 """
 
 
@@ -178,6 +180,8 @@ class TrafficStored:
     active_users: int
     #: Bytes (both directions) added to the totals.
     bytes: int
+    #: Users who reached their traffic quota and are not blocked yet (`vpnd.db.quota.block_over_quota`).
+    over_quota: list[int] = attrs.field(factory=list)
 
 
 def store_traffic(
@@ -186,6 +190,7 @@ def store_traffic(
     *,
     counters_reset: bool = False,
     node: str = LOCAL_NODE,
+    quota: QuotaRules | None = None,
 ) -> TrafficStored:
     """Fold `node`'s raw Xray counters `(user_id, uplink, downlink)` (read without reset) into the
     users' monotonic totals (the sum over every node).
@@ -193,12 +198,13 @@ def store_traffic(
     The delta since the node's last reading is added; a counter lower than last seen means that
     Xray restarted and counts from zero, so the raw value itself is the traffic since then.
     `counters_reset` says the caller knows the node restarted since the last reading (a counter may
-    already have grown past its old value). Counters of unknown users are ignored.
+    already have grown past its old value). Counters of unknown users are ignored. With `quota`, the
+    deltas also count against each user's traffic quota (`vpnd.db.quota.account_usage`), in this transaction.
     """
     if not samples:
         return TrafficStored(0, 0)
     ordered = sorted(samples)  # one lock order for every node's writer: no deadlock between them
-    row = conn.execute(
+    rows = conn.execute(
         STORE_TRAFFIC,
         {
             "ids": [s[0] for s in ordered],
@@ -207,9 +213,10 @@ def store_traffic(
             "reset": counters_reset,
             "node": node,
         },
-    ).fetchone()
-    assert row is not None
-    return TrafficStored(int(row[0]), int(row[1]))
+    ).fetchall()
+    deltas = [(int(user_id), int(count)) for user_id, count in rows]
+    over = account_usage(conn, deltas, quota) if quota is not None else []
+    return TrafficStored(len(deltas), sum(count for _, count in deltas), over)
 
 
 def traffic_totals(conn: psycopg.Connection[Any], user_id: int) -> TrafficTotals:

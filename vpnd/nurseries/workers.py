@@ -1,6 +1,6 @@
 """The workers nursery: every periodic job of vpnd, each an independent child with its own period.
 
-    workers ── reminders, trials, expiry, renewal, housekeeping, health, (+ extra jobs)
+    workers ── reminders, trials, quota, expiry, renewal, housekeeping, health, (+ extra jobs)
 
 Each job runs under `run_periodic` (no drift, no pile-up, each round bounded by a timeout, an
 exception logged with the job's name and survived, `trio.Cancelled` and `BrokenInvariant` passed
@@ -27,7 +27,7 @@ from vpnd.payments.checkout import HostedCheckout
 from vpnd.periodic import Period, RoundFn, run_periodic
 from vpnd.telegram.client import Sender
 from vpnd.telegram.texts import Texts
-from vpnd.workers import expiry, health, housekeeping, reminders, renewal, trials
+from vpnd.workers import expiry, health, housekeeping, quota, reminders, renewal, trials
 
 log = logging.getLogger("vpnd.workers")
 
@@ -42,11 +42,13 @@ async def run_worker(
     round_fn: RoundFn,
     *,
     round_timeout: float | None = None,
+    wake: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """One periodic job; started at once, its first round runs right after.
 
-    A `period` function is read again after every config reload (`app.config_reloaded`).
+    A `period` function is read again after every config reload (`app.config_reloaded`); `wake`
+    returning starts a round before its period is up (`run_periodic`).
     """
     task_status.started()
     log.info("event=worker_started worker=%s period=%g", name, period() if callable(period) else period)
@@ -56,6 +58,7 @@ async def run_worker(
         round_fn,
         metrics=app.metrics,
         round_timeout=round_timeout,
+        wake=wake,
         retimed=app.config_reloaded.wait,
     )
 
@@ -66,6 +69,7 @@ def default_jobs(app: App, sender: Sender, texts: Texts, checkout: HostedCheckou
     `checkout`: the hosted checkout whose saved cards auto-renewal charges (None: balances only).
     """
     batch = app.config.workers.batch_size
+    quota_worker = quota.QuotaWorker(app, batch)
 
     def job(name: str, interval_key: str, round_fn: RoundFn) -> Job:
         def period() -> float:
@@ -89,6 +93,14 @@ def default_jobs(app: App, sender: Sender, texts: Texts, checkout: HostedCheckou
             renewal.WORKER_NAME,
             "renewal_interval",
             partial(renewal.renewal_round, app, texts, batch_size=batch, checkout=checkout),
+        ),
+        quota.WORKER_NAME: partial(
+            run_worker,
+            app,
+            quota.WORKER_NAME,
+            lambda: app.config.workers.quota_interval,
+            quota_worker.round,
+            wake=quota_worker.wake,
         ),
         housekeeping.WORKER_NAME: job(
             housekeeping.WORKER_NAME,

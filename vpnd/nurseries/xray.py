@@ -61,6 +61,7 @@ from vpnd import alerts
 from vpnd.app import App
 from vpnd.config import LOCAL_NODE, NodeConfig
 from vpnd.config_checks import EXAMPLE_REALITY_PUBLIC_KEY, KEY_PENDING_HINT, link_settings_gap
+from vpnd.db import quota
 from vpnd.db.nodes import NodeObservation, forget_node, record_node
 from vpnd.db.pool import DatabaseUnavailable
 from vpnd.db.xray_state import (
@@ -75,6 +76,7 @@ from vpnd.db.xray_state import (
 from vpnd.health import CheckResult
 from vpnd.logs import quote
 from vpnd.nudge import Nudge
+from vpnd.services.limits import quota_rules
 from vpnd.telegram.texts import Texts
 from vpnd.xray import links
 from vpnd.xray.api import ApiTls, XrayApi, XrayApiError, XrayError, XrayUnavailable
@@ -353,7 +355,7 @@ class XrayWriter:
                 self.node = node
 
     def _next_round(self, started: float, now: float) -> float:
-        at = min(started + self.interval, self.expiry_wake_at)
+        at = min(started + self.interval, self.expiry_wake_at, max(self.traffic_due, started + 1.0))
         if self.db_backoff.retry_at:
             at = min(at, self.db_backoff.retry_at)
         if self.api is not None and self.api_backoff.retry_at:
@@ -600,15 +602,21 @@ class XrayWriter:
                 samples.append((user_id, traffic.uplink, traffic.downlink))
         reset = boots_seen != self.traffic_boots_seen
         online = moved = 0
+        rules = quota_rules(self.app)
         for start in range(0, len(samples), BATCH_SIZE):
             stored = await self.app.db.run(
-                partial(store_traffic, counters_reset=reset, node=self.node.name), samples[start : start + BATCH_SIZE]
+                partial(store_traffic, counters_reset=reset, node=self.node.name, quota=rules),
+                samples[start : start + BATCH_SIZE],
             )
             online, moved = online + stored.active_users, moved + stored.bytes
+            if stored.over_quota:
+                blocked = await self.app.db.run(quota.block_over_quota, stored.over_quota, rules)
+                if blocked:
+                    log.info("event=traffic_quota_reached node=%s users=%d", self.node.name, len(blocked))
         self.status.online_users = online
         self.traffic_bytes += moved
         self.traffic_boots_seen = boots_seen
-        self.traffic_due = now + self.interval
+        self.traffic_due = now + self.app.config.xray.traffic_interval
 
     # --- the file ----------------------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ class PlanPrices:
     @classmethod
     def from_config(cls, config: Config) -> PlanPrices:
         currency = config.payments.currency
-        plans = config.plans
+        plans = [plan for plan in config.plans if not plan.trial]  # the trial is never charged
         return cls(
             tuple(p.code for p in plans),
             tuple(to_minor(p.price, currency) for p in plans),

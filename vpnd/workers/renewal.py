@@ -189,6 +189,8 @@ def card_offers(app: App) -> dict[str, Offer]:
     """Each plan at its price in the checkout's currency (plans not sold in it are left to the balance)."""
     offers = {}
     for plan in app.config.plans:
+        if plan.trial:
+            continue
         try:
             offers[plan.code] = plan_offer(plan, app.config.yookassa.currency)
         except InvalidAmount:

@@ -31,11 +31,12 @@ async def trial(turn: Turn) -> None:
     if not config.enabled:
         await turn.show(turn.t("trial.disabled"), kb.back_to_menu(turn.t))
         return
-    outcome = await turn.app.db.run(subscriptions.grant_trial, turn.user.id, config.days)
+    plan = turn.app.config.trial_plan
+    outcome = await turn.app.db.run(subscriptions.grant_trial, turn.user.id, plan.days, plan.code)
     if not outcome.granted or outcome.subscription is None:
         await turn.show(turn.t("trial.refused"), kb.back_to_menu(turn.t))
         return
-    text = turn.t("trial.granted", days=config.days, expires=turn.format_date(outcome.subscription.expires_at))
+    text = turn.t("trial.granted", days=plan.days, expires=turn.format_date(outcome.subscription.expires_at))
     await turn.show(
         text, kb.keyboard([kb.button(turn.t("menu.subscription"), "sub")], [kb.button(turn.t("common.menu"), "menu")])
     )
