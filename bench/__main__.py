@@ -28,6 +28,7 @@ BENCHMARKS = [
     "wire",
     "notify",
     "nodes",
+    "quota",
 ]
 
 
