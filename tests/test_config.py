@@ -113,6 +113,47 @@ CASES = [
         '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\nprices = "299 RUB"\n',
         "[[plans]][0].prices: expected a table of currencies",
     ),
+    (
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\ntraffic_reset = "weekly"\n',
+        '[[plans]][0].traffic_reset: expected one of "never", "monthly", "per_period", got "weekly"',
+    ),
+    (
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\ndevices = -1\n',
+        "[[plans]][0].devices: expected a value from 0 to 1000",
+    ),
+    (
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\ntraffic_gb = 1.5\n',
+        "[[plans]][0].traffic_gb: expected an integer, got 1.5",
+    ),
+    (
+        '[[plans]]\ncode = "t"\ndays = 3\ntrial = true\nvisible = true\n'
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\n',
+        "[[plans]][0].visible: a trial plan is never sold",
+    ),
+    (
+        '[[plans]]\ncode = "t"\ndays = 3\ntrial = true\n[[plans]]\ncode = "u"\ndays = 3\ntrial = true\n'
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\n',
+        "[[plans]][1].trial: only one plan can be the trial",
+    ),
+    (
+        '[[plans]]\ncode = "t"\ndays = 3\ntrial = true\n',
+        "[[plans]]: expected at least one plan for sale",
+    ),
+    ('[[traffic_packs]]\ncode = "p"\nprice = "1"\ncurrency = "USD"\n', "[[traffic_packs]][0].gb: missing required key"),
+    (
+        '[[traffic_packs]]\ncode = "p"\ngb = 0\nprice = "1"\ncurrency = "USD"\n',
+        "[[traffic_packs]][0].gb: expected a value from 1 to 1000000",
+    ),
+    (
+        '[[traffic_packs]]\ncode = "p"\ngb = 10\nprice = "1"\ncurrency = "USD"\nsize = 3\n',
+        "[[traffic_packs]][0].size: unknown key",
+    ),
+    (
+        '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\n'
+        '[[traffic_packs]]\ncode = "m1"\ngb = 10\nprice = "1"\ncurrency = "USD"\n',
+        '[[traffic_packs]][0].code: "m1" is also a plan\'s code',
+    ),
+    ("[trial]\ntraffic_gb = -5\n", "[trial].traffic_gb: expected a value from 0 to 1000000"),
 ]
 
 
@@ -150,5 +191,19 @@ def test_render_effective_round_trips(write_config: Callable[..., Path]) -> None
     config = load_config(REPO / "config.toml", environ={})
     path = write_config(render_effective(config))
     again = load_config(path, environ={})
-    assert again.plans == config.plans
+    assert again.plans == config.plans and again.traffic_packs == config.traffic_packs
     assert again.http == config.http and again.workers == config.workers
+
+
+def test_the_trial_is_a_plan_from_trial_or_from_a_plan_marked_trial(write_config: Callable[..., Path]) -> None:
+    sold = '[[plans]]\ncode = "m1"\ndays = 30\nprice = "4.99"\ncurrency = "USD"\ndevices = 3\ntraffic_gb = 100\n'
+    config = load_config(write_config("[trial]\ndays = 5\ndevices = 1\ntraffic_gb = 2\n" + sold), environ={})
+    trial = config.trial_plan
+    assert (trial.code, trial.days, trial.devices, trial.traffic_gb, trial.visible) == ("trial", 5, 1, 2, False)
+    assert config.plan("trial") == trial and [p.code for p in config.sale_plans] == ["m1"]
+    assert config.plan("m1") is not None and config.plan("m1").traffic_limit_bytes == 100 * 2**30  # type: ignore[union-attr]
+
+    marked = '[[plans]]\ncode = "free"\ndays = 2\ntrial = true\ntraffic_gb = 1\nnodes = ["local"]\n'
+    config = load_config(write_config("[trial]\ndays = 5\n" + marked + sold), environ={})
+    assert config.trial_plan.code == "free" and config.trial_plan.days == 2 and not config.trial_plan.visible
+    assert [p.code for p in config.sale_plans] == ["m1"]

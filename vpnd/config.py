@@ -615,11 +615,16 @@ def non_negative(reader: Callable[[object], T]) -> Callable[[object], T]:
     return read
 
 
+def _number(value: float) -> str:
+    """A bound as people write it: 1000000, 0.5 (never 1e+06)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def in_range(reader: Callable[[object], T], low: float, high: float) -> Callable[[object], T]:
     def read(value: object) -> T:
         result = reader(value)
         if not low <= result <= high:  # type: ignore[operator]
-            raise _expected(f"a value from {low:g} to {high:g}", value)
+            raise _expected(f"a value from {_number(low)} to {_number(high)}", value)
         return result
 
     return read
