@@ -47,16 +47,12 @@ async def show_devices(turn: Turn, notice: str = "") -> None:
 
 
 async def remove_device(turn: Turn, key: str) -> None:
-    if len(key) != _KEY_LENGTH or not all(c in "0123456789abcdef" for c in key):
-        await turn.answer(turn.t("devices.not_found"))
-        await show_devices(turn)
-        return
-    removed = await turn.app.db.run(devices_service.remove_own_device, turn.user.id, key)
-    if removed is None:
-        await turn.answer(turn.t("devices.not_found"))
-        await show_devices(turn)
-        return
+    valid = len(key) == _KEY_LENGTH and all(c in "0123456789abcdef" for c in key)
+    removed = await turn.app.db.run(devices_service.remove_own_device, turn.user.id, key) if valid else None
     await turn.answer()
+    if removed is None:  # removed meanwhile (another tap), or data no button of this user's carries
+        await show_devices(turn, turn.t("devices.not_found"))
+        return
     await show_devices(turn, turn.t("devices.removed", name=device_name(removed)))
 
 
