@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import psycopg
@@ -23,7 +23,7 @@ from vpnd.db.users import get_user
 from vpnd.db.xray_state import subscription_by_token
 from vpnd.devices import DeviceInfo, device_key
 from vpnd.quota import Limits
-from vpnd.services.admin_actions import Actor, NoSubscription, UserNotFound
+from vpnd.services.admin_actions import Actor, NoSubscription, Refused, UserNotFound
 
 Conn = psycopg.Connection[Any]
 LimitsFor = Callable[[str | None, str], Limits]
@@ -115,8 +115,18 @@ def remove_own_device(conn: Conn, user_id: int, key: str) -> Device | None:
 # --- admin actions (audited like those of `vpnd.services.admin_actions`) ---------------------------
 
 
-def _audit(conn: Conn, actor: Actor, action: str, target: int, result: str = "ok", **facts: Any) -> None:
-    admin_db.audit(conn, actor.admin_id, action, target, result, actor.details(**facts))
+@attrs.frozen
+class AlreadyDone(Refused):
+    """The confirmation button (its nonce) was used already: nothing changed (not audited again)."""
+
+    reason: ClassVar[str] = "repeated"
+
+
+def _audit(
+    conn: Conn, actor: Actor, action: str, target: int, result: str = "ok", nonce: str | None = None, **facts: Any
+) -> None:
+    details = actor.details(**facts, **({"nonce": nonce} if nonce is not None else {}))
+    admin_db.audit(conn, actor.admin_id, action, target, result, details)
 
 
 def admin_devices(conn: Conn, actor: Actor, user_id: int, limits_for: LimitsFor) -> DevicesView | UserNotFound:
@@ -128,20 +138,30 @@ def admin_devices(conn: Conn, actor: Actor, user_id: int, limits_for: LimitsFor)
     return devices_view(conn, user_id, limits_for)
 
 
-def reset_devices(conn: Conn, actor: Actor, user_id: int) -> int | UserNotFound:
-    """Forget every device of the user (each app takes a slot again at its next fetch); how many."""
+def reset_devices(
+    conn: Conn, actor: Actor, user_id: int, *, nonce: str | None = None
+) -> int | UserNotFound | AlreadyDone:
+    """Forget every device of the user (each app takes a slot again at its next fetch); how many. Once
+    per `nonce` (a confirmation button's)."""
+    if nonce is not None and admin_db.nonce_used(conn, nonce):
+        return AlreadyDone(user_id)
     if admin_db.lock_user(conn, user_id) is None:
         _audit(conn, actor, "devices_reset", user_id, UserNotFound.reason)
         return UserNotFound(user_id)
     removed = devices_db.reset_devices(conn, user_id)
-    _audit(conn, actor, "devices_reset", user_id, removed=removed)
+    _audit(conn, actor, "devices_reset", user_id, nonce=nonce, removed=removed)
     return removed
 
 
-def grant_devices(conn: Conn, actor: Actor, user_id: int, count: int) -> int | UserNotFound | NoSubscription:
-    """Add `count` device slots to the user's subscription (on top of the plan's); the extra slots now."""
+def grant_devices(
+    conn: Conn, actor: Actor, user_id: int, count: int, *, nonce: str | None = None
+) -> int | UserNotFound | NoSubscription | AlreadyDone:
+    """Add `count` device slots to the user's subscription (on top of the plan's); the extra slots now.
+    Once per `nonce` (a confirmation button's)."""
     if not 1 <= count <= MAX_GRANT_DEVICES:
         raise ValueError(f"the number of device slots must be from 1 to {MAX_GRANT_DEVICES}")
+    if nonce is not None and admin_db.nonce_used(conn, nonce):
+        return AlreadyDone(user_id)
     if admin_db.lock_user(conn, user_id) is None:
         _audit(conn, actor, "grant_device", user_id, UserNotFound.reason, count=count)
         return UserNotFound(user_id)
@@ -151,5 +171,5 @@ def grant_devices(conn: Conn, actor: Actor, user_id: int, count: int) -> int | U
     if extra is None:
         _audit(conn, actor, "grant_device", user_id, NoSubscription.reason, count=count)
         return NoSubscription(user_id)
-    _audit(conn, actor, "grant_device", user_id, count=count, extra_devices=extra)
+    _audit(conn, actor, "grant_device", user_id, nonce=nonce, count=count, extra_devices=extra)
     return extra
