@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import logging
 import math
 import re
 import time
@@ -44,6 +45,8 @@ RATE_REFILL_SECONDS = 6.0
 KEY_PENDING_RETRY_SECONDS = 300
 #: Tokens remembered by the limiter; the least recently seen is forgotten beyond this.
 RATE_MAX_TOKENS = 10_000
+
+log = logging.getLogger("vpnd.subscription_url")
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
@@ -181,6 +184,15 @@ def add_subscription_routes(router: Router, app: App, *, limiter: TokenRateLimit
         if fetch is None:
             return not_found
         refusal = refusal_of(config, app.texts, fetch, device is not None)
+        admission = fetch.admission
+        if admission is not None and admission.outcome in ("added", "limit", "unrecorded"):
+            log.info(
+                "event=device_%s user_id=%d used=%d limit=%d",
+                admission.outcome,
+                fetch.subscription.user_id,
+                admission.used,
+                admission.limit,
+            )
         return subscription_response(
             config, fetch.subscription, fetch.upload, fetch.download, total=fetch.total, refusal=refusal
         )
