@@ -48,6 +48,7 @@ MAP: dict[str, str] = {
     "vpnd.masking": "domain",
     "vpnd.pricing": "domain",
     "vpnd.quota": "domain",
+    "vpnd.devices": "domain",  # device ids from client apps' headers, bounded (pure)
     "vpnd.money": "domain",
     "vpnd.texts": "domain",
     "vpnd.locales": "domain",
@@ -80,6 +81,7 @@ MAP: dict[str, str] = {
     "vpnd.payments": "services",
     "vpnd.services": "services",
     "vpnd.services.admin_actions": "services",  # admin actions with their audit rows, for the bot and the CLI
+    "vpnd.services.devices": "services",  # the device check of a subscription fetch, device admin actions
     "vpnd.workers": "services",
     "vpnd.alerts": "services",
     # interfaces: parse, call, render

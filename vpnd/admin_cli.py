@@ -8,6 +8,8 @@
     vpnd admin promo list
     vpnd admin promo disable <CODE>
     vpnd admin nodes
+    vpnd admin devices <id> [--reset]
+    vpnd admin grant-device <id> [N]
     vpnd broadcast list [--status S]
     vpnd broadcast pause|resume|cancel <id>
 
@@ -28,6 +30,7 @@ import getpass
 import json
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import attrs
@@ -40,8 +43,11 @@ from vpnd.db.admin import RevenueRow
 from vpnd.db.migrations import SchemaError, check_version, packaged_schema
 from vpnd.db.payments import AUTO_RENEW_PREFIX
 from vpnd.db.subscriptions import Subscription
+from vpnd.devices import device_name
 from vpnd.pricing import format_money
+from vpnd.quota import limits_of
 from vpnd.services import admin_actions as actions
+from vpnd.services import devices as device_actions
 from vpnd.telegram.admin import views
 from vpnd.telegram.flows.access import format_bytes
 from vpnd.texts import Texts
@@ -85,6 +91,12 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     grant.add_argument("--notify", action="store_true", help="tell the user (through the outbox)")
     revoke = leaf(actions, "revoke", "revoke a user's subscription")
     revoke.add_argument("user_id", type=int)
+    devices = leaf(actions, "devices", "a user's devices (apps that fetched the subscription URL) and limit")
+    devices.add_argument("user_id", type=int)
+    devices.add_argument("--reset", action="store_true", help="forget them all (each app takes a slot again)")
+    grant_device = leaf(actions, "grant-device", "give a user N more device slots (default 1)")
+    grant_device.add_argument("user_id", type=int)
+    grant_device.add_argument("count", type=int, nargs="?", default=1)
     promo_parser = actions.add_parser("promo", help="promo codes: create, list, disable")
     promo_actions = promo_parser.add_subparsers(dest="promo_command", required=True, metavar="ACTION")
     create = leaf(promo_actions, "create", "create a promo code")
@@ -308,6 +320,34 @@ def revoke_command(conn: psycopg.Connection[Any], args: argparse.Namespace, conf
     return done.subscription, f"revoked the subscription of user {args.user_id}"
 
 
+def devices_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    if args.reset:
+        removed = _done(device_actions.reset_devices(conn, _actor(), args.user_id))
+        return {"user_id": args.user_id, "removed": removed}, f"forgot {removed} device(s) of user {args.user_id}"
+    view = _done(device_actions.admin_devices(conn, _actor(), args.user_id, partial(limits_of, config)))
+    limit = f"{view.used} of {view.limit}" if view.limit else f"{view.used} (no limit)"
+    lines = [f"user {view.user_id}: devices {limit}, extra slots granted {view.extra}"]
+    if not view.has_subscription:
+        lines[0] += ", no subscription"
+    for d in view.devices:
+        system = " ".join(part for part in (d.os, d.os_version) if part) or "?"
+        lines.append(
+            f"  {device_name(d)}  {system}  first {_when(d.first_seen)}  last {_when(d.last_seen)}  "
+            f"hwid {d.hwid}" + (f"  ua {d.user_agent}" if d.user_agent else "")
+        )
+    return view, "\n".join(lines)
+
+
+def grant_device_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    try:
+        extra = _done(device_actions.grant_devices(conn, _actor(), args.user_id, args.count))
+    except ValueError as exc:
+        raise Usage(str(exc)) from None
+    return {"user_id": args.user_id, "extra_devices": extra}, (
+        f"granted {args.count} device slot(s) to user {args.user_id}: {extra} extra slot(s) in all"
+    )
+
+
 def promo_create_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
     if args.days is not None and not 1 <= args.days <= actions.MAX_GRANT_DAYS:
         raise Usage(f"--days must be from 1 to {actions.MAX_GRANT_DAYS}")
@@ -367,6 +407,8 @@ ADMIN_COMMANDS: dict[str, Command] = {
     "user": user_command,
     "grant": grant_command,
     "revoke": revoke_command,
+    "devices": devices_command,
+    "grant-device": grant_device_command,
     "promo create": promo_create_command,
     "promo list": promo_list_command,
     "promo disable": promo_disable_command,

@@ -395,6 +395,13 @@ class BroadcastConfig:
 
 
 @attrs.frozen
+class DevicesConfig:
+    #: What a subscription fetch without an `x-hwid` header gets: "allow" (the links, no device
+    #: recorded) or "deny" (a profile saying an app that sends a device id is needed).
+    missing_hwid: str = "allow"
+
+
+@attrs.frozen
 class Config:
     path: str
     telegram: TelegramConfig = TelegramConfig()
@@ -413,6 +420,7 @@ class Config:
     xray: XrayConfig = XrayConfig()
     workers: WorkersConfig = WorkersConfig()
     broadcast: BroadcastConfig = BroadcastConfig()
+    devices: DevicesConfig = DevicesConfig()
     plans: tuple[Plan, ...] = ()
     #: `[[nodes]]`: the remote Xray servers (the local one is `[xray]`).
     nodes: tuple[NodeConfig, ...] = ()
@@ -778,6 +786,7 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "progress_interval": positive(read_number),
         "paid_rate_per_second": in_range(read_number, 1, 1000),
     },
+    "devices": {"missing_hwid": one_of("allow", "deny")},
 }
 
 SECTION_CLASSES: dict[str, type] = {
@@ -797,6 +806,7 @@ SECTION_CLASSES: dict[str, type] = {
     "xray": XrayConfig,
     "workers": WorkersConfig,
     "broadcast": BroadcastConfig,
+    "devices": DevicesConfig,
 }
 
 PLAN_KEYS = {

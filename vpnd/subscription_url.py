@@ -5,23 +5,34 @@ the links, one per line) and two headers tell them when to poll again and what t
 expiry. The token is the user's random `sub_token` (192 bits); a reissue replaces it, so an old URL
 answers 404 from then on. An expired or revoked subscription answers a valid, empty list with its
 expiry, so apps show "expired" instead of an error.
+
+Devices (`vpnd.services.devices`): apps that send `x-hwid` take a slot of the plan's device limit at
+their first fetch; a new device over the limit, a subscription over its traffic quota, and (with
+`[devices] missing_hwid = "deny"`) an app without a device id get a valid, empty list whose profile
+title and `announce` header (base64, as Happ and v2RayTun read them) say why and what to do. Every
+fetch runs the check: nothing is cached in front of it (`cache-control: no-store`).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import logging
 import math
 import re
 import time
 from collections import OrderedDict
+from functools import partial
 
 import attrs
 
 from vpnd.app import App
 from vpnd.config import Config
 from vpnd.db.subscriptions import Subscription
-from vpnd.db.xray_state import subscription_by_token
+from vpnd.devices import BadDeviceId, read_device
+from vpnd.quota import limits_of
+from vpnd.services.devices import Fetch, fetch_subscription
+from vpnd.texts import Texts
 from vpnd.web import Request, Response, Router
 from vpnd.xray.links import build_vless_reality_link, subscription_body, subscription_userinfo_header
 
@@ -34,6 +45,8 @@ RATE_REFILL_SECONDS = 6.0
 KEY_PENDING_RETRY_SECONDS = 300
 #: Tokens remembered by the limiter; the least recently seen is forgotten beyond this.
 RATE_MAX_TOKENS = 10_000
+
+log = logging.getLogger("vpnd.subscription_url")
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
@@ -87,24 +100,57 @@ class TokenRateLimiter:
         return len(self._buckets)
 
 
-def subscription_response(config: Config, subscription: Subscription, upload: int, download: int) -> Response:
+def _base64(text: str) -> str:
+    return "base64:" + base64.b64encode(text.encode()).decode("ascii")
+
+
+def refusal_of(config: Config, texts: Texts, fetch: Fetch, device_sent: bool) -> tuple[str, str] | None:
+    """Why this fetch gets no links although the subscription is active, as (profile title, announce
+    text) in the user's language; None when it gets them."""
+    language = fetch.language or config.telegram.default_language
+    if fetch.traffic_blocked:
+        return texts.get(language, "devices.sub_traffic_title"), texts.get(language, "devices.sub_traffic_text")
+    if not device_sent and config.devices.missing_hwid == "deny":
+        return texts.get(language, "devices.sub_no_hwid_title"), texts.get(language, "devices.sub_no_hwid_text")
+    admission = fetch.admission
+    if admission is not None and not admission.served:
+        values = {"used": admission.used, "limit": admission.limit}
+        return (
+            texts.get(language, "devices.sub_limit_title", **values),
+            texts.get(language, "devices.sub_limit_text", **values),
+        )
+    return None
+
+
+def subscription_response(
+    config: Config,
+    subscription: Subscription,
+    upload: int,
+    download: int,
+    *,
+    total: int = 0,
+    refusal: tuple[str, str] | None = None,
+) -> Response:
+    """The response to a fetch: the links when the subscription is active and nothing refuses them
+    (`refusal`: the profile title and announce text saying why not)."""
     now = dt.datetime.now(dt.UTC)
     active = subscription.is_active(now)
     try:
-        links = user_links(config, subscription) if active else []
+        links = user_links(config, subscription) if active and refusal is None else []
     except ValueError:
         # A configuration gap (e.g. no [xray].public_key yet; start-up alerted the admins): the key
         # is being prepared, so the client app should simply ask again later.
         return Response.text("your key is being prepared\n", 503, [("retry-after", str(KEY_PENDING_RETRY_SECONDS))])
     body = subscription_body(links)
-    title = base64.b64encode(config.xray.link_name.encode()).decode("ascii")
+    title = config.xray.link_name if refusal is None else refusal[0]
     headers = [
         ("profile-update-interval", str(PROFILE_UPDATE_INTERVAL_HOURS)),
         (
             "subscription-userinfo",
-            subscription_userinfo_header(upload, download, 0, int(subscription.expires_at.timestamp())),
+            subscription_userinfo_header(upload, download, total, int(subscription.expires_at.timestamp())),
         ),
-        ("profile-title", f"base64:{title}"),
+        ("profile-title", _base64(title)),
+        *([("announce", _base64(refusal[1]))] if refusal is not None else []),
         ("cache-control", "no-store"),
     ]
     return Response(200, body, headers)
@@ -122,9 +168,33 @@ def add_subscription_routes(router: Router, app: App, *, limiter: TokenRateLimit
         wait = limiter.acquire(token, time.monotonic())
         if wait > 0:
             return Response.text("too many requests\n", 429, [("retry-after", str(math.ceil(wait)))])
-        usage = await app.db.run(subscription_by_token, token)
-        if usage is None:
+        try:
+            device = read_device(
+                request.header("x-hwid"),
+                request.header("x-device-os"),
+                request.header("x-ver-os"),
+                request.header("x-device-model"),
+                request.header("user-agent"),
+            )
+        except BadDeviceId as exc:
+            return Response.text(f"{exc}\n", 400)
+        config = app.config
+        limits = partial(limits_of, config)
+        fetch = await app.db.run(fetch_subscription, token, device, limits, dt.datetime.now(dt.UTC))
+        if fetch is None:
             return not_found
-        return subscription_response(app.config, usage.subscription, usage.traffic.uplink, usage.traffic.downlink)
+        refusal = refusal_of(config, app.texts, fetch, device is not None)
+        admission = fetch.admission
+        if admission is not None and admission.outcome in ("added", "limit", "unrecorded"):
+            log.info(
+                "event=device_%s user_id=%d used=%d limit=%d",
+                admission.outcome,
+                fetch.subscription.user_id,
+                admission.used,
+                admission.limit,
+            )
+        return subscription_response(
+            config, fetch.subscription, fetch.upload, fetch.download, total=fetch.total, refusal=refusal
+        )
 
     router.add("GET", "/sub/{token}", subscription)

@@ -21,7 +21,7 @@ from vpnd.db import conversation, subscriptions, users
 from vpnd.telegram import incoming as incoming_mod
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.dispatch import Apology, DropNotice, Handler, Payload, chat_key
-from vpnd.telegram.flows import access, menu
+from vpnd.telegram.flows import access, devices, menu
 from vpnd.telegram.turn import BotContext, Turn
 
 log = logging.getLogger("vpnd.updates")
@@ -79,6 +79,7 @@ def register(routes: Routes) -> None:
             "reissue": no_args(access.reissue),
             "ar": auto_renew,
             "card": no_args(access.remove_saved_card),
+            "dev": devices.route,
             "lang": lang,
             "invite": no_args(menu.invite),
             "help": no_args(menu.help_text),

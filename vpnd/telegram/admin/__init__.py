@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from vpnd.db import conversation
-from vpnd.telegram.admin import broadcasts, callback_data, export, promo, refunds, stats, users
+from vpnd.telegram.admin import broadcasts, callback_data, devices, export, promo, refunds, stats, users
 from vpnd.telegram.admin.common import (
     CallbackAction,
     StateAction,
@@ -42,6 +42,7 @@ CALLBACKS: dict[Verb, CallbackAction] = {
     Verb.CANCEL: cancel_action,
     **stats.CALLBACKS,
     **users.CALLBACKS,
+    **devices.CALLBACKS,
     **refunds.CALLBACKS,
     **promo.CALLBACKS,
     **broadcasts.CALLBACKS,

@@ -168,6 +168,7 @@ def user_keyboard(t: T, d: UserDetails) -> kb.Keyboard:
                 )
             ]
         )
+        rows.append([kb.button(t("admin.user.devices"), Verb.DEVICES.data(uid))])
     for payment in d.payments:
         if payment.provider in ("stars", "yookassa") and payment.outcome == "granted":
             rows.append(

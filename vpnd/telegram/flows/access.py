@@ -137,6 +137,7 @@ async def my_subscription(turn: Turn, notice: str = "") -> None:
         text,
         kb.keyboard(
             [kb.button(turn.t("sub.qr"), "qr"), kb.button(turn.t("sub.reissue"), "reissue")],
+            [kb.button(turn.t("sub.devices"), "dev")],
             [kb.button(turn.t(toggle), "ar:off" if sub.auto_renew else "ar:on")],
             *card_rows,
             [kb.button(turn.t("menu.renew"), "buy")],
