@@ -71,14 +71,13 @@ def period_bounds(anchor: dt.datetime, limits: Limits, now: dt.datetime) -> tupl
 
     "monthly": whole calendar months from the anchor (each counted from the anchor, so a 31st stays the
     31st where the month has one); "per_period": every `days` days; "never": one period from the anchor.
+    A `now` before the anchor (clocks) is in the first period.
     """
     if limits.reset == "monthly":
         months = max(0, (now.year - anchor.year) * 12 + now.month - anchor.month)
-        start = add_months(anchor, months)
-        if start > now:
-            months -= 1
-            start = add_months(anchor, months)
-        return start, add_months(anchor, months + 1)
+        if months > 0 and add_months(anchor, months) > now:
+            months -= 1  # this month's anniversary is still ahead
+        return add_months(anchor, months), add_months(anchor, months + 1)
     if limits.reset == "per_period":
         length = dt.timedelta(days=max(1, limits.days))
         count = max(0, (now - anchor) // length)
