@@ -9,7 +9,8 @@ exactly once per period, whatever crashes in between. Reaching 100 % sets `subsc
 column's change wakes every node's writer, so the user is taken off at once.
 
 What puts them back: a traffic pack or an admin's grant (`add_extra`), the next period (`roll_due_periods`,
-the quota worker), a new plan (`after_grant`), or a reload that raised the quota (`unblock_within_quota`).
+the quota worker), a new plan (`vpnd.db.subscriptions.grant_days` closes the period; the next
+opens lazily), or a reload that raised the quota (`unblock_within_quota`).
 Each clears the block in one transaction; the commit wakes the writers.
 
 Lock order, the same everywhere: the subscription's row, then its period's. The writer's accounting
@@ -105,19 +106,6 @@ def set_blocked(conn: psycopg.Connection[Any], user_id: int, blocked: bool) -> b
     return row is not None
 
 
-def after_grant(conn: psycopg.Connection[Any], user_id: int, starts_at: dt.datetime, limits: Limits) -> Period:
-    """In the transaction that gave access (a purchase, a trial, an upgrade; the subscription's row is
-    locked by it): a subscription that (re)started at `starts_at` gets a fresh period; a renewal keeps
-    the running one. A fresh period lifts a traffic block."""
-    period = current_period(conn, user_id)
-    if period is not None and period.started_at >= starts_at:
-        return period
-    start, end = period_bounds(starts_at, limits, _now(conn))
-    period = begin_period(conn, user_id, start, end)
-    set_blocked(conn, user_id, False)
-    return period
-
-
 def _rearm(conn: psycopg.Connection[Any], period: Period, total: int) -> Period:
     """After the quota grew: the notices above the new usage level may be sent again."""
     level = usage_level(period.used_bytes, total)
@@ -130,7 +118,10 @@ def _rearm(conn: psycopg.Connection[Any], period: Period, total: int) -> Period:
 def add_extra(conn: psycopg.Connection[Any], user_id: int, extra: int, limits: Limits) -> Period | None:
     """Add `extra` bytes to the current period's quota (a pack, an admin's grant) and lift the block
     when usage is now under it. The caller holds the subscription's row lock (`lock_subscription`).
-    None when the user has no current period (no subscription yet)."""
+    A subscription without a current period yet (no traffic since it (re)started) gets its period
+    opened here. None when the user has no subscription."""
+    if extra <= 0:
+        raise ValueError("extra traffic must be positive")
     with conn.cursor(row_factory=class_row(Period)) as cur:
         period = cur.execute(
             "UPDATE traffic_periods SET extra_bytes = extra_bytes + %s WHERE user_id = %s AND current "
@@ -138,7 +129,18 @@ def add_extra(conn: psycopg.Connection[Any], user_id: int, extra: int, limits: L
             (extra, user_id),
         ).fetchone()
     if period is None:
-        return None
+        row = conn.execute("SELECT starts_at, now() FROM subscriptions WHERE user_id = %s", (user_id,)).fetchone()
+        if row is None:
+            return None
+        start, end = period_bounds(row[0], limits, row[1])
+        period = begin_period(conn, user_id, start, end)
+        with conn.cursor(row_factory=class_row(Period)) as cur:
+            period = cur.execute(
+                "UPDATE traffic_periods SET extra_bytes = %s WHERE user_id = %s AND current "
+                f"RETURNING {PERIOD_COLUMNS}",
+                (extra, user_id),
+            ).fetchone()
+        assert period is not None
     total = total_bytes(limits, period)
     period = _rearm(conn, period, total)
     if not limits.limits_traffic or period.used_bytes < total:
@@ -204,20 +206,26 @@ def account_usage(conn: psycopg.Connection[Any], deltas: Sequence[tuple[int, int
 
 
 def _open_missing_periods(conn: psycopg.Connection[Any], missing: Sequence[tuple[int, int]], rules: QuotaRules) -> None:
-    """Users counted before they had a period (subscriptions older than quotas): open one from the
-    subscription's start, with these bytes in it."""
+    """Users counted before they had a period (a subscription that just (re)started, or older than
+    quotas): open one from the subscription's start, with these bytes in it. Another node's writer
+    may open it first (the insert then waits for it and does nothing): the bytes go to that one."""
     rows = conn.execute(
         "SELECT user_id, plan_code, kind, starts_at, now() FROM subscriptions WHERE user_id = ANY(%s) ORDER BY user_id",
         ([user_id for user_id, _ in missing],),
     ).fetchall()
     counts = dict(missing)
+    raced = []
     for user_id, plan_code, kind, starts_at, now in rows:
         start, end = period_bounds(starts_at, rules.limits_for(plan_code, kind), now)
-        conn.execute(
+        inserted = conn.execute(
             "INSERT INTO traffic_periods (user_id, started_at, ends_at, used_bytes) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT DO NOTHING",
+            "ON CONFLICT DO NOTHING RETURNING user_id",
             (user_id, start, end, counts[user_id]),
-        )
+        ).fetchone()
+        if inserted is None:
+            raced.append(user_id)
+    if raced:
+        conn.execute(ACCOUNT, {"ids": raced, "bytes": [counts[user_id] for user_id in raced]})
 
 
 def _notice_key(period: Period, level: int) -> str:
