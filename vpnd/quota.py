@@ -86,6 +86,35 @@ def period_bounds(anchor: dt.datetime, limits: Limits, now: dt.datetime) -> tupl
     return anchor, None
 
 
+@attrs.frozen
+class Usage:
+    """A subscription's traffic in its current period, as shown to the user and to admins."""
+
+    used: int
+    #: The period's whole quota, packs and grants included (0: unlimited).
+    total: int
+    #: When the quota starts again (None: it never does, or there is no quota).
+    resets_at: dt.datetime | None
+
+    @property
+    def unlimited(self) -> bool:
+        return self.total <= 0
+
+
+def current_usage(
+    limits: Limits, anchor: dt.datetime, now: dt.datetime, period: tuple[int, int, dt.datetime | None] | None
+) -> Usage:
+    """The usage of a subscription that started at `anchor`, from its current period `(used bytes,
+    extra bytes, ends_at)`; before its first period (no traffic yet) the bounds come from `anchor`."""
+    if period is None:
+        used, extra, ends_at = 0, 0, period_bounds(anchor, limits, now)[1]
+    else:
+        used, extra, ends_at = period
+    if not limits.limits_traffic:
+        return Usage(used, 0, None)
+    return Usage(used, limits.traffic_bytes + extra, ends_at)
+
+
 def format_bytes(count: int) -> str:
     """A byte count as people read it: "512 MB", "12.3 GB", "1.5 TB" (binary units)."""
     units = (("TB", 2**40), ("GB", 2**30), ("MB", 2**20), ("KB", 2**10))

@@ -29,7 +29,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from vpnd.db import outbox
-from vpnd.quota import Limits, format_bytes, period_bounds, usage_level
+from vpnd.quota import Limits, current_usage, format_bytes, period_bounds, usage_level
 from vpnd.texts import Texts
 
 
@@ -44,6 +44,11 @@ class Period:
     extra_bytes: int
     #: The highest usage notice sent in this period (0, 80, 95, 100).
     notified: int
+
+
+def period_facts(period: Period | None) -> tuple[int, int, dt.datetime | None] | None:
+    """What `vpnd.quota.current_usage` needs of a period: (used, extra, ends_at)."""
+    return None if period is None else (period.used_bytes, period.extra_bytes, period.ends_at)
 
 
 PERIOD_COLUMNS = "user_id, started_at, ends_at, used_bytes, extra_bytes, notified"
@@ -393,14 +398,26 @@ class UsageView:
     total_bytes: int
     period: Period | None
     blocked: bool
+    #: When the quota starts again (None: never, or no quota); before the first period, from the
+    #: subscription's start.
+    resets_at: dt.datetime | None = None
+    #: Device slots granted beyond the plan's.
+    extra_devices: int = 0
 
 
 def usage_of(conn: psycopg.Connection[Any], user_id: int, limits: Limits) -> UsageView:
     period = current_period(conn, user_id)
-    row = conn.execute("SELECT traffic_blocked FROM subscriptions WHERE user_id = %s", (user_id,)).fetchone()
+    row = conn.execute(
+        "SELECT traffic_blocked, starts_at, now(), extra_devices FROM subscriptions WHERE user_id = %s", (user_id,)
+    ).fetchone()
+    if row is None:
+        return UsageView(0, 0, period, False)
+    usage = current_usage(limits, row[1], row[2], period_facts(period))
     return UsageView(
-        used_bytes=period.used_bytes if period is not None else 0,
-        total_bytes=total_bytes(limits, period),
+        used_bytes=usage.used,
+        total_bytes=usage.total,
         period=period,
-        blocked=bool(row and row[0]),
+        blocked=bool(row[0]),
+        resets_at=usage.resets_at,
+        extra_devices=int(row[3]),
     )

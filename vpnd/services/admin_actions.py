@@ -107,6 +107,13 @@ class NoSubscription(Refused):
 
 
 @attrs.frozen
+class InactiveSubscription(Refused):
+    """The subscription has ended (expired or revoked)."""
+
+    reason: ClassVar[str] = "inactive"
+
+
+@attrs.frozen
 class UnlimitedTraffic(Refused):
     """The subscription's plan has no traffic quota: there is nothing to add to."""
 
@@ -370,7 +377,7 @@ def grant_traffic(
     limits_for: Callable[[str | None, str], Limits],
     *,
     nonce: str | None = None,
-) -> TrafficGranted | UserNotFound | NoSubscription | UnlimitedTraffic:
+) -> TrafficGranted | UserNotFound | NoSubscription | InactiveSubscription | UnlimitedTraffic:
     """Add `gb` GB to the current traffic period of the user's subscription — the path a traffic pack
     takes (`vpnd.db.quota.add_extra`): a user blocked at their quota is put back when usage is now under
     it (the commit wakes the Xray writers). `limits_for(plan_code, kind)`: the running config's limits."""
@@ -383,8 +390,10 @@ def grant_traffic(
     if admin_db.lock_user(conn, user_id) is None:
         return _refuse(conn, actor, "grant_traffic", UserNotFound(user_id), gb=gb)
     locked = quota.lock_subscription(conn, user_id)
-    if locked is None or locked[2] != "active":
+    if locked is None:
         return _refuse(conn, actor, "grant_traffic", NoSubscription(user_id), nonce=nonce, gb=gb)
+    if locked[2] != "active":
+        return _refuse(conn, actor, "grant_traffic", InactiveSubscription(user_id), nonce=nonce, gb=gb)
     limits = limits_for(locked[0], locked[1])
     if not limits.limits_traffic:
         return _refuse(conn, actor, "grant_traffic", UnlimitedTraffic(user_id), nonce=nonce, gb=gb)
