@@ -371,3 +371,32 @@ def test_next_reset_is_the_earliest_period_end(env: Env) -> None:
     env.traffic(USER, 1)
     end, now = env.run(quota.next_reset)
     assert end == env.period().ends_at and end > now  # type: ignore[union-attr]
+
+
+def test_a_reload_that_raised_the_quota_rearms_the_notices_of_an_unblocked_user(env: Env) -> None:
+    env.grant("q1")
+    env.traffic(USER, pct(81))
+    assert len(env.notices()) == 1
+    env.plans["q1"] = Limits("q1", traffic_bytes=2 * GIB, reset="per_period", days=30)
+    env.traffic(USER, pct(82))  # 41 % of the new quota: no notice, the 80 % one armed again
+    assert len(env.notices()) == 1 and env.period().notified == 0  # type: ignore[union-attr]
+    env.traffic(USER, pct(81, 2 * GIB))
+    notices = env.notices()
+    assert len(notices) == 2 and "80%" in notices[1] and "of 2 GB" in notices[1]
+
+
+def test_roll_after_the_plan_got_longer_periods_extends_the_current_one(env: Env) -> None:
+    sub = env.grant("q1", days=120)
+    env.traffic(USER, 100)
+    age_subscription(env, 31)
+    env.plans["q1"] = Limits("q1", traffic_bytes=GIB, reset="per_period", days=90)
+    assert roll(env).rolled == 1
+    period = env.period()
+    assert period is not None and period.used_bytes == 100  # the same period, longer
+    assert period.ends_at == sub.starts_at - dt.timedelta(days=31) + dt.timedelta(days=90)
+
+    env.plans["q1"] = Limits("q1", traffic_bytes=GIB, reset="never")
+    env.sql("UPDATE traffic_periods SET ends_at = now() - interval '1 second' WHERE user_id = %s", USER)
+    assert roll(env).rolled == 1
+    assert env.period().ends_at is None  # type: ignore[union-attr]
+    assert env.run(quota.next_reset)[0] is None

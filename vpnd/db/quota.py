@@ -87,7 +87,7 @@ def begin_period(
         period = cur.execute(
             "INSERT INTO traffic_periods (user_id, started_at, ends_at, used_bytes) VALUES (%s, %s, %s, %s) "
             "ON CONFLICT (user_id, started_at) DO UPDATE SET current = true, ends_at = EXCLUDED.ends_at, "
-            "used_bytes = 0, extra_bytes = 0, notified = 0 "
+            "used_bytes = EXCLUDED.used_bytes, extra_bytes = 0, notified = 0 "
             f"RETURNING {PERIOD_COLUMNS}",
             (user_id, started_at, ends_at, used),
         ).fetchone()
@@ -204,9 +204,12 @@ def account_usage(conn: psycopg.Connection[Any], deltas: Sequence[tuple[int, int
         if level >= 100:
             if not blocked:
                 over.append(int(user_id))
-        elif level > notified:
+        elif level != notified:
+            # Up: the notice of the level reached. Down: the quota grew (a reload raised the plan's
+            # quota): the notices above the usage may come again, for the bigger quota.
             conn.execute("UPDATE traffic_periods SET notified = %s WHERE user_id = %s AND current", (level, user_id))
-            _notify_level(conn, rules, lang, period, total, level)
+            if level > notified:
+                _notify_level(conn, rules, lang, period, total, level)
     return over
 
 
@@ -233,9 +236,10 @@ def _open_missing_periods(conn: psycopg.Connection[Any], missing: Sequence[tuple
         conn.execute(ACCOUNT, {"ids": raced, "bytes": [counts[user_id] for user_id in raced]})
 
 
-def _notice_key(period: Period, level: int) -> str:
-    # The quota is in the key: after a pack the same level is a new notice.
-    return f"traffic:{period.user_id}:{period.started_at.timestamp():.0f}:{period.extra_bytes}:{level}"
+def _notice_key(period: Period, total: int, level: int) -> str:
+    # The whole quota is in the key: after a pack, a grant or a reload that raised the plan's quota, the
+    # same level of the bigger quota is a new notice; the same level of the same quota never is.
+    return f"traffic:{period.user_id}:{period.started_at.timestamp():.0f}:{total}:{level}"
 
 
 def _notify_level(
@@ -250,7 +254,7 @@ def _notify_level(
     }
     text = rules.texts.get(language, "quota.exhausted" if level >= 100 else "quota.warn", **values)
     markup = {"inline_keyboard": [[{"text": rules.texts.get(language, "quota.buy_pack"), "callback_data": "packs"}]]}
-    return outbox.enqueue(conn, period.user_id, text, dedupe_key=_notice_key(period, level), reply_markup=markup)
+    return outbox.enqueue(conn, period.user_id, text, dedupe_key=_notice_key(period, total, level), reply_markup=markup)
 
 
 def _reset_text(rules: QuotaRules, language: str, period: Period) -> str:
@@ -334,8 +338,10 @@ def roll_due_periods(conn: psycopg.Connection[Any], rules: QuotaRules, limit: in
             continue
         limits = rules.limits_for(plan_code, kind)
         start, end = period_bounds(starts_at, limits, now)
-        if start <= period.started_at:  # the plan's reset changed to "never", or the clock is odd
-            conn.execute("UPDATE traffic_periods SET ends_at = NULL WHERE user_id = %s AND current", (user_id,))
+        if start <= period.started_at:
+            # The plan's reset changed (to "never", or to longer periods) since this one began: it now
+            # lasts to the end of the period that contains now (None: it never resets).
+            conn.execute("UPDATE traffic_periods SET ends_at = %s WHERE user_id = %s AND current", (end, user_id))
             continue
         begin_period(conn, user_id, start, end)
         if blocked and set_blocked(conn, user_id, False):
