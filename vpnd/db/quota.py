@@ -95,12 +95,6 @@ def begin_period(
     return period
 
 
-def _now(conn: psycopg.Connection[Any]) -> dt.datetime:
-    row = conn.execute("SELECT now()").fetchone()
-    assert row is not None
-    return row[0]  # type: ignore[no-any-return]
-
-
 def set_blocked(conn: psycopg.Connection[Any], user_id: int, blocked: bool) -> bool:
     """Block or unblock; True when it changed (the commit then wakes the Xray writers)."""
     row = conn.execute(
