@@ -16,6 +16,7 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,11 @@ def client_config(routes: Iterable[tuple[int, int, str]]) -> dict[str, Any]:
     return {"log": {"loglevel": "warning"}, "inbounds": inbounds, "outbounds": outbounds, "routing": {"rules": rules}}
 
 
-async def serve_page(port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_page(
+    port: int, *, body: bytes = PAGE, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """An HTTP server on 127.0.0.1:`port` answering every request with `body`."""
+
     async def handle(stream: trio.SocketStream) -> None:
         with trio.move_on_after(5):
             request = b""
@@ -109,7 +114,7 @@ async def serve_page(port: int, *, task_status: trio.TaskStatus[None] = trio.TAS
                     return
                 request += chunk
             await stream.send_all(
-                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(PAGE), PAGE)
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
             )
         await stream.aclose()
 
@@ -200,16 +205,19 @@ class Processes:
 
 
 @asynccontextmanager
-async def vless_client(directory: Path, routes: dict[str, tuple[int, str]]) -> AsyncIterator[Callable[[str], Any]]:
-    """A V2Ray VLESS client with a route per key (a server's VLESS port, user id) and a page to fetch:
-    yields `fetch(key)`, the page's response through that route (b"" when refused)."""
+async def vless_client(
+    directory: Path, routes: dict[str, tuple[int, str]], *, page: bytes = PAGE
+) -> AsyncIterator[Callable[[str], Any]]:
+    """A V2Ray VLESS client with a route per key (a server's VLESS port, user id) and a page to fetch
+    (`page`, served on loopback): yields `fetch(key)`, the page's response through that route (b"" when
+    refused)."""
     http_port = free_port()
     socks = {key: free_port() for key in routes}
     path = directory / "client.json"
     path.write_text(json.dumps(client_config((socks[key], port, user) for key, (port, user) in routes.items())))
     processes = Processes(directory)
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve_page, http_port)
+        await nursery.start(partial(serve_page, http_port, body=page))
         processes.start("client", v2ray_commands(path)[0])
         try:
             for port in socks.values():

@@ -3,6 +3,7 @@
     vpnd admin stats
     vpnd admin user <id|@name>
     vpnd admin grant <id> <days> [--notify]
+    vpnd admin grant-traffic <id> <GB>
     vpnd admin revoke <id>
     vpnd admin promo create <CODE> <PERCENT> [--max-uses N] [--days D]
     vpnd admin promo list
@@ -38,14 +39,15 @@ import psycopg
 
 from vpnd.config import Config
 from vpnd.db import broadcasts as bdb
-from vpnd.db import promo
-from vpnd.db.admin import RevenueRow
+from vpnd.db import promo, quota
+from vpnd.db.admin import RevenueRow, TierRow, UserDetails
 from vpnd.db.migrations import SchemaError, check_version, packaged_schema
 from vpnd.db.payments import AUTO_RENEW_PREFIX
 from vpnd.db.subscriptions import Subscription
 from vpnd.devices import device_name
 from vpnd.pricing import format_money
-from vpnd.quota import limits_of
+from vpnd.quota import current_usage, limits_of
+from vpnd.quota import format_bytes as format_quota_bytes
 from vpnd.services import admin_actions as actions
 from vpnd.services import devices as device_actions
 from vpnd.telegram.admin import views
@@ -55,6 +57,8 @@ from vpnd.texts import Texts
 R = TypeVar("R")
 
 OK, FAILED, USAGE = 0, 1, 2
+
+MAX_GRANT_GB_TEXT = str(actions.MAX_GRANT_GB)
 
 AddConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -89,6 +93,9 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     grant.add_argument("user_id", type=int)
     grant.add_argument("days", type=int)
     grant.add_argument("--notify", action="store_true", help="tell the user (through the outbox)")
+    traffic = leaf(actions, "grant-traffic", "add GB to the current traffic period of a user's plan")
+    traffic.add_argument("user_id", type=int)
+    traffic.add_argument("gb", help=f"whole GB, 1 to {MAX_GRANT_GB_TEXT}")
     revoke = leaf(actions, "revoke", "revoke a user's subscription")
     revoke.add_argument("user_id", type=int)
     devices = leaf(actions, "devices", "a user's devices (apps that fetched the subscription URL) and limit")
@@ -216,6 +223,14 @@ def stats_command(conn: psycopg.Connection[Any], args: argparse.Namespace, confi
             return "  —"
         return "\n".join(f"  {r.key:<12} {format_money(r.amount_minor, r.currency):>16}  ({r.payments})" for r in rows)
 
+    def tiers(rows: list[TierRow]) -> str:
+        if not rows:
+            return "  —"
+        return "\n".join(
+            f"  {r.plan:<12} {r.subscribers:>8}  {format_quota_bytes(r.traffic_bytes):>10}  blocked {r.blocked}"
+            for r in rows
+        )
+
     text = "\n".join(
         [
             f"users:             {s.users_total} (today {s.users_today}, last 7 days {s.users_7d})",
@@ -231,6 +246,8 @@ def stats_command(conn: psycopg.Connection[Any], args: argparse.Namespace, confi
             revenue(s.revenue_by_method),
             "plans sold (every method, balance and auto-renewals included):",
             revenue(s.sales_by_plan),
+            "active subscribers by plan (traffic this period, blocked at the quota):",
+            tiers(s.tiers),
         ]
     )
     return s, text
@@ -292,11 +309,56 @@ def user_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config
             f"subscription:  {sub.kind}, {sub.status if not (sub.status == 'active' and not active) else 'expired'}, "
             f"until {_when(sub.expires_at)}, auto-renew {'on' if sub.auto_renew else 'off'}"
         )
+    usage: dict[str, Any] = {}
+    if sub is not None:
+        usage, limit_lines = _limits(details, config)
+        lines += limit_lines
     lines.append("payments:" if details.payments else "payments:      none")
     for p in details.payments:
         how = "balance (auto-renewal)" if p.provider_payment_id.startswith(AUTO_RENEW_PREFIX) else p.provider
         lines.append(f"  #{p.id} {_when(p.created_at)} {format_money(p.amount_minor, p.currency)} {how} {p.outcome}")
-    return details, "\n".join(lines)
+    return {**_jsonable(details), "usage": usage}, "\n".join(lines)
+
+
+def _limits(details: UserDetails, config: Config) -> tuple[dict[str, Any], list[str]]:
+    """The plan, this period's traffic and the devices of `details`' subscription: (JSON, text lines)."""
+    sub = details.subscription
+    assert sub is not None
+    limits = limits_of(config, sub.plan_code, sub.kind)
+    period = details.traffic_period
+    usage = current_usage(limits, sub.starts_at, details.now, quota.period_facts(period))
+    plan = config.plan(sub.plan_code) if sub.plan_code else None
+    if plan is not None:
+        plan_text = f"{plan.code} ({plan.label('en')})"
+    else:
+        plan_text = f"{sub.plan_code} (no longer configured: no limits)" if sub.plan_code else f"none ({sub.kind})"
+    if usage.unlimited:
+        traffic = f"{format_quota_bytes(usage.used)} this period (unlimited)"
+    else:
+        reset = f"resets {_when(usage.resets_at)}" if usage.resets_at else "never resets"
+        traffic = f"{format_quota_bytes(usage.used)} of {format_quota_bytes(usage.total)} this period, {reset}"
+        if period is not None and period.extra_bytes:
+            traffic += f" ({format_quota_bytes(period.extra_bytes)} added)"
+    device_limit = limits.devices + details.extra_devices if limits.devices else 0
+    devices = f"{details.devices_used} of {device_limit}" if device_limit else f"{details.devices_used} (unlimited)"
+    if details.extra_devices:
+        devices += f" ({details.extra_devices} added)"
+    lines = [
+        f"plan:          {plan_text}",
+        f"traffic:       {traffic}",
+        f"blocked:       {'yes (over the traffic quota: off Xray)' if details.traffic_blocked else 'no'}",
+        f"devices:       {devices}",
+    ]
+    facts = {
+        "plan": sub.plan_code,
+        "traffic_used_bytes": usage.used,
+        "traffic_total_bytes": usage.total,
+        "traffic_resets_at": usage.resets_at,
+        "traffic_blocked": details.traffic_blocked,
+        "devices_used": details.devices_used,
+        "device_limit": device_limit,
+    }
+    return _jsonable(facts), lines
 
 
 def grant_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
@@ -312,6 +374,24 @@ def grant_command(conn: psycopg.Connection[Any], args: argparse.Namespace, confi
     return done.subscription, (
         f"granted {args.days} days to user {args.user_id}: access until {_when(done.subscription.expires_at)}"
         + (" (the user will be notified)" if args.notify else "")
+    )
+
+
+def grant_traffic_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    text = str(args.gb).strip()
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= actions.MAX_GRANT_GB:
+        raise Usage(f"GB must be a whole number from 1 to {actions.MAX_GRANT_GB}, not {text[:20]!r}")
+    gb = int(text)
+    done = _done(actions.grant_traffic(conn, _actor(), args.user_id, gb, partial(limits_of, config)))
+    period = done.period
+    state = (
+        "still over it: buy or grant more to put them back"
+        if done.blocked
+        else "the user may connect (a running daemon puts them back on Xray at once)"
+    )
+    return done, (
+        f"added {gb} GB to user {args.user_id}'s traffic: {format_quota_bytes(period.used_bytes)} used of "
+        f"{format_quota_bytes(done.total_bytes)} this period; {state}"
     )
 
 
@@ -394,6 +474,8 @@ def _done(outcome: R | actions.Refused) -> R:
 _REFUSALS: dict[type[actions.Refused], Callable[[Any], str]] = {
     actions.UserNotFound: lambda r: f"no user {r.target}",
     actions.NoSubscription: lambda r: f"user {r.target} has no subscription",
+    actions.InactiveSubscription: lambda r: f"user {r.target}'s subscription has ended (expired or revoked)",
+    actions.UnlimitedTraffic: lambda r: f"user {r.target}'s plan has unlimited traffic: there is no quota to add to",
     actions.PromoExists: lambda r: f"the promo code {r.target} exists already",
     actions.PromoNotFound: lambda r: f"no active promo code {r.target}",
     actions.BroadcastNotFound: lambda r: f"no broadcast #{r.target}",
@@ -406,6 +488,7 @@ ADMIN_COMMANDS: dict[str, Command] = {
     "nodes": nodes_command,
     "user": user_command,
     "grant": grant_command,
+    "grant-traffic": grant_traffic_command,
     "revoke": revoke_command,
     "devices": devices_command,
     "grant-device": grant_device_command,

@@ -56,7 +56,7 @@ from vpnd.telegram.client import Sender, open_bot
 from vpnd.telegram.ratelimit import OutboundLimiter
 from vpnd.telegram.router import default_routes, make_apology, make_drop_notice, make_update_handler
 from vpnd.telegram.turn import BotContext
-from vpnd.workers import expiry, health, housekeeping, reminders, renewal, trials
+from vpnd.workers import expiry, health, housekeeping, quota, reminders, renewal, trials
 from vpnd.yookassa import open_yookassa_client
 
 log = logging.getLogger("vpnd.root")
@@ -64,6 +64,7 @@ log = logging.getLogger("vpnd.root")
 WORKERS = (
     reminders.WORKER_NAME,
     trials.WORKER_NAME,
+    quota.WORKER_NAME,
     expiry.WORKER_NAME,
     renewal.WORKER_NAME,
     housekeeping.WORKER_NAME,

@@ -71,20 +71,48 @@ def period_bounds(anchor: dt.datetime, limits: Limits, now: dt.datetime) -> tupl
 
     "monthly": whole calendar months from the anchor (each counted from the anchor, so a 31st stays the
     31st where the month has one); "per_period": every `days` days; "never": one period from the anchor.
+    A `now` before the anchor (clocks) is in the first period.
     """
     if limits.reset == "monthly":
         months = max(0, (now.year - anchor.year) * 12 + now.month - anchor.month)
-        start = add_months(anchor, months)
-        if start > now:
-            months -= 1
-            start = add_months(anchor, months)
-        return start, add_months(anchor, months + 1)
+        if months > 0 and add_months(anchor, months) > now:
+            months -= 1  # this month's anniversary is still ahead
+        return add_months(anchor, months), add_months(anchor, months + 1)
     if limits.reset == "per_period":
         length = dt.timedelta(days=max(1, limits.days))
         count = max(0, (now - anchor) // length)
         start = anchor + count * length
         return start, start + length
     return anchor, None
+
+
+@attrs.frozen
+class Usage:
+    """A subscription's traffic in its current period, as shown to the user and to admins."""
+
+    used: int
+    #: The period's whole quota, packs and grants included (0: unlimited).
+    total: int
+    #: When the quota starts again (None: it never does, or there is no quota).
+    resets_at: dt.datetime | None
+
+    @property
+    def unlimited(self) -> bool:
+        return self.total <= 0
+
+
+def current_usage(
+    limits: Limits, anchor: dt.datetime, now: dt.datetime, period: tuple[int, int, dt.datetime | None] | None
+) -> Usage:
+    """The usage of a subscription that started at `anchor`, from its current period `(used bytes,
+    extra bytes, ends_at)`; before its first period (no traffic yet) the bounds come from `anchor`."""
+    if period is None:
+        used, extra, ends_at = 0, 0, period_bounds(anchor, limits, now)[1]
+    else:
+        used, extra, ends_at = period
+    if not limits.limits_traffic:
+        return Usage(used, 0, None)
+    return Usage(used, limits.traffic_bytes + extra, ends_at)
 
 
 def format_bytes(count: int) -> str:

@@ -21,7 +21,7 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-from vpnd.db import ledger, subscriptions
+from vpnd.db import ledger, quota, subscriptions
 from vpnd.db.payments import PaymentRecord, payments_of
 from vpnd.db.rows import one
 from vpnd.db.subscriptions import Subscription
@@ -133,6 +133,18 @@ class RevenueRow:
 
 
 @attrs.frozen
+class TierRow:
+    #: The plan's code (a subscription from before plans had codes: its kind, "paid" or "trial").
+    plan: str
+    #: Active subscriptions.
+    subscribers: int
+    #: Bytes used in their current traffic periods.
+    traffic_bytes: int
+    #: Of them, taken off Xray at their traffic quota.
+    blocked: int
+
+
+@attrs.frozen
 class Stats:
     users_total: int
     users_today: int
@@ -148,6 +160,8 @@ class Stats:
     revenue_by_method: list[RevenueRow]
     #: Plans sold by any method — the balance and auto-renewals included (revenue counts money in).
     sales_by_plan: list[RevenueRow] = attrs.field(factory=list)
+    #: Active subscriptions by tier, with their traffic this period.
+    tiers: list[TierRow] = attrs.field(factory=list)
 
     @property
     def conversion_percent(self) -> float:
@@ -202,6 +216,17 @@ GROUP BY 1, 2 ORDER BY 1, 2
 """
 
 
+#: Active subscribers per plan with this period's traffic (one row per plan: a grouped scan of the
+#: active subscriptions, their current period by its unique index).
+TIERS = """
+SELECT coalesce(s.plan_code, s.kind), count(*), coalesce(sum(p.used_bytes), 0)::bigint,
+       count(*) FILTER (WHERE s.traffic_blocked)
+FROM subscriptions s LEFT JOIN traffic_periods p ON p.user_id = s.user_id AND p.current
+WHERE s.status = 'active' AND s.expires_at > now()
+GROUP BY 1 ORDER BY 2 DESC, 1
+"""
+
+
 def stats(conn: psycopg.Connection[Any]) -> Stats:
     users_row = one(conn.execute(USER_COUNTS))
     subs_row = one(conn.execute(SUBSCRIPTION_COUNTS))
@@ -224,6 +249,7 @@ def stats(conn: psycopg.Connection[Any]) -> Stats:
         revenue_by_plan=revenue(REVENUE_BY_PLAN),
         revenue_by_method=revenue(REVENUE_BY_METHOD),
         sales_by_plan=revenue(SALES_BY_PLAN),
+        tiers=[TierRow(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in conn.execute(TIERS).fetchall()],
     )
 
 
@@ -241,6 +267,13 @@ class UserDetails:
     now: dt.datetime
     #: Reversals the balance could not cover (e.g. a refunded friend's referral reward).
     owed_minor: int = 0
+    #: The subscription's current traffic period (None: none yet, or no subscription).
+    traffic_period: quota.Period | None = None
+    #: Taken off Xray at the traffic quota.
+    traffic_blocked: bool = False
+    #: Devices recorded from the subscription URL, and slots granted beyond the plan's.
+    devices_used: int = 0
+    extra_devices: int = 0
 
 
 def user_details(conn: psycopg.Connection[Any], query: str | int, *, payments_limit: int = 5) -> UserDetails | None:
@@ -250,7 +283,10 @@ def user_details(conn: psycopg.Connection[Any], query: str | int, *, payments_li
         return None
     row = one(
         conn.execute(
-            "SELECT u.created_at, (SELECT ends_at FROM trials WHERE user_id = u.id), now() "
+            "SELECT u.created_at, (SELECT ends_at FROM trials WHERE user_id = u.id), now(), "
+            "(SELECT count(*) FROM devices WHERE user_id = u.id), "
+            "coalesce((SELECT traffic_blocked FROM subscriptions WHERE user_id = u.id), false), "
+            "coalesce((SELECT extra_devices FROM subscriptions WHERE user_id = u.id), 0) "
             "FROM users u WHERE u.id = %s",
             (user.id,),
         )
@@ -264,6 +300,10 @@ def user_details(conn: psycopg.Connection[Any], query: str | int, *, payments_li
         referrals=referral_stats(conn, user.id),
         now=row[2],
         owed_minor=ledger.owed_of(conn, user.id),
+        traffic_period=quota.current_period(conn, user.id),
+        traffic_blocked=bool(row[4]),
+        devices_used=int(row[3]),
+        extra_devices=int(row[5]),
     )
 
 

@@ -9,7 +9,8 @@ exactly once per period, whatever crashes in between. Reaching 100 % sets `subsc
 column's change wakes every node's writer, so the user is taken off at once.
 
 What puts them back: a traffic pack or an admin's grant (`add_extra`), the next period (`roll_due_periods`,
-the quota worker), a new plan (`after_grant`), or a reload that raised the quota (`unblock_within_quota`).
+the quota worker), a new plan (`vpnd.db.subscriptions.grant_days` closes the period; the next
+opens lazily), or a reload that raised the quota (`unblock_within_quota`).
 Each clears the block in one transaction; the commit wakes the writers.
 
 Lock order, the same everywhere: the subscription's row, then its period's. The writer's accounting
@@ -28,7 +29,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from vpnd.db import outbox
-from vpnd.quota import Limits, format_bytes, period_bounds, usage_level
+from vpnd.quota import Limits, current_usage, format_bytes, period_bounds, usage_level
 from vpnd.texts import Texts
 
 
@@ -43,6 +44,11 @@ class Period:
     extra_bytes: int
     #: The highest usage notice sent in this period (0, 80, 95, 100).
     notified: int
+
+
+def period_facts(period: Period | None) -> tuple[int, int, dt.datetime | None] | None:
+    """What `vpnd.quota.current_usage` needs of a period: (used, extra, ends_at)."""
+    return None if period is None else (period.used_bytes, period.extra_bytes, period.ends_at)
 
 
 PERIOD_COLUMNS = "user_id, started_at, ends_at, used_bytes, extra_bytes, notified"
@@ -81,18 +87,12 @@ def begin_period(
         period = cur.execute(
             "INSERT INTO traffic_periods (user_id, started_at, ends_at, used_bytes) VALUES (%s, %s, %s, %s) "
             "ON CONFLICT (user_id, started_at) DO UPDATE SET current = true, ends_at = EXCLUDED.ends_at, "
-            "used_bytes = 0, extra_bytes = 0, notified = 0 "
+            "used_bytes = EXCLUDED.used_bytes, extra_bytes = 0, notified = 0 "
             f"RETURNING {PERIOD_COLUMNS}",
             (user_id, started_at, ends_at, used),
         ).fetchone()
     assert period is not None
     return period
-
-
-def _now(conn: psycopg.Connection[Any]) -> dt.datetime:
-    row = conn.execute("SELECT now()").fetchone()
-    assert row is not None
-    return row[0]  # type: ignore[no-any-return]
 
 
 def set_blocked(conn: psycopg.Connection[Any], user_id: int, blocked: bool) -> bool:
@@ -103,19 +103,6 @@ def set_blocked(conn: psycopg.Connection[Any], user_id: int, blocked: bool) -> b
         {"b": blocked, "id": user_id},
     ).fetchone()
     return row is not None
-
-
-def after_grant(conn: psycopg.Connection[Any], user_id: int, starts_at: dt.datetime, limits: Limits) -> Period:
-    """In the transaction that gave access (a purchase, a trial, an upgrade; the subscription's row is
-    locked by it): a subscription that (re)started at `starts_at` gets a fresh period; a renewal keeps
-    the running one. A fresh period lifts a traffic block."""
-    period = current_period(conn, user_id)
-    if period is not None and period.started_at >= starts_at:
-        return period
-    start, end = period_bounds(starts_at, limits, _now(conn))
-    period = begin_period(conn, user_id, start, end)
-    set_blocked(conn, user_id, False)
-    return period
 
 
 def _rearm(conn: psycopg.Connection[Any], period: Period, total: int) -> Period:
@@ -130,7 +117,10 @@ def _rearm(conn: psycopg.Connection[Any], period: Period, total: int) -> Period:
 def add_extra(conn: psycopg.Connection[Any], user_id: int, extra: int, limits: Limits) -> Period | None:
     """Add `extra` bytes to the current period's quota (a pack, an admin's grant) and lift the block
     when usage is now under it. The caller holds the subscription's row lock (`lock_subscription`).
-    None when the user has no current period (no subscription yet)."""
+    A subscription without a current period yet (no traffic since it (re)started) gets its period
+    opened here. None when the user has no subscription."""
+    if extra <= 0:
+        raise ValueError("extra traffic must be positive")
     with conn.cursor(row_factory=class_row(Period)) as cur:
         period = cur.execute(
             "UPDATE traffic_periods SET extra_bytes = extra_bytes + %s WHERE user_id = %s AND current "
@@ -138,7 +128,18 @@ def add_extra(conn: psycopg.Connection[Any], user_id: int, extra: int, limits: L
             (extra, user_id),
         ).fetchone()
     if period is None:
-        return None
+        row = conn.execute("SELECT starts_at, now() FROM subscriptions WHERE user_id = %s", (user_id,)).fetchone()
+        if row is None:
+            return None
+        start, end = period_bounds(row[0], limits, row[1])
+        period = begin_period(conn, user_id, start, end)
+        with conn.cursor(row_factory=class_row(Period)) as cur:
+            period = cur.execute(
+                "UPDATE traffic_periods SET extra_bytes = %s WHERE user_id = %s AND current "
+                f"RETURNING {PERIOD_COLUMNS}",
+                (extra, user_id),
+            ).fetchone()
+        assert period is not None
     total = total_bytes(limits, period)
     period = _rearm(conn, period, total)
     if not limits.limits_traffic or period.used_bytes < total:
@@ -197,32 +198,42 @@ def account_usage(conn: psycopg.Connection[Any], deltas: Sequence[tuple[int, int
         if level >= 100:
             if not blocked:
                 over.append(int(user_id))
-        elif level > notified:
+        elif level != notified:
+            # Up: the notice of the level reached. Down: the quota grew (a reload raised the plan's
+            # quota): the notices above the usage may come again, for the bigger quota.
             conn.execute("UPDATE traffic_periods SET notified = %s WHERE user_id = %s AND current", (level, user_id))
-            _notify_level(conn, rules, lang, period, total, level)
+            if level > notified:
+                _notify_level(conn, rules, lang, period, total, level)
     return over
 
 
 def _open_missing_periods(conn: psycopg.Connection[Any], missing: Sequence[tuple[int, int]], rules: QuotaRules) -> None:
-    """Users counted before they had a period (subscriptions older than quotas): open one from the
-    subscription's start, with these bytes in it."""
+    """Users counted before they had a period (a subscription that just (re)started, or older than
+    quotas): open one from the subscription's start, with these bytes in it. Another node's writer
+    may open it first (the insert then waits for it and does nothing): the bytes go to that one."""
     rows = conn.execute(
         "SELECT user_id, plan_code, kind, starts_at, now() FROM subscriptions WHERE user_id = ANY(%s) ORDER BY user_id",
         ([user_id for user_id, _ in missing],),
     ).fetchall()
     counts = dict(missing)
+    raced = []
     for user_id, plan_code, kind, starts_at, now in rows:
         start, end = period_bounds(starts_at, rules.limits_for(plan_code, kind), now)
-        conn.execute(
+        inserted = conn.execute(
             "INSERT INTO traffic_periods (user_id, started_at, ends_at, used_bytes) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT DO NOTHING",
+            "ON CONFLICT DO NOTHING RETURNING user_id",
             (user_id, start, end, counts[user_id]),
-        )
+        ).fetchone()
+        if inserted is None:
+            raced.append(user_id)
+    if raced:
+        conn.execute(ACCOUNT, {"ids": raced, "bytes": [counts[user_id] for user_id in raced]})
 
 
-def _notice_key(period: Period, level: int) -> str:
-    # The quota is in the key: after a pack the same level is a new notice.
-    return f"traffic:{period.user_id}:{period.started_at.timestamp():.0f}:{period.extra_bytes}:{level}"
+def _notice_key(period: Period, total: int, level: int) -> str:
+    # The whole quota is in the key: after a pack, a grant or a reload that raised the plan's quota, the
+    # same level of the bigger quota is a new notice; the same level of the same quota never is.
+    return f"traffic:{period.user_id}:{period.started_at.timestamp():.0f}:{total}:{level}"
 
 
 def _notify_level(
@@ -237,7 +248,7 @@ def _notify_level(
     }
     text = rules.texts.get(language, "quota.exhausted" if level >= 100 else "quota.warn", **values)
     markup = {"inline_keyboard": [[{"text": rules.texts.get(language, "quota.buy_pack"), "callback_data": "packs"}]]}
-    return outbox.enqueue(conn, period.user_id, text, dedupe_key=_notice_key(period, level), reply_markup=markup)
+    return outbox.enqueue(conn, period.user_id, text, dedupe_key=_notice_key(period, total, level), reply_markup=markup)
 
 
 def _reset_text(rules: QuotaRules, language: str, period: Period) -> str:
@@ -321,8 +332,10 @@ def roll_due_periods(conn: psycopg.Connection[Any], rules: QuotaRules, limit: in
             continue
         limits = rules.limits_for(plan_code, kind)
         start, end = period_bounds(starts_at, limits, now)
-        if start <= period.started_at:  # the plan's reset changed to "never", or the clock is odd
-            conn.execute("UPDATE traffic_periods SET ends_at = NULL WHERE user_id = %s AND current", (user_id,))
+        if start <= period.started_at:
+            # The plan's reset changed (to "never", or to longer periods) since this one began: it now
+            # lasts to the end of the period that contains now (None: it never resets).
+            conn.execute("UPDATE traffic_periods SET ends_at = %s WHERE user_id = %s AND current", (end, user_id))
             continue
         begin_period(conn, user_id, start, end)
         if blocked and set_blocked(conn, user_id, False):
@@ -385,14 +398,26 @@ class UsageView:
     total_bytes: int
     period: Period | None
     blocked: bool
+    #: When the quota starts again (None: never, or no quota); before the first period, from the
+    #: subscription's start.
+    resets_at: dt.datetime | None = None
+    #: Device slots granted beyond the plan's.
+    extra_devices: int = 0
 
 
 def usage_of(conn: psycopg.Connection[Any], user_id: int, limits: Limits) -> UsageView:
     period = current_period(conn, user_id)
-    row = conn.execute("SELECT traffic_blocked FROM subscriptions WHERE user_id = %s", (user_id,)).fetchone()
+    row = conn.execute(
+        "SELECT traffic_blocked, starts_at, now(), extra_devices FROM subscriptions WHERE user_id = %s", (user_id,)
+    ).fetchone()
+    if row is None:
+        return UsageView(0, 0, period, False)
+    usage = current_usage(limits, row[1], row[2], period_facts(period))
     return UsageView(
-        used_bytes=period.used_bytes if period is not None else 0,
-        total_bytes=total_bytes(limits, period),
+        used_bytes=usage.used,
+        total_bytes=usage.total,
         period=period,
-        blocked=bool(row and row[0]),
+        blocked=bool(row[0]),
+        resets_at=usage.resets_at,
+        extra_devices=int(row[3]),
     )

@@ -26,17 +26,21 @@ import psycopg
 from vpnd.config import NodeConfig
 from vpnd.db import admin as admin_db
 from vpnd.db import broadcasts as bdb
-from vpnd.db import ledger, outbox, promo, subscriptions
+from vpnd.db import ledger, outbox, promo, quota, subscriptions
 from vpnd.db import payments as payments_db
 from vpnd.db.admin import HealthFacts, Stats, UserDetails
 from vpnd.db.nodes import NodeRow, list_nodes
 from vpnd.db.payments import PaymentRules, RefundReversal
 from vpnd.db.subscriptions import Subscription
+from vpnd.quota import Limits
 
 Conn = psycopg.Connection[Any]
 
 #: The most days one grant may give.
 MAX_GRANT_DAYS = 3650
+#: The most GB one traffic grant may add.
+MAX_GRANT_GB = 100_000
+GIB = 2**30
 
 
 @attrs.frozen
@@ -100,6 +104,20 @@ class UserNotFound(Refused):
 @attrs.frozen
 class NoSubscription(Refused):
     reason: ClassVar[str] = "no_subscription"
+
+
+@attrs.frozen
+class InactiveSubscription(Refused):
+    """The subscription has ended (expired or revoked)."""
+
+    reason: ClassVar[str] = "inactive"
+
+
+@attrs.frozen
+class UnlimitedTraffic(Refused):
+    """The subscription's plan has no traffic quota: there is nothing to add to."""
+
+    reason: ClassVar[str] = "unlimited"
 
 
 @attrs.frozen
@@ -337,6 +355,62 @@ def _change_access(
         return _refuse(conn, actor, action, NoSubscription(user_id), nonce=nonce, **facts)
     _audit(conn, actor, action, user_id, nonce=nonce, **facts)
     return Access(sub)
+
+
+@attrs.frozen
+class TrafficGranted:
+    """The current period after a traffic grant."""
+
+    period: quota.Period
+    #: The period's whole quota now.
+    total_bytes: int
+    #: Still over the quota (the grant was not enough to put the user back).
+    blocked: bool
+    repeated: bool = False
+
+
+def grant_traffic(
+    conn: Conn,
+    actor: Actor,
+    user_id: int,
+    gb: int,
+    limits_for: Callable[[str | None, str], Limits],
+    *,
+    nonce: str | None = None,
+) -> TrafficGranted | UserNotFound | NoSubscription | InactiveSubscription | UnlimitedTraffic:
+    """Add `gb` GB to the current traffic period of the user's subscription — the path a traffic pack
+    takes (`vpnd.db.quota.add_extra`): a user blocked at their quota is put back when usage is now under
+    it (the commit wakes the Xray writers). `limits_for(plan_code, kind)`: the running config's limits."""
+    if not 1 <= gb <= MAX_GRANT_GB:
+        raise ValueError(f"GB must be from 1 to {MAX_GRANT_GB}")
+    if nonce is not None and admin_db.nonce_used(conn, nonce):
+        found = _traffic_now(conn, user_id, limits_for)
+        if found is not None:
+            return attrs.evolve(found, repeated=True)
+    if admin_db.lock_user(conn, user_id) is None:
+        return _refuse(conn, actor, "grant_traffic", UserNotFound(user_id), gb=gb)
+    locked = quota.lock_subscription(conn, user_id)
+    if locked is None:
+        return _refuse(conn, actor, "grant_traffic", NoSubscription(user_id), nonce=nonce, gb=gb)
+    if locked[2] != "active":
+        return _refuse(conn, actor, "grant_traffic", InactiveSubscription(user_id), nonce=nonce, gb=gb)
+    limits = limits_for(locked[0], locked[1])
+    if not limits.limits_traffic:
+        return _refuse(conn, actor, "grant_traffic", UnlimitedTraffic(user_id), nonce=nonce, gb=gb)
+    period = quota.add_extra(conn, user_id, gb * GIB, limits)
+    assert period is not None  # the subscription is there and locked
+    total = quota.total_bytes(limits, period)
+    _audit(conn, actor, "grant_traffic", user_id, nonce=nonce, gb=gb, extra_bytes=period.extra_bytes, total_bytes=total)
+    return TrafficGranted(period, total, blocked=period.used_bytes >= total)
+
+
+def _traffic_now(conn: Conn, user_id: int, limits_for: Callable[[str | None, str], Limits]) -> TrafficGranted | None:
+    sub = subscriptions.get_subscription(conn, user_id)
+    period = quota.current_period(conn, user_id)
+    if sub is None or period is None:
+        return None
+    total = quota.total_bytes(limits_for(sub.plan_code, sub.kind), period)
+    return TrafficGranted(period, total, blocked=period.used_bytes >= total)
 
 
 def change_balance(

@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from vpnd.db import admin as admin_db
+from vpnd.db.admin import UserDetails
 from vpnd.db.subscriptions import Subscription
 from vpnd.pricing import InvalidAmount, format_money, parse_amount
+from vpnd.quota import Limits, limits_of
 from vpnd.services import admin_actions as actions
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.admin import views
@@ -43,7 +45,8 @@ async def find_user(turn: Turn, text: str, data: dict[str, Any]) -> None:
         return
     await clear_state(turn)
     await turn.reply(
-        views.user_text(turn.t, details, turn.app.config.payments.currency), views.user_keyboard(turn.t, details)
+        views.user_text(turn.t, details, turn.app.config.payments.currency, _limits(turn, details)),
+        views.user_keyboard(turn.t, details),
     )
 
 
@@ -52,8 +55,18 @@ async def show_user(turn: Turn, user_id: int, notice: str = "") -> None:
     if details is None:
         await not_found(turn, user_id)
         return
-    text = views.user_text(turn.t, details, turn.app.config.payments.currency)
+    text = views.user_text(turn.t, details, turn.app.config.payments.currency, _limits(turn, details))
     await turn.show(with_notice(notice, text), views.user_keyboard(turn.t, details))
+
+
+def _limits(turn: Turn, details: UserDetails) -> tuple[Limits, str] | None:
+    """The subscription's limits from the running config, and its plan's name."""
+    sub = details.subscription
+    if sub is None:
+        return None
+    plan = turn.app.config.plan(sub.plan_code) if sub.plan_code else None
+    label = plan.label(turn.lang) if plan is not None else (sub.plan_code or "—")
+    return limits_of(turn.app.config, sub.plan_code, sub.kind), label
 
 
 async def user_card(turn: Turn, press: Press) -> None:

@@ -12,11 +12,14 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from decimal import ROUND_CEILING, Decimal
 
-from vpnd.db.admin import HealthFacts, RevenueRow, Stats, UserDetails
+from vpnd.db import quota
+from vpnd.db.admin import HealthFacts, RevenueRow, Stats, TierRow, UserDetails
 from vpnd.db.broadcasts import Broadcast, Counts, Segment
 from vpnd.db.promo import PromoCode
 from vpnd.health import CheckResult
 from vpnd.pricing import format_money
+from vpnd.quota import Limits, current_usage
+from vpnd.quota import format_bytes as quota_bytes
 from vpnd.services.admin_actions import NodeStatus
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.admin.verbs import Verb
@@ -87,29 +90,72 @@ def _revenue_lines(t: T, rows: Sequence[RevenueRow]) -> str:
 
 
 def stats_text(t: T, s: Stats) -> str:
-    return t(
-        "admin.stats",
-        total=s.users_total,
-        today=s.users_today,
-        week=s.users_7d,
-        reachable=s.reachable,
-        unreachable=s.unreachable,
-        paid=s.active_paid,
-        trials=s.active_trials,
-        converted=s.trials_converted,
-        trials_total=s.trials_total,
-        conversion=f"{s.conversion_percent:.1f}",
-        by_day=Html(_revenue_lines(t, s.revenue_by_day)),
-        by_plan=Html(_revenue_lines(t, s.revenue_by_plan)),
-        by_method=Html(_revenue_lines(t, s.revenue_by_method)),
-        sales=Html(_revenue_lines(t, s.sales_by_plan)),
+    return (
+        t(
+            "admin.stats",
+            total=s.users_total,
+            today=s.users_today,
+            week=s.users_7d,
+            reachable=s.reachable,
+            unreachable=s.unreachable,
+            paid=s.active_paid,
+            trials=s.active_trials,
+            converted=s.trials_converted,
+            trials_total=s.trials_total,
+            conversion=f"{s.conversion_percent:.1f}",
+            by_day=Html(_revenue_lines(t, s.revenue_by_day)),
+            by_plan=Html(_revenue_lines(t, s.revenue_by_plan)),
+            by_method=Html(_revenue_lines(t, s.revenue_by_method)),
+            sales=Html(_revenue_lines(t, s.sales_by_plan)),
+        )
+        + "\n\n"
+        + t("admin.stats.tiers", rows=Html(_tier_lines(t, s.tiers)))
+    )
+
+
+def _tier_lines(t: T, rows: Sequence[TierRow]) -> str:
+    if not rows:
+        return t("admin.none")
+    return "\n".join(
+        t(
+            "admin.stats.tier",
+            plan=r.plan,
+            subscribers=r.subscribers,
+            traffic=quota_bytes(r.traffic_bytes),
+            blocked=r.blocked,
+        )
+        for r in rows
     )
 
 
 # --- user -------------------------------------------------------------------------------------
 
 
-def user_text(t: T, d: UserDetails, currency: str) -> str:
+def limits_text(t: T, d: UserDetails, limits: Limits, plan_label: str) -> str:
+    """The plan, this period's traffic (used / total, the reset, blocked) and the devices of `d`."""
+    sub = d.subscription
+    assert sub is not None
+    usage = current_usage(limits, sub.starts_at, d.now, quota.period_facts(d.traffic_period))
+    values = {"used": quota_bytes(usage.used), "total": quota_bytes(usage.total)}
+    if usage.unlimited:
+        traffic = t("admin.user.traffic_unlimited", **values)
+    elif usage.resets_at is None:
+        traffic = t("admin.user.traffic_no_reset", **values)
+    else:
+        traffic = t("admin.user.traffic", reset=fmt_time(usage.resets_at), **values)
+    if d.traffic_blocked:
+        traffic += t("admin.user.traffic_blocked")
+    limit = limits.devices + d.extra_devices if limits.devices else 0
+    devices = (
+        t("admin.user.devices", used=d.devices_used, limit=limit)
+        if limit
+        else t("admin.user.devices_unlimited", used=d.devices_used)
+    )
+    return t("admin.user.limits", plan=plan_label, traffic=Html(traffic), devices=Html(devices))
+
+
+def user_text(t: T, d: UserDetails, currency: str, limits: tuple[Limits, str] | None = None) -> str:
+    """`limits`: the subscription's limits and its plan's name, for the usage lines."""
     sub = d.subscription
     if sub is None:
         subscription = t("admin.user.sub_none")
@@ -127,6 +173,8 @@ def user_text(t: T, d: UserDetails, currency: str) -> str:
         f"{esc(p.provider)} · {esc(p.outcome)}"
         for p in d.payments
     ) or t("admin.none")
+    if limits is not None and sub is not None:
+        subscription += "\n" + limits_text(t, d, *limits)
     return t(
         "admin.user.details",
         id=d.user.id,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -15,8 +17,10 @@ import trio
 from vpnd import alerts
 from vpnd.config_checks import KEY_PENDING_HINT, link_settings_gap
 from vpnd.db import checkout as checkout_db
-from vpnd.db import subscriptions, xray_state
+from vpnd.db import quota, subscriptions, xray_state
 from vpnd.db.subscriptions import Subscription
+from vpnd.quota import Limits, limits_of
+from vpnd.quota import format_bytes as quota_bytes
 from vpnd.subscription_url import user_links
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.flows.menu import show_menu
@@ -47,12 +51,44 @@ class SubscriptionView:
     subscription: Subscription | None
     upload: int = 0
     download: int = 0
+    #: This period's traffic against the plan's quota (None: no subscription).
+    usage: quota.UsageView | None = None
+    #: Devices the subscription may use (0: unlimited).
+    device_limit: int = 0
 
 
-def load_view(conn: psycopg.Connection[Any], user_id: int) -> SubscriptionView:
+def load_view(
+    conn: psycopg.Connection[Any], user_id: int, limits_for: Callable[[str | None, str], Limits] | None = None
+) -> SubscriptionView:
     sub = subscriptions.get_subscription(conn, user_id)
     traffic = xray_state.traffic_totals(conn, user_id)
-    return SubscriptionView(sub, traffic.uplink, traffic.downlink)
+    if sub is None or limits_for is None:
+        return SubscriptionView(sub, traffic.uplink, traffic.downlink)
+    limits = limits_for(sub.plan_code, sub.kind)
+    usage = quota.usage_of(conn, user_id, limits)
+    devices = limits.devices + usage.extra_devices if limits.devices else 0
+    return SubscriptionView(sub, traffic.uplink, traffic.downlink, usage, devices)
+
+
+def limits_text(turn: Turn, view: SubscriptionView) -> str:
+    """The plan's limits as lines for "My subscription": traffic used / total and its reset, devices."""
+    usage = view.usage
+    if usage is None:
+        return ""
+    if usage.total_bytes <= 0:
+        traffic = turn.t("sub.quota.unlimited")
+    else:
+        values = {"used": quota_bytes(usage.used_bytes), "total": quota_bytes(usage.total_bytes)}
+        if usage.resets_at is None:
+            traffic = turn.t("sub.quota.no_reset", **values)
+        else:
+            traffic = turn.t("sub.quota.used", reset=turn.format_date(usage.resets_at), **values)
+        if usage.blocked:
+            traffic += "\n" + turn.t("sub.quota.blocked")
+    devices = (
+        turn.t("sub.devices.limit", limit=view.device_limit) if view.device_limit else turn.t("sub.devices.unlimited")
+    )
+    return f"{traffic}\n{devices}\n"
 
 
 def format_bytes(count: int) -> str:
@@ -91,7 +127,7 @@ def subscription_url(turn: Turn, sub: Subscription) -> str:
 
 
 async def my_subscription(turn: Turn, notice: str = "") -> None:
-    view = await turn.app.db.run(load_view, turn.user.id)
+    view = await turn.app.db.run(load_view, turn.user.id, partial(limits_of, turn.app.config))
     sub = view.subscription
     if sub is None:
         await show_menu(turn, turn.t("sub.none"))
@@ -124,6 +160,7 @@ async def my_subscription(turn: Turn, notice: str = "") -> None:
         days_left=days_left,
         upload=format_bytes(view.upload),
         download=format_bytes(view.download),
+        limits=Html(limits_text(turn, view)),
         auto_renew=turn.t("sub.auto_renew.on" if sub.auto_renew else "sub.auto_renew.off"),
         link=link_html,
         sub_url=Html(f"<code>{_escape(subscription_url(turn, sub))}</code>"),
