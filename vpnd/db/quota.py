@@ -148,9 +148,13 @@ def add_extra(conn: psycopg.Connection[Any], user_id: int, extra: int, limits: L
 
 
 def lock_subscription(conn: psycopg.Connection[Any], user_id: int) -> tuple[str | None, str, str] | None:
-    """Lock the subscription's row (before its period's: the lock order); its (plan_code, kind, status)."""
+    """Lock the subscription's row (before its period's: the lock order); its (plan_code, kind, status),
+    the status "expired" once `expires_at` passed (the row keeps "active" until then: a grant or a pack
+    added now would go into a period that the renewal closes)."""
     row = conn.execute(
-        "SELECT plan_code, kind, status FROM subscriptions WHERE user_id = %s FOR UPDATE", (user_id,)
+        "SELECT plan_code, kind, CASE WHEN status = 'active' AND expires_at <= now() THEN 'expired' ELSE status END "
+        "FROM subscriptions WHERE user_id = %s FOR UPDATE",
+        (user_id,),
     ).fetchone()
     return None if row is None else (row[0], row[1], row[2])
 
@@ -211,8 +215,12 @@ def _open_missing_periods(conn: psycopg.Connection[Any], missing: Sequence[tuple
     """Users counted before they had a period (a subscription that just (re)started, or older than
     quotas): open one from the subscription's start, with these bytes in it. Another node's writer
     may open it first (the insert then waits for it and does nothing): the bytes go to that one."""
+    # The users rows first (the lock order): the insert's foreign key takes a key-share lock on each,
+    # and taking it after the period's row would deadlock with a pack or an admin's grant for the
+    # same user (users row locked, then the period opened by `add_extra`).
     rows = conn.execute(
-        "SELECT user_id, plan_code, kind, starts_at, now() FROM subscriptions WHERE user_id = ANY(%s) ORDER BY user_id",
+        "SELECT s.user_id, s.plan_code, s.kind, s.starts_at, now() FROM subscriptions s "
+        "JOIN users u ON u.id = s.user_id WHERE s.user_id = ANY(%s) ORDER BY s.user_id FOR KEY SHARE OF u",
         ([user_id for user_id, _ in missing],),
     ).fetchall()
     counts = dict(missing)
@@ -314,6 +322,9 @@ def roll_due_periods(conn: psycopg.Connection[Any], rules: QuotaRules, limit: in
     due = [int(r[0]) for r in conn.execute(DUE_PERIODS, {"limit": limit}).fetchall()]
     if not due:
         return RollResult(0, 0, False)
+    # The users rows first (the lock order): the new period's foreign key takes a key-share lock on
+    # each, which after the subscription's would deadlock with a pack or an admin's grant.
+    conn.execute("SELECT 1 FROM users WHERE id = ANY(%s) ORDER BY id FOR KEY SHARE", (sorted(due),))
     rows = conn.execute(
         "SELECT s.user_id, s.plan_code, s.kind, s.status = 'active' AND s.expires_at > now(), s.starts_at, "
         "s.traffic_blocked, u.language, now() "
