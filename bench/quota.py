@@ -29,7 +29,7 @@ from bench.common import bench_database, machine_line, median, pick, print_table
 from vpnd.config import GIB, Config, Plan
 from vpnd.db.quota import QuotaRules
 from vpnd.db.xray_state import store_traffic
-from vpnd.quota import limits_of
+from vpnd.services.limits import rules_for_config
 from vpnd.texts import Texts
 
 BATCH = 2000  # vpnd.nurseries.xray.BATCH_SIZE
@@ -71,7 +71,7 @@ def _reading(dsn: str, count: int, total_bytes: int, rules: QuotaRules | None) -
 
 def measure(dsn_of: Any, count: int, label: str, plan_code: str, with_rules: bool) -> dict[str, float]:
     config = _plans()
-    rules = QuotaRules(lambda code, kind: limits_of(config, code, kind), Texts.load()) if with_rules else None
+    rules = rules_for_config(config, Texts.load()) if with_rules else None
     dsn = dsn_of(f"{label}_{count}")
     _populate(dsn, count, plan_code)
     _reading(dsn, count, 1024, rules)  # first reading: rows and periods created

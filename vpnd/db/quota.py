@@ -29,7 +29,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from vpnd.db import outbox
-from vpnd.quota import Limits, current_usage, format_bytes, period_bounds, usage_level
+from vpnd.quota import LEVELS, Limits, current_usage, format_bytes, period_bounds, usage_level
 from vpnd.texts import Texts
 
 
@@ -62,6 +62,17 @@ class QuotaRules:
     limits_for: Callable[[str | None, str], Limits]
     texts: Texts
     default_language: str = "en"
+    #: The smallest quota of any plan (the trial's included), in bytes; 0: not known (every counted user
+    #: is looked at). A user below 80 % of it with no notice sent needs nothing, so the accounting reads
+    #: only the others — with no plan limiting traffic, almost nobody.
+    smallest_quota: int = 0
+
+    @property
+    def first_notice_bytes(self) -> int:
+        """Usage below which no counted user can be due a notice or a block (see `smallest_quota`)."""
+        if self.smallest_quota <= 0:
+            return 0
+        return -(-self.smallest_quota * LEVELS[0] // 100)
 
 
 def current_period(conn: psycopg.Connection[Any], user_id: int) -> Period | None:
@@ -175,6 +186,7 @@ FROM traffic_periods p
 JOIN subscriptions s ON s.user_id = p.user_id
 JOIN users u ON u.id = p.user_id
 WHERE p.current AND p.user_id = ANY(%(ids)s::bigint[]) AND s.status = 'active'
+  AND (p.notified > 0 OR p.used_bytes >= %(floor)s)
 ORDER BY p.user_id
 """
 
@@ -193,7 +205,7 @@ def account_usage(conn: psycopg.Connection[Any], deltas: Sequence[tuple[int, int
         _open_missing_periods(conn, missing, rules)
     over = []
     for user_id, started_at, ends_at, used, extra, notified, plan_code, kind, blocked, lang in conn.execute(
-        USAGE_ROWS, {"ids": ids}
+        USAGE_ROWS, {"ids": ids, "floor": rules.first_notice_bytes}
     ).fetchall():
         limits = rules.limits_for(plan_code, kind)
         period = Period(user_id, started_at, ends_at, used, extra, notified)
