@@ -259,7 +259,6 @@ def with_token(config: Config) -> Config:
 
 # --- vpnd as a process (`python -m vpnd run`) -------------------------------------------------------------
 
-
 @attrs.define(eq=False)
 class NotifySocket:
     """A unix datagram socket playing systemd's NOTIFY_SOCKET; records every message with its time."""
@@ -355,3 +354,4 @@ async def wait_ready(daemon: Daemon, http_url: str, timeout: float = 30) -> floa
     at = await daemon.notify.wait_for("READY=1", timeout)
     daemon.http_url = http_url
     return at - daemon.started_at
+

@@ -173,7 +173,7 @@ async def test_standby_waits_with_standby_health_and_exits_at_once_on_sigterm(
     hosts = make_hosts(nursery, tmp_path, db_dsn, telegram, telegram_url)
     with trio.fail_after(90):
         primary, standby = await primary_and_standby(hosts, env={"WATCHDOG_USEC": "400000"})
-        assert 'event=standby_because detail="another vpnd is already running on this database' in standby.log()
+        assert "event=standby_because detail=\"another vpnd is already running on this database" in standby.log()
         # The first to start found the lock free: it is the primary at once, it never stood by.
         assert "event=standby" not in primary.log() and not any("standby" in line for line in primary.notify.lines())
         assert "STATUS=standby: waiting for the instance lock (another vpnd is primary)" in standby.notify.lines()

@@ -160,10 +160,7 @@ async def test_bot_nodes_screen_from_a_running_fleet(
         "nl1", {"en": "🇳🇱 Amsterdam"}, f"127.0.0.1:{closed_port()}"
     )
     sections = config_sections(
-        db_dsn,
-        (fake, base_url),
-        telegram={"admin_ids": [ADMIN, ADMIN_RU]},
-        xray={"reconcile_interval": 1, "traffic_interval": 1},
+        db_dsn, (fake, base_url), telegram={"admin_ids": [ADMIN, ADMIN_RU]}, xray={"reconcile_interval": 1, "traffic_interval": 1}
     )
     path = write_config_file(tmp_path / "config.toml", sections, PLANS + nodes)
     users = seed_users(db_dsn, None, 5000, 2)

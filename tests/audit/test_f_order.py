@@ -10,7 +10,6 @@ from tests.audit.source import daemon_modules, function
 def test_error_boundary_sits_inside_the_limiter_around_every_handler_once() -> None:
     tree = dict(daemon_modules())["vpnd/telegram/dispatch.py"]
     handle_one = function(tree, "Dispatcher._handle_one")
-
     def calls_handler(node: ast.AST) -> bool:
         return any(
             isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "handler"

@@ -296,7 +296,9 @@ def test_well_formed_hostile_updates_are_handled_ok(live: Live, updates: list[di
     outcomes = wait_handled(live, ids)
     # "coalesced": the same message or press was still waiting in its chat (handled once, on purpose).
     failed = [
-        update for update_id, update in zip(ids, updates, strict=True) if outcomes[update_id] not in ("ok", "coalesced")
+        update
+        for update_id, update in zip(ids, updates, strict=True)
+        if outcomes[update_id] not in ("ok", "coalesced")
     ]
     assert not failed, (failed[:1], live.error_lines(errors_before)[:3])
     assert live.alive()

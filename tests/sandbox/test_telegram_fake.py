@@ -349,7 +349,7 @@ async def test_send_message_validation_answers_like_telegram(tg: Telegram) -> No
         bad_html = await tg.call("sendMessage", chat_id=ALICE, text="<b>x</b><br>", parse_mode="HTML")
         assert bad_html.status_code == 400
         assert bad_html.json()["description"] == (
-            'Bad Request: can\'t parse entities: Unsupported start tag "br" at byte offset 8'
+            "Bad Request: can't parse entities: Unsupported start tag \"br\" at byte offset 8"
         )
         with pytest.raises(telegram.error.BadRequest, match="parse entities"):
             await tg.bot.send_message(ALICE, "<unknown>", parse_mode="HTML")
@@ -396,10 +396,8 @@ async def test_button_press_reaches_bot_and_can_be_answered_once(tg: Telegram) -
     with trio.fail_after(IO_TIMEOUT):
         await tg.bot.get_updates()
         markup = telegram.InlineKeyboardMarkup(
-            [
-                [telegram.InlineKeyboardButton("1 month", callback_data="buy:1m")],
-                [telegram.InlineKeyboardButton("Site", url="https://example.org")],
-            ]
+            [[telegram.InlineKeyboardButton("1 month", callback_data="buy:1m")],
+             [telegram.InlineKeyboardButton("Site", url="https://example.org")]]
         )
         plans = await tg.bot.send_message(ALICE, "Choose a plan", reply_markup=markup)
         tg.fake.user_presses_button(ALICE, plans.message_id, "buy:1m")
@@ -503,11 +501,7 @@ async def test_stars_invoice_pre_checkout_and_successful_payment(tg: Telegram) -
         offset = updates[-1].update_id + 1
         with pytest.raises(telegram.error.BadRequest):
             await tg.bot.send_invoice(
-                ALICE,
-                "1 month",
-                "VPN",
-                "order:1",
-                "XTR",
+                ALICE, "1 month", "VPN", "order:1", "XTR",
                 [telegram.LabeledPrice("a", 50), telegram.LabeledPrice("b", 50)],
             )
         with pytest.raises(telegram.error.BadRequest, match=r"(?i)PAYMENT_PROVIDER_INVALID"):
@@ -678,7 +672,9 @@ async def test_timeout_fault_makes_ptb_time_out(tg: Telegram) -> None:
 async def test_disconnected_long_poll_is_not_the_active_poll_any_more(tg: Telegram) -> None:
     with trio.fail_after(IO_TIMEOUT):
         with pytest.raises(httpx.ReadTimeout):
-            await tg.http.post(f"{tg.base_url}/bot{tg.fake.token}/getUpdates", json={"timeout": 20}, timeout=0.3)
+            await tg.http.post(
+                f"{tg.base_url}/bot{tg.fake.token}/getUpdates", json={"timeout": 20}, timeout=0.3
+            )
         await tg.fake.wait_until(lambda: tg.fake.stats()["polls_waiting"] == 0)
 
 
@@ -699,11 +695,9 @@ async def test_sandbox_http_api_and_web_chat(tg: Telegram) -> None:
         async def reply() -> None:
             await trio.sleep(0.1)
             await tg.bot.send_message(
-                carol,
-                "Hallo",
-                reply_markup=telegram.InlineKeyboardMarkup(
+                carol, "Hallo", reply_markup=telegram.InlineKeyboardMarkup(
                     [[telegram.InlineKeyboardButton("Kaufen", callback_data="buy")]]
-                ),
+                )
             )
 
         async with trio.open_nursery() as nursery:

@@ -147,7 +147,9 @@ async def test_a_newer_press_on_the_same_menu_supersedes_the_waiting_ones(
         # Handled in order, the last press last: its view is what the user ends up seeing.
         while (
             sql(db_dsn, "SELECT count(*) FROM telegram_inbox WHERE handled_at IS NULL")[0][0]
-            or len(sql(db_dsn, "SELECT 1 FROM telegram_inbox WHERE payload->'callback_query'->>'id' = %s", last.id))
+            or len(
+                sql(db_dsn, "SELECT 1 FROM telegram_inbox WHERE payload->'callback_query'->>'id' = %s", last.id)
+            )
             == 0
         ):
             await trio.sleep(0.05)
