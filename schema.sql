@@ -181,7 +181,14 @@ CREATE TABLE purchases (
     -- The price before any promo discount (NULL only for discounted purchases older than this column).
     list_amount_minor bigint CHECK (list_amount_minor IS NULL OR list_amount_minor >= 0),
     -- The newer purchase of the same user that expired this one (its invoice is deleted at the provider).
-    superseded_by     bigint REFERENCES purchases (id)
+    superseded_by     bigint REFERENCES purchases (id),
+    -- A pro-rata upgrade: the plan it replaces, the credit for that plan's unused part (in this purchase's
+    -- currency, Stars for a Stars purchase) and that plan's end when the credit was computed.
+    upgrade_from      text,
+    upgrade_credit_minor bigint NOT NULL DEFAULT 0 CHECK (upgrade_credit_minor >= 0),
+    upgrade_basis_expires_at timestamptz,
+    -- A traffic pack: the bytes it adds (fixed when bought; a reload may change the pack).
+    pack_bytes        bigint CHECK (pack_bytes IS NULL OR pack_bytes > 0)
 );
 CREATE INDEX purchases_pending_idx ON purchases (id) WHERE status = 'pending';
 CREATE INDEX purchases_user_idx ON purchases (user_id, created_at);

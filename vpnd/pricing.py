@@ -15,7 +15,7 @@ from typing import Literal
 
 import attrs
 
-from vpnd.config import PaymentsConfig, Plan
+from vpnd.config import GIB, PaymentsConfig, Plan, TrafficPack
 
 # The money helpers live in vpnd.money; re-exported so older imports from here keep working.
 from vpnd.money import STARS_CURRENCY as STARS_CURRENCY
@@ -101,13 +101,16 @@ def stars_price(stars: int, percent: int) -> int:
 class Offer:
     """A thing for sale at its list price (before any promo discount)."""
 
-    kind: Literal["plan", "topup"]
+    kind: Literal["plan", "topup", "pack"]
     price_minor: int
     currency: str
+    #: The plan's code, or the traffic pack's.
     plan_code: str | None = None
     days: int | None = None
     #: List price in Telegram Stars; None when the thing cannot be bought with Stars.
     stars: int | None = None
+    #: A traffic pack's bytes.
+    pack_bytes: int | None = None
 
 
 def plan_offer(plan: Plan, currency: str | None = None) -> Offer:
@@ -124,6 +127,96 @@ def plan_offer(plan: Plan, currency: str | None = None) -> Offer:
         days=plan.days,
         stars=plan.stars or None,
     )
+
+
+def pack_offer(pack: TrafficPack, currency: str | None = None) -> Offer:
+    """The traffic pack at its price in `currency` (default: its own); InvalidAmount when not sold in it."""
+    currency = pack.currency if currency is None or currency.upper() == pack.currency.upper() else currency.upper()
+    price = pack.price_in(currency)
+    if price is None:
+        raise InvalidAmount(f"traffic pack {pack.code} has no price in {currency}")
+    return Offer(
+        kind="pack",
+        price_minor=to_minor(price, currency),
+        currency=currency,
+        plan_code=pack.code,
+        stars=pack.stars or None,
+        pack_bytes=pack.gb * GIB,
+    )
+
+
+def per_month_minor(price_minor: int, days: int) -> int:
+    """A plan's price per month (30 days) in minor units: `price × 30 / days`, rounded half up, on integers."""
+    if days <= 0:
+        raise ValueError("days must be positive")
+    return (price_minor * 30 * 2 + days) // (2 * days)
+
+
+# --- pro-rata upgrades -------------------------------------------------------------------------
+
+SECONDS_PER_DAY = 86400
+
+
+@attrs.frozen
+class UpgradeTerms:
+    """Switching from the running plan A to plan B now, in one currency.
+
+    `credit_minor` is the unused part of A; `price_minor` what B costs after it, or None when the
+    switch is not offered (the credit would bring B to the price floor or below: never pay back).
+    """
+
+    credit_minor: int
+    list_minor: int
+    price_minor: int | None
+
+    @property
+    def offered(self) -> bool:
+        return self.price_minor is not None
+
+
+def upgrade_credit(paid_minor: int, paid_days: int, remaining_seconds: int) -> int:
+    """The credit for the unused part of a plan: `floor(paid × remaining / (days × 86400))`.
+
+    `paid_minor` is what the user paid for the plan's last purchase (its currency's minor units, or
+    Stars); `remaining_seconds` is what is left of it (`expires_at - now`, whole seconds), taken as 0
+    when negative and capped at the purchase's `paid_days` (days stacked from earlier purchases are not
+    credited at this purchase's price). Rounds down: the shop never credits a fraction it was not paid.
+    """
+    if paid_days <= 0:
+        raise ValueError("paid_days must be positive")
+    if paid_minor <= 0:
+        return 0
+    whole = paid_days * SECONDS_PER_DAY
+    remaining = min(max(remaining_seconds, 0), whole)
+    return paid_minor * remaining // whole
+
+
+def upgrade_terms(
+    *,
+    paid_minor: int,
+    paid_currency: str,
+    paid_days: int,
+    remaining_seconds: int,
+    price_minor: int,
+    currency: str,
+    floor_minor: int,
+) -> UpgradeTerms | None:
+    """What switching to a plan listed at `price_minor` in `currency` costs, given the running plan's
+    last payment (`paid_minor` in `paid_currency` for `paid_days` days) with `remaining_seconds` left.
+
+    None when the credit does not apply: it is only ever used in the currency it was paid in (a Stars
+    credit only against a Stars price, USD against USD) — never converted, never moved to the balance.
+    Otherwise the price is `price − credit`, but never below `floor_minor` (nor one unit); when the credit
+    reaches `price − floor` the switch is not offered at all (`price_minor` None) rather than sold at the
+    floor with the rest of the credit lost or paid back. All integers, no rounding beyond the credit's floor.
+    """
+    if paid_currency.upper() != currency.upper():
+        return None
+    credit = upgrade_credit(paid_minor, paid_days, remaining_seconds)
+    floor = max(floor_minor, 1)
+    if credit >= price_minor - floor:
+        return UpgradeTerms(credit, price_minor, None)
+    return UpgradeTerms(credit, price_minor, max(price_minor - credit, floor))
 
 
 def receipt_provider_data(description: str, amount_minor: int, currency: str, vat_code: int) -> str:

@@ -7,6 +7,7 @@ since Crypto Pay is enabled) on 127.0.0.1, and points the fake Crypto Pay's webh
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,6 @@ class PaymentsEnv:
         return user_id
 
 
-
 @attrs.define(eq=False, kw_only=True)
 class Env(PaymentsEnv):
     fake: FakeCryptoPay
@@ -114,7 +114,7 @@ class Env(PaymentsEnv):
 
 @pytest.fixture
 def make_config(tmp_path: Path, db_dsn: str) -> Callable[..., Any]:
-    def make(fake: FakeCryptoPay, **overrides: dict[str, Any]) -> Any:
+    def make(fake: FakeCryptoPay, *, plans: str = PLANS, **overrides: dict[str, Any]) -> Any:
         payments: dict[str, dict[str, Any]] = {
             "database": {"pool_min": 2, "pool_max": 12},
             "telegram": {"admin_ids": list(ADMINS)},
@@ -129,18 +129,25 @@ def make_config(tmp_path: Path, db_dsn: str) -> Callable[..., Any]:
             "shutdown": {"grace_seconds": 1},
         }
         sections = merge(config_sections(db_dsn, **payments), overrides)
-        return load_config(write_config_file(tmp_path / "config.toml", sections, PLANS), environ={})
+        return load_config(write_config_file(tmp_path / "config.toml", sections, plans), environ={})
 
     return make
 
 
 @pytest.fixture
 async def env(make_config: Callable[..., Any], db_dsn: str) -> AsyncIterator[Env]:
+    async with open_env(make_config, db_dsn) as opened:
+        yield opened
+
+
+@asynccontextmanager
+async def open_env(make_config: Callable[..., Any], db_dsn: str, *, plans: str = PLANS) -> AsyncIterator[Env]:
+    """The `env` fixture's vpnd, with `plans` (TOML `[[plans]]`/`[[traffic_packs]]`) instead of `PLANS`."""
     fake = FakeCryptoPay(webhook_retry_delay=0.05)
     async with trio.open_nursery() as outer:
         with trio.fail_after(IO_TIMEOUT):
             await outer.start(serve_fake_cryptopay, fake)
-        config = make_config(fake)
+        config = make_config(fake, plans=plans)
         async with open_cryptopay_client(fake.token, f"{fake.base_url}/api", timeout=5) as client:
             with trio.fail_after(IO_TIMEOUT):
                 vpnd = await start_vpnd(outer, config, Services.only("listener", "http"), single_instance=False)

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import attrs
 import psycopg
 from psycopg.rows import class_row
 
-from vpnd.db import history, ledger, outbox, promo
+from vpnd.db import history, ledger, outbox, promo, quota
 from vpnd.db.history import AUTO_RENEW_PREFIX as AUTO_RENEW_PREFIX  # re-exported (admin_cli)
 from vpnd.db.purchases import (
     MethodUnavailable,
@@ -47,10 +48,11 @@ from vpnd.db.purchases import (
     lock_user,
 )
 from vpnd.db.subscriptions import COLUMNS as SUBSCRIPTION_COLUMNS
-from vpnd.db.subscriptions import Subscription, grant_days
+from vpnd.db.subscriptions import Subscription, get_subscription, grant_days, switch_plan
 from vpnd.db.users import language_of
 from vpnd.money import STARS_CURRENCY, format_money
 from vpnd.pricing import referral_reward
+from vpnd.quota import UNLIMITED, Limits, format_bytes
 from vpnd.texts import Texts
 
 log = logging.getLogger("vpnd.payments")
@@ -64,6 +66,10 @@ FinalizeStatus = Literal[
     "duplicate_payment",  # another payment already paid this purchase (or this provider id paid another)
     "unknown_purchase",  # alerted; nothing recorded
 ]
+
+
+def _no_limits(plan_code: str | None, kind: str) -> Limits:
+    return UNLIMITED
 
 
 @attrs.frozen
@@ -83,6 +89,8 @@ class PaymentRules:
     default_language: str = "en"
     #: The chat told of every successful payment (`[payments] notify_chat_id`); None: nobody.
     notify_chat_id: int | None = None
+    #: The limits of a subscription of (plan_code, kind) — `vpnd.quota.limits_of` over the running config.
+    limits_for: Callable[[str | None, str], Limits] = _no_limits
 
     def announce(self, conn: psycopg.Connection[Any], purchase_id: int) -> None:
         """Queue the admin chat's notice of the payment just recorded, in the same transaction (once per purchase)."""
@@ -243,6 +251,11 @@ def finalize_purchase(
     paid = format_money(purchase.amount_minor, purchase.currency)
     if provider == "stars":
         paid = format_money(amount_minor, currency)
+    if purchase.kind == "pack":
+        return _finalize_pack(
+            conn, purchase, provider, provider_payment_id, amount_minor, currency, paid, paid_late, rules,
+            telegram_charge_id,
+        )  # fmt: skip
     if purchase.kind != "plan":
         ledger.record(conn, user_id, purchase.amount_minor, ledger.TOPUP, ledger.purchase_reference(purchase_id))
         topped_up = ledger.balance_of(conn, user_id)
@@ -272,8 +285,9 @@ def finalize_purchase(
 
     subscription: Subscription | None = None
     balance: int | None = None
+    upgraded: bool | None = None  # None: not an upgrade; False: its basis had changed (granted as a purchase)
     if value.days:
-        subscription = grant_days(conn, user_id, value.days, kind="paid", plan_code=purchase.plan_code)
+        subscription, upgraded = _grant_plan(conn, purchase, value.days)
     if value.credited_minor:
         ledger.record(
             conn, user_id, value.credited_minor, ledger.PAYMENT_CREDIT, ledger.purchase_reference(purchase_id)
@@ -300,6 +314,14 @@ def finalize_purchase(
                 credited=format_money(value.credited_minor, purchase.currency),
                 balance=format_money(balance, purchase.currency),
             )  # fmt: skip
+    elif upgraded:
+        assert subscription is not None
+        text = rules.text(
+            conn, user_id, "payments.received_upgrade", amount=paid, credit=_credit_text(purchase),
+            days=purchase.days, expires=_fmt_date(subscription.expires_at),
+        )  # fmt: skip
+        if paid_late:
+            text += "\n" + rules.text(conn, user_id, "payments.received_late")
     else:
         assert subscription is not None
         text = rules.text(
@@ -310,6 +332,8 @@ def finalize_purchase(
             days=purchase.days,
             expires=_fmt_date(subscription.expires_at),
         )
+        if upgraded is False:
+            text += "\n" + rules.text(conn, user_id, "payments.upgrade_basis_changed", credit=_credit_text(purchase))
         if paid_late:
             text += "\n" + rules.text(conn, user_id, "payments.received_late")
     if refused or purchase.superseded_by is not None:
@@ -330,6 +354,105 @@ def finalize_purchase(
         notified=True,
         repriced=refused,
     )
+
+
+def _credit_text(purchase: Purchase) -> str:
+    if purchase.method == "stars":
+        return format_money(purchase.upgrade_credit_minor, STARS_CURRENCY)
+    return format_money(purchase.upgrade_credit_minor, purchase.currency)
+
+
+def _grant_plan(conn: psycopg.Connection[Any], purchase: Purchase, days: int) -> tuple[Subscription, bool | None]:
+    """Give a plan purchase its days; returns the subscription and whether it was an upgrade (None: not one).
+
+    A pro-rata upgrade switches the subscription to the new plan from now for its days (`switch_plan`)
+    when its basis still holds: the plan it replaces is still the running one. If that plan was renewed
+    after the quote (it now ends later than `upgrade_basis_expires_at`), the time the renewal added is kept
+    on top. If the basis is gone — the old plan ended, or another plan runs now — the credit has nothing
+    left to replace, and the payment is granted like any purchase (`grant_days`: from now when nothing
+    runs, stacked onto a running plan otherwise), returning False so the user is told.
+    """
+    user_id = purchase.user_id
+    assert purchase.plan_code is not None
+    if purchase.upgrade_from is not None:
+        quota.lock_subscription(conn, user_id)  # the lock order: user, purchase, subscription
+        current = get_subscription(conn, user_id)
+        if current is not None and current.is_active(_now(conn)) and current.plan_code == purchase.upgrade_from:
+            basis = purchase.upgrade_basis_expires_at or current.expires_at
+            keep = max(0, (current.expires_at - basis) // dt.timedelta(seconds=1))
+            return switch_plan(conn, user_id, days, purchase.plan_code, keep_seconds=keep), True
+        log.info("event=upgrade_basis_changed purchase_id=%s user_id=%s", purchase.id, user_id)
+        return grant_days(conn, user_id, days, kind="paid", plan_code=purchase.plan_code), False
+    return grant_days(conn, user_id, days, kind="paid", plan_code=purchase.plan_code), None
+
+
+def _finalize_pack(
+    conn: psycopg.Connection[Any],
+    purchase: Purchase,
+    provider: str,
+    provider_payment_id: str,
+    amount_minor: int,
+    currency: str,
+    paid: str,
+    paid_late: bool,
+    rules: PaymentRules,
+    telegram_charge_id: str | None,
+) -> FinalizeOutcome:
+    """A traffic pack: its bytes are added to the current period of a subscription with a quota.
+
+    Lock order: the user's row and the purchase's (held by finalize), then the subscription's
+    (`quota.lock_subscription`), then its period's (`quota.add_extra`). When the payment lands and the
+    user has no active subscription with a traffic quota any more (it ended, or moved to an unlimited
+    plan), the pack's price is credited to the balance instead (like a repriced plan), and the user is
+    told; in another currency than the balance's it cannot be, and the admins are alerted.
+    """
+    user_id = purchase.user_id
+    pack_bytes = purchase.pack_bytes or 0
+    quota.lock_subscription(conn, user_id)
+    sub = get_subscription(conn, user_id)
+    limits = rules.limits_for(sub.plan_code, sub.kind) if sub is not None else UNLIMITED
+    if sub is not None and sub.is_active(_now(conn)) and limits.limits_traffic and pack_bytes > 0:
+        period = quota.add_extra(conn, user_id, pack_bytes, limits)  # opens the period if none is current yet
+        assert period is not None
+        _insert_payment(
+            conn, purchase, provider, provider_payment_id, amount_minor, currency, "granted",
+            granted_bytes=pack_bytes, telegram_charge_id=telegram_charge_id,
+        )  # fmt: skip
+        text = rules.text(
+            conn, user_id, "payments.received_pack", amount=paid, added=format_bytes(pack_bytes),
+            used=format_bytes(period.used_bytes), total=format_bytes(quota.total_bytes(limits, period)),
+        )  # fmt: skip
+        if paid_late:
+            text += "\n" + rules.text(conn, user_id, "payments.received_late")
+        outbox.enqueue(conn, user_id, text, dedupe_key=f"payment:{purchase.id}")
+        rules.announce(conn, purchase.id)
+        return FinalizeOutcome("granted", purchase.id, user_id, paid_late, subscription=sub, notified=True)
+
+    value = purchase.amount_minor  # for Stars: the price the Stars stood for
+    same_currency = purchase.currency.upper() == rules.balance_currency.upper()
+    credited = value if same_currency else 0
+    balance: int | None = None
+    if credited:
+        ledger.record(conn, user_id, credited, ledger.PAYMENT_CREDIT, ledger.purchase_reference(purchase.id))
+        balance = ledger.balance_of(conn, user_id)
+        text = rules.text(
+            conn, user_id, "payments.pack_credited", amount=paid,
+            credited=format_money(credited, purchase.currency), balance=format_money(balance, purchase.currency),
+        )  # fmt: skip
+    else:
+        text = rules.text(conn, user_id, "payments.pack_not_credited", amount=paid)
+        _alert_admins(
+            conn, rules, "pack_uncredited", f"{provider}:{provider_payment_id}",
+            purchase_id=purchase.id, user_id=user_id, received=paid, provider=provider,
+        )  # fmt: skip
+    _insert_payment(
+        conn, purchase, provider, provider_payment_id, amount_minor, currency, "granted",
+        credited_minor=credited, telegram_charge_id=telegram_charge_id,
+    )  # fmt: skip
+    log.info("event=pack_credited purchase_id=%s user_id=%s credited=%s", purchase.id, user_id, credited)
+    outbox.enqueue(conn, user_id, text, dedupe_key=f"payment:{purchase.id}")
+    rules.announce(conn, purchase.id)
+    return FinalizeOutcome("credited", purchase.id, user_id, paid_late, balance_minor=balance, notified=True)
 
 
 @attrs.frozen
@@ -411,13 +534,14 @@ def _insert_payment(
     credited_minor: int = 0,
     repriced: bool = False,
     telegram_charge_id: str | None = None,
+    granted_bytes: int | None = None,
 ) -> None:
     conn.execute(
         "INSERT INTO payments (purchase_id, user_id, provider, provider_payment_id, amount_minor, currency, outcome, "
-        "granted_days, credited_minor, repriced, telegram_payment_charge_id) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        "granted_days, credited_minor, repriced, telegram_payment_charge_id, granted_bytes) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (purchase.id, purchase.user_id, provider, provider_payment_id, amount_minor, currency, outcome,
-         granted_days, credited_minor, repriced, telegram_charge_id),
+         granted_days, credited_minor, repriced, telegram_charge_id, granted_bytes),
     )  # fmt: skip
 
 
@@ -475,7 +599,7 @@ def pay_from_balance(
         raise PurchaseNotFound(purchase_id)
     if purchase.status == "paid":
         raise PurchaseNotPayable("payments.already_paid")
-    if purchase.method != "balance" or purchase.kind != "plan":
+    if purchase.method != "balance" or purchase.kind == "topup":
         raise PurchaseNotPayable("payments.wrong_method")
     if not purchase.is_payable(_now(conn)):
         raise PurchaseNotPayable("payments.expired")
@@ -589,6 +713,8 @@ class RefundReversal:
     referral: ledger.Reversal | None = None
     credit: ledger.Reversal | None = None
     notified: bool = False
+    #: A traffic pack's bytes taken back from the current period.
+    bytes_taken: int = 0
 
 
 SHORTEN = f"""
@@ -624,12 +750,13 @@ def reverse_refunded_purchase(
     row = conn.execute(
         "UPDATE payments p SET outcome = 'refunded' FROM payments old "
         "WHERE p.id = old.id AND p.purchase_id = %s AND old.outcome <> 'refunded' "
-        "RETURNING old.outcome, p.granted_days, p.credited_minor",
+        "RETURNING old.outcome, p.granted_days, p.credited_minor, p.granted_bytes, p.created_at",
         (purchase_id,),
     ).fetchone()
     if row is None:
         return RefundReversal(False, user_id)
     previous, granted_days, credited = str(row[0]), row[1], int(row[2])
+    granted_bytes, paid_at = int(row[3] or 0), row[4]
     if previous != "granted":  # an amount mismatch gave nothing
         return RefundReversal(True, user_id)
     reference = ledger.purchase_reference(purchase_id)
@@ -640,6 +767,7 @@ def reverse_refunded_purchase(
         with conn.cursor(row_factory=class_row(Subscription)) as cur:
             subscription = cur.execute(SHORTEN, {"days": days, "user_id": user_id}).fetchone()
     credit = ledger.debit_or_owe(conn, user_id, credited, ledger.REFUND, reference) if credited else None
+    bytes_taken = _take_back_pack(conn, user_id, granted_bytes, paid_at, rules) if granted_bytes else 0
 
     referrer_id: int | None = None
     referral: ledger.Reversal | None = None
@@ -652,7 +780,9 @@ def reverse_refunded_purchase(
         referral = ledger.debit_or_owe(conn, referrer_id, int(reward[1]), ledger.REFERRAL_REVERSAL, reference)
 
     ended = subscription is not None and not subscription.is_active(_now(conn))
-    if subscription is None:
+    if bytes_taken:
+        text = rules.text(conn, user_id, "payments.refunded_pack", id=purchase_id, taken=format_bytes(bytes_taken))
+    elif subscription is None:
         text = rules.text(conn, user_id, "payments.refunded_user", id=purchase_id)
     elif ended:
         text = rules.text(conn, user_id, "payments.refunded_ended", id=purchase_id, days=days)
@@ -666,4 +796,38 @@ def reverse_refunded_purchase(
         "event=refund_reversed purchase_id=%s user_id=%s days=%s ended=%s referrer=%s referral=%s credit=%s",
         purchase_id, user_id, days, ended, referrer_id, referral, credit,
     )  # fmt: skip
-    return RefundReversal(True, user_id, days, subscription, ended, referrer_id, referral, credit, notified=notified)
+    return RefundReversal(
+        True, user_id, days, subscription, ended, referrer_id, referral, credit, notified=notified,
+        bytes_taken=bytes_taken,
+    )  # fmt: skip
+
+
+def _take_back_pack(
+    conn: psycopg.Connection[Any], user_id: int, granted_bytes: int, paid_at: dt.datetime, rules: PaymentRules
+) -> int:
+    """A refunded traffic pack: take back what is left of its bytes, if the period it went into still runs.
+
+    The pack went into the period current when it was paid; if that period is still the current one (it
+    started before the payment and has not ended), its extra quota is lowered by the pack's bytes, but
+    only as far as they are unused (`total − used`, and never below the other extras): traffic already
+    used is not clawed back (the user may then stand exactly at 100 % and is blocked by the next traffic
+    reading). A period that rolled over since, or a subscription without one, loses nothing. Returns
+    the bytes taken back. Lock order: the user and the purchase (held), the subscription, its period.
+    """
+    locked = quota.lock_subscription(conn, user_id)
+    if locked is None:
+        return 0
+    plan_code, kind, _status = locked
+    period = quota.current_period(conn, user_id)
+    now = _now(conn)
+    if period is None or period.started_at > paid_at or (period.ends_at is not None and period.ends_at <= now):
+        return 0
+    limits = rules.limits_for(plan_code, kind)
+    left = max(0, quota.total_bytes(limits, period) - period.used_bytes) if limits.limits_traffic else granted_bytes
+    taken = min(granted_bytes, left, period.extra_bytes)
+    if taken > 0:
+        conn.execute(
+            "UPDATE traffic_periods SET extra_bytes = extra_bytes - %s WHERE user_id = %s AND current", (taken, user_id)
+        )
+    log.info("event=pack_refunded user_id=%s granted_bytes=%s taken=%s", user_id, granted_bytes, taken)
+    return taken

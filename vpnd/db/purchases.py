@@ -23,7 +23,8 @@ from psycopg.rows import class_row
 
 from vpnd.db import promo
 from vpnd.db.rows import one
-from vpnd.pricing import Offer, price_offer
+from vpnd.money import STARS_CURRENCY
+from vpnd.pricing import Offer, Price, UpgradeTerms, price_offer, upgrade_terms
 
 Method = Literal["cryptopay", "stars", "balance", "card", "yookassa"]
 PurchaseStatus = Literal["pending", "paid", "expired", "cancelled"]
@@ -64,6 +65,18 @@ class PurchaseNotPayable(PaymentError):
         self.reason_key = reason_key
 
 
+class UpgradeNotOffered(PaymentError):
+    """The unused part of the running plan is worth the new plan's price (down to the floor) or more."""
+
+    reason_key = "buy.upgrade_not_offered"
+
+
+class PackNotAvailable(PaymentError):
+    """A traffic pack for a user whose active plan has no traffic quota (or who has no active plan)."""
+
+    reason_key = "packs.no_quota"
+
+
 class ProviderUnavailable(PaymentError):
     """The payment provider refused or failed to create an invoice."""
 
@@ -97,6 +110,13 @@ class Purchase:
     list_amount_minor: int | None = None
     #: The newer purchase that expired this one.
     superseded_by: int | None = None
+    #: A pro-rata upgrade: the plan it replaces (None: not an upgrade), the credit for that plan's
+    #: unused part (this purchase's currency; Stars for a Stars purchase), and that plan's end then.
+    upgrade_from: str | None = None
+    upgrade_credit_minor: int = 0
+    upgrade_basis_expires_at: dt.datetime | None = None
+    #: A traffic pack's bytes.
+    pack_bytes: int | None = None
 
     def is_payable(self, now: dt.datetime) -> bool:
         return self.status == "pending" and self.expires_at > now
@@ -113,8 +133,54 @@ class InvoiceRef:
 
 PURCHASE_COLUMNS = (
     "id, user_id, kind, plan_code, days, method, amount_minor, currency, stars, promo_code, discount_percent, "
-    "status, invoice_id, invoice_url, created_at, expires_at, paid_at, paid_late, list_amount_minor, superseded_by"
+    "status, invoice_id, invoice_url, created_at, expires_at, paid_at, paid_late, list_amount_minor, superseded_by, "
+    "upgrade_from, upgrade_credit_minor, upgrade_basis_expires_at, pack_bytes"
 )
+
+
+@attrs.frozen
+class UpgradeBasis:
+    """A user's running paid plan and its last payment: what a pro-rata upgrade credits."""
+
+    plan_code: str
+    expires_at: dt.datetime
+    now: dt.datetime
+    #: What the last purchase of the plan was paid (plus the credit it carried, when it was itself an
+    #: upgrade: the value it bought), in `paid_currency` ("XTR": Stars).
+    paid_minor: int
+    paid_currency: str
+    #: The days that purchase gave.
+    paid_days: int
+
+    @property
+    def remaining_seconds(self) -> int:
+        return (self.expires_at - self.now) // dt.timedelta(seconds=1)
+
+    def terms(self, price_minor: int, currency: str, floor_minor: int) -> UpgradeTerms | None:
+        return upgrade_terms(
+            paid_minor=self.paid_minor, paid_currency=self.paid_currency, paid_days=self.paid_days,
+            remaining_seconds=self.remaining_seconds, price_minor=price_minor, currency=currency,
+            floor_minor=floor_minor,
+        )  # fmt: skip
+
+
+UPGRADE_BASIS = """
+SELECT s.plan_code, s.expires_at, now(), p.amount_minor + CASE WHEN pu.upgrade_from IS NOT NULL
+       THEN pu.upgrade_credit_minor ELSE 0 END, p.currency, p.granted_days
+FROM subscriptions s
+JOIN purchases pu ON pu.user_id = s.user_id AND pu.kind = 'plan' AND pu.plan_code = s.plan_code AND pu.status = 'paid'
+JOIN payments p ON p.purchase_id = pu.id AND p.outcome = 'granted' AND p.granted_days > 0
+WHERE s.user_id = %s AND s.kind = 'paid' AND s.status = 'active' AND s.expires_at > now()
+ORDER BY p.id DESC
+LIMIT 1
+"""
+
+
+def upgrade_basis(conn: psycopg.Connection[Any], user_id: int) -> UpgradeBasis | None:
+    """The user's running paid plan and its last granted payment (None: no active paid plan, or it was
+    not bought — an admin's grant credits nothing)."""
+    row = conn.execute(UPGRADE_BASIS, (user_id,)).fetchone()
+    return UpgradeBasis(*row) if row is not None else None
 
 
 # --- verbs ------------------------------------------------------------------------------------
@@ -142,12 +208,28 @@ def create_purchase(
 
     The user's remembered promo code discounts a plan when `reserve_discount` allows it; the
     price never goes below `min_price_minor`. Stars need the offer's Stars price.
+
+    A plan other than the user's running paid plan is a pro-rata *upgrade* when that plan's last
+    payment was in the currency this purchase is paid in (Stars for `stars`): the price is less the
+    credit for the unused part (`vpnd.pricing.upgrade_terms`, on the database's clock), the purchase
+    records the credit and the running plan's end (finalize re-checks it), and no promo code applies.
+    Raises UpgradeNotOffered when the credit covers the whole price down to the floor.
     """
-    if method == "stars" and (offer.kind != "plan" or not offer.stars):
+    if method == "stars" and (offer.kind == "topup" or not offer.stars):
         raise MethodUnavailable("this cannot be bought with Telegram Stars")
-    if method in ("balance", "card") and offer.kind != "plan":
+    if method in ("balance", "card") and offer.kind == "topup":
         raise MethodUnavailable("the balance cannot top up itself")
     remembered = lock_user(conn, user_id)
+    basis = upgrade_basis(conn, user_id) if offer.kind == "plan" else None
+    terms: UpgradeTerms | None = None
+    if basis is not None and basis.plan_code != offer.plan_code:
+        if method == "stars":
+            assert offer.stars is not None
+            terms = basis.terms(offer.stars, STARS_CURRENCY, 1)
+        else:
+            terms = basis.terms(offer.price_minor, offer.currency, min_price_minor)
+        if terms is not None and terms.price_minor is None:
+            raise UpgradeNotOffered(offer.plan_code)
     superseded = [
         int(row[0])
         for row in conn.execute(
@@ -157,18 +239,26 @@ def create_purchase(
     ]
     percent = 0
     code: str | None = None
-    if use_promo and remembered and offer.kind == "plan":
+    if use_promo and remembered and offer.kind == "plan" and terms is None:
         check = promo.reserve_discount(conn, user_id, remembered)
         if check.ok and check.promo is not None:
             percent, code = check.promo.percent, check.promo.code
     price = price_offer(offer, percent, min_price_minor)
+    if terms is not None:
+        assert terms.price_minor is not None
+        if method == "stars":  # the fiat price stays the list price: the Stars pay for it
+            price = Price(offer.price_minor, offer.currency, 0, terms.price_minor)
+        else:
+            price = Price(terms.price_minor, offer.currency, 0, None)
     with conn.cursor(row_factory=class_row(Purchase)) as cur:
         purchase: Purchase = one(
             cur.execute(
                 f"""
                 INSERT INTO purchases (user_id, kind, plan_code, days, method, amount_minor, currency, stars,
-                                       promo_code, discount_percent, expires_at, list_amount_minor)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + %s * interval '1 minute', %s)
+                                       promo_code, discount_percent, expires_at, list_amount_minor,
+                                       upgrade_from, upgrade_credit_minor, upgrade_basis_expires_at, pack_bytes)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + %s * interval '1 minute', %s,
+                        %s, %s, %s, %s)
                 RETURNING {PURCHASE_COLUMNS}
                 """,
                 (
@@ -184,6 +274,10 @@ def create_purchase(
                     price.discount_percent,
                     ttl_minutes,
                     offer.price_minor,
+                    basis.plan_code if terms is not None and basis is not None else None,
+                    terms.credit_minor if terms is not None else 0,
+                    basis.expires_at if terms is not None and basis is not None else None,
+                    offer.pack_bytes if offer.kind == "pack" else None,
                 ),
             )
         )

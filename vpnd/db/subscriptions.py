@@ -110,6 +110,39 @@ def grant_days(
     return Subscription(*values)
 
 
+SWITCH = f"""
+UPDATE subscriptions SET
+    kind = 'paid',
+    plan_code = %(plan)s,
+    status = 'active',
+    starts_at = now(),
+    expires_at = now() + %(days)s * interval '1 day' + %(keep)s * interval '1 second',
+    traffic_blocked = false,
+    updated_at = now()
+WHERE user_id = %(user_id)s
+RETURNING {COLUMNS}
+"""
+
+
+def switch_plan(
+    conn: psycopg.Connection[Any], user_id: int, days: int, plan_code: str, *, keep_seconds: int = 0
+) -> Subscription:
+    """Move an existing subscription to `plan_code` starting now, for `days` (plus `keep_seconds`)
+    — a pro-rata upgrade: the old plan's rest was credited, so it is replaced, not stacked (`grant_days`
+    stacks). The UUID is kept; the traffic period restarts (the current one is closed) and a block is lifted.
+    The caller holds the subscription's row lock. Raises NoSubscription when there is none."""
+    if days <= 0 or keep_seconds < 0:
+        raise ValueError("days must be positive and keep_seconds not negative")
+    with conn.cursor(row_factory=class_row(Subscription)) as cur:
+        sub = cur.execute(
+            SWITCH, {"user_id": user_id, "plan": plan_code, "days": days, "keep": keep_seconds}
+        ).fetchone()
+    if sub is None:
+        raise NoSubscription
+    conn.execute("UPDATE traffic_periods SET current = false WHERE user_id = %s AND current", (user_id,))
+    return sub
+
+
 def get_subscription(conn: psycopg.Connection[Any], user_id: int) -> Subscription | None:
     with conn.cursor(row_factory=class_row(Subscription)) as cur:
         return cur.execute(f"SELECT {COLUMNS} FROM subscriptions WHERE user_id = %s", (user_id,)).fetchone()

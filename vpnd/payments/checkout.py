@@ -37,9 +37,16 @@ from vpnd.db import purchases, subscriptions
 from vpnd.db.payments import FinalizeOutcome, PaymentRules, RefundReversal, finalize_purchase
 from vpnd.db.purchases import MethodUnavailable, ProviderUnavailable, Purchase, PurchaseNotPayable
 from vpnd.money import from_minor
-from vpnd.payments.service import _create_purchase, _plain, _plan, after_commit, delete_superseded_invoices, rules_of
+from vpnd.payments.service import (
+    _check_item,
+    _create_purchase,
+    after_commit,
+    delete_superseded_invoices,
+    item_of,
+    rules_of,
+)
 from vpnd.periodic import run_periodic
-from vpnd.pricing import InvalidAmount, plan_offer, received_to_minor
+from vpnd.pricing import InvalidAmount, received_to_minor
 from vpnd.yookassa import PaymentNotFound, TransientYooKassaError, YooKassaClient, YooKassaError
 
 log = logging.getLogger("vpnd.payments")
@@ -207,6 +214,7 @@ async def start_checkout_purchase(
     language: str = "en",
     cryptopay: CryptoPayClient | None = None,
     save_method: bool = False,
+    pack: bool = False,
 ) -> tuple[Purchase, str]:
     """Create a purchase of a plan and its payment at the provider; the purchase and the page URL.
 
@@ -218,13 +226,11 @@ async def start_checkout_purchase(
     config = app.config.yookassa
     if not config.enabled:
         raise MethodUnavailable("YooKassa is switched off")
-    plan = _plan(app, plan_code)
-    offer = plan_offer(plan)
+    await _check_item(app, user_id, plan_code, pack=pack)
+    item = item_of(app, plan_code, pack=pack, language=language)
+    offer, description = item.offer, item.description
     if offer.currency.upper() != config.currency.upper():
-        raise MethodUnavailable(f"the plan is priced in {offer.currency}, the shop takes {config.currency}")
-    description = _plain(
-        app.texts, language, "payments.invoice_plan", title=plan.title.get(language, plan.code), days=plan.days
-    )
+        raise MethodUnavailable(f"{plan_code} is priced in {offer.currency}, the shop takes {config.currency}")
     purchase = await _create_purchase(app, user_id, offer, checkout.name)  # committed before any HTTP
     try:
         payment = await checkout.create(

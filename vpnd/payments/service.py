@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import logging
+from functools import partial
 from typing import Any
 
 import attrs
@@ -35,17 +36,19 @@ import trio
 
 from vpnd import alerts
 from vpnd.app import App
-from vpnd.config import Config, Plan
+from vpnd.config import Config, Plan, TrafficPack
 from vpnd.cryptopay import CryptoPayClient, CryptoPayError, Invoice, InvoiceNotFound
-from vpnd.db import ledger, promo, purchases, users
+from vpnd.db import ledger, promo, purchases, subscriptions, users
 from vpnd.db.incidents import incident_is_open
 from vpnd.db.payments import FinalizeOutcome, PaymentRules, finalize_purchase, pay_from_balance
 from vpnd.db.purchases import (
     MethodUnavailable,
+    PackNotAvailable,
     ProviderUnavailable,
     Purchase,
     PurchaseNotPayable,
     UnknownPlan,
+    UpgradeBasis,
 )
 from vpnd.money import format_money
 from vpnd.pricing import (
@@ -53,14 +56,17 @@ from vpnd.pricing import (
     InvalidAmount,
     Offer,
     Price,
+    UpgradeTerms,
     from_minor,
     min_price_minor,
+    pack_offer,
     plan_offer,
     price_offer,
     receipt_provider_data,
     received_to_minor,
     topup_offer,
 )
+from vpnd.quota import limits_of
 from vpnd.texts import Texts
 
 log = logging.getLogger("vpnd.payments")
@@ -92,6 +98,7 @@ def rules_of(app: App) -> PaymentRules:
         app.texts,
         default_language=config.telegram.default_language,
         notify_chat_id=config.payments.notify_chat_id or None,
+        limits_for=partial(limits_of, config),
     )
 
 
@@ -114,6 +121,66 @@ def _plan(app: App, plan_code: str) -> Plan:
     if plan is None:
         raise UnknownPlan(plan_code)
     return plan
+
+
+def _pack(app: App, pack_code: str) -> TrafficPack:
+    pack = app.config.traffic_pack(pack_code)
+    if pack is None:
+        raise UnknownPlan(pack_code)
+    return pack
+
+
+@attrs.frozen
+class Item:
+    """What a purchase is of — a plan or a traffic pack — with its offer and the texts of its invoice."""
+
+    offer: Offer
+    title: str
+    description: str
+
+
+def item_of(app: App, code: str, *, pack: bool, language: str, currency: str | None = None) -> Item:
+    """The plan (or, with `pack`, the traffic pack) `code` as an offer in `currency` (default: its own).
+
+    Raises UnknownPlan, InvalidAmount (no price in `currency`).
+    """
+    if pack:
+        found = _pack(app, code)
+        title = found.label(language)
+        text = _plain(app.texts, language, "payments.invoice_pack", title=title, gb=found.gb)
+        return Item(pack_offer(found, currency), title, text)
+    plan = _plan(app, code)
+    title = plan.title.get(language, plan.code)
+    text = _plain(app.texts, language, "payments.invoice_plan", title=title, days=plan.days)
+    return Item(plan_offer(plan, currency), title, text)
+
+
+def _pack_allowed(conn: psycopg.Connection[Any], user_id: int, config: Config) -> bool:
+    sub = subscriptions.get_subscription(conn, user_id)
+    if sub is None or not sub.is_active(dt.datetime.now(dt.UTC)):
+        return False
+    return limits_of(config, sub.plan_code, sub.kind).limits_traffic
+
+
+async def pack_allowed(app: App, user_id: int) -> bool:
+    """Traffic packs are sold only to a user whose active subscription's plan has a traffic quota."""
+    return await app.db.run(_pack_allowed, user_id, app.config)
+
+
+async def _check_item(app: App, user_id: int, code: str, *, pack: bool) -> None:
+    """Refuse what is not for sale to this user: a pack without a quota to add to (PackNotAvailable),
+    the trial plan, and a hidden plan unless it is the user's own running plan (renewing it is allowed)."""
+    if pack:
+        if not await pack_allowed(app, user_id):
+            raise PackNotAvailable(code)
+        return
+    plan = _plan(app, code)
+    if plan.trial:
+        raise UnknownPlan(code)
+    if not plan.visible:
+        sub = await app.db.run(subscriptions.get_subscription, user_id)
+        if sub is None or sub.plan_code != plan.code:
+            raise UnknownPlan(code)
 
 
 async def _create_purchase(app: App, user_id: int, offer: Offer, method: purchases.Method) -> Purchase:
@@ -175,6 +242,11 @@ class Quote:
     promo_code: str | None
     balance_minor: int
     balance_currency: str
+    #: A pro-rata upgrade from the running paid plan: its basis (None: not an upgrade) and the terms in
+    #: the quoted currency and in Stars (None: the credit does not apply in that currency).
+    upgrade: UpgradeBasis | None = None
+    upgrade_terms: UpgradeTerms | None = None
+    upgrade_stars: UpgradeTerms | None = None
 
     @property
     def balance_covers(self) -> bool:
@@ -182,6 +254,15 @@ class Quote:
             self.price.currency.upper() == self.balance_currency.upper()
             and self.balance_minor >= self.price.amount_minor
         )
+
+    @property
+    def fiat_offered(self) -> bool:
+        """The plan can be bought in the quoted currency (an upgrade whose credit is too large cannot)."""
+        return self.upgrade_terms is None or self.upgrade_terms.offered
+
+    @property
+    def stars_offered(self) -> bool:
+        return bool(self.price.stars) and (self.upgrade_stars is None or self.upgrade_stars.offered)
 
 
 async def quote_plan(app: App, user_id: int, plan_code: str, *, currency: str | None = None) -> Quote:
@@ -193,16 +274,29 @@ async def quote_plan(app: App, user_id: int, plan_code: str, *, currency: str | 
     offer = plan_offer(plan, currency)
     payments = app.config.payments
 
-    def read(conn: psycopg.Connection[Any]) -> tuple[int, promo.PromoCheck | None]:
+    def read(conn: psycopg.Connection[Any]) -> tuple[int, promo.PromoCheck | None, UpgradeBasis | None]:
         found = users.balance_and_pending_promo(conn, user_id)
         if found is None:
             raise purchases.UnknownUser(user_id)
         balance, code = found
-        return balance, promo.validate_promo(conn, user_id, code) if code else None
+        basis = purchases.upgrade_basis(conn, user_id)
+        return balance, promo.validate_promo(conn, user_id, code) if code else None, basis
 
-    balance, check = await app.db.run(read)
+    balance, check, basis = await app.db.run(read)
+    floor = min_price_minor(payments, offer.currency)
+    if basis is not None and basis.plan_code != plan.code:
+        # A switch from the running plan: the credit replaces any promo code (the purchase does the same).
+        fiat = basis.terms(offer.price_minor, offer.currency, floor)
+        stars = basis.terms(offer.stars, STARS_CURRENCY, 1) if offer.stars else None
+        price = price_offer(offer, 0, floor)
+        if fiat is not None and fiat.price_minor is not None:
+            price = attrs.evolve(price, amount_minor=fiat.price_minor)
+        if stars is not None and stars.price_minor is not None:
+            price = attrs.evolve(price, stars=stars.price_minor)
+        if fiat is not None or stars is not None:
+            return Quote(plan, price, None, balance, payments.currency, basis, fiat, stars)
     percent = check.promo.percent if check is not None and check.ok and check.promo is not None else 0
-    price = price_offer(offer, percent, min_price_minor(payments, offer.currency))
+    price = price_offer(offer, percent, floor)
     code = check.promo.code if percent and check is not None and check.promo is not None else None
     return Quote(plan, price, code, balance, payments.currency)
 
@@ -273,23 +367,23 @@ async def start_cryptopay_purchase(
     topup_minor: int | None = None,
     paid_btn_url: str | None = None,
     language: str = "en",
+    pack: bool = False,
 ) -> tuple[Purchase, str]:
-    """Create a purchase (a plan, or a top-up of `topup_minor`) and its Crypto Pay invoice.
+    """Create a purchase (a plan — with `pack`, the traffic pack `plan_code` — or a top-up of
+    `topup_minor`) and its Crypto Pay invoice.
 
     Returns the purchase (with its invoice attached) and the URL to pay at. Raises UnknownPlan,
-    pricing.InvalidAmount (top-up out of bounds), UnknownUser, ProviderUnavailable (Crypto Pay
-    refused or failed; the purchase is then cancelled).
+    PackNotAvailable, UpgradeNotOffered, pricing.InvalidAmount (top-up out of bounds), UnknownUser,
+    ProviderUnavailable (Crypto Pay refused or failed; the purchase is then cancelled).
     """
     if (plan_code is None) == (topup_minor is None):
         raise ValueError("give exactly one of plan_code and topup_minor")
     if not app.config.cryptopay.enabled:
         raise MethodUnavailable("Crypto Pay is switched off")
     if plan_code is not None:
-        plan = _plan(app, plan_code)
-        offer = plan_offer(plan)
-        description = _plain(
-            app.texts, language, "payments.invoice_plan", title=plan.title.get(language, plan.code), days=plan.days
-        )
+        await _check_item(app, user_id, plan_code, pack=pack)
+        item = item_of(app, plan_code, pack=pack, language=language)
+        offer, description = item.offer, item.description
     else:
         assert topup_minor is not None
         offer = topup_offer(topup_minor, app.config.payments)
@@ -386,21 +480,29 @@ class TelegramInvoice:
 
 
 async def start_stars_purchase(
-    app: App, user_id: int, plan_code: str, *, language: str = "en", cryptopay: CryptoPayClient | None = None
+    app: App,
+    user_id: int,
+    plan_code: str,
+    *,
+    language: str = "en",
+    cryptopay: CryptoPayClient | None = None,
+    pack: bool = False,
 ) -> TelegramInvoice:
-    """Create a Stars purchase of a plan. Raises UnknownPlan, MethodUnavailable (no Stars price), UnknownUser.
+    """Create a Stars purchase of a plan (with `pack`: of a traffic pack). Raises UnknownPlan,
+    PackNotAvailable, UpgradeNotOffered, MethodUnavailable (no Stars price), UnknownUser.
 
     `cryptopay` deletes the Crypto Pay invoices this purchase supersedes (after its commit).
     """
     if not app.config.stars.enabled:
         raise MethodUnavailable("Telegram Stars are switched off")
-    plan = _plan(app, plan_code)
-    purchase = await _create_purchase(app, user_id, plan_offer(plan), "stars")
+    await _check_item(app, user_id, plan_code, pack=pack)
+    item = item_of(app, plan_code, pack=pack, language=language)
+    purchase = await _create_purchase(app, user_id, item.offer, "stars")
     await delete_superseded_invoices(app, cryptopay, purchase.id)
     assert purchase.stars is not None
-    title = plan.title.get(language, plan.code)
-    description = _plain(app.texts, language, "payments.invoice_plan", title=title, days=plan.days)
-    return TelegramInvoice(purchase, title[:32], description[:255], str(purchase.id), STARS_CURRENCY, purchase.stars)
+    return TelegramInvoice(
+        purchase, item.title[:32], item.description[:255], str(purchase.id), STARS_CURRENCY, purchase.stars
+    )
 
 
 def _purchase_id(payload: str | int) -> int | None:
@@ -471,27 +573,34 @@ async def finalize_stars_payment(
 # --- cards (Telegram Payments) ----------------------------------------------------------------
 
 
-def card_price_available(app: App, plan: Plan) -> bool:
-    """Cards are configured and the plan has a price in the card currency."""
+def card_price_available(app: App, plan: Plan | TrafficPack) -> bool:
+    """Cards are configured and the plan (or pack) has a price in the card currency."""
     return app.config.telegram_payments.enabled and plan.price_in(app.config.card_currency) is not None
 
 
 async def start_card_purchase(
-    app: App, user_id: int, plan_code: str, *, language: str = "en", cryptopay: CryptoPayClient | None = None
+    app: App,
+    user_id: int,
+    plan_code: str,
+    *,
+    language: str = "en",
+    cryptopay: CryptoPayClient | None = None,
+    pack: bool = False,
 ) -> TelegramInvoice:
-    """Create a card purchase of a plan in the card currency.
+    """Create a card purchase of a plan (with `pack`: of a traffic pack) in the card currency.
 
-    Raises UnknownPlan, MethodUnavailable (cards off, or no price in the card currency), UnknownUser.
-    `cryptopay` deletes the Crypto Pay invoices this purchase supersedes (after its commit).
+    Raises UnknownPlan, PackNotAvailable, UpgradeNotOffered, MethodUnavailable (cards off, or no price in
+    the card currency), UnknownUser. `cryptopay` deletes the Crypto Pay invoices this purchase supersedes.
     """
     config = app.config.telegram_payments
-    plan = _plan(app, plan_code)
-    if not card_price_available(app, plan):
-        raise MethodUnavailable(f"plan {plan_code} is not sold by card in {app.config.card_currency}")
-    purchase = await _create_purchase(app, user_id, plan_offer(plan, app.config.card_currency), "card")
+    await _check_item(app, user_id, plan_code, pack=pack)
+    sold: Plan | TrafficPack = _pack(app, plan_code) if pack else _plan(app, plan_code)
+    if not card_price_available(app, sold):
+        raise MethodUnavailable(f"{plan_code} is not sold by card in {app.config.card_currency}")
+    item = item_of(app, plan_code, pack=pack, language=language, currency=app.config.card_currency)
+    purchase = await _create_purchase(app, user_id, item.offer, "card")
     await delete_superseded_invoices(app, cryptopay, purchase.id)
-    title = plan.title.get(language, plan.code)
-    description = _plain(app.texts, language, "payments.invoice_plan", title=title, days=plan.days)
+    title, description = item.title, item.description
     provider_data = None
     if config.receipt:
         provider_data = receipt_provider_data(description, purchase.amount_minor, purchase.currency, config.vat_code)
@@ -555,16 +664,17 @@ def _buy_with_balance(
 
 
 async def pay_with_balance(
-    app: App, user_id: int, plan_code: str, *, cryptopay: CryptoPayClient | None = None
+    app: App, user_id: int, plan_code: str, *, cryptopay: CryptoPayClient | None = None, pack: bool = False
 ) -> FinalizeOutcome:
-    """Buy a plan from the balance in one transaction (purchase created, debited, granted).
+    """Buy a plan (with `pack`: a traffic pack) from the balance in one transaction (purchase created,
+    debited, granted).
 
-    Raises (nothing changed): UnknownPlan, UnknownUser, MethodUnavailable (plan in another
-    currency), ledger.InsufficientBalance (`.needed_minor`, `.balance_minor`). `cryptopay` deletes
-    the Crypto Pay invoices this purchase supersedes (after its commit).
+    Raises (nothing changed): UnknownPlan, PackNotAvailable, UpgradeNotOffered, UnknownUser,
+    MethodUnavailable (priced in another currency), ledger.InsufficientBalance (`.needed_minor`,
+    `.balance_minor`). `cryptopay` deletes the Crypto Pay invoices this purchase supersedes (after its commit).
     """
-    plan = _plan(app, plan_code)
-    offer = plan_offer(plan)
+    await _check_item(app, user_id, plan_code, pack=pack)
+    offer = item_of(app, plan_code, pack=pack, language="en").offer
     payments = app.config.payments
     if offer.currency.upper() != payments.currency.upper():
         raise MethodUnavailable("the plan is priced in another currency than the balance")

@@ -8,6 +8,12 @@ ALTER TABLE subscriptions
 ALTER TABLE purchases DROP CONSTRAINT IF EXISTS purchases_kind_check,
     ADD CONSTRAINT purchases_kind_check CHECK (kind IN ('plan', 'topup', 'pack'));
 ALTER TABLE payments ADD COLUMN IF NOT EXISTS granted_bytes bigint;
+-- A pro-rata upgrade (the plan replaced, its credit, that plan's end when quoted) and a pack's bytes.
+ALTER TABLE purchases
+    ADD COLUMN IF NOT EXISTS upgrade_from text,
+    ADD COLUMN IF NOT EXISTS upgrade_credit_minor bigint NOT NULL DEFAULT 0 CHECK (upgrade_credit_minor >= 0),
+    ADD COLUMN IF NOT EXISTS upgrade_basis_expires_at timestamptz,
+    ADD COLUMN IF NOT EXISTS pack_bytes bigint CHECK (pack_bytes IS NULL OR pack_bytes > 0);
 
 CREATE TABLE IF NOT EXISTS traffic_periods (
     user_id      bigint NOT NULL REFERENCES users (id),

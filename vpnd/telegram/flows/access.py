@@ -170,6 +170,8 @@ async def my_subscription(turn: Turn, notice: str = "") -> None:
     toggle = "sub.auto_renew_toggle_off" if sub.auto_renew else "sub.auto_renew_toggle_on"
     card = await turn.app.db.run(checkout_db.saved_method, turn.user.id)
     card_rows = [[kb.button(turn.t("sub.card_remove", title=card.title or "•"), "card:rm")]] if card else []
+    if status == "active" and limits_of(turn.app.config, sub.plan_code, sub.kind).limits_traffic:
+        card_rows.append([kb.button(turn.t("quota.buy_pack"), "packs")])  # extra traffic for this period
     await turn.show(
         text,
         kb.keyboard(
