@@ -143,8 +143,10 @@ async def test_tiers_side_by_side_and_plans_not_on_sale_refused(
             (ALICE,),
         )
     with trio.fail_after(30):
-        forge_press(fake, plans, "plan:legacy")
-        methods = await fake.wait_for_bot_message(ALICE, lambda m: "pay:legacy:b" in m.callback_data)
+        fake.user_sends(ALICE, "/buy")
+        plans = await fake.wait_for_bot_message(ALICE, lambda m: "plan:legacy" in m.callback_data)
+        assert "Renew Legacy — 2.00 USD" in str(plans.buttons) and "Legacy" not in (plans.text or "")
+        methods = await press(fake, plans, "plan:legacy", predicate=lambda m: "pay:legacy:b" in m.callback_data)
         assert "2.00 USD" in (methods.text or "")
         await press(fake, methods, "pay:legacy:b", predicate=lambda m: "Paid from your balance" in (m.text or ""))
     assert scalar(db_dsn, "SELECT round(extract(epoch FROM expires_at - now()) / 86400) FROM subscriptions") == 35

@@ -92,6 +92,13 @@ async def choose_plan(turn: Turn) -> None:
         )
         label = turn.t("buy.plan_button", title=title, price=_money(quote.price.amount_minor, quote.price.currency))
         rows.append([kb.button(label, f"plan:{plan.code}")])
+    own = await _own_hidden_plan(turn)
+    if own is not None:  # no longer on sale, but its subscribers may renew it
+        quote = await service.quote_plan(turn.app, turn.user.id, own.code)
+        price = _money(quote.price.amount_minor, quote.price.currency)
+        rows.append(
+            [kb.button(turn.t("buy.renew_button", title=own.label(turn.lang), price=price), f"plan:{own.code}")]
+        )
     if turn.ctx.cryptopay is not None:
         rows.append([kb.button(turn.t("buy.topup"), "topup")])
     rows.append([kb.button(turn.t("common.menu"), "menu")])
@@ -103,6 +110,13 @@ def _escape(text: str) -> str:
     import html
 
     return html.escape(text, quote=False)
+
+
+async def _own_hidden_plan(turn: Turn) -> Plan | None:
+    """The user's current plan when it is hidden (not the trial): they may renew it."""
+    sub = await turn.app.db.run(subscriptions.get_subscription, turn.user.id)
+    plan = turn.app.config.plan(sub.plan_code) if sub is not None and sub.plan_code else None
+    return plan if plan is not None and not plan.visible and not plan.trial else None
 
 
 async def _plan_for_sale(turn: Turn, plan_code: str) -> Plan | None:

@@ -40,6 +40,9 @@ def _line(turn: Turn, entry: history.HistoryEntry) -> str:
     if entry.kind == "plan":
         plan = turn.app.config.plan(entry.plan_code or "")
         what = plan.title.get(turn.lang, plan.code) if plan is not None else entry.plan_code or "?"
+    elif entry.kind == "pack":
+        pack = turn.app.config.traffic_pack(entry.plan_code or "")
+        what = pack.label(turn.lang) if pack is not None else entry.plan_code or "?"
     else:
         what = turn.t("history.topup")
     return turn.t(
