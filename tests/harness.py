@@ -259,6 +259,7 @@ def with_token(config: Config) -> Config:
 
 # --- vpnd as a process (`python -m vpnd run`) -------------------------------------------------------------
 
+
 @attrs.define(eq=False)
 class NotifySocket:
     """A unix datagram socket playing systemd's NOTIFY_SOCKET; records every message with its time."""
@@ -355,3 +356,25 @@ async def wait_ready(daemon: Daemon, http_url: str, timeout: float = 30) -> floa
     daemon.http_url = http_url
     return at - daemon.started_at
 
+
+def vpnd_cli(config_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`run(*args)`: `python -m vpnd *args --config <config_path>` as a real process (no inherited
+    environment but PATH: no secret leaks in from the test's), output captured."""
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "vpnd", *args, "--config", str(config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin"},
+        )
+
+    return run
+
+
+def cli_result(process: subprocess.CompletedProcess[str]) -> Any:
+    """The `result` of a `--json` CLI answer that must have succeeded."""
+    document = json.loads(process.stdout)
+    assert document["ok"] is True, document
+    return document["result"]

@@ -922,25 +922,8 @@ def _read_traffic_packs(name: str, raw: object) -> tuple[TrafficPack, ...]:
 
 
 def _read_traffic_pack(name: str, where: str, table: object) -> TrafficPack:
-    if not isinstance(table, dict):
-        raise ConfigError(name, where, f"expected a table, got {_show(table)}")
-    unknown = set(table) - PACK_KEYS
-    if unknown:
-        key = sorted(unknown)[0]
-        raise ConfigError(name, f"{where}.{key}", f"unknown key (known: {', '.join(sorted(PACK_KEYS))})")
-    missing = PACK_KEYS - set(table) - {"title", "stars", "prices"}
-    if missing:
-        raise ConfigError(name, f"{where}.{sorted(missing)[0]}", "missing required key")
-
-    def field(key: str, reader: Callable[[object], T], default: object = None) -> T:
-        try:
-            return reader(table.get(key, default))
-        except ValueError as exc:
-            raise ConfigError(name, f"{where}.{key}", str(exc)) from None
-
-    code = field("code", read_str)
-    if not re.fullmatch(r"[a-z0-9_]{1,32}", code):
-        raise ConfigError(name, f"{where}.code", f"expected 1-32 of a-z, 0-9, _, got {_show(code)}")
+    field = _table_reader(name, where, table, PACK_KEYS, required=PACK_KEYS - {"title", "stars", "prices"})
+    code = _read_code(name, where, field)
     gb = field("gb", in_range(read_int, 1, 1_000_000))
     pack = TrafficPack(
         code=code,
@@ -951,27 +934,20 @@ def _read_traffic_pack(name: str, where: str, table: object) -> TrafficPack:
         stars=field("stars", in_range(read_int, 0, MAX_STARS), 0),
         prices=field("prices", _read_prices, {}),
     )
-    from vpnd import pricing
-
-    for key, currency in [("price", pack.currency), *((f"prices.{c}", c) for c in pack.prices)]:
-        try:
-            pricing.to_minor(pack.price_in(currency) or Decimal(0), currency)
-        except pricing.InvalidAmount as exc:
-            raise ConfigError(
-                name, f"{where}.{key}", f"expected a price in whole {currency} minor units: {exc}"
-            ) from None
+    _check_prices(name, where, pack)
     return pack
 
 
-def _read_plan(name: str, where: str, table: object) -> Plan:
+def _table_reader(name: str, where: str, table: object, keys: set[str], *, required: set[str]) -> Callable[..., Any]:
+    """For one table of an array (`[[plans]]`, `[[traffic_packs]]`): refuse unknown and missing keys, and
+    return `field(key, reader, default=None)`, which reads a key and names it in its error."""
     if not isinstance(table, dict):
         raise ConfigError(name, where, f"expected a table, got {_show(table)}")
-    unknown = set(table) - PLAN_KEYS
+    unknown = set(table) - keys
     if unknown:
         key = sorted(unknown)[0]
-        raise ConfigError(name, f"{where}.{key}", f"unknown key (known: {', '.join(sorted(PLAN_KEYS))})")
-    is_trial = table.get("trial") is True
-    missing = PLAN_KEYS - set(table) - PLAN_OPTIONAL - ({"price", "currency"} if is_trial else set())
+        raise ConfigError(name, f"{where}.{key}", f"unknown key (known: {', '.join(sorted(keys))})")
+    missing = required - set(table)
     if missing:
         raise ConfigError(name, f"{where}.{sorted(missing)[0]}", "missing required key")
 
@@ -981,9 +957,34 @@ def _read_plan(name: str, where: str, table: object) -> Plan:
         except ValueError as exc:
             raise ConfigError(name, f"{where}.{key}", str(exc)) from None
 
-    code = field("code", read_str)
+    return field
+
+
+def _read_code(name: str, where: str, field: Callable[..., Any]) -> str:
+    code: str = field("code", read_str)
     if not re.fullmatch(r"[a-z0-9_]{1,32}", code):
         raise ConfigError(name, f"{where}.code", f"expected 1-32 of a-z, 0-9, _, got {_show(code)}")
+    return code
+
+
+def _check_prices(name: str, where: str, item: Plan | TrafficPack) -> None:
+    """Every price of a plan or a pack must be a whole number of its currency's minor units."""
+    from vpnd import pricing
+
+    for key, currency in [("price", item.currency), *((f"prices.{c}", c) for c in item.prices)]:
+        try:
+            pricing.to_minor(item.price_in(currency) or Decimal(0), currency)
+        except pricing.InvalidAmount as exc:
+            raise ConfigError(
+                name, f"{where}.{key}", f"expected a price in whole {currency} minor units: {exc}"
+            ) from None
+
+
+def _read_plan(name: str, where: str, table: object) -> Plan:
+    is_trial = isinstance(table, dict) and table.get("trial") is True
+    required = PLAN_KEYS - PLAN_OPTIONAL - ({"price", "currency"} if is_trial else set())
+    field = _table_reader(name, where, table, PLAN_KEYS, required=required)
+    code = _read_code(name, where, field)
     plan = Plan(
         code=code,
         title=field("title", _read_title, code),
@@ -1002,17 +1003,8 @@ def _read_plan(name: str, where: str, table: object) -> Plan:
     )
     if plan.trial and plan.visible:
         raise ConfigError(name, f"{where}.visible", "a trial plan is never sold: leave visible out or set it to false")
-    from vpnd import pricing
-
-    for key, currency in [("price", plan.currency), *((f"prices.{c}", c) for c in plan.prices)]:
-        if plan.trial:
-            break
-        try:
-            pricing.plan_offer(plan, currency)
-        except pricing.InvalidAmount as exc:
-            raise ConfigError(
-                name, f"{where}.{key}", f"expected a price in whole {currency} minor units: {exc}"
-            ) from None
+    if not plan.trial:
+        _check_prices(name, where, plan)
     return plan
 
 

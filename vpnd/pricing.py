@@ -113,31 +113,29 @@ class Offer:
     pack_bytes: int | None = None
 
 
+def _list_price(item: Plan | TrafficPack, what: str, currency: str | None) -> tuple[str, int]:
+    """(currency, minor units) of `item`'s price in `currency` (default: its own); InvalidAmount when not sold in it."""
+    currency = item.currency if currency is None or currency.upper() == item.currency.upper() else currency.upper()
+    price = item.price_in(currency)
+    if price is None:
+        raise InvalidAmount(f"{what} {item.code} has no price in {currency}")
+    return currency, to_minor(price, currency)
+
+
 def plan_offer(plan: Plan, currency: str | None = None) -> Offer:
     """The plan at its list price in `currency` (default: its own); InvalidAmount when not sold in it."""
-    currency = plan.currency if currency is None or currency.upper() == plan.currency.upper() else currency.upper()
-    price = plan.price_in(currency)
-    if price is None:
-        raise InvalidAmount(f"plan {plan.code} has no price in {currency}")
+    currency, minor = _list_price(plan, "plan", currency)
     return Offer(
-        kind="plan",
-        price_minor=to_minor(price, currency),
-        currency=currency,
-        plan_code=plan.code,
-        days=plan.days,
-        stars=plan.stars or None,
+        kind="plan", price_minor=minor, currency=currency, plan_code=plan.code, days=plan.days, stars=plan.stars or None
     )
 
 
 def pack_offer(pack: TrafficPack, currency: str | None = None) -> Offer:
     """The traffic pack at its price in `currency` (default: its own); InvalidAmount when not sold in it."""
-    currency = pack.currency if currency is None or currency.upper() == pack.currency.upper() else currency.upper()
-    price = pack.price_in(currency)
-    if price is None:
-        raise InvalidAmount(f"traffic pack {pack.code} has no price in {currency}")
+    currency, minor = _list_price(pack, "traffic pack", currency)
     return Offer(
         kind="pack",
-        price_minor=to_minor(price, currency),
+        price_minor=minor,
         currency=currency,
         plan_code=pack.code,
         stars=pack.stars or None,

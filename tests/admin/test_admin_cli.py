@@ -7,14 +7,13 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 import trio
 
 from tests.admin.harness import give_subscription, seed_users, start_admin_vpnd
-from tests.harness import bot_config, sql
+from tests.harness import bot_config, cli_result, sql, vpnd_cli
 from vpnd.db import broadcasts as bdb
 from vpnd_sandbox.telegram_fake import FakeTelegram
 
@@ -23,22 +22,10 @@ from vpnd_sandbox.telegram_fake import FakeTelegram
 def cli(write_config: Callable[..., Path], db_dsn: str) -> Callable[..., subprocess.CompletedProcess[str]]:
     path = write_config(database={"dsn": db_dsn})
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "vpnd", *args, "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={"PATH": "/usr/bin:/bin"},
-        )
-
-    return run
+    return vpnd_cli(path)
 
 
-def result(process: subprocess.CompletedProcess[str]) -> Any:
-    document = json.loads(process.stdout)
-    assert document["ok"] is True, document
-    return document["result"]
+result = cli_result
 
 
 def test_stats_and_user_lookup(cli: Callable[..., subprocess.CompletedProcess[str]], db_dsn: str) -> None:

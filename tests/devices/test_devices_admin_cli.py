@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.devices.harness import PLANS
-from tests.harness import sql
+from tests.harness import sql, vpnd_cli
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -20,16 +19,7 @@ Cli = Callable[..., subprocess.CompletedProcess[str]]
 def cli(write_config: Callable[..., Path], db_dsn: str) -> Cli:
     path = write_config(PLANS, database={"dsn": db_dsn})
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "vpnd", *args, "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={"PATH": "/usr/bin:/bin"},
-        )
-
-    return run
+    return vpnd_cli(path)
 
 
 def seed(db_dsn: str) -> None:

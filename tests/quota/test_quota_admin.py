@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 
 from tests.admin.harness import seed_users
-from tests.harness import PLANS, scalar, sql
+from tests.harness import PLANS, cli_result, scalar, sql, vpnd_cli
 from vpnd.db.subscriptions import grant_days
 
 GIB = 2**30
@@ -33,22 +31,10 @@ def cli(tmp_path: Path, db_dsn: str) -> Cli:
     path = tmp_path / "config.toml"
     path.write_text(f"[database]\ndsn = {json.dumps(db_dsn)}\n\n" + QUOTA_PLANS)
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "vpnd", *args, "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={"PATH": "/usr/bin:/bin"},
-        )
-
-    return run
+    return vpnd_cli(path)
 
 
-def result(process: subprocess.CompletedProcess[str]) -> Any:
-    document = json.loads(process.stdout)
-    assert document["ok"] is True, document
-    return document["result"]
+result = cli_result
 
 
 def subscribe(dsn: str, user_id: int, plan: str) -> None:
