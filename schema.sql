@@ -311,6 +311,8 @@ CREATE TABLE traffic_periods (
 );
 CREATE UNIQUE INDEX traffic_periods_current_idx ON traffic_periods (user_id) WHERE current;
 CREATE INDEX traffic_periods_due_idx ON traffic_periods (ends_at, user_id) WHERE current AND ends_at IS NOT NULL;
+-- Housekeeping deletes closed periods past `[workers].audit_retention_days`.
+CREATE INDEX traffic_periods_closed_idx ON traffic_periods (started_at) WHERE NOT current;
 
 -- Devices that fetched a subscription URL with a device id (`x-hwid`), for the plan's device limit.
 CREATE TABLE devices (

@@ -400,3 +400,20 @@ def test_roll_after_the_plan_got_longer_periods_extends_the_current_one(env: Env
     assert roll(env).rolled == 1
     assert env.period().ends_at is None  # type: ignore[union-attr]
     assert env.run(quota.next_reset)[0] is None
+
+
+def test_housekeeping_prunes_only_old_closed_periods(env: Env) -> None:
+    env.grant("q1")
+    env.traffic(USER, 1000)  # the current period, opened now
+    old = [f"now() - interval '{days} days'" for days in (400, 380, 10)]
+    for started in old:  # history: two closed periods past a year, one recent
+        env.sql(
+            f"INSERT INTO traffic_periods (user_id, started_at, ends_at, used_bytes, current) "
+            f"VALUES (%s, {started}, {started} + interval '30 days', 5, false)",
+            USER,
+        )
+    assert env.run(quota.prune_closed_periods, 365, 1) == 1  # batches: oldest first
+    assert env.run(quota.prune_closed_periods, 365, 100) == 1
+    assert env.run(quota.prune_closed_periods, 365, 100) == 0
+    left = env.sql("SELECT current, used_bytes FROM traffic_periods WHERE user_id = %s ORDER BY started_at", USER)
+    assert left == [(False, 5), (True, 1000)]

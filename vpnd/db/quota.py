@@ -444,3 +444,13 @@ def usage_of(conn: psycopg.Connection[Any], user_id: int, limits: Limits) -> Usa
         resets_at=usage.resets_at,
         extra_devices=int(row[3]),
     )
+
+
+def prune_closed_periods(conn: psycopg.Connection[Any], days: int, limit: int) -> int:
+    """Delete up to `limit` closed periods (history) that started more than `days` ago, oldest first."""
+    cur = conn.execute(
+        "DELETE FROM traffic_periods WHERE (user_id, started_at) IN (SELECT user_id, started_at FROM traffic_periods "
+        "WHERE NOT current AND started_at < now() - make_interval(days => %s) ORDER BY started_at LIMIT %s)",
+        (days, limit),
+    )
+    return cur.rowcount

@@ -1,5 +1,6 @@
 """Housekeeping: delete expired conversation states, inbox/outbox rows and wrong promo attempts past
-`[workers].retention_days`, and admin audit rows past `[workers].audit_retention_days`.
+`[workers].retention_days`, and admin audit rows and closed traffic periods (history) past
+`[workers].audit_retention_days`.
 
 Every delete is a batch of at most `batch_size` rows in its own short transaction; a round does at
 most `max_batches` of each kind, so a large backlog is worked off over several rounds instead of
@@ -16,7 +17,7 @@ import psycopg
 import trio
 
 from vpnd.app import App
-from vpnd.db import admin, conversation, inbox, outbox, promo
+from vpnd.db import admin, conversation, inbox, outbox, promo, quota
 
 log = logging.getLogger("vpnd.workers.housekeeping")
 
@@ -54,5 +55,12 @@ async def housekeeping_round(app: App, *, batch_size: int, max_batches: int = MA
     audit_days = app.config.workers.audit_retention_days
     total += await _delete_in_batches(
         app, "admin_audit", lambda conn, n: admin.prune_audit(conn, audit_days, n), batch_size, max_batches
+    )
+    total += await _delete_in_batches(
+        app,
+        "traffic_periods",
+        lambda conn, n: quota.prune_closed_periods(conn, audit_days, n),
+        batch_size,
+        max_batches,
     )
     return total

@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS traffic_periods (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS traffic_periods_current_idx ON traffic_periods (user_id) WHERE current;
 CREATE INDEX IF NOT EXISTS traffic_periods_due_idx ON traffic_periods (ends_at, user_id) WHERE current AND ends_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS traffic_periods_closed_idx ON traffic_periods (started_at) WHERE NOT current;
 CREATE INDEX IF NOT EXISTS subscriptions_traffic_blocked_idx ON subscriptions (user_id) WHERE traffic_blocked;
 
 CREATE TABLE IF NOT EXISTS devices (
