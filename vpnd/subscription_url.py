@@ -104,20 +104,34 @@ def _base64(text: str) -> str:
     return "base64:" + base64.b64encode(text.encode()).decode("ascii")
 
 
-def refusal_of(config: Config, texts: Texts, fetch: Fetch, device_sent: bool) -> tuple[str, str] | None:
-    """Why this fetch gets no links although the subscription is active, as (profile title, announce
-    text) in the user's language; None when it gets them."""
+@attrs.frozen
+class Refusal:
+    """Why a fetch gets no links although the subscription is active, in the user's language."""
+
+    title: str
+    announce: str
+    #: The device limit refused it (v2RayTun also reads `x-hwid-limit: true`, as Remnawave sends it).
+    device_limit: bool = False
+
+
+def refusal_of(config: Config, texts: Texts, fetch: Fetch, device_sent: bool) -> Refusal | None:
+    """Why this fetch gets no links although the subscription is active (None: it gets them)."""
     language = fetch.language or config.telegram.default_language
     if fetch.traffic_blocked:
-        return texts.get(language, "devices.sub_traffic_title"), texts.get(language, "devices.sub_traffic_text")
+        return Refusal(
+            texts.get(language, "devices.sub_traffic_title"), texts.get(language, "devices.sub_traffic_text")
+        )
     if not device_sent and config.devices.missing_hwid == "deny":
-        return texts.get(language, "devices.sub_no_hwid_title"), texts.get(language, "devices.sub_no_hwid_text")
+        return Refusal(
+            texts.get(language, "devices.sub_no_hwid_title"), texts.get(language, "devices.sub_no_hwid_text")
+        )
     admission = fetch.admission
     if admission is not None and not admission.served:
         values = {"used": admission.used, "limit": admission.limit}
-        return (
+        return Refusal(
             texts.get(language, "devices.sub_limit_title", **values),
             texts.get(language, "devices.sub_limit_text", **values),
+            device_limit=True,
         )
     return None
 
@@ -129,10 +143,10 @@ def subscription_response(
     download: int,
     *,
     total: int = 0,
-    refusal: tuple[str, str] | None = None,
+    refusal: Refusal | None = None,
 ) -> Response:
     """The response to a fetch: the links when the subscription is active and nothing refuses them
-    (`refusal`: the profile title and announce text saying why not)."""
+    (`refusal`: why not, as the profile title and the `announce` header)."""
     now = dt.datetime.now(dt.UTC)
     active = subscription.is_active(now)
     try:
@@ -142,7 +156,7 @@ def subscription_response(
         # is being prepared, so the client app should simply ask again later.
         return Response.text("your key is being prepared\n", 503, [("retry-after", str(KEY_PENDING_RETRY_SECONDS))])
     body = subscription_body(links)
-    title = config.xray.link_name if refusal is None else refusal[0]
+    title = config.xray.link_name if refusal is None else refusal.title
     headers = [
         ("profile-update-interval", str(PROFILE_UPDATE_INTERVAL_HOURS)),
         (
@@ -150,7 +164,8 @@ def subscription_response(
             subscription_userinfo_header(upload, download, total, int(subscription.expires_at.timestamp())),
         ),
         ("profile-title", _base64(title)),
-        *([("announce", _base64(refusal[1]))] if refusal is not None else []),
+        *([("announce", _base64(refusal.announce))] if refusal is not None else []),
+        *([("x-hwid-limit", "true")] if refusal is not None and refusal.device_limit else []),
         ("cache-control", "no-store"),
     ]
     return Response(200, body, headers)

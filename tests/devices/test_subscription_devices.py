@@ -24,11 +24,13 @@ async def test_a_sixth_device_on_a_five_device_plan_gets_no_links(config_file: C
             [link] = links_of(response)
             assert parse_vless_link(link).uuid == str(sub.uuid)
             assert title_of(response) == "Fast VPN #1" and announce_of(response) is None
+            assert response.headers.get("x-hwid-limit") is None
 
         sixth = await s.fetch(sub, happ("device-6", model="Tablet"))
         assert links_of(sixth) == []  # a valid, empty subscription: the app shows the title, not an error
         assert title_of(sixth) == "⚠️ Device limit reached (5 of 5)"
         assert "My subscription → 📱 Devices" in (announce_of(sixth) or "")
+        assert sixth.headers.get("x-hwid-limit") == "true"  # v2RayTun's own marker of the device limit
         assert sql(db_dsn, "SELECT count(*) FROM devices WHERE user_id = 10") == [(5,)]
 
         # the five keep working at the limit, the sixth is refused again
