@@ -185,7 +185,7 @@ SELECT p.user_id, p.started_at, p.ends_at, p.used_bytes, p.extra_bytes, p.notifi
 FROM traffic_periods p
 JOIN subscriptions s ON s.user_id = p.user_id
 JOIN users u ON u.id = p.user_id
-WHERE p.current AND p.user_id = ANY(%(ids)s::bigint[]) AND s.status = 'active'
+WHERE p.current AND p.user_id = ANY(%(ids)s::bigint[]) AND s.status = 'active' AND s.expires_at > now()
   AND (p.notified > 0 OR p.used_bytes >= %(floor)s)
 ORDER BY p.user_id
 """
