@@ -37,7 +37,8 @@ SECRET_SOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("telegram_payments", "provider_token"): ("VPND_TELEGRAM_PAYMENTS_TOKEN", "telegram_payments_token"),
 }
 
-SUPPORTED_LANGUAGES = ("en", "ru")
+#: Languages with a catalog in `vpnd/locales/` (the first is the fallback for a missing text).
+SUPPORTED_LANGUAGES = ("en", "ru", "uk", "fa", "zh", "tr")
 
 
 class ConfigError(Exception):

@@ -5,7 +5,7 @@ in `Html` (already-safe markup such as a <code> link). A missing key in one lang
 English; a key missing everywhere is a bug and raises (tests check that every language has every key).
 
 Texts are values of the domain layer: loaded once when the app is built (`App.texts`, about 70 KB of
-JSON for two languages) and handed down to whoever renders a message — flows, workers, payments.
+JSON for six languages) and handed down to whoever renders a message — flows, workers, payments.
 Nothing loads them per call and nothing keeps them in a module global.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from importlib import resources
 
 import attrs
@@ -21,6 +21,21 @@ import attrs
 from vpnd.config import SUPPORTED_LANGUAGES
 
 FALLBACK = "en"
+
+
+def language_for(code: str | None, supported: Collection[str], default: str) -> str:
+    """The catalog for a Telegram `language_code` (an IETF tag such as "uk", "pt-br", "zh-hans"), or
+    `default` when we have none for it.
+
+    Only the primary subtag counts, so regional and script variants share their language's catalog:
+    "en-US" → en, "zh-hans"/"zh-CN" → zh. Traditional Chinese ("zh-hant", "zh-TW") gets the simplified
+    catalog too: it reads far better for those users than the English fallback. "pt-br" → `default`.
+    Underscores ("zh_CN", seen from some clients) count as hyphens; anything odd → `default`.
+    """
+    if not code:
+        return default
+    primary = code.strip().replace("_", "-").split("-")[0].lower()
+    return primary if primary in supported else default
 
 
 @attrs.frozen
@@ -47,12 +62,8 @@ class Texts:
         return cls({lang: json.loads((root / f"{lang}.json").read_text("utf-8")) for lang in SUPPORTED_LANGUAGES})
 
     def language(self, code: str | None, default: str = FALLBACK) -> str:
-        """Our language for a Telegram `language_code` such as "ru" or "en-US"."""
-        if code:
-            base = code.split("-")[0].lower()
-            if base in self.catalogs:
-                return base
-        return default
+        """Our language for a Telegram `language_code` such as "ru" or "en-US" (see `language_for`)."""
+        return language_for(code, self.catalogs.keys(), default)
 
     def get(self, lang: str, key: str, **values: object) -> str:
         catalog = self.catalogs.get(lang) or self.catalogs[FALLBACK]

@@ -14,6 +14,16 @@ MAX_CALLBACK_BYTES = 64
 Button = dict[str, str]
 Keyboard = dict[str, list[list[Button]]]
 
+#: The language menu: each language named in itself (a test keeps it equal to SUPPORTED_LANGUAGES).
+LANGUAGE_NAMES = {
+    "en": "🇬🇧 English",
+    "ru": "🇷🇺 Русский",
+    "uk": "🇺🇦 Українська",
+    "tr": "🇹🇷 Türkçe",
+    "fa": "🇮🇷 فارسی",
+    "zh": "🇨🇳 简体中文",
+}
+
 
 def button(text: str, data: str) -> Button:
     if len(data.encode()) > MAX_CALLBACK_BYTES:
@@ -49,7 +59,6 @@ def back_to_menu(t: Callable[[str], str]) -> Keyboard:
 
 
 def languages(t: Callable[[str], str]) -> Keyboard:
-    return keyboard(
-        [button("🇬🇧 English", "lang:en"), button("🇷🇺 Русский", "lang:ru")],
-        [button(t("common.back"), "menu")],
-    )
+    """Each language in its own name, two per row (the names are never translated)."""
+    choices = [button(name, f"lang:{code}") for code, name in LANGUAGE_NAMES.items()]
+    return keyboard(*(choices[i : i + 2] for i in range(0, len(choices), 2)), [button(t("common.back"), "menu")])
