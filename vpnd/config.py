@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 import attrs
 
+from vpnd.connect_apps import Catalog, CatalogError, load_catalog
+
 T = TypeVar("T")
 
 #: Secrets that may come from the environment or `$CREDENTIALS_DIRECTORY/<credential>`.
@@ -403,6 +405,15 @@ class DevicesConfig:
 
 
 @attrs.frozen
+class ConnectConfig:
+    #: The client apps catalog (`vpnd/connect_apps.toml` format); "" → the built-in one. A relative
+    #: path is relative to the configuration file's folder.
+    apps_file: str = ""
+    #: The catalog read from it (by `load_config`, so a mistake is a configuration error).
+    catalog: Catalog = attrs.field(factory=load_catalog, eq=False, repr=False)
+
+
+@attrs.frozen
 class Config:
     path: str
     telegram: TelegramConfig = TelegramConfig()
@@ -422,6 +433,7 @@ class Config:
     workers: WorkersConfig = WorkersConfig()
     broadcast: BroadcastConfig = BroadcastConfig()
     devices: DevicesConfig = DevicesConfig()
+    connect: ConnectConfig = ConnectConfig()
     plans: tuple[Plan, ...] = ()
     #: `[[nodes]]`: the remote Xray servers (the local one is `[xray]`).
     nodes: tuple[NodeConfig, ...] = ()
@@ -788,6 +800,7 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "paid_rate_per_second": in_range(read_number, 1, 1000),
     },
     "devices": {"missing_hwid": one_of("allow", "deny")},
+    "connect": {"apps_file": read_str},
 }
 
 SECTION_CLASSES: dict[str, type] = {
@@ -808,6 +821,7 @@ SECTION_CLASSES: dict[str, type] = {
     "workers": WorkersConfig,
     "broadcast": BroadcastConfig,
     "devices": DevicesConfig,
+    "connect": ConnectConfig,
 }
 
 PLAN_KEYS = {
@@ -865,6 +879,8 @@ def config_from_dict(raw: Mapping[str, Any], name: str, environ: Mapping[str, st
         if secret is not None:
             sections.setdefault(section, {})[key] = secret
 
+    if sections.get("connect", {}).get("apps_file"):
+        sections["connect"]["catalog"] = _read_catalog(name, sections["connect"]["apps_file"])
     values = {s: SECTION_CLASSES[s](**kwargs) for s, kwargs in sections.items()}
     plans = _read_plans(name, raw.get("plans", []))
     nodes = _read_nodes(name, raw.get("nodes", []))
@@ -872,6 +888,18 @@ def config_from_dict(raw: Mapping[str, Any], name: str, environ: Mapping[str, st
     config = Config(path=name, plans=plans, nodes=nodes, traffic_packs=packs, **values)
     check_whole(name, config)
     return config
+
+
+def _read_catalog(name: str, apps_file: str) -> Catalog:
+    path = Path(apps_file)
+    if not path.is_absolute():
+        path = Path(name).parent / path
+    try:
+        return load_catalog(path)
+    except OSError as exc:
+        raise ConfigError(name, "[connect].apps_file", f"cannot read {path}: {exc.strerror or exc}") from None
+    except CatalogError as exc:
+        raise ConfigError(name, "[connect].apps_file", f"{path}: {exc.key}: {exc.detail}") from None
 
 
 def _read_section(name: str, section: str, table: Mapping[str, Any]) -> dict[str, Any]:
@@ -1254,6 +1282,8 @@ def render_effective(config: Config) -> str:
         value = getattr(config, section)
         lines.append(f"\n[{section}]")
         for field in attrs.fields(type(value)):
+            if not field.repr:  # read from another file (the connect apps catalog), not a key
+                continue
             item = getattr(value, field.name)
             if (section, field.name) == ("database", "dsn"):
                 item = mask_dsn(item)

@@ -68,6 +68,8 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
         }
     ),
     "broadcast": frozenset({"paid", "progress_interval", "paid_rate_per_second"}),
+    # The apps file is re-read with the configuration: an edited copy shows up as "[connect].catalog".
+    "connect": frozenset({"apps_file", "catalog"}),
 }
 
 
