@@ -45,6 +45,7 @@ MAP: dict[str, str] = {
     "vpnd.errors": "domain",
     "vpnd.config": "domain",  # attrs values read once at start (and their parser)
     "vpnd.config_checks": "domain",  # gaps in the config values (pure)
+    "vpnd.connect_apps": "domain",  # the client apps catalog (a packaged data file, read with the config)
     "vpnd.masking": "domain",
     "vpnd.pricing": "domain",
     "vpnd.quota": "domain",
