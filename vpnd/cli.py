@@ -1,4 +1,4 @@
-"""The `vpnd` command: run, check-config, migrate, sandbox, and the operator's admin/broadcast commands
+"""The `vpnd` command: run, check-config, migrate, backup, restore, sandbox, and the operator's admin/broadcast commands
 (those live in `vpnd.admin_cli`). `run` hands the config to `vpnd.nurseries.root.run_daemon`.
 
 Exit codes: 0 ok, 1 failure (logged with its cause, once), 2 usage or configuration error.
@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("check-config", help="validate the config and print it, secrets masked"))
     migrate_parser = with_config(sub.add_parser("migrate", help="apply pending database migrations"))
     migrate_parser.add_argument("--check", action="store_true", help="only report pending migrations (exit 1 if any)")
+    backup_parser = with_config(
+        sub.add_parser("backup", help="write a pg_dump of the database to [backup].directory (and rotate)")
+    )
+    backup_parser.add_argument("--list", action="store_true", help="list the backups, newest first")
+    restore_parser = with_config(
+        sub.add_parser("restore", help="replace the database's contents with a backup (vpnd must be stopped)")
+    )
+    restore_parser.add_argument("file", help="a backup file (vpnd-<time>.dump), e.g. from `vpnd backup --list`")
+    restore_parser.add_argument("--yes", action="store_true", help="confirm: the current contents are replaced")
     sandbox = sub.add_parser("sandbox", help="run the demo: PostgreSQL, fake Telegram (web chat), fakes, vpnd")
     sandbox.add_argument("--port", type=int, default=8090, help="port of the web chat (default 8090)")
     add_admin_parsers(sub, with_config)
@@ -182,10 +191,73 @@ def _version() -> str:
     return __version__
 
 
+def cmd_backup(config: Config, args: argparse.Namespace) -> int:
+    """`vpnd backup`: one backup now (what cron or a systemd timer runs), or `--list` them."""
+    from vpnd.services import backup
+
+    settings = config.backup
+    if args.list:
+        backups = backup.list_backups(settings.directory)
+        for item in backups:
+            print(f"{item.path}  {item.taken_at:%Y-%m-%d %H:%M:%S} UTC  {backup.describe_size(item.size)}")
+        print(f"{len(backups)} backup(s) in {settings.directory} (keeping {settings.keep})", file=sys.stderr)
+        return 0
+    try:
+        require_runtime_secrets_db(config)
+        print(f"vpnd backup: dumping the database to {settings.directory} ...", file=sys.stderr)
+        result = trio.run(backup.create_backup, config.database.dsn, settings)
+    except ConfigError as exc:
+        print(f"vpnd: {exc}", file=sys.stderr)
+        return 2
+    except backup.BackupError as exc:
+        log.error("event=backup_failed cause=%s", _quote(str(exc)))
+        print(f"vpnd backup: failed: {exc}", file=sys.stderr)
+        return 1
+    log.info("event=backup_done file=%s bytes=%d seconds=%.1f", result.file.path, result.file.size, result.seconds)
+    print(f"{result.file.path}  {backup.describe_size(result.file.size)} in {result.seconds:.1f} s")
+    for old in result.deleted:
+        print(f"deleted {old} (keeping {settings.keep})", file=sys.stderr)
+    return 0
+
+
+def cmd_restore(config: Config, args: argparse.Namespace) -> int:
+    """`vpnd restore FILE --yes`: the database's contents become the backup's (all or nothing)."""
+    from pathlib import Path
+
+    from vpnd.services import backup
+
+    if not args.yes:
+        print(
+            f"vpnd restore: this replaces everything in the database with {args.file}; "
+            "stop vpnd, then run again with --yes",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        require_runtime_secrets_db(config)
+        print(f"vpnd restore: restoring {args.file} ...", file=sys.stderr)
+        result = trio.run(backup.restore_backup, config.database.dsn, config.backup, Path(args.file))
+    except ConfigError as exc:
+        print(f"vpnd: {exc}", file=sys.stderr)
+        return 2
+    except (backup.BackupError, psycopg.OperationalError) as exc:
+        log.error("event=restore_failed cause=%s", _quote(describe(exc)))
+        print(f"vpnd restore: failed: {describe(exc)}", file=sys.stderr)
+        return 1
+    code = packaged_schema().version
+    version = result.schema_version
+    print(f"restored {result.file} in {result.seconds:.1f} s; schema version {version} (this vpnd: {code})")
+    if version is not None and version < code:
+        print("the backup is older than this vpnd: run `vpnd migrate` before starting it", file=sys.stderr)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
     "run": cmd_run,
     "check-config": cmd_check_config,
     "migrate": cmd_migrate,
+    "backup": cmd_backup,
+    "restore": cmd_restore,
     "admin": cmd_admin,
     "broadcast": cmd_broadcast,
 }

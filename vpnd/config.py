@@ -398,6 +398,30 @@ class BroadcastConfig:
 
 
 @attrs.frozen
+class BackupConfig:
+    #: Where `vpnd backup` and the scheduled job write `vpnd-<UTC time>.dump` (pg_dump custom format).
+    directory: str = "/var/lib/vpnd/backups"
+    #: Backups kept; older ones are deleted after each successful backup (never after a failed one).
+    keep: int = 14
+    #: The daemon makes a backup when the newest is this old (0: no schedule; `vpnd backup` from cron).
+    interval_hours: float = 0.0
+    #: The "backup" health check fails (admins alerted) when the newest backup is older than this;
+    #: 0: twice `interval_hours` when a schedule is set, else no check.
+    max_age_hours: float = 0.0
+    #: The PostgreSQL client programs (a path, or a name looked up in PATH).
+    pg_dump: str = "pg_dump"
+    pg_restore: str = "pg_restore"
+    #: A dump or restore taking longer than this is stopped (and counts as failed).
+    timeout_minutes: float = 60.0
+
+    @property
+    def max_age_seconds(self) -> float:
+        """The health check's limit (0: no check)."""
+        hours = self.max_age_hours or 2 * self.interval_hours
+        return hours * 3600
+
+
+@attrs.frozen
 class DevicesConfig:
     #: What a subscription fetch without an `x-hwid` header gets: "allow" (the links, no device
     #: recorded) or "deny" (a profile saying an app that sends a device id is needed).
@@ -434,6 +458,7 @@ class Config:
     broadcast: BroadcastConfig = BroadcastConfig()
     devices: DevicesConfig = DevicesConfig()
     connect: ConnectConfig = ConnectConfig()
+    backup: BackupConfig = BackupConfig()
     plans: tuple[Plan, ...] = ()
     #: `[[nodes]]`: the remote Xray servers (the local one is `[xray]`).
     nodes: tuple[NodeConfig, ...] = ()
@@ -801,6 +826,15 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
     },
     "devices": {"missing_hwid": one_of("allow", "deny")},
     "connect": {"apps_file": read_str},
+    "backup": {
+        "directory": read_str,
+        "keep": in_range(read_int, 1, 10_000),
+        "interval_hours": in_range(read_number, 0, 24 * 365),
+        "max_age_hours": in_range(read_number, 0, 24 * 365),
+        "pg_dump": read_str,
+        "pg_restore": read_str,
+        "timeout_minutes": in_range(read_number, 1, 24 * 60),
+    },
 }
 
 SECTION_CLASSES: dict[str, type] = {
@@ -822,6 +856,7 @@ SECTION_CLASSES: dict[str, type] = {
     "broadcast": BroadcastConfig,
     "devices": DevicesConfig,
     "connect": ConnectConfig,
+    "backup": BackupConfig,
 }
 
 PLAN_KEYS = {

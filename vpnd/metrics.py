@@ -109,6 +109,8 @@ class Metrics:
     http_connections_open: Gauge = attrs.field(init=False)
     http_connections_closed_oldest: Counter = attrs.field(init=False)
     promo_attempts: Counter = attrs.field(init=False)
+    backups: Counter = attrs.field(init=False)
+    backup_age_seconds: Gauge = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -157,6 +159,12 @@ class Metrics:
         )
         self.promo_attempts = Counter(
             "vpnd_promo_attempts", "Promo codes typed by users, by result (ok, wrong, limited)", ["result"], registry=r
+        )
+        self.backups = Counter("vpnd_backups", "Scheduled backups by result (ok, failed)", ["result"], registry=r)
+        self.backup_age_seconds = Gauge(
+            "vpnd_backup_age_seconds",
+            "Age of the newest backup in [backup].directory (-1: none; set by the backup health check)",
+            registry=r,
         )
         r.register(_PoolCollector(self.db))
 

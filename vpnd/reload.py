@@ -70,6 +70,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "broadcast": frozenset({"paid", "progress_interval", "paid_rate_per_second"}),
     # The apps file is re-read with the configuration: an edited copy shows up as "[connect].catalog".
     "connect": frozenset({"apps_file", "catalog"}),
+    "backup": frozenset({"directory", "keep", "interval_hours", "max_age_hours", "pg_dump", "timeout_minutes"}),
 }
 
 

@@ -34,6 +34,7 @@ from vpnd.db import incidents, outbox, users
 from vpnd.db.rows import round_trip
 from vpnd.health import CheckResult, run_checks
 from vpnd.periodic import Period, run_periodic
+from vpnd.services import backup
 from vpnd.telegram.client import TrioBot
 from vpnd.texts import Texts
 from vpnd.workers.common import instant_key
@@ -154,6 +155,8 @@ class HealthChecker:
             probes["xray"] = self._xray
         if self.disk_path is not None:
             probes["disk"] = self._disk
+        if self.app.config.backup.max_age_seconds > 0:
+            probes["backup"] = self._backup
         return probes
 
     async def _database(self) -> CheckResult:
@@ -203,6 +206,19 @@ class HealthChecker:
         self.app.metrics.disk_free_bytes.set(usage.free)
         detail = f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB in {path}"
         return CheckResult(usage.free >= self.settings.min_free_bytes, detail)
+
+    async def _backup(self) -> CheckResult:
+        """Fails when the newest backup in `[backup].directory` is older than `[backup].max_age_hours`."""
+        settings = self.app.config.backup
+        age, newest = await trio.to_thread.run_sync(
+            backup.newest_age_seconds, settings.directory, dt.datetime.now(dt.UTC)
+        )
+        self.app.metrics.backup_age_seconds.set(-1 if age is None else age)
+        limit = settings.max_age_seconds
+        if age is None or newest is None:
+            return CheckResult(False, f"no backup in {settings.directory} (vpnd backup, or [backup].interval_hours)")
+        detail = f"newest backup {newest.path.name} is {age / 3600:.1f} h old (limit {limit / 3600:g} h)"
+        return CheckResult(age <= limit, detail)
 
     async def probe_all(self) -> dict[str, CheckResult]:
         return await run_checks(self.probes(), self.settings.probe_timeout)
