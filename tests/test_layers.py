@@ -48,7 +48,8 @@ MAP: dict[str, str] = {
     "vpnd.masking": "domain",
     "vpnd.pricing": "domain",
     "vpnd.quota": "domain",
-    "vpnd.devices": "domain",  # device ids from client apps' headers, bounded (pure)
+    "vpnd.devices": "domain",
+    "vpnd.account_page": "domain",  # the account page at the subscription URL: browser or app, the HTML (pure)  # device ids from client apps' headers, bounded (pure)
     "vpnd.money": "domain",
     "vpnd.texts": "domain",
     "vpnd.locales": "domain",
