@@ -48,8 +48,8 @@ MAP: dict[str, str] = {
     "vpnd.masking": "domain",
     "vpnd.pricing": "domain",
     "vpnd.quota": "domain",
-    "vpnd.devices": "domain",
-    "vpnd.account_page": "domain",  # the account page at the subscription URL: browser or app, the HTML (pure)  # device ids from client apps' headers, bounded (pure)
+    "vpnd.devices": "domain",  # device ids from client apps' headers, bounded (pure)
+    "vpnd.account_page": "domain",  # the subscription URL's page for browsers: browser or app, the HTML (pure)
     "vpnd.money": "domain",
     "vpnd.texts": "domain",
     "vpnd.locales": "domain",

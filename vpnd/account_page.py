@@ -316,7 +316,8 @@ def render_account_page(
         '<div class="qr">',
         qr_svg(links.subscription_url),
         '<div class="url">',
-        f'<input id="sub-url" type="text" readonly value="{_e(links.subscription_url)}" aria-label="{_e(t("page.url_label"))}">',
+        f'<input id="sub-url" type="text" readonly value="{_e(links.subscription_url)}"'
+        f' aria-label="{_e(t("page.url_label"))}">',
         f'<button type="button" class="btn btn-main" id="copy" hidden data-done="{_e(t("page.copied"))}">'
         f"{t('page.copy')}</button>",
         f'<p class="hint">{t("page.qr_hint")}</p>',
@@ -333,13 +334,13 @@ def render_account_page(
 
 
 def _status_hint(t: _Text, status: str, renew_url: str) -> str:
-    if status in ("active",):
+    if status == "active":
         return ""
     text = t(f"page.hint.{status}")
-    renew = ""
-    if renew_url and status in ("expired", "over_quota", "revoked"):
-        renew = f' <a class="btn btn-main" id="renew" href="{_e(renew_url)}" rel="noopener noreferrer">{t("page.renew")}</a>'
-    return f'<p class="hint">{text}</p>' + (f"<p>{renew.strip()}</p>" if renew else "")
+    if not renew_url or status not in ("expired", "over_quota", "revoked"):
+        return f'<p class="hint">{text}</p>'
+    renew = f'<a class="btn btn-main" id="renew" href="{_e(renew_url)}" rel="noopener noreferrer">{t("page.renew")}</a>'
+    return f'<p class="hint">{text}</p>\n<p>{renew}</p>'
 
 
 def _apps_section(t: _Text, catalog: Catalog, links: PageLinks, platform: str | None) -> str:
