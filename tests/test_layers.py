@@ -49,6 +49,7 @@ MAP: dict[str, str] = {
     "vpnd.pricing": "domain",
     "vpnd.quota": "domain",
     "vpnd.devices": "domain",  # device ids from client apps' headers, bounded (pure)
+    "vpnd.connect_apps": "domain",  # the client apps catalog (data read with the config, pure)
     "vpnd.account_page": "domain",  # the subscription URL's page for browsers: browser or app, the HTML (pure)
     "vpnd.money": "domain",
     "vpnd.texts": "domain",
