@@ -252,12 +252,13 @@ def test_expired_shows_the_renew_link_only_when_the_bot_is_known() -> None:
     expired = {"status": "expired", "expires_at": NOW - dt.timedelta(days=1)}
     page = render(**expired)
     assert ">Expired<" in page and "Renew it to connect again" in page and "t.me" not in page
-    assert "Days left" not in page
+    assert "Days left" not in page and "Ended on: 2026-02-28" in page and "Valid until" not in page
     with_bot = render(**expired, links=PageLinks(LINKS.subscription_url, LINKS.connect_base, "https://t.me/shop_bot"))
     assert 'href="https://t.me/shop_bot"' in with_bot and ">Renew in the bot<" in with_bot
     assert "Traffic used up" in render(status="over_quota")
     assert "being prepared" in render(status="preparing")
-    assert ">Revoked<" in render(status="revoked")
+    revoked = render(status="revoked")
+    assert ">Revoked<" in revoked and "Valid until" not in revoked and "Ended on" not in revoked
 
 
 @pytest.mark.parametrize("language", SUPPORTED_LANGUAGES)

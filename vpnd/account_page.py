@@ -164,7 +164,7 @@ class AccountFacts:
 
     @property
     def days_left(self) -> int:
-        return max(0, (self.expires_at - self.now).days) if self.expires_at > self.now else 0
+        return max(0, (self.expires_at - self.now).days)
 
 
 @attrs.frozen
@@ -271,9 +271,12 @@ def render_account_page(
 
     direction = "rtl" if language in RTL_LANGUAGES else "ltr"
     status = facts.status
-    facts_items = [t("page.expires", date=_date(facts.expires_at))]
-    if status != "expired" and status != "revoked":
-        facts_items.append(t("page.days_left", days=facts.days_left))
+    if status == "revoked":
+        facts_items = []  # its expiry no longer means anything
+    elif status == "expired":
+        facts_items = [t("page.ended", date=_date(facts.expires_at))]
+    else:
+        facts_items = [t("page.expires", date=_date(facts.expires_at)), t("page.days_left", days=facts.days_left)]
     if facts.plan_title:
         facts_items.insert(0, t("page.plan", plan=facts.plan_title))
     used = format_bytes(facts.used_bytes)
