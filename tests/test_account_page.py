@@ -216,10 +216,17 @@ def facts(**changes: object) -> AccountFacts:
 LINKS = PageLinks("https://vpn.example/sub/TOKEN_abc-123", "https://vpn.example/connect/TOKEN_abc-123")
 
 
+def readable(page: str) -> str:
+    """The page without the <bdi> tags that isolate values from the sentence around them."""
+    return re.sub(r"</?bdi[^>]*>", "", page)
+
+
 def render(language: str = "en", **changes: object) -> str:
+    """The page, its values' <bdi> tags removed (`test_values_are_isolated_for_right_to_left` keeps them)."""
     links = changes.pop("links", LINKS)
     platform = changes.pop("platform", None)
-    return render_account_page(Texts.load(), language, facts(**changes), links, load_catalog(), platform)  # type: ignore[arg-type]
+    catalog = load_catalog()
+    return readable(render_account_page(Texts.load(), language, facts(**changes), links, catalog, platform))  # type: ignore[arg-type]
 
 
 def test_the_page_shows_the_facts() -> None:
@@ -270,12 +277,20 @@ def test_every_language_renders(language: str) -> None:
     assert texts.get(language, "page.install") in page
 
 
+def test_values_are_isolated_for_right_to_left() -> None:
+    page = render_account_page(Texts.load(), "fa", facts(plan_title="1 month"), LINKS, load_catalog())
+    assert 'dir="rtl"' in page
+    assert "<bdi>1 month</bdi>" in page  # a Latin plan title keeps its order in a Persian sentence
+    assert '<bdi dir="ltr">2026-03-13</bdi>' in page and '<bdi dir="ltr">10 GB</bdi>' in page
+    assert "<bdi>Happ</bdi>" in page
+
+
 def test_everything_interpolated_is_escaped() -> None:
     evil = '<script>alert("x")</script>&"\''
     page = render(profile_name=evil, plan_title=evil)
     assert "<script>alert" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&quot;&#x27;" in page  # heading, title
-    assert '&lt;script&gt;alert("x")&lt;/script&gt;' in page  # the plan line (element content)
+    assert "Plan: &lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
     quoted = PageLinks('https://x/sub/a"><script>b', 'https://x/connect/a"><img src=x>', 'https://t.me/b"><i>')
     page = render(links=quoted, status="expired")
     assert "<script>b" not in page and "<img src=x>" not in page and '"><i>' not in page

@@ -23,7 +23,7 @@ import segno
 
 from vpnd.connect_apps import Catalog
 from vpnd.quota import format_bytes
-from vpnd.texts import Texts, language_for
+from vpnd.texts import Html, Texts, language_for
 
 #: The page's text lookup: `t(key, **values)` (values escaped by `Texts.get`).
 _Text = Callable[..., str]
@@ -246,8 +246,19 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _date(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).strftime("%Y-%m-%d")
+def _isolated(value: object, direction: str = "") -> Html:
+    """`value` escaped and isolated from the text around it (<bdi>), so a Latin plan title or a date
+    keeps its own order inside a right-to-left sentence."""
+    attribute = f' dir="{direction}"' if direction else ""
+    return Html(f"<bdi{attribute}>{_e(value)}</bdi>")
+
+
+def _date(when: dt.datetime) -> Html:
+    return _isolated(when.astimezone(dt.UTC).strftime("%Y-%m-%d"), "ltr")
+
+
+def _bytes(count: int) -> Html:
+    return _isolated(format_bytes(count), "ltr")
 
 
 def qr_svg(text: str) -> str:
@@ -278,10 +289,10 @@ def render_account_page(
     else:
         facts_items = [t("page.expires", date=_date(facts.expires_at)), t("page.days_left", days=facts.days_left)]
     if facts.plan_title:
-        facts_items.insert(0, t("page.plan", plan=facts.plan_title))
-    used = format_bytes(facts.used_bytes)
+        facts_items.insert(0, t("page.plan", plan=_isolated(facts.plan_title)))
+    used = _bytes(facts.used_bytes)
     if facts.total_bytes > 0:
-        traffic = t("page.traffic", used=used, total=format_bytes(facts.total_bytes))
+        traffic = t("page.traffic", used=used, total=_bytes(facts.total_bytes))
         if facts.resets_at is not None:
             traffic += " · " + t("page.traffic_resets", date=_date(facts.resets_at))
     else:
@@ -367,7 +378,7 @@ def _apps_section(t: _Text, catalog: Catalog, links: PageLinks, platform: str | 
                 href = f"{links.connect_base}/{app.id}"
                 buttons.append(
                     f'<a class="btn btn-main add" href="{_e(href)}" data-app="{_e(app.id)}">'
-                    f"{t('page.add_to', app=app.name)}</a>"
+                    f"{t('page.add_to', app=_isolated(app.name))}</a>"
                 )
             store = app.stores[platform_id]
             buttons.append(

@@ -58,6 +58,8 @@ class Seen:
     clipboard: str = ""
     button_radius: str = ""
     backgrounds: tuple[str, str] = ("", "")
+    #: The page in Persian: (document direction, the status badge's text).
+    persian: tuple[str, str] = ("", "")
 
 
 def look_at_the_page(url: str, screenshots: Path) -> Seen:
@@ -93,7 +95,7 @@ def look_at_the_page(url: str, screenshots: Path) -> Seen:
             seen.copy_visible = copy.is_visible()  # the script ran: it un-hides the button
             seen.button_radius = copy.evaluate("b => getComputedStyle(b).borderTopLeftRadius")  # the style applied
             copy.click()
-            page.wait_for_function("document.getElementById('copy').textContent === 'Copied'", timeout=5_000)
+            page.locator("#copy", has_text="Copied").wait_for(timeout=5_000)  # (a string predicate would need eval)
             seen.copied_label = copy.inner_text()
             seen.clipboard = page.evaluate("navigator.clipboard.readText()")
             page.screenshot(path=str(screenshots / "account-light.png"), full_page=True)
@@ -102,6 +104,13 @@ def look_at_the_page(url: str, screenshots: Path) -> Seen:
             dark = page.evaluate("getComputedStyle(document.body).backgroundColor")
             seen.backgrounds = (light, dark)
             page.screenshot(path=str(screenshots / "account-dark.png"), full_page=True)
+
+            persian = browser.new_context(viewport={"width": 412, "height": 915}, locale="fa-IR").new_page()
+            persian.on("console", lambda message: seen.console.append(f"{message.type}: {message.text}"))
+            persian.on("pageerror", lambda error: seen.errors.append(str(error)))
+            persian.goto(url)
+            seen.persian = (persian.evaluate("document.dir"), persian.locator("[data-status]").first.inner_text())
+            persian.screenshot(path=str(screenshots / "account-fa.png"), full_page=True)
         finally:
             browser.close()
     return seen
@@ -137,7 +146,8 @@ async def test_a_person_opens_the_subscription_url_in_a_browser(
     assert seen.copied_label == "Copied" and seen.clipboard == f"{public}/sub/{sub.sub_token}"
     light, dark = seen.backgrounds
     assert light != dark  # prefers-color-scheme
-    for name in ("account-light.png", "account-dark.png"):
+    assert seen.persian == ("rtl", "فعال")
+    for name in ("account-light.png", "account-dark.png", "account-fa.png"):
         assert (tmp_path / name).stat().st_size > 5000
 
     # the composition root hands the bot's username to the page: an expired subscription links to the bot

@@ -15,7 +15,7 @@ import trio
 
 from tests.devices.harness import PLANS, XRAY, happ, links_of, serving, title_of
 from tests.harness import sql
-from tests.test_account_page import BROWSER_ACCEPT, BROWSERS
+from tests.test_account_page import BROWSER_ACCEPT, BROWSERS, readable
 from vpnd.config import GIB
 from vpnd.connect_apps import load_catalog
 from vpnd.db.subscriptions import Subscription
@@ -35,7 +35,7 @@ def browser(language: str = "en-US,en;q=0.9", agent: str = CHROME) -> dict[str, 
 def page_of(response: httpx.Response) -> str:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "text/html; charset=utf-8"
-    return response.text
+    return readable(response.text)
 
 
 def without_date(response: httpx.Response) -> dict[str, str]:
