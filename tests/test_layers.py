@@ -50,6 +50,7 @@ MAP: dict[str, str] = {
     "vpnd.pricing": "domain",
     "vpnd.quota": "domain",
     "vpnd.devices": "domain",  # device ids from client apps' headers, bounded (pure)
+    "vpnd.account_page": "domain",  # the subscription URL's page for browsers: browser or app, the HTML (pure)
     "vpnd.money": "domain",
     "vpnd.texts": "domain",
     "vpnd.locales": "domain",

@@ -261,7 +261,7 @@ async def _start_services(
         broadcasts = await root.start(run_broadcasts, app, sender)
     if "http" in services:
         router = build_router(app)
-        add_subscription_routes(router, app)
+        add_subscription_routes(router, app, bot_username=ctx.bot_username)
         if cryptopay is not None:
             add_payment_routes(router, app, app.config.cryptopay.token)
         if checkout is not None:

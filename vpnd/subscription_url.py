@@ -11,6 +11,11 @@ their first fetch; a new device over the limit, a subscription over its traffic 
 `[devices] missing_hwid = "deny"`) an app without a device id get a valid, empty list whose profile
 title and `announce` header (base64, as Happ and v2RayTun read them) say why and what to do. Every
 fetch runs the check: nothing is cached in front of it (`cache-control: no-store`).
+
+A person who opens the URL in a browser gets an account page instead (`vpnd.account_page`: status,
+expiry, traffic, devices, QR code, per-app import buttons); `wants_account_page` tells a browser from
+an app by its headers, `?format=raw` forces the body. A browser is not a device: it takes no slot.
+An unknown token is the same 404 either way, and the same rate limit applies.
 """
 
 from __future__ import annotations
@@ -26,12 +31,23 @@ from functools import partial
 
 import attrs
 
+from vpnd.account_page import (
+    PAGE_HEADERS,
+    AccountFacts,
+    PageLinks,
+    account_status,
+    language_from_accept,
+    platform_of,
+    render_account_page,
+    renew_link,
+    wants_account_page,
+)
 from vpnd.app import App
 from vpnd.config import Config
 from vpnd.db.subscriptions import Subscription
 from vpnd.devices import BadDeviceId, read_device
 from vpnd.quota import limits_of
-from vpnd.services.devices import Fetch, fetch_subscription
+from vpnd.services.devices import AccountFetch, Fetch, fetch_account, fetch_subscription
 from vpnd.texts import Texts
 from vpnd.web import Request, Response, Router
 from vpnd.xray.links import build_vless_reality_link, subscription_body, subscription_userinfo_header
@@ -171,8 +187,49 @@ def subscription_response(
     return Response(200, body, headers)
 
 
-def add_subscription_routes(router: Router, app: App, *, limiter: TokenRateLimiter | None = None) -> None:
-    """Serve `GET /sub/{token}` on `router` (the HTTP nursery's)."""
+def account_page_response(
+    config: Config, texts: Texts, account: AccountFetch, request: Request, bot_username: str = ""
+) -> Response:
+    """The account page a browser gets at the subscription URL (see `vpnd.account_page`)."""
+    fetch = account.fetch
+    sub = fetch.subscription
+    now = dt.datetime.now(dt.UTC)
+    try:
+        user_links(config, sub)
+    except ValueError:
+        key_ready = False  # a configuration gap: the page says "your key is being prepared"
+    else:
+        key_ready = True
+    language = language_from_accept(
+        request.header("accept-language"),
+        texts.catalogs.keys(),
+        fetch.language or config.telegram.default_language,
+    )
+    plan = config.plan(sub.plan_code) if sub.plan_code else (config.trial_plan if sub.kind == "trial" else None)
+    facts = AccountFacts(
+        status=account_status(sub.status, sub.expires_at, now, fetch.traffic_blocked, key_ready),
+        profile_name=config.xray.link_name,
+        plan_title=plan.label(language) if plan is not None else "",
+        expires_at=sub.expires_at,
+        now=now,
+        used_bytes=fetch.upload + fetch.download,
+        total_bytes=fetch.total,
+        resets_at=fetch.resets_at,
+        devices_used=account.devices_used,
+        device_limit=fetch.device_limit,
+    )
+    base = config.http.public_base_url.rstrip("/")
+    links = PageLinks(f"{base}/sub/{sub.sub_token}", f"{base}/connect/{sub.sub_token}", renew_link(bot_username))
+    platform = platform_of(request.header("user-agent"))
+    page = render_account_page(texts, language, facts, links, config.connect.catalog, platform)
+    return Response.html(page, 200, PAGE_HEADERS)
+
+
+def add_subscription_routes(
+    router: Router, app: App, *, limiter: TokenRateLimiter | None = None, bot_username: str = ""
+) -> None:
+    """Serve `GET /sub/{token}` on `router` (the HTTP nursery's): the subscription body for client
+    apps, the account page for a browser (`bot_username`: the bot's, for the renew link)."""
     limiter = TokenRateLimiter() if limiter is None else limiter
     not_found = Response.text("not found\n", 404)
 
@@ -183,6 +240,17 @@ def add_subscription_routes(router: Router, app: App, *, limiter: TokenRateLimit
         wait = limiter.acquire(token, time.monotonic())
         if wait > 0:
             return Response.text("too many requests\n", 429, [("retry-after", str(math.ceil(wait)))])
+        if wants_account_page(
+            request.header("accept"),
+            request.header("user-agent"),
+            request.header("x-hwid"),
+            request.query.get("format", [None])[0],
+        ):
+            limits_for = partial(limits_of, app.config)
+            account = await app.db.run(fetch_account, token, limits_for, dt.datetime.now(dt.UTC))
+            if account is None:
+                return not_found
+            return account_page_response(app.config, app.texts, account, request, bot_username)
         try:
             device = read_device(
                 request.header("x-hwid"),

@@ -97,12 +97,15 @@ class Served:
 
 
 @asynccontextmanager
-async def serving(config_file: Path, limiter: TokenRateLimiter | None = None) -> AsyncIterator[Served]:
-    limiter = limiter or TokenRateLimiter(burst=1000, refill_seconds=0.01)
+async def serving(
+    config_file: Path, limiter: TokenRateLimiter | None = None, *, bot_username: str = ""
+) -> AsyncIterator[Served]:
+    # not `limiter or ...`: an empty limiter has len() 0, so it is falsy
+    limiter = limiter if limiter is not None else TokenRateLimiter(burst=1000, refill_seconds=0.01)
     async with open_app(load_config(config_file), single_instance=False) as app:
         async with trio.open_nursery() as nursery:
             router = build_router(app)
-            add_subscription_routes(router, app, limiter=limiter)
+            add_subscription_routes(router, app, limiter=limiter, bot_username=bot_username)
             with trio.fail_after(10):
                 url = await nursery.start(run_http, app, router)
             async with httpx.AsyncClient(base_url=f"http://{url.split('://')[-1]}", timeout=10) as client:

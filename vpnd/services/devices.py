@@ -48,6 +48,10 @@ class Fetch:
     admission: Admission | None
     #: The user's language (None: not chosen), for the profile's title.
     language: str | None = None
+    #: When the traffic quota starts again (None: never, or no quota).
+    resets_at: dt.datetime | None = None
+    #: The device limit: plan + extra (0: unlimited).
+    device_limit: int = 0
 
 
 def fetch_subscription(
@@ -74,7 +78,28 @@ def fetch_subscription(
         admission = devices_db.admit_device(conn, sub.user_id, device, limits.devices)
     user = get_user(conn, sub.user_id)
     language = user.language if user is not None else None
-    return Fetch(sub, upload, download, view.total_bytes, view.blocked, admission, language)
+    device_limit = limits.devices + view.extra_devices if limits.devices else 0
+    return Fetch(
+        sub, upload, download, view.total_bytes, view.blocked, admission, language, view.resets_at, device_limit
+    )
+
+
+@attrs.frozen
+class AccountFetch:
+    """What the account page (the subscription URL opened in a browser) shows."""
+
+    fetch: Fetch
+    #: Devices holding a slot.
+    devices_used: int
+
+
+def fetch_account(conn: Conn, token: str, limits_for: LimitsFor, now: dt.datetime) -> AccountFetch | None:
+    """The subscription behind `token` for its account page (None: no such token). A browser is not a
+    device: the fetch is made without one, so it never takes a slot nor counts as a device's fetch."""
+    fetch = fetch_subscription(conn, token, None, limits_for, now)
+    if fetch is None:
+        return None
+    return AccountFetch(fetch, devices_db.count_devices(conn, fetch.subscription.user_id))
 
 
 @attrs.frozen
