@@ -5,6 +5,7 @@ from __future__ import annotations
 from vpnd.db import subscriptions, users
 from vpnd.money import format_money
 from vpnd.telegram import keyboards as kb
+from vpnd.telegram.flows import gifts
 from vpnd.telegram.turn import Turn
 
 
@@ -27,6 +28,9 @@ def _currency(turn: Turn) -> str:
 
 async def start(turn: Turn, argument: str, created: bool) -> None:
     greeting = turn.t("start.welcome", name=turn.user.first_name or "friend")
+    if argument.startswith("gift_"):  # a gift's link (new user or not): redeem it
+        await gifts.redeem(turn, argument, prefix=greeting)
+        return
     if created and argument.startswith("ref_"):
         referrer = await turn.app.db.run(users.record_referral, turn.user.id, argument[4:])
         if referrer is not None:
