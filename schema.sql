@@ -217,27 +217,6 @@ CREATE TABLE gifts (
 );
 CREATE INDEX gifts_buyer_idx ON gifts (buyer_id, id);
 
--- A plan bought as a gift: its code (unguessable, `secrets`), what it gives, and what a refund credits the
--- buyer (the purchase's price, in its currency). Redeemed once (a conditional UPDATE), or refunded once.
-CREATE TABLE gifts (
-    id           bigserial PRIMARY KEY,
-    code         text NOT NULL UNIQUE,
-    purchase_id  bigint NOT NULL UNIQUE REFERENCES purchases (id),
-    buyer_id     bigint NOT NULL REFERENCES users (id),
-    plan_code    text NOT NULL,
-    days         integer NOT NULL CHECK (days > 0),
-    value_minor  bigint NOT NULL CHECK (value_minor >= 0),
-    currency     text NOT NULL,
-    status       text NOT NULL DEFAULT 'unredeemed' CHECK (status IN ('unredeemed', 'redeemed', 'refunded')),
-    created_at   timestamptz NOT NULL DEFAULT now(),
-    redeemed_by  bigint REFERENCES users (id),
-    redeemed_at  timestamptz,
-    refunded_at  timestamptz,
-    CHECK ((status = 'redeemed') = (redeemed_by IS NOT NULL AND redeemed_at IS NOT NULL)),
-    CHECK ((status = 'refunded') = (refunded_at IS NOT NULL))
-);
-CREATE INDEX gifts_buyer_idx ON gifts (buyer_id, id);
-
 -- Money received. The unique provider id makes finalize idempotent across webhook and watcher.
 CREATE TABLE payments (
     id                   bigserial PRIMARY KEY,

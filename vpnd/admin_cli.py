@@ -495,6 +495,13 @@ def _done(outcome: R | actions.Refused) -> R:
     return outcome
 
 
+_GIFT_REFUSALS: dict[str, str] = {
+    "redeemed": "it was redeemed already",
+    "refunded": "it was refunded already",
+    "other_currency": "it was paid in another currency than the balance's",
+}
+
+
 _REFUSALS: dict[type[actions.Refused], Callable[[Any], str]] = {
     actions.UserNotFound: lambda r: f"no user {r.target}",
     actions.NoSubscription: lambda r: f"user {r.target} has no subscription",
@@ -506,13 +513,6 @@ _REFUSALS: dict[type[actions.Refused], Callable[[Any], str]] = {
     actions.GiftNotRefundable: lambda r: f"gift {r.target} cannot be refunded: " + _GIFT_REFUSALS.get(r.why, r.why),
     actions.BroadcastNotFound: lambda r: f"no broadcast #{r.target}",
     actions.BroadcastUnchanged: lambda r: f"broadcast #{r.target} is {r.view.broadcast.status}; cannot {r.verb} it",
-}
-
-
-_GIFT_REFUSALS = {
-    "redeemed": "it was redeemed already",
-    "refunded": "it was refunded already",
-    "other_currency": "it was paid in another currency than the balance's",
 }
 
 

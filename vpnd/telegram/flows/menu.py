@@ -5,7 +5,6 @@ from __future__ import annotations
 from vpnd.db import subscriptions, users
 from vpnd.money import format_money
 from vpnd.telegram import keyboards as kb
-from vpnd.telegram.flows import gifts
 from vpnd.telegram.turn import Turn
 
 
@@ -29,6 +28,8 @@ def _currency(turn: Turn) -> str:
 async def start(turn: Turn, argument: str, created: bool) -> None:
     greeting = turn.t("start.welcome", name=turn.user.first_name or "friend")
     if argument.startswith("gift_"):  # a gift's link (new user or not): redeem it
+        from vpnd.telegram.flows import gifts  # here: gifts → buy → access → menu would be circular
+
         await gifts.redeem(turn, argument, prefix=greeting)
         return
     if created and argument.startswith("ref_"):
