@@ -92,7 +92,10 @@ async def test_two_redeemers_at_the_same_instant_exactly_one_wins(env: Env) -> N
     # Someone else refused is not a wrong guess: nothing counted against them.
     assert env.scalar("SELECT count(*) FROM promo_attempts") == 0
     # The buyer hears of it once.
-    assert env.scalar("SELECT count(*) FROM outbox WHERE chat_id = %s AND dedupe_key LIKE 'gift_redeemed:%%'", (buyer,)) == 1
+    assert (
+        env.scalar("SELECT count(*) FROM outbox WHERE chat_id = %s AND dedupe_key LIKE 'gift_redeemed:%%'", (buyer,))
+        == 1
+    )
 
 
 async def test_redeeming_extends_a_running_subscription_and_the_buyer_may_redeem_their_own(env: Env) -> None:
@@ -122,7 +125,10 @@ async def test_admin_refund_credits_once_voids_the_code_and_a_redeemed_gift_is_n
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)["result"]
     assert (result["code"], result["buyer_id"], result["refunded_minor"], result["balance_minor"]) == (
-        unredeemed, buyer, 499, 501
+        unredeemed,
+        buyer,
+        499,
+        501,
     )
     again = await trio.to_thread.run_sync(cli, "admin", "gift", "refund", unredeemed)
     assert again.returncode == 1 and "refunded already" in again.stderr
@@ -137,7 +143,10 @@ async def test_admin_refund_credits_once_voids_the_code_and_a_redeemed_gift_is_n
     assert env.scalar("SELECT count(*) FROM outbox WHERE dedupe_key LIKE 'gift_refunded:%%'") == 1
     # Every attempt is audited, done or refused.
     assert env.sql("SELECT target, result FROM admin_audit WHERE action = 'gift_refund' ORDER BY id") == [
-        (unredeemed, "ok"), (unredeemed, "not_refundable"), (redeemed, "not_refundable"), ("NOSUCHCODE22", "not_found")
+        (unredeemed, "ok"),
+        (unredeemed, "not_refundable"),
+        (redeemed, "not_refundable"),
+        ("NOSUCHCODE22", "not_found"),
     ]
     # A refunded code cannot be redeemed.
     refused = await redeem_gift(env.app, BOB, unredeemed)
