@@ -15,7 +15,14 @@ import trio
 from tests.harness import vpnd_cli
 from tests.payments.conftest import IO_TIMEOUT, Env
 from vpnd.db.gifts import ALPHABET, CODE_LENGTH, Redemption
-from vpnd.payments.service import pay_with_balance, start_cryptopay_purchase
+from vpnd.db.payments import reverse_refunded_purchase
+from vpnd.payments.service import (
+    finalize_stars_payment,
+    pay_with_balance,
+    rules_of,
+    start_cryptopay_purchase,
+    start_stars_purchase,
+)
 from vpnd.payments.watcher import watch_once
 from vpnd.services.gifts import redeem_gift
 
@@ -164,3 +171,25 @@ def test_codes_are_random_and_well_formed() -> None:
     assert normalize_code(f"  gift_{sample.lower()} ") == sample
     for garbage in ("", "gift_", "x" * 500, sample[:-1], sample + "A", "'; DROP TABLE gifts; --", "ĞİFT0000000"):
         assert normalize_code(garbage) is None
+
+
+async def test_a_stars_gift_refunded_by_the_provider_voids_its_unredeemed_code(env: Env) -> None:
+    buyer = await env.add_user(BUYER)
+    await env.add_user(BOB)
+    invoice = await start_stars_purchase(env.app, buyer, "m1", gift=True)
+    assert (invoice.currency, invoice.amount, invoice.purchase.kind) == ("XTR", 250, "gift")
+    outcome = await finalize_stars_payment(
+        env.app, invoice.payload, telegram_payment_charge_id="stx-gift", total_amount=250, currency="XTR"
+    )
+    again = await finalize_stars_payment(
+        env.app, invoice.payload, telegram_payment_charge_id="stx-gift", total_amount=250, currency="XTR"
+    )
+    assert (outcome.status, again.status) == ("gifted", "already_paid")
+    code = code_of(env, invoice.purchase.id)
+    assert env.sql("SELECT value_minor, currency FROM gifts") == [(499, "USD")]  # the price the Stars stood for
+
+    reversal = await env.app.db.run(reverse_refunded_purchase, invoice.purchase.id, rules=rules_of(env.app))
+    assert reversal.recorded and reversal.days_removed == 0
+    assert env.scalar("SELECT status FROM gifts") == "refunded"
+    assert (await redeem_gift(env.app, BOB, code)).reason == "gifts.refunded"
+    assert env.scalar("SELECT count(*) FROM subscriptions") == 0
