@@ -18,7 +18,7 @@ from tests.harness import bot_config, scalar, sql, start_vpnd
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
 from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
-ALICE, BOB, CAROL, MALLORY, TRENT = 1001, 1002, 1003, 1004, 1005
+ADMIN, ALICE, BOB, CAROL, MALLORY, TRENT = 1, 1001, 1002, 1003, 1004, 1005  # ADMIN: bot_config's admin_ids
 
 
 async def press(fake: FakeTelegram, user_id: int, message: ChatMessage, data: str, **wait: Any) -> ChatMessage:
@@ -29,6 +29,21 @@ async def press(fake: FakeTelegram, user_id: int, message: ChatMessage, data: st
 async def say(fake: FakeTelegram, user_id: int, text: str, **wait: Any) -> ChatMessage:
     fake.user_sends(user_id, text)
     return await fake.wait_for_bot_message(user_id, **wait)
+
+
+def forge(fake: FakeTelegram, user_id: int, message: ChatMessage, data: str) -> None:
+    """A callback query no button carries (a stale confirmation pressed again, or a modified client)."""
+    fake.inject_update(
+        {
+            "callback_query": {
+                "id": f"forged-{user_id}-{message.message_id}-{data}",
+                "from": fake.users[user_id].to_api(),
+                "message": message.to_api(),
+                "chat_instance": "1",
+                "data": data,
+            }
+        }
+    )
 
 
 def text_of(message: ChatMessage) -> str:
@@ -151,4 +166,65 @@ async def test_guessing_gift_codes_is_rate_limited_per_user(
         answer = await say(fake, TRENT, f"/gift {code.lower()}")
         assert "Gift redeemed" in text_of(answer)
         assert scalar(db_dsn, "SELECT redeemed_by FROM gifts") == TRENT
+    await vpnd.stop()
+
+
+async def test_admin_refunds_an_unredeemed_gift_from_the_user_card_once(
+    nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    fake, base_url = fake_telegram
+    vpnd = await start_vpnd(nursery, bot_config(write_config, db_dsn, fake, base_url))
+    for user_id, name in ((ADMIN, "Admin"), (ALICE, "Alice"), (BOB, "Bob")):
+        fake.add_user(user_id, name, language_code="en")
+    with trio.fail_after(60):
+        for user_id in (ADMIN, ALICE, BOB):
+            await say(fake, user_id, "/start")
+        sql(
+            db_dsn,
+            "INSERT INTO balance_ledger (user_id, delta_minor, reason, reference) VALUES (%s, 998, 'admin', 't')",
+            ALICE,
+        )
+        sql(db_dsn, "UPDATE users SET balance_minor = 998 WHERE id = %s", ALICE)
+        for _ in range(2):
+            methods = await say(fake, ALICE, "/buy", predicate=lambda m: "plan:m1" in m.callback_data)
+            methods = await press(fake, ALICE, methods, "plan:m1")
+            gift_methods = await press(fake, ALICE, methods, "gift:m1")
+            await press(
+                fake, ALICE, gift_methods, "gp:m1:b", predicate=lambda m: "Paid from your balance" in text_of(m)
+            )
+        await fake.wait_until(lambda: scalar(db_dsn, "SELECT count(*) FROM gifts") == 2)
+        kept, refunded = (row[0] for row in sql(db_dsn, "SELECT code FROM gifts ORDER BY id"))
+        assert "Gift redeemed" in text_of(await say(fake, BOB, f"/gift {kept}"))
+
+        panel = await say(fake, ADMIN, "/admin", predicate=lambda m: "adm:fu" in m.callback_data)
+        await press(fake, ADMIN, panel, "adm:fu")
+        card = await say(fake, ADMIN, str(ALICE), predicate=lambda m: f"adm:gfr:{refunded}" in m.callback_data)
+        assert f"adm:gfr:{kept}" not in card.callback_data  # a redeemed gift offers no refund
+        confirm = await press(fake, ADMIN, card, f"adm:gfr:{refunded}")
+        assert refunded in text_of(confirm) and f"adm:gfrc:{refunded}" in confirm.callback_data
+        done = await press(fake, ADMIN, confirm, f"adm:gfrc:{refunded}", predicate=lambda m: "refunded:" in text_of(m))
+        assert "4.99 USD credited" in text_of(done) and f"adm:gfr:{refunded}" not in done.callback_data
+        told = await fake.wait_for_bot_message(ALICE, lambda m: "was refunded" in text_of(m))
+        assert refunded in text_of(told) and "4.99 USD" in text_of(told)
+        # The same confirmation pressed again, and a forged refund of the redeemed gift: refused, nothing moves.
+        forge(fake, ADMIN, confirm, f"adm:gfrc:{refunded}")
+        again = await fake.wait_for_bot_message(ADMIN, lambda m: "cannot be refunded" in text_of(m))
+        assert "refunded already" in text_of(again)
+        forge(fake, ADMIN, again, f"adm:gfrc:{kept}")
+        late = await fake.wait_for_bot_message(ADMIN, lambda m: "redeemed already" in text_of(m))
+        assert kept in text_of(late)
+        # Not an admin: the button does not exist for Bob.
+        forge(fake, BOB, await say(fake, BOB, "/menu"), f"adm:gfrc:{refunded}")
+        await fake.wait_for_bot_message(BOB, lambda m: "sub" in m.callback_data)
+        # The refunded code is dead.
+        assert "refunded to its buyer" in text_of(await say(fake, BOB, f"/gift {refunded}"))
+
+    assert scalar(db_dsn, "SELECT balance_minor FROM users WHERE id = %s", ALICE) == 499
+    assert sql(db_dsn, "SELECT status FROM gifts ORDER BY id") == [("redeemed",), ("refunded",)]
+    assert sql(db_dsn, "SELECT admin_id, target, result FROM admin_audit WHERE action = 'gift_refund' ORDER BY id") == [
+        (ADMIN, refunded, "ok"),
+        (ADMIN, refunded, "not_refundable"),
+        (ADMIN, kept, "not_refundable"),
+    ]
+    assert scalar(db_dsn, "SELECT count(*) FROM admin_audit WHERE admin_id = %s AND result = 'denied'", BOB) == 1
     await vpnd.stop()

@@ -112,6 +112,15 @@ def gifts_of(conn: psycopg.Connection[Any], buyer_id: int, *, before_id: int | N
         ).fetchall()
 
 
+def unredeemed_of(conn: psycopg.Connection[Any], buyer_id: int, *, limit: int = 5) -> list[Gift]:
+    """A buyer's newest unredeemed gifts (what an admin may refund)."""
+    with conn.cursor(row_factory=class_row(Gift)) as cur:
+        return cur.execute(
+            f"SELECT {COLUMNS} FROM gifts WHERE buyer_id = %s AND status = 'unredeemed' ORDER BY id DESC LIMIT %s",
+            (buyer_id, limit),
+        ).fetchall()
+
+
 # --- redeeming --------------------------------------------------------------------------------
 
 
