@@ -116,6 +116,10 @@ async def test_gift_bought_with_crypto_pay_redeemed_once_by_link_and_listed(
         listing = await press(fake, ALICE, menu, "gifts")
         assert code in text_of(listing) and "1 month" in text_of(listing) and "redeemed on" in text_of(listing)
         assert "gift_redeem" in listing.callback_data
+        # Her payment history names the purchase a gift, not a top-up.
+        menu = await press(fake, ALICE, listing, "menu")
+        payments = await press(fake, ALICE, menu, "pays")
+        assert "🎁 1 month" in text_of(payments) and "4.99 USD" in text_of(payments)
         await fake.wait_until(lambda: all(q.answered for q in fake.callback_queries.values()))
     await vpnd.stop()
 
