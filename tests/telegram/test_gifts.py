@@ -149,6 +149,15 @@ async def test_guessing_gift_codes_is_rate_limited_per_user(
         code = scalar(db_dsn, "SELECT code FROM gifts")
         assert scalar(db_dsn, "SELECT balance_minor FROM users WHERE id = %s", ALICE) == 0
 
+        # Forged buttons: a gift of a plan not on sale, a method gifts do not take — nothing is created.
+        menu = await say(fake, MALLORY, "/menu")
+        forge(fake, MALLORY, menu, "gift:nosuch")
+        await fake.wait_for_bot_message(MALLORY, lambda m: "not on sale" in text_of(m))
+        forge(fake, MALLORY, menu, "gp:nosuch:b")
+        forge(fake, MALLORY, menu, "gp:m1:y")  # (a chat's updates are handled in order: the one above is done)
+        await fake.wait_for_bot_message(MALLORY, lambda m: "plan:m1" in m.callback_data)  # back to the plans
+        assert scalar(db_dsn, "SELECT count(*) FROM purchases WHERE user_id = %s", MALLORY) == 0
+
         # Mallory guesses: by the button and typing, by command, by link; garbage counts too.
         menu = await say(fake, MALLORY, "/menu")
         listing = await press(fake, MALLORY, menu, "gifts")
