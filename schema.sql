@@ -161,7 +161,7 @@ CREATE INDEX promo_attempts_created_at_idx ON promo_attempts (created_at);
 CREATE TABLE purchases (
     id                bigserial PRIMARY KEY,
     user_id           bigint NOT NULL REFERENCES users (id),
-    kind              text NOT NULL CHECK (kind IN ('plan', 'topup', 'pack')),
+    kind              text NOT NULL CHECK (kind IN ('plan', 'topup', 'pack', 'gift')),
     plan_code         text,
     days              integer,
     method            text NOT NULL CHECK (method IN ('cryptopay', 'stars', 'balance', 'card', 'yookassa')),
@@ -195,6 +195,27 @@ CREATE INDEX purchases_user_idx ON purchases (user_id, created_at);
 -- The payment watcher re-checks invoices of purchases expired early (a newer purchase replaced them).
 CREATE INDEX purchases_expired_invoice_idx ON purchases (expires_at) WHERE status = 'expired' AND invoice_id IS NOT NULL;
 CREATE INDEX purchases_superseded_by_idx ON purchases (superseded_by) WHERE superseded_by IS NOT NULL;
+
+-- A plan bought as a gift: its code (unguessable, `secrets`), what it gives, and what a refund credits the
+-- buyer (the purchase's price, in its currency). Redeemed once (a conditional UPDATE), or refunded once.
+CREATE TABLE gifts (
+    id           bigserial PRIMARY KEY,
+    code         text NOT NULL UNIQUE,
+    purchase_id  bigint NOT NULL UNIQUE REFERENCES purchases (id),
+    buyer_id     bigint NOT NULL REFERENCES users (id),
+    plan_code    text NOT NULL,
+    days         integer NOT NULL CHECK (days > 0),
+    value_minor  bigint NOT NULL CHECK (value_minor >= 0),
+    currency     text NOT NULL,
+    status       text NOT NULL DEFAULT 'unredeemed' CHECK (status IN ('unredeemed', 'redeemed', 'refunded')),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    redeemed_by  bigint REFERENCES users (id),
+    redeemed_at  timestamptz,
+    refunded_at  timestamptz,
+    CHECK ((status = 'redeemed') = (redeemed_by IS NOT NULL AND redeemed_at IS NOT NULL)),
+    CHECK ((status = 'refunded') = (refunded_at IS NOT NULL))
+);
+CREATE INDEX gifts_buyer_idx ON gifts (buyer_id, id);
 
 -- Money received. The unique provider id makes finalize idempotent across webhook and watcher.
 CREATE TABLE payments (

@@ -8,6 +8,7 @@
     vpnd admin promo create <CODE> <PERCENT> [--max-uses N] [--days D]
     vpnd admin promo list
     vpnd admin promo disable <CODE>
+    vpnd admin gift refund <CODE>
     vpnd admin nodes
     vpnd admin devices <id> [--reset]
     vpnd admin grant-device <id> [N]
@@ -42,7 +43,7 @@ from vpnd.db import broadcasts as bdb
 from vpnd.db import promo, quota
 from vpnd.db.admin import RevenueRow, TierRow, UserDetails
 from vpnd.db.migrations import SchemaError, check_version, packaged_schema
-from vpnd.db.payments import AUTO_RENEW_PREFIX
+from vpnd.db.payments import AUTO_RENEW_PREFIX, PaymentRules
 from vpnd.db.subscriptions import Subscription
 from vpnd.devices import device_name
 from vpnd.pricing import format_money
@@ -115,6 +116,10 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     disable = leaf(promo_actions, "disable", "switch a promo code off")
     disable.add_argument("code")
 
+    gift_parser = actions.add_parser("gift", help="gifts: refund an unredeemed gift to the buyer's balance")
+    gift_actions = gift_parser.add_subparsers(dest="gift_command", required=True, metavar="ACTION")
+    leaf(gift_actions, "refund", "refund an unredeemed gift to the buyer's balance").add_argument("code")
+
     broadcast = sub.add_parser("broadcast", help="list, pause, resume or cancel broadcasts")
     verbs = broadcast.add_subparsers(dest="broadcast_command", required=True, metavar="ACTION")
     listing = leaf(verbs, "list", "recent broadcasts with their progress")
@@ -128,7 +133,9 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
 
 
 def cmd_admin(config: Config, args: argparse.Namespace) -> int:
-    command = args.admin_command if args.admin_command != "promo" else f"promo {args.promo_command}"
+    command = args.admin_command
+    if command in ("promo", "gift"):
+        command = f"{command} {getattr(args, command + '_command')}"
     return _run(config, args, ADMIN_COMMANDS[command])
 
 
@@ -464,11 +471,35 @@ def promo_disable_command(conn: psycopg.Connection[Any], args: argparse.Namespac
     return {"code": code, "active": False}, f"disabled {code}"
 
 
+def gift_refund_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    rules = PaymentRules(
+        config.referral.percent, tuple(config.telegram.admin_ids), config.payments.currency, Texts.load(),
+        default_language=config.telegram.default_language,
+    )  # fmt: skip
+    done = _done(actions.refund_gift(conn, _actor(), args.code, rules=rules))
+    assert done.gift is not None
+    gift = done.gift
+    value = format_money(gift.value_minor, gift.currency)
+    result = {"code": gift.code, "buyer_id": gift.buyer_id, "refunded_minor": gift.value_minor,
+              "currency": gift.currency, "balance_minor": done.balance_minor}  # fmt: skip
+    return result, (
+        f"refunded gift {gift.code}: {value} to user {gift.buyer_id}'s balance "
+        f"(now {format_money(done.balance_minor, gift.currency)})"
+    )
+
+
 def _done(outcome: R | actions.Refused) -> R:
     """An action's result; its refusal (audited already, the transaction commits) as `Failed`."""
     if isinstance(outcome, actions.Refused):
         raise Failed(_REFUSALS[type(outcome)](outcome))
     return outcome
+
+
+_GIFT_REFUSALS: dict[str, str] = {
+    "redeemed": "it was redeemed already",
+    "refunded": "it was refunded already",
+    "other_currency": "it was paid in another currency than the balance's",
+}
 
 
 _REFUSALS: dict[type[actions.Refused], Callable[[Any], str]] = {
@@ -478,6 +509,8 @@ _REFUSALS: dict[type[actions.Refused], Callable[[Any], str]] = {
     actions.UnlimitedTraffic: lambda r: f"user {r.target}'s plan has unlimited traffic: there is no quota to add to",
     actions.PromoExists: lambda r: f"the promo code {r.target} exists already",
     actions.PromoNotFound: lambda r: f"no active promo code {r.target}",
+    actions.GiftNotFound: lambda r: f"no gift {r.target}",
+    actions.GiftNotRefundable: lambda r: f"gift {r.target} cannot be refunded: " + _GIFT_REFUSALS.get(r.why, r.why),
     actions.BroadcastNotFound: lambda r: f"no broadcast #{r.target}",
     actions.BroadcastUnchanged: lambda r: f"broadcast #{r.target} is {r.view.broadcast.status}; cannot {r.verb} it",
 }
@@ -495,6 +528,7 @@ ADMIN_COMMANDS: dict[str, Command] = {
     "promo create": promo_create_command,
     "promo list": promo_list_command,
     "promo disable": promo_disable_command,
+    "gift refund": gift_refund_command,
 }
 
 

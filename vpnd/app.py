@@ -53,6 +53,8 @@ class App:
     reload_hooks: tuple[Callable[[Config], None], ...] = ()
     #: The user-facing texts, loaded once by the composition root and handed down (flows, workers, payments, alerts).
     texts: Texts = attrs.field(factory=Texts.load)
+    #: The bot's @username (getMe at start, where this process polls Telegram; "" otherwise): gift links.
+    bot_username: str = attrs.field(default="", on_setattr=attrs.setters.NO_OP)
 
 
 async def prepare_schema(

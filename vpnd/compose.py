@@ -209,6 +209,7 @@ async def open_vpnd(
             health_checks.add_check("database", partial(database_ready, app))
             sender = Sender(bot, limiter, metrics, tuning.send_attempts, tuning.send_max_backoff)
             username = await identify_bot(app, bot) if "poller" in services else ""
+            app.bot_username = username
             ctx = BotContext(app, bot, sender, app.texts, cryptopay, checkout, bot_username=username)
             async with trio.open_nursery() as root:
                 await notifier.notify("STATUS=starting: services")

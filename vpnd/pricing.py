@@ -101,7 +101,7 @@ def stars_price(stars: int, percent: int) -> int:
 class Offer:
     """A thing for sale at its list price (before any promo discount)."""
 
-    kind: Literal["plan", "topup", "pack"]
+    kind: Literal["plan", "topup", "pack", "gift"]
     price_minor: int
     currency: str
     #: The plan's code, or the traffic pack's.

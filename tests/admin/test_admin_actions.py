@@ -59,6 +59,8 @@ WIDEST: dict[Verb, tuple[object, ...]] = {
     Verb.BROADCAST_CANCEL: (2**63 - 1,),
     Verb.REFUND: (2**63 - 1,),
     Verb.REFUND_CONFIRM: (2**63 - 1,),
+    Verb.GIFT_REFUND: ("Z" * 12,),
+    Verb.GIFT_REFUND_CONFIRM: ("Z" * 12,),
 }
 
 

@@ -27,7 +27,7 @@ class HistoryEntry:
 
     purchase_id: int
     paid_at: dt.datetime
-    kind: str  # "plan", "pack" (plan_code: the pack's code) or "topup"
+    kind: str  # "plan", "pack" (plan_code: the pack's code), "gift" (a plan bought as a gift) or "topup"
     plan_code: str | None
     method: str  # the payment's provider, as stored
     amount_minor: int
@@ -97,7 +97,9 @@ def queue_payment_notice(
         "notice.payment",
         purchase_id=purchase_id,
         user=_who(user_id, username),
-        plan=plan_code if kind in ("plan", "pack") else texts.get(language, "history.topup"),
+        plan=(f"🎁 {plan_code}" if kind == "gift" else plan_code)
+        if kind in ("plan", "pack", "gift")
+        else texts.get(language, "history.topup"),
         amount=format_money(amount, currency),
         method=method_name(texts, language, method, auto_renewal=auto),
         promo=promo_code or none,

@@ -37,7 +37,7 @@ import attrs
 import psycopg
 from psycopg.rows import class_row
 
-from vpnd.db import history, ledger, outbox, promo, quota
+from vpnd.db import gifts, history, ledger, outbox, promo, quota
 from vpnd.db.history import AUTO_RENEW_PREFIX as AUTO_RENEW_PREFIX  # re-exported (admin_cli)
 from vpnd.db.purchases import (
     MethodUnavailable,
@@ -61,6 +61,7 @@ Provider = Literal["cryptopay", "stars", "balance", "card", "yookassa"]
 FinalizeStatus = Literal[
     "granted",  # a plan's days were given
     "credited",  # a top-up reached the balance
+    "gifted",  # a gift purchase made its gift (code); nobody's access changed yet
     "already_paid",  # this same payment was finalized before: nothing changed
     "amount_mismatch",  # recorded and alerted; no access
     "duplicate_payment",  # another payment already paid this purchase (or this provider id paid another)
@@ -91,6 +92,14 @@ class PaymentRules:
     notify_chat_id: int | None = None
     #: The limits of a subscription of (plan_code, kind) — `vpnd.quota.limits_of` over the running config.
     limits_for: Callable[[str | None, str], Limits] = _no_limits
+    #: The bot's @username, for a gift's t.me link ("" when unknown in this process: the link is then
+    #: the `/start gift_<code>` command to send the bot).
+    bot_username: str = ""
+
+    def gift_link(self, code: str) -> str:
+        if self.bot_username:
+            return f"https://t.me/{self.bot_username}?start=gift_{code}"
+        return f"/start gift_{code}"
 
     def announce(self, conn: psycopg.Connection[Any], purchase_id: int) -> None:
         """Queue the admin chat's notice of the payment just recorded, in the same transaction (once per purchase)."""
@@ -122,7 +131,7 @@ class FinalizeOutcome:
     @property
     def applied(self) -> bool:
         """This call was the one that finalized the purchase (granted or credited)."""
-        return self.status in ("granted", "credited")
+        return self.status in ("granted", "credited", "gifted")
 
     @property
     def access_changed(self) -> bool:
@@ -253,6 +262,11 @@ def finalize_purchase(
         paid = format_money(amount_minor, currency)
     if purchase.kind == "pack":
         return _finalize_pack(
+            conn, purchase, provider, provider_payment_id, amount_minor, currency, paid, paid_late, rules,
+            telegram_charge_id,
+        )  # fmt: skip
+    if purchase.kind == "gift":
+        return _finalize_gift(
             conn, purchase, provider, provider_payment_id, amount_minor, currency, paid, paid_late, rules,
             telegram_charge_id,
         )  # fmt: skip
@@ -453,6 +467,44 @@ def _finalize_pack(
     outbox.enqueue(conn, user_id, text, dedupe_key=f"payment:{purchase.id}")
     rules.announce(conn, purchase.id)
     return FinalizeOutcome("credited", purchase.id, user_id, paid_late, balance_minor=balance, notified=True)
+
+
+def _finalize_gift(
+    conn: psycopg.Connection[Any],
+    purchase: Purchase,
+    provider: str,
+    provider_payment_id: str,
+    amount_minor: int,
+    currency: str,
+    paid: str,
+    paid_late: bool,
+    rules: PaymentRules,
+    telegram_charge_id: str | None,
+) -> FinalizeOutcome:
+    """A gift: the buyer's subscription is left alone; a gift (`vpnd.db.gifts`) with a new code is made,
+    and the buyer gets the code and its link. Its value (what a refund to the balance credits) is the
+    purchase's price — for Stars the fiat price the Stars stood for. No promo code applies to a gift and
+    it earns no referral reward (a refunded gift would otherwise leave the reward behind)."""
+    assert purchase.plan_code is not None and purchase.days
+    gift = gifts.create_gift(
+        conn, purchase.id, purchase.user_id, purchase.plan_code, purchase.days, purchase.amount_minor,
+        purchase.currency,
+    )  # fmt: skip
+    _insert_payment(
+        conn, purchase, provider, provider_payment_id, amount_minor, currency, "granted",
+        telegram_charge_id=telegram_charge_id,
+    )  # fmt: skip
+    user_id = purchase.user_id
+    text = rules.text(
+        conn, user_id, "payments.received_gift", amount=paid, days=purchase.days, code=gift.code,
+        link=rules.gift_link(gift.code),
+    )  # fmt: skip
+    if paid_late:
+        text += "\n" + rules.text(conn, user_id, "payments.received_late")
+    outbox.enqueue(conn, user_id, text, dedupe_key=f"payment:{purchase.id}")
+    rules.announce(conn, purchase.id)
+    log.info("event=gift_created purchase_id=%s user_id=%s gift_id=%s", purchase.id, user_id, gift.id)
+    return FinalizeOutcome("gifted", purchase.id, user_id, paid_late, notified=True)
 
 
 @attrs.frozen
@@ -759,6 +811,8 @@ def reverse_refunded_purchase(
     granted_bytes, paid_at = int(row[3] or 0), row[4]
     if previous != "granted":  # an amount mismatch gave nothing
         return RefundReversal(True, user_id)
+    if purchase.kind == "gift":
+        gifts.void_refunded_purchase(conn, purchase_id)  # a redeemed one gave its days to someone else
     reference = ledger.purchase_reference(purchase_id)
 
     subscription: Subscription | None = None

@@ -99,6 +99,7 @@ def rules_of(app: App) -> PaymentRules:
         default_language=config.telegram.default_language,
         notify_chat_id=config.payments.notify_chat_id or None,
         limits_for=partial(limits_of, config),
+        bot_username=app.bot_username,
     )
 
 
@@ -139,11 +140,19 @@ class Item:
     description: str
 
 
-def item_of(app: App, code: str, *, pack: bool, language: str, currency: str | None = None) -> Item:
-    """The plan (or, with `pack`, the traffic pack) `code` as an offer in `currency` (default: its own).
+def item_of(
+    app: App, code: str, *, pack: bool, language: str, currency: str | None = None, gift: bool = False
+) -> Item:
+    """The plan (or, with `pack`, the traffic pack) `code` as an offer in `currency` (default: its own);
+    with `gift`, the plan bought as a gift (purchase kind `gift`: no promo code, no upgrade credit).
 
     Raises UnknownPlan, InvalidAmount (no price in `currency`).
     """
+    if gift:
+        plan = _plan(app, code)
+        title = plan.title.get(language, plan.code)
+        text = _plain(app.texts, language, "payments.invoice_gift", title=title, days=plan.days)
+        return Item(attrs.evolve(plan_offer(plan, currency), kind="gift"), title, text)
     if pack:
         found = _pack(app, code)
         title = found.label(language)
@@ -167,9 +176,15 @@ async def pack_allowed(app: App, user_id: int) -> bool:
     return await app.db.run(_pack_allowed, user_id, app.config)
 
 
-async def _check_item(app: App, user_id: int, code: str, *, pack: bool) -> None:
+async def _check_item(app: App, user_id: int, code: str, *, pack: bool, gift: bool = False) -> None:
     """Refuse what is not for sale to this user: a pack without a quota to add to (PackNotAvailable),
-    the trial plan, and a hidden plan unless it is the user's own running plan (renewing it is allowed)."""
+    the trial plan, and a hidden plan unless it is the user's own running plan (renewing it is allowed;
+    giving it is not: a gift is of a plan on sale)."""
+    if gift:
+        plan = _plan(app, code)
+        if plan.trial or not plan.visible:
+            raise UnknownPlan(code)
+        return
     if pack:
         if not await pack_allowed(app, user_id):
             raise PackNotAvailable(code)
@@ -368,6 +383,7 @@ async def start_cryptopay_purchase(
     paid_btn_url: str | None = None,
     language: str = "en",
     pack: bool = False,
+    gift: bool = False,
 ) -> tuple[Purchase, str]:
     """Create a purchase (a plan — with `pack`, the traffic pack `plan_code` — or a top-up of
     `topup_minor`) and its Crypto Pay invoice.
@@ -381,8 +397,8 @@ async def start_cryptopay_purchase(
     if not app.config.cryptopay.enabled:
         raise MethodUnavailable("Crypto Pay is switched off")
     if plan_code is not None:
-        await _check_item(app, user_id, plan_code, pack=pack)
-        item = item_of(app, plan_code, pack=pack, language=language)
+        await _check_item(app, user_id, plan_code, pack=pack, gift=gift)
+        item = item_of(app, plan_code, pack=pack, language=language, gift=gift)
         offer, description = item.offer, item.description
     else:
         assert topup_minor is not None
@@ -487,6 +503,7 @@ async def start_stars_purchase(
     language: str = "en",
     cryptopay: CryptoPayClient | None = None,
     pack: bool = False,
+    gift: bool = False,
 ) -> TelegramInvoice:
     """Create a Stars purchase of a plan (with `pack`: of a traffic pack). Raises UnknownPlan,
     PackNotAvailable, UpgradeNotOffered, MethodUnavailable (no Stars price), UnknownUser.
@@ -495,8 +512,8 @@ async def start_stars_purchase(
     """
     if not app.config.stars.enabled:
         raise MethodUnavailable("Telegram Stars are switched off")
-    await _check_item(app, user_id, plan_code, pack=pack)
-    item = item_of(app, plan_code, pack=pack, language=language)
+    await _check_item(app, user_id, plan_code, pack=pack, gift=gift)
+    item = item_of(app, plan_code, pack=pack, language=language, gift=gift)
     purchase = await _create_purchase(app, user_id, item.offer, "stars")
     await delete_superseded_invoices(app, cryptopay, purchase.id)
     assert purchase.stars is not None
@@ -586,6 +603,7 @@ async def start_card_purchase(
     language: str = "en",
     cryptopay: CryptoPayClient | None = None,
     pack: bool = False,
+    gift: bool = False,
 ) -> TelegramInvoice:
     """Create a card purchase of a plan (with `pack`: of a traffic pack) in the card currency.
 
@@ -593,11 +611,11 @@ async def start_card_purchase(
     the card currency), UnknownUser. `cryptopay` deletes the Crypto Pay invoices this purchase supersedes.
     """
     config = app.config.telegram_payments
-    await _check_item(app, user_id, plan_code, pack=pack)
+    await _check_item(app, user_id, plan_code, pack=pack, gift=gift)
     sold: Plan | TrafficPack = _pack(app, plan_code) if pack else _plan(app, plan_code)
     if not card_price_available(app, sold):
         raise MethodUnavailable(f"{plan_code} is not sold by card in {app.config.card_currency}")
-    item = item_of(app, plan_code, pack=pack, language=language, currency=app.config.card_currency)
+    item = item_of(app, plan_code, pack=pack, language=language, currency=app.config.card_currency, gift=gift)
     purchase = await _create_purchase(app, user_id, item.offer, "card")
     await delete_superseded_invoices(app, cryptopay, purchase.id)
     title, description = item.title, item.description
@@ -664,7 +682,13 @@ def _buy_with_balance(
 
 
 async def pay_with_balance(
-    app: App, user_id: int, plan_code: str, *, cryptopay: CryptoPayClient | None = None, pack: bool = False
+    app: App,
+    user_id: int,
+    plan_code: str,
+    *,
+    cryptopay: CryptoPayClient | None = None,
+    pack: bool = False,
+    gift: bool = False,
 ) -> FinalizeOutcome:
     """Buy a plan (with `pack`: a traffic pack) from the balance in one transaction (purchase created,
     debited, granted).
@@ -673,8 +697,8 @@ async def pay_with_balance(
     MethodUnavailable (priced in another currency), ledger.InsufficientBalance (`.needed_minor`,
     `.balance_minor`). `cryptopay` deletes the Crypto Pay invoices this purchase supersedes (after its commit).
     """
-    await _check_item(app, user_id, plan_code, pack=pack)
-    offer = item_of(app, plan_code, pack=pack, language="en").offer
+    await _check_item(app, user_id, plan_code, pack=pack, gift=gift)
+    offer = item_of(app, plan_code, pack=pack, language="en", gift=gift).offer
     payments = app.config.payments
     if offer.currency.upper() != payments.currency.upper():
         raise MethodUnavailable("the plan is priced in another currency than the balance")

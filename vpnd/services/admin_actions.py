@@ -26,7 +26,7 @@ import psycopg
 from vpnd.config import NodeConfig
 from vpnd.db import admin as admin_db
 from vpnd.db import broadcasts as bdb
-from vpnd.db import ledger, outbox, promo, quota, subscriptions
+from vpnd.db import gifts, ledger, outbox, promo, quota, subscriptions
 from vpnd.db import payments as payments_db
 from vpnd.db.admin import HealthFacts, Stats, UserDetails
 from vpnd.db.nodes import NodeRow, list_nodes
@@ -135,6 +135,19 @@ class PromoExists(Refused):
 @attrs.frozen
 class PromoNotFound(Refused):
     reason: ClassVar[str] = "not_found"
+
+
+@attrs.frozen
+class GiftNotFound(Refused):
+    reason: ClassVar[str] = "not_found"
+
+
+@attrs.frozen
+class GiftNotRefundable(Refused):
+    """Redeemed already (its days were given), refunded already, or paid in another currency than the balance."""
+
+    why: str = ""
+    reason: ClassVar[str] = "not_refundable"
 
 
 @attrs.frozen
@@ -530,6 +543,29 @@ def record_refund(conn: Conn, actor: Actor, purchase_id: int, charge_id: str, *,
     }
     _audit(conn, actor, "refund", purchase_id, "ok" if reversal.recorded else "repeated", **facts)
     return reversal
+
+
+def refund_gift(
+    conn: Conn, actor: Actor, code: str, *, rules: PaymentRules
+) -> gifts.Refund | GiftNotFound | GiftNotRefundable:
+    """Refund an unredeemed gift to its buyer's balance (once: a second refund is refused, as is the
+    refund of a redeemed gift); the buyer is told. Audited either way (action `gift_refund`)."""
+    done = gifts.refund(
+        conn, code, balance_currency=rules.balance_currency, texts=rules.texts, default_language=rules.default_language
+    )
+    target = done.gift.code if done.gift is not None else code.strip()[:64]
+    if done.reason == "not_found":
+        return _refuse(conn, actor, "gift_refund", GiftNotFound(target))
+    if done.reason is not None:
+        assert done.gift is not None
+        facts = {"why": done.reason, "status": done.gift.status, "buyer_id": done.gift.buyer_id}
+        return _refuse(conn, actor, "gift_refund", GiftNotRefundable(target, done.reason), **facts)
+    assert done.gift is not None
+    _audit(
+        conn, actor, "gift_refund", target, buyer_id=done.gift.buyer_id, value_minor=done.gift.value_minor,
+        currency=done.gift.currency,
+    )  # fmt: skip
+    return done
 
 
 def refund_failed(conn: Conn, actor: Actor, purchase_id: int, error: str) -> None:

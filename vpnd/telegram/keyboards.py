@@ -50,6 +50,7 @@ def main_menu(t: Callable[[str], str], *, trial_eligible: bool, has_subscription
         [button(t("menu.renew") if has_subscription else t("menu.buy"), "buy")],
         [button(t("menu.trial"), "trial")] if trial_eligible else [],
         [button(t("menu.promo"), "promo"), button(t("menu.invite"), "invite")],
+        [button(t("menu.gifts"), "gifts")],
         [button(t("menu.language"), "lang"), button(t("menu.help"), "help")],
     )
 

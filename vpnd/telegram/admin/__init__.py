@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from vpnd.db import conversation
-from vpnd.telegram.admin import broadcasts, callback_data, devices, export, promo, refunds, stats, users
+from vpnd.telegram.admin import broadcasts, callback_data, devices, export, gifts, promo, refunds, stats, users
 from vpnd.telegram.admin.common import (
     CallbackAction,
     StateAction,
@@ -44,6 +44,7 @@ CALLBACKS: dict[Verb, CallbackAction] = {
     **users.CALLBACKS,
     **devices.CALLBACKS,
     **refunds.CALLBACKS,
+    **gifts.CALLBACKS,
     **promo.CALLBACKS,
     **broadcasts.CALLBACKS,
     **export.CALLBACKS,

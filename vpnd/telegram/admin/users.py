@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from vpnd.db import admin as admin_db
+from vpnd.db import gifts as gifts_db
 from vpnd.db.admin import UserDetails
 from vpnd.db.subscriptions import Subscription
 from vpnd.pricing import InvalidAmount, format_money, parse_amount
@@ -46,7 +47,7 @@ async def find_user(turn: Turn, text: str, data: dict[str, Any]) -> None:
     await clear_state(turn)
     await turn.reply(
         views.user_text(turn.t, details, turn.app.config.payments.currency, _limits(turn, details)),
-        views.user_keyboard(turn.t, details),
+        await _keyboard(turn, details),
     )
 
 
@@ -56,7 +57,13 @@ async def show_user(turn: Turn, user_id: int, notice: str = "") -> None:
         await not_found(turn, user_id)
         return
     text = views.user_text(turn.t, details, turn.app.config.payments.currency, _limits(turn, details))
-    await turn.show(with_notice(notice, text), views.user_keyboard(turn.t, details))
+    await turn.show(with_notice(notice, text), await _keyboard(turn, details))
+
+
+async def _keyboard(turn: Turn, details: UserDetails) -> kb.Keyboard:
+    """The user's card buttons, with a refund button for each of their newest unredeemed gifts."""
+    gifts = await turn.app.db.run(gifts_db.unredeemed_of, details.user.id)
+    return views.user_keyboard(turn.t, details, [gift.code for gift in gifts])
 
 
 def _limits(turn: Turn, details: UserDetails) -> tuple[Limits, str] | None:

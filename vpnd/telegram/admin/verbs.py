@@ -18,6 +18,7 @@ from vpnd.telegram.admin import callback_data
 _ID = r"-?\d{1,19}"
 _NONCE = r"[0-9a-f]{8}"
 _CODE = r"[A-Z0-9_-]{1,32}"
+_GIFT = r"[A-Z2-9]{12}"
 
 
 class Verb(enum.Enum):
@@ -58,6 +59,8 @@ class Verb(enum.Enum):
     BROADCAST_CANCEL = ("bx", r"\d{1,19}")
     REFUND = ("rf", r"\d{1,19}")
     REFUND_CONFIRM = ("rfc", r"\d{1,19}")
+    GIFT_REFUND = ("gfr", _GIFT)
+    GIFT_REFUND_CONFIRM = ("gfrc", _GIFT)
 
     def __init__(self, code: str, args: str) -> None:
         self.code = code

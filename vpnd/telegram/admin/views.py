@@ -192,7 +192,7 @@ def user_text(t: T, d: UserDetails, currency: str, limits: tuple[Limits, str] | 
     )
 
 
-def user_keyboard(t: T, d: UserDetails) -> kb.Keyboard:
+def user_keyboard(t: T, d: UserDetails, gift_codes: Sequence[str] = ()) -> kb.Keyboard:
     uid = d.user.id
     rows: list[list[kb.Button]] = [
         [
@@ -222,6 +222,8 @@ def user_keyboard(t: T, d: UserDetails) -> kb.Keyboard:
             rows.append(
                 [kb.button(t("admin.refund.button", id=payment.purchase_id), Verb.REFUND.data(payment.purchase_id))]
             )
+    for code in gift_codes:  # the user's unredeemed gifts: refundable to their balance
+        rows.append([kb.button(t("admin.gift.refund_button", code=code), Verb.GIFT_REFUND.data(code))])
     rows.append([kb.button(t("admin.back"), Verb.MENU.data())])
     return kb.keyboard(*rows)
 

@@ -39,6 +39,8 @@ METHOD_CODES = {
 }
 #: The hosted checkout's buttons: YooKassa method → (its callback code, its label key).
 CHECKOUT_METHODS = {"bank_card": ("yk", "buy.method.yookassa_card"), "sbp": ("ys", "buy.method.yookassa_sbp")}
+#: How a gift may be paid: the methods whose purchase the shared grant path finalizes (no hosted checkout).
+GIFT_METHODS = ("cryptopay", "stars", "card", "balance")
 #: Telegram wants an answer to a pre-checkout query within 10 s; refuse rather than be late.
 PRE_CHECKOUT_BUDGET = 8.0
 
@@ -162,6 +164,8 @@ async def choose_method(turn: Turn, plan_code: str) -> None:
     if quote.fiat_offered and quote.balance_covers:
         balance = _money(quote.balance_minor, quote.balance_currency)
         rows.append([kb.button(turn.t("buy.method.balance", balance=balance), f"pay:{plan.code}:b")])
+    if plan.visible:  # a plan on sale may be bought for someone else (vpnd.telegram.flows.gifts)
+        rows.append([kb.button(turn.t("gifts.buy_button"), f"gift:{plan.code}")])
     rows.append([kb.button(turn.t("common.back"), "buy")])
     text = turn.t("buy.choose_method", title=plan.title.get(turn.lang, plan.code), days=plan.days, price=price)
     text += _upgrade_note(turn, quote) + card_note
@@ -296,20 +300,23 @@ async def choose_pack_method(turn: Turn, pack_code: str) -> None:
     await turn.show(text, kb.keyboard(*rows))
 
 
-async def pay(turn: Turn, plan_code: str, method: str, *, pack: bool = False) -> None:
+async def pay(turn: Turn, plan_code: str, method: str, *, pack: bool = False, gift: bool = False) -> None:
+    """Pay for a plan (with `pack`: a traffic pack; with `gift`: a plan bought as a gift) by `method`."""
     try:
-        if method == "bank_card_save" and not pack:
+        if gift and method not in GIFT_METHODS:
+            await choose_plan(turn)
+        elif method == "bank_card_save" and not pack:
             await _pay_checkout(turn, plan_code, "bank_card", save_method=True)
         elif method in ("bank_card", "sbp", "yookassa"):
             await _pay_checkout(turn, plan_code, None if method == "yookassa" else method, pack=pack)
         elif method == "cryptopay":
-            await _pay_cryptopay(turn, plan_code=plan_code, pack=pack)
+            await _pay_cryptopay(turn, plan_code=plan_code, pack=pack, gift=gift)
         elif method == "stars":
-            await _pay_stars(turn, plan_code, pack=pack)
+            await _pay_stars(turn, plan_code, pack=pack, gift=gift)
         elif method == "card":
-            await _pay_card(turn, plan_code, pack=pack)
+            await _pay_card(turn, plan_code, pack=pack, gift=gift)
         elif method == "balance":
-            await _pay_balance(turn, plan_code, pack=pack)
+            await _pay_balance(turn, plan_code, pack=pack, gift=gift)
         else:
             await choose_plan(turn)
     except InsufficientBalance as exc:
@@ -325,15 +332,16 @@ async def pay(turn: Turn, plan_code: str, method: str, *, pack: bool = False) ->
 
 
 async def _pay_cryptopay(
-    turn: Turn, *, plan_code: str | None = None, topup_minor: int | None = None, pack: bool = False
+    turn: Turn, *, plan_code: str | None = None, topup_minor: int | None = None, pack: bool = False, gift: bool = False
 ) -> None:
     client = turn.ctx.cryptopay
     if client is None:
         await turn.answer(turn.t("payments.method_unavailable"), alert=True)
         return
     purchase, url = await service.start_cryptopay_purchase(
-        turn.app, client, turn.user.id, plan_code=plan_code, topup_minor=topup_minor, language=turn.lang, pack=pack
-    )
+        turn.app, client, turn.user.id, plan_code=plan_code, topup_minor=topup_minor, language=turn.lang, pack=pack,
+        gift=gift,
+    )  # fmt: skip
     price = _money(purchase.amount_minor, purchase.currency)
     if plan_code is not None and pack:
         found = turn.app.config.traffic_pack(plan_code)
@@ -383,16 +391,16 @@ async def _show_payment_page(turn: Turn, text: str, price: str, url: str) -> Non
     )
 
 
-async def _pay_stars(turn: Turn, plan_code: str, *, pack: bool = False) -> None:
+async def _pay_stars(turn: Turn, plan_code: str, *, pack: bool = False, gift: bool = False) -> None:
     invoice = await service.start_stars_purchase(
-        turn.app, turn.user.id, plan_code, language=turn.lang, cryptopay=turn.ctx.cryptopay, pack=pack
+        turn.app, turn.user.id, plan_code, language=turn.lang, cryptopay=turn.ctx.cryptopay, pack=pack, gift=gift
     )
     await _send_invoice(turn, invoice)
 
 
-async def _pay_card(turn: Turn, plan_code: str, *, pack: bool = False) -> None:
+async def _pay_card(turn: Turn, plan_code: str, *, pack: bool = False, gift: bool = False) -> None:
     invoice = await service.start_card_purchase(
-        turn.app, turn.user.id, plan_code, language=turn.lang, cryptopay=turn.ctx.cryptopay, pack=pack
+        turn.app, turn.user.id, plan_code, language=turn.lang, cryptopay=turn.ctx.cryptopay, pack=pack, gift=gift
     )
     await _send_invoice(turn, invoice)
 
@@ -416,9 +424,14 @@ async def _send_invoice(turn: Turn, invoice: service.TelegramInvoice) -> None:
     )
 
 
-async def _pay_balance(turn: Turn, plan_code: str, *, pack: bool = False) -> None:
-    outcome = await service.pay_with_balance(turn.app, turn.user.id, plan_code, cryptopay=turn.ctx.cryptopay, pack=pack)
+async def _pay_balance(turn: Turn, plan_code: str, *, pack: bool = False, gift: bool = False) -> None:
+    outcome = await service.pay_with_balance(
+        turn.app, turn.user.id, plan_code, cryptopay=turn.ctx.cryptopay, pack=pack, gift=gift
+    )
     log.info("event=paid_from_balance user_id=%d status=%s pack=%s", turn.user.id, outcome.status, pack)
+    if gift:  # the code and its link arrive in the "payment received" message (outbox)
+        await turn.show(turn.t("gifts.bought_from_balance"), kb.keyboard([kb.button(turn.t("gifts.mine"), "gifts")]))
+        return
     await my_subscription(turn, turn.t("buy.paid_from_balance"))
 
 

@@ -37,9 +37,10 @@ async def show(turn: Turn, page: int = 0) -> None:
 
 
 def _line(turn: Turn, entry: history.HistoryEntry) -> str:
-    if entry.kind == "plan":
+    if entry.kind in ("plan", "gift"):
         plan = turn.app.config.plan(entry.plan_code or "")
         what = plan.title.get(turn.lang, plan.code) if plan is not None else entry.plan_code or "?"
+        what = f"🎁 {what}" if entry.kind == "gift" else what
     elif entry.kind == "pack":
         pack = turn.app.config.traffic_pack(entry.plan_code or "")
         what = pack.label(turn.lang) if pack is not None else entry.plan_code or "?"

@@ -27,6 +27,11 @@ def _currency(turn: Turn) -> str:
 
 async def start(turn: Turn, argument: str, created: bool) -> None:
     greeting = turn.t("start.welcome", name=turn.user.first_name or "friend")
+    if argument.startswith("gift_"):  # a gift's link (new user or not): redeem it
+        from vpnd.telegram.flows import gifts  # here: gifts → buy → access → menu would be circular
+
+        await gifts.redeem(turn, argument, prefix=greeting)
+        return
     if created and argument.startswith("ref_"):
         referrer = await turn.app.db.run(users.record_referral, turn.user.id, argument[4:])
         if referrer is not None:
