@@ -11,6 +11,7 @@
     vpnd admin nodes
     vpnd admin devices <id> [--reset]
     vpnd admin grant-device <id> [N]
+    vpnd admin maintenance on [--message TEXT] | off | status
     vpnd broadcast list [--status S]
     vpnd broadcast pause|resume|cancel <id>
 
@@ -50,6 +51,7 @@ from vpnd.quota import current_usage, limits_of
 from vpnd.quota import format_bytes as format_quota_bytes
 from vpnd.services import admin_actions as actions
 from vpnd.services import devices as device_actions
+from vpnd.services import maintenance as maintenance_actions
 from vpnd.telegram.admin import views
 from vpnd.telegram.flows.access import format_bytes
 from vpnd.texts import Texts
@@ -114,6 +116,11 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     leaf(promo_actions, "list", "every promo code with its usage")
     disable = leaf(promo_actions, "disable", "switch a promo code off")
     disable.add_argument("code")
+    maintenance = actions.add_parser("maintenance", help="maintenance mode: purchases and trials paused, keys work")
+    switches = maintenance.add_subparsers(dest="maintenance_command", required=True, metavar="ACTION")
+    leaf(switches, "on", "turn maintenance on").add_argument("--message", default="", help="the banner users see")
+    leaf(switches, "off", "turn maintenance off")
+    leaf(switches, "status", "whether maintenance is on, since when, with which text")
 
     broadcast = sub.add_parser("broadcast", help="list, pause, resume or cancel broadcasts")
     verbs = broadcast.add_subparsers(dest="broadcast_command", required=True, metavar="ACTION")
@@ -128,7 +135,8 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
 
 
 def cmd_admin(config: Config, args: argparse.Namespace) -> int:
-    command = args.admin_command if args.admin_command != "promo" else f"promo {args.promo_command}"
+    verb = getattr(args, f"{args.admin_command}_command", None)  # promo and maintenance have their own verbs
+    command = f"{args.admin_command} {verb}" if verb else args.admin_command
     return _run(config, args, ADMIN_COMMANDS[command])
 
 
@@ -464,6 +472,21 @@ def promo_disable_command(conn: psycopg.Connection[Any], args: argparse.Namespac
     return {"code": code, "active": False}, f"disabled {code}"
 
 
+def maintenance_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    verb = args.maintenance_command
+    if verb == "status":
+        state = maintenance_actions.status(conn)
+    else:
+        try:
+            state = maintenance_actions.switch(conn, _actor(), verb == "on", args.message if verb == "on" else "")
+        except ValueError as exc:
+            raise Usage(str(exc)) from None
+    if not state.on:
+        return state, "maintenance is off" + (f" (since {_when(state.since)})" if state.since else "")
+    shown = state.message or "(the default text of each user's language)"
+    return state, f"maintenance is on since {_when(state.since)}: purchases and trials are paused\nbanner: {shown}"
+
+
 def _done(outcome: R | actions.Refused) -> R:
     """An action's result; its refusal (audited already, the transaction commits) as `Failed`."""
     if isinstance(outcome, actions.Refused):
@@ -495,6 +518,9 @@ ADMIN_COMMANDS: dict[str, Command] = {
     "promo create": promo_create_command,
     "promo list": promo_list_command,
     "promo disable": promo_disable_command,
+    "maintenance on": maintenance_command,
+    "maintenance off": maintenance_command,
+    "maintenance status": maintenance_command,
 }
 
 

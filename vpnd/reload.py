@@ -68,6 +68,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
         }
     ),
     "broadcast": frozenset({"paid", "progress_interval", "paid_rate_per_second"}),
+    "terms": frozenset({"enabled", "version", "terms_text", "terms_url", "privacy_text", "privacy_url"}),
 }
 
 

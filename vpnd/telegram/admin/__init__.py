@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from vpnd.db import conversation
-from vpnd.telegram.admin import broadcasts, callback_data, devices, export, promo, refunds, stats, users
+from vpnd.telegram.admin import broadcasts, callback_data, devices, export, maintenance, promo, refunds, stats, users
 from vpnd.telegram.admin.common import (
     CallbackAction,
     StateAction,
@@ -47,9 +47,10 @@ CALLBACKS: dict[Verb, CallbackAction] = {
     **promo.CALLBACKS,
     **broadcasts.CALLBACKS,
     **export.CALLBACKS,
+    **maintenance.CALLBACKS,
 }
 
-STATES: dict[str, StateAction] = {**users.STATES, **promo.STATES, **broadcasts.STATES}
+STATES: dict[str, StateAction] = {**users.STATES, **promo.STATES, **broadcasts.STATES, **maintenance.STATES}
 
 
 def register(routes: Routes) -> None:

@@ -58,6 +58,9 @@ class Verb(enum.Enum):
     BROADCAST_CANCEL = ("bx", r"\d{1,19}")
     REFUND = ("rf", r"\d{1,19}")
     REFUND_CONFIRM = ("rfc", r"\d{1,19}")
+    MAINTENANCE = ("mt", "")
+    MAINTENANCE_ON = ("mton", "")
+    MAINTENANCE_OFF = ("mtoff", "")
 
     def __init__(self, code: str, args: str) -> None:
         self.code = code
