@@ -683,7 +683,7 @@ def read_language(value: object) -> str:
 def _read_terms_version(value: object) -> str:
     """It travels in the "I accept" button's callback data, so it is short and plain."""
     text = read_str(value)
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,32}", text):
+    if text and not re.fullmatch(r"[A-Za-z0-9._-]{1,32}", text):
         raise _expected('1 to 32 letters, digits, ".", "_" or "-", such as "2026-12-01"', value)
     return text
 
@@ -1239,7 +1239,9 @@ def _check_terms(name: str, terms: TermsConfig) -> None:
         has_text = bool(terms.terms_text if document == "terms" else terms.privacy_text)
         has_url = bool(terms.terms_url if document == "terms" else terms.privacy_url)
         if has_text and has_url:
-            raise ConfigError(name, f"[terms].{document}_url", f"set either {document}_text or {document}_url, not both")
+            raise ConfigError(
+                name, f"[terms].{document}_url", f"set either {document}_text or {document}_url, not both"
+            )
         if required and not (has_text or has_url):
             raise ConfigError(name, "[terms].terms_text", "terms_text or terms_url is required when enabled = true")
     for lang in SUPPORTED_LANGUAGES:

@@ -59,11 +59,12 @@ async def holds_message(turn: Turn, text: str) -> bool:
     return True
 
 
-async def show_terms(turn: Turn) -> None:
+async def show_terms(turn: Turn, notice: str = "") -> None:
     config = turn.app.config.terms
     default_lang = turn.app.config.telegram.default_language
     updated = turn.terms is not None and turn.terms.accepted_before
-    parts = [turn.t("terms.updated" if updated else "terms.intro")]
+    parts = [notice] if notice else []
+    parts.append(turn.t("terms.updated" if updated else "terms.intro"))
     rows = []
     for document in DOCUMENTS:
         text = config.text(document, turn.lang, default_lang)
@@ -85,10 +86,12 @@ def register(routes: Routes) -> None:
             await show_menu(turn)
             return
         if args != [config.version]:  # an old message's button, or forged data: nothing is recorded
-            log.info("event=terms_stale_accept user_id=%d data_hex=%s", turn.user.id, ":".join(args)[:40].encode().hex())
+            log.info(
+                "event=terms_stale_accept user_id=%d data_hex=%s", turn.user.id, ":".join(args)[:40].encode().hex()
+            )
             await turn.answer(turn.t("terms.outdated"), alert=True)
             if due(turn):
-                await show_terms(turn)
+                await show_terms(turn, "⚠️ " + turn.t("terms.outdated"))
             else:
                 await show_menu(turn)
             return
