@@ -116,7 +116,9 @@ async def test_maintenance_by_cli_pauses_sales_keeps_keys_grants_paid_invoices_a
         granted = await press(fake, CAROL, menu, "trial")
         assert "free trial is active" in (granted.text or "")
     await vpnd.stop()
-    audit = sql(db_dsn, "SELECT action, admin_id, details ->> 'via', details ->> 'message' FROM admin_audit ORDER BY id")
+    audit = sql(
+        db_dsn, "SELECT action, admin_id, details ->> 'via', details ->> 'message' FROM admin_audit ORDER BY id"
+    )
     assert audit == [("maintenance_on", 0, "cli", BANNER), ("maintenance_off", 0, "cli", "")]
     # A bad message is refused with exit code 2 and changes nothing.
     too_long = await trio.to_thread.run_sync(partial(cli, "admin", "maintenance", "on", "--message", "x" * 501))

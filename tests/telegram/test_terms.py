@@ -51,7 +51,9 @@ async def test_terms_first_then_accepted_once_referral_kept_and_asked_again_afte
     nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
 ) -> None:
     fake, base_url = fake_telegram
-    vpnd = await start_vpnd(nursery, bot_config(write_config, db_dsn, fake, base_url, terms=terms_section("2026-12-01")))
+    vpnd = await start_vpnd(
+        nursery, bot_config(write_config, db_dsn, fake, base_url, terms=terms_section("2026-12-01"))
+    )
     fake.add_user(ALICE, "Alice")
     fake.add_user(BOB, "Bob")
     fake.add_user(CAROL, "Carol", language_code="ru")
