@@ -59,6 +59,9 @@ WIDEST: dict[Verb, tuple[object, ...]] = {
     Verb.BROADCAST_CANCEL: (2**63 - 1,),
     Verb.REFUND: (2**63 - 1,),
     Verb.REFUND_CONFIRM: (2**63 - 1,),
+    Verb.MAINTENANCE: (),
+    Verb.MAINTENANCE_ON: (),
+    Verb.MAINTENANCE_OFF: (),
 }
 
 
