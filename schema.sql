@@ -106,6 +106,23 @@ CREATE TABLE daemon_state (
     value  jsonb NOT NULL
 );
 
+-- Terms of service / privacy policy accepted, one row per user and version (history kept: a new
+-- `[terms].version` asks again and adds a row). Maintenance mode is the daemon_state row 'maintenance'.
+CREATE TABLE terms_acceptances (
+    user_id      bigint NOT NULL REFERENCES users (id),
+    version      text NOT NULL,
+    accepted_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, version)
+);
+
+-- A /start argument (ref_…, gift_…) that came before the terms were accepted: processed right after.
+CREATE TABLE terms_pending_starts (
+    user_id        bigint PRIMARY KEY REFERENCES users (id),
+    argument       text NOT NULL CHECK (length(argument) <= 64),
+    first_contact  boolean NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now()
+);
+
 -- Messages to users, written in the transaction that causes them and delivered after commit.
 CREATE TABLE outbox (
     id           bigserial PRIMARY KEY,

@@ -12,6 +12,7 @@
     vpnd admin nodes
     vpnd admin devices <id> [--reset]
     vpnd admin grant-device <id> [N]
+    vpnd admin maintenance on [--message TEXT] | off | status
     vpnd broadcast list [--status S]
     vpnd broadcast pause|resume|cancel <id>
 
@@ -51,6 +52,7 @@ from vpnd.quota import current_usage, limits_of
 from vpnd.quota import format_bytes as format_quota_bytes
 from vpnd.services import admin_actions as actions
 from vpnd.services import devices as device_actions
+from vpnd.services import maintenance as maintenance_actions
 from vpnd.telegram.admin import views
 from vpnd.telegram.flows.access import format_bytes
 from vpnd.texts import Texts
@@ -115,6 +117,11 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     leaf(promo_actions, "list", "every promo code with its usage")
     disable = leaf(promo_actions, "disable", "switch a promo code off")
     disable.add_argument("code")
+    maintenance = actions.add_parser("maintenance", help="maintenance mode: purchases and trials paused, keys work")
+    switches = maintenance.add_subparsers(dest="maintenance_command", required=True, metavar="ACTION")
+    leaf(switches, "on", "turn maintenance on").add_argument("--message", default="", help="the banner users see")
+    leaf(switches, "off", "turn maintenance off")
+    leaf(switches, "status", "whether maintenance is on, since when, with which text")
 
     gift_parser = actions.add_parser("gift", help="gifts: refund an unredeemed gift to the buyer's balance")
     gift_actions = gift_parser.add_subparsers(dest="gift_command", required=True, metavar="ACTION")
@@ -133,9 +140,8 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
 
 
 def cmd_admin(config: Config, args: argparse.Namespace) -> int:
-    command = args.admin_command
-    if command in ("promo", "gift"):
-        command = f"{command} {getattr(args, command + '_command')}"
+    verb = getattr(args, f"{args.admin_command}_command", None)  # promo and maintenance have their own verbs
+    command = f"{args.admin_command} {verb}" if verb else args.admin_command
     return _run(config, args, ADMIN_COMMANDS[command])
 
 
@@ -486,6 +492,19 @@ def gift_refund_command(conn: psycopg.Connection[Any], args: argparse.Namespace,
         f"refunded gift {gift.code}: {value} to user {gift.buyer_id}'s balance "
         f"(now {format_money(done.balance_minor, gift.currency)})"
     )
+def maintenance_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    verb = args.maintenance_command
+    if verb == "status":
+        state = maintenance_actions.status(conn)
+    else:
+        try:
+            state = maintenance_actions.switch(conn, _actor(), verb == "on", args.message if verb == "on" else "")
+        except ValueError as exc:
+            raise Usage(str(exc)) from None
+    if not state.on:
+        return state, "maintenance is off" + (f" (since {_when(state.since)})" if state.since else "")
+    shown = state.message or "(the default text of each user's language)"
+    return state, f"maintenance is on since {_when(state.since)}: purchases and trials are paused\nbanner: {shown}"
 
 
 def _done(outcome: R | actions.Refused) -> R:
@@ -529,6 +548,9 @@ ADMIN_COMMANDS: dict[str, Command] = {
     "promo list": promo_list_command,
     "promo disable": promo_disable_command,
     "gift refund": gift_refund_command,
+    "maintenance on": maintenance_command,
+    "maintenance off": maintenance_command,
+    "maintenance status": maintenance_command,
 }
 
 

@@ -438,6 +438,25 @@ class ConnectConfig:
 
 
 @attrs.frozen
+class TermsConfig:
+    """Terms of service and privacy policy users accept before anything else (see README "Terms")."""
+
+    enabled: bool = False
+    #: What an acceptance is recorded against; a new version asks everyone again, once.
+    version: str = ""
+    #: Each document is a text (language → text; a missing language gets the default language's) or a URL.
+    terms_text: Mapping[str, str] = attrs.field(factory=dict)
+    terms_url: str = ""
+    privacy_text: Mapping[str, str] = attrs.field(factory=dict)
+    privacy_url: str = ""
+
+    def text(self, document: str, lang: str, default_lang: str) -> str:
+        """`document`'s ("terms" or "privacy") text in `lang`, else the default language's, else any."""
+        texts = self.terms_text if document == "terms" else self.privacy_text
+        return texts.get(lang) or texts.get(default_lang) or texts.get("en") or next(iter(texts.values()), "")
+
+
+@attrs.frozen
 class Config:
     path: str
     telegram: TelegramConfig = TelegramConfig()
@@ -459,6 +478,7 @@ class Config:
     devices: DevicesConfig = DevicesConfig()
     connect: ConnectConfig = ConnectConfig()
     backup: BackupConfig = BackupConfig()
+    terms: TermsConfig = TermsConfig()
     plans: tuple[Plan, ...] = ()
     #: `[[nodes]]`: the remote Xray servers (the local one is `[xray]`).
     nodes: tuple[NodeConfig, ...] = ()
@@ -697,6 +717,25 @@ def read_language(value: object) -> str:
     return one_of(*SUPPORTED_LANGUAGES)(value)
 
 
+def _read_terms_version(value: object) -> str:
+    """It travels in the "I accept" button's callback data, so it is short and plain."""
+    text = read_str(value)
+    if text and not re.fullmatch(r"[A-Za-z0-9._-]{1,32}", text):
+        raise _expected('1 to 32 letters, digits, ".", "_" or "-", such as "2026-12-01"', value)
+    return text
+
+
+def _read_terms_text(value: object) -> Mapping[str, str]:
+    return {lang: text.strip() for lang, text in _read_title(value).items() if text.strip()}
+
+
+def _read_https_url(value: object) -> str:
+    text = read_str(value)
+    if text and not re.fullmatch(r"https://[^\s/?#]+(/\S*)?", text):
+        raise _expected("an https:// URL (or empty)", value)
+    return text
+
+
 # Section -> key -> reader. Keys not listed are refused (catches typos such as `grace_second`).
 SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
     "telegram": {
@@ -835,6 +874,14 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "pg_restore": read_str,
         "timeout_minutes": in_range(read_number, 1, 24 * 60),
     },
+    "terms": {
+        "enabled": read_bool,
+        "version": _read_terms_version,
+        "terms_text": _read_terms_text,
+        "terms_url": _read_https_url,
+        "privacy_text": _read_terms_text,
+        "privacy_url": _read_https_url,
+    },
 }
 
 SECTION_CLASSES: dict[str, type] = {
@@ -857,6 +904,7 @@ SECTION_CLASSES: dict[str, type] = {
     "devices": DevicesConfig,
     "connect": ConnectConfig,
     "backup": BackupConfig,
+    "terms": TermsConfig,
 }
 
 PLAN_KEYS = {
@@ -1197,6 +1245,7 @@ def check_whole(name: str, config: Config) -> None:
     if config.payments.topup_min > config.payments.topup_max:
         raise ConfigError(name, "[payments].topup_min", "expected at most [payments].topup_max")
     _check_amounts(name, config.payments)
+    _check_terms(name, config.terms)
     if config.xray.enabled:
         _check_link_settings(name, config.xray, "[xray]")
     known_nodes = {node.name for node in config.vpn_nodes}
@@ -1236,6 +1285,37 @@ def check_whole(name: str, config: Config) -> None:
             read_telegram_currency(config.payments.currency)
         except ValueError as exc:
             raise ConfigError(name, "[telegram_payments].currency", f"{exc} ([payments].currency)") from None
+
+
+#: Room the terms screen leaves for the operator's texts in one Telegram message (4096 characters).
+TERMS_TEXT_BUDGET = 3500
+
+
+def _check_terms(name: str, terms: TermsConfig) -> None:
+    """Enabled terms need a version and, for each document, a text or a URL (not both); the terms of
+    service are required, the privacy policy optional; the texts must fit one message."""
+    if not terms.enabled:
+        return
+    if not terms.version:
+        raise ConfigError(name, "[terms].version", "required when [terms].enabled = true")
+    for document, required in (("terms", True), ("privacy", False)):
+        has_text = bool(terms.terms_text if document == "terms" else terms.privacy_text)
+        has_url = bool(terms.terms_url if document == "terms" else terms.privacy_url)
+        if has_text and has_url:
+            raise ConfigError(
+                name, f"[terms].{document}_url", f"set either {document}_text or {document}_url, not both"
+            )
+        if required and not (has_text or has_url):
+            raise ConfigError(name, "[terms].terms_text", "terms_text or terms_url is required when enabled = true")
+    for lang in SUPPORTED_LANGUAGES:
+        size = len(terms.text("terms", lang, lang)) + len(terms.text("privacy", lang, lang))
+        if size > TERMS_TEXT_BUDGET:
+            raise ConfigError(
+                name,
+                "[terms].terms_text",
+                f"terms_text and privacy_text together must fit one message: at most {TERMS_TEXT_BUDGET} "
+                f"characters per language, got {size} ({lang}); use terms_url / privacy_url for long documents",
+            )
 
 
 def _check_amounts(name: str, payments: PaymentsConfig) -> None:

@@ -71,6 +71,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     # The apps file is re-read with the configuration: an edited copy shows up as "[connect].catalog".
     "connect": frozenset({"apps_file", "catalog"}),
     "backup": frozenset({"directory", "keep", "interval_hours", "max_age_hours", "pg_dump", "timeout_minutes"}),
+    "terms": frozenset({"enabled", "version", "terms_text", "terms_url", "privacy_text", "privacy_url"}),
 }
 
 

@@ -61,6 +61,9 @@ WIDEST: dict[Verb, tuple[object, ...]] = {
     Verb.REFUND_CONFIRM: (2**63 - 1,),
     Verb.GIFT_REFUND: ("Z" * 12,),
     Verb.GIFT_REFUND_CONFIRM: ("Z" * 12,),
+    Verb.MAINTENANCE: (),
+    Verb.MAINTENANCE_ON: (),
+    Verb.MAINTENANCE_OFF: (),
 }
 
 

@@ -17,11 +17,13 @@ import attrs
 import psycopg
 import telegram
 
-from vpnd.db import conversation, subscriptions, users
+from vpnd.db import conversation, maintenance, subscriptions, terms, users
 from vpnd.telegram import incoming as incoming_mod
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.dispatch import Apology, DropNotice, Handler, Payload, chat_key
 from vpnd.telegram.flows import access, devices, menu
+from vpnd.telegram.flows import maintenance as maintenance_flow
+from vpnd.telegram.flows import terms as terms_flow
 from vpnd.telegram.turn import BotContext, Turn
 
 log = logging.getLogger("vpnd.updates")
@@ -114,6 +116,8 @@ def default_routes() -> Routes:
     routes = Routes()
     register(routes)
     register_all(routes)
+    terms_flow.register(routes)
+    maintenance_flow.register(routes)  # last: it pauses purchase routes registered above
     return routes
 
 
@@ -139,6 +143,7 @@ def make_update_handler(ctx: BotContext, routes: Routes) -> Handler:
         text = incoming.text
         command = _command_name(text) if text is not None else None
         plain_text = text is not None and command is None and bool(text.strip())
+        terms_config = ctx.app.config.terms
         start = await ctx.app.db.run(
             begin_turn,
             sender.id,
@@ -147,23 +152,28 @@ def make_update_handler(ctx: BotContext, routes: Routes) -> Handler:
             language,
             clear_state=command is not None and command in routes.commands,
             read_state=plain_text,
+            terms_version=terms_config.version if terms_config.enabled else None,
         )
         user = start.result.user
         turn = Turn(ctx, update_id, payload, user, user.language, incoming.chat_id, parsed=update)
         turn.user_created = start.result.created
         turn.menu_facts = start.menu_facts
         turn.state = start.state
+        turn.maintenance, turn.terms = start.maintenance, start.terms
         if incoming.press is not None:
             turn.callback = incoming.press
             try:
-                await _route_callback(turn, routes, incoming.press.data)
+                if not await terms_flow.holds_press(turn, incoming.press.data):  # the terms come first
+                    await _route_callback(turn, routes, incoming.press.data)
             finally:
                 await turn.answer()
             return
         if update is not None and update.message is not None:  # a message with more than text
             for message_hook in routes.message_hooks:
                 if await message_hook(turn, update.message):
-                    return
+                    return  # payments before the terms: money that arrived is never held back
+        if await terms_flow.holds_message(turn, text or ""):
+            return
         await _route_message(turn, routes, text or "")
 
     return handle
@@ -198,6 +208,8 @@ class TurnStart:
     result: users.UpsertResult
     menu_facts: subscriptions.MenuFacts
     state: conversation.State | None
+    maintenance: maintenance.Maintenance
+    terms: terms.TermsStatus | None
 
 
 def begin_turn(
@@ -209,15 +221,18 @@ def begin_turn(
     *,
     clear_state: bool,
     read_state: bool,
+    terms_version: str | None = None,
 ) -> TurnStart:
     """The start of a person's turn, one transaction: upsert them; a known command also ends any
     conversation state (a command always starts over). It also reads what most turns need next — the
-    menu facts, and the conversation state for plain text — so a typical update makes one transaction."""
+    menu facts, the conversation state for plain text, maintenance mode and (when `terms_version` is
+    given) the user's acceptance of the terms — so a typical update makes one transaction."""
     result = users.upsert_user(conn, user_id, username, first_name, language)
     if clear_state:
         conversation.clear_state(conn, user_id)
     state = conversation.get_state(conn, user_id) if read_state else None
-    return TurnStart(result, subscriptions.menu_facts(conn, user_id), state)
+    accepted = terms.status(conn, user_id, terms_version) if terms_version is not None else None
+    return TurnStart(result, subscriptions.menu_facts(conn, user_id), state, maintenance.read(conn), accepted)
 
 
 async def _membership(ctx: BotContext, member: telegram.ChatMemberUpdated) -> None:

@@ -16,8 +16,10 @@ import telegram
 from vpnd.app import App
 from vpnd.cryptopay import CryptoPayClient
 from vpnd.db.conversation import State
+from vpnd.db.maintenance import OFF, Maintenance
 from vpnd.db.pool import calls_in_update
 from vpnd.db.subscriptions import MenuFacts
+from vpnd.db.terms import TermsStatus
 from vpnd.db.users import User
 from vpnd.payments.checkout import HostedCheckout
 from vpnd.telegram.client import Sender, SentMessage, TrioBot
@@ -61,6 +63,10 @@ class Turn:
     menu_facts: MenuFacts | None = None
     #: The conversation state read at the start of the turn, when the update is plain text.
     state: State | None = None
+    #: Maintenance mode as read at the start of the turn (`flows.maintenance`).
+    maintenance: Maintenance = OFF
+    #: The user's acceptance of the current terms when `[terms]` is enabled, else None (`flows.terms`).
+    terms: TermsStatus | None = None
 
     @property
     def update(self) -> telegram.Update:

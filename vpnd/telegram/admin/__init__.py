@@ -16,7 +16,18 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from vpnd.db import conversation
-from vpnd.telegram.admin import broadcasts, callback_data, devices, export, gifts, promo, refunds, stats, users
+from vpnd.telegram.admin import (
+    broadcasts,
+    callback_data,
+    devices,
+    export,
+    gifts,
+    maintenance,
+    promo,
+    refunds,
+    stats,
+    users,
+)
 from vpnd.telegram.admin.common import (
     CallbackAction,
     StateAction,
@@ -48,9 +59,10 @@ CALLBACKS: dict[Verb, CallbackAction] = {
     **promo.CALLBACKS,
     **broadcasts.CALLBACKS,
     **export.CALLBACKS,
+    **maintenance.CALLBACKS,
 }
 
-STATES: dict[str, StateAction] = {**users.STATES, **promo.STATES, **broadcasts.STATES}
+STATES: dict[str, StateAction] = {**users.STATES, **promo.STATES, **broadcasts.STATES, **maintenance.STATES}
 
 
 def register(routes: Routes) -> None:

@@ -61,6 +61,9 @@ class Verb(enum.Enum):
     REFUND_CONFIRM = ("rfc", r"\d{1,19}")
     GIFT_REFUND = ("gfr", _GIFT)
     GIFT_REFUND_CONFIRM = ("gfrc", _GIFT)
+    MAINTENANCE = ("mt", "")
+    MAINTENANCE_ON = ("mton", "")
+    MAINTENANCE_OFF = ("mtoff", "")
 
     def __init__(self, code: str, args: str) -> None:
         self.code = code

@@ -67,6 +67,7 @@ def menu_keyboard(t: T) -> kb.Keyboard:
             kb.button(t("admin.menu.export_users"), Verb.EXPORT.data("users")),
             kb.button(t("admin.menu.export_payments"), Verb.EXPORT.data("payments")),
         ],
+        [kb.button(t("admin.menu.maintenance"), Verb.MAINTENANCE.data())],
     )
 
 

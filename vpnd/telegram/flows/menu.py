@@ -5,6 +5,7 @@ from __future__ import annotations
 from vpnd.db import subscriptions, users
 from vpnd.money import format_money
 from vpnd.telegram import keyboards as kb
+from vpnd.telegram.flows import maintenance
 from vpnd.telegram.turn import Turn
 
 
@@ -18,6 +19,8 @@ async def show_menu(turn: Turn, prefix: str = "") -> None:
         text += "\n" + turn.t("menu.balance", balance=format_money(turn.user.balance_minor, _currency(turn)))
     if prefix:
         text = prefix + "\n\n" + text
+    if turn.maintenance.on:
+        text = maintenance.banner(turn) + "\n\n" + text
     await turn.show(text, kb.main_menu(turn.t, trial_eligible=eligible, has_subscription=facts.has_subscription))
 
 
