@@ -78,6 +78,7 @@ CONNECTION_MAKERS = {
     "vpnd/db/notify.py": "the notify listener's session: LISTEN belongs to a session, so it cannot be pooled",
     "vpnd/cli.py": "`vpnd migrate`, a separate process",
     "vpnd/admin_cli.py": "`vpnd admin ...`, a separate process",
+    "vpnd/services/backup.py": "`vpnd restore`'s checks: who holds the instance lock, the version after",
 }
 
 

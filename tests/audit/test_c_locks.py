@@ -41,6 +41,7 @@ PATH_WRITES = {"replace": 1, "rename": 1, "unlink": 0}  # method → positional 
 KNOWN_FILE_WRITERS = {
     RENDER: "write_atomically and its temp files: the Xray config (called only by the Xray nursery)",
     "vpnd/telegram/admin/export.py": "tempfile.TemporaryFile for a CSV export (anonymous, unlinked at creation)",
+    "vpnd/services/backup.py": "backups: vpnd-<time>.dump(.partial) files in [backup].directory, never a config",
 }
 
 
