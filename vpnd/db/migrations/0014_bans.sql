@@ -1,4 +1,4 @@
--- 0011: banned users (idempotent). A ban is a fact about the person, not their subscription: the
+-- 0014: banned users (idempotent). A ban is a fact about the person, not their subscription: the
 -- subscription keeps its expiry (an unban gives back what was paid for), while the Xray writer's
 -- desired set, the subscription URL and the bot leave banned users out. Banning wakes the writer.
 ALTER TABLE users ADD COLUMN IF NOT EXISTS banned_at timestamptz;
