@@ -25,10 +25,14 @@ CREATE TABLE users (
     reachable           boolean NOT NULL DEFAULT true,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
+    -- Banned by an admin (`vpnd admin ban`): the bot ignores them and Xray does not know them.
+    banned_at           timestamptz,
+    ban_reason          text,
     CHECK (referred_by IS NULL OR referred_by <> id)
 );
 CREATE INDEX users_username_idx ON users (lower(username));
 CREATE INDEX users_created_at_idx ON users (created_at);
+CREATE INDEX users_banned_idx ON users (id) WHERE banned_at IS NOT NULL;
 
 -- One subscription per user: the user's VPN identity (UUID, subscription token) and its validity.
 -- Renewal extends `expires_at` and keeps the UUID; reissue replaces UUID and token.
@@ -446,6 +450,10 @@ $$;
 CREATE TRIGGER subscriptions_notify_xray
     AFTER INSERT OR DELETE OR TRUNCATE OR UPDATE OF user_id, status, uuid, expires_at, plan_code, traffic_blocked
     ON subscriptions
+    FOR EACH STATEMENT EXECUTE FUNCTION vpnd_notify('vpnd_xray');
+-- A ban or unban changes who may connect, like the subscription columns above.
+CREATE TRIGGER users_ban_notify_xray
+    AFTER UPDATE OF banned_at ON users
     FOR EACH STATEMENT EXECUTE FUNCTION vpnd_notify('vpnd_xray');
 CREATE TRIGGER outbox_notify_sender
     AFTER INSERT ON outbox

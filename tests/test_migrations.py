@@ -144,7 +144,7 @@ def test_notify_migration_on_a_version_4_database_equals_the_fresh_schema(pg_ser
     with psycopg.connect(fresh, autocommit=True) as conn:
         migrate(conn, schema)
     assert catalog(empty_db_dsn) == catalog(fresh)
-    assert sum("vpnd_notify" in str(row) for row in catalog(fresh)) == 4  # the function and three triggers
+    assert sum("vpnd_notify" in str(row) for row in catalog(fresh)) == 5  # the function and four triggers
 
 
 def undo_card_payments(conn: psycopg.Connection[Any]) -> None:

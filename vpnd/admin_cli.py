@@ -5,6 +5,8 @@
     vpnd admin grant <id> <days> [--notify]
     vpnd admin grant-traffic <id> <GB>
     vpnd admin revoke <id>
+    vpnd admin ban <id> [--reason TEXT]
+    vpnd admin unban <id>
     vpnd admin promo create <CODE> <PERCENT> [--max-uses N] [--days D]
     vpnd admin promo list
     vpnd admin promo disable <CODE>
@@ -62,6 +64,7 @@ R = TypeVar("R")
 OK, FAILED, USAGE = 0, 1, 2
 
 MAX_GRANT_GB_TEXT = str(actions.MAX_GRANT_GB)
+MAX_BAN_REASON_TEXT = str(actions.MAX_BAN_REASON)
 
 AddConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -101,6 +104,11 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     traffic.add_argument("gb", help=f"whole GB, 1 to {MAX_GRANT_GB_TEXT}")
     revoke = leaf(actions, "revoke", "revoke a user's subscription")
     revoke.add_argument("user_id", type=int)
+    ban = leaf(actions, "ban", "ban a user: the bot ignores them and their key leaves Xray at once")
+    ban.add_argument("user_id", type=int)
+    ban.add_argument("--reason", default=None, help=f"why (in the audit log; at most {MAX_BAN_REASON_TEXT} characters)")
+    unban = leaf(actions, "unban", "lift a ban: the bot answers again and the subscription's key is back")
+    unban.add_argument("user_id", type=int)
     devices = leaf(actions, "devices", "a user's devices (apps that fetched the subscription URL) and limit")
     devices.add_argument("user_id", type=int)
     devices.add_argument("--reset", action="store_true", help="forget them all (each app takes a slot again)")
@@ -309,6 +317,7 @@ def user_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config
         f"language:      {u.language}",
         f"joined:        {_when(details.created_at)}",
         f"reachable:     {'yes' if u.reachable else 'no (blocked the bot)'}",
+        *([f"banned:        since {_when(u.banned_at)}"] if u.banned_at is not None else []),
         f"balance:       {format_money(u.balance_minor, currency)} ({u.balance_minor} minor units)",
         f"referrals:     {details.referrals.invited} invited, {details.referrals.earned_minor} minor units earned",
         *([f"owes:          {format_money(details.owed_minor, currency)}"] if details.owed_minor else []),
@@ -411,6 +420,19 @@ def grant_traffic_command(conn: psycopg.Connection[Any], args: argparse.Namespac
 def revoke_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
     done = _done(actions.revoke(conn, _actor(), args.user_id))
     return done.subscription, f"revoked the subscription of user {args.user_id}"
+
+
+def ban_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    banned = args.admin_command == "ban"
+    reason = getattr(args, "reason", None)  # `unban` takes none
+    done = _done(
+        actions.set_banned(conn, _actor(), args.user_id, banned, admin_ids=config.telegram.admin_ids, reason=reason)
+    )
+    if not done.changed:
+        return done, f"user {args.user_id} was {'already banned' if banned else 'not banned'}: nothing changed"
+    if banned:
+        return done, f"banned user {args.user_id}: the bot ignores them, their key leaves Xray at once"
+    return done, f"unbanned user {args.user_id}"
 
 
 def devices_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
@@ -526,6 +548,7 @@ _REFUSALS: dict[type[actions.Refused], Callable[[Any], str]] = {
     actions.NoSubscription: lambda r: f"user {r.target} has no subscription",
     actions.InactiveSubscription: lambda r: f"user {r.target}'s subscription has ended (expired or revoked)",
     actions.UnlimitedTraffic: lambda r: f"user {r.target}'s plan has unlimited traffic: there is no quota to add to",
+    actions.CannotBanAdmin: lambda r: f"user {r.target} is an admin ([telegram].admin_ids): not banned",
     actions.PromoExists: lambda r: f"the promo code {r.target} exists already",
     actions.PromoNotFound: lambda r: f"no active promo code {r.target}",
     actions.GiftNotFound: lambda r: f"no gift {r.target}",
@@ -542,6 +565,8 @@ ADMIN_COMMANDS: dict[str, Command] = {
     "grant": grant_command,
     "grant-traffic": grant_traffic_command,
     "revoke": revoke_command,
+    "ban": ban_command,
+    "unban": ban_command,
     "devices": devices_command,
     "grant-device": grant_device_command,
     "promo create": promo_create_command,

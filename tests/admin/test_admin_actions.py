@@ -38,6 +38,8 @@ WIDEST: dict[Verb, tuple[object, ...]] = {
     Verb.REISSUE: (BIG,),
     Verb.REISSUE_CONFIRM: (BIG, NONCE),
     Verb.AUTO_RENEW: (BIG, "off"),
+    Verb.BAN: (BIG, "off"),
+    Verb.BAN_CONFIRM: (BIG, "off", "ffffffff"),
     Verb.BALANCE: (BIG,),
     Verb.BALANCE_CONFIRM: (BIG, BIG, NONCE),
     Verb.DEVICES: (BIG,),

@@ -5,7 +5,7 @@ set-wise by `INSERT ... SELECT` from the segment query — users are never loade
 Progress lives in `broadcast_recipients` (pending → sent / failed / skipped), one row per user, so a
 restart resumes exactly where the last committed mark left off.
 
-Segments (every one of them only reachable users):
+Segments (every one of them only reachable users who are not banned):
 
 * ``all``      — every reachable user;
 * ``active``   — an active, unexpired *paid* subscription;
@@ -50,12 +50,14 @@ def _active_sub(extra: str = "") -> str:
 _PAID = " AND s.kind = 'paid'"
 _TRIAL = " AND s.kind = 'trial'"
 _WITHIN_DAYS = " AND s.expires_at <= now() + %(days)s * interval '1 day'"
+#: Every segment: people who can get a message and are not banned.
+_LIVE = "u.reachable AND u.banned_at IS NULL"
 _PREDICATES: dict[str, str] = {
-    "all": "u.reachable",
-    "active": f"u.reachable AND {_active_sub(_PAID)}",
-    "nosub": f"u.reachable AND NOT {_active_sub()}",
-    "expiring": f"u.reachable AND {_active_sub(_WITHIN_DAYS)}",
-    "trial": f"u.reachable AND {_active_sub(_TRIAL)}",
+    "all": _LIVE,
+    "active": f"{_LIVE} AND {_active_sub(_PAID)}",
+    "nosub": f"{_LIVE} AND NOT {_active_sub()}",
+    "expiring": f"{_LIVE} AND {_active_sub(_WITHIN_DAYS)}",
+    "trial": f"{_LIVE} AND {_active_sub(_TRIAL)}",
 }
 
 

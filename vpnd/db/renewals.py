@@ -39,6 +39,7 @@ SELECT s.user_id, s.expires_at, s.plan_code, u.balance_minor, u.language, u.reac
 FROM subscriptions s JOIN users u ON u.id = s.user_id
 WHERE s.status = 'active' AND s.expires_at <= now() + %(window)s
   AND {RENEWAL_PENDING}
+  AND u.banned_at IS NULL
   AND (s.expires_at, s.user_id) > (%(after_at)s, %(after_id)s)
 ORDER BY s.expires_at, s.user_id
 LIMIT %(limit)s
@@ -62,6 +63,7 @@ JOIN saved_payment_methods m ON m.user_id = s.user_id AND m.provider = %(provide
 LEFT JOIN auto_renewals r ON r.user_id = s.user_id AND r.period_end = s.expires_at
 WHERE s.status = 'active' AND s.auto_renew AND s.kind = 'paid'
   AND s.expires_at <= now() + %(window)s AND s.expires_at > now() - %(grace)s
+  AND NOT EXISTS (SELECT 1 FROM users b WHERE b.id = s.user_id AND b.banned_at IS NOT NULL)
   AND s.plan_code = ANY(%(plan_codes)s::text[])
   AND (r.outcome IS NULL OR r.outcome = 'card_pending')
   AND (s.expires_at, s.user_id) > (%(after_at)s, %(after_id)s)

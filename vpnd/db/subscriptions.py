@@ -149,8 +149,14 @@ def get_subscription(conn: psycopg.Connection[Any], user_id: int) -> Subscriptio
 
 
 def get_by_token(conn: psycopg.Connection[Any], token: str) -> Subscription | None:
+    """The subscription behind a subscription-URL token; None also when its owner is banned (their URL
+    answers like one that never existed)."""
     with conn.cursor(row_factory=class_row(Subscription)) as cur:
-        return cur.execute(f"SELECT {COLUMNS} FROM subscriptions WHERE sub_token = %s", (token,)).fetchone()
+        return cur.execute(
+            f"SELECT {COLUMNS} FROM subscriptions s WHERE sub_token = %s "
+            "AND NOT EXISTS (SELECT 1 FROM users b WHERE b.id = s.user_id AND b.banned_at IS NOT NULL)",
+            (token,),
+        ).fetchone()
 
 
 def reissue_key(
@@ -264,7 +270,7 @@ RETURNING s.user_id, s.kind, s.expires_at, u.language, u.reachable
 DUE_REMINDERS = """
 SELECT s.user_id, s.expires_at, s.auto_renew, u.language, now()
 FROM subscriptions s JOIN users u ON u.id = s.user_id
-WHERE s.status = 'active' AND s.kind = 'paid' AND u.reachable
+WHERE s.status = 'active' AND s.kind = 'paid' AND u.reachable AND u.banned_at IS NULL
   AND s.expires_at > now() AND s.expires_at <= now() + %(horizon)s
   AND (s.expires_at, s.user_id) > (%(after_at)s, %(after_id)s)
 ORDER BY s.expires_at, s.user_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 from typing import Any
 
@@ -24,11 +25,13 @@ class User:
     balance_minor: int
     pending_promo_code: str | None
     reachable: bool
+    #: When an admin banned them (None: not banned): the bot ignores them, Xray does not know them.
+    banned_at: dt.datetime | None = None
 
 
 USER_COLUMNS = (
     "id, username, first_name, language, language_chosen, referral_code, referred_by, balance_minor, "
-    "pending_promo_code, reachable"
+    "pending_promo_code, reachable, banned_at"
 )
 
 UPSERT_USER = f"""
@@ -160,3 +163,42 @@ def language_of(conn: psycopg.Connection[Any], user_id: int, default: str = "en"
     """The language a message to `user_id` is written in (their choice, or `default` for strangers)."""
     row = conn.execute("SELECT language FROM users WHERE id = %s", (user_id,)).fetchone()
     return str(row[0]) if row else default
+
+
+@attrs.frozen
+class BanChange:
+    user: User
+    #: False when the user already was in the asked state (nothing changed).
+    changed: bool
+
+
+def set_banned(
+    conn: psycopg.Connection[Any], user_id: int, banned: bool, reason: str | None = None
+) -> BanChange | None:
+    """Ban or unban (None: no such user). A change also touches the user's subscription row, so the
+    Xray writers' next delta (which reads subscriptions changed since its last pass) sees it; the
+    trigger on `banned_at` wakes them at commit."""
+    row = conn.execute(
+        "UPDATE users SET banned_at = CASE WHEN %(banned)s THEN now() END, "
+        "ban_reason = CASE WHEN %(banned)s THEN %(reason)s END, updated_at = now() "
+        "WHERE id = %(id)s AND (banned_at IS NOT NULL) <> %(banned)s RETURNING id",
+        {"id": user_id, "banned": banned, "reason": reason},
+    ).fetchone()
+    if row is not None:
+        conn.execute("UPDATE subscriptions SET updated_at = now() WHERE user_id = %s", (user_id,))
+    user = get_user(conn, user_id)
+    return None if user is None else BanChange(user, row is not None)
+
+
+def is_banned(conn: psycopg.Connection[Any], user_id: int) -> bool:
+    row = conn.execute("SELECT banned_at IS NOT NULL FROM users WHERE id = %s", (user_id,)).fetchone()
+    return bool(row and row[0])
+
+
+def banned_ids(conn: psycopg.Connection[Any], limit: int = 1000) -> list[tuple[int, dt.datetime, str | None]]:
+    """Banned users, most recent first: (id, banned at, reason)."""
+    rows = conn.execute(
+        "SELECT id, banned_at, ban_reason FROM users WHERE banned_at IS NOT NULL ORDER BY banned_at DESC LIMIT %s",
+        (limit,),
+    ).fetchall()
+    return [(int(r[0]), r[1], r[2]) for r in rows]

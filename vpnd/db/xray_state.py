@@ -25,6 +25,8 @@ from vpnd.db.subscriptions import Subscription, get_by_token
 
 #: Xray's key for a user, in SQL; must equal `Subscription.xray_email` ("u<user_id>").
 XRAY_EMAIL = "('u' || s.user_id::text)"
+#: The subscription's owner is banned (`vpnd admin ban`): Xray must not know them.
+BANNED = "EXISTS (SELECT 1 FROM users b WHERE b.id = s.user_id AND b.banned_at IS NOT NULL)"
 
 SYNC_MARKER_KEY = "xray_synced_at"
 #: The node `[xray]` describes (its marker key and traffic rows predate several nodes).
@@ -59,6 +61,7 @@ SELECT {XRAY_EMAIL} COLLATE "C" AS email,
 FROM subscriptions s
 WHERE s.status = 'active' AND s.expires_at > now() AND NOT s.traffic_blocked AND {XRAY_EMAIL} COLLATE "C" > %(after)s
   AND (s.plan_code IS NULL OR s.plan_code <> ALL(%(excluded)s::text[]))
+  AND NOT {BANNED}
 ORDER BY 1
 LIMIT %(limit)s
 """
@@ -92,7 +95,7 @@ UNDESIRED_CHANGED_BATCH = f"""
 SELECT s.user_id, {XRAY_EMAIL}
 FROM subscriptions s
 WHERE (NOT (s.status = 'active' AND s.expires_at > now()) OR s.traffic_blocked
-       OR s.plan_code = ANY(%(excluded)s::text[]))
+       OR s.plan_code = ANY(%(excluded)s::text[]) OR {BANNED})
   AND (%(since)s::timestamptz IS NULL OR s.updated_at > %(since)s OR s.expires_at > %(since)s
        OR s.plan_code = ANY(%(excluded)s::text[]))
   AND s.user_id > %(after)s

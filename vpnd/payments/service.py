@@ -546,6 +546,8 @@ async def check_pre_checkout(
     purchase, now = await app.db.run(purchases.get_purchase_at_now, wanted)
     if purchase is None or (user_id is not None and purchase.user_id != user_id):
         return False, PRE_CHECKOUT_UNKNOWN
+    if await app.db.run(users.is_banned, purchase.user_id):  # an invoice sent before the ban: no money taken
+        return False, PRE_CHECKOUT_UNKNOWN
     if purchase.status == "paid":
         return False, PRE_CHECKOUT_ALREADY_PAID
     if not purchase.is_payable(now):

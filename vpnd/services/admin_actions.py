@@ -17,7 +17,8 @@ Nobody has to wake the owners of what changed (Xray writer, outbox, broadcasts):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import datetime as dt
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, ClassVar, Literal, TextIO, TypeVar
 
 import attrs
@@ -26,7 +27,7 @@ import psycopg
 from vpnd.config import NodeConfig
 from vpnd.db import admin as admin_db
 from vpnd.db import broadcasts as bdb
-from vpnd.db import gifts, ledger, outbox, promo, quota, subscriptions
+from vpnd.db import gifts, ledger, outbox, promo, quota, subscriptions, users
 from vpnd.db import payments as payments_db
 from vpnd.db.admin import HealthFacts, Stats, UserDetails
 from vpnd.db.nodes import NodeRow, list_nodes
@@ -125,6 +126,13 @@ class InsufficientBalance(Refused):
     balance_minor: int = 0
     needed_minor: int = 0
     reason: ClassVar[str] = "insufficient_balance"
+
+
+@attrs.frozen
+class CannotBanAdmin(Refused):
+    """Admins (`[telegram].admin_ids`) are not banned: remove them from the list first."""
+
+    reason: ClassVar[str] = "admin"
 
 
 @attrs.frozen
@@ -368,6 +376,48 @@ def _change_access(
         return _refuse(conn, actor, action, NoSubscription(user_id), nonce=nonce, **facts)
     _audit(conn, actor, action, user_id, nonce=nonce, **facts)
     return Access(sub)
+
+
+@attrs.frozen
+class Banned:
+    """After a ban or unban; `changed`: False when the user already was so (or the nonce was used)."""
+
+    user_id: int
+    banned_at: dt.datetime | None
+    changed: bool
+
+
+#: The longest ban reason kept (the audit row and `vpnd admin user` show it).
+MAX_BAN_REASON = 200
+
+
+def set_banned(
+    conn: Conn,
+    actor: Actor,
+    user_id: int,
+    banned: bool,
+    *,
+    admin_ids: Collection[int] = (),
+    reason: str | None = None,
+    nonce: str | None = None,
+) -> Banned | UserNotFound | CannotBanAdmin:
+    """Ban (the bot ignores the user, their key leaves Xray at commit, reminders, renewals and broadcasts
+    skip them, an open invoice is refused at pre-checkout) or unban (all of it back; the subscription kept
+    its expiry). Once per `nonce`; an admin in `admin_ids` is never banned."""
+    action = "ban" if banned else "unban"
+    reason = (reason or "").strip()[:MAX_BAN_REASON] or None
+    if nonce is not None and admin_db.nonce_used(conn, nonce):
+        user = users.get_user(conn, user_id)
+        return Banned(user_id, user.banned_at if user else None, changed=False)
+    if banned and user_id in admin_ids:
+        return _refuse(conn, actor, action, CannotBanAdmin(user_id))
+    if admin_db.lock_user(conn, user_id) is None:
+        return _refuse(conn, actor, action, UserNotFound(user_id))
+    change = users.set_banned(conn, user_id, banned, reason)
+    assert change is not None  # the user is locked
+    facts: dict[str, Any] = {"changed": change.changed, **({"reason": reason} if banned and reason else {})}
+    _audit(conn, actor, action, user_id, nonce=nonce, **facts)
+    return Banned(user_id, change.user.banned_at, change.changed)
 
 
 @attrs.frozen

@@ -155,6 +155,11 @@ def make_update_handler(ctx: BotContext, routes: Routes) -> Handler:
             terms_version=terms_config.version if terms_config.enabled else None,
         )
         user = start.result.user
+        if user.banned_at is not None:  # banned by an admin: nothing from the bot (a press is acked, silently)
+            log.info("event=banned_update update_id=%d user_id=%d", update_id, user.id)
+            if incoming.press is not None:
+                await ctx.sender.answer_callback(incoming.chat_id, incoming.press.id)
+            return
         turn = Turn(ctx, update_id, payload, user, user.language, incoming.chat_id, parsed=update)
         turn.user_created = start.result.created
         turn.menu_facts = start.menu_facts

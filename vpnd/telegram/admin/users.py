@@ -185,6 +185,39 @@ async def toggle_auto_renew(turn: Turn, press: Press) -> None:
     await show_user(turn, user_id, turn.t("admin.auto_renew.done", id=user_id, state=state))
 
 
+# --- ban -----------------------------------------------------------------------------------------
+
+
+async def ask_ban(turn: Turn, press: Press) -> None:
+    user_id, ban = press.number(0), press.args[1] == "on"
+    confirm = Verb.BAN_CONFIRM.data(user_id, press.args[1], nonce())
+    key = "admin.ban.confirm" if ban else "admin.unban.confirm"
+    await turn.show(turn.t(key, id=user_id), views.confirm_keyboard(turn.t, confirm))
+
+
+async def ban_confirmed(turn: Turn, press: Press) -> None:
+    user_id, ban = press.number(0), press.args[1] == "on"
+    done = await turn.app.db.run(
+        actions.set_banned,
+        actor(turn),
+        user_id,
+        ban,
+        admin_ids=turn.app.config.telegram.admin_ids,
+        nonce=press.args[2],
+    )
+    if isinstance(done, actions.UserNotFound):
+        await not_found(turn, user_id)
+        return
+    if isinstance(done, actions.CannotBanAdmin):
+        await show_user(turn, user_id, turn.t("admin.ban.admin", id=user_id))
+        return
+    if not done.changed:
+        notice = turn.t("admin.already_done")
+    else:
+        notice = turn.t("admin.ban.done" if ban else "admin.unban.done", id=user_id)
+    await show_user(turn, user_id, notice)
+
+
 # --- balance --------------------------------------------------------------------------------------
 
 
@@ -254,6 +287,8 @@ CALLBACKS: dict[Verb, CallbackAction] = {
     Verb.REISSUE: ask_reissue,
     Verb.REISSUE_CONFIRM: reissue_confirmed,
     Verb.AUTO_RENEW: toggle_auto_renew,
+    Verb.BAN: ask_ban,
+    Verb.BAN_CONFIRM: ban_confirmed,
     Verb.BALANCE: ask_balance,
     Verb.BALANCE_CONFIRM: balance_confirmed,
 }

@@ -38,6 +38,8 @@ class Verb(enum.Enum):
     REISSUE = ("rk", _ID)
     REISSUE_CONFIRM = ("rkc", rf"{_ID}:{_NONCE}")
     AUTO_RENEW = ("ar", rf"{_ID}:(?:on|off)")
+    BAN = ("bn1", rf"{_ID}:(?:on|off)")
+    BAN_CONFIRM = ("bnc", rf"{_ID}:(?:on|off):{_NONCE}")
     BALANCE = ("bal", _ID)
     BALANCE_CONFIRM = ("balc", rf"{_ID}:{_ID}:{_NONCE}")
     DEVICES = ("dv", _ID)

@@ -183,7 +183,8 @@ def user_text(t: T, d: UserDetails, currency: str, limits: tuple[Limits, str] | 
         name=d.user.first_name,
         language=d.user.language,
         joined=fmt_time(d.created_at),
-        reachable=t("admin.user.reachable" if d.user.reachable else "admin.user.unreachable"),
+        reachable=t("admin.user.reachable" if d.user.reachable else "admin.user.unreachable")
+        + ("\n" + t("admin.user.banned", since=fmt_time(d.user.banned_at)) if d.user.banned_at is not None else ""),
         balance=format_money(d.user.balance_minor, currency),
         invited=d.referrals.invited,
         earned=format_money(d.referrals.earned_minor, currency),
@@ -218,6 +219,9 @@ def user_keyboard(t: T, d: UserDetails, gift_codes: Sequence[str] = ()) -> kb.Ke
             ]
         )
         rows.append([kb.button(t("admin.user.devices"), Verb.DEVICES.data(uid))])
+    banned = d.user.banned_at is not None
+    ban_label = t("admin.user.unban" if banned else "admin.user.ban")
+    rows.append([kb.button(ban_label, Verb.BAN.data(uid, "off" if banned else "on"))])
     for payment in d.payments:
         if payment.provider in ("stars", "yookassa") and payment.outcome == "granted":
             rows.append(
