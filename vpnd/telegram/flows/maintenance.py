@@ -23,7 +23,8 @@ A = TypeVar("A")
 
 #: Button verbs, commands and conversation states that start buying something (a new flow that sells
 #: adds its own here). Buying: buy, plan, pay, top-up (topup, tu, its typed amount); packs: packs, pk,
-#: pp; gifts: gift, gp (redeeming a gift is not paused); the trial; promo codes (the button, the command, the typed code).
+#: pp; gifts: gift, gp (redeeming one is not paused); the trial; promo codes (the button, the command,
+#: the typed code).
 PAUSED_CALLBACKS = ("buy", "plan", "pay", "topup", "tu", "packs", "pk", "pp", "gift", "gp", "trial", "promo")
 PAUSED_COMMANDS = ("buy", "trial", "promo")
 PAUSED_STATES = ("promo", "topup_amount")
