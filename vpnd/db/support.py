@@ -115,3 +115,12 @@ def answer(
             (user_id, body, author_id, ticket_id),
         )
     return Answered(ticket_id, user_id, queued)
+
+
+def answer_target(conn: psycopg.Connection[Any], relay_chat: int, relayed_message_id: int) -> bool:
+    """Is `relayed_message_id` in the relay chat a relayed ticket?"""
+    row = conn.execute(
+        "SELECT 1 FROM support_messages WHERE relay_chat_id = %s AND relay_message_id = %s",
+        (relay_chat, relayed_message_id),
+    ).fetchone()
+    return row is not None
