@@ -187,11 +187,30 @@ async def test_ticket_is_relayed_answered_survives_restart_and_is_rate_limited(
             == relayed.message_id
         )
 
-        # Mallory replies in his own chat to a message with the same id: nothing reaches Alice.
+        # Mallory replies in his own chat to a message with the relayed copy's id: nothing reaches Alice.
         before = len(fake.bot_messages(ALICE))
-        fake.user_sends(MALLORY, "Send me your card number", reply_to_message_id=relayed.message_id)
-        await fake.wait_for_bot_message(MALLORY)  # handled as an ordinary message
+        mallory, bot = fake.users[MALLORY], fake.bot_user()
+        fake.inject_update(
+            {
+                "message": {
+                    "message_id": 900,
+                    "from": mallory.to_api(),
+                    "chat": mallory.chat_api(),
+                    "date": 1,
+                    "text": "Send me your card number",
+                    "reply_to_message": {
+                        "message_id": relayed.message_id,
+                        "from": bot,
+                        "chat": mallory.chat_api(),
+                        "date": 1,
+                        "text": relayed.text,
+                    },
+                }
+            }
+        )
+        await fake.wait_for_bot_message(MALLORY, lambda m: "sub" in m.callback_data)  # an ordinary message
         assert len(fake.bot_messages(ALICE)) == before
+        assert scalar(db_dsn, "SELECT count(*) FROM support_messages WHERE direction = 'admin'") == 0
 
         # vpnd restarts; the admin's reply still finds the ticket.
         await vpnd.stop()
@@ -199,7 +218,7 @@ async def test_ticket_is_relayed_answered_survives_restart_and_is_rate_limited(
         fake.user_sends(ADMIN, "Reinstall the <app> & retry", reply_to_message_id=relayed.message_id)
         answer = await fake.wait_for_bot_message(ALICE, lambda m: "Support replied" in (m.text or ""))
         assert "Reinstall the <app> & retry" in (answer.text or "")
-        assert "Sent me your card" not in (answer.text or "")
+        assert "card number" not in (answer.text or "")
         await fake.wait_for_bot_message(ADMIN, lambda m: "queued for the user" in (m.text or ""))
         assert scalar(db_dsn, "SELECT count(*) FROM support_messages WHERE direction = 'admin'") == 1
 
