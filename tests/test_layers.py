@@ -50,6 +50,7 @@ MAP: dict[str, str] = {
     "vpnd.quota": "domain",
     "vpnd.devices": "domain",  # device ids from client apps' headers, bounded (pure)
     "vpnd.money": "domain",
+    "vpnd.support_text": "domain",  # the support contact as a link, HTML fitted to Telegram's limit (pure)
     "vpnd.texts": "domain",
     "vpnd.locales": "domain",
     "vpnd.xray": "domain",

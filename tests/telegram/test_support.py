@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.harness import ADMIN, bot_config, scalar, start_vpnd
+from vpnd.config import ConfigError
 from vpnd.support_text import MAX_TEXT, contact_url, fit_html, visible_len
 from vpnd.telegram.membership import MembershipCache, is_member
 from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
@@ -54,8 +56,9 @@ async def test_trial_needs_the_channel_then_check_again_grants_it_and_is_cached(
 
         # Still not a member: "Check again" says so (an alert), asks Telegram again (no negative cache).
         fake.user_presses_button(ALICE, refused.message_id, "trialchk")
-        await fake.wait_until(lambda: any(n.kind == "callback_answer" and "not joined" in (n.text or "")
-                                          for n in fake.notices_for(ALICE)))
+        await fake.wait_until(
+            lambda: any(n.kind == "callback_answer" and "not joined" in (n.text or "") for n in fake.notices_for(ALICE))
+        )
         assert fake.requests["getChatMember"] == 2
         assert scalar(db_dsn, "SELECT count(*) FROM subscriptions WHERE user_id = %s", ALICE) == 0
 
@@ -164,9 +167,7 @@ async def test_ticket_is_relayed_answered_survives_restart_and_is_rate_limited(
     nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
 ) -> None:
     fake, base_url = fake_telegram
-    config = bot_config(
-        write_config, db_dsn, fake, base_url, support={"relay_chat": ADMIN, "messages_per_hour": 2}
-    )
+    config = bot_config(write_config, db_dsn, fake, base_url, support={"relay_chat": ADMIN, "messages_per_hour": 2})
     vpnd = await start_vpnd(nursery, config)
     with trio.fail_after(90):
         await start(fake, ADMIN, "Admin")
@@ -183,8 +184,10 @@ async def test_ticket_is_relayed_answered_survives_restart_and_is_rate_limited(
         assert "My key <b>fails</b> & <script>" in text  # shown literally: the HTML was escaped
         assert str(ALICE) in text and "@alice" in text
         await fake.wait_until(
-            lambda: scalar(db_dsn, "SELECT relay_message_id FROM support_messages WHERE user_id = %s", ALICE)
-            == relayed.message_id
+            lambda: (
+                scalar(db_dsn, "SELECT relay_message_id FROM support_messages WHERE user_id = %s", ALICE)
+                == relayed.message_id
+            )
         )
 
         # Mallory replies in his own chat to a message with the relayed copy's id: nothing reaches Alice.
@@ -253,3 +256,15 @@ async def test_long_ticket_is_cut_with_a_note(
         assert "4096 characters" in (relayed.text or "")
         assert scalar(db_dsn, "SELECT length(body) FROM support_messages") == 4096  # stored whole
     await vpnd.stop()
+
+
+async def test_bad_channel_settings_name_the_key(
+    fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    fake, base_url = fake_telegram
+    with pytest.raises(ConfigError, match=r"\[trial\]\.required_channel"):
+        bot_config(write_config, db_dsn, fake, base_url, trial={"required_channel": "my channel"})
+    with pytest.raises(ConfigError, match=r"\[trial\]\.channel_invite_link"):
+        bot_config(write_config, db_dsn, fake, base_url, trial={"required_channel": str(CHANNEL)})
+    with pytest.raises(ConfigError, match=r"\[support\]\.relay_chat"):
+        bot_config(write_config, db_dsn, fake, base_url, support={"relay_chat": "admins"})
