@@ -273,7 +273,6 @@ class Sender:
 
         await self.call(chat_id, answer, counts_as_message=False)
 
-
     async def get_chat_member(self, chat: int | str, user_id: int) -> dict[str, Any]:
         """`getChatMember` as Bot API JSON (``status``, ``is_member`` for "restricted", ...).
 
@@ -290,6 +289,7 @@ class Sender:
             return dict(result) if isinstance(result, dict) else {}
         member = await self.call(user_id, lambda: self.bot.get_chat_member(chat, user_id), counts_as_message=False)
         return member.to_dict()
+
 
 @attrs.frozen
 class SentMessage:
