@@ -177,7 +177,7 @@ def test_card_payments_migration_on_a_version_5_database_equals_the_fresh_schema
             "INSERT INTO payments (purchase_id, user_id, provider, provider_payment_id, amount_minor, currency, "
             "outcome) VALUES (1, 1, 'stars', 'stx1', 250, 'XTR', 'granted')"
         )
-        assert migrate(conn, schema) == list(range(card.version, schema.version + 1))
+        assert migrate(conn, schema) == [m.version for m in schema.migrations if m.version >= card.version]
         assert conn.execute("SELECT provider, telegram_payment_charge_id FROM payments").fetchall() == [("stars", None)]
         conn.execute("DELETE FROM payments; DELETE FROM purchases; DELETE FROM users")
     fresh = pg_server.create_database(f"fresh_{Path(empty_db_dsn).name}")
