@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.harness import ADMIN, bot_config, scalar, start_vpnd
+from tests.harness import ADMIN, bot_config, scalar, sql, start_vpnd
 from vpnd.config import ConfigError
 from vpnd.support_text import MAX_TEXT, contact_url, fit_html, visible_len
 from vpnd.telegram.membership import MembershipCache, is_member
@@ -73,7 +73,7 @@ async def test_trial_needs_the_channel_then_check_again_grants_it_and_is_cached(
         menu = await fake.wait_for_bot_message(ALICE, lambda m: "sub" in m.callback_data)
         fake.user_sends(ALICE, "/trial")
         again = await fake.wait_for_bot_message(ALICE)
-        assert "already" in (again.text or "").lower() or "trial" in (again.text or "").lower()
+        assert "once per account" in (again.text or "")  # refused by the database, not the channel
         assert fake.requests["getChatMember"] == calls
     await vpnd.stop()
 
@@ -268,3 +268,67 @@ async def test_bad_channel_settings_name_the_key(
         bot_config(write_config, db_dsn, fake, base_url, trial={"required_channel": str(CHANNEL)})
     with pytest.raises(ConfigError, match=r"\[support\]\.relay_chat"):
         bot_config(write_config, db_dsn, fake, base_url, support={"relay_chat": "admins"})
+
+
+def reply_update(
+    sender: dict[str, object], chat: dict[str, object], message_id: int, to: int, text: str
+) -> dict[str, object]:
+    """A message in `chat` replying to message `to` (which the bot sent there)."""
+    return {
+        "message": {
+            "message_id": message_id,
+            "from": sender,
+            "chat": chat,
+            "date": 1,
+            "text": text,
+            "reply_to_message": {
+                "message_id": to,
+                "from": {"id": 7000000001, "is_bot": True, "first_name": "vpnd"},
+                "chat": chat,
+                "date": 1,
+                "text": "Ticket",
+            },
+        }
+    }
+
+
+async def test_group_relay_answers_only_from_admins_and_a_replayed_reply_is_sent_once(
+    nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    fake, base_url = fake_telegram
+    group = {"id": -100777, "type": "supergroup", "title": "Support staff"}
+    config = bot_config(write_config, db_dsn, fake, base_url, support={"relay_chat": -100777})
+    vpnd = await start_vpnd(nursery, config)
+    with trio.fail_after(60):
+        await start(fake, ADMIN, "Admin")
+        await start(fake, MALLORY, "Mallory")
+        menu = await start(fake, ALICE, "Alice")
+        support = await press(fake, ALICE, menu, "support")
+        await press(fake, ALICE, support, "support:write")
+        await say_and_wait(fake, ALICE, "Help please", "Sent to support")
+        # The fake has no group chats: record the id Telegram would have given the copy.
+        sql(db_dsn, "UPDATE support_messages SET relay_message_id = 55 WHERE user_id = %s", ALICE)
+        before = len(fake.bot_messages(ALICE))
+
+        # A member of the group who is not an admin cannot answer in the operator's name.
+        fake.inject_update(reply_update(fake.users[MALLORY].to_api(), group, 70, 55, "Pay me instead"))
+        fake.inject_update(reply_update(fake.users[ADMIN].to_api(), group, 71, 55, "Fixed, try again"))
+        answer = await fake.wait_for_bot_message(ALICE, lambda m: "Support replied" in (m.text or ""))
+        assert "Fixed, try again" in (answer.text or "")
+        assert not any("Pay me" in (m.text or "") for m in fake.bot_messages(ALICE))
+
+        # The same reply again (a replayed update): nothing is sent twice.
+        fake.inject_update(reply_update(fake.users[ADMIN].to_api(), group, 71, 55, "Fixed, try again"))
+        await fake.wait_until(lambda: fake.pending_updates == [])
+        await trio.sleep(1)
+        assert len(fake.bot_messages(ALICE)) == before + 1
+        assert scalar(db_dsn, "SELECT count(*) FROM support_messages WHERE direction = 'admin'") == 1
+        assert scalar(db_dsn, "SELECT author_id FROM support_messages WHERE direction = 'admin'") == ADMIN
+    await vpnd.stop()
+
+
+async def say_and_wait(fake: FakeTelegram, user_id: int, text: str, expect: str) -> ChatMessage:
+    fake.user_sends(user_id, text)
+    reply = await fake.wait_for_bot_message(user_id)
+    assert expect in (reply.text or "")
+    return reply

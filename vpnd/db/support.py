@@ -93,10 +93,11 @@ def answer(
     author_id: int,
     body: str,
     render: Callable[[str, int], str],
+    confirm: Callable[[int], str],
 ) -> Answered | None:
     """An admin's reply (message `reply_message_id` in the relay chat) to the relayed copy
-    `relayed_message_id`: store it and queue `render(user_language, ticket_id)` to the ticket's user.
-    None when that message is not a relayed ticket."""
+    `relayed_message_id`: store it, queue `render(user_language, ticket_id)` to the ticket's user and
+    `confirm(ticket_id)` to the relay chat. None when that message is not a relayed ticket."""
     row = conn.execute(
         "SELECT s.id, s.user_id, u.language FROM support_messages s JOIN users u ON u.id = s.user_id "
         "WHERE s.relay_chat_id = %s AND s.relay_message_id = %s",
@@ -113,6 +114,9 @@ def answer(
             "INSERT INTO support_messages (user_id, direction, body, author_id, answers_id) "
             "VALUES (%s, 'admin', %s, %s, %s)",
             (user_id, body, author_id, ticket_id),
+        )
+        outbox.enqueue(
+            conn, relay_chat, confirm(ticket_id), dedupe_key=f"support-answered:{relay_chat}:{reply_message_id}"
         )
     return Answered(ticket_id, user_id, queued)
 

@@ -152,12 +152,12 @@ async def answer_hook(ctx: BotContext, update_id: int, update: telegram.Update) 
         sender.id,
         text,
         partial(_answer_text, ctx.texts, text),
+        lambda ticket_id: ctx.texts.get(lang, "support.reply_sent", ref=ticket_id),
     )
     if answered is None:
         return False
     if answered.queued:
         log.info("event=support_answer ticket=%d admin_id=%d", answered.ticket_id, sender.id)
-        await ctx.sender.send_message(relay_chat, ctx.texts.get(lang, "support.reply_sent", ref=answered.ticket_id))
     return True
 
 
