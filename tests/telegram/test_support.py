@@ -127,11 +127,12 @@ def test_membership_rules_and_bounded_cache() -> None:
     assert not is_member({"status": "left"}) and not is_member({"status": "kicked"}) and not is_member({})
     cache = MembershipCache(limit=3)
     for user in range(10):
-        cache.remember(user, 0.0, 60)
-    assert len(cache) == 3 and cache.confirmed(9, 1.0) and not cache.confirmed(0, 1.0)
-    assert not cache.confirmed(9, 61.0)  # expired
-    cache.remember(5, 0.0, 0)  # a cache time of 0: never remembered
-    assert not cache.confirmed(5, 0.0)
+        cache.remember("@news", user, 0.0, 60)
+    assert len(cache) == 3 and cache.confirmed("@news", 9, 1.0) and not cache.confirmed("@news", 0, 1.0)
+    assert not cache.confirmed("@other", 9, 1.0)  # another channel (after a reload)
+    assert not cache.confirmed("@news", 9, 61.0)  # expired
+    cache.remember("@news", 5, 0.0, 0)  # a cache time of 0: never remembered
+    assert not cache.confirmed("@news", 5, 0.0)
 
 
 # --- support -------------------------------------------------------------------------------------------
@@ -176,6 +177,22 @@ async def test_ticket_is_relayed_answered_survives_restart_and_is_rate_limited(
         support = await press(fake, ALICE, menu, "support")
         prompt = await press(fake, ALICE, support, "support:write")
         assert "support:cancel" in prompt.callback_data
+        # A photo is not relayed: the bot asks for text again, and the user is still writing to support.
+        alice = fake.users[ALICE]
+        photo = {"file_id": "p1", "file_unique_id": "u1", "width": 90, "height": 90}
+        fake.inject_update(
+            {
+                "message": {
+                    "message_id": 800,
+                    "from": alice.to_api(),
+                    "chat": alice.chat_api(),
+                    "date": 1,
+                    "photo": [photo],
+                    "caption": "screenshot",
+                }
+            }
+        )
+        await fake.wait_for_bot_message(ALICE, lambda m: "text only" in (m.text or "") and m.revision > prompt.revision)
         fake.user_sends(ALICE, "My key <b>fails</b> & <script>")
         sent = await fake.wait_for_bot_message(ALICE)
         assert "Sent to support" in (sent.text or "")

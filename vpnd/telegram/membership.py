@@ -42,25 +42,28 @@ def chat_param(channel: str) -> int | str:
 
 @attrs.define(eq=False)
 class MembershipCache:
-    """User ids confirmed as members, with the time each confirmation stops counting (LRU, bounded)."""
+    """(channel, user id) pairs confirmed as members, with the time each confirmation stops counting (LRU,
+    bounded). The channel is part of the key: after a reload names another channel, nobody counts as in it."""
 
     limit: int = CACHE_LIMIT
-    _until: collections.OrderedDict[int, float] = attrs.field(factory=collections.OrderedDict, init=False)
+    _until: collections.OrderedDict[tuple[str, int], float] = attrs.field(factory=collections.OrderedDict, init=False)
 
-    def confirmed(self, user_id: int, now: float) -> bool:
-        until = self._until.get(user_id)
+    def confirmed(self, channel: str, user_id: int, now: float) -> bool:
+        key = (channel, user_id)
+        until = self._until.get(key)
         if until is None:
             return False
         if until <= now:
-            del self._until[user_id]
+            del self._until[key]
             return False
         return True
 
-    def remember(self, user_id: int, now: float, ttl: float) -> None:
+    def remember(self, channel: str, user_id: int, now: float, ttl: float) -> None:
         if ttl <= 0:
             return
-        self._until[user_id] = now + ttl
-        self._until.move_to_end(user_id)
+        key = (channel, user_id)
+        self._until[key] = now + ttl
+        self._until.move_to_end(key)
         while len(self._until) > self.limit:
             self._until.popitem(last=False)
 

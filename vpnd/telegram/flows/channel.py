@@ -45,7 +45,7 @@ async def may_take_trial(turn: Turn, *, again: bool = False) -> bool:
     if not channel:
         return True
     cache = turn.ctx.membership
-    if cache.confirmed(turn.user.id, trio.current_time()):
+    if cache.confirmed(channel, turn.user.id, trio.current_time()):
         return True
     try:
         with trio.fail_after(CHECK_TIMEOUT_SECONDS):
@@ -62,7 +62,7 @@ async def may_take_trial(turn: Turn, *, again: bool = False) -> bool:
         )
         return True
     if is_member(member):
-        cache.remember(turn.user.id, trio.current_time(), config.membership_cache_seconds)
+        cache.remember(channel, turn.user.id, trio.current_time(), config.membership_cache_seconds)
         await alerts.report_incident(turn.app, turn.ctx.texts, alerts.TRIAL_CHANNEL, True, f"{channel}: checked")
         return True
     if again:

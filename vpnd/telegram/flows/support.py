@@ -161,6 +161,18 @@ async def answer_hook(ctx: BotContext, update_id: int, update: telegram.Update) 
     return True
 
 
+async def media_while_writing(turn: Turn, message: telegram.Message) -> bool:
+    """A photo, file or sticker while "writing to support": only text is relayed, so say so again (and
+    stay in the state) instead of the menu's "I did not understand"."""
+    if message.text is not None or message.successful_payment is not None:
+        return False
+    state = await turn.app.db.run(conversation.get_state, turn.user.id)
+    if state is None or state.name != STATE:
+        return False
+    await turn.reply(turn.t("support.ask"), kb.keyboard([kb.button(turn.t("support.cancel"), "support:cancel")]))
+    return True
+
+
 def register(routes: Routes) -> None:
     async def support_route(turn: Turn, args: list[str]) -> None:
         if args == ["write"]:
@@ -173,3 +185,4 @@ def register(routes: Routes) -> None:
     routes.callbacks["support"] = support_route
     routes.states[STATE] = receive
     routes.update_hooks.append(answer_hook)
+    routes.message_hooks.append(media_while_writing)
