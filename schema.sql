@@ -83,6 +83,28 @@ CREATE TABLE referrals (
 );
 CREATE INDEX referrals_referrer_idx ON referrals (referrer_id);
 
+-- Support tickets: a user's message, its copy in the relay chat (the id Telegram gave it, recorded when
+-- sent), and the admins' answers (vpnd/db/support.py).
+CREATE TABLE support_messages (
+    id                bigserial PRIMARY KEY,
+    user_id           bigint NOT NULL REFERENCES users (id),
+    direction         text NOT NULL CHECK (direction IN ('user', 'admin')),
+    body              text NOT NULL,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    -- An admin's answer: who wrote it and the user's message it answers.
+    author_id         bigint,
+    answers_id        bigint REFERENCES support_messages (id),
+    -- A user's message: its copy in the relay chat.
+    relay_chat_id     bigint,
+    relay_outbox_id   bigint,
+    relay_message_id  bigint
+);
+CREATE INDEX support_messages_user_idx ON support_messages (user_id, created_at) WHERE direction = 'user';
+CREATE UNIQUE INDEX support_messages_relayed_idx ON support_messages (relay_chat_id, relay_message_id)
+    WHERE relay_message_id IS NOT NULL;
+CREATE INDEX support_messages_unsent_idx ON support_messages (relay_outbox_id)
+    WHERE relay_message_id IS NULL AND relay_outbox_id IS NOT NULL;
+
 -- Conversation states (e.g. "waiting for a promo code"): durable, with an expiry.
 CREATE TABLE conversation_states (
     user_id     bigint PRIMARY KEY REFERENCES users (id),

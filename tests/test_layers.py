@@ -52,6 +52,7 @@ MAP: dict[str, str] = {
     "vpnd.devices": "domain",  # device ids from client apps' headers, bounded (pure)
     "vpnd.account_page": "domain",  # the subscription URL's page for browsers: browser or app, the HTML (pure)
     "vpnd.money": "domain",
+    "vpnd.support_text": "domain",  # the support contact as a link, HTML fitted to Telegram's limit (pure)
     "vpnd.texts": "domain",
     "vpnd.locales": "domain",
     "vpnd.xray": "domain",

@@ -29,6 +29,8 @@ XRAY_TEMPLATE = "xray_template"
 XRAY_FILE = "xray_file"
 XRAY_LINKS = "xray_links"
 PROMO_GUESSING = "promo_guessing"
+#: `[trial] required_channel` cannot be checked (the trial is granted without the check meanwhile).
+TRIAL_CHANNEL = "trial_channel"
 
 
 def record_incident(

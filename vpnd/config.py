@@ -133,6 +133,20 @@ class TrialConfig:
     #: replaces this section's days and limits.
     devices: int = 0
     traffic_gb: int = 0
+    #: The channel a user must have joined to take the trial: "@username" or a numeric id "-100…"; "" = none.
+    required_channel: str = ""
+    #: The join link for a private channel (an invite link); a public one gets https://t.me/<username>.
+    channel_invite_link: str = ""
+    #: How long a "is a member" answer is trusted before getChatMember is asked again.
+    membership_cache_seconds: int = 3600
+
+
+@attrs.frozen
+class SupportConfig:
+    #: The chat users' support messages are copied to (an admin's id or a group's -100…); 0 = no relay.
+    relay_chat: int = 0
+    #: How many messages one user may send to support per hour.
+    messages_per_hour: int = 5
 
 
 @attrs.frozen
@@ -466,6 +480,7 @@ class Config:
     shutdown: ShutdownConfig = ShutdownConfig()
     log: LogConfig = LogConfig()
     trial: TrialConfig = TrialConfig()
+    support: SupportConfig = SupportConfig()
     referral: ReferralConfig = ReferralConfig()
     payments: PaymentsConfig = PaymentsConfig()
     cryptopay: CryptoPayConfig = CryptoPayConfig()
@@ -713,6 +728,21 @@ def read_chat_id(value: object) -> int:
     return chat_id
 
 
+def read_channel(value: object) -> str:
+    """A channel for `getChatMember`: "@username" (5–32 letters, digits, _) or a numeric id "-100…"; "" = none."""
+    text = read_str(value).strip()
+    if text and not (re.fullmatch(r"@[A-Za-z][A-Za-z0-9_]{4,31}", text) or re.fullmatch(r"-100\d{5,16}", text)):
+        raise _expected('a channel "@username" or a numeric id such as "-1001234567890"', value)
+    return text
+
+
+def read_invite_link(value: object) -> str:
+    text = read_str(value).strip()
+    if text and not re.fullmatch(r"https://t\.me/\S+", text):
+        raise _expected('an invite link such as "https://t.me/+AbCdEf123"', value)
+    return text
+
+
 def read_language(value: object) -> str:
     return one_of(*SUPPORTED_LANGUAGES)(value)
 
@@ -783,6 +813,13 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "days": in_range(read_int, 1, 365),
         "devices": in_range(read_int, 0, 1000),
         "traffic_gb": in_range(read_int, 0, 1_000_000),
+        "required_channel": lambda v: read_channel(v),
+        "channel_invite_link": lambda v: read_invite_link(v),
+        "membership_cache_seconds": in_range(read_int, 0, 7 * 24 * 3600),
+    },
+    "support": {
+        "relay_chat": read_chat_id,
+        "messages_per_hour": in_range(read_int, 1, 1000),
     },
     "referral": {"percent": in_range(read_int, 0, 100)},
     "payments": {
@@ -892,6 +929,7 @@ SECTION_CLASSES: dict[str, type] = {
     "shutdown": ShutdownConfig,
     "log": LogConfig,
     "trial": TrialConfig,
+    "support": SupportConfig,
     "referral": ReferralConfig,
     "payments": PaymentsConfig,
     "cryptopay": CryptoPayConfig,
@@ -1246,6 +1284,9 @@ def check_whole(name: str, config: Config) -> None:
         raise ConfigError(name, "[payments].topup_min", "expected at most [payments].topup_max")
     _check_amounts(name, config.payments)
     _check_terms(name, config.terms)
+    if config.trial.required_channel.startswith("-") and not config.trial.channel_invite_link:
+        # A private channel has no public address: users need the invite link to join it.
+        raise ConfigError(name, "[trial].channel_invite_link", "required when required_channel is a numeric id")
     if config.xray.enabled:
         _check_link_settings(name, config.xray, "[xray]")
     known_nodes = {node.name for node in config.vpn_nodes}

@@ -37,6 +37,32 @@ def enqueue(
     extra: dict[str, Any] | None = None,
 ) -> bool:
     """Queue a message (HTML text, optional inline keyboard); False when the dedupe key was used already."""
+    row_id = enqueue_id(
+        conn,
+        chat_id,
+        text,
+        dedupe_key=dedupe_key,
+        reply_markup=reply_markup,
+        not_before=not_before,
+        method=method,
+        extra=extra,
+    )
+    return row_id is not None
+
+
+def enqueue_id(
+    conn: psycopg.Connection[Any],
+    chat_id: int,
+    text: str,
+    *,
+    dedupe_key: str | None = None,
+    reply_markup: dict[str, Any] | None = None,
+    not_before: dt.datetime | None = None,
+    method: str = "sendMessage",
+    extra: dict[str, Any] | None = None,
+) -> int | None:
+    """`enqueue`, returning the row's id (None when the dedupe key was used already): for a caller that
+    wants to learn the sent message's id later (a relayed support message, see `vpnd.db.support`)."""
     payload: dict[str, Any] = {"text": text, "parse_mode": "HTML", **(extra or {})}
     if reply_markup is not None:
         payload["reply_markup"] = reply_markup
@@ -45,7 +71,7 @@ def enqueue(
         "VALUES (%s, %s, %s, %s, coalesce(%s, now())) ON CONFLICT (dedupe_key) DO NOTHING RETURNING id",
         (chat_id, dedupe_key, method, Jsonb(payload), not_before),
     ).fetchone()
-    return row is not None
+    return int(row[0]) if row is not None else None
 
 
 def payload_json(payload: dict[str, Any]) -> str:

@@ -28,12 +28,13 @@ import logging
 from typing import Any
 
 import attrs
+import psycopg
 import telegram
 import trio
 from telegram.error import BadRequest, TelegramError
 
 from vpnd.app import App
-from vpnd.db import outbox
+from vpnd.db import outbox, support
 from vpnd.db.outbox import START_KEY, OutboxRow
 from vpnd.periodic import run_periodic
 from vpnd.telegram.client import ChatNotFound, ChatUnreachable, Sender, SendFailed
@@ -148,7 +149,7 @@ class OutboxSender:
             return
         self.in_flight += 1
         try:
-            await self.sender.call(row.chat_id, lambda: self._send_message(row), priority=Priority.BULK)
+            sent = await self.sender.call(row.chat_id, lambda: self._send_message(row), priority=Priority.BULK)
         except ChatUnreachable as exc:
             await self.app.db.run(outbox.drop_unreachable, row.id, row.chat_id, str(exc))
             self._count("unreachable")
@@ -164,7 +165,7 @@ class OutboxSender:
             self._halted = True
             await self._retry_or_fail(row, f"{type(exc).__name__}: {exc}")
         else:
-            await self.app.db.run(outbox.mark_sent, row.id)
+            await self.app.db.run(_mark_sent, row.id, sent.message_id)
             self._count("sent")
         finally:
             self.in_flight -= 1
@@ -209,6 +210,12 @@ class OutboxSender:
 
     def _count(self, result: str) -> None:
         self.app.metrics.outbox_sends.labels(result).inc()
+
+
+def _mark_sent(conn: psycopg.Connection[Any], row_id: int, message_id: int) -> None:
+    """The row was delivered as `message_id`; a relayed support message learns that id (replies find it)."""
+    if outbox.mark_sent(conn, row_id):
+        support.note_relayed(conn, row_id, message_id)
 
 
 async def run_outbox(

@@ -273,6 +273,23 @@ class Sender:
 
         await self.call(chat_id, answer, counts_as_message=False)
 
+    async def get_chat_member(self, chat: int | str, user_id: int) -> dict[str, Any]:
+        """`getChatMember` as Bot API JSON (``status``, ``is_member`` for "restricted", ...).
+
+        It shows nothing in any chat, so it takes no message slot (like a callback answer); it still
+        waits out a 429 pause — Telegram's flood control is per bot, not per method — and gets the same
+        retries. Errors are the typed ones of `call` ("chat not found" → `ChatNotFound`)."""
+        paused = self.limiter.paused_for
+        if paused > 0:
+            await trio.sleep(paused)
+        wire = self.bot.wire
+        if wire is not None:
+            params = {"chat_id": chat, "user_id": user_id}
+            result = await self.call(user_id, lambda: wire.call("getChatMember", params), counts_as_message=False)
+            return dict(result) if isinstance(result, dict) else {}
+        member = await self.call(user_id, lambda: self.bot.get_chat_member(chat, user_id), counts_as_message=False)
+        return member.to_dict()
+
 
 @attrs.frozen
 class SentMessage:

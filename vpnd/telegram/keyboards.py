@@ -2,7 +2,8 @@
 
 Callback data scheme (`verb` or `verb:arg[:arg]`):
     menu, sub, buy, trial, promo, promo_cancel, invite, lang, lang:<code>, help, qr, reissue, ar:<on|off>,
-    plan:<code>, pay:<code>:<method>, pays:<page>
+    plan:<code>, pay:<code>:<method>, pays:<page>,
+    trialchk, support, support:write, support:cancel
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main_menu(t: Callable[[str], str], *, trial_eligible: bool, has_subscription
         [button(t("menu.promo"), "promo"), button(t("menu.invite"), "invite")],
         [button(t("menu.gifts"), "gifts")],
         [button(t("menu.language"), "lang"), button(t("menu.help"), "help")],
+        [button(t("menu.support"), "support")],
     )
 
 

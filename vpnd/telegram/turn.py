@@ -25,6 +25,7 @@ from vpnd.payments.checkout import HostedCheckout
 from vpnd.telegram.client import Sender, SentMessage, TrioBot
 from vpnd.telegram.incoming import ButtonPress
 from vpnd.telegram.keyboards import Keyboard
+from vpnd.telegram.membership import MembershipCache
 from vpnd.texts import Texts
 
 #: Menus carry links (subscription URLs, invites) that should not unfold into previews.
@@ -43,6 +44,8 @@ class BotContext:
     checkout: HostedCheckout | None = None
     #: The bot's @username from getMe at start (links such as t.me/<bot>?start=ref_...).
     bot_username: str = ""
+    #: Users recently confirmed as members of `[trial] required_channel`.
+    membership: MembershipCache = attrs.field(factory=MembershipCache)
 
 
 @attrs.define(eq=False)

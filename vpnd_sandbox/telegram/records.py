@@ -52,6 +52,26 @@ class FakeUser:
         return chat
 
 
+#: getChatMember statuses (Bot API `ChatMember`).
+MemberStatus = Literal["creator", "administrator", "member", "restricted", "left", "kicked"]
+
+
+@attrs.define(eq=False)
+class FakeChannel:
+    """A channel (or supergroup) whose members the bot may look up with ``getChatMember``.
+
+    Telegram lets only an administrator bot read a channel's members; otherwise it answers 400 "member list
+    is inaccessible". A user with no entry in ``members`` has left (or never joined): status "left".
+    """
+
+    id: int
+    title: str
+    username: str | None = None
+    bot_is_admin: bool = True
+    #: user id → (status, is_member); is_member only matters for "restricted".
+    members: dict[int, tuple[MemberStatus, bool]] = attrs.field(factory=dict)
+
+
 @attrs.define(eq=False)
 class StoredFile:
     """A photo or document the bot sent: uploaded bytes, or only a URL the fake does not fetch."""

@@ -23,7 +23,9 @@ from vpnd_sandbox.telegram.methods import Method, bot_methods
 from vpnd_sandbox.telegram.records import (
     CallbackQuery,
     ChatMessage,
+    FakeChannel,
     FakeUser,
+    MemberStatus,
     Notice,
     PreCheckoutQuery,
     RequestRecord,
@@ -76,6 +78,7 @@ class FakeTelegram:
     seed: int = 0
 
     users: dict[int, FakeUser] = attrs.field(factory=dict, init=False)
+    channels: dict[int, FakeChannel] = attrs.field(factory=dict, init=False)
     messages: dict[int, list[ChatMessage]] = attrs.field(factory=dict, init=False)
     files: dict[str, StoredFile] = attrs.field(factory=dict, init=False)
     callback_queries: dict[str, CallbackQuery] = attrs.field(factory=dict, init=False)
@@ -345,6 +348,28 @@ class FakeTelegram:
             user.username, user.language_code = username, language_code
         self._changed()
         return user
+
+    def add_channel(
+        self, chat_id: int, title: str = "Channel", *, username: str | None = None, bot_is_admin: bool = True
+    ) -> FakeChannel:
+        """Create a channel (ids are negative, "-100…") the bot can look members up in (``getChatMember``)."""
+        if chat_id >= 0:
+            raise SandboxError("channel ids are negative")
+        channel = FakeChannel(chat_id, title, username, bot_is_admin)
+        self.channels[chat_id] = channel
+        return channel
+
+    def set_member(self, chat_id: int, user_id: int, status: MemberStatus, *, is_member: bool = True) -> None:
+        """The user joins, leaves, is banned from or restricted in the channel."""
+        self._user(user_id)
+        self.channels[chat_id].members[user_id] = (status, is_member)
+
+    def find_channel(self, key: object) -> FakeChannel | None:
+        """A channel by numeric id or "@username" (case-insensitive, as Telegram)."""
+        if isinstance(key, str):
+            name = key.removeprefix("@").lower()
+            return next((c for c in self.channels.values() if (c.username or "").lower() == name), None)
+        return self.channels.get(key) if isinstance(key, int) else None
 
     def _user(self, user_id: int) -> FakeUser:
         user = self.users.get(user_id)

@@ -16,10 +16,12 @@ def register_all(routes: Routes) -> None:
     """Flows beyond the core: promo codes, buying, payment history, and the admin tools."""
     # Imported here: the admin module imports flows.menu, a top-level import would be circular.
     from vpnd.telegram import admin
-    from vpnd.telegram.flows import buy, gifts, history, promo
+    from vpnd.telegram.flows import buy, channel, gifts, history, promo, support
 
     promo.register(routes)
     buy.register(routes)
     gifts.register(routes)
     history.register(routes)
+    channel.register(routes)
+    support.register(routes)
     admin.register(routes)

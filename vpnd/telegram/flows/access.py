@@ -23,6 +23,7 @@ from vpnd.quota import Limits, limits_of
 from vpnd.quota import format_bytes as quota_bytes
 from vpnd.subscription_url import user_links
 from vpnd.telegram import keyboards as kb
+from vpnd.telegram.flows import channel
 from vpnd.telegram.flows.menu import show_menu
 from vpnd.telegram.turn import Turn
 from vpnd.texts import Html
@@ -34,6 +35,8 @@ async def trial(turn: Turn) -> None:
     config = turn.app.config.trial
     if not config.enabled:
         await turn.show(turn.t("trial.disabled"), kb.back_to_menu(turn.t))
+        return
+    if not await channel.may_take_trial(turn):
         return
     plan = turn.app.config.trial_plan
     outcome = await turn.app.db.run(subscriptions.grant_trial, turn.user.id, plan.days, plan.code)

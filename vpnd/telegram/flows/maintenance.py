@@ -23,9 +23,11 @@ A = TypeVar("A")
 
 #: Button verbs, commands and conversation states that start buying something (a new flow that sells
 #: adds its own here). Buying: buy, plan, pay, top-up (topup, tu, its typed amount); packs: packs, pk,
-#: pp; gifts: gift, gp (redeeming one is not paused); the trial; promo codes (the button, the command,
-#: the typed code).
-PAUSED_CALLBACKS = ("buy", "plan", "pay", "topup", "tu", "packs", "pk", "pp", "gift", "gp", "trial", "promo")
+#: pp; gifts: gift, gp (redeeming one is not paused); the trial (and its channel check, trialchk); promo
+#: codes (the button, the command, the typed code).
+PAUSED_CALLBACKS = (
+    "buy", "plan", "pay", "topup", "tu", "packs", "pk", "pp", "gift", "gp", "trial", "trialchk", "promo",
+)  # fmt: skip
 PAUSED_COMMANDS = ("buy", "trial", "promo")
 PAUSED_STATES = ("promo", "topup_amount")
 

@@ -69,4 +69,7 @@ async def invite(turn: Turn) -> None:
 
 
 async def help_text(turn: Turn) -> None:
-    await turn.show(turn.t("help.text", support=turn.app.config.telegram.support_contact), kb.back_to_menu(turn.t))
+    await turn.show(
+        turn.t("help.text", support=turn.app.config.telegram.support_contact),
+        kb.keyboard([kb.button(turn.t("menu.support"), "support")], [kb.button(turn.t("common.menu"), "menu")]),
+    )

@@ -27,6 +27,7 @@ METHODS: dict[str, Callable[..., Any]] = {
     "setMyDescription": bot.accept_bot_text,
     "setMyShortDescription": bot.accept_bot_text,
     "getChat": bot.get_chat,
+    "getChatMember": bot.get_chat_member,
     "sendChatAction": bot.send_chat_action,
     "sendMessage": messages.send_message,
     "editMessageText": messages.edit_message_text,

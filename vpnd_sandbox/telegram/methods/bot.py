@@ -1,5 +1,5 @@
 """Bot API methods about the bot itself and its updates: getMe, getUpdates (long poll), webhooks,
-commands, descriptions, getChat, sendChatAction."""
+commands, descriptions, getChat, getChatMember, sendChatAction."""
 
 from __future__ import annotations
 
@@ -139,3 +139,64 @@ def send_chat_action(fake: FakeTelegram, params: Params) -> bool:
     if not params.get_str("action"):
         raise bad_request("action is empty")
     return True
+
+
+def get_chat_member(fake: FakeTelegram, params: Params) -> JSONDict:
+    """A user's membership in a channel, as Telegram answers it: 400 "chat not found" for a chat the bot
+    does not know, "member list is inaccessible" when the bot is not an administrator there, "user not
+    found" for an unknown user; a user who never joined is "left"."""
+    raw = params.raw("chat_id")
+    if raw is None or raw == "":
+        raise bad_request("chat_id is empty")
+    channel = fake.find_channel(raw if isinstance(raw, str) and raw.startswith("@") else params.get_int("chat_id"))
+    user_id = params.get_int("user_id")
+    if user_id is None:
+        raise bad_request("user_id is empty")
+    if channel is None:
+        raise bad_request("chat not found")
+    if not channel.bot_is_admin:
+        raise bad_request("member list is inaccessible")
+    user = fake.users.get(user_id)
+    if user is None:
+        raise bad_request("user not found")
+    status, is_member = channel.members.get(user_id, ("left", False))
+    member: JSONDict = {"status": status, "user": user.to_api()}
+    if status == "creator":
+        member["is_anonymous"] = False
+    elif status == "administrator":
+        member.update(
+            can_be_edited=False,
+            is_anonymous=False,
+            can_manage_chat=True,
+            can_delete_messages=False,
+            can_manage_video_chats=False,
+            can_restrict_members=False,
+            can_promote_members=False,
+            can_change_info=False,
+            can_invite_users=True,
+            can_post_stories=False,
+            can_edit_stories=False,
+            can_delete_stories=False,
+        )
+    elif status == "restricted":
+        member.update(
+            is_member=is_member,
+            until_date=0,
+            can_send_messages=False,
+            can_send_audios=False,
+            can_send_documents=False,
+            can_send_photos=False,
+            can_send_videos=False,
+            can_send_video_notes=False,
+            can_send_voice_notes=False,
+            can_send_polls=False,
+            can_send_other_messages=False,
+            can_add_web_page_previews=False,
+            can_change_info=False,
+            can_invite_users=False,
+            can_pin_messages=False,
+            can_manage_topics=False,
+        )
+    elif status == "kicked":
+        member["until_date"] = 0
+    return member
