@@ -2,7 +2,8 @@
 
     vpnd admin stats
     vpnd admin user <id|@name>
-    vpnd admin grant <id> <days> [--notify]
+    vpnd admin grant <id> <days|30d|12h> [--notify]
+    vpnd admin extend-all <2d|12h> [--trials] [--yes]
     vpnd admin grant-traffic <id> <GB>
     vpnd admin revoke <id>
     vpnd admin ban <id> [--reason TEXT]
@@ -95,13 +96,17 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     leaf(actions, "nodes", "each Xray node: reachable, users, online now, traffic today, last sync")
     user = leaf(actions, "user", "a user's status, expiry, payments, balance and referrals")
     user.add_argument("query", help="a user id or @username")
-    grant = leaf(actions, "grant", "give a user N days of access")
+    grant = leaf(actions, "grant", "give a user days (30, 30d) or hours (12h) of access")
     grant.add_argument("user_id", type=int)
-    grant.add_argument("days", type=int)
+    grant.add_argument("duration", help="days (30 or 30d) or hours (12h)")
     grant.add_argument("--notify", action="store_true", help="tell the user (through the outbox)")
     traffic = leaf(actions, "grant-traffic", "add GB to the current traffic period of a user's plan")
     traffic.add_argument("user_id", type=int)
     traffic.add_argument("gb", help=f"whole GB, 1 to {MAX_GRANT_GB_TEXT}")
+    extend = leaf(actions, "extend-all", "add days or hours to every running subscription (an outage compensation)")
+    extend.add_argument("duration", help="days (2 or 2d) or hours (12h)")
+    extend.add_argument("--trials", action="store_true", help="running trials too (default: paid only)")
+    extend.add_argument("--yes", action="store_true", help="do it (without: say how many it would extend)")
     revoke = leaf(actions, "revoke", "revoke a user's subscription")
     revoke.add_argument("user_id", type=int)
     ban = leaf(actions, "ban", "ban a user: the bot ignores them and their key leaves Xray at once")
@@ -383,19 +388,42 @@ def _limits(details: UserDetails, config: Config) -> tuple[dict[str, Any], list[
     return _jsonable(facts), lines
 
 
+def _duration(text: str) -> dt.timedelta:
+    try:
+        return actions.parse_duration(text)
+    except ValueError as exc:
+        raise Usage(str(exc)) from None
+
+
 def grant_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
-    if not 1 <= args.days <= actions.MAX_GRANT_DAYS:
-        raise Usage(f"days must be from 1 to {actions.MAX_GRANT_DAYS}")
+    duration = _duration(args.duration)
+    unit, amount = actions.describe_duration(duration)
     texts = Texts.load()
 
     def notify(lang: str, sub: Subscription) -> str:
-        return texts.get(lang, "admin.grant.user_text", days=args.days, expires=_when(sub.expires_at))
+        key = "admin.grant.user_text" if unit == "days" else "admin.grant.user_text_hours"
+        return texts.get(lang, key, **{unit: amount}, expires=_when(sub.expires_at))
 
-    done = _done(actions.grant(conn, _actor(), args.user_id, args.days, notify_text=notify if args.notify else None))
+    done = _done(actions.grant(conn, _actor(), args.user_id, duration, notify_text=notify if args.notify else None))
     assert done.subscription is not None
     return done.subscription, (
-        f"granted {args.days} days to user {args.user_id}: access until {_when(done.subscription.expires_at)}"
+        f"granted {amount} {unit} to user {args.user_id}: access until {_when(done.subscription.expires_at)}"
         + (" (the user will be notified)" if args.notify else "")
+    )
+
+
+def extend_all_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    duration = _duration(args.duration)
+    unit, amount = actions.describe_duration(duration)
+    what = "paid subscriptions and trials" if args.trials else "paid subscriptions"
+    if not args.yes:
+        count = actions.extendable(conn, trials=args.trials)
+        return {"would_extend": count, unit: amount, "trials": args.trials}, (
+            f"would extend {count} running {what} by {amount} {unit}; run again with --yes to do it"
+        )
+    done = actions.extend_everyone(conn, _actor(), duration, trials=args.trials)
+    return {"extended": done.count, unit: amount, "trials": args.trials}, (
+        f"extended {done.count} running {what} by {amount} {unit}"
     )
 
 
@@ -563,6 +591,7 @@ ADMIN_COMMANDS: dict[str, Command] = {
     "nodes": nodes_command,
     "user": user_command,
     "grant": grant_command,
+    "extend-all": extend_all_command,
     "grant-traffic": grant_traffic_command,
     "revoke": revoke_command,
     "ban": ban_command,

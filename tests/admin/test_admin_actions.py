@@ -63,6 +63,8 @@ WIDEST: dict[Verb, tuple[object, ...]] = {
     Verb.REFUND_CONFIRM: (2**63 - 1,),
     Verb.GIFT_REFUND: ("Z" * 12,),
     Verb.GIFT_REFUND_CONFIRM: ("Z" * 12,),
+    Verb.EXTEND_ALL: (),
+    Verb.EXTEND_ALL_CONFIRM: (999999, 1, "ffffffff"),
     Verb.MAINTENANCE: (),
     Verb.MAINTENANCE_ON: (),
     Verb.MAINTENANCE_OFF: (),

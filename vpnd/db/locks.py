@@ -1,4 +1,5 @@
-"""Session-level advisory locks (the single-instance lock; `vpnd.instance_lock` owns the connection)."""
+"""Advisory locks: session-level (the single-instance lock; `vpnd.instance_lock` owns the connection) and
+transaction-level (one admin action of a kind at a time)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,8 @@ def advisory_lock_holder(conn: psycopg.Connection[Any], key: int) -> tuple[int, 
 
 def advisory_unlock(conn: psycopg.Connection[Any], key: int) -> None:
     conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+def xact_lock(conn: psycopg.Connection[Any], key: int) -> None:
+    """Wait for the transaction-level lock `key` (released at commit or rollback)."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))

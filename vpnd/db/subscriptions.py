@@ -67,14 +67,14 @@ WITH before AS (
     FROM subscriptions s WHERE s.user_id = %(user_id)s
 )
 INSERT INTO subscriptions AS s (user_id, kind, status, uuid, sub_token, plan_code, starts_at, expires_at)
-VALUES (%(user_id)s, %(kind)s, 'active', %(uuid)s, %(token)s, %(plan)s, now(), now() + %(days)s * interval '1 day')
+VALUES (%(user_id)s, %(kind)s, 'active', %(uuid)s, %(token)s, %(plan)s, now(), now() + %(duration)s::interval)
 ON CONFLICT (user_id) DO UPDATE SET
     kind = CASE WHEN %(kind)s = 'paid' THEN 'paid' ELSE s.kind END,
     plan_code = coalesce(%(plan)s, s.plan_code),
     status = 'active',
     starts_at = CASE WHEN (SELECT continues FROM before) THEN s.starts_at ELSE now() END,
     expires_at = CASE WHEN s.status = 'active' AND s.expires_at > now() THEN s.expires_at ELSE now() END
-                 + %(days)s * interval '1 day',
+                 + %(duration)s::interval,
     traffic_blocked = CASE WHEN (SELECT continues FROM before) THEN s.traffic_blocked ELSE false END,
     updated_at = now()
 RETURNING {COLUMNS}, starts_at = now() AS restarted
@@ -84,14 +84,23 @@ RETURNING {COLUMNS}, starts_at = now() AS restarted
 def grant_days(
     conn: psycopg.Connection[Any], user_id: int, days: int, *, kind: str, plan_code: str | None = None
 ) -> Subscription:
-    """Give `days` of access (creating the subscription if needed); return the new state.
+    """Give `days` of access (creating the subscription if needed); return the new state (`grant_time`)."""
+    if days <= 0:
+        raise ValueError("days must be positive")
+    return grant_time(conn, user_id, dt.timedelta(days=days), kind=kind, plan_code=plan_code)
+
+
+def grant_time(
+    conn: psycopg.Connection[Any], user_id: int, duration: dt.timedelta, *, kind: str, plan_code: str | None = None
+) -> Subscription:
+    """Give `duration` of access (days, or hours from an admin), creating the subscription if needed.
 
     A renewal of the same plan while active extends it and keeps its traffic period. A (re)start — a
     new subscription, one that had ended, or another plan — starts at now: its traffic period is closed
     (the next one opens from the new start, `vpnd.db.quota`) and a traffic block is lifted.
     """
-    if days <= 0:
-        raise ValueError("days must be positive")
+    if duration <= dt.timedelta(0):
+        raise ValueError("the duration must be positive")
     row = conn.execute(
         GRANT,
         {
@@ -100,7 +109,7 @@ def grant_days(
             "uuid": uuid.uuid4(),
             "token": new_sub_token(),
             "plan": plan_code,
-            "days": days,
+            "duration": duration,
         },
     ).fetchone()
     assert row is not None
@@ -108,6 +117,32 @@ def grant_days(
     if restarted:
         conn.execute("UPDATE traffic_periods SET current = false WHERE user_id = %s AND current", (user_id,))
     return Subscription(*values)
+
+
+#: Running subscriptions an outage compensation extends: active and not ended, paid (trials too when
+#: asked), not a banned user's.
+_COMPENSATED = """
+s.status = 'active' AND s.expires_at > now() AND (s.kind = 'paid' OR %(trials)s)
+AND NOT EXISTS (SELECT 1 FROM users b WHERE b.id = s.user_id AND b.banned_at IS NOT NULL)
+"""
+
+
+def count_extendable(conn: psycopg.Connection[Any], *, trials: bool) -> int:
+    row = conn.execute(f"SELECT count(*) FROM subscriptions s WHERE {_COMPENSATED}", {"trials": trials}).fetchone()
+    return int(row[0]) if row else 0
+
+
+def extend_all(conn: psycopg.Connection[Any], duration: dt.timedelta, *, trials: bool) -> int:
+    """Add `duration` to every running subscription (one statement: all or none); how many. The rows'
+    `updated_at` stays: nobody joins or leaves Xray, so the writers have nothing to re-send."""
+    if duration <= dt.timedelta(0):
+        raise ValueError("the duration must be positive")
+    cur = conn.execute(
+        f"UPDATE subscriptions s SET expires_at = s.expires_at + %(duration)s::interval "
+        f"WHERE {_COMPENSATED}",
+        {"duration": duration, "trials": trials},
+    )
+    return cur.rowcount
 
 
 SWITCH = f"""

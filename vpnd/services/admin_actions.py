@@ -18,6 +18,7 @@ Nobody has to wake the owners of what changed (Xray writer, outbox, broadcasts):
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, ClassVar, Literal, TextIO, TypeVar
 
@@ -27,7 +28,7 @@ import psycopg
 from vpnd.config import NodeConfig
 from vpnd.db import admin as admin_db
 from vpnd.db import broadcasts as bdb
-from vpnd.db import gifts, ledger, outbox, promo, quota, subscriptions, users
+from vpnd.db import gifts, ledger, locks, outbox, promo, quota, subscriptions, users
 from vpnd.db import payments as payments_db
 from vpnd.db.admin import HealthFacts, Stats, UserDetails
 from vpnd.db.nodes import NodeRow, list_nodes
@@ -298,35 +299,98 @@ def export_csv(conn: Conn, actor: Actor, kind: str, out: TextIO) -> int:
 # --- a user's access and balance ------------------------------------------------------------------
 
 
+def parse_duration(text: str) -> dt.timedelta:
+    """An admin's duration: "30" or "30d" (days), "12h" (hours); from 1 hour to MAX_GRANT_DAYS days.
+    ValueError, with what is expected, for anything else."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError(f"{text.strip()[:20]!r} is not a duration: send days (30 or 30d) or hours (12h)")
+    amount, unit = int(match.group(1)), match.group(2) or "d"
+    duration = dt.timedelta(hours=amount) if unit == "h" else dt.timedelta(days=amount)
+    if not dt.timedelta(hours=1) <= duration <= dt.timedelta(days=MAX_GRANT_DAYS):
+        raise ValueError(f"a duration is from 1 hour to {MAX_GRANT_DAYS} days")
+    return duration
+
+
+_DURATION = re.compile(r"(\d{1,6})\s*([dh]?)")
+
+
+def describe_duration(duration: dt.timedelta) -> tuple[str, int]:
+    """("days", n) when `duration` is whole days, else ("hours", n): for texts and audit rows."""
+    hours = int(duration.total_seconds()) // 3600
+    return ("days", hours // 24) if hours % 24 == 0 else ("hours", hours)
+
+
 def grant(
     conn: Conn,
     actor: Actor,
     user_id: int,
-    days: int,
+    duration: int | dt.timedelta,
     *,
     notify_text: Callable[[str, Subscription], str] | None = None,
     nonce: str | None = None,
 ) -> Access | UserNotFound:
-    """Give `days` of access (a paid-kind subscription), once per `nonce` (a confirmation button's).
+    """Give `duration` of access (days, or a timedelta for hours) as a paid-kind subscription, once per
+    `nonce` (a confirmation button's).
 
     With `notify_text(language, subscription)` (a pure renderer) the user's message is queued in the
     outbox in the same transaction.
     """
-    if not 1 <= days <= MAX_GRANT_DAYS:
-        raise ValueError(f"days must be from 1 to {MAX_GRANT_DAYS}")
+    if isinstance(duration, int):
+        if not 1 <= duration <= MAX_GRANT_DAYS:
+            raise ValueError(f"days must be from 1 to {MAX_GRANT_DAYS}")
+        duration = dt.timedelta(days=duration)
+    elif not dt.timedelta(hours=1) <= duration <= dt.timedelta(days=MAX_GRANT_DAYS):
+        raise ValueError(f"a duration is from 1 hour to {MAX_GRANT_DAYS} days")
+    unit, amount = describe_duration(duration)
     if nonce is not None and admin_db.nonce_used(conn, nonce):
         return Access(subscriptions.get_subscription(conn, user_id), repeated=True)
     user = admin_db.lock_user(conn, user_id)
     if user is None:
-        return _refuse(conn, actor, "grant", UserNotFound(user_id), days=days)
-    sub = subscriptions.grant_days(conn, user_id, days, kind="paid")
+        return _refuse(conn, actor, "grant", UserNotFound(user_id), **{unit: amount})
+    sub = subscriptions.grant_time(conn, user_id, duration, kind="paid")
     if notify_text is not None:
         outbox.enqueue(
             conn, user_id, notify_text(user.language, sub), dedupe_key=f"admin_grant:{nonce}" if nonce else None
         )
-    facts: dict[str, Any] = {"days": days, "notify": notify_text is not None, "expires_at": sub.expires_at.isoformat()}
+    facts: dict[str, Any] = {unit: amount, "notify": notify_text is not None, "expires_at": sub.expires_at.isoformat()}
     _audit(conn, actor, "grant", user_id, nonce=nonce, **facts)
     return Access(sub)
+
+
+@attrs.frozen
+class Extended:
+    """After extending everyone: how many subscriptions; `repeated`: the nonce was used, nothing changed."""
+
+    count: int
+    duration: dt.timedelta
+    repeated: bool = False
+
+
+#: Serializes "extend everyone" (a button pressed twice at once must not extend twice).
+EXTEND_ALL_LOCK = 0x76706E64_65787464
+
+
+def extend_everyone(
+    conn: Conn, actor: Actor, duration: dt.timedelta, *, trials: bool, nonce: str | None = None
+) -> Extended:
+    """Add `duration` to every running subscription (paid; trials too with `trials`; banned users left
+    out) in one statement: an outage compensation. One audit row with the count."""
+    if not dt.timedelta(hours=1) <= duration <= dt.timedelta(days=MAX_GRANT_DAYS):
+        raise ValueError(f"a duration is from 1 hour to {MAX_GRANT_DAYS} days")
+    locks.xact_lock(conn, EXTEND_ALL_LOCK)
+    if nonce is not None and admin_db.nonce_used(conn, nonce):
+        return Extended(0, duration, repeated=True)
+    count = subscriptions.extend_all(conn, duration, trials=trials)
+    unit, amount = describe_duration(duration)
+    facts: dict[str, Any] = {unit: amount, "trials": trials, "count": count}
+    _audit(conn, actor, "extend_all", None, nonce=nonce, **facts)
+    return Extended(count, duration)
+
+
+def extendable(conn: Conn, *, trials: bool) -> int:
+    """How many subscriptions `extend_everyone` would extend now (the confirmation shows it)."""
+    return subscriptions.count_extendable(conn, trials=trials)
 
 
 def revoke(

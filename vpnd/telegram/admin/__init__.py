@@ -19,6 +19,7 @@ from vpnd.db import conversation
 from vpnd.telegram.admin import (
     broadcasts,
     callback_data,
+    compensate,
     devices,
     export,
     gifts,
@@ -60,9 +61,16 @@ CALLBACKS: dict[Verb, CallbackAction] = {
     **broadcasts.CALLBACKS,
     **export.CALLBACKS,
     **maintenance.CALLBACKS,
+    **compensate.CALLBACKS,
 }
 
-STATES: dict[str, StateAction] = {**users.STATES, **promo.STATES, **broadcasts.STATES, **maintenance.STATES}
+STATES: dict[str, StateAction] = {
+    **users.STATES,
+    **promo.STATES,
+    **broadcasts.STATES,
+    **maintenance.STATES,
+    **compensate.STATES,
+}
 
 
 def register(routes: Routes) -> None:

@@ -63,6 +63,8 @@ class Verb(enum.Enum):
     REFUND_CONFIRM = ("rfc", r"\d{1,19}")
     GIFT_REFUND = ("gfr", _GIFT)
     GIFT_REFUND_CONFIRM = ("gfrc", _GIFT)
+    EXTEND_ALL = ("xa", "")
+    EXTEND_ALL_CONFIRM = ("xac", rf"\d{{1,6}}:[01]:{_NONCE}")
     MAINTENANCE = ("mt", "")
     MAINTENANCE_ON = ("mton", "")
     MAINTENANCE_OFF = ("mtoff", "")

@@ -67,7 +67,10 @@ def menu_keyboard(t: T) -> kb.Keyboard:
             kb.button(t("admin.menu.export_users"), Verb.EXPORT.data("users")),
             kb.button(t("admin.menu.export_payments"), Verb.EXPORT.data("payments")),
         ],
-        [kb.button(t("admin.menu.maintenance"), Verb.MAINTENANCE.data())],
+        [
+            kb.button(t("admin.menu.extend_all"), Verb.EXTEND_ALL.data()),
+            kb.button(t("admin.menu.maintenance"), Verb.MAINTENANCE.data()),
+        ],
     )
 
 
