@@ -16,9 +16,10 @@ def register_all(routes: Routes) -> None:
     """Flows beyond the core: promo codes, buying, payment history, and the admin tools."""
     # Imported here: the admin module imports flows.menu, a top-level import would be circular.
     from vpnd.telegram import admin
-    from vpnd.telegram.flows import buy, history, promo
+    from vpnd.telegram.flows import buy, connect, history, promo
 
     promo.register(routes)
     buy.register(routes)
     history.register(routes)
+    connect.register(routes)
     admin.register(routes)
