@@ -9,6 +9,7 @@ A forged platform gets a polite answer and the menu again; without a subscriptio
 
 from __future__ import annotations
 
+import html
 from typing import TYPE_CHECKING
 
 from vpnd.db import subscriptions
@@ -60,10 +61,10 @@ async def show_apps(turn: Turn, sub: Subscription, platform: str) -> None:
     catalog = config.connect.catalog
     rows = []
     for app in catalog.apps_for(platform):
-        install = kb.url_button(turn.t("connect.install", app=app.name), app.stores[platform])
+        install = kb.url_button(_label(turn, "connect.install", app.name), app.stores[platform])
         if app.import_template:
             add = kb.url_button(
-                turn.t("connect.add", app=app.name),
+                _label(turn, "connect.add", app.name),
                 import_page_url(config.http.public_base_url, sub.sub_token, app.id),
             )
             rows.append([add, install])
@@ -71,6 +72,11 @@ async def show_apps(turn: Turn, sub: Subscription, platform: str) -> None:
             rows.append([install])
     text = turn.t("connect.apps", platform=catalog.platforms[platform], url=access.subscription_url(turn, sub))
     await turn.show(text, kb.keyboard(*rows, [kb.button(turn.t("common.back"), "conn")]))
+
+
+def _label(turn: Turn, key: str, app_name: str) -> str:
+    """A button's label: plain text, not HTML (the texts escape the values they put in)."""
+    return html.unescape(turn.t(key, app=app_name))
 
 
 def register(routes: Routes) -> None:
