@@ -147,7 +147,7 @@ async def scenario(
             with trio.fail_after(240):
                 for uid in FIRST:
                     telegram.user_sends(uid, "/trial")
-                    await telegram.wait_for_bot_message(uid, lambda m: "free trial is active" in (m.text or ""))
+                    await telegram.wait_for_bot_message(uid, lambda m: "free trial is active" in (m.text or m.caption or ""))
                 await until(lambda: desired_xray_set(db_dsn) == live() == file_clients(xray_file), timeout=30)
                 assert len(live()) == len(FIRST)
                 before = xray_file.read_bytes()
@@ -155,7 +155,7 @@ async def scenario(
                 break_it()
                 for uid in WHILE_BROKEN:
                     telegram.user_sends(uid, "/trial")
-                    await telegram.wait_for_bot_message(uid, lambda m: "free trial is active" in (m.text or ""))
+                    await telegram.wait_for_bot_message(uid, lambda m: "free trial is active" in (m.text or m.caption or ""))
                 # Live apply does not need the file.
                 await until(lambda: desired_xray_set(db_dsn) == live(), timeout=30)
                 assert len(live()) == len(FIRST) + len(WHILE_BROKEN)

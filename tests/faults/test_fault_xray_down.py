@@ -52,7 +52,7 @@ async def activate(telegram: FakeTelegram, users: list[int], spread: float) -> N
         telegram.user_sends(uid, "/trial")
         await trio.sleep(spread / len(users))
     for uid in users:
-        await telegram.wait_for_bot_message(uid, lambda m: "free trial is active" in (m.text or ""), timeout=45)
+        await telegram.wait_for_bot_message(uid, lambda m: "free trial is active" in (m.text or m.caption or ""), timeout=45)
 
 
 @pytest.mark.slow
