@@ -3,9 +3,9 @@ granted it, the URL to copy, and the "Connect a device" / "My subscription" butt
 
 Sent right after a trial is granted (`vpnd.telegram.flows.access.trial`) and, through the outbox, right
 after a payment that grants or extends a subscription: finalize queues the row with method
-`vpnd.db.outbox.KEY_METHOD`
-and the confirmation as its text; the outbox sender reads the subscription's current token and draws the
-QR code at send time (no image is stored), or sends the plain text when the key cannot be built.
+`vpnd.db.outbox.KEY_METHOD` and the confirmation as its text; the outbox sender reads the subscription's
+current token and draws the QR code at send time (no image is stored), or sends the plain text when the
+key cannot be built.
 """
 
 from __future__ import annotations
