@@ -138,8 +138,8 @@ def add_connect_routes(router: Router, app: App, *, limiter: TokenRateLimiter | 
     """Serve `GET /connect/{token}/{app}` (HEAD too) on `router` (the HTTP nursery's)."""
     limiter = TokenRateLimiter() if limiter is None else limiter
 
-    def answer(page: str, status: int = 200, extra: tuple[tuple[str, str], ...] = ()) -> Response:
-        return Response.html(page, status, [*HEADERS, *extra])
+    def answer(page: str, status: int = 200) -> Response:
+        return Response.html(page, status, HEADERS)
 
     async def connect(request: Request) -> Response:
         config = app.config

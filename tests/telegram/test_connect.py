@@ -394,3 +394,44 @@ def test_caption_and_keyboard_are_plain_values() -> None:
         key_caption(texts, "en", "", "https://a.test/sub/<b>") or "",
         re.S,
     )
+
+
+async def test_stars_payment_sends_the_key_photo(
+    nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    fake, base_url = fake_telegram
+    vpnd = await start_vpnd(nursery, bot_config(write_config, db_dsn, fake, base_url))
+    fake.add_user(ALICE, "Alice", language_code="en")
+    with trio.fail_after(40):
+        fake.user_sends(ALICE, "/buy")
+        plans = await fake.wait_for_bot_message(ALICE, lambda m: "plan:m1" in m.callback_data)
+        methods = await press(fake, ALICE, plans, "plan:m1")
+        fake.user_presses_button(ALICE, methods.message_id, "pay:m1:s")
+        invoice = await fake.wait_for_bot_message(ALICE, lambda m: m.invoice is not None)
+        fake.user_pays_invoice(ALICE, invoice.message_id)
+        key = await fake.wait_for_bot_message(ALICE, is_key_photo)
+    assert "Payment received" in (key.caption or "") and f"/sub/{token_of(db_dsn, ALICE)}" in (key.caption or "")
+    assert key.callback_data == ["conn", "sub"]
+    await vpnd.stop()
+
+
+async def test_a_payment_while_keys_cannot_be_built_is_confirmed_as_text(
+    nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    fake, base_url = fake_telegram
+    config = bot_config(write_config, db_dsn, fake, base_url, xray={"enabled": False, "public_key": ""})
+    vpnd = await start_vpnd(nursery, config)
+    fake.add_user(ALICE, "Alice", language_code="en")
+    with trio.fail_after(40):
+        fake.user_sends(ALICE, "/buy")
+        plans = await fake.wait_for_bot_message(ALICE, lambda m: "plan:m1" in m.callback_data)
+        methods = await press(fake, ALICE, plans, "plan:m1")
+        fake.user_presses_button(ALICE, methods.message_id, "pay:m1:s")
+        invoice = await fake.wait_for_bot_message(ALICE, lambda m: m.invoice is not None)
+        fake.user_pays_invoice(ALICE, invoice.message_id)
+        told = await fake.wait_for_bot_message(ALICE, lambda m: "Payment received" in (m.text or m.caption or ""))
+        while scalar(db_dsn, "SELECT status FROM outbox WHERE dedupe_key LIKE 'payment:%%'") != "sent":
+            await trio.sleep(0.05)
+    assert told.photo is None and told.caption is None and "30 days" in (told.text or "")
+    assert "/sub/" not in (told.text or "")
+    await vpnd.stop()
