@@ -435,3 +435,15 @@ async def test_a_payment_while_keys_cannot_be_built_is_confirmed_as_text(
     assert told.photo is None and told.caption is None and "30 days" in (told.text or "")
     assert "/sub/" not in (told.text or "")
     await vpnd.stop()
+
+
+def test_page_language_reads_accept_language_by_quality_and_survives_garbage() -> None:
+    from vpnd.connect_page import page_language
+
+    langs = ("en", "ru", "uk", "fa", "zh", "tr")
+    assert page_language("ru-RU,ru;q=0.9,en;q=0.8", langs, "en") == "ru"
+    assert page_language("de;q=1, uk;q=0.3, tr;q=0.7", langs, "en") == "tr"
+    assert page_language("zh-Hant-TW", langs, "en") == "zh"
+    assert page_language("*, ru;q=0", langs, "tr") == "tr"  # q=0 means "not this one"
+    for garbage in (None, "", ";;;", "ru;q=abc", "\x00<script>", "x" * 10_000, ",".join(["de"] * 500) + ",ru"):
+        assert page_language(garbage, langs, "en") == "en"

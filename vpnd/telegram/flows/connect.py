@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 from typing import TYPE_CHECKING
 
+from vpnd.connect_apps import import_page_url
 from vpnd.db import subscriptions
 from vpnd.db.subscriptions import Subscription
 from vpnd.telegram import keyboards as kb
@@ -24,10 +25,6 @@ if TYPE_CHECKING:
 
 #: Platform buttons per row in the menu.
 PLATFORMS_PER_ROW = 2
-
-
-def import_page_url(public_base_url: str, sub_token: str, app_id: str) -> str:
-    return f"{public_base_url.rstrip('/')}/connect/{sub_token}/{app_id}"
 
 
 async def route(turn: Turn, args: list[str]) -> None:
