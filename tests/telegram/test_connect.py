@@ -19,6 +19,7 @@ import trio
 
 from tests.harness import bot_config, press, scalar, start_vpnd
 from vpnd.connect_apps import load_catalog
+from vpnd.qr import qr_png
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
 from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
@@ -128,6 +129,7 @@ async def test_trial_sends_the_key_as_one_photo_and_connect_lists_the_apps(
         token = token_of(db_dsn, ALICE)
         sub_url = f"{BASE}/sub/{token}"
         assert key.photo is not None and key.photo.data is not None and key.photo.data.startswith(b"\x89PNG\r\n\x1a\n")
+        assert key.photo.data == qr_png(sub_url)  # the QR code of exactly this URL (no decoder here to read it)
         caption = key.caption or ""
         assert "free trial is active for 3 days" in caption and sub_url in caption
         assert any(e["type"] == "code" for e in key.caption_entities)  # the link is tap-to-copy
@@ -330,7 +332,7 @@ async def test_crypto_pay_payment_sends_the_key_photo_once(
         key = await fake.wait_for_bot_message(ALICE, is_key_photo)
         await pay.wait_until(lambda: len(pay.successful_deliveries()) == 2)
     token = token_of(db_dsn, ALICE)
-    assert key.photo is not None and key.photo.data is not None and key.photo.data.startswith(b"\x89PNG")
+    assert key.photo is not None and key.photo.data == qr_png(f"{BASE}/sub/{token}")  # drawn at send time
     caption = key.caption or ""
     assert "Payment received" in caption and "30 days" in caption and f"{BASE}/sub/{token}" in caption
     assert key.callback_data == ["conn", "sub"]
