@@ -177,7 +177,7 @@ def has_button(prefix: str) -> Callable[[ChatMessage], bool]:
 
 
 def text_has(fragment: str) -> Callable[[ChatMessage], bool]:
-    return lambda m: fragment in (m.text or "")
+    return lambda m: fragment in (m.text or m.caption or "")
 
 
 # --- vpnd in the test's Trio run -----------------------------------------------------------------------

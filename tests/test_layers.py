@@ -54,6 +54,8 @@ MAP: dict[str, str] = {
     "vpnd.money": "domain",
     "vpnd.support_text": "domain",  # the support contact as a link, HTML fitted to Telegram's limit (pure)
     "vpnd.texts": "domain",
+    "vpnd.qr": "domain",  # QR code PNGs (pure)
+    "vpnd.key_message": "domain",  # the key message's caption and buttons (pure)
     "vpnd.locales": "domain",
     "vpnd.xray": "domain",
     "vpnd.xray.links": "domain",
@@ -91,6 +93,7 @@ MAP: dict[str, str] = {
     "vpnd.payments.webhook": "interfaces",  # the Crypto Pay webhook route
     "vpnd.payments.checkout_webhook": "interfaces",  # the YooKassa notification route
     "vpnd.subscription_url": "interfaces",  # the /sub/<token> route
+    "vpnd.connect_page": "interfaces",  # the /connect/<token>/<app> import pages
     "vpnd.admin_cli": "interfaces",
     "vpnd.telegram.admin": "interfaces",  # the admin menu: verbs, callback data, views, one module per concern
     # root: compose and own tasks

@@ -117,7 +117,7 @@ async def test_demo_starts_answers_in_the_web_chat_and_stops_on_ctrl_c() -> None
             paid = await client.post("/sandbox/api/users/1001/pay", json={"message_id": card["message_id"]})
             assert paid.status_code == 200 and paid.json()["result"]["total_amount"] == 79900, paid.text
             with trio.fail_after(30):
-                while sum("Payment received" in str(m.get("text")) for m in await messages()) < 2:
+                while sum("Payment received" in str(m.get("text") or m.get("caption")) for m in await messages()) < 2:
                     await trio.sleep(0.2)
     finally:
         process.send_signal(signal.SIGINT)

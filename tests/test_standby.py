@@ -227,7 +227,9 @@ def check_granted_once(dsn: str, telegram: FakeTelegram) -> int:
     assert scalar(dsn, "SELECT count(*) FROM payments") == len(PAYERS)
     spans = sql(dsn, "SELECT user_id, expires_at - starts_at FROM subscriptions ORDER BY user_id")
     assert spans == [(uid, dt.timedelta(days=30)) for uid in PAYERS]
-    told = [sum("Payment received" in (m.text or "") for m in telegram.bot_messages(uid)) for uid in PAYERS]
+    told = [
+        sum("Payment received" in (m.text or m.caption or "") for m in telegram.bot_messages(uid)) for uid in PAYERS
+    ]
     assert min(told) >= 1, told
     assert scalar(dsn, "SELECT count(*) FROM outbox WHERE dedupe_key LIKE 'payment:%%'") == len(PAYERS)
     return sum(told) - len(PAYERS)

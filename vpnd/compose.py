@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from vpnd.app import App, database_ready, prepare_schema
 from vpnd.config import Config
+from vpnd.connect_page import add_connect_routes
 from vpnd.cryptopay import CryptoPayClient, open_cryptopay_client
 from vpnd.db import open_database
 from vpnd.db.migrations import packaged_schema
@@ -263,6 +264,7 @@ async def _start_services(
     if "http" in services:
         router = build_router(app)
         add_subscription_routes(router, app, bot_username=ctx.bot_username)
+        add_connect_routes(router, app)
         if cryptopay is not None:
             add_payment_routes(router, app, app.config.cryptopay.token)
         if checkout is not None:

@@ -74,6 +74,11 @@ class Catalog:
         return next((app for app in self.apps if app.id == app_id), None)
 
 
+def import_page_url(public_base_url: str, sub_token: str, app_id: str) -> str:
+    """vpnd's import page for `app_id` (`GET /connect/<token>/<app>`): what a bot or web button links to."""
+    return f"{public_base_url.rstrip('/')}/connect/{sub_token}/{app_id}"
+
+
 def load_catalog(path: str | Path | None = None) -> Catalog:
     """The catalog from `path`, or the built-in one. Raises CatalogError (or OSError for an unreadable file)."""
     if path:
@@ -118,7 +123,7 @@ def _read_app(where: str, entry: object, platforms: Mapping[str, str]) -> Client
         raise CatalogError(f"{where}.{sorted(unknown)[0]}", "unknown key (known: id, name, import, stores)")
     app_id = entry.get("id")
     if not isinstance(app_id, str):
-        raise CatalogError(f"{where}.id", "missing (a short name such as \"happ\")")
+        raise CatalogError(f"{where}.id", 'missing (a short name such as "happ")')
     _check_id(f"{where}.id", app_id)
     name = entry.get("name")
     if not isinstance(name, str) or not name.strip():

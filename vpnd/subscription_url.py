@@ -65,6 +65,8 @@ RATE_MAX_TOKENS = 10_000
 log = logging.getLogger("vpnd.subscription_url")
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
+#: What a subscription token looks like (the import pages, `vpnd.connect_page`, check it the same way).
+TOKEN_PATTERN = _TOKEN
 
 
 def user_links(config: Config, subscription: Subscription, language: str | None = None) -> list[str]:

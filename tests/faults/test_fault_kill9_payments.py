@@ -258,7 +258,8 @@ async def test_sigkill_during_1000_payments_grants_each_exactly_once(
 
     # Messages: every payer told once; a kill may repeat only the sends in flight at that moment.
     received = [
-        sum(1 for m in telegram.bot_messages(uid) if "Payment received" in (m.text or "")) for uid in user_ids()
+        sum(1 for m in telegram.bot_messages(uid) if "Payment received" in (m.text or m.caption or ""))
+        for uid in user_ids()
     ]
     assert min(received) >= 1
     outbox_rows = scalar(db_dsn, "SELECT count(*) FROM outbox WHERE dedupe_key LIKE 'payment:%%'")

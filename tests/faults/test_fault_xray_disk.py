@@ -34,7 +34,7 @@ from tests.faults.support import (
     until,
     write_xray_template,
 )
-from tests.harness import config_text
+from tests.harness import config_text, text_has
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 from vpnd_sandbox.xray_fake import start_fake_xray
@@ -147,7 +147,7 @@ async def scenario(
             with trio.fail_after(240):
                 for uid in FIRST:
                     telegram.user_sends(uid, "/trial")
-                    await telegram.wait_for_bot_message(uid, lambda m: "free trial is active" in (m.text or ""))
+                    await telegram.wait_for_bot_message(uid, text_has("free trial is active"))
                 await until(lambda: desired_xray_set(db_dsn) == live() == file_clients(xray_file), timeout=30)
                 assert len(live()) == len(FIRST)
                 before = xray_file.read_bytes()
@@ -155,7 +155,7 @@ async def scenario(
                 break_it()
                 for uid in WHILE_BROKEN:
                     telegram.user_sends(uid, "/trial")
-                    await telegram.wait_for_bot_message(uid, lambda m: "free trial is active" in (m.text or ""))
+                    await telegram.wait_for_bot_message(uid, text_has("free trial is active"))
                 # Live apply does not need the file.
                 await until(lambda: desired_xray_set(db_dsn) == live(), timeout=30)
                 assert len(live()) == len(FIRST) + len(WHILE_BROKEN)

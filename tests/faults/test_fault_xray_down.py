@@ -31,7 +31,7 @@ from tests.faults.support import (
     until,
     write_xray_template,
 )
-from tests.harness import config_text
+from tests.harness import config_text, text_has
 from vpnd_sandbox.postgres import free_port
 from vpnd_sandbox.telegram_fake import FakeTelegram
 from vpnd_sandbox.xray_fake import FakeXray, start_fake_xray
@@ -52,7 +52,7 @@ async def activate(telegram: FakeTelegram, users: list[int], spread: float) -> N
         telegram.user_sends(uid, "/trial")
         await trio.sleep(spread / len(users))
     for uid in users:
-        await telegram.wait_for_bot_message(uid, lambda m: "free trial is active" in (m.text or ""), timeout=45)
+        await telegram.wait_for_bot_message(uid, text_has("free trial is active"), timeout=45)
 
 
 @pytest.mark.slow

@@ -59,7 +59,7 @@ async def test_start_language_trial_subscription_and_trial_refused(
         assert "Language set: English" in (menu.text or "")
 
         granted = await press(fake, ALICE, menu, "trial")
-        assert "free trial is active for 3 days" in (granted.text or "")
+        assert "free trial is active for 3 days" in (granted.caption or "")  # the key photo (test_connect.py)
 
         details = await press(fake, ALICE, granted, "sub")
         text = details.text or ""

@@ -182,7 +182,7 @@ async def test_upgrade_shown_before_paying_and_paid_from_the_balance(
         assert "600 ⭐" in str(methods.buttons)
         await press(fake, methods, "pay:pro:b", predicate=lambda m: "Paid from your balance" in (m.text or ""))
         await fake.wait_until(
-            lambda: any("after a 2.49 USD credit" in (m.text or "") for m in fake.bot_messages(ALICE))
+            lambda: any("after a 2.49 USD credit" in (m.text or m.caption or "") for m in fake.bot_messages(ALICE))
         )
 
         # Back to m1 right away: the credit covers it, so the switch is not offered, and the user is told why.

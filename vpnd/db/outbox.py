@@ -24,6 +24,11 @@ from psycopg.types.json import Jsonb
 
 from vpnd.db.users import mark_unreachable
 
+#: A key message (`vpnd.key_message`): `text` is the confirmation, `lang` the user's language. Not a Bot
+#: API method: at send time the sender reads the subscription's token, draws its QR code and sends a
+#: photo (or, when the key cannot be built, the text alone) — so no image is stored here.
+KEY_METHOD = "sendKey"
+
 
 def enqueue(
     conn: psycopg.Connection[Any],

@@ -354,7 +354,13 @@ def finalize_purchase(
         _alert_flagged(conn, rules, purchase, refused, value, received, provider, provider_payment_id)
 
     reward = _reward_referrer(conn, purchase, referrer, value.bought_minor, rules) if referrer is not None else 0
-    outbox.enqueue(conn, user_id, text, dedupe_key=f"payment:{purchase_id}")
+    if subscription is not None:  # the key message: QR code photo, link and connect buttons (`vpnd.key_message`)
+        language = language_of(conn, user_id, rules.default_language)
+        outbox.enqueue(
+            conn, user_id, text, dedupe_key=f"payment:{purchase_id}", method=outbox.KEY_METHOD, extra={"lang": language}
+        )
+    else:
+        outbox.enqueue(conn, user_id, text, dedupe_key=f"payment:{purchase_id}")
     rules.announce(conn, purchase_id)
     return FinalizeOutcome(
         "granted" if value.days else "credited",

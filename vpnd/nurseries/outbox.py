@@ -8,6 +8,10 @@ go first; a 429 pauses all sending for `retry_after`), and its outcome is record
 transaction right after Telegram answered. A crash can therefore repeat only the messages that were
 in flight (at most `concurrency`), never a batch.
 
+A key message (`outbox.KEY_METHOD`, queued by a payment that granted days) becomes a photo: the QR
+code of the subscription URL, drawn now from the subscription's current token, with the confirmation and
+the URL as its caption and the connect buttons; when the key cannot be built it goes out as its text.
+
 Outcomes: sent → `sent`; 403 (blocked, deactivated) → the user is marked unreachable and the row
 `dropped`; 400 "chat not found" → `dropped` with a log line; other 400s (the message itself is
 bad) → `failed` at once; network errors, timeouts and 5xx past the Sender's own retries → the row
@@ -25,6 +29,7 @@ record their outcome, then returns.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import attrs
@@ -34,9 +39,12 @@ import trio
 from telegram.error import BadRequest, TelegramError
 
 from vpnd.app import App
-from vpnd.db import outbox, support
+from vpnd.db import outbox, subscriptions, support
 from vpnd.db.outbox import START_KEY, OutboxRow
+from vpnd.key_message import key_caption, key_keyboard, subscription_url
 from vpnd.periodic import run_periodic
+from vpnd.qr import qr_png
+from vpnd.subscription_url import user_links
 from vpnd.telegram.client import ChatNotFound, ChatUnreachable, Sender, SendFailed
 from vpnd.telegram.ratelimit import Priority
 
@@ -144,12 +152,18 @@ class OutboxSender:
         return done
 
     async def _deliver(self, row: OutboxRow) -> None:
-        if row.method != "sendMessage":
+        if row.method not in ("sendMessage", outbox.KEY_METHOD):
             await self._record(row, "failed", f"unsupported method {row.method!r}")
             return
         self.in_flight += 1
         try:
-            sent = await self.sender.call(row.chat_id, lambda: self._send_message(row), priority=Priority.BULK)
+            key = await self._key_photo(row) if row.method == outbox.KEY_METHOD else None
+            if key is not None:
+                photo, caption, markup = key
+                send = partial(self._send_photo, row, photo, caption, markup)
+            else:
+                send = partial(self._send_message, row)
+            sent = await self.sender.call(row.chat_id, send, priority=Priority.BULK)
         except ChatUnreachable as exc:
             await self.app.db.run(outbox.drop_unreachable, row.id, row.chat_id, str(exc))
             self._count("unreachable")
@@ -170,8 +184,40 @@ class OutboxSender:
         finally:
             self.in_flight -= 1
 
+    async def _key_photo(self, row: OutboxRow) -> tuple[bytes, str, dict[str, Any]] | None:
+        """A key message's photo, caption and keyboard, built now from the subscription's current token;
+        None when the key cannot be built (no subscription, a configuration gap, a caption too long):
+        then the confirmation goes out as plain text, as before."""
+        config = self.app.config
+        sub = await self.app.db.run(subscriptions.get_subscription, row.chat_id)
+        if sub is None:
+            return None
+        try:
+            user_links(config, sub)
+        except ValueError as exc:
+            log.warning("event=key_message_as_text outbox_id=%s reason=%r", row.id, str(exc)[:200])
+            return None
+        texts = self.app.texts
+        lang = str(row.payload.get("lang") or config.telegram.default_language)
+        url = subscription_url(config.http.public_base_url, sub.sub_token)
+        caption = key_caption(texts, lang, str(row.payload.get("text", "")), url)
+        if caption is None:
+            return None
+        photo = await trio.to_thread.run_sync(qr_png, url)
+        return photo, caption, key_keyboard(texts, lang)
+
+    async def _send_photo(self, row: OutboxRow, photo: bytes, caption: str, markup: dict[str, Any]) -> telegram.Message:
+        return await self.sender.bot.send_photo(
+            row.chat_id,
+            photo,
+            caption=caption,
+            parse_mode="HTML",
+            reply_markup=telegram.InlineKeyboardMarkup.de_json(markup, None),
+        )
+
     async def _send_message(self, row: OutboxRow) -> telegram.Message:
         payload: dict[str, Any] = dict(row.payload)
+        payload.pop("lang", None)  # a key message sent as text
         text = str(payload.pop("text", ""))
         parse_mode = payload.pop("parse_mode", None)
         return await self.sender.bot.send_message(row.chat_id, text, parse_mode=parse_mode, api_kwargs=payload or None)

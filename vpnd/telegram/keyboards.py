@@ -3,7 +3,7 @@
 Callback data scheme (`verb` or `verb:arg[:arg]`):
     menu, sub, buy, trial, promo, promo_cancel, invite, lang, lang:<code>, help, qr, reissue, ar:<on|off>,
     plan:<code>, pay:<code>:<method>, pays:<page>,
-    trialchk, support, support:write, support:cancel
+    trialchk, support, support:write, support:cancel, conn, conn:<platform>
 """
 
 from __future__ import annotations

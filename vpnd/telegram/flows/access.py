@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -11,14 +10,15 @@ from typing import Any
 
 import attrs
 import psycopg
-import segno
 import trio
 
-from vpnd import alerts
+from vpnd import alerts, key_message
 from vpnd.config_checks import KEY_PENDING_HINT, link_settings_gap
 from vpnd.db import checkout as checkout_db
 from vpnd.db import quota, subscriptions, xray_state
 from vpnd.db.subscriptions import Subscription
+from vpnd.key_message import key_caption, key_keyboard
+from vpnd.qr import qr_png
 from vpnd.quota import Limits, limits_of
 from vpnd.quota import format_bytes as quota_bytes
 from vpnd.subscription_url import user_links
@@ -44,9 +44,29 @@ async def trial(turn: Turn) -> None:
         await turn.show(turn.t("trial.refused"), kb.back_to_menu(turn.t))
         return
     text = turn.t("trial.granted", days=plan.days, expires=turn.format_date(outcome.subscription.expires_at))
+    if await send_key(turn, outcome.subscription, text):
+        return
     await turn.show(
         text, kb.keyboard([kb.button(turn.t("menu.subscription"), "sub")], [kb.button(turn.t("common.menu"), "menu")])
     )
+
+
+async def send_key(turn: Turn, sub: Subscription, confirmation: str) -> bool:
+    """The key message (`vpnd.key_message`): a photo of the subscription URL's QR code, `confirmation`
+    and the URL as its caption, the connect buttons. False when the key cannot be built (the caller
+    then shows `confirmation` as text; `links_or_report` has alerted the admins)."""
+    if await links_or_report(turn, sub) is None:
+        return False
+    url = subscription_url(turn, sub)
+    caption = key_caption(turn.ctx.texts, turn.lang, confirmation, url)
+    if caption is None:
+        return False
+    png = await trio.to_thread.run_sync(qr_png, url)
+    await turn.answer()
+    await turn.ctx.sender.send_photo(
+        turn.chat_id, png, caption=caption, reply_markup=key_keyboard(turn.ctx.texts, turn.lang)
+    )
+    return True
 
 
 @attrs.frozen
@@ -126,7 +146,7 @@ def _quote(text: str) -> str:
 
 
 def subscription_url(turn: Turn, sub: Subscription) -> str:
-    return f"{turn.app.config.http.public_base_url}/sub/{sub.sub_token}"
+    return key_message.subscription_url(turn.app.config.http.public_base_url, sub.sub_token)
 
 
 async def my_subscription(turn: Turn, notice: str = "") -> None:
@@ -178,6 +198,7 @@ async def my_subscription(turn: Turn, notice: str = "") -> None:
     await turn.show(
         text,
         kb.keyboard(
+            [kb.button(turn.t("connect.button"), "conn")],
             [kb.button(turn.t("sub.qr"), "qr"), kb.button(turn.t("sub.reissue"), "reissue")],
             [kb.button(turn.t("sub.devices"), "dev")],
             [kb.button(turn.t(toggle), "ar:off" if sub.auto_renew else "ar:on")],
@@ -192,12 +213,6 @@ def _escape(text: str) -> str:
     import html
 
     return html.escape(text, quote=False)
-
-
-def qr_png(text: str) -> bytes:
-    buffer = io.BytesIO()
-    segno.make(text, error="m").save(buffer, kind="png", scale=6, border=2)
-    return buffer.getvalue()
 
 
 async def send_qr(turn: Turn) -> None:
