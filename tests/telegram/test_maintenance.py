@@ -116,7 +116,7 @@ async def test_maintenance_by_cli_pauses_sales_keeps_keys_grants_paid_invoices_a
         menu = await say(fake, CAROL, "/start")
         assert "Maintenance" not in (menu.text or "")
         granted = await press(fake, CAROL, menu, "trial")
-        assert "free trial is active" in (granted.text or "")
+        assert "free trial is active" in (granted.caption or "")  # the key message: a QR photo
     await vpnd.stop()
     audit = sql(
         db_dsn, "SELECT action, admin_id, details ->> 'via', details ->> 'message' FROM admin_audit ORDER BY id"
@@ -160,7 +160,7 @@ async def test_maintenance_from_the_admin_bot(
         assert "now off" in (off.text or "")
         menu = await say(fake, CAROL, "/start")
         assert "Moving to a new server" not in (menu.text or "")
-        assert "free trial is active" in ((await press(fake, CAROL, menu, "trial")).text or "")
+        assert "free trial is active" in ((await press(fake, CAROL, menu, "trial")).caption or "")
 
         # The default text, with "-".
         await press(fake, ADMIN, off, "adm:mton")

@@ -64,13 +64,11 @@ async def test_trial_needs_the_channel_then_check_again_grants_it_and_is_cached(
 
         fake.set_member(CHANNEL, ALICE, "restricted", is_member=True)  # restricted but in it: counts
         granted = await press(fake, ALICE, refused, "trialchk")
-        assert "free trial is active" in (granted.text or "")
+        assert "free trial is active" in (granted.caption or "")  # the key message: a QR photo
         assert scalar(db_dsn, "SELECT count(*) FROM subscriptions WHERE user_id = %s", ALICE) == 1
         calls = fake.requests["getChatMember"]
 
         # A second check within the cache time does not ask Telegram.
-        fake.user_presses_button(ALICE, granted.message_id, "menu")
-        menu = await fake.wait_for_bot_message(ALICE, lambda m: "sub" in m.callback_data)
         fake.user_sends(ALICE, "/trial")
         again = await fake.wait_for_bot_message(ALICE)
         assert "once per account" in (again.text or "")  # refused by the database, not the channel
@@ -95,7 +93,7 @@ async def test_channel_check_fails_open_and_alerts_the_admin(
         await start(fake, ADMIN, "Admin")
         menu = await start(fake, ALICE, "Alice")
         granted = await press(fake, ALICE, menu, "trial")
-        assert "free trial is active" in (granted.text or "")
+        assert "free trial is active" in (granted.caption or "")  # the key message: a QR photo
         alert = await fake.wait_for_bot_message(ADMIN, lambda m: "trial_channel" in (m.text or ""))
         assert "member list is inaccessible" in (alert.text or "").lower()
         assert scalar(db_dsn, "SELECT ok FROM health_checks WHERE name = 'trial_channel'") is False
@@ -112,7 +110,7 @@ async def test_unknown_channel_is_refused_by_the_fake_like_telegram(
     with trio.fail_after(60):
         menu = await start(fake, ALICE, "Alice")
         granted = await press(fake, ALICE, menu, "trial")
-        assert "free trial is active" in (granted.text or "")
+        assert "free trial is active" in (granted.caption or "")  # the key message: a QR photo
         assert fake.responses[400] >= 1
         detail = scalar(db_dsn, "SELECT detail FROM health_checks WHERE name = 'trial_channel'")
         assert "chat not found" in detail.lower()

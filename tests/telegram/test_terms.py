@@ -81,7 +81,7 @@ async def test_terms_first_then_accepted_once_referral_kept_and_asked_again_afte
         menu = await say(fake, ALICE, "/start")
         assert "tos:2026-12-01" not in menu.callback_data and "sub" in menu.callback_data
         granted = await press(fake, ALICE, menu, "trial")
-        assert "free trial is active" in (granted.text or "")
+        assert "free trial is active" in (granted.caption or "")  # the key message: a QR photo
 
         # A referral's /start argument survives the detour, even with another command in between.
         code = scalar(db_dsn, "SELECT referral_code FROM users WHERE id = %s", ALICE)
