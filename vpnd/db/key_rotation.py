@@ -120,14 +120,15 @@ class Change:
     changed: bool
 
 
-def change_status(conn: psycopg.Connection[Any], verb: Verb) -> Change:
-    """Pause, resume or cancel the open rotation (its row locked, so a batch in progress finishes first)."""
+def change_status(conn: psycopg.Connection[Any], verb: Verb, rotation_id: int | None = None) -> Change:
+    """Pause, resume or cancel the open rotation (its row locked, so a batch in progress finishes first);
+    with `rotation_id`, only when the open one is that one (a button of an older rotation changes nothing)."""
     applies_to, new_status = TRANSITIONS[verb]
     with conn.cursor(row_factory=class_row(Rotation)) as cur:
         current = cur.execute(
             f"SELECT {COLUMNS} FROM key_rotations WHERE status IN ('running', 'paused') FOR UPDATE"
         ).fetchone()
-        if current is None or current.status not in applies_to:
+        if current is None or current.status not in applies_to or rotation_id not in (None, current.id):
             return Change(current, False)
         changed = cur.execute(
             f"UPDATE key_rotations SET status = %s, updated_at = now(), "
@@ -141,9 +142,7 @@ def lock_running(conn: psycopg.Connection[Any]) -> Rotation | None:
     """The running rotation, locked for this transaction (a second daemon's batch waits, then reads the
     moved cursor); None when none is running."""
     with conn.cursor(row_factory=class_row(Rotation)) as cur:
-        return cur.execute(
-            f"SELECT {COLUMNS} FROM key_rotations WHERE status = 'running' FOR UPDATE"
-        ).fetchone()
+        return cur.execute(f"SELECT {COLUMNS} FROM key_rotations WHERE status = 'running' FOR UPDATE").fetchone()
 
 
 @attrs.frozen
@@ -196,8 +195,7 @@ def rotate_batch(conn: psycopg.Connection[Any], rotation: Rotation) -> Batch:
     the rotation's lock: `lock_running`). The users are locked in id order first, as a user's own reissue
     locks them (`vpnd.db.subscriptions.reissue_key`)."""
     ids = [
-        int(row[0])
-        for row in conn.execute(NEXT_USERS, {"after": rotation.after_user_id, "limit": rotation.batch_size})
+        int(row[0]) for row in conn.execute(NEXT_USERS, {"after": rotation.after_user_id, "limit": rotation.batch_size})
     ]
     if not ids:
         return Batch(0, None, [])
@@ -235,4 +233,3 @@ def advance(
         ).fetchone()
     assert row is not None
     return row
-

@@ -92,10 +92,11 @@ def status(conn: Conn) -> Rotation | None:
     return db.latest(conn)
 
 
-def change(conn: Conn, actor: Actor, verb: db.Verb) -> Rotation | NoRotation:
-    """Pause, resume or cancel the open rotation; refused (audited) when there is none in a status the
-    verb applies to. A batch in progress commits first (the row lock): what it rotated stays rotated."""
-    done = db.change_status(conn, verb)
+def change(conn: Conn, actor: Actor, verb: db.Verb, rotation_id: int | None = None) -> Rotation | NoRotation:
+    """Pause, resume or cancel the open rotation (only if it is `rotation_id`, when given); refused
+    (audited) when there is none in a status the verb applies to. A batch in progress commits first
+    (the row lock): what it rotated stays rotated."""
+    done = db.change_status(conn, verb, rotation_id)
     action = f"rotate_keys_{verb}"
     target = done.rotation.id if done.rotation is not None else None
     if not done.changed:

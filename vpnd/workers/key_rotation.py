@@ -19,9 +19,7 @@ WORKER_NAME = "key_rotation"
 
 async def rotation_round(app: App) -> int:
     """Rotate the next batch, if a rotation is running; returns how many keys were replaced."""
-    messages = key_rotation.Messages(
-        app.texts, app.config.http.public_base_url, app.config.telegram.default_language
-    )
+    messages = key_rotation.Messages(app.texts, app.config.http.public_base_url, app.config.telegram.default_language)
     done = await app.db.run(key_rotation.rotate_next_batch, messages)
     if done is None:
         return 0
