@@ -22,6 +22,7 @@ from tests.admin.harness import ADMIN, give_subscription, seed_users
 from tests.harness import (
     Running,
     bot_config,
+    button,
     cli_result,
     config_sections,
     has_button,
@@ -321,16 +322,19 @@ async def test_admin_bot_rotates_all_keys_after_a_confirmation_that_works_once(
         menu = await say(fake, ADMIN, "/admin", predicate=has_button("adm:rot"))
         confirm = await press(fake, ADMIN, menu, "adm:rot", predicate=has_button("adm:rots:1:"))
         assert "all 12 subscriptions (11 running)" in (confirm.text or "")
+        start = button(confirm, "adm:rots:1:")  # (the message is edited in place: keep the data)
         progress = await press(fake, ADMIN, confirm, "adm:rots:1:", predicate=text_has("Key rotation started"))
-        assert has_button("adm:rotv:")(progress)
+        stop = button(progress, "adm:rotv:")
+        assert stop.endswith(":pause")
+        stop = stop.replace(":pause", ":cancel")
         # The same confirmation pressed again (a replay) starts nothing more.
-        forge_callback(fake, ADMIN, confirm, next(b for b in confirm.callback_data if b.startswith("adm:rots:1:")))
+        forge_callback(fake, ADMIN, confirm, start)
         await fake.wait_for_bot_message(ADMIN, text_has("Already done"))
         await until(lambda: rotation(db_dsn)["status"] == "done", 15)
         refreshed = await press(fake, ADMIN, progress, "adm:rot", predicate=text_has(": done"))
         assert "12 of 12 subscriptions done" in (refreshed.text or "") and "11 users told" in (refreshed.text or "")
         # A stale "Stop" of a rotation that ended changes nothing.
-        forge_callback(fake, ADMIN, progress, next(b for b in progress.callback_data if b.endswith(":cancel")))
+        forge_callback(fake, ADMIN, progress, stop)
         await fake.wait_for_bot_message(ADMIN, text_has("Nothing changed"))
     await vpnd.stop()
     assert scalar(db_dsn, "SELECT count(*) FROM key_rotations") == 1
@@ -339,4 +343,5 @@ async def test_admin_bot_rotates_all_keys_after_a_confirmation_that_works_once(
     [(finished,)] = sql(db_dsn, "SELECT payload ->> 'text' FROM outbox WHERE chat_id = %s", ADMIN)
     assert "12 keys replaced, 11 users told" in finished
     assert reissues(db_dsn) == {u: 1 for u in USERS[:12]}
-    assert sql(db_dsn, "SELECT action, result FROM admin_audit WHERE action LIKE 'rotate%%'") == [("rotate_keys", "ok")]
+    audit = sql(db_dsn, "SELECT action, result FROM admin_audit WHERE action LIKE 'rotate%%' ORDER BY id")
+    assert audit == [("rotate_keys", "ok"), ("rotate_keys_cancel", "unchanged")]  # the replay: no row of its own
