@@ -74,6 +74,28 @@ CREATE TABLE key_reissues (
 );
 CREATE INDEX key_reissues_user_at_idx ON key_reissues (user_id, at);
 
+-- Key rotations (`vpnd admin rotate-keys`, the admin bot's "Rotate all keys"): every subscription's UUID
+-- and subscription token replaced, a batch at a time, by the daemon (vpnd/workers/key_rotation.py). A
+-- batch rotates its users, queues their messages and moves the cursor (`after_user_id`) in ONE
+-- transaction: a restart or a kill -9 resumes after the last committed batch. At most one is open.
+CREATE TABLE key_rotations (
+    id             bigserial PRIMARY KEY,
+    status         text NOT NULL DEFAULT 'running' CHECK (status IN ('running', 'paused', 'done', 'cancelled')),
+    batch_size     integer NOT NULL CHECK (batch_size BETWEEN 1 AND 10000),
+    notify         boolean NOT NULL,
+    after_user_id  bigint,
+    total          integer NOT NULL,
+    rotated        integer NOT NULL DEFAULT 0,
+    skipped        integer NOT NULL DEFAULT 0,
+    notified       integer NOT NULL DEFAULT 0,
+    created_by     bigint NOT NULL,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    finished_at    timestamptz
+);
+CREATE UNIQUE INDEX key_rotations_open_idx ON key_rotations ((status IN ('running', 'paused')))
+    WHERE status IN ('running', 'paused');
+
 -- Who invited whom; recorded once, for a new user only.
 CREATE TABLE referrals (
     referred_id  bigint PRIMARY KEY REFERENCES users (id),

@@ -6,6 +6,8 @@
     vpnd admin extend-all <2d|12h> [--trials] [--yes]
     vpnd admin grant-traffic <id> <GB>
     vpnd admin revoke <id>
+    vpnd admin reissue <id> [--notify]
+    vpnd admin rotate-keys [--batch N] [--notify] [--yes] | --status | --pause | --resume | --cancel
     vpnd admin ban <id> [--reason TEXT]
     vpnd admin unban <id>
     vpnd admin promo create <CODE> <PERCENT> [--max-uses N] [--days D]
@@ -46,6 +48,8 @@ from vpnd.config import Config
 from vpnd.db import broadcasts as bdb
 from vpnd.db import promo, quota
 from vpnd.db.admin import RevenueRow, TierRow, UserDetails
+from vpnd.db.key_rotation import Rotation
+from vpnd.db.key_rotation import Verb as RotationVerb
 from vpnd.db.migrations import SchemaError, check_version, packaged_schema
 from vpnd.db.payments import AUTO_RENEW_PREFIX, PaymentRules
 from vpnd.db.subscriptions import Subscription
@@ -55,6 +59,7 @@ from vpnd.quota import current_usage, limits_of
 from vpnd.quota import format_bytes as format_quota_bytes
 from vpnd.services import admin_actions as actions
 from vpnd.services import devices as device_actions
+from vpnd.services import key_rotation as rotation_actions
 from vpnd.services import maintenance as maintenance_actions
 from vpnd.telegram.admin import views
 from vpnd.telegram.flows.access import format_bytes
@@ -109,6 +114,16 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     extend.add_argument("--yes", action="store_true", help="do it (without: say how many it would extend)")
     revoke = leaf(actions, "revoke", "revoke a user's subscription")
     revoke.add_argument("user_id", type=int)
+    reissue = leaf(actions, "reissue", "a new key (UUID and subscription URL) for one user; the old one stops working")
+    reissue.add_argument("user_id", type=int)
+    reissue.add_argument("--notify", action="store_true", help="send the user the new link (through the outbox)")
+    rotate = leaf(actions, "rotate-keys", "replace everyone's key, batch by batch (after a leak); the daemon runs it")
+    rotate.add_argument("--batch", type=int, default=None, help="keys per batch (default: [xray].rotate_batch_size)")
+    rotate.add_argument("--notify", action="store_true", help="send each user with a running subscription the new link")
+    rotate.add_argument("--yes", action="store_true", help="start it (without: say how many keys it would replace)")
+    steer = rotate.add_mutually_exclusive_group()
+    for verb in ("status", "pause", "resume", "cancel"):
+        steer.add_argument(f"--{verb}", action="store_true", help=f"{verb} the current rotation")
     ban = leaf(actions, "ban", "ban a user: the bot ignores them and their key leaves Xray at once")
     ban.add_argument("user_id", type=int)
     ban.add_argument("--reason", default=None, help=f"why (in the audit log; at most {MAX_BAN_REASON_TEXT} characters)")
@@ -450,6 +465,56 @@ def revoke_command(conn: psycopg.Connection[Any], args: argparse.Namespace, conf
     return done.subscription, f"revoked the subscription of user {args.user_id}"
 
 
+def reissue_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    texts = Texts.load()
+    base = config.http.public_base_url
+
+    def notify(lang: str, sub: Subscription) -> str:
+        return texts.get(lang, "admin.rotate.user_text", sub_url=f"{base}/sub/{sub.sub_token}")
+
+    done = _done(actions.reissue(conn, _actor(), args.user_id, notify_text=notify if args.notify else None))
+    assert done.subscription is not None
+    return done.subscription, (
+        f"new key for user {args.user_id}: the old key and subscription URL stop working"
+        + (" (the user will be sent the new link)" if args.notify else "")
+    )
+
+
+def _rotation_text(r: Rotation, interval: float) -> str:
+    done = r.rotated + r.skipped
+    text = (
+        f"key rotation #{r.id} {r.status}: {done} of {r.total} subscriptions done ({r.rotated} keys replaced, "
+        f"{r.skipped} reissued already), {r.notified} users told; {r.batch_size} per batch"
+    )
+    if r.is_open:
+        text += f" every {interval:g} s (the running daemon does it)"
+    return text + f"; started {_when(r.created_at)}" + (f", ended {_when(r.finished_at)}" if r.finished_at else "")
+
+
+def rotate_keys_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    interval = config.xray.rotate_interval_seconds
+    if args.status:
+        found = rotation_actions.status(conn)
+        return found, _rotation_text(found, interval) if found is not None else "no key rotation yet"
+    verbs: tuple[RotationVerb, ...] = ("pause", "resume", "cancel")
+    for verb in verbs:
+        if getattr(args, verb):
+            changed = _done(rotation_actions.change(conn, _actor(), verb))
+            return changed, _rotation_text(changed, interval)
+    batch = config.xray.rotate_batch_size if args.batch is None else args.batch
+    if not 1 <= batch <= 10_000:
+        raise Usage("--batch must be from 1 to 10000")
+    if not args.yes:
+        facts = rotation_actions.rotatable(conn)
+        told = f"; {facts.running} running ones would be told" if args.notify else ""
+        return {"would_rotate": facts.subscriptions, "running": facts.running, "batch_size": batch}, (
+            f"would replace the keys of {facts.subscriptions} subscriptions ({facts.running} running), "
+            f"{batch} every {interval:g} s{told}; run again with --yes to start"
+        )
+    started = _done(rotation_actions.start(conn, _actor(), batch_size=batch, notify=args.notify)).rotation
+    return started, _rotation_text(started, interval) + "; follow it with --status"
+
+
 def ban_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
     banned = args.admin_command == "ban"
     reason = getattr(args, "reason", None)  # `unban` takes none
@@ -582,6 +647,12 @@ _REFUSALS: dict[type[actions.Refused], Callable[[Any], str]] = {
     actions.GiftNotFound: lambda r: f"no gift {r.target}",
     actions.GiftNotRefundable: lambda r: f"gift {r.target} cannot be refunded: " + _GIFT_REFUSALS.get(r.why, r.why),
     actions.BroadcastNotFound: lambda r: f"no broadcast #{r.target}",
+    rotation_actions.RotationRunning: lambda r: f"key rotation #{r.target} is open already: "
+    "cancel it first (--cancel) or wait for it to end (--status)",
+    rotation_actions.NoRotation: lambda r: (
+        f"no key rotation is open: nothing to {r.verb}" if r.rotation is None
+        else f"key rotation #{r.target} is {r.rotation.status}: cannot {r.verb} it"
+    ),
     actions.BroadcastUnchanged: lambda r: f"broadcast #{r.target} is {r.view.broadcast.status}; cannot {r.verb} it",
 }
 
@@ -594,6 +665,8 @@ ADMIN_COMMANDS: dict[str, Command] = {
     "extend-all": extend_all_command,
     "grant-traffic": grant_traffic_command,
     "revoke": revoke_command,
+    "reissue": reissue_command,
+    "rotate-keys": rotate_keys_command,
     "ban": ban_command,
     "unban": ban_command,
     "devices": devices_command,

@@ -57,7 +57,7 @@ from vpnd.telegram.client import Sender, open_bot
 from vpnd.telegram.ratelimit import OutboundLimiter
 from vpnd.telegram.router import default_routes, make_apology, make_drop_notice, make_update_handler
 from vpnd.telegram.turn import BotContext
-from vpnd.workers import backup, expiry, health, housekeeping, quota, reminders, renewal, trials
+from vpnd.workers import backup, expiry, health, housekeeping, key_rotation, quota, reminders, renewal, trials
 from vpnd.yookassa import open_yookassa_client
 
 log = logging.getLogger("vpnd.root")
@@ -71,6 +71,7 @@ WORKERS = (
     housekeeping.WORKER_NAME,
     health.WORKER_NAME,
     backup.WORKER_NAME,
+    key_rotation.WORKER_NAME,
 )
 #: Every service, in start order: the listener that wakes the owners of derived state at commit, the
 #: owners, then the sources of work (updates), HTTP last since it serves everyone's routes; then the

@@ -311,6 +311,10 @@ class XrayConfig:
     link_name: str = "vpnd"
     #: This server's location as users see it (language → label); empty: `link_name`.
     location: Mapping[str, str] = attrs.field(factory=dict)
+    #: A key rotation (`vpnd admin rotate-keys`) replaces this many keys per batch by default ...
+    rotate_batch_size: int = 100
+    #: ... one batch every this many seconds (the pace Xray's API and the outbox take).
+    rotate_interval_seconds: float = 5.0
 
     def as_node(self) -> NodeConfig:
         """The local Xray as a node: the one whose config file vpnd writes."""
@@ -881,6 +885,8 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "fingerprint": read_str,
         "link_name": read_str,
         "location": lambda v: _read_location(v),
+        "rotate_batch_size": in_range(read_int, 1, 10_000),
+        "rotate_interval_seconds": in_range(read_number, 0.1, 3600),
     },
     "workers": {
         "reminders_interval": positive(read_number),

@@ -53,7 +53,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "cryptopay": frozenset({"poll_interval", "accepted_assets"}),
     "yookassa": frozenset({"poll_interval", "notify_networks", "methods", "return_url"}),
     "stars": frozenset({"enabled"}),
-    "xray": frozenset({"location", "link_name", "traffic_interval"}),
+    "xray": frozenset({"location", "link_name", "traffic_interval", "rotate_batch_size", "rotate_interval_seconds"}),
     "workers": frozenset(
         {
             "reminders_interval",

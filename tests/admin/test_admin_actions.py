@@ -68,6 +68,10 @@ WIDEST: dict[Verb, tuple[object, ...]] = {
     Verb.MAINTENANCE: (),
     Verb.MAINTENANCE_ON: (),
     Verb.MAINTENANCE_OFF: (),
+    Verb.ROTATE_KEYS: (),
+    Verb.ROTATE_KEYS_NEW: (),
+    Verb.ROTATE_KEYS_START: (1, NONCE),
+    Verb.ROTATE_KEYS_STEER: (2**63 - 1, "resume"),
 }
 
 

@@ -1,6 +1,6 @@
 """The workers nursery: every periodic job of vpnd, each an independent child with its own period.
 
-    workers ── reminders, trials, quota, expiry, renewal, housekeeping, health, backup, (+ extra jobs)
+    workers ── reminders, trials, quota, expiry, renewal, housekeeping, health, backup, key_rotation, (+ extra jobs)
 
 Each job runs under `run_periodic` (no drift, no pile-up, each round bounded by a timeout, an
 exception logged with the job's name and survived, `trio.Cancelled` and `BrokenInvariant` passed
@@ -27,7 +27,7 @@ from vpnd.payments.checkout import HostedCheckout
 from vpnd.periodic import Period, RoundFn, run_periodic
 from vpnd.telegram.client import Sender
 from vpnd.telegram.texts import Texts
-from vpnd.workers import backup, expiry, health, housekeeping, quota, reminders, renewal, trials
+from vpnd.workers import backup, expiry, health, housekeeping, key_rotation, quota, reminders, renewal, trials
 
 log = logging.getLogger("vpnd.workers")
 
@@ -110,6 +110,13 @@ def default_jobs(app: App, sender: Sender, texts: Texts, checkout: HostedCheckou
         health.WORKER_NAME: partial(health.run_health, app, sender.bot, texts),
         backup.WORKER_NAME: partial(
             run_worker, app, backup.WORKER_NAME, partial(backup.period, app), partial(backup.backup_round, app)
+        ),
+        key_rotation.WORKER_NAME: partial(
+            run_worker,
+            app,
+            key_rotation.WORKER_NAME,
+            lambda: app.config.xray.rotate_interval_seconds,
+            partial(key_rotation.rotation_round, app),
         ),
     }
 

@@ -401,17 +401,29 @@ def revoke(
 
 
 def reissue(
-    conn: Conn, actor: Actor, user_id: int, *, nonce: str | None = None
+    conn: Conn,
+    actor: Actor,
+    user_id: int,
+    *,
+    nonce: str | None = None,
+    notify_text: Callable[[str, Subscription], str] | None = None,
 ) -> Access | UserNotFound | NoSubscription:
-    """A new key for the user (an admin is not held to the user's own reissue rate limit)."""
+    """A new key for the user (an admin is not held to the user's own reissue rate limit). With
+    `notify_text(language, subscription)` a user who is not banned is told in the same transaction."""
 
     def new_key(conn: Conn, user_id: int) -> Subscription | None:
         try:
-            return subscriptions.reissue_key(conn, user_id, limit=1_000_000, window_seconds=1)
+            sub = subscriptions.reissue_key(conn, user_id, limit=1_000_000, window_seconds=1)
         except subscriptions.NoSubscription:
             return None
+        user = users.get_user(conn, user_id)
+        if notify_text is not None and user is not None and user.banned_at is None:
+            key = f"admin_reissue:{nonce}" if nonce else None
+            outbox.enqueue(conn, user_id, notify_text(user.language, sub), dedupe_key=key)
+        return sub
 
-    return _change_access(conn, actor, "reissue", user_id, nonce, new_key)
+    facts: dict[str, Any] = {"notify": True} if notify_text is not None else {}
+    return _change_access(conn, actor, "reissue", user_id, nonce, new_key, **facts)
 
 
 def set_auto_renew(conn: Conn, actor: Actor, user_id: int, enabled: bool) -> Access | UserNotFound | NoSubscription:

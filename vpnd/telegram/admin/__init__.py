@@ -26,6 +26,7 @@ from vpnd.telegram.admin import (
     maintenance,
     promo,
     refunds,
+    rotation,
     stats,
     users,
 )
@@ -62,6 +63,7 @@ CALLBACKS: dict[Verb, CallbackAction] = {
     **export.CALLBACKS,
     **maintenance.CALLBACKS,
     **compensate.CALLBACKS,
+    **rotation.CALLBACKS,
 }
 
 STATES: dict[str, StateAction] = {

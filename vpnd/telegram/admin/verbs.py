@@ -68,6 +68,10 @@ class Verb(enum.Enum):
     MAINTENANCE = ("mt", "")
     MAINTENANCE_ON = ("mton", "")
     MAINTENANCE_OFF = ("mtoff", "")
+    ROTATE_KEYS = ("rot", "")
+    ROTATE_KEYS_NEW = ("rotn", "")
+    ROTATE_KEYS_START = ("rots", rf"[01]:{_NONCE}")
+    ROTATE_KEYS_STEER = ("rotv", r"\d{1,19}:(?:pause|resume|cancel)")
 
     def __init__(self, code: str, args: str) -> None:
         self.code = code

@@ -71,6 +71,7 @@ def menu_keyboard(t: T) -> kb.Keyboard:
             kb.button(t("admin.menu.extend_all"), Verb.EXTEND_ALL.data()),
             kb.button(t("admin.menu.maintenance"), Verb.MAINTENANCE.data()),
         ],
+        [kb.button(t("admin.menu.rotate"), Verb.ROTATE_KEYS.data())],
     )
 
 
