@@ -68,6 +68,8 @@ WIDEST: dict[Verb, tuple[object, ...]] = {
     Verb.MAINTENANCE: (),
     Verb.MAINTENANCE_ON: (),
     Verb.MAINTENANCE_OFF: (),
+    Verb.WITHDRAWAL_APPROVE: (2**63 - 1,),
+    Verb.WITHDRAWAL_REJECT: (2**63 - 1,),
 }
 
 

@@ -28,6 +28,7 @@ from vpnd.telegram.admin import (
     refunds,
     stats,
     users,
+    withdrawals,
 )
 from vpnd.telegram.admin.common import (
     CallbackAction,
@@ -62,6 +63,7 @@ CALLBACKS: dict[Verb, CallbackAction] = {
     **export.CALLBACKS,
     **maintenance.CALLBACKS,
     **compensate.CALLBACKS,
+    **withdrawals.CALLBACKS,
 }
 
 STATES: dict[str, StateAction] = {

@@ -68,6 +68,8 @@ class Verb(enum.Enum):
     MAINTENANCE = ("mt", "")
     MAINTENANCE_ON = ("mton", "")
     MAINTENANCE_OFF = ("mtoff", "")
+    WITHDRAWAL_APPROVE = ("wda", r"\d{1,19}")
+    WITHDRAWAL_REJECT = ("wdr", r"\d{1,19}")
 
     def __init__(self, code: str, args: str) -> None:
         self.code = code
