@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from vpnd.money import format_money
 from vpnd.services import withdrawals as actions
+from vpnd.services.admin_actions import Refused
 from vpnd.telegram.admin import views
 from vpnd.telegram.admin.common import CallbackAction, actor
 from vpnd.telegram.admin.verbs import Press, Verb
@@ -25,7 +26,7 @@ async def _decide(turn: Turn, press: Press, *, approve: bool) -> None:
         text = turn.t("admin.withdrawal.not_found", id=withdrawal_id)
     elif isinstance(done, actions.WithdrawalDecided):
         text = turn.t("admin.withdrawal.already", id=withdrawal_id, status=done.status)
-    elif isinstance(done, actions.Refused):  # no other refusal: a guard for the type checker
+    elif isinstance(done, Refused):  # no other refusal: a guard for the type checker
         text = turn.t("admin.bad_button")
     else:
         key = "admin.withdrawal.approved" if approve else "admin.withdrawal.rejected"
