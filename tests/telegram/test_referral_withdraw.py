@@ -108,7 +108,7 @@ async def test_withdraw_approved_twice_at_once_and_again_pays_once(
         # The admin's notice arrives with Approve / Reject; the details are shown as text, not markup.
         approve = Verb.WITHDRAWAL_APPROVE.data(withdrawal_id)
         notice = await fake.wait_for_bot_message(ADMIN, has_button(approve), since=0)
-        assert "&lt;b&gt;T9yD14" in (notice.text or "") or "<b>T9yD14" in (notice.text or "")
+        assert "<b>T9yD14" in (notice.text or "")  # escaped: the fake parses HTML, so markup would be gone
         assert "8.00 USD" in (notice.text or "")
 
         # Two presses at once and the CLI at the same moment.
@@ -197,11 +197,12 @@ async def test_reject_releases_the_hold_and_a_forged_approve_is_refused(
     ]
 
 
-async def test_top_ups_are_not_withdrawable_and_below_the_minimum_is_refused(
+async def test_top_ups_are_not_withdrawable_below_the_minimum_is_refused_and_the_level_shown(
     nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
 ) -> None:
     fake, base_url = fake_telegram
-    config = bot_config(write_config, db_dsn, fake, base_url, referral={"withdraw_min": "5"})
+    levels = [{"paying": 0, "percent": 10}, {"paying": 5, "percent": 25}, {"paying": 20, "percent": 45}]
+    config = bot_config(write_config, db_dsn, fake, base_url, referral={"withdraw_min": "5", "levels": levels})
     fake.add_user(USER, "Rita").started = True
     await start_vpnd(nursery, config, SERVICES)
     with trio.fail_after(30):
@@ -209,6 +210,8 @@ async def test_top_ups_are_not_withdrawable_and_below_the_minimum_is_refused(
         seed(db_dsn, USER, earned=300, topped_up=5000)  # 50.00 on the balance, 3.00 of it earned
         invite = await open_invite(fake, USER)
         assert "Withdrawable: 3.00 USD (minimum 5.00 USD)" in (invite.text or "")
+        assert "Your level: 10% · paying friends: 0" in (invite.text or "")
+        assert "5 more paying friends → 25%" in (invite.text or "")
         assert "wd" not in invite.callback_data
         forge_callback(fake, USER, invite, "wd")  # a stale or forged "Withdraw"
         refused = await fake.wait_for_bot_message(USER, text_has("Withdrawals start at 5.00 USD"))
