@@ -16,7 +16,7 @@ def register_all(routes: Routes) -> None:
     """Flows beyond the core: promo codes, buying, payment history, and the admin tools."""
     # Imported here: the admin module imports flows.menu, a top-level import would be circular.
     from vpnd.telegram import admin
-    from vpnd.telegram.flows import buy, channel, gifts, history, promo, referral, support
+    from vpnd.telegram.flows import buy, channel, gifts, history, promo, support
 
     promo.register(routes)
     buy.register(routes)
@@ -24,5 +24,4 @@ def register_all(routes: Routes) -> None:
     history.register(routes)
     channel.register(routes)
     support.register(routes)
-    referral.register(routes)
     admin.register(routes)
