@@ -32,9 +32,7 @@ def test_levels_are_read_and_percent_is_the_default(write_config: Callable[..., 
         ({"paying": 0, "percent": 10}, "a list"),
     ],
 )
-def test_bad_levels_name_the_key_and_the_file(
-    write_config: Callable[..., Path], levels: object, message: str
-) -> None:
+def test_bad_levels_name_the_key_and_the_file(write_config: Callable[..., Path], levels: object, message: str) -> None:
     path = write_config(referral={"levels": levels})
     with pytest.raises(ConfigError) as caught:
         load_config(path, environ={})

@@ -555,6 +555,8 @@ def gift_refund_command(conn: psycopg.Connection[Any], args: argparse.Namespace,
         f"refunded gift {gift.code}: {value} to user {gift.buyer_id}'s balance "
         f"(now {format_money(done.balance_minor, gift.currency)})"
     )
+
+
 def withdrawals_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
     if not 1 <= args.limit <= 1000:
         raise Usage("--limit must be from 1 to 1000")
