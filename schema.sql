@@ -345,6 +345,34 @@ CREATE TABLE balance_owed (
 );
 CREATE INDEX balance_owed_user_idx ON balance_owed (user_id);
 
+-- Referral earnings (vpnd/db/referrals.py): the part of a user's balance that came from referral rewards
+-- and may be withdrawn. A top-up never becomes withdrawable. `vpnd.db.ledger.record` keeps
+-- 0 <= withdrawable_minor <= users.balance_minor: a debit spends the rest of the balance first and
+-- earnings last; a reversed reward and a withdrawal take from earnings first.
+CREATE TABLE referral_earnings (
+    user_id             bigint PRIMARY KEY REFERENCES users (id),
+    withdrawable_minor  bigint NOT NULL DEFAULT 0 CHECK (withdrawable_minor >= 0),
+    updated_at          timestamptz NOT NULL DEFAULT now()
+);
+
+-- Withdrawal requests of referral earnings. The amount leaves the balance when requested (ledger reason
+-- `withdrawal`, so it cannot be spent while pending); an approval records the payout, a rejection gives
+-- it back (`withdrawal_released`). One pending request per user.
+CREATE TABLE withdrawals (
+    id            bigserial PRIMARY KEY,
+    user_id       bigint NOT NULL REFERENCES users (id),
+    amount_minor  bigint NOT NULL CHECK (amount_minor > 0),
+    currency      text NOT NULL,
+    details       text NOT NULL CHECK (length(details) BETWEEN 1 AND 200),
+    status        text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'approved', 'rejected')),
+    note          text,
+    decided_by    bigint,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    decided_at    timestamptz
+);
+CREATE UNIQUE INDEX withdrawals_one_pending_idx ON withdrawals (user_id) WHERE status = 'pending';
+CREATE INDEX withdrawals_status_idx ON withdrawals (status, id);
+
 -- Auto-renewal attempts, one per subscription and period end (charged or notified).
 CREATE TABLE auto_renewals (
     user_id     bigint NOT NULL REFERENCES users (id),

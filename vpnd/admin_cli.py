@@ -14,6 +14,8 @@
     vpnd admin promo list
     vpnd admin promo disable <CODE>
     vpnd admin gift refund <CODE>
+    vpnd admin withdrawals [--status pending|approved|rejected|all]
+    vpnd admin withdrawal approve|reject <id> [--note TEXT]
     vpnd admin nodes
     vpnd admin devices <id> [--reset]
     vpnd admin grant-device <id> [N]
@@ -46,7 +48,7 @@ import psycopg
 
 from vpnd.config import Config
 from vpnd.db import broadcasts as bdb
-from vpnd.db import promo, quota
+from vpnd.db import promo, quota, referrals
 from vpnd.db.admin import RevenueRow, TierRow, UserDetails
 from vpnd.db.key_rotation import Rotation
 from vpnd.db.key_rotation import Verb as RotationVerb
@@ -61,6 +63,7 @@ from vpnd.services import admin_actions as actions
 from vpnd.services import devices as device_actions
 from vpnd.services import key_rotation as rotation_actions
 from vpnd.services import maintenance as maintenance_actions
+from vpnd.services import withdrawals as withdrawal_actions
 from vpnd.telegram.admin import views
 from vpnd.telegram.flows.access import format_bytes
 from vpnd.texts import Texts
@@ -154,6 +157,16 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     gift_parser = actions.add_parser("gift", help="gifts: refund an unredeemed gift to the buyer's balance")
     gift_actions = gift_parser.add_subparsers(dest="gift_command", required=True, metavar="ACTION")
     leaf(gift_actions, "refund", "refund an unredeemed gift to the buyer's balance").add_argument("code")
+
+    payouts = leaf(actions, "withdrawals", "withdrawal requests of referral earnings, newest first")
+    payouts.add_argument("--status", choices=[*referrals.STATUSES, "all"], default="pending")
+    payouts.add_argument("--limit", type=int, default=50)
+    payout = actions.add_parser("withdrawal", help="approve (pay once) or reject (release) a withdrawal request")
+    payout_actions = payout.add_subparsers(dest="withdrawal_command", required=True, metavar="ACTION")
+    for verb in ("approve", "reject"):
+        decision = leaf(payout_actions, verb, f"{verb} a pending withdrawal request")
+        decision.add_argument("withdrawal_id", type=int)
+        decision.add_argument("--note", default=None, help="told to the user and kept in the audit log")
 
     broadcast = sub.add_parser("broadcast", help="list, pause, resume or cancel broadcasts")
     verbs = broadcast.add_subparsers(dest="broadcast_command", required=True, metavar="ACTION")
@@ -607,6 +620,37 @@ def gift_refund_command(conn: psycopg.Connection[Any], args: argparse.Namespace,
         f"refunded gift {gift.code}: {value} to user {gift.buyer_id}'s balance "
         f"(now {format_money(done.balance_minor, gift.currency)})"
     )
+
+
+def withdrawals_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    if not 1 <= args.limit <= 1000:
+        raise Usage("--limit must be from 1 to 1000")
+    status = None if args.status == "all" else args.status
+    items = referrals.list_withdrawals(conn, status=status, limit=args.limit)
+    lines = [
+        f"#{w.id:<5} {w.status:<8} user {w.user_id:<12} {format_money(w.amount_minor, w.currency):>12}  "
+        f"{_when(w.created_at)}  {w.details!r}" + (f"  note: {w.note!r}" if w.note else "")
+        for w in items
+    ]
+    return items, "\n".join(lines) if lines else "no withdrawal requests" + (f" ({status})" if status else "")
+
+
+def withdrawal_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    approve = args.withdrawal_command == "approve"
+    if args.note is not None and len(args.note) > referrals.MAX_NOTE:
+        raise Usage(f"--note is at most {referrals.MAX_NOTE} characters")
+    done = _done(
+        withdrawal_actions.decide(
+            conn, _actor(), args.withdrawal_id, approve=approve, note=args.note, texts=Texts.load(),
+            default_language=config.telegram.default_language,
+        )
+    )  # fmt: skip
+    amount = format_money(done.amount_minor, done.currency)
+    if approve:
+        return done, f"approved withdrawal #{done.id}: pay {amount} to user {done.user_id} ({done.details!r})"
+    return done, f"rejected withdrawal #{done.id}: {amount} is back on user {done.user_id}'s balance"
+
+
 def maintenance_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
     verb = args.maintenance_command
     if verb == "status":
@@ -653,6 +697,8 @@ _REFUSALS: dict[type[actions.Refused], Callable[[Any], str]] = {
         f"no key rotation is open: nothing to {r.verb}" if r.rotation is None
         else f"key rotation #{r.target} is {r.rotation.status}: cannot {r.verb} it"
     ),
+    withdrawal_actions.WithdrawalNotFound: lambda r: f"no withdrawal #{r.target}",
+    withdrawal_actions.WithdrawalDecided: lambda r: f"withdrawal #{r.target} was {r.status} already: nothing changed",
     actions.BroadcastUnchanged: lambda r: f"broadcast #{r.target} is {r.view.broadcast.status}; cannot {r.verb} it",
 }
 
@@ -675,6 +721,9 @@ ADMIN_COMMANDS: dict[str, Command] = {
     "promo list": promo_list_command,
     "promo disable": promo_disable_command,
     "gift refund": gift_refund_command,
+    "withdrawals": withdrawals_command,
+    "withdrawal approve": withdrawal_command,
+    "withdrawal reject": withdrawal_command,
     "maintenance on": maintenance_command,
     "maintenance off": maintenance_command,
     "maintenance status": maintenance_command,

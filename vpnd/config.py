@@ -150,8 +150,25 @@ class SupportConfig:
 
 
 @attrs.frozen
+class ReferralLevel:
+    """A cashback level: from `paying` referred users who have paid at least once, `percent` of their payments."""
+
+    paying: int
+    percent: int
+
+
+@attrs.frozen
 class ReferralConfig:
     percent: int = 10
+    #: Cashback by level, ascending thresholds (`levels = [{ paying = 0, percent = 10 }, ...]`); empty: `percent`.
+    levels: tuple[ReferralLevel, ...] = ()
+    #: The least referral earnings a user may ask to withdraw (in the balance currency).
+    withdraw_min: Decimal = Decimal("10")
+
+    @property
+    def effective_levels(self) -> tuple[ReferralLevel, ...]:
+        """The levels in force: the configured ones, else one level of `percent` from the first referral."""
+        return self.levels or (ReferralLevel(0, self.percent),)
 
 
 @attrs.frozen
@@ -715,6 +732,25 @@ def in_range(reader: Callable[[object], T], low: float, high: float) -> Callable
     return read
 
 
+def _read_referral_level(value: object) -> ReferralLevel:
+    if not isinstance(value, dict) or set(value) != {"paying", "percent"}:
+        raise _expected("a table { paying = N, percent = P }", value)
+    paying = non_negative(read_int)(value["paying"])
+    percent = in_range(read_int, 0, 100)(value["percent"])
+    return ReferralLevel(paying, percent)
+
+
+def _read_referral_levels(value: object) -> tuple[ReferralLevel, ...]:
+    levels = read_list(_read_referral_level)(value)
+    for index in range(1, len(levels)):
+        if levels[index].paying <= levels[index - 1].paying:
+            raise ValueError(
+                f"item {index}: expected thresholds in ascending order, got paying = {levels[index].paying} "
+                f"after paying = {levels[index - 1].paying}"
+            )
+    return levels
+
+
 def read_telegram_currency(value: object) -> str:
     from vpnd.money import TELEGRAM_CURRENCIES
 
@@ -825,7 +861,11 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "relay_chat": read_chat_id,
         "messages_per_hour": in_range(read_int, 1, 1000),
     },
-    "referral": {"percent": in_range(read_int, 0, 100)},
+    "referral": {
+        "percent": in_range(read_int, 0, 100),
+        "levels": lambda v: _read_referral_levels(v),
+        "withdraw_min": positive(read_decimal),
+    },
     "payments": {
         "purchase_ttl_minutes": in_range(read_int, 1, 7 * 24 * 60),
         "min_price": non_negative(read_decimal),

@@ -10,6 +10,7 @@ zero-amount invoice cannot be paid by any provider.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from decimal import ROUND_DOWN, Decimal, DecimalException, InvalidOperation
 from typing import Literal
 
@@ -85,6 +86,22 @@ def referral_reward(amount_minor: int, percent: int) -> int:
     if amount_minor <= 0 or percent <= 0:
         return 0
     return amount_minor * percent // 100
+
+
+#: A cashback level as a value: (paying referrals from which it applies, percent).
+Level = tuple[int, int]
+
+
+def referral_level(levels: Sequence[Level], paying: int) -> Level | None:
+    """The level of a referrer with `paying` paying referrals (the highest threshold reached); None below the first."""
+    reached = [level for level in levels if level[0] <= paying]
+    return max(reached) if reached else None
+
+
+def next_referral_level(levels: Sequence[Level], paying: int) -> Level | None:
+    """The next level a referrer with `paying` paying referrals can reach; None at the top."""
+    ahead = [level for level in levels if level[0] > paying]
+    return min(ahead) if ahead else None
 
 
 def stars_price(stars: int, percent: int) -> int:

@@ -46,7 +46,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "log": frozenset({"level"}),
     "shutdown": frozenset({"grace_seconds"}),
     "trial": frozenset({"enabled", "days", "devices", "traffic_gb"}),
-    "referral": frozenset({"percent"}),
+    "referral": frozenset({"percent", "levels", "withdraw_min"}),
     "payments": frozenset(
         {"purchase_ttl_minutes", "min_price", "topup_presets", "topup_min", "topup_max", "notify_chat_id"}
     ),

@@ -72,6 +72,8 @@ WIDEST: dict[Verb, tuple[object, ...]] = {
     Verb.ROTATE_KEYS_NEW: (),
     Verb.ROTATE_KEYS_START: (1, NONCE),
     Verb.ROTATE_KEYS_STEER: (2**63 - 1, "resume"),
+    Verb.WITHDRAWAL_APPROVE: (2**63 - 1,),
+    Verb.WITHDRAWAL_REJECT: (2**63 - 1,),
 }
 
 

@@ -8,6 +8,12 @@ twice, a referral reward paid twice, a purchase charged twice are all the same n
 Callers must already hold the user's row lock (`SELECT ... FOR UPDATE`) when they debit, so the
 balance they checked is the balance they change; `record` checks again and refuses to go below zero
 before PostgreSQL's `CHECK (balance_minor >= 0)` would abort the transaction.
+
+Referral earnings are a bucket inside the balance (`referral_earnings.withdrawable_minor`, the part that
+may be withdrawn; `vpnd.db.referrals`), kept by `record` too: a referral reward adds to it; a reversed
+reward, a withdrawal and its release move it first; any other debit (a plan paid from the balance, an
+admin's debit) spends the rest of the balance first and earnings last, so the bucket never exceeds the
+balance and a top-up never becomes withdrawable.
 """
 
 from __future__ import annotations
@@ -31,6 +37,12 @@ ADMIN = "admin"
 PAYMENT_CREDIT = "payment_credit"
 #: A referral reward taken back because the purchase that earned it was refunded.
 REFERRAL_REVERSAL = "referral_reversal"
+#: Referral earnings held for a withdrawal request (`withdrawal:<id>`): the payout once approved.
+WITHDRAWAL = "withdrawal"
+#: A rejected withdrawal's hold given back to the balance and to the earnings.
+WITHDRAWAL_RELEASED = "withdrawal_released"
+#: The reasons that move the referral earnings bucket itself (others only cap it at the balance).
+EARNINGS_REASONS = frozenset({REFERRAL_REWARD, REFERRAL_REVERSAL, WITHDRAWAL, WITHDRAWAL_RELEASED})
 
 
 class InsufficientBalance(Exception):
@@ -89,7 +101,31 @@ def record(
         "UPDATE users SET balance_minor = balance_minor + %s, updated_at = now() WHERE id = %s",
         (delta_minor, user_id),
     )
+    _follow_earnings(conn, user_id, delta_minor, reason)
     return entry
+
+
+def _follow_earnings(conn: psycopg.Connection[Any], user_id: int, delta_minor: int, reason: str) -> None:
+    """Move the referral earnings bucket with a balance change just applied (see the module's docstring)."""
+    if reason in EARNINGS_REASONS:
+        conn.execute(
+            "INSERT INTO referral_earnings (user_id, withdrawable_minor) VALUES (%(user)s, GREATEST(0, %(delta)s)) "
+            "ON CONFLICT (user_id) DO UPDATE SET updated_at = now(), "
+            "withdrawable_minor = GREATEST(0, referral_earnings.withdrawable_minor + %(delta)s)",
+            {"user": user_id, "delta": delta_minor},
+        )
+    if delta_minor < 0:  # whatever the reason, earnings never exceed the balance: they are spent last
+        conn.execute(
+            "UPDATE referral_earnings e SET withdrawable_minor = u.balance_minor, updated_at = now() FROM users u "
+            "WHERE e.user_id = %s AND u.id = e.user_id AND e.withdrawable_minor > u.balance_minor",
+            (user_id,),
+        )
+
+
+def withdrawable_of(conn: psycopg.Connection[Any], user_id: int) -> int:
+    """The referral earnings part of a user's balance (what may be withdrawn)."""
+    row = conn.execute("SELECT withdrawable_minor FROM referral_earnings WHERE user_id = %s", (user_id,)).fetchone()
+    return int(row[0]) if row else 0
 
 
 @attrs.frozen

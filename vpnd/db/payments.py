@@ -37,7 +37,7 @@ import attrs
 import psycopg
 from psycopg.rows import class_row
 
-from vpnd.db import gifts, history, ledger, outbox, promo, quota
+from vpnd.db import gifts, history, ledger, outbox, promo, quota, referrals
 from vpnd.db.history import AUTO_RENEW_PREFIX as AUTO_RENEW_PREFIX  # re-exported (admin_cli)
 from vpnd.db.purchases import (
     MethodUnavailable,
@@ -51,7 +51,7 @@ from vpnd.db.subscriptions import COLUMNS as SUBSCRIPTION_COLUMNS
 from vpnd.db.subscriptions import Subscription, get_subscription, grant_days, switch_plan
 from vpnd.db.users import language_of
 from vpnd.money import STARS_CURRENCY, format_money
-from vpnd.pricing import referral_reward
+from vpnd.pricing import referral_level, referral_reward
 from vpnd.quota import UNLIMITED, Limits, format_bytes
 from vpnd.texts import Texts
 
@@ -95,6 +95,12 @@ class PaymentRules:
     #: The bot's @username, for a gift's t.me link ("" when unknown in this process: the link is then
     #: the `/start gift_<code>` command to send the bot).
     bot_username: str = ""
+    #: Cashback levels, (paying referrals, percent) ascending (`[referral] levels`); empty: `referral_percent`.
+    referral_levels: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def levels(self) -> tuple[tuple[int, int], ...]:
+        return self.referral_levels or ((0, self.referral_percent),)
 
     def gift_link(self, code: str) -> str:
         if self.bot_username:
@@ -605,7 +611,7 @@ def _insert_payment(
 
 def _lock_referrer(conn: psycopg.Connection[Any], user_id: int, rules: PaymentRules) -> int | None:
     """The user's referrer, its row locked (the lock order), when referral rewards are on."""
-    if rules.referral_percent <= 0:
+    if all(percent <= 0 for _, percent in rules.levels):
         return None
     row = conn.execute(
         "SELECT r.id FROM users u JOIN users r ON r.id = u.referred_by WHERE u.id = %s FOR UPDATE OF r", (user_id,)
@@ -626,7 +632,9 @@ def _reward_referrer(
     """Credit the referrer's share of what a plan purchase bought, once per purchase; return the reward."""
     if purchase.currency.upper() != rules.balance_currency.upper():
         return 0
-    reward = referral_reward(bought_minor, rules.referral_percent)
+    # The referrer's level now, in this transaction (this payment's buyer counts as paying already).
+    level = referral_level(rules.levels, referrals.paying_referrals(conn, referrer))
+    reward = referral_reward(bought_minor, level[1] if level else 0)
     if reward <= 0:
         return 0
     entry = ledger.record(conn, referrer, reward, ledger.REFERRAL_REWARD, ledger.purchase_reference(purchase.id))

@@ -100,6 +100,7 @@ def rules_of(app: App) -> PaymentRules:
         notify_chat_id=config.payments.notify_chat_id or None,
         limits_for=partial(limits_of, config),
         bot_username=app.bot_username,
+        referral_levels=tuple((level.paying, level.percent) for level in config.referral.effective_levels),
     )
 
 

@@ -111,11 +111,12 @@ def register(routes: Routes) -> None:
 
 def default_routes() -> Routes:
     """Every flow vpnd has, registered in one table."""
-    from vpnd.telegram.flows import register_all
+    from vpnd.telegram.flows import referral, register_all
 
     routes = Routes()
     register(routes)
     register_all(routes)
+    referral.register(routes)  # invite friends: levels, earnings, withdrawals
     terms_flow.register(routes)
     maintenance_flow.register(routes)  # last: it pauses purchase routes registered above
     return routes

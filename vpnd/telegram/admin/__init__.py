@@ -29,6 +29,7 @@ from vpnd.telegram.admin import (
     rotation,
     stats,
     users,
+    withdrawals,
 )
 from vpnd.telegram.admin.common import (
     CallbackAction,
@@ -64,6 +65,7 @@ CALLBACKS: dict[Verb, CallbackAction] = {
     **maintenance.CALLBACKS,
     **compensate.CALLBACKS,
     **rotation.CALLBACKS,
+    **withdrawals.CALLBACKS,
 }
 
 STATES: dict[str, StateAction] = {

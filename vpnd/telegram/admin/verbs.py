@@ -72,6 +72,8 @@ class Verb(enum.Enum):
     ROTATE_KEYS_NEW = ("rotn", "")
     ROTATE_KEYS_START = ("rots", rf"[01]:{_NONCE}")
     ROTATE_KEYS_STEER = ("rotv", r"\d{1,19}:(?:pause|resume|cancel)")
+    WITHDRAWAL_APPROVE = ("wda", r"\d{1,19}")
+    WITHDRAWAL_REJECT = ("wdr", r"\d{1,19}")
 
     def __init__(self, code: str, args: str) -> None:
         self.code = code

@@ -56,16 +56,9 @@ async def set_language(turn: Turn, code: str) -> None:
 
 
 async def invite(turn: Turn) -> None:
-    stats = await turn.app.db.run(users.referral_stats, turn.user.id)
-    link = f"https://t.me/{turn.ctx.bot_username}?start=ref_{turn.user.referral_code}"
-    text = turn.t(
-        "invite.text",
-        percent=turn.app.config.referral.percent,
-        link=link,
-        invited=stats.invited,
-        earned=format_money(stats.earned_minor, _currency(turn)),
-    )
-    await turn.show(text, kb.back_to_menu(turn.t))
+    from vpnd.telegram.flows import referral  # here: referral → admin verbs → admin → menu would be circular
+
+    await referral.show_invite(turn)
 
 
 async def help_text(turn: Turn) -> None:
