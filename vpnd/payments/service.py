@@ -310,9 +310,11 @@ async def quote_plan(app: App, user_id: int, plan_code: str, *, currency: str | 
             price = attrs.evolve(price, stars=stars.price_minor)
         if fiat is not None or stars is not None:
             return Quote(plan, price, None, balance, payments.currency, basis, fiat, stars)
-    percent = check.promo.percent if check is not None and check.ok and check.promo is not None else 0
-    price = price_offer(offer, percent, floor)
-    code = check.promo.code if percent and check is not None and check.promo is not None else None
+    percent = off = 0
+    if check is not None and check.ok and check.promo is not None:
+        percent, off = check.promo.discount_for(plan.code, offer.currency)
+    price = price_offer(offer, percent, floor, amount_off_minor=off)
+    code = check.promo.code if (percent or off) and check is not None and check.promo is not None else None
     return Quote(plan, price, code, balance, payments.currency)
 
 

@@ -73,10 +73,13 @@ async def choose_plan(turn: Turn) -> None:
     promo_note = ""
     for plan in turn.app.config.sale_plans:
         quote = await service.quote_plan(turn.app, turn.user.id, plan.code)
-        if quote.promo_code and not promo_note:
-            promo_note = turn.t("buy.promo_note", code=quote.promo_code, percent=quote.price.discount_percent)
         title = plan.title.get(turn.lang, plan.code)
         list_price = pricing.plan_offer(plan)
+        if quote.promo_code and not promo_note and quote.price.discount_percent:
+            promo_note = turn.t("buy.promo_note", code=quote.promo_code, percent=quote.price.discount_percent)
+        elif quote.promo_code and not promo_note and quote.price.currency == list_price.currency:
+            off = _money(list_price.price_minor - quote.price.amount_minor, list_price.currency)
+            promo_note = turn.t("buy.promo_note_amount", code=quote.promo_code, amount=off, plan=title)
         price = _money(list_price.price_minor, list_price.currency)
         per_month = _money(pricing.per_month_minor(list_price.price_minor, plan.days), list_price.currency)
         description = plan.describe(turn.lang)
