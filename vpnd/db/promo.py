@@ -38,6 +38,8 @@ from psycopg.rows import class_row
 
 from vpnd.db import ledger
 from vpnd.db.subscriptions import Subscription, grant_days
+from vpnd.money import format_money
+from vpnd.pricing import parse_amount
 
 PromoReason = Literal[
     "promo.not_found",
@@ -84,6 +86,21 @@ class PromoCode:
 
     def uses_left(self) -> int | None:
         return None if self.max_uses is None else max(0, self.max_uses - self.used_count)
+
+    def summary(self) -> str:
+        """What it does and for whom, in English (the CLI): "-2.00 USD, plan m1, first purchase"."""
+        if self.kind == "percent":
+            what = f"-{self.percent}%"
+        elif self.kind == "amount":
+            what = f"-{format_money(self.amount_minor or 0, self.currency or '')}"
+        elif self.kind == "days":
+            what = f"+{self.grant_days} days"
+        else:
+            what = f"+{format_money(self.amount_minor or 0, self.currency or '')} balance"
+        conditions = [f"plan {self.plan_code}"] if self.plan_code is not None else []
+        conditions += [f"user {self.user_id}"] if self.user_id is not None else []
+        conditions += ["first purchase"] if self.first_purchase else []
+        return ", ".join([what, *conditions])
 
     @property
     def is_discount(self) -> bool:
@@ -349,6 +366,37 @@ class PromoTerms:
     plan_code: str | None = None
     user_id: int | None = None
     first_purchase: bool = False
+
+    @classmethod
+    def parse(
+        cls,
+        kind: str,
+        value: str,
+        *,
+        currency: str,
+        plan_code: str | None = None,
+        user_id: int | None = None,
+        first_purchase: bool = False,
+    ) -> PromoTerms:
+        """Terms from an admin's words: `value` is a percent, an amount of `currency` ("2.50") or days.
+        ValueError (InvalidAmount included) naming what is wrong."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}")
+        number = int(value) if kind in ("percent", "days") and value.strip().isdigit() else None
+        if kind in ("percent", "days") and number is None:
+            raise ValueError(f"{kind} needs a whole number, not {value!r}")
+        terms = cls(
+            kind=kind,  # checked against KINDS above
+            percent=number if kind == "percent" else None,
+            amount_minor=parse_amount(value, currency) if kind in ("amount", "balance") else None,
+            currency=currency.upper() if kind in ("amount", "balance") else None,
+            grant_days=number if kind == "days" else None,
+            plan_code=plan_code,
+            user_id=user_id,
+            first_purchase=first_purchase,
+        )
+        terms.check()
+        return terms
 
     def check(self) -> None:
         """ValueError naming what is wrong."""

@@ -69,7 +69,8 @@ async def receive(turn: Turn, text: str) -> None:
     check = await apply_promo_code(turn.app, turn.user.id, code, texts=turn.ctx.texts)
     if check.ok and check.promo is not None:
         await turn.app.db.run(conversation.clear_state, turn.user.id)
-        first = kb.button(turn.t("menu.subscription"), "sub") if check.subscription else kb.button(turn.t("menu.buy"), "buy")
+        after = ("menu.subscription", "sub") if check.subscription is not None else ("menu.buy", "buy")
+        first = kb.button(turn.t(after[0]), after[1])
         await turn.reply(accepted_text(turn, check), kb.keyboard([first], [kb.button(turn.t("common.menu"), "menu")]))
         return
     # Stay in the state (the user may retype) until it expires or they cancel.
