@@ -153,7 +153,8 @@ async def test_first_purchase_code_is_refused_after_a_payment(
         # made meanwhile (a top-up here), the plan costs its list price.
         give_balance(db_dsn, BOB, 1000)
         sql(
-            db_dsn, "INSERT INTO purchases (user_id, kind, method, amount_minor, currency, status, expires_at, paid_at) "
+            db_dsn,
+            "INSERT INTO purchases (user_id, kind, method, amount_minor, currency, status, expires_at, paid_at) "
             "VALUES (%s, 'topup', 'cryptopay', 100, 'USD', 'paid', now(), now())", BOB,
         )  # fmt: skip
         fake.user_sends(BOB, "/buy")
