@@ -181,6 +181,7 @@ async def test_plan_bound_code_discounts_only_that_plan(
 
         # The other plan is bought at its list price and the code stays remembered...
         methods = await press(fake, ALICE, plans, "plan:m1")
+        assert "YEARHALF is for the plan “1 year” only" in (methods.text or "")
         await press(fake, ALICE, methods, "pay:m1:b", predicate=text_has("Paid from your balance"))
         assert scalar(db_dsn, "SELECT pending_promo_code FROM users WHERE id = %s", ALICE) == "YEARHALF"
         assert sql(db_dsn, "SELECT plan_code, amount_minor, promo_code FROM purchases") == [("m1", 499, None)]

@@ -262,6 +262,8 @@ class Quote:
     upgrade: UpgradeBasis | None = None
     upgrade_terms: UpgradeTerms | None = None
     upgrade_stars: UpgradeTerms | None = None
+    #: The remembered code and the one plan it is bound to, when that is another plan (not applied here).
+    promo_elsewhere: tuple[str, str] | None = None
 
     @property
     def balance_covers(self) -> bool:
@@ -311,11 +313,16 @@ async def quote_plan(app: App, user_id: int, plan_code: str, *, currency: str | 
         if fiat is not None or stars is not None:
             return Quote(plan, price, None, balance, payments.currency, basis, fiat, stars)
     percent = off = 0
+    code: str | None = None
+    elsewhere: tuple[str, str] | None = None
     if check is not None and check.ok and check.promo is not None:
         percent, off = check.promo.discount_for(plan.code, offer.currency)
+        if percent or off:
+            code = check.promo.code
+        elif check.promo.plan_code not in (None, plan.code):
+            elsewhere = (check.promo.code, check.promo.plan_code)
     price = price_offer(offer, percent, floor, amount_off_minor=off)
-    code = check.promo.code if (percent or off) and check is not None and check.promo is not None else None
-    return Quote(plan, price, code, balance, payments.currency)
+    return Quote(plan, price, code, balance, payments.currency, promo_elsewhere=elsewhere)
 
 
 def _apply_promo_guarded(

@@ -171,8 +171,17 @@ async def choose_method(turn: Turn, plan_code: str) -> None:
         rows.append([kb.button(turn.t("gifts.buy_button"), f"gift:{plan.code}")])
     rows.append([kb.button(turn.t("common.back"), "buy")])
     text = turn.t("buy.choose_method", title=plan.title.get(turn.lang, plan.code), days=plan.days, price=price)
-    text += _upgrade_note(turn, quote) + card_note
+    text += _upgrade_note(turn, quote) + card_note + _promo_elsewhere_note(turn, quote)
     await turn.show(text, kb.keyboard(*rows))
+
+
+def _promo_elsewhere_note(turn: Turn, quote: service.Quote) -> str:
+    """The remembered code is bound to another plan: say so, so the price without it is no surprise."""
+    if quote.promo_elsewhere is None:
+        return ""
+    code, plan_code = quote.promo_elsewhere
+    plan = turn.app.config.plan(plan_code)
+    return "\n" + turn.t("promo.wrong_plan", code=code, plan=plan.label(turn.lang) if plan else plan_code)
 
 
 def _not_offered(turn: Turn, currency: str) -> str:
