@@ -178,11 +178,9 @@ def _already_used(conn: psycopg.Connection[Any], code: str, user_id: int) -> boo
     return row is not None
 
 
-def has_paid(conn: psycopg.Connection[Any], user_id: int, *, besides: int | None = None) -> bool:
-    """The user has a paid purchase (other than `besides`)."""
-    row = conn.execute(
-        "SELECT 1 FROM purchases WHERE user_id = %s AND status = 'paid' AND id <> %s LIMIT 1", (user_id, besides or 0)
-    ).fetchone()
+def has_paid(conn: psycopg.Connection[Any], user_id: int) -> bool:
+    """The user has a paid purchase (of any kind: a top-up counts)."""
+    row = conn.execute("SELECT 1 FROM purchases WHERE user_id = %s AND status = 'paid' LIMIT 1", (user_id,)).fetchone()
     return row is not None
 
 
