@@ -191,20 +191,38 @@ CREATE INDEX outbox_retry_idx ON outbox (chat_id, id) WHERE status = 'pending' A
 
 CREATE TABLE promo_codes (
     code          text PRIMARY KEY,
-    percent       integer NOT NULL CHECK (percent BETWEEN 1 AND 100),
+    percent       integer CHECK (percent BETWEEN 1 AND 100),
     max_uses      integer CHECK (max_uses IS NULL OR max_uses > 0),
     used_count    integer NOT NULL DEFAULT 0,
     expires_at    timestamptz,
     active        boolean NOT NULL DEFAULT true,
     created_by    bigint,
     created_at    timestamptz NOT NULL DEFAULT now(),
-    CHECK (max_uses IS NULL OR used_count <= max_uses)
+    -- percent: `percent` off the next plan; amount: `amount_minor` (in `currency`) off the next plan,
+    -- never below [payments] min_price; days: `grant_days` added at once; balance: `amount_minor`
+    -- credited at once. Conditions: `plan_code` (discounts only), `user_id` (a personal code),
+    -- `first_purchase` (only users who never paid).
+    kind          text NOT NULL DEFAULT 'percent',
+    amount_minor  bigint,
+    currency      text,
+    grant_days    integer,
+    plan_code     text,
+    user_id       bigint,
+    first_purchase boolean NOT NULL DEFAULT false,
+    CHECK (max_uses IS NULL OR used_count <= max_uses),
+    CONSTRAINT promo_codes_kind_value CHECK (
+        (kind = 'percent' AND percent IS NOT NULL AND amount_minor IS NULL AND grant_days IS NULL)
+        OR (kind IN ('amount', 'balance') AND percent IS NULL AND amount_minor > 0 AND currency IS NOT NULL
+            AND grant_days IS NULL)
+        OR (kind = 'days' AND percent IS NULL AND amount_minor IS NULL AND grant_days > 0)
+    ),
+    CONSTRAINT promo_codes_plan_for_discounts CHECK (plan_code IS NULL OR kind IN ('percent', 'amount'))
 );
 
 CREATE TABLE promo_redemptions (
     code         text NOT NULL REFERENCES promo_codes (code),
     user_id      bigint NOT NULL REFERENCES users (id),
-    purchase_id  bigint NOT NULL,
+    purchase_id  bigint,  -- NULL: a days or balance code (redeemed without a purchase)
     redeemed_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (code, user_id)
 );

@@ -11,6 +11,8 @@
     vpnd admin ban <id> [--reason TEXT]
     vpnd admin unban <id>
     vpnd admin promo create <CODE> <PERCENT> [--max-uses N] [--days D]
+    vpnd admin promo create <CODE> --kind percent|amount|days|balance --value V [--plan P] [--user ID]
+                            [--first-purchase] [--max-uses N] [--days D]
     vpnd admin promo list
     vpnd admin promo disable <CODE>
     vpnd admin gift refund <CODE>
@@ -142,7 +144,12 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     promo_actions = promo_parser.add_subparsers(dest="promo_command", required=True, metavar="ACTION")
     create = leaf(promo_actions, "create", "create a promo code")
     create.add_argument("code")
-    create.add_argument("percent", type=int)
+    create.add_argument("percent", type=int, nargs="?", default=None, help="a percent discount (the short form)")
+    create.add_argument("--kind", choices=promo.KINDS, default=None, help="what the code does (default percent)")
+    create.add_argument("--value", default=None, help="the percent, the amount (2.50, shop currency) or the days")
+    create.add_argument("--plan", default=None, help="a discount for this plan code only")
+    create.add_argument("--user", type=int, default=None, help="a personal code: only this user id may use it")
+    create.add_argument("--first-purchase", action="store_true", help="only for users who never paid")
     create.add_argument("--max-uses", type=int, default=None)
     create.add_argument("--days", type=int, default=None, help="valid for this many days (default: no expiry)")
     leaf(promo_actions, "list", "every promo code with its usage")
@@ -572,13 +579,25 @@ def grant_device_command(conn: psycopg.Connection[Any], args: argparse.Namespace
 def promo_create_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
     if args.days is not None and not 1 <= args.days <= actions.MAX_GRANT_DAYS:
         raise Usage(f"--days must be from 1 to {actions.MAX_GRANT_DAYS}")
+    if args.percent is not None and (args.kind is not None or args.value is not None):
+        raise Usage("give either CODE PERCENT or --kind/--value, not both")
+    if args.percent is None and args.value is None:
+        raise Usage("give a PERCENT, or --value (with --kind)")
+    if args.plan is not None and config.plan(args.plan) is None:
+        raise Usage(f"--plan: no plan {args.plan!r} in the config")
     try:
+        terms = promo.PromoTerms.parse(
+            "percent" if args.percent is not None else args.kind or "percent",
+            str(args.percent) if args.percent is not None else args.value,
+            currency=config.payments.currency, plan_code=args.plan, user_id=args.user,
+            first_purchase=args.first_purchase,
+        )  # fmt: skip
         created = _done(
-            actions.create_promo(conn, _actor(), args.code, args.percent, max_uses=args.max_uses, valid_days=args.days)
+            actions.create_promo(conn, _actor(), args.code, terms, max_uses=args.max_uses, valid_days=args.days)
         )
-    except ValueError as exc:  # a bad code, percent or limit
+    except ValueError as exc:  # a bad code, kind, value or limit
         raise Usage(str(exc)) from None
-    return created, f"created {created.code}: -{created.percent}%" + (
+    return created, f"created {created.code}: {created.summary()}" + (
         f", at most {created.max_uses} uses" if created.max_uses else ""
     ) + (f", until {_when(created.expires_at)}" if created.expires_at else "")
 
@@ -593,7 +612,7 @@ def promo_list_command(conn: psycopg.Connection[Any], args: argparse.Namespace, 
             break
         after = page[-1].code
     lines = [
-        f"{p.code:<20} -{p.percent:>3}%  used {p.used_count}/{p.max_uses if p.max_uses is not None else '∞'}  "
+        f"{p.code:<20} {p.summary():<28} used {p.used_count}/{p.max_uses if p.max_uses is not None else '∞'}  "
         f"expires {_when(p.expires_at)}  {'active' if p.active else 'disabled'}"
         for p in codes
     ]

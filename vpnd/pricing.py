@@ -284,9 +284,24 @@ class Price:
     stars: int | None
 
 
-def price_offer(offer: Offer, discount_percent: int, floor_minor: int) -> Price:
-    """Apply a promo discount (plans only; a top-up is never discounted)."""
+def price_offer(offer: Offer, discount_percent: int, floor_minor: int, *, amount_off_minor: int = 0) -> Price:
+    """Apply a promo discount (plans only; a top-up is never discounted): a percent, or a fixed amount
+    off (never below `floor_minor`; the Stars price drops by the same share of the price)."""
     percent = discount_percent if offer.kind == "plan" else 0
+    off = amount_off_minor if offer.kind == "plan" and not percent else 0
     amount = discounted(offer.price_minor, percent, floor_minor) if percent else offer.price_minor
+    if off:
+        amount = amount_off(offer.price_minor, off, floor_minor)
     stars = stars_price(offer.stars, percent) if offer.stars else None
+    if off and offer.stars:
+        stars = max(1, -((-offer.stars * amount) // offer.price_minor))  # the same share, rounded up
     return Price(amount, offer.currency, percent, stars)
+
+
+def amount_off(price_minor: int, off_minor: int, floor_minor: int) -> int:
+    """The price less a fixed amount, never below `floor_minor` (nor 1) and never above the price."""
+    if price_minor <= 0:
+        raise InvalidAmount("a price must be positive")
+    if off_minor < 0:
+        raise ValueError(f"negative amount off: {off_minor}")
+    return min(price_minor, max(price_minor - off_minor, floor_minor, 1))

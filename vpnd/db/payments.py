@@ -298,7 +298,10 @@ def finalize_purchase(
     consumed = False
     if purchase.promo_code and purchase.superseded_by is None:
         consumed = promo.consume(conn, purchase.promo_code, user_id, purchase_id)
-    refused = purchase.promo_code is not None and purchase.discount_percent > 0 and not consumed
+    discounted = purchase.discount_percent > 0 or (
+        purchase.list_amount_minor is not None and purchase.amount_minor < purchase.list_amount_minor
+    )
+    refused = purchase.promo_code is not None and discounted and not consumed
     value = Valuation(purchase.days, 0, 0, purchase.amount_minor)
     if refused:
         value = _at_list_price(purchase, rules)

@@ -237,13 +237,14 @@ def create_purchase(
             (user_id,),
         )
     ]
-    percent = 0
+    percent = off = 0
     code: str | None = None
     if use_promo and remembered and offer.kind == "plan" and terms is None:
         check = promo.reserve_discount(conn, user_id, remembered)
         if check.ok and check.promo is not None:
-            percent, code = check.promo.percent, check.promo.code
-    price = price_offer(offer, percent, min_price_minor)
+            percent, off = check.promo.discount_for(offer.plan_code, offer.currency)
+            code = check.promo.code if percent or off else None  # another plan: the code stays remembered
+    price = price_offer(offer, percent, min_price_minor, amount_off_minor=off)
     if terms is not None:
         assert terms.price_minor is not None
         if method == "stars":  # the fiat price stays the list price: the Stars pay for it

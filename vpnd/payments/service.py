@@ -263,6 +263,8 @@ class Quote:
     upgrade: UpgradeBasis | None = None
     upgrade_terms: UpgradeTerms | None = None
     upgrade_stars: UpgradeTerms | None = None
+    #: The remembered code and the one plan it is bound to, when that is another plan (not applied here).
+    promo_elsewhere: tuple[str, str] | None = None
 
     @property
     def balance_covers(self) -> bool:
@@ -311,10 +313,17 @@ async def quote_plan(app: App, user_id: int, plan_code: str, *, currency: str | 
             price = attrs.evolve(price, stars=stars.price_minor)
         if fiat is not None or stars is not None:
             return Quote(plan, price, None, balance, payments.currency, basis, fiat, stars)
-    percent = check.promo.percent if check is not None and check.ok and check.promo is not None else 0
-    price = price_offer(offer, percent, floor)
-    code = check.promo.code if percent and check is not None and check.promo is not None else None
-    return Quote(plan, price, code, balance, payments.currency)
+    percent = off = 0
+    code: str | None = None
+    elsewhere: tuple[str, str] | None = None
+    if check is not None and check.ok and check.promo is not None:
+        percent, off = check.promo.discount_for(plan.code, offer.currency)
+        if percent or off:
+            code = check.promo.code
+        elif check.promo.plan_code not in (None, plan.code):
+            elsewhere = (check.promo.code, check.promo.plan_code)
+    price = price_offer(offer, percent, floor, amount_off_minor=off)
+    return Quote(plan, price, code, balance, payments.currency, promo_elsewhere=elsewhere)
 
 
 def _apply_promo_guarded(

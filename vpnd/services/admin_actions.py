@@ -578,19 +578,27 @@ def create_promo(
     conn: Conn,
     actor: Actor,
     code: str,
-    percent: int,
+    terms: promo.PromoTerms | int,
     *,
     max_uses: int | None = None,
     valid_days: int | None = None,
 ) -> promo.PromoCode | PromoExists:
-    """A new promo code (valid for `valid_days` from now, or without end). ValueError for a bad code,
-    percent, limit or number of days."""
+    """A new promo code (`terms`, or a percent; valid for `valid_days` from now, or without end).
+    ValueError for a bad code, terms, limit or number of days."""
     if valid_days is not None and not 1 <= valid_days <= MAX_GRANT_DAYS:
         raise ValueError(f"days must be from 1 to {MAX_GRANT_DAYS}")
-    facts: dict[str, Any] = {"percent": percent, "max_uses": max_uses, "valid_days": valid_days}
+    if isinstance(terms, int):
+        terms = promo.PromoTerms(percent=terms)
+    terms.check()
+    facts: dict[str, Any] = {
+        "kind": terms.kind, "percent": terms.percent, "amount_minor": terms.amount_minor, "currency": terms.currency,
+        "grant_days": terms.grant_days, "plan": terms.plan_code, "user": terms.user_id,
+        "first_purchase": terms.first_purchase, "max_uses": max_uses, "valid_days": valid_days,
+    }  # fmt: skip
+    facts = {key: value for key, value in facts.items() if value is not None and value is not False}
     try:
         created = promo.create_promo(
-            conn, code, percent, max_uses=max_uses, valid_days=valid_days, created_by=actor.user_id
+            conn, code, terms, max_uses=max_uses, valid_days=valid_days, created_by=actor.user_id
         )
     except promo.PromoExists:
         return _refuse(conn, actor, "promo_create", PromoExists(promo.normalize_code(code)), **facts)

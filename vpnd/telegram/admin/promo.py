@@ -12,8 +12,11 @@ from vpnd.telegram.admin.common import PROMO, CallbackAction, StateAction, actor
 from vpnd.telegram.admin.verbs import Press, Verb
 from vpnd.telegram.turn import Turn
 
-#: CODE PERCENT [MAX_USES] [DAYS_VALID]
-PROMO_INPUT = re.compile(r"(?P<code>\S+)\s+(?P<percent>\d{1,3})(?:\s+(?P<uses>\d{1,9}))?(?:\s+(?P<days>\d{1,4}))?")
+#: CODE PERCENT [MAX_USES] [DAYS_VALID], or CODE KIND VALUE [MAX_USES] [DAYS_VALID]
+PROMO_INPUT = re.compile(
+    r"(?P<code>\S+)\s+(?:(?P<percent>\d{1,3})|(?P<kind>[A-Za-z]{1,10})\s+(?P<value>[0-9][0-9.,]{0,15}))"
+    r"(?:\s+(?P<uses>\d{1,9}))?(?:\s+(?P<days>\d{1,4}))?"
+)
 
 
 async def show_promos(turn: Turn, press: Press | None = None, notice: str = "") -> None:
@@ -32,11 +35,15 @@ async def promo_entered(turn: Turn, text: str, data: dict[str, Any]) -> None:
         await turn.reply(turn.t("admin.promo.bad"), views.back_keyboard(turn.t))
         return
     try:
+        terms = promo.PromoTerms.parse(
+            (match["kind"] or "percent").lower(), match["percent"] or match["value"],
+            currency=turn.app.config.payments.currency,
+        )  # fmt: skip
         created = await turn.app.db.run(
             actions.create_promo,
             actor(turn),
             match["code"],
-            int(match["percent"]),
+            terms,
             max_uses=int(match["uses"]) if match["uses"] else None,
             valid_days=int(match["days"]) if match["days"] else None,
         )
@@ -48,7 +55,7 @@ async def promo_entered(turn: Turn, text: str, data: dict[str, Any]) -> None:
         return
     await clear_state(turn)
     promos = await turn.app.db.run(promo.list_promos, limit=30)
-    notice = turn.t("admin.promo.created", code=created.code, percent=created.percent)
+    notice = turn.t("admin.promo.created", code=created.code, value=views.promo_value(turn.t, created))
     await turn.reply(with_notice(notice, views.promo_text(turn.t, promos)), views.promo_keyboard(turn.t, promos))
 
 

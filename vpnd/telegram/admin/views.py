@@ -247,15 +247,34 @@ def promo_text(t: T, promos: Sequence[PromoCode]) -> str:
         t(
             "admin.promo.line",
             code=p.code,
-            percent=p.percent,
+            value=promo_value(t, p),
             used=p.used_count,
             max=t("admin.unlimited") if p.max_uses is None else p.max_uses,
             expires=fmt_time(p.expires_at, t("admin.never")),
+            conditions=promo_conditions(t, p),
             state=t("admin.promo.active" if p.active else "admin.promo.disabled"),
         )
         for p in promos
     ]
     return t("admin.promo.list", codes=Html("\n".join(lines)))
+
+
+def promo_value(t: T, p: PromoCode) -> str:
+    """What the code does: −20%, −2.00 USD, +7 days, +5.00 USD balance."""
+    if p.kind == "percent":
+        return t("admin.promo.value_percent", percent=p.percent or 0)
+    if p.kind == "days":
+        return t("admin.promo.value_days", days=p.grant_days or 0)
+    amount = format_money(p.amount_minor or 0, p.currency or "")
+    return t("admin.promo.value_amount" if p.kind == "amount" else "admin.promo.value_balance", amount=amount)
+
+
+def promo_conditions(t: T, p: PromoCode) -> str:
+    """For whom: a plan, one user, first purchases only (empty for anyone)."""
+    parts = [t("admin.promo.cond_plan", plan=p.plan_code)] if p.plan_code is not None else []
+    parts += [t("admin.promo.cond_user", user=p.user_id)] if p.user_id is not None else []
+    parts += [t("admin.promo.cond_first")] if p.first_purchase else []
+    return "".join(parts)
 
 
 def promo_keyboard(t: T, promos: Iterable[PromoCode]) -> kb.Keyboard:

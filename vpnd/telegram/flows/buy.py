@@ -73,10 +73,13 @@ async def choose_plan(turn: Turn) -> None:
     promo_note = ""
     for plan in turn.app.config.sale_plans:
         quote = await service.quote_plan(turn.app, turn.user.id, plan.code)
-        if quote.promo_code and not promo_note:
-            promo_note = turn.t("buy.promo_note", code=quote.promo_code, percent=quote.price.discount_percent)
         title = plan.title.get(turn.lang, plan.code)
         list_price = pricing.plan_offer(plan)
+        if quote.promo_code and not promo_note and quote.price.discount_percent:
+            promo_note = turn.t("buy.promo_note", code=quote.promo_code, percent=quote.price.discount_percent)
+        elif quote.promo_code and not promo_note and quote.price.currency == list_price.currency:
+            off = _money(list_price.price_minor - quote.price.amount_minor, list_price.currency)
+            promo_note = turn.t("buy.promo_note_amount", code=quote.promo_code, amount=off, plan=title)
         price = _money(list_price.price_minor, list_price.currency)
         per_month = _money(pricing.per_month_minor(list_price.price_minor, plan.days), list_price.currency)
         description = plan.describe(turn.lang)
@@ -168,8 +171,17 @@ async def choose_method(turn: Turn, plan_code: str) -> None:
         rows.append([kb.button(turn.t("gifts.buy_button"), f"gift:{plan.code}")])
     rows.append([kb.button(turn.t("common.back"), "buy")])
     text = turn.t("buy.choose_method", title=plan.title.get(turn.lang, plan.code), days=plan.days, price=price)
-    text += _upgrade_note(turn, quote) + card_note
+    text += _upgrade_note(turn, quote) + card_note + _promo_elsewhere_note(turn, quote)
     await turn.show(text, kb.keyboard(*rows))
+
+
+def _promo_elsewhere_note(turn: Turn, quote: service.Quote) -> str:
+    """The remembered code is bound to another plan: say so, so the price without it is no surprise."""
+    if quote.promo_elsewhere is None:
+        return ""
+    code, plan_code = quote.promo_elsewhere
+    plan = turn.app.config.plan(plan_code)
+    return "\n" + turn.t("promo.wrong_plan", code=code, plan=plan.label(turn.lang) if plan else plan_code)
 
 
 def _not_offered(turn: Turn, currency: str) -> str:
