@@ -68,6 +68,12 @@ WIDEST: dict[Verb, tuple[object, ...]] = {
     Verb.MAINTENANCE: (),
     Verb.MAINTENANCE_ON: (),
     Verb.MAINTENANCE_OFF: (),
+    Verb.TRIAL_EXTEND: (BIG,),
+    Verb.TRIAL_EXTEND_CONFIRM: (BIG, 7, NONCE),
+    Verb.USERS_FILTERS: (),
+    Verb.USERS: ("expiring", "uk", "b", 2**63 - 1),
+    Verb.AUDIT: ("t" + "X" * 24, BIG),
+    Verb.AUDIT_FILTER: (),
 }
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any, Generic, TextIO, TypeVar
 
 import attrs
 import psycopg
@@ -430,3 +430,133 @@ def export_users_csv(conn: psycopg.Connection[Any], out: TextIO, *, batch_size: 
 def export_payments_csv(conn: psycopg.Connection[Any], out: TextIO, *, batch_size: int = 1000) -> int:
     """Every payment as CSV, read in keyset batches of `batch_size`; returns the number of rows."""
     return _export(conn, out, PAYMENTS_CSV_HEADER, PAYMENTS_CSV_QUERY, batch_size)
+
+
+# --- the user list and the audit log, page by page (keyset: no OFFSET, no "all users") -------------------
+
+#: A user's subscription running now; `s` is the user's subscription (LEFT JOIN: may be NULL).
+_RUNNING = "s.status = 'active' AND s.expires_at > now()"
+_NOT_BANNED = "u.banned_at IS NULL"
+
+#: The user list's filters: SQL over `u` (users) and `s` (their subscription, may be NULL). Every filter
+#: but `banned` and `all` leaves banned users out (they are not customers while banned).
+USER_FILTERS: dict[str, str] = {
+    "all": "true",
+    "active": f"{_NOT_BANNED} AND {_RUNNING}",
+    "expiring": f"{_NOT_BANNED} AND {_RUNNING} AND s.expires_at <= now() + make_interval(days => %(days)s)",
+    "expired": f"{_NOT_BANNED} AND s.user_id IS NOT NULL AND NOT ({_RUNNING})",
+    "trial": f"{_NOT_BANNED} AND {_RUNNING} AND s.kind = 'trial'",
+    "paid": f"{_NOT_BANNED} AND {_RUNNING} AND s.kind = 'paid'",
+    "banned": "u.banned_at IS NOT NULL",
+}
+
+#: "expiring": ends within this many days.
+EXPIRING_DAYS = 3
+
+
+@attrs.frozen
+class UserRow:
+    id: int
+    username: str | None
+    first_name: str
+    language: str
+    banned: bool
+    kind: str | None
+    status: str | None
+    expires_at: dt.datetime | None
+
+
+R = TypeVar("R")
+
+
+@attrs.frozen
+class Page(Generic[R]):
+    """One page of a keyset listing; `more_after` / `more_before`: whether rows of greater / smaller ids
+    lie beyond it (the user list runs up by id, the audit log down: newest first)."""
+
+    rows: list[R]
+    more_after: bool
+    more_before: bool
+
+
+def list_users(
+    conn: psycopg.Connection[Any],
+    filter_name: str,
+    *,
+    language: str | None = None,
+    after: int | None = None,
+    before: int | None = None,
+    limit: int = 10,
+) -> Page[UserRow]:
+    """Users matching `filter_name` (and `language`) by id: the `limit` after id `after` (from the first
+    without), or the `limit` before id `before`. KeyError for an unknown filter."""
+    where = f"({USER_FILTERS[filter_name]}) AND (%(lang)s::text IS NULL OR u.language = %(lang)s)"
+    base = (
+        "SELECT u.id, u.username, u.first_name, u.language, u.banned_at IS NOT NULL AS banned, "
+        "s.kind, s.status, s.expires_at FROM users u LEFT JOIN subscriptions s ON s.user_id = u.id "
+        f"WHERE {where}"
+    )
+    params = {"days": EXPIRING_DAYS, "lang": language, "limit": limit + 1}
+    with conn.cursor(row_factory=class_row(UserRow)) as cur:
+        if before is not None:
+            rows = cur.execute(
+                f"{base} AND u.id < %(cursor)s ORDER BY u.id DESC LIMIT %(limit)s", {**params, "cursor": before}
+            ).fetchall()
+            more_before, rows = len(rows) > limit, rows[:limit][::-1]
+            more_after = True
+        else:
+            cursor = after if after is not None else -(2**63)
+            rows = cur.execute(
+                f"{base} AND u.id > %(cursor)s ORDER BY u.id LIMIT %(limit)s", {**params, "cursor": cursor}
+            ).fetchall()
+            more_after, rows = len(rows) > limit, rows[:limit]
+            more_before = after is not None
+    if rows and before is None and after is not None:
+        more_before = _exists(conn, base, "u.id < %(cursor)s", {**params, "cursor": rows[0].id})
+    if rows and before is not None:
+        more_after = _exists(conn, base, "u.id > %(cursor)s", {**params, "cursor": rows[-1].id})
+    return Page(rows, more_after, more_before)
+
+
+def _exists(conn: psycopg.Connection[Any], base: str, condition: str, params: dict[str, Any]) -> bool:
+    return conn.execute(f"SELECT EXISTS ({base} AND {condition})", params).fetchone() == (True,)
+
+
+def audit_page(
+    conn: psycopg.Connection[Any],
+    *,
+    action: str | None = None,
+    admin_id: int | None = None,
+    target: str | None = None,
+    before: int | None = None,
+    after: int | None = None,
+    limit: int = 10,
+) -> Page[AuditEntry]:
+    """Audit rows, newest first, matching every filter given: the `limit` older than id `before` (the
+    newest without), or the `limit` newer than id `after`."""
+    base = (
+        "SELECT id, admin_id, action, target, result, details, created_at FROM admin_audit "
+        "WHERE (%(action)s::text IS NULL OR action = %(action)s) "
+        "AND (%(admin)s::bigint IS NULL OR admin_id = %(admin)s) "
+        "AND (%(target)s::text IS NULL OR target = %(target)s)"
+    )
+    params = {"action": action, "admin": admin_id, "target": target, "limit": limit + 1}
+    with conn.cursor(row_factory=class_row(AuditEntry)) as cur:
+        if after is not None:
+            rows = cur.execute(
+                f"{base} AND id > %(cursor)s ORDER BY id LIMIT %(limit)s", {**params, "cursor": after}
+            ).fetchall()
+            more_after, rows = len(rows) > limit, rows[:limit][::-1]
+            more_before = True
+        else:
+            cursor = before if before is not None else 2**63 - 1
+            rows = cur.execute(
+                f"{base} AND id < %(cursor)s ORDER BY id DESC LIMIT %(limit)s", {**params, "cursor": cursor}
+            ).fetchall()
+            more_before, rows = len(rows) > limit, rows[:limit]
+            more_after = before is not None
+    if rows and after is None and before is not None:
+        more_after = _exists(conn, base, "id > %(cursor)s", {**params, "cursor": rows[0].id})
+    if rows and after is not None:
+        more_before = _exists(conn, base, "id < %(cursor)s", {**params, "cursor": rows[-1].id})
+    return Page(rows, more_after, more_before)

@@ -1,7 +1,11 @@
 """The admin menu (`/admin`): stats, health, users and their access, refunds, promo codes, broadcasts,
 CSV exports — one module per concern, the actions themselves in `vpnd.services.admin_actions`.
 
-Admins are exactly `[telegram] admin_ids`. For anyone else `/admin`, every ``adm`` button and every
+Staff are `[telegram] admin_ids` (owners) and `[telegram] admin_roles` (admins, support). Each button
+and typed input is checked against the staff member's role before its handler runs
+(`vpnd.telegram.admin.roles`): a forbidden one is refused politely and audited (``forbidden``).
+
+For anyone else `/admin`, every ``adm`` button and every
 ``adm_*`` state do not exist: they get the very reply an unknown command or button gets (so nothing
 reveals them), nothing changes, and the attempt is audited. An admin's button is parsed through
 `verbs.parse`: one that is unknown or of the wrong shape (stale, forged) gets a polite answer
@@ -24,8 +28,10 @@ from vpnd.telegram.admin import (
     export,
     gifts,
     maintenance,
+    people,
     promo,
     refunds,
+    roles,
     stats,
     users,
 )
@@ -36,6 +42,7 @@ from vpnd.telegram.admin.common import (
     cancel_action,
     is_admin,
     log,
+    permitted,
     refuse,
     show_menu,
 )
@@ -62,6 +69,7 @@ CALLBACKS: dict[Verb, CallbackAction] = {
     **export.CALLBACKS,
     **maintenance.CALLBACKS,
     **compensate.CALLBACKS,
+    **people.CALLBACKS,
 }
 
 STATES: dict[str, StateAction] = {
@@ -70,6 +78,7 @@ STATES: dict[str, StateAction] = {
     **broadcasts.STATES,
     **maintenance.STATES,
     **compensate.STATES,
+    **people.STATES,
 }
 
 
@@ -92,6 +101,8 @@ def register(routes: Routes) -> None:
         press = parse(data)
         try:
             if press is not None:
+                if not await permitted(turn, roles.verb_action(press.verb), data):
+                    return
                 await CALLBACKS[press.verb](turn, press)
                 return
         except ValueError:  # arguments of the right shape but out of range (e.g. 0 days)
@@ -105,6 +116,8 @@ def register(routes: Routes) -> None:
                 await refuse(turn, "state", name)
                 await turn.app.db.run(conversation.clear_state, turn.user.id)
                 await menu.show_menu(turn, turn.t("common.unknown"))
+                return
+            if not await permitted(turn, roles.STATE_ACTIONS.get(name, name), name):
                 return
             state = await turn.app.db.run(conversation.get_state, turn.user.id)
             await STATES[name](turn, text, state.data if state is not None else {})
