@@ -16,6 +16,8 @@
     vpnd admin devices <id> [--reset]
     vpnd admin grant-device <id> [N]
     vpnd admin maintenance on [--message TEXT] | off | status
+    vpnd admin users [--filter F] [--lang L] [--limit N] [--after ID]
+    vpnd admin audit [--action A] [--admin ID] [--target T] [--limit N] [--before ID]
     vpnd broadcast list [--status S]
     vpnd broadcast pause|resume|cancel <id>
 
@@ -42,10 +44,10 @@ from typing import Any, TypeVar
 import attrs
 import psycopg
 
-from vpnd.config import Config
+from vpnd.config import SUPPORTED_LANGUAGES, Config
 from vpnd.db import broadcasts as bdb
 from vpnd.db import promo, quota
-from vpnd.db.admin import RevenueRow, TierRow, UserDetails
+from vpnd.db.admin import USER_FILTERS, RevenueRow, TierRow, UserDetails
 from vpnd.db.migrations import SchemaError, check_version, packaged_schema
 from vpnd.db.payments import AUTO_RENEW_PREFIX, PaymentRules
 from vpnd.db.subscriptions import Subscription
@@ -135,6 +137,18 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     leaf(switches, "on", "turn maintenance on").add_argument("--message", default="", help="the banner users see")
     leaf(switches, "off", "turn maintenance off")
     leaf(switches, "status", "whether maintenance is on, since when, with which text")
+
+    listing = leaf(actions, "users", "list users by id, a page at a time (--after the last id shown)")
+    listing.add_argument("--filter", default="all", choices=list(USER_FILTERS), help="which users (default: all)")
+    listing.add_argument("--lang", default=None, help="only users with this language (en, ru, ...)")
+    listing.add_argument("--limit", type=int, default=50, help=f"rows, 1 to {actions.MAX_PAGE} (default 50)")
+    listing.add_argument("--after", type=int, default=None, help="start after this user id")
+    audit = leaf(actions, "audit", "the audit log, newest first, a page at a time (--before the last id shown)")
+    audit.add_argument("--action", default=None, help="only this action (grant, balance, lookup, ...)")
+    audit.add_argument("--admin", type=int, default=None, help="only this admin's (0: the command line)")
+    audit.add_argument("--target", default=None, help="only this target (a user id, a promo code, ...)")
+    audit.add_argument("--limit", type=int, default=50, help=f"rows, 1 to {actions.MAX_PAGE} (default 50)")
+    audit.add_argument("--before", type=int, default=None, help="older than this entry id")
 
     gift_parser = actions.add_parser("gift", help="gifts: refund an unredeemed gift to the buyer's balance")
     gift_actions = gift_parser.add_subparsers(dest="gift_command", required=True, metavar="ACTION")
@@ -542,6 +556,8 @@ def gift_refund_command(conn: psycopg.Connection[Any], args: argparse.Namespace,
         f"refunded gift {gift.code}: {value} to user {gift.buyer_id}'s balance "
         f"(now {format_money(done.balance_minor, gift.currency)})"
     )
+
+
 def maintenance_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
     verb = args.maintenance_command
     if verb == "status":
@@ -555,6 +571,43 @@ def maintenance_command(conn: psycopg.Connection[Any], args: argparse.Namespace,
         return state, "maintenance is off" + (f" (since {_when(state.since)})" if state.since else "")
     shown = state.message or "(the default text of each user's language)"
     return state, f"maintenance is on since {_when(state.since)}: purchases and trials are paused\nbanner: {shown}"
+
+
+def users_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    if args.lang is not None and args.lang not in SUPPORTED_LANGUAGES:
+        raise Usage(f"--lang: expected one of {', '.join(SUPPORTED_LANGUAGES)}, got {args.lang!r}")
+    try:
+        page = actions.list_users(conn, _actor(), args.filter, language=args.lang, after=args.after, limit=args.limit)
+    except ValueError as exc:
+        raise Usage(str(exc)) from None
+    lines = [
+        f"{row.id:>12}  {(('@' + row.username) if row.username else row.first_name)[:24]:<24}  {row.language}  "
+        f"{'banned' if row.banned else (row.kind or '-')}  {row.status or '-'}  {_when(row.expires_at)}"
+        for row in page.rows
+    ]
+    if page.more_after and page.rows:
+        lines.append(f"more: --after {page.rows[-1].id}")
+    value = {"users": page.rows, "next_after": page.rows[-1].id if page.more_after and page.rows else None}
+    return value, "\n".join(lines) or "no users"
+
+
+def audit_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    try:
+        page = actions.audit_log(
+            conn, _actor(), action=args.action, admin_id=args.admin, target=args.target, before=args.before,
+            limit=args.limit,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise Usage(str(exc)) from None
+    lines = [
+        f"#{e.id}  {_when(e.created_at)}  admin {e.admin_id}  {e.action}  {e.target or '-'}  {e.result}  "
+        f"{json.dumps(e.details, ensure_ascii=False, sort_keys=True)}"
+        for e in page.rows
+    ]
+    if page.more_before and page.rows:
+        lines.append(f"more: --before {page.rows[-1].id}")
+    value = {"entries": page.rows, "next_before": page.rows[-1].id if page.more_before and page.rows else None}
+    return value, "\n".join(lines) or "no entries"
 
 
 def _done(outcome: R | actions.Refused) -> R:
@@ -582,6 +635,7 @@ _REFUSALS: dict[type[actions.Refused], Callable[[Any], str]] = {
     actions.GiftNotFound: lambda r: f"no gift {r.target}",
     actions.GiftNotRefundable: lambda r: f"gift {r.target} cannot be refunded: " + _GIFT_REFUSALS.get(r.why, r.why),
     actions.BroadcastNotFound: lambda r: f"no broadcast #{r.target}",
+    actions.NotTrial: lambda r: f"user {r.target} has a paid subscription (support extends trials only)",
     actions.BroadcastUnchanged: lambda r: f"broadcast #{r.target} is {r.view.broadcast.status}; cannot {r.verb} it",
 }
 
@@ -605,6 +659,8 @@ ADMIN_COMMANDS: dict[str, Command] = {
     "maintenance on": maintenance_command,
     "maintenance off": maintenance_command,
     "maintenance status": maintenance_command,
+    "users": users_command,
+    "audit": audit_command,
 }
 
 
