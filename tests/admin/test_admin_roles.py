@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.admin.harness import ADMIN, give_subscription, seed_users, start_admin_vpnd
+from tests.admin.harness import give_subscription, seed_users, start_admin_vpnd
 from tests.harness import bot_config, has_button, press, say, sql, text_has
 from vpnd.config import ConfigError, load_config
 from vpnd.roles import ACTIONS, Role, allows, role_of
