@@ -68,6 +68,7 @@ OK, FAILED, USAGE = 0, 1, 2
 
 MAX_GRANT_GB_TEXT = str(actions.MAX_GRANT_GB)
 MAX_BAN_REASON_TEXT = str(actions.MAX_BAN_REASON)
+MAX_PAGE_TEXT = str(actions.MAX_PAGE)
 
 AddConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -141,13 +142,13 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     listing = leaf(actions, "users", "list users by id, a page at a time (--after the last id shown)")
     listing.add_argument("--filter", default="all", choices=list(USER_FILTERS), help="which users (default: all)")
     listing.add_argument("--lang", default=None, help="only users with this language (en, ru, ...)")
-    listing.add_argument("--limit", type=int, default=50, help=f"rows, 1 to {actions.MAX_PAGE} (default 50)")
+    listing.add_argument("--limit", type=int, default=50, help=f"rows, 1 to {MAX_PAGE_TEXT} (default 50)")
     listing.add_argument("--after", type=int, default=None, help="start after this user id")
     audit = leaf(actions, "audit", "the audit log, newest first, a page at a time (--before the last id shown)")
     audit.add_argument("--action", default=None, help="only this action (grant, balance, lookup, ...)")
     audit.add_argument("--admin", type=int, default=None, help="only this admin's (0: the command line)")
     audit.add_argument("--target", default=None, help="only this target (a user id, a promo code, ...)")
-    audit.add_argument("--limit", type=int, default=50, help=f"rows, 1 to {actions.MAX_PAGE} (default 50)")
+    audit.add_argument("--limit", type=int, default=50, help=f"rows, 1 to {MAX_PAGE_TEXT} (default 50)")
     audit.add_argument("--before", type=int, default=None, help="older than this entry id")
 
     gift_parser = actions.add_parser("gift", help="gifts: refund an unredeemed gift to the buyer's balance")
