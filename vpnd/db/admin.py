@@ -479,6 +479,15 @@ class Page(Generic[R]):
     more_before: bool
 
 
+def _users_query(where: str, cursor: str, order: str) -> str:
+    return (
+        "SELECT u.id, u.username, u.first_name, u.language, u.banned_at IS NOT NULL AS banned, "
+        "s.kind, s.status, s.expires_at FROM users u LEFT JOIN subscriptions s ON s.user_id = u.id "
+        f"WHERE ({where}) AND (%(lang)s::text IS NULL OR u.language = %(lang)s) AND u.id {cursor} %(cursor)s "
+        f"ORDER BY u.id {order} LIMIT %(limit)s"
+    )
+
+
 def list_users(
     conn: psycopg.Connection[Any],
     filter_name: str,
@@ -490,36 +499,33 @@ def list_users(
 ) -> Page[UserRow]:
     """Users matching `filter_name` (and `language`) by id: the `limit` after id `after` (from the first
     without), or the `limit` before id `before`. KeyError for an unknown filter."""
-    where = f"({USER_FILTERS[filter_name]}) AND (%(lang)s::text IS NULL OR u.language = %(lang)s)"
-    base = (
-        "SELECT u.id, u.username, u.first_name, u.language, u.banned_at IS NOT NULL AS banned, "
-        "s.kind, s.status, s.expires_at FROM users u LEFT JOIN subscriptions s ON s.user_id = u.id "
-        f"WHERE {where}"
-    )
-    params = {"days": EXPIRING_DAYS, "lang": language, "limit": limit + 1}
-    with conn.cursor(row_factory=class_row(UserRow)) as cur:
-        if before is not None:
-            rows = cur.execute(
-                f"{base} AND u.id < %(cursor)s ORDER BY u.id DESC LIMIT %(limit)s", {**params, "cursor": before}
-            ).fetchall()
-            more_before, rows = len(rows) > limit, rows[:limit][::-1]
-            more_after = True
-        else:
-            cursor = after if after is not None else -(2**63)
-            rows = cur.execute(
-                f"{base} AND u.id > %(cursor)s ORDER BY u.id LIMIT %(limit)s", {**params, "cursor": cursor}
-            ).fetchall()
-            more_after, rows = len(rows) > limit, rows[:limit]
-            more_before = after is not None
-    if rows and before is None and after is not None:
-        more_before = _exists(conn, base, "u.id < %(cursor)s", {**params, "cursor": rows[0].id})
-    if rows and before is not None:
-        more_after = _exists(conn, base, "u.id > %(cursor)s", {**params, "cursor": rows[-1].id})
+    where = USER_FILTERS[filter_name]
+    params: dict[str, Any] = {"days": EXPIRING_DAYS, "lang": language}
+
+    def fetch(cursor: str, order: str, value: int, count: int) -> list[UserRow]:
+        with conn.cursor(row_factory=class_row(UserRow)) as cur:
+            query = _users_query(where, cursor, order)
+            return cur.execute(query, {**params, "cursor": value, "limit": count}).fetchall()
+
+    if before is not None:
+        rows = fetch("<", "DESC", before, limit + 1)
+        more_before, rows = len(rows) > limit, rows[:limit][::-1]
+        more_after = not rows or bool(fetch(">", "", rows[-1].id, 1))
+    else:
+        rows = fetch(">", "", after if after is not None else -(2**63), limit + 1)
+        more_after, rows = len(rows) > limit, rows[:limit]
+        more_before = after is not None and (not rows or bool(fetch("<", "DESC", rows[0].id, 1)))
     return Page(rows, more_after, more_before)
 
 
-def _exists(conn: psycopg.Connection[Any], base: str, condition: str, params: dict[str, Any]) -> bool:
-    return conn.execute(f"SELECT EXISTS ({base} AND {condition})", params).fetchone() == (True,)
+def _audit_query(cursor: str, order: str) -> str:
+    return (
+        "SELECT id, admin_id, action, target, result, details, created_at FROM admin_audit "
+        "WHERE (%(action)s::text IS NULL OR action = %(action)s) "
+        "AND (%(admin)s::bigint IS NULL OR admin_id = %(admin)s) "
+        f"AND (%(target)s::text IS NULL OR target = %(target)s) AND id {cursor} %(cursor)s "
+        f"ORDER BY id {order} LIMIT %(limit)s"
+    )
 
 
 def audit_page(
@@ -534,29 +540,18 @@ def audit_page(
 ) -> Page[AuditEntry]:
     """Audit rows, newest first, matching every filter given: the `limit` older than id `before` (the
     newest without), or the `limit` newer than id `after`."""
-    base = (
-        "SELECT id, admin_id, action, target, result, details, created_at FROM admin_audit "
-        "WHERE (%(action)s::text IS NULL OR action = %(action)s) "
-        "AND (%(admin)s::bigint IS NULL OR admin_id = %(admin)s) "
-        "AND (%(target)s::text IS NULL OR target = %(target)s)"
-    )
-    params = {"action": action, "admin": admin_id, "target": target, "limit": limit + 1}
-    with conn.cursor(row_factory=class_row(AuditEntry)) as cur:
-        if after is not None:
-            rows = cur.execute(
-                f"{base} AND id > %(cursor)s ORDER BY id LIMIT %(limit)s", {**params, "cursor": after}
-            ).fetchall()
-            more_after, rows = len(rows) > limit, rows[:limit][::-1]
-            more_before = True
-        else:
-            cursor = before if before is not None else 2**63 - 1
-            rows = cur.execute(
-                f"{base} AND id < %(cursor)s ORDER BY id DESC LIMIT %(limit)s", {**params, "cursor": cursor}
-            ).fetchall()
-            more_before, rows = len(rows) > limit, rows[:limit]
-            more_after = before is not None
-    if rows and after is None and before is not None:
-        more_after = _exists(conn, base, "id > %(cursor)s", {**params, "cursor": rows[0].id})
-    if rows and after is not None:
-        more_before = _exists(conn, base, "id < %(cursor)s", {**params, "cursor": rows[-1].id})
+    params: dict[str, Any] = {"action": action, "admin": admin_id, "target": target}
+
+    def fetch(cursor: str, order: str, value: int, count: int) -> list[AuditEntry]:
+        with conn.cursor(row_factory=class_row(AuditEntry)) as cur:
+            return cur.execute(_audit_query(cursor, order), {**params, "cursor": value, "limit": count}).fetchall()
+
+    if after is not None:
+        rows = fetch(">", "", after, limit + 1)
+        more_after, rows = len(rows) > limit, rows[:limit][::-1]
+        more_before = not rows or bool(fetch("<", "DESC", rows[-1].id, 1))
+    else:
+        rows = fetch("<", "DESC", before if before is not None else 2**63 - 1, limit + 1)
+        more_before, rows = len(rows) > limit, rows[:limit]
+        more_after = before is not None and (not rows or bool(fetch(">", "", rows[0].id, 1)))
     return Page(rows, more_after, more_before)
