@@ -468,9 +468,8 @@ def revoke_command(conn: psycopg.Connection[Any], args: argparse.Namespace, conf
 def ban_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
     banned = args.admin_command == "ban"
     reason = getattr(args, "reason", None)  # `unban` takes none
-    done = _done(
-        actions.set_banned(conn, _actor(), args.user_id, banned, admin_ids=config.telegram.admin_ids, reason=reason)
-    )
+    staff = (*config.telegram.admin_ids, *config.telegram.admin_roles)  # no role of staff is banned
+    done = _done(actions.set_banned(conn, _actor(), args.user_id, banned, admin_ids=staff, reason=reason))
     if not done.changed:
         return done, f"user {args.user_id} was {'already banned' if banned else 'not banned'}: nothing changed"
     if banned:

@@ -244,6 +244,10 @@ async def test_an_admin_runs_the_shop_but_not_what_acts_on_everyone(
         reply = await forged_reply(fake, MANAGER, f"adm:balc:{BOB}:250:abcd9999")
         assert FORBIDDEN not in (reply.text or "")
         assert sql(db_dsn, "SELECT balance_minor FROM users WHERE id = %s", BOB) == [(250,)]
+        # Staff of any role are not banned (an admin cannot lock out support, or another admin).
+        reply = await forged_reply(fake, MANAGER, f"adm:bnc:{SUPPORT}:on:abcd7777")
+        assert FORBIDDEN not in (reply.text or "")
+        assert sql(db_dsn, "SELECT count(*) FROM users WHERE banned_at IS NOT NULL") == [(0,)]
     refused = sql(db_dsn, "SELECT action FROM admin_audit WHERE admin_id = %s AND result = 'forbidden'", MANAGER)
     assert sorted(a for (a,) in refused) == [
         "export",

@@ -205,7 +205,7 @@ async def ban_confirmed(turn: Turn, press: Press) -> None:
         actor(turn),
         user_id,
         ban,
-        admin_ids=turn.app.config.telegram.admin_ids,
+        admin_ids=(*turn.app.config.telegram.admin_ids, *turn.app.config.telegram.admin_roles),  # staff
         nonce=press.args[2],
     )
     if isinstance(done, actions.UserNotFound):
