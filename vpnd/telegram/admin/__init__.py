@@ -5,9 +5,9 @@ Staff are `[telegram] admin_ids` (owners) and `[telegram] admin_roles` (admins, 
 and typed input is checked against the staff member's role before its handler runs
 (`vpnd.telegram.admin.roles`): a forbidden one is refused politely and audited (``forbidden``).
 
-For anyone else `/admin`, every ``adm`` button and every
-``adm_*`` state do not exist: they get the very reply an unknown command or button gets (so nothing
-reveals them), nothing changes, and the attempt is audited. An admin's button is parsed through
+For anyone else `/admin`, every ``adm`` button and every ``adm_*`` state do not exist: they get the
+very reply an unknown command or button gets (so nothing reveals them), nothing changes, and the
+attempt is audited. An admin's button is parsed through
 `verbs.parse`: one that is unknown or of the wrong shape (stale, forged) gets a polite answer
 (``admin.bad_button``) and changes nothing. Multi-step inputs (a user id, days, an amount, a
 broadcast draft) are durable conversation states (`adm_*`), so they survive a restart and expire
