@@ -48,6 +48,7 @@ MAP: dict[str, str] = {
     "vpnd.connect_apps": "domain",  # the client apps catalog (a packaged data file, read with the config)
     "vpnd.masking": "domain",
     "vpnd.pricing": "domain",
+    "vpnd.roles": "domain",  # admin roles and the action → least role table (pure)
     "vpnd.quota": "domain",
     "vpnd.devices": "domain",  # device ids from client apps' headers, bounded (pure)
     "vpnd.account_page": "domain",  # the subscription URL's page for browsers: browser or app, the HTML (pure)

@@ -22,6 +22,8 @@
     vpnd admin devices <id> [--reset]
     vpnd admin grant-device <id> [N]
     vpnd admin maintenance on [--message TEXT] | off | status
+    vpnd admin users [--filter F] [--lang L] [--limit N] [--after ID]
+    vpnd admin audit [--action A] [--admin ID] [--target T] [--limit N] [--before ID]
     vpnd broadcast list [--status S]
     vpnd broadcast pause|resume|cancel <id>
 
@@ -48,10 +50,10 @@ from typing import Any, TypeVar
 import attrs
 import psycopg
 
-from vpnd.config import Config
+from vpnd.config import SUPPORTED_LANGUAGES, Config
 from vpnd.db import broadcasts as bdb
 from vpnd.db import promo, quota, referrals
-from vpnd.db.admin import RevenueRow, TierRow, UserDetails
+from vpnd.db.admin import USER_FILTERS, RevenueRow, TierRow, UserDetails
 from vpnd.db.key_rotation import Rotation
 from vpnd.db.key_rotation import Verb as RotationVerb
 from vpnd.db.migrations import SchemaError, check_version, packaged_schema
@@ -76,6 +78,7 @@ OK, FAILED, USAGE = 0, 1, 2
 
 MAX_GRANT_GB_TEXT = str(actions.MAX_GRANT_GB)
 MAX_BAN_REASON_TEXT = str(actions.MAX_BAN_REASON)
+MAX_PAGE_TEXT = str(actions.MAX_PAGE)
 
 AddConfig = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -160,6 +163,18 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     leaf(switches, "on", "turn maintenance on").add_argument("--message", default="", help="the banner users see")
     leaf(switches, "off", "turn maintenance off")
     leaf(switches, "status", "whether maintenance is on, since when, with which text")
+
+    listing = leaf(actions, "users", "list users by id, a page at a time (--after the last id shown)")
+    listing.add_argument("--filter", default="all", choices=list(USER_FILTERS), help="which users (default: all)")
+    listing.add_argument("--lang", default=None, help="only users with this language (en, ru, ...)")
+    listing.add_argument("--limit", type=int, default=50, help=f"rows, 1 to {MAX_PAGE_TEXT} (default 50)")
+    listing.add_argument("--after", type=int, default=None, help="start after this user id")
+    audit = leaf(actions, "audit", "the audit log, newest first, a page at a time (--before the last id shown)")
+    audit.add_argument("--action", default=None, help="only this action (grant, balance, lookup, ...)")
+    audit.add_argument("--admin", type=int, default=None, help="only this admin's (0: the command line)")
+    audit.add_argument("--target", default=None, help="only this target (a user id, a promo code, ...)")
+    audit.add_argument("--limit", type=int, default=50, help=f"rows, 1 to {MAX_PAGE_TEXT} (default 50)")
+    audit.add_argument("--before", type=int, default=None, help="older than this entry id")
 
     gift_parser = actions.add_parser("gift", help="gifts: refund an unredeemed gift to the buyer's balance")
     gift_actions = gift_parser.add_subparsers(dest="gift_command", required=True, metavar="ACTION")
@@ -538,9 +553,8 @@ def rotate_keys_command(conn: psycopg.Connection[Any], args: argparse.Namespace,
 def ban_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
     banned = args.admin_command == "ban"
     reason = getattr(args, "reason", None)  # `unban` takes none
-    done = _done(
-        actions.set_banned(conn, _actor(), args.user_id, banned, admin_ids=config.telegram.admin_ids, reason=reason)
-    )
+    staff = (*config.telegram.admin_ids, *config.telegram.admin_roles)  # no role of staff is banned
+    done = _done(actions.set_banned(conn, _actor(), args.user_id, banned, admin_ids=staff, reason=reason))
     if not done.changed:
         return done, f"user {args.user_id} was {'already banned' if banned else 'not banned'}: nothing changed"
     if banned:
@@ -685,6 +699,43 @@ def maintenance_command(conn: psycopg.Connection[Any], args: argparse.Namespace,
     return state, f"maintenance is on since {_when(state.since)}: purchases and trials are paused\nbanner: {shown}"
 
 
+def users_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    if args.lang is not None and args.lang not in SUPPORTED_LANGUAGES:
+        raise Usage(f"--lang: expected one of {', '.join(SUPPORTED_LANGUAGES)}, got {args.lang!r}")
+    try:
+        page = actions.list_users(conn, _actor(), args.filter, language=args.lang, after=args.after, limit=args.limit)
+    except ValueError as exc:
+        raise Usage(str(exc)) from None
+    lines = [
+        f"{row.id:>12}  {(('@' + row.username) if row.username else row.first_name)[:24]:<24}  {row.language}  "
+        f"{'banned' if row.banned else (row.kind or '-')}  {row.status or '-'}  {_when(row.expires_at)}"
+        for row in page.rows
+    ]
+    if page.more_after and page.rows:
+        lines.append(f"more: --after {page.rows[-1].id}")
+    value = {"users": page.rows, "next_after": page.rows[-1].id if page.more_after and page.rows else None}
+    return value, "\n".join(lines) or "no users"
+
+
+def audit_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
+    try:
+        page = actions.audit_log(
+            conn, _actor(), action=args.action, admin_id=args.admin, target=args.target, before=args.before,
+            limit=args.limit,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise Usage(str(exc)) from None
+    lines = [
+        f"#{e.id}  {_when(e.created_at)}  admin {e.admin_id}  {e.action}  {e.target or '-'}  {e.result}  "
+        f"{json.dumps(e.details, ensure_ascii=False, sort_keys=True)}"
+        for e in page.rows
+    ]
+    if page.more_before and page.rows:
+        lines.append(f"more: --before {page.rows[-1].id}")
+    value = {"entries": page.rows, "next_before": page.rows[-1].id if page.more_before and page.rows else None}
+    return value, "\n".join(lines) or "no entries"
+
+
 def _done(outcome: R | actions.Refused) -> R:
     """An action's result; its refusal (audited already, the transaction commits) as `Failed`."""
     if isinstance(outcome, actions.Refused):
@@ -718,6 +769,7 @@ _REFUSALS: dict[type[actions.Refused], Callable[[Any], str]] = {
     ),
     withdrawal_actions.WithdrawalNotFound: lambda r: f"no withdrawal #{r.target}",
     withdrawal_actions.WithdrawalDecided: lambda r: f"withdrawal #{r.target} was {r.status} already: nothing changed",
+    actions.NotTrial: lambda r: f"user {r.target} has a paid subscription (support extends trials only)",
     actions.BroadcastUnchanged: lambda r: f"broadcast #{r.target} is {r.view.broadcast.status}; cannot {r.verb} it",
 }
 
@@ -746,6 +798,8 @@ ADMIN_COMMANDS: dict[str, Command] = {
     "maintenance on": maintenance_command,
     "maintenance off": maintenance_command,
     "maintenance status": maintenance_command,
+    "users": users_command,
+    "audit": audit_command,
 }
 
 

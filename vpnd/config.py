@@ -71,6 +71,8 @@ class TelegramConfig:
     token: str = ""
     api_base_url: str = "https://api.telegram.org"
     admin_ids: tuple[int, ...] = ()
+    #: Staff below the owners (`admin_ids`): Telegram user id → "admin" or "support" (`vpnd.roles`).
+    admin_roles: Mapping[int, str] = attrs.field(factory=dict)
     poll_timeout: int = 25
     max_concurrent_updates: int = 20
     handler_timeout_seconds: float = 30.0
@@ -783,6 +785,20 @@ def read_invite_link(value: object) -> str:
     return text
 
 
+def read_admin_roles(value: object) -> Mapping[int, str]:
+    """`{ "123" = "admin", "456" = "support" }`: Telegram user ids (as TOML keys, so strings) → role."""
+    if not isinstance(value, dict):
+        raise _expected('a table of user ids and roles such as { "123" = "admin", "456" = "support" }', value)
+    roles: dict[int, str] = {}
+    for key, role in value.items():
+        if not re.fullmatch(r"[1-9][0-9]{0,18}", key):
+            raise ValueError(f'{key!r}: expected a Telegram user id such as "123456789"')
+        if role not in ("admin", "support"):
+            raise ValueError(f'{key!r}: expected "admin" or "support" (owners are admin_ids), got {_show(role)}')
+        roles[int(key)] = role
+    return roles
+
+
 def read_language(value: object) -> str:
     return one_of(*SUPPORTED_LANGUAGES)(value)
 
@@ -812,6 +828,7 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "token": read_str,
         "api_base_url": read_url,
         "admin_ids": read_list(read_int),
+        "admin_roles": read_admin_roles,
         "poll_timeout": in_range(read_int, 0, 50),
         "max_concurrent_updates": in_range(read_int, 1, 1000),
         "handler_timeout_seconds": positive(read_number),
@@ -1329,6 +1346,9 @@ def check_whole(name: str, config: Config) -> None:
     if config.payments.topup_min > config.payments.topup_max:
         raise ConfigError(name, "[payments].topup_min", "expected at most [payments].topup_max")
     _check_amounts(name, config.payments)
+    both = sorted(set(config.telegram.admin_ids) & set(config.telegram.admin_roles))
+    if both:
+        raise ConfigError(name, "[telegram].admin_roles", f"{both[0]} is an owner already (in admin_ids): keep one")
     _check_terms(name, config.terms)
     if config.trial.required_channel.startswith("-") and not config.trial.channel_invite_link:
         # A private channel has no public address: users need the invite link to join it.

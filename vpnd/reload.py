@@ -32,6 +32,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "telegram": frozenset(
         {
             "admin_ids",
+            "admin_roles",
             "rate_per_second",
             "per_chat_per_second",
             "support_contact",

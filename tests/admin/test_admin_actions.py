@@ -74,6 +74,12 @@ WIDEST: dict[Verb, tuple[object, ...]] = {
     Verb.ROTATE_KEYS_STEER: (2**63 - 1, "resume"),
     Verb.WITHDRAWAL_APPROVE: (2**63 - 1,),
     Verb.WITHDRAWAL_REJECT: (2**63 - 1,),
+    Verb.TRIAL_EXTEND: (BIG,),
+    Verb.TRIAL_EXTEND_CONFIRM: (BIG, 7, NONCE),
+    Verb.USERS_FILTERS: (),
+    Verb.USERS: ("expiring", "uk", "b", 2**63 - 1),
+    Verb.AUDIT: ("t" + "X" * 24, BIG),
+    Verb.AUDIT_FILTER: (),
 }
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any, Generic, TextIO, TypeVar
 
 import attrs
 import psycopg
@@ -430,3 +430,128 @@ def export_users_csv(conn: psycopg.Connection[Any], out: TextIO, *, batch_size: 
 def export_payments_csv(conn: psycopg.Connection[Any], out: TextIO, *, batch_size: int = 1000) -> int:
     """Every payment as CSV, read in keyset batches of `batch_size`; returns the number of rows."""
     return _export(conn, out, PAYMENTS_CSV_HEADER, PAYMENTS_CSV_QUERY, batch_size)
+
+
+# --- the user list and the audit log, page by page (keyset: no OFFSET, no "all users") -------------------
+
+#: A user's subscription running now; `s` is the user's subscription (LEFT JOIN: may be NULL).
+_RUNNING = "s.status = 'active' AND s.expires_at > now()"
+_NOT_BANNED = "u.banned_at IS NULL"
+
+#: The user list's filters: SQL over `u` (users) and `s` (their subscription, may be NULL). Every filter
+#: but `banned` and `all` leaves banned users out (they are not customers while banned).
+USER_FILTERS: dict[str, str] = {
+    "all": "true",
+    "active": f"{_NOT_BANNED} AND {_RUNNING}",
+    "expiring": f"{_NOT_BANNED} AND {_RUNNING} AND s.expires_at <= now() + make_interval(days => %(days)s)",
+    "expired": f"{_NOT_BANNED} AND s.user_id IS NOT NULL AND NOT ({_RUNNING})",
+    "trial": f"{_NOT_BANNED} AND {_RUNNING} AND s.kind = 'trial'",
+    "paid": f"{_NOT_BANNED} AND {_RUNNING} AND s.kind = 'paid'",
+    "banned": "u.banned_at IS NOT NULL",
+}
+
+#: "expiring": ends within this many days.
+EXPIRING_DAYS = 3
+
+
+@attrs.frozen
+class UserRow:
+    id: int
+    username: str | None
+    first_name: str
+    language: str
+    banned: bool
+    kind: str | None
+    status: str | None
+    expires_at: dt.datetime | None
+
+
+R = TypeVar("R")
+
+
+@attrs.frozen
+class Page(Generic[R]):
+    """One page of a keyset listing; `more_after` / `more_before`: whether rows of greater / smaller ids
+    lie beyond it (the user list runs up by id, the audit log down: newest first)."""
+
+    rows: list[R]
+    more_after: bool
+    more_before: bool
+
+
+def _users_query(where: str, cursor: str, order: str) -> str:
+    return (
+        "SELECT u.id, u.username, u.first_name, u.language, u.banned_at IS NOT NULL AS banned, "
+        "s.kind, s.status, s.expires_at FROM users u LEFT JOIN subscriptions s ON s.user_id = u.id "
+        f"WHERE ({where}) AND (%(lang)s::text IS NULL OR u.language = %(lang)s) AND u.id {cursor} %(cursor)s "
+        f"ORDER BY u.id {order} LIMIT %(limit)s"
+    )
+
+
+def list_users(
+    conn: psycopg.Connection[Any],
+    filter_name: str,
+    *,
+    language: str | None = None,
+    after: int | None = None,
+    before: int | None = None,
+    limit: int = 10,
+) -> Page[UserRow]:
+    """Users matching `filter_name` (and `language`) by id: the `limit` after id `after` (from the first
+    without), or the `limit` before id `before`. KeyError for an unknown filter."""
+    where = USER_FILTERS[filter_name]
+    params: dict[str, Any] = {"days": EXPIRING_DAYS, "lang": language}
+
+    def fetch(cursor: str, order: str, value: int, count: int) -> list[UserRow]:
+        with conn.cursor(row_factory=class_row(UserRow)) as cur:
+            query = _users_query(where, cursor, order)
+            return cur.execute(query, {**params, "cursor": value, "limit": count}).fetchall()
+
+    if before is not None:
+        rows = fetch("<", "DESC", before, limit + 1)
+        more_before, rows = len(rows) > limit, rows[:limit][::-1]
+        more_after = not rows or bool(fetch(">", "", rows[-1].id, 1))
+    else:
+        rows = fetch(">", "", after if after is not None else -(2**63), limit + 1)
+        more_after, rows = len(rows) > limit, rows[:limit]
+        more_before = after is not None and (not rows or bool(fetch("<", "DESC", rows[0].id, 1)))
+    return Page(rows, more_after, more_before)
+
+
+def _audit_query(cursor: str, order: str) -> str:
+    return (
+        "SELECT id, admin_id, action, target, result, details, created_at FROM admin_audit "
+        "WHERE (%(action)s::text IS NULL OR action = %(action)s) "
+        "AND (%(admin)s::bigint IS NULL OR admin_id = %(admin)s) "
+        f"AND (%(target)s::text IS NULL OR target = %(target)s) AND id {cursor} %(cursor)s "
+        f"ORDER BY id {order} LIMIT %(limit)s"
+    )
+
+
+def audit_page(
+    conn: psycopg.Connection[Any],
+    *,
+    action: str | None = None,
+    admin_id: int | None = None,
+    target: str | None = None,
+    before: int | None = None,
+    after: int | None = None,
+    limit: int = 10,
+) -> Page[AuditEntry]:
+    """Audit rows, newest first, matching every filter given: the `limit` older than id `before` (the
+    newest without), or the `limit` newer than id `after`."""
+    params: dict[str, Any] = {"action": action, "admin": admin_id, "target": target}
+
+    def fetch(cursor: str, order: str, value: int, count: int) -> list[AuditEntry]:
+        with conn.cursor(row_factory=class_row(AuditEntry)) as cur:
+            return cur.execute(_audit_query(cursor, order), {**params, "cursor": value, "limit": count}).fetchall()
+
+    if after is not None:
+        rows = fetch(">", "", after, limit + 1)
+        more_after, rows = len(rows) > limit, rows[:limit][::-1]
+        more_before = not rows or bool(fetch("<", "DESC", rows[-1].id, 1))
+    else:
+        rows = fetch("<", "DESC", before if before is not None else 2**63 - 1, limit + 1)
+        more_before, rows = len(rows) > limit, rows[:limit]
+        more_after = before is not None and (not rows or bool(fetch(">", "", rows[0].id, 1)))
+    return Page(rows, more_after, more_before)

@@ -35,6 +35,7 @@ from vpnd.db.nodes import NodeRow, list_nodes
 from vpnd.db.payments import PaymentRules, RefundReversal
 from vpnd.db.subscriptions import Subscription
 from vpnd.quota import Limits
+from vpnd.roles import TRIAL_EXTENSION_DAYS
 
 Conn = psycopg.Connection[Any]
 
@@ -705,3 +706,84 @@ def refund_gift(
 def refund_failed(conn: Conn, actor: Actor, purchase_id: int, error: str) -> None:
     """Audit a refund the provider refused (nothing changed here)."""
     _audit(conn, actor, "refund", purchase_id, "failed", error=error[:200])
+
+
+# --- roles (`vpnd.roles`) -----------------------------------------------------------------------
+
+
+def forbidden(conn: Conn, actor: Actor, action: str, what: str, *, role: str) -> None:
+    """Audit a staff member's attempt at an action their role does not allow (nothing else happens)."""
+    _audit(conn, actor, action, what[:64], "forbidden", role=role)
+
+
+@attrs.frozen
+class NotTrial(Refused):
+    """The user has (or had) a paid subscription: support extends trials only."""
+
+    reason: ClassVar[str] = "not_trial"
+
+
+def extend_trial(
+    conn: Conn, actor: Actor, user_id: int, days: int, *, nonce: str | None = None
+) -> Access | UserNotFound | NotTrial:
+    """Support's grant: 1 to `roles.TRIAL_EXTENSION_DAYS` days of *trial*, only for a user with no
+    subscription or a trial one (a paid customer's days are an admin's to give). Once per `nonce`."""
+    if not 1 <= days <= TRIAL_EXTENSION_DAYS:
+        raise ValueError(f"days must be from 1 to {TRIAL_EXTENSION_DAYS}")
+    if nonce is not None and admin_db.nonce_used(conn, nonce):
+        return Access(subscriptions.get_subscription(conn, user_id), repeated=True)
+    if admin_db.lock_user(conn, user_id) is None:
+        return _refuse(conn, actor, "extend_trial", UserNotFound(user_id), days=days)
+    current = subscriptions.get_subscription(conn, user_id)
+    if current is not None and current.kind != "trial":
+        return _refuse(conn, actor, "extend_trial", NotTrial(user_id), nonce=nonce, days=days)
+    sub = subscriptions.grant_time(conn, user_id, dt.timedelta(days=days), kind="trial")
+    _audit(conn, actor, "extend_trial", user_id, nonce=nonce, days=days, expires_at=sub.expires_at.isoformat())
+    return Access(sub)
+
+
+# --- the user list and the audit log ----------------------------------------------------------------
+
+#: The most rows one page of the user list or the audit log has.
+MAX_PAGE = 100
+
+
+def list_users(
+    conn: Conn,
+    actor: Actor,
+    filter_name: str,
+    *,
+    language: str | None = None,
+    after: int | None = None,
+    before: int | None = None,
+    limit: int = 10,
+) -> admin_db.Page[admin_db.UserRow]:
+    """A page of the user list (`vpnd.db.admin.USER_FILTERS`). ValueError for an unknown filter or limit."""
+    if filter_name not in admin_db.USER_FILTERS:
+        raise ValueError(f"no filter {filter_name!r} (known: {', '.join(admin_db.USER_FILTERS)})")
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"the limit is from 1 to {MAX_PAGE}")
+    page = admin_db.list_users(conn, filter_name, language=language, after=after, before=before, limit=limit)
+    _audit(conn, actor, "users", None, filter=filter_name, language=language, rows=len(page.rows))
+    return page
+
+
+def audit_log(
+    conn: Conn,
+    actor: Actor,
+    *,
+    action: str | None = None,
+    admin_id: int | None = None,
+    target: str | None = None,
+    before: int | None = None,
+    after: int | None = None,
+    limit: int = 10,
+) -> admin_db.Page[admin_db.AuditEntry]:
+    """A page of the audit log, newest first (this look itself is audited after it is read)."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"the limit is from 1 to {MAX_PAGE}")
+    page = admin_db.audit_page(
+        conn, action=action, admin_id=admin_id, target=target, before=before, after=after, limit=limit
+    )
+    _audit(conn, actor, "audit", None, of_action=action, of_admin=admin_id, of_target=target)
+    return page

@@ -1,9 +1,13 @@
 """The admin menu (`/admin`): stats, health, users and their access, refunds, promo codes, broadcasts,
 CSV exports — one module per concern, the actions themselves in `vpnd.services.admin_actions`.
 
-Admins are exactly `[telegram] admin_ids`. For anyone else `/admin`, every ``adm`` button and every
-``adm_*`` state do not exist: they get the very reply an unknown command or button gets (so nothing
-reveals them), nothing changes, and the attempt is audited. An admin's button is parsed through
+Staff are `[telegram] admin_ids` (owners) and `[telegram] admin_roles` (admins, support). Each button
+and typed input is checked against the staff member's role before its handler runs
+(`vpnd.telegram.admin.roles`): a forbidden one is refused politely and audited (``forbidden``).
+
+For anyone else `/admin`, every ``adm`` button and every ``adm_*`` state do not exist: they get the
+very reply an unknown command or button gets (so nothing reveals them), nothing changes, and the
+attempt is audited. An admin's button is parsed through
 `verbs.parse`: one that is unknown or of the wrong shape (stale, forged) gets a polite answer
 (``admin.bad_button``) and changes nothing. Multi-step inputs (a user id, days, an amount, a
 broadcast draft) are durable conversation states (`adm_*`), so they survive a restart and expire
@@ -24,8 +28,10 @@ from vpnd.telegram.admin import (
     export,
     gifts,
     maintenance,
+    people,
     promo,
     refunds,
+    roles,
     rotation,
     stats,
     users,
@@ -38,6 +44,7 @@ from vpnd.telegram.admin.common import (
     cancel_action,
     is_admin,
     log,
+    permitted,
     refuse,
     show_menu,
 )
@@ -66,6 +73,7 @@ CALLBACKS: dict[Verb, CallbackAction] = {
     **compensate.CALLBACKS,
     **rotation.CALLBACKS,
     **withdrawals.CALLBACKS,
+    **people.CALLBACKS,
 }
 
 STATES: dict[str, StateAction] = {
@@ -74,6 +82,7 @@ STATES: dict[str, StateAction] = {
     **broadcasts.STATES,
     **maintenance.STATES,
     **compensate.STATES,
+    **people.STATES,
 }
 
 
@@ -96,6 +105,8 @@ def register(routes: Routes) -> None:
         press = parse(data)
         try:
             if press is not None:
+                if not await permitted(turn, roles.verb_action(press.verb), data):
+                    return
                 await CALLBACKS[press.verb](turn, press)
                 return
         except ValueError:  # arguments of the right shape but out of range (e.g. 0 days)
@@ -109,6 +120,8 @@ def register(routes: Routes) -> None:
                 await refuse(turn, "state", name)
                 await turn.app.db.run(conversation.clear_state, turn.user.id)
                 await menu.show_menu(turn, turn.t("common.unknown"))
+                return
+            if not await permitted(turn, roles.STATE_ACTIONS.get(name, name), name):
                 return
             state = await turn.app.db.run(conversation.get_state, turn.user.id)
             await STATES[name](turn, text, state.data if state is not None else {})

@@ -9,8 +9,10 @@ from typing import Any
 
 from vpnd.db import admin as admin_db
 from vpnd.db import conversation
+from vpnd.roles import allows
+from vpnd.services import admin_actions
 from vpnd.services.admin_actions import Actor
-from vpnd.telegram.admin import views
+from vpnd.telegram.admin import roles, views
 from vpnd.telegram.admin.verbs import Press
 from vpnd.telegram.turn import Turn
 
@@ -28,11 +30,25 @@ StateAction = Callable[[Turn, str, dict[str, Any]], Awaitable[None]]
 
 
 def is_admin(turn: Turn) -> bool:
-    return turn.user.id in turn.app.config.telegram.admin_ids
+    """Staff of any role (`vpnd.roles`): the admin menu exists for them."""
+    return roles.role(turn) is not None
 
 
 def actor(turn: Turn) -> Actor:
     return Actor.telegram(turn.user.id)
+
+
+async def permitted(turn: Turn, action: str, what: str) -> bool:
+    """Whether this staff member's role allows `action` (`vpnd.roles.ACTIONS`); when not, the attempt is
+    audited (``forbidden``) and answered with the menu and a notice, and nothing else happens."""
+    role = roles.role(turn)
+    if allows(role, action):
+        return True
+    label = role.label if role is not None else "none"
+    log.warning("event=admin_forbidden user_id=%d role=%s action=%s", turn.user.id, label, action)
+    await turn.app.db.run(admin_actions.forbidden, actor(turn), action, what, role=label)
+    await admin_menu(turn, turn.t("admin.forbidden"))
+    return False
 
 
 async def refuse(turn: Turn, kind: str, what: str) -> None:
@@ -60,7 +76,8 @@ def with_notice(notice: str, text: str) -> str:
 
 async def admin_menu(turn: Turn, notice: str = "") -> None:
     await clear_state(turn)
-    await turn.show(with_notice(notice, turn.t("admin.menu.title")), views.menu_keyboard(turn.t))
+    keyboard = roles.visible(views.menu_keyboard(turn.t), roles.role(turn))
+    await turn.show(with_notice(notice, turn.t("admin.menu.title")), keyboard)
 
 
 async def show_menu(turn: Turn, press: Press) -> None:

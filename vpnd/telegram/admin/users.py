@@ -16,7 +16,7 @@ from vpnd.pricing import InvalidAmount, format_money, parse_amount
 from vpnd.quota import Limits, limits_of
 from vpnd.services import admin_actions as actions
 from vpnd.telegram import keyboards as kb
-from vpnd.telegram.admin import views
+from vpnd.telegram.admin import people_views, roles, views
 from vpnd.telegram.admin.common import (
     BALANCE,
     FIND,
@@ -63,7 +63,10 @@ async def show_user(turn: Turn, user_id: int, notice: str = "") -> None:
 async def _keyboard(turn: Turn, details: UserDetails) -> kb.Keyboard:
     """The user's card buttons, with a refund button for each of their newest unredeemed gifts."""
     gifts = await turn.app.db.run(gifts_db.unredeemed_of, details.user.id)
-    return views.user_keyboard(turn.t, details, [gift.code for gift in gifts])
+    keyboard = views.user_keyboard(turn.t, details, [gift.code for gift in gifts])
+    role = roles.role(turn)
+    *rows, back = keyboard["inline_keyboard"]  # people's buttons go above "Back"; then what the role may press
+    return roles.visible(kb.keyboard(*rows, *people_views.card_rows(turn.t, details, role), back), role)
 
 
 def _limits(turn: Turn, details: UserDetails) -> tuple[Limits, str] | None:
@@ -202,7 +205,7 @@ async def ban_confirmed(turn: Turn, press: Press) -> None:
         actor(turn),
         user_id,
         ban,
-        admin_ids=turn.app.config.telegram.admin_ids,
+        admin_ids=(*turn.app.config.telegram.admin_ids, *turn.app.config.telegram.admin_roles),  # staff
         nonce=press.args[2],
     )
     if isinstance(done, actions.UserNotFound):

@@ -19,6 +19,9 @@ _ID = r"-?\d{1,19}"
 _NONCE = r"[0-9a-f]{8}"
 _CODE = r"[A-Z0-9_-]{1,32}"
 _GIFT = r"[A-Z2-9]{12}"
+#: The audit viewer's one filter: "-" (none), a<action>, d<admin id> or t<target>.
+_AUDIT_FILTER = r"(?:-|a[a-z_]{1,24}|d\d{1,19}|t[A-Za-z0-9_@.-]{1,24})"
+_USER_FILTER = r"(?:all|active|expiring|expired|trial|paid|banned)"
 
 
 class Verb(enum.Enum):
@@ -74,6 +77,12 @@ class Verb(enum.Enum):
     ROTATE_KEYS_STEER = ("rotv", r"\d{1,19}:(?:pause|resume|cancel)")
     WITHDRAWAL_APPROVE = ("wda", r"\d{1,19}")
     WITHDRAWAL_REJECT = ("wdr", r"\d{1,19}")
+    TRIAL_EXTEND = ("te", _ID)
+    TRIAL_EXTEND_CONFIRM = ("tec", rf"{_ID}:[1-7]:{_NONCE}")
+    USERS_FILTERS = ("ulf", "")
+    USERS = ("ul", rf"{_USER_FILTER}:(?:-|[a-z]{{2}}):[ab]:\d{{1,19}}")
+    AUDIT = ("au", rf"{_AUDIT_FILTER}:-?\d{{1,19}}")
+    AUDIT_FILTER = ("auf", "")
 
     def __init__(self, code: str, args: str) -> None:
         self.code = code

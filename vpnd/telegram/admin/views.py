@@ -68,6 +68,10 @@ def menu_keyboard(t: T) -> kb.Keyboard:
             kb.button(t("admin.menu.export_payments"), Verb.EXPORT.data("payments")),
         ],
         [
+            kb.button(t("admin.menu.users"), Verb.USERS_FILTERS.data()),
+            kb.button(t("admin.menu.audit"), Verb.AUDIT.data("-", 0)),
+        ],
+        [
             kb.button(t("admin.menu.extend_all"), Verb.EXTEND_ALL.data()),
             kb.button(t("admin.menu.maintenance"), Verb.MAINTENANCE.data()),
         ],
