@@ -61,6 +61,16 @@ def test_every_locale_matches_english_keys_placeholders_and_tags() -> None:
     assert not found, "\n".join(found)
 
 
+def test_no_locale_has_a_key_twice() -> None:
+    """JSON keeps the last of two equal keys silently: "admin.user.devices" was once both a button label
+    and a "{used} of {limit}" line, and the button showed the placeholders."""
+    root = resources.files("vpnd.locales")
+    for lang in SUPPORTED_LANGUAGES:
+        pairs = json.loads((root / f"{lang}.json").read_text("utf-8"), object_pairs_hook=lambda p: p)
+        twice = [key for key, count in Counter(key for key, _ in pairs).items() if count > 1]
+        assert twice == [], (lang, twice)
+
+
 def test_the_check_catches_a_missing_key_a_foreign_placeholder_and_a_lost_tag() -> None:
     en = {"a": "<b>Hi</b> {name}", "b": "x"}
     assert problems("xx", en, {"a": "<b>Hi</b> {name}", "b": "y"}) == []

@@ -156,7 +156,7 @@ def limits_text(t: T, d: UserDetails, limits: Limits, plan_label: str) -> str:
         traffic += t("admin.user.traffic_blocked")
     limit = limits.devices + d.extra_devices if limits.devices else 0
     devices = (
-        t("admin.user.devices", used=d.devices_used, limit=limit)
+        t("admin.user.devices_used", used=d.devices_used, limit=limit)
         if limit
         else t("admin.user.devices_unlimited", used=d.devices_used)
     )
