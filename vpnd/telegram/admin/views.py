@@ -357,21 +357,25 @@ def nodes_keyboard(t: T) -> kb.Keyboard:
 
 
 def segment_label(t: T, segment: Segment) -> str:
-    return t(f"admin.segment.{segment.name}", days=segment.days or 0)
+    return t(f"admin.segment.{segment.name}", days=segment.days or 0, arg=segment.arg or "")
 
 
-def segment_keyboard(t: T) -> kb.Keyboard:
+def segment_keyboard(t: T, languages: Sequence[str] = (), plans: Sequence[str] = ()) -> kb.Keyboard:
     def seg(name: str, *args: object) -> kb.Button:
-        label = t(f"admin.segment.{name}", days=args[0] if args else 0)
+        label = t(f"admin.segment.{name}", days=args[0] if args else 0, arg=args[0] if args else "")
         return kb.button(label, Verb.BROADCAST_SEGMENT.data(name, *args))
 
-    return kb.keyboard(
+    rows = [
         [seg("all")],
         [seg("active"), seg("trial")],
-        [seg("nosub")],
+        [seg("nosub"), seg("neverpaid")],
         [seg("expiring", 1), seg("expiring", 3), seg("expiring", 7)],
-        [kb.button(t("admin.cancel"), Verb.CANCEL.data())],
-    )
+        [seg("expired", 7), seg("expired", 30), seg("expired", 90)],
+        [seg("paid", 7), seg("paid", 30), seg("paid", 90)],
+    ]
+    rows += [[seg("lang", lang) for lang in languages[i : i + 3]] for i in range(0, len(languages), 3)]
+    rows += [[seg("plan", code) for code in plans[i : i + 2]] for i in range(0, len(plans), 2)]
+    return kb.keyboard(*rows, [kb.button(t("admin.cancel"), Verb.CANCEL.data())])
 
 
 def status_label(t: T, status: str) -> str:
@@ -393,6 +397,10 @@ def progress_keyboard(t: T, broadcast_id: int, status: str) -> kb.Keyboard | Non
                 kb.button(t("admin.bc.cancel"), Verb.BROADCAST_CANCEL.data(broadcast_id)),
             ]
         )
+    if status == "scheduled":
+        return kb.keyboard([kb.button(t("admin.bc.cancel"), Verb.BROADCAST_CANCEL.data(broadcast_id))])
+    if status in ("done", "cancelled"):
+        return kb.keyboard([kb.button(t("admin.bc.report"), Verb.BROADCAST_REPORT.data(broadcast_id))])
     return None
 
 
