@@ -145,7 +145,11 @@ class Segment:
 
     def label(self) -> str:
         if self.name in DAYS_SEGMENTS:
-            return f"{self.name} {self.days} days"
+            return {
+                "expiring": "expiring within",
+                "expired": "expired within the last",
+                "paid": "paid within the last",
+            }[self.name] + f" {self.days} days"
         return f"{self.name} {self.arg}" if self.arg else self.name
 
 

@@ -339,7 +339,9 @@ class Broadcasts:
                 seconds = (broadcast.finished_at - broadcast.created_at).total_seconds()
             summary = views.summary_text(t, broadcast, broadcast.status, counts, seconds)
             try:
-                await self.sender.send_message(broadcast.progress_chat_id, summary)
+                await self.sender.send_message(
+                    broadcast.progress_chat_id, summary, reply_markup=views.report_keyboard(t, broadcast.id)
+                )
             except (TelegramError, ChatUnreachable, ChatNotFound, SendFailed) as exc:
                 log.warning("event=broadcast_summary_failed id=%d error=%s", broadcast.id, type(exc).__name__)
 

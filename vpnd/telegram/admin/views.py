@@ -399,9 +399,12 @@ def progress_keyboard(t: T, broadcast_id: int, status: str) -> kb.Keyboard | Non
         )
     if status == "scheduled":
         return kb.keyboard([kb.button(t("admin.bc.cancel"), Verb.BROADCAST_CANCEL.data(broadcast_id))])
-    if status in ("done", "cancelled"):
-        return kb.keyboard([kb.button(t("admin.bc.report"), Verb.BROADCAST_REPORT.data(broadcast_id))])
     return None
+
+
+def report_keyboard(t: T, broadcast_id: int) -> kb.Keyboard:
+    """Under a finished broadcast's summary: its delivery report (counts and a CSV)."""
+    return kb.keyboard([kb.button(t("admin.bc.report"), Verb.BROADCAST_REPORT.data(broadcast_id))])
 
 
 def progress_text(t: T, b: Broadcast, status: str, counts: Counts, rate: float | None) -> str:
@@ -455,7 +458,8 @@ def broadcasts_text(t: T, items: Sequence[Broadcast]) -> str:
 def broadcasts_keyboard(t: T, items: Sequence[Broadcast]) -> kb.Keyboard:
     rows: list[list[kb.Button]] = []
     for b in items:
-        markup = progress_keyboard(t, b.id, b.status)
+        finished = b.status in ("done", "cancelled")
+        markup = report_keyboard(t, b.id) if finished else progress_keyboard(t, b.id, b.status)
         if markup is not None:
             rows.append([{**button, "text": f"#{b.id} {button['text']}"} for button in markup["inline_keyboard"][0]])
     rows.append([kb.button(t("admin.back"), Verb.MENU.data())])
