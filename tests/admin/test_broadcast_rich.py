@@ -388,3 +388,68 @@ async def test_report_counts_blocked_marks_them_unreachable_and_the_csv_lists_ev
     with psycopg.connect(db_dsn) as conn:
         assert bdb.count_segment(conn, bdb.Segment.parse("all")) == 5
     await vpnd.stop()
+
+
+# --- forged presses, replays, people who are not admins -----------------------------------------------
+
+
+def forge(fake: FakeTelegram, user_id: int, message: ChatMessage, data: str) -> None:
+    fake.inject_update(
+        {
+            "callback_query": {
+                "id": f"forged-{user_id}-{message.message_id}-{data}",
+                "from": fake.users[user_id].to_api(),
+                "message": message.to_api(),
+                "chat_instance": "1",
+                "data": data,
+            }
+        }
+    )
+
+
+async def test_forged_and_replayed_presses_and_strangers_media_start_nothing(
+    nursery: trio.Nursery, fake_telegram: tuple[FakeTelegram, str], db_dsn: str, write_config: Callable[..., Path]
+) -> None:
+    fake, base_url = fake_telegram
+    config = bot_config(write_config, db_dsn, fake, base_url)
+    (stranger,) = seed_users(db_dsn, fake, 10_000, 1)
+    vpnd = await start_admin_vpnd(nursery, config)
+    fake.add_user(ADMIN, "Admin")
+    with trio.fail_after(150):
+        # A stranger's photo is no broadcast draft, and the admin buttons are not theirs to press.
+        mark = fake.change_seq
+        fake.user_sends_media(stranger, "photo", caption="<b>spam</b>")
+        answer = await fake.wait_for_bot_message(stranger, since=mark)
+        assert answer.photo is None
+        forge(fake, stranger, answer, "adm:bt:deadbeef")
+        await fake.wait_for_bot_message(stranger, since=fake.change_seq)
+        # The admin's draft, then presses the bot never made.
+        for data in ["adm:bs:plan:NOPE", "adm:bs:lang:xx';--", "adm:bs:paid:0"]:
+            segments = await compose(fake, media=None, caption="Real news", buttons=None)
+            mark = fake.change_seq
+            forge(fake, ADMIN, segments, data)
+            reply = await fake.wait_for_bot_message(ADMIN, text_has("out of date"), since=mark)
+            assert has_button("adm:st")(reply), data
+        for data in ["adm:bt:00000000", "adm:bsc:00000000"]:  # a stale confirmation ends the draft politely
+            segments = await compose(fake, media=None, caption="Real news", buttons=None)
+            confirm = await press(fake, ADMIN, segments, "adm:bs:all", predicate=has_button("adm:bgo:"))
+            mark = fake.change_seq
+            forge(fake, ADMIN, confirm, data)
+            await fake.wait_for_bot_message(ADMIN, text_has("no broadcast draft"), since=mark)
+        mark = fake.change_seq
+        forge(fake, ADMIN, confirm, "adm:brp:424242")  # the report of a broadcast that does not exist
+        await fake.wait_for_bot_message(ADMIN, lambda m: m.text == "Admin", since=mark)
+        assert not any(m.document for m in fake.bot_messages(ADMIN))
+        # Scheduling, then typing the time again: one broadcast.
+        segments = await compose(fake, media=None, caption="Real news", buttons=None)
+        confirm = await press(fake, ADMIN, segments, "adm:bs:all", predicate=has_button("adm:bsc:"))
+        await press(fake, ADMIN, confirm, "adm:bsc:", predicate=text_has("When should it start"))
+        when = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).strftime("%Y-%m-%d %H:%M")
+        fake.user_sends(ADMIN, when)
+        await fake.wait_for_bot_message(ADMIN, has_button("adm:bx:"))
+        mark = fake.change_seq
+        fake.user_sends(ADMIN, when)
+        await fake.wait_for_bot_message(ADMIN, since=mark)
+    assert sql(db_dsn, "SELECT status FROM broadcasts") == [("scheduled",)]
+    assert not any(m.text and "Real news" in m.text for m in fake.bot_messages(stranger))
+    await vpnd.stop()
