@@ -142,7 +142,7 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
     gift_actions = gift_parser.add_subparsers(dest="gift_command", required=True, metavar="ACTION")
     leaf(gift_actions, "refund", "refund an unredeemed gift to the buyer's balance").add_argument("code")
 
-    broadcast = sub.add_parser("broadcast", help="list, pause, resume or cancel broadcasts")
+    broadcast = sub.add_parser("broadcast", help="list, pause, resume or cancel broadcasts; their delivery reports")
     verbs = broadcast.add_subparsers(dest="broadcast_command", required=True, metavar="ACTION")
     listing = leaf(verbs, "list", "recent broadcasts with their progress")
     listing.add_argument("--status", choices=["scheduled", "running", "paused", "cancelled", "done"])
