@@ -308,11 +308,6 @@ def start_due(conn: psycopg.Connection[Any]) -> list[Broadcast]:
     return started
 
 
-def next_scheduled_at(conn: psycopg.Connection[Any]) -> dt.datetime | None:
-    row = conn.execute("SELECT min(start_at) FROM broadcasts WHERE status = 'scheduled'").fetchone()
-    return None if row is None else row[0]
-
-
 def set_progress_message(conn: psycopg.Connection[Any], broadcast_id: int, chat_id: int, message_id: int) -> None:
     conn.execute(
         "UPDATE broadcasts SET progress_chat_id = %s, progress_message_id = %s WHERE id = %s",
