@@ -326,42 +326,44 @@ async def broadcast_schedule(turn: Turn, press: Press) -> None:
     await turn.show(turn.t("admin.bc.ask_time", zone=zone, example=example), views.back_keyboard(turn.t))
 
 
-def _create(
-    turn: Turn, once: str, states: tuple[str, ...], message_id: int | None, start_at: dt.datetime | None
-) -> Any:
-    who, chat_id, user_id = actor(turn), turn.chat_id, turn.user.id
-
-    def create(conn: psycopg.Connection[Any]) -> bdb.Broadcast | None:
-        """The confirmed draft (its nonce still current) becomes a broadcast, once."""
-        state = conversation.get_state(conn, user_id)
-        if state is None or state.name not in states or state.data.get("nonce") != once:
-            return None
-        draft = state.data
-        conversation.clear_state(conn, user_id)
-        content = bdb.Content(
-            draft["text"],
-            draft.get("media_kind"),
-            draft.get("media_file_id"),
-            tuple(
-                (b["text"], "plan", b["plan"]) if "plan" in b else (b["text"], "url", b["url"])
-                for b in draft.get("buttons") or []
-            ),
-            tuple(sorted((draft.get("variants") or {}).items())),
-        )
-        return actions.create_broadcast(
-            conn,
-            who,
-            text=draft["text"],
-            segment=_segment_of(draft),
-            button_text=draft.get("button_text"),
-            button_url=draft.get("button_url"),
-            progress_chat_id=chat_id,
-            progress_message_id=message_id,
-            content=content,
-            start_at=start_at,
-        )
-
-    return create
+def _create_from_draft(
+    conn: psycopg.Connection[Any],
+    who: actions.Actor,
+    user_id: int,
+    once: str,
+    states: tuple[str, ...],
+    chat_id: int,
+    message_id: int | None,
+    start_at: dt.datetime | None,
+) -> bdb.Broadcast | None:
+    """The confirmed draft (its nonce still current, in one of `states`) becomes a broadcast, once."""
+    state = conversation.get_state(conn, user_id)
+    if state is None or state.name not in states or state.data.get("nonce") != once:
+        return None
+    draft = state.data
+    conversation.clear_state(conn, user_id)
+    content = bdb.Content(
+        draft["text"],
+        draft.get("media_kind"),
+        draft.get("media_file_id"),
+        tuple(
+            (b["text"], "plan", b["plan"]) if "plan" in b else (b["text"], "url", b["url"])
+            for b in draft.get("buttons") or []
+        ),
+        tuple(sorted((draft.get("variants") or {}).items())),
+    )
+    return actions.create_broadcast(
+        conn,
+        who,
+        text=draft["text"],
+        segment=_segment_of(draft),
+        button_text=draft.get("button_text"),
+        button_url=draft.get("button_url"),
+        progress_chat_id=chat_id,
+        progress_message_id=message_id,
+        content=content,
+        start_at=start_at,
+    )
 
 
 async def broadcast_schedule_entered(turn: Turn, text: str, data: dict[str, Any]) -> None:
@@ -374,7 +376,16 @@ async def broadcast_schedule_entered(turn: Turn, text: str, data: dict[str, Any]
     # The confirmation goes into a new message, which the scheduled broadcast's progress then edits.
     local = start_at.astimezone(zoneinfo.ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M")
     placeholder = await turn.reply(turn.t("admin.bc.scheduling"))
-    broadcast = await turn.app.db.run(_create(turn, once, (BC_SCHEDULE,), placeholder.message_id, start_at))
+    broadcast = await turn.app.db.run(
+        _create_from_draft,
+        actor(turn),
+        turn.user.id,
+        once,
+        (BC_SCHEDULE,),
+        turn.chat_id,
+        placeholder.message_id,
+        start_at,
+    )
     if broadcast is None:
         await admin_menu(turn, turn.t("admin.bc.no_draft"))
         return
@@ -390,7 +401,9 @@ async def broadcast_schedule_entered(turn: Turn, text: str, data: dict[str, Any]
 async def broadcast_start(turn: Turn, press: Press) -> None:
     message = turn.callback.message if turn.callback is not None else None
     message_id = message.message_id if message is not None else None
-    broadcast = await turn.app.db.run(_create(turn, press.args[0], (BC_CONFIRM,), message_id, None))
+    broadcast = await turn.app.db.run(
+        _create_from_draft, actor(turn), turn.user.id, press.args[0], (BC_CONFIRM,), turn.chat_id, message_id, None
+    )
     if broadcast is None:
         await admin_menu(turn, turn.t("admin.bc.no_draft"))
         return
