@@ -639,8 +639,9 @@ def _report_command(conn: psycopg.Connection[Any], args: argparse.Namespace) -> 
     )
     if args.csv:
         try:
-            with open(args.csv, "w", encoding="utf-8", newline="") as out:
-                rows = broadcast_report.write_csv(conn, args.broadcast_id, out)
+            rows = broadcast_report.write_csv_file(conn, args.broadcast_id, args.csv)
+        except FileExistsError:
+            raise Failed(f"{args.csv} exists already; choose a new file") from None
         except OSError as exc:
             raise Failed(f"cannot write {args.csv}: {exc.strerror or exc}") from None
         text += f"\n{rows} recipients written to {args.csv}"

@@ -384,6 +384,8 @@ async def test_report_counts_blocked_marks_them_unreachable_and_the_csv_lists_ev
     assert report == {"sent": 5, "blocked": 2, "failed": 0, "skipped": 0, "pending": 0}
     assert out.read_text().splitlines()[0] == "user_id,outcome,sent_at,error" and len(out.read_text().splitlines()) == 8
     assert run("broadcast", "report", "99").returncode == 1
+    again = run("broadcast", "report", "1", "--csv", str(out))  # never over an existing file
+    assert again.returncode == 1 and "exists already" in again.stderr
     # The next broadcast leaves the blockers out.
     with psycopg.connect(db_dsn) as conn:
         assert bdb.count_segment(conn, bdb.Segment.parse("all")) == 5

@@ -35,6 +35,13 @@ def write_csv(conn: psycopg.Connection[Any], broadcast_id: int, out: TextIO) -> 
         after = page[-1].user_id
 
 
+def write_csv_file(conn: psycopg.Connection[Any], broadcast_id: int, path: str) -> int:
+    """The CSV into a new file at `path` (never over an existing one: an operator's typo cannot clobber a
+    config); OSError (FileExistsError among them) when it cannot be created."""
+    with open(path, "x", encoding="utf-8", newline="") as out:
+        return write_csv(conn, broadcast_id, out)
+
+
 def _safe_cell(value: str) -> str:
     """An error text cannot start a spreadsheet formula (CSV injection)."""
     return "'" + value if value[:1] in ("=", "+", "-", "@") else value
