@@ -489,13 +489,22 @@ CREATE TABLE broadcasts (
     button_url           text,
     segment              text NOT NULL,
     segment_days         integer,
-    status               text NOT NULL CHECK (status IN ('running', 'paused', 'cancelled', 'done')),
+    status               text NOT NULL CHECK (status IN ('scheduled', 'running', 'paused', 'cancelled', 'done')),
     total                integer NOT NULL DEFAULT 0,
     progress_chat_id     bigint,
     progress_message_id  bigint,
     created_at           timestamptz NOT NULL DEFAULT now(),
-    finished_at          timestamptz
+    finished_at          timestamptz,
+    -- Rich broadcasts (0015): media by file_id (the text is its caption), buttons
+    -- ([{"text", "url"} | {"text", "plan"}]), per-language texts, a segment's argument, a scheduled start.
+    media_kind           text CHECK (media_kind IN ('photo', 'video', 'document', 'animation')),
+    media_file_id        text,
+    buttons              jsonb NOT NULL DEFAULT '[]',
+    variants             jsonb NOT NULL DEFAULT '{}',
+    segment_arg          text,
+    start_at             timestamptz
 );
+CREATE INDEX broadcasts_scheduled_idx ON broadcasts (start_at) WHERE status = 'scheduled';
 
 CREATE TABLE broadcast_recipients (
     broadcast_id  bigint NOT NULL REFERENCES broadcasts (id),

@@ -1,4 +1,4 @@
-"""Migration 0017 (referral earnings, withdrawals) on a database from before it: the same schema as
+"""Migration 0016 (referral earnings, withdrawals) on a database from before it: the same schema as
 schema.sql, and rewards earned before it become withdrawable as far as the balance still holds them."""
 
 from __future__ import annotations

@@ -26,6 +26,7 @@
     vpnd admin audit [--action A] [--admin ID] [--target T] [--limit N] [--before ID]
     vpnd broadcast list [--status S]
     vpnd broadcast pause|resume|cancel <id>
+    vpnd broadcast report <id> [--csv FILE]
 
 Every command takes `--config` and `--json` (one JSON document on stdout, for scripts). Exit codes:
 0 done, 1 failed (not found, not possible now, database trouble), 2 usage. Each command is one
@@ -64,6 +65,7 @@ from vpnd.pricing import format_money
 from vpnd.quota import current_usage, limits_of
 from vpnd.quota import format_bytes as format_quota_bytes
 from vpnd.services import admin_actions as actions
+from vpnd.services import broadcast_report
 from vpnd.services import devices as device_actions
 from vpnd.services import key_rotation as rotation_actions
 from vpnd.services import maintenance as maintenance_actions
@@ -190,13 +192,16 @@ def add_parsers(sub: Any, with_config: AddConfig) -> None:
         decision.add_argument("withdrawal_id", type=int)
         decision.add_argument("--note", default=None, help="told to the user and kept in the audit log")
 
-    broadcast = sub.add_parser("broadcast", help="list, pause, resume or cancel broadcasts")
+    broadcast = sub.add_parser("broadcast", help="list, pause, resume or cancel broadcasts; their delivery reports")
     verbs = broadcast.add_subparsers(dest="broadcast_command", required=True, metavar="ACTION")
     listing = leaf(verbs, "list", "recent broadcasts with their progress")
-    listing.add_argument("--status", choices=["running", "paused", "cancelled", "done"])
+    listing.add_argument("--status", choices=["scheduled", "running", "paused", "cancelled", "done"])
     listing.add_argument("--limit", type=int, default=20)
     for verb in ("pause", "resume", "cancel"):
         leaf(verbs, verb, f"{verb} a broadcast").add_argument("broadcast_id", type=int)
+    report = leaf(verbs, "report", "a broadcast's delivery report: sent, blocked the bot, failed")
+    report.add_argument("broadcast_id", type=int)
+    report.add_argument("--csv", metavar="FILE", help="also write every recipient with their outcome as CSV")
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -809,10 +814,31 @@ ADMIN_COMMANDS: dict[str, Command] = {
 def _describe(view: actions.BroadcastView) -> str:
     b, c = view.broadcast, view.counts
     segment = b.target.label()
+    if b.status == "scheduled":
+        return f"#{b.id:<5} {b.status:<9} {segment:<26} starts {_when(b.start_at)}  created {_when(b.created_at)}"
     return (
         f"#{b.id:<5} {b.status:<9} {segment:<26} sent {c.sent}, failed {c.failed}, skipped {c.skipped}, "
         f"pending {c.pending} of {c.total}  created {_when(b.created_at)}"
     )
+
+
+def _report_command(conn: psycopg.Connection[Any], args: argparse.Namespace) -> tuple[Any, str]:
+    if bdb.get_broadcast(conn, args.broadcast_id) is None:
+        raise Failed(f"no broadcast #{args.broadcast_id}")
+    report = bdb.report(conn, args.broadcast_id)
+    text = (
+        f"#{args.broadcast_id}: sent {report.sent}, blocked the bot {report.blocked}, failed {report.failed}, "
+        f"skipped {report.skipped}, pending {report.pending}"
+    )
+    if args.csv:
+        try:
+            rows = broadcast_report.write_csv_file(conn, args.broadcast_id, args.csv)
+        except FileExistsError:
+            raise Failed(f"{args.csv} exists already; choose a new file") from None
+        except OSError as exc:
+            raise Failed(f"cannot write {args.csv}: {exc.strerror or exc}") from None
+        text += f"\n{rows} recipients written to {args.csv}"
+    return report, text
 
 
 def broadcast_command(conn: psycopg.Connection[Any], args: argparse.Namespace, config: Config) -> tuple[Any, str]:
@@ -823,5 +849,7 @@ def broadcast_command(conn: psycopg.Connection[Any], args: argparse.Namespace, c
         items = bdb.list_broadcasts(conn, limit=args.limit, status=args.status)
         views = [actions.BroadcastView(b, bdb.counts(conn, b.id)) for b in items]
         return views, "\n".join(_describe(v) for v in views) if views else "no broadcasts"
+    if verb == "report":
+        return _report_command(conn, args)
     view = _done(actions.change_broadcast(conn, _actor(), args.broadcast_id, verb))
     return view, _describe(view)

@@ -432,6 +432,8 @@ class BroadcastConfig:
     progress_interval: float = 3.0
     #: Broadcast pace with `paid = true` (Telegram: up to 1000/s with allow_paid_broadcast, for Stars).
     paid_rate_per_second: float = 30.0
+    #: The operator's time zone (IANA name): a scheduled broadcast's "start at" is read in it.
+    timezone: str = "UTC"
 
 
 @attrs.frozen
@@ -687,6 +689,18 @@ def read_list(item: Callable[[object], T]) -> Callable[[object], tuple[T, ...]]:
         return tuple(out)
 
     return read
+
+
+def read_timezone(value: object) -> str:
+    """An IANA time zone name that this machine's tz database knows ("Europe/Berlin", "UTC")."""
+    import zoneinfo
+
+    name = read_str(value)
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise _expected('an IANA time zone name like "Europe/Berlin"', value) from None
+    return name
 
 
 def one_of(*choices: str) -> Callable[[object], str]:
@@ -962,6 +976,7 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "paid": read_bool,
         "progress_interval": positive(read_number),
         "paid_rate_per_second": in_range(read_number, 1, 1000),
+        "timezone": read_timezone,
     },
     "devices": {"missing_hwid": one_of("allow", "deny")},
     "connect": {"apps_file": read_str},

@@ -53,8 +53,12 @@ WIDEST: dict[Verb, tuple[object, ...]] = {
     Verb.EXPORT: ("payments",),
     Verb.BROADCAST_COMPOSE: (),
     Verb.BROADCAST_NO_BUTTON: (),
-    Verb.BROADCAST_SEGMENT: ("expiring", 9999),
+    Verb.BROADCAST_SEGMENT: ("plan", "X" * 32),
     Verb.BROADCAST_START: (NONCE,),
+    Verb.BROADCAST_TEST: (NONCE,),
+    Verb.BROADCAST_SCHEDULE: (NONCE,),
+    Verb.BROADCAST_VARIANT: (NONCE,),
+    Verb.BROADCAST_REPORT: (2**63 - 1,),
     Verb.BROADCASTS: (),
     Verb.BROADCAST_PAUSE: (2**63 - 1,),
     Verb.BROADCAST_RESUME: (2**63 - 1,),
@@ -105,6 +109,7 @@ def test_data_that_is_no_verb_does_not_parse() -> None:
         "adm:gc:1:10:1:DEADBEEF;",
         "adm:ar:1:maybe",
         "adm:bs:expiring",  # expiring needs its days
+        "adm:bs:lang:en;drop",  # a segment argument is a plain code
         "adm:ex:secrets",
         "adm:pd:" + "X" * 60,  # over 64 bytes
         "menu",

@@ -42,6 +42,7 @@ KNOWN_FILE_WRITERS = {
     RENDER: "write_atomically and its temp files: the Xray config (called only by the Xray nursery)",
     "vpnd/telegram/admin/export.py": "tempfile.TemporaryFile for a CSV export (anonymous, unlinked at creation)",
     "vpnd/services/backup.py": "backups: vpnd-<time>.dump(.partial) files in [backup].directory, never a config",
+    "vpnd/services/broadcast_report.py": "`vpnd broadcast report --csv FILE`: a new file the operator names (mode x)",
 }
 
 

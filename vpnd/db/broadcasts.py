@@ -11,7 +11,15 @@ Segments (every one of them only reachable users who are not banned):
 * ``active``   — an active, unexpired *paid* subscription;
 * ``nosub``    — no active subscription at all (neither paid nor a running trial);
 * ``expiring`` — an active subscription (paid or trial) that expires within ``days`` days;
-* ``trial``    — a running trial (an active, unexpired subscription of kind ``trial``).
+* ``trial``    — a running trial (an active, unexpired subscription of kind ``trial``);
+* ``lang``     — users whose bot language is ``arg``;
+* ``plan``     — an active, unexpired subscription to the plan ``arg``;
+* ``expired``  — a subscription that ran out within the last ``days`` days (and was not renewed);
+* ``neverpaid``— nobody who ever paid for anything (a paid purchase);
+* ``paid``     — paid for something within the last ``days`` days.
+
+A broadcast may be *scheduled*: it is created without recipients and `start_due` turns it into a
+running one (inserting its recipients from the segment as it is then) once ``start_at`` has passed.
 
 The segment's predicate is checked again for each recipient just before sending
 (`skip_if_ineligible`), so a user who paid after the broadcast started is skipped by ``nosub``.
@@ -20,17 +28,36 @@ The segment's predicate is checked again for each recipient just before sending
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any, Literal
 
 import attrs
 import psycopg
 from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
 
 from vpnd.db.rows import one
 
-SegmentName = Literal["all", "active", "nosub", "expiring", "trial"]
-SEGMENTS: tuple[SegmentName, ...] = ("all", "active", "nosub", "expiring", "trial")
-Status = Literal["running", "paused", "cancelled", "done"]
+SegmentName = Literal["all", "active", "nosub", "expiring", "trial", "lang", "plan", "expired", "neverpaid", "paid"]
+SEGMENTS: tuple[SegmentName, ...] = (
+    "all",
+    "active",
+    "nosub",
+    "expiring",
+    "trial",
+    "lang",
+    "plan",
+    "expired",
+    "neverpaid",
+    "paid",
+)
+#: Segments that take a number of days, and those that take a text argument (a language, a plan code).
+DAYS_SEGMENTS = frozenset({"expiring", "expired", "paid"})
+ARG_SEGMENTS = frozenset({"lang", "plan"})
+SEGMENT_ARG = re.compile(r"[A-Za-z0-9_-]{1,32}")
+MediaKind = Literal["photo", "video", "document", "animation"]
+MEDIA_KINDS: tuple[MediaKind, ...] = ("photo", "video", "document", "animation")
+Status = Literal["scheduled", "running", "paused", "cancelled", "done"]
 Action = Literal["pause", "resume", "cancel"]
 
 MAX_EXPIRING_DAYS = 365
@@ -58,6 +85,17 @@ _PREDICATES: dict[str, str] = {
     "nosub": f"{_LIVE} AND NOT {_active_sub()}",
     "expiring": f"{_LIVE} AND {_active_sub(_WITHIN_DAYS)}",
     "trial": f"{_LIVE} AND {_active_sub(_TRIAL)}",
+    "lang": f"{_LIVE} AND u.language = %(arg)s",
+    "plan": f"{_LIVE} AND {_active_sub(' AND s.plan_code = %(arg)s')}",
+    "expired": (
+        f"{_LIVE} AND EXISTS (SELECT 1 FROM subscriptions s WHERE s.user_id = u.id AND s.status <> 'revoked' "
+        "AND s.expires_at <= now() AND s.expires_at > now() - %(days)s * interval '1 day')"
+    ),
+    "neverpaid": f"{_LIVE} AND NOT EXISTS (SELECT 1 FROM purchases p WHERE p.user_id = u.id AND p.status = 'paid')",
+    "paid": (
+        f"{_LIVE} AND EXISTS (SELECT 1 FROM purchases p WHERE p.user_id = u.id AND p.status = 'paid' "
+        "AND p.paid_at > now() - %(days)s * interval '1 day')"
+    ),
 }
 
 
@@ -67,25 +105,52 @@ class Segment:
 
     name: SegmentName
     days: int | None = None
+    arg: str | None = None
 
     @classmethod
-    def parse(cls, name: str, days: int | None = None) -> Segment:
+    def parse(cls, name: str, days: int | None = None, arg: str | None = None) -> Segment:
         if name not in SEGMENTS:
             raise BadSegment(f"unknown segment {name!r} (known: {', '.join(SEGMENTS)})")
-        if name == "expiring":
+        if name in DAYS_SEGMENTS:
             if days is None or not 1 <= days <= MAX_EXPIRING_DAYS:
-                raise BadSegment(f"the expiring segment needs days from 1 to {MAX_EXPIRING_DAYS}")
-            return cls("expiring", days)
+                raise BadSegment(f"the {name} segment needs days from 1 to {MAX_EXPIRING_DAYS}")
+            return cls(name, days)
+        if name in ARG_SEGMENTS:
+            if arg is None or not SEGMENT_ARG.fullmatch(arg):
+                raise BadSegment(f"the {name} segment needs a {'language' if name == 'lang' else 'plan code'}")
+            return cls(name, arg=arg)
         return cls(name)
+
+    @classmethod
+    def from_words(cls, words: list[str]) -> Segment:
+        """`["expired", "7"]`, `["lang", "ru"]`, `["all"]` (the bot's callback arguments, the CLI's)."""
+        if not words:
+            raise BadSegment("no segment")
+        name, rest = words[0], words[1:]
+        if name in DAYS_SEGMENTS:
+            if len(rest) != 1 or not rest[0].isdigit():
+                raise BadSegment(f"the {name} segment needs a number of days")
+            return cls.parse(name, int(rest[0]))
+        if name in ARG_SEGMENTS:
+            return cls.parse(name, arg=rest[0] if len(rest) == 1 else None)
+        if rest:
+            raise BadSegment(f"the {name} segment takes no argument")
+        return cls.parse(name)
 
     def predicate(self) -> str:
         return _PREDICATES[self.name]
 
     def params(self) -> dict[str, Any]:
-        return {"days": self.days or 0}
+        return {"days": self.days or 0, "arg": self.arg or ""}
 
     def label(self) -> str:
-        return f"expiring within {self.days} days" if self.name == "expiring" else self.name
+        if self.name in DAYS_SEGMENTS:
+            return {
+                "expiring": "expiring within",
+                "expired": "expired within the last",
+                "paid": "paid within the last",
+            }[self.name] + f" {self.days} days"
+        return f"{self.name} {self.arg}" if self.arg else self.name
 
 
 @attrs.frozen
@@ -103,16 +168,42 @@ class Broadcast:
     progress_message_id: int | None
     created_at: dt.datetime
     finished_at: dt.datetime | None
+    media_kind: str | None = None
+    media_file_id: str | None = None
+    #: [{"text": ..., "url": ...} | {"text": ..., "plan": <plan code>}], one button per row.
+    buttons: list[dict[str, str]] = attrs.field(factory=list)
+    #: language → text (or caption) for recipients of that language; the others get `text`.
+    variants: dict[str, str] = attrs.field(factory=dict)
+    segment_arg: str | None = None
+    start_at: dt.datetime | None = None
 
     @property
     def target(self) -> Segment:
-        return Segment.parse(self.segment, self.segment_days)
+        return Segment.parse(self.segment, self.segment_days, self.segment_arg)
+
+    def text_for(self, language: str) -> str:
+        return self.variants.get(language) or self.text
 
 
 COLUMNS = (
     "id, created_by, text, button_text, button_url, segment, segment_days, status, total, "
-    "progress_chat_id, progress_message_id, created_at, finished_at"
+    "progress_chat_id, progress_message_id, created_at, finished_at, media_kind, media_file_id, buttons, "
+    "variants, segment_arg, start_at"
 )
+
+
+@attrs.frozen
+class Content:
+    """What a broadcast says: a text (the caption when there is media), media by file_id, buttons, variants."""
+
+    text: str
+    media_kind: MediaKind | None = None
+    media_file_id: str | None = None
+    buttons: tuple[tuple[str, str, str], ...] = ()  # (label, "url" | "plan", target)
+    variants: tuple[tuple[str, str], ...] = ()  # (language, text)
+
+    def buttons_json(self) -> list[dict[str, str]]:
+        return [{"text": label, kind: target} for label, kind, target in self.buttons]
 
 
 @attrs.frozen
@@ -147,14 +238,21 @@ def create_broadcast(
     button_url: str | None = None,
     progress_chat_id: int | None = None,
     progress_message_id: int | None = None,
+    content: Content | None = None,
+    start_at: dt.datetime | None = None,
 ) -> Broadcast:
-    """Create a running broadcast and its recipient rows (set-wise from the segment query)."""
+    """Create a running broadcast and its recipient rows (set-wise from the segment query); with
+    `start_at` a scheduled one without recipients (`start_due` adds them when it starts)."""
     if (button_text is None) != (button_url is None):
         raise ValueError("a button needs both a text and a URL")
+    content = content or Content(text)
+    if (content.media_kind is None) != (content.media_file_id is None):
+        raise ValueError("media needs both a kind and a file_id")
     created = one(
         conn.execute(
-            "INSERT INTO broadcasts (created_by, text, button_text, button_url, segment, segment_days, status, "
-            "progress_chat_id, progress_message_id) VALUES (%s, %s, %s, %s, %s, %s, 'running', %s, %s) RETURNING id",
+            "INSERT INTO broadcasts (created_by, text, button_text, button_url, segment, segment_days, segment_arg, "
+            "status, progress_chat_id, progress_message_id, media_kind, media_file_id, buttons, variants, start_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
             (
                 created_by,
                 text,
@@ -162,12 +260,27 @@ def create_broadcast(
                 button_url,
                 segment.name,
                 segment.days,
+                segment.arg,
+                "running" if start_at is None else "scheduled",
                 progress_chat_id,
                 progress_message_id,
+                content.media_kind,
+                content.media_file_id,
+                Jsonb(content.buttons_json()),
+                Jsonb(dict(content.variants)),
+                start_at,
             ),
         )
     )
     broadcast_id = int(created[0])
+    if start_at is not None:
+        found = get_broadcast(conn, broadcast_id)
+        assert found is not None
+        return found
+    return _add_recipients(conn, broadcast_id, segment)
+
+
+def _add_recipients(conn: psycopg.Connection[Any], broadcast_id: int, segment: Segment) -> Broadcast:
     inserted = conn.execute(
         f"INSERT INTO broadcast_recipients (broadcast_id, user_id) "
         f"SELECT %(bid)s, u.id FROM users u WHERE {segment.predicate()}",
@@ -178,6 +291,21 @@ def create_broadcast(
             cur.execute(f"UPDATE broadcasts SET total = %s WHERE id = %s RETURNING {COLUMNS}", (inserted, broadcast_id))
         )
     return broadcast
+
+
+def start_due(conn: psycopg.Connection[Any]) -> list[Broadcast]:
+    """Start every scheduled broadcast whose time has come: running, with its recipients as the segment
+    is now. The status change is the claim, so a broadcast starts once however many callers race."""
+    started: list[Broadcast] = []
+    with conn.cursor(row_factory=class_row(Broadcast)) as cur:
+        due = cur.execute(
+            f"UPDATE broadcasts SET status = 'running' WHERE id IN (SELECT id FROM broadcasts "
+            f"WHERE status = 'scheduled' AND start_at <= now() ORDER BY start_at LIMIT 20 FOR UPDATE SKIP LOCKED) "
+            f"RETURNING {COLUMNS}"
+        ).fetchall()
+    for broadcast in due:
+        started.append(_add_recipients(conn, broadcast.id, broadcast.target))
+    return started
 
 
 def set_progress_message(conn: psycopg.Connection[Any], broadcast_id: int, chat_id: int, message_id: int) -> None:
@@ -299,7 +427,7 @@ def mark_failed(
 _TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "pause": (("running",), "paused"),
     "resume": (("paused",), "running"),
-    "cancel": (("running", "paused"), "cancelled"),
+    "cancel": (("scheduled", "running", "paused"), "cancelled"),
 }
 
 
@@ -314,7 +442,7 @@ class StatusChange:
 
 
 def change_status(conn: psycopg.Connection[Any], broadcast_id: int, action: Action) -> StatusChange:
-    """Pause (running → paused), resume (paused → running) or cancel (running/paused → cancelled).
+    """Pause (running → paused), resume (paused → running) or cancel (scheduled/running/paused → cancelled).
 
     `changed` is False when the broadcast was not in a state the action applies to (it is returned
     as it is) or does not exist (`broadcast` is None).
@@ -342,3 +470,59 @@ def finish_if_complete(conn: psycopg.Connection[Any], broadcast_id: int) -> Broa
             f"RETURNING {COLUMNS}",
             (broadcast_id,),
         ).fetchone()
+
+
+# --- delivery report --------------------------------------------------------------------------
+
+#: A failure that means the person can no longer be messaged (403 blocked, chat gone): they were marked
+#: unreachable when it happened, so later broadcasts leave them out.
+_BLOCKED_ERRORS = ("unreachable:%", "chat not found:%")
+
+
+@attrs.frozen
+class Report:
+    sent: int
+    blocked: int
+    failed: int
+    skipped: int
+    pending: int
+
+
+@attrs.frozen
+class RecipientOutcome:
+    user_id: int
+    outcome: str  # sent | blocked | failed | skipped | pending
+    error: str | None
+    sent_at: dt.datetime | None
+
+
+_OUTCOME = "CASE WHEN status = 'failed' AND (error LIKE %(b0)s OR error LIKE %(b1)s) THEN 'blocked' ELSE status END"
+
+
+def report(conn: psycopg.Connection[Any], broadcast_id: int) -> Report:
+    rows = conn.execute(
+        f"SELECT {_OUTCOME}, count(*) FROM broadcast_recipients WHERE broadcast_id = %(bid)s GROUP BY 1",
+        {"bid": broadcast_id, "b0": _BLOCKED_ERRORS[0], "b1": _BLOCKED_ERRORS[1]},
+    ).fetchall()
+    by = {str(r[0]): int(r[1]) for r in rows}
+    return Report(
+        by.get("sent", 0), by.get("blocked", 0), by.get("failed", 0), by.get("skipped", 0), by.get("pending", 0)
+    )
+
+
+def recipient_outcomes(
+    conn: psycopg.Connection[Any], broadcast_id: int, *, after_user_id: int = 0, limit: int = 5000
+) -> list[RecipientOutcome]:
+    """One keyset page of recipients in user id order, with their outcome (for the CSV)."""
+    with conn.cursor(row_factory=class_row(RecipientOutcome)) as cur:
+        return cur.execute(
+            f"SELECT user_id, {_OUTCOME} AS outcome, error, sent_at FROM broadcast_recipients "
+            f"WHERE broadcast_id = %(bid)s AND user_id > %(after)s ORDER BY user_id LIMIT %(limit)s",
+            {
+                "bid": broadcast_id,
+                "after": after_user_id,
+                "limit": limit,
+                "b0": _BLOCKED_ERRORS[0],
+                "b1": _BLOCKED_ERRORS[1],
+            },
+        ).fetchall()

@@ -51,6 +51,7 @@ from vpnd.db.broadcasts import Broadcast, Counts
 from vpnd.db.users import get_user
 from vpnd.nudge import Nudge
 from vpnd.telegram.admin import views
+from vpnd.telegram.broadcast_message import markup_of, send_content
 from vpnd.telegram.client import (
     ChatNotFound,
     ChatUnreachable,
@@ -133,9 +134,13 @@ class Broadcasts:
     # --- supervisor ---------------------------------------------------------------------------
 
     async def reconcile(self, nursery: trio.Nursery) -> None:
-        """Start a task for every running broadcast; stop or cancel tasks whose broadcast changed."""
-        current = await self.app.db.run(bdb.statuses, list(self.tasks))
+        """Start scheduled broadcasts that are due; start a task for every running broadcast; stop or
+        cancel tasks whose broadcast changed."""
         stopping = self.app.lifecycle.stopping.is_set()
+        if not stopping:
+            for started in await self.app.db.run(bdb.start_due):
+                log.info("event=broadcast_schedule_started id=%d total=%d", started.id, started.total)
+        current = await self.app.db.run(bdb.statuses, list(self.tasks))
         for broadcast_id, status in current.items():
             task = self.tasks.get(broadcast_id)
             if task is None:
@@ -235,9 +240,20 @@ class Broadcasts:
 
     async def _send(self, task: BroadcastTask, broadcast: Broadcast, markup: Any, user_id: int) -> SentMessage:
         paid = self.app.config.broadcast.paid and not task.paid_refused
+        text = broadcast.text
+        if broadcast.variants:
+            language = await self.app.db.run(language_of, user_id)
+            text = broadcast.text_for(language or "")
         try:
-            return await self.sender.send_message(
-                user_id, broadcast.text, priority=Priority.BULK, paid=paid, reply_markup=markup
+            return await send_content(
+                self.sender,
+                user_id,
+                text,
+                markup,
+                priority=Priority.BULK,
+                paid=paid,
+                media_kind=broadcast.media_kind,
+                media_file_id=broadcast.media_file_id,
             )
         except BadRequest as exc:
             if not (paid and _refuses_paid_broadcast(exc)):
@@ -250,7 +266,15 @@ class Broadcasts:
                     broadcast.id,
                     str(exc)[:200],
                 )
-        return await self.sender.send_message(user_id, broadcast.text, priority=Priority.BULK, reply_markup=markup)
+        return await send_content(
+            self.sender,
+            user_id,
+            text,
+            markup,
+            priority=Priority.BULK,
+            media_kind=broadcast.media_kind,
+            media_file_id=broadcast.media_file_id,
+        )
 
     async def _deliver_one(self, task: BroadcastTask, broadcast: Broadcast, markup: Any, user_id: int) -> str:
         db = self.app.db
@@ -315,7 +339,9 @@ class Broadcasts:
                 seconds = (broadcast.finished_at - broadcast.created_at).total_seconds()
             summary = views.summary_text(t, broadcast, broadcast.status, counts, seconds)
             try:
-                await self.sender.send_message(broadcast.progress_chat_id, summary)
+                await self.sender.send_message(
+                    broadcast.progress_chat_id, summary, reply_markup=views.report_keyboard(t, broadcast.id)
+                )
             except (TelegramError, ChatUnreachable, ChatNotFound, SendFailed) as exc:
                 log.warning("event=broadcast_summary_failed id=%d error=%s", broadcast.id, type(exc).__name__)
 
@@ -348,11 +374,12 @@ def _refuses_paid_broadcast(exc: BadRequest) -> bool:
 
 
 def _markup(broadcast: Broadcast) -> telegram.InlineKeyboardMarkup | None:
-    if not broadcast.button_text or not broadcast.button_url:
-        return None
-    return telegram.InlineKeyboardMarkup(
-        [[telegram.InlineKeyboardButton(broadcast.button_text, url=broadcast.button_url)]]
-    )
+    return markup_of(broadcast.button_text, broadcast.button_url, broadcast.buttons)
+
+
+def language_of(conn: Any, user_id: int) -> str | None:
+    user = get_user(conn, user_id)
+    return user.language if user is not None else None
 
 
 async def run_broadcasts(

@@ -629,8 +629,11 @@ def create_broadcast(
     button_url: str | None = None,
     progress_chat_id: int | None = None,
     progress_message_id: int | None = None,
+    content: bdb.Content | None = None,
+    start_at: dt.datetime | None = None,
 ) -> bdb.Broadcast:
-    """A running broadcast to everyone in `segment` now (the broadcasts nursery sends it)."""
+    """A running broadcast to everyone in `segment` now (the broadcasts nursery sends it); with
+    `start_at`, a scheduled one that the nursery starts then."""
     broadcast = bdb.create_broadcast(
         conn,
         created_by=actor.admin_id,
@@ -640,8 +643,16 @@ def create_broadcast(
         button_url=button_url,
         progress_chat_id=progress_chat_id,
         progress_message_id=progress_message_id,
+        content=content,
+        start_at=start_at,
     )
     facts: dict[str, Any] = {"segment": broadcast.segment, "days": broadcast.segment_days, "total": broadcast.total}
+    if broadcast.segment_arg is not None:
+        facts["arg"] = broadcast.segment_arg
+    if start_at is not None:
+        facts["start_at"] = start_at.isoformat()
+    if broadcast.media_kind is not None:
+        facts["media"] = broadcast.media_kind
     _audit(conn, actor, "broadcast_create", broadcast.id, **facts)
     return broadcast
 

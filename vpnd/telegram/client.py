@@ -217,6 +217,44 @@ class Sender:
         )
         return SentMessage(chat_id, message.message_id)
 
+    async def send_media(
+        self,
+        chat_id: int,
+        kind: str,
+        file_id: str,
+        caption: str,
+        *,
+        priority: Priority = Priority.REPLY,
+        paid: bool = False,
+        **kwargs: Any,
+    ) -> SentMessage:
+        """sendPhoto / sendVideo / sendDocument / sendAnimation of a file Telegram already has (`file_id`),
+        with an HTML caption; `paid` as for `send_message`."""
+        if kind not in ("photo", "video", "document", "animation"):
+            raise ValueError(f"unknown media kind {kind!r}")
+        if paid:
+            kwargs["allow_paid_broadcast"] = True
+        method = "send" + kind.title()
+        wire = self.bot.wire
+        if wire is not None:
+            params = {
+                "chat_id": chat_id,
+                kind: file_id,
+                "caption": caption,
+                "parse_mode": "HTML",
+                **_json_params(kwargs),
+            }
+            result = await self.call(chat_id, lambda: wire.call(method, params), priority=priority, paid=paid)
+            return SentMessage(chat_id, int(result["message_id"]))
+        send = getattr(self.bot, f"send_{kind}")
+        message = await self.call(
+            chat_id,
+            lambda: send(chat_id, file_id, caption=caption, parse_mode="HTML", **_ptb_params(kwargs)),
+            priority=priority,
+            paid=paid,
+        )
+        return SentMessage(chat_id, message.message_id)
+
     async def send_photo(
         self, chat_id: int, photo: bytes, *, caption: str | None = None, **kwargs: Any
     ) -> telegram.Message:

@@ -54,7 +54,16 @@ def content_type(stored: StoredFile) -> str:
     return "image/webp" if data[8:12] == b"WEBP" else "image/jpeg"
 
 
-def input_file(fake: FakeTelegram, params: Params, field: str, kind: Literal["photo", "document"]) -> StoredFile:
+MediaKind = Literal["photo", "document", "video", "animation"]
+_FILE_ID_PREFIX = {
+    "photo": "AgACAgUAAxkBAA",
+    "document": "BQACAgUAAxkBAA",
+    "video": "BAACAgUAAxkBAA",
+    "animation": "CgACAgUAAxkBAA",
+}
+
+
+def input_file(fake: FakeTelegram, params: Params, field: str, kind: MediaKind) -> StoredFile:
     """Resolve a file parameter: an uploaded part, ``attach://name``, a known file_id or an HTTP URL."""
     upload: UploadedFile | None = params.files.get(field)
     if upload is None:
@@ -97,12 +106,12 @@ def input_file(fake: FakeTelegram, params: Params, field: str, kind: Literal["ph
     elif len(upload.data) > MAX_DOCUMENT_BYTES:
         raise ApiError(413, "Request Entity Too Large")
     stored = StoredFile(
-        file_id=fake._new_id("AgACAgUAAxkBAA" if kind == "photo" else "BQACAgUAAxkBAA"),
+        file_id=fake._new_id(_FILE_ID_PREFIX[kind]),
         file_unique_id=fake._new_id("AQAD"),
         kind=kind,
         data=upload.data,
-        file_name=upload.filename if kind == "document" else None,
-        mime_type=upload.content_type if kind == "document" else "image/jpeg",
+        file_name=upload.filename if kind != "photo" else None,
+        mime_type=upload.content_type if kind != "photo" else "image/jpeg",
         width=width,
         height=height,
     )

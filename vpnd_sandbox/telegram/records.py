@@ -78,7 +78,7 @@ class StoredFile:
 
     file_id: str
     file_unique_id: str
-    kind: Literal["photo", "document"]
+    kind: Literal["photo", "document", "video", "animation"]
     data: bytes | None = attrs.field(default=None, repr=lambda d: "None" if d is None else f"<{len(d)} bytes>")
     url: str | None = None
     file_name: str | None = None
@@ -158,6 +158,8 @@ class ChatMessage:
     reply_markup: JSONDict | None = None  # inline keyboards only; other markups belong to the chat
     photo: StoredFile | None = None
     document: StoredFile | None = None
+    video: StoredFile | None = None
+    animation: StoredFile | None = None
     invoice: Invoice | None = None
     successful_payment: JSONDict | None = None
     refunded_payment: JSONDict | None = None
@@ -196,6 +198,11 @@ class ChatMessage:
             message["photo"] = self.photo.photo_sizes()
         if self.document is not None:
             message["document"] = self.document.document_api()
+        if self.video is not None:
+            message["video"] = {**self.video.document_api(), "width": 640, "height": 360, "duration": 1}
+        if self.animation is not None:  # Telegram sends an animation as "document" too, for old clients
+            message["animation"] = {**self.animation.document_api(), "width": 320, "height": 240, "duration": 1}
+            message["document"] = self.animation.document_api()
         if self.caption is not None:
             message["caption"] = self.caption
             if self.caption_entities:

@@ -11,14 +11,14 @@ import inspect
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import trio
 
 from vpnd_sandbox.telegram.faults import FaultKind, FaultRule, fault_reply, pick_fault
 from vpnd_sandbox.telegram.formatting import detect_bot_commands, utf16_len
-from vpnd_sandbox.telegram.limits import MAX_TEXT, TokenBucket
+from vpnd_sandbox.telegram.limits import MAX_CAPTION, MAX_TEXT, TokenBucket
 from vpnd_sandbox.telegram.methods import Method, bot_methods
 from vpnd_sandbox.telegram.records import (
     CallbackQuery,
@@ -398,6 +398,39 @@ class FakeTelegram:
         message = self._add_message(
             user, from_bot=False, text=text, entities=detect_bot_commands(text), reply_to=reply_to
         )
+        self._queue_update("message", message.to_api())
+        return message
+
+    def user_sends_media(
+        self, user_id: int, kind: Literal["photo", "document", "video", "animation"], *, caption: str | None = None
+    ) -> ChatMessage:
+        """The user sends a photo, video, document or animation (with an optional caption): the bot gets its
+        file_id and may send it on by that id, as with Telegram."""
+        user = self._user(user_id)
+        if caption is not None and utf16_len(caption) > MAX_CAPTION:
+            raise SandboxError("caption longer than 1024 characters")
+        if user.blocked:
+            self.user_unblocks_bot(user_id)
+        self._mark_action(user)
+        user.started = True
+        prefix = {"photo": "AgAC", "document": "BQAC", "video": "BAAC", "animation": "CgAC"}[kind]
+        stored = StoredFile(
+            file_id=self._new_id(prefix + "AgUAAxkBAA"),
+            file_unique_id=self._new_id("AQAD"),
+            kind=kind,
+            data=b"\x89PNG\r\n\x1a\n" + b"\x00" * 8 + b"\x00\x00\x02\x80\x00\x00\x02\x80",
+            file_name=None
+            if kind == "photo"
+            else f"file.{ {'document': 'pdf', 'video': 'mp4', 'animation': 'mp4'}[kind] }",
+            mime_type="image/jpeg" if kind == "photo" else ("application/pdf" if kind == "document" else "video/mp4"),
+            width=640,
+            height=640,
+        )
+        self.files[stored.file_id] = stored
+        content: dict[str, Any] = {kind: stored}
+        if kind == "animation":
+            content["document"] = None
+        message = self._add_message(user, from_bot=False, caption=caption, **content)
         self._queue_update("message", message.to_api())
         return message
 

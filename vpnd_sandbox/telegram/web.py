@@ -89,8 +89,9 @@ def message_json(message: ChatMessage) -> JSONDict:
     entry["deleted"] = message.deleted
     if message.photo is not None:
         entry["photo_url"] = message.photo.url or f"/sandbox/files/{message.photo.file_id}"
-    if message.document is not None:
-        entry["document_url"] = message.document.url or f"/sandbox/files/{message.document.file_id}"
+    media = message.document or message.video or message.animation
+    if media is not None:
+        entry["document_url"] = media.url or f"/sandbox/files/{media.file_id}"
     if message.invoice is not None:
         entry["invoice"]["paid"] = message.invoice.paid_charge_id is not None
         entry["invoice"]["amount_text"] = format_money(message.invoice.total_amount, message.invoice.currency)

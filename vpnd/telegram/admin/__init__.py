@@ -133,3 +133,4 @@ def register(routes: Routes) -> None:
     routes.callbacks[callback_data.PREFIX] = admin_callback
     for name in STATES:
         routes.states[name] = state_route(name)
+    routes.message_hooks.append(broadcasts.media_entered)

@@ -24,6 +24,7 @@ STATE_TTL_SECONDS = 30 * 60
 #: Durable conversation states of the admin's multi-step inputs.
 FIND, GRANT, BALANCE, PROMO = "adm_find", "adm_grant", "adm_balance", "adm_promo"
 BC_TEXT, BC_BUTTON, BC_CONFIRM = "adm_bc_text", "adm_bc_button", "adm_bc_confirm"
+BC_SCHEDULE, BC_VARIANT = "adm_bc_schedule", "adm_bc_variant"
 
 CallbackAction = Callable[[Turn, Press], Awaitable[None]]
 StateAction = Callable[[Turn, str, dict[str, Any]], Awaitable[None]]

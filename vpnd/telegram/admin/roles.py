@@ -69,6 +69,10 @@ VERB_ACTIONS: dict[Verb, str] = {
     Verb.ROTATE_KEYS_STEER: "rotate_keys",
     Verb.WITHDRAWAL_APPROVE: "withdrawal",
     Verb.WITHDRAWAL_REJECT: "withdrawal",
+    Verb.BROADCAST_TEST: "broadcast",
+    Verb.BROADCAST_SCHEDULE: "broadcast",
+    Verb.BROADCAST_VARIANT: "broadcast",
+    Verb.BROADCAST_REPORT: "broadcast",
 }
 
 #: Every typed input's action; a state not listed is owner-only (`vpnd.roles.required`).
@@ -80,6 +84,8 @@ STATE_ACTIONS: dict[str, str] = {
     "adm_bc_text": "broadcast",
     "adm_bc_button": "broadcast",
     "adm_bc_confirm": "broadcast",
+    "adm_bc_schedule": "broadcast",
+    "adm_bc_variant": "broadcast",
     "adm_maint": "maintenance",
     "adm_extend": "extend_all",
     "adm_audit": "audit",

@@ -56,8 +56,15 @@ class Verb(enum.Enum):
     EXPORT = ("ex", "users|payments")
     BROADCAST_COMPOSE = ("bc", "")
     BROADCAST_NO_BUTTON = ("bn", "")
-    BROADCAST_SEGMENT = ("bs", r"(?:all|active|trial|nosub)|expiring:\d{1,4}")
+    BROADCAST_SEGMENT = (
+        "bs",
+        r"(?:all|active|trial|nosub|neverpaid)|(?:expiring|expired|paid):\d{1,4}|(?:lang|plan):[A-Za-z0-9_-]{1,32}",
+    )
     BROADCAST_START = ("bgo", _NONCE)
+    BROADCAST_TEST = ("bt", _NONCE)
+    BROADCAST_SCHEDULE = ("bsc", _NONCE)
+    BROADCAST_VARIANT = ("bv", _NONCE)
+    BROADCAST_REPORT = ("brp", r"\d{1,19}")
     BROADCASTS = ("bl", "")
     BROADCAST_PAUSE = ("bp", r"\d{1,19}")
     BROADCAST_RESUME = ("br", r"\d{1,19}")

@@ -381,21 +381,25 @@ def nodes_keyboard(t: T) -> kb.Keyboard:
 
 
 def segment_label(t: T, segment: Segment) -> str:
-    return t(f"admin.segment.{segment.name}", days=segment.days or 0)
+    return t(f"admin.segment.{segment.name}", days=segment.days or 0, arg=segment.arg or "")
 
 
-def segment_keyboard(t: T) -> kb.Keyboard:
+def segment_keyboard(t: T, languages: Sequence[str] = (), plans: Sequence[str] = ()) -> kb.Keyboard:
     def seg(name: str, *args: object) -> kb.Button:
-        label = t(f"admin.segment.{name}", days=args[0] if args else 0)
+        label = t(f"admin.segment.{name}", days=args[0] if args else 0, arg=args[0] if args else "")
         return kb.button(label, Verb.BROADCAST_SEGMENT.data(name, *args))
 
-    return kb.keyboard(
+    rows = [
         [seg("all")],
         [seg("active"), seg("trial")],
-        [seg("nosub")],
+        [seg("nosub"), seg("neverpaid")],
         [seg("expiring", 1), seg("expiring", 3), seg("expiring", 7)],
-        [kb.button(t("admin.cancel"), Verb.CANCEL.data())],
-    )
+        [seg("expired", 7), seg("expired", 30), seg("expired", 90)],
+        [seg("paid", 7), seg("paid", 30), seg("paid", 90)],
+    ]
+    rows += [[seg("lang", lang) for lang in languages[i : i + 3]] for i in range(0, len(languages), 3)]
+    rows += [[seg("plan", code) for code in plans[i : i + 2]] for i in range(0, len(plans), 2)]
+    return kb.keyboard(*rows, [kb.button(t("admin.cancel"), Verb.CANCEL.data())])
 
 
 def status_label(t: T, status: str) -> str:
@@ -417,7 +421,14 @@ def progress_keyboard(t: T, broadcast_id: int, status: str) -> kb.Keyboard | Non
                 kb.button(t("admin.bc.cancel"), Verb.BROADCAST_CANCEL.data(broadcast_id)),
             ]
         )
+    if status == "scheduled":
+        return kb.keyboard([kb.button(t("admin.bc.cancel"), Verb.BROADCAST_CANCEL.data(broadcast_id))])
     return None
+
+
+def report_keyboard(t: T, broadcast_id: int) -> kb.Keyboard:
+    """Under a finished broadcast's summary: its delivery report (counts and a CSV)."""
+    return kb.keyboard([kb.button(t("admin.bc.report"), Verb.BROADCAST_REPORT.data(broadcast_id))])
 
 
 def progress_text(t: T, b: Broadcast, status: str, counts: Counts, rate: float | None) -> str:
@@ -471,7 +482,8 @@ def broadcasts_text(t: T, items: Sequence[Broadcast]) -> str:
 def broadcasts_keyboard(t: T, items: Sequence[Broadcast]) -> kb.Keyboard:
     rows: list[list[kb.Button]] = []
     for b in items:
-        markup = progress_keyboard(t, b.id, b.status)
+        finished = b.status in ("done", "cancelled")
+        markup = report_keyboard(t, b.id) if finished else progress_keyboard(t, b.id, b.status)
         if markup is not None:
             rows.append([{**button, "text": f"#{b.id} {button['text']}"} for button in markup["inline_keyboard"][0]])
     rows.append([kb.button(t("admin.back"), Verb.MENU.data())])

@@ -37,6 +37,8 @@ METHODS: dict[str, Callable[..., Any]] = {
     "answerCallbackQuery": messages.answer_callback_query,
     "sendPhoto": messages.send_photo,
     "sendDocument": messages.send_document,
+    "sendVideo": messages.send_video,
+    "sendAnimation": messages.send_animation,
     "getFile": messages.get_file,
     "sendInvoice": payments.send_invoice,
     "answerPreCheckoutQuery": payments.answer_pre_checkout_query,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from vpnd_sandbox.telegram.files import input_file
+from vpnd_sandbox.telegram.files import MediaKind, input_file
 from vpnd_sandbox.telegram.formatting import utf16_len
 from vpnd_sandbox.telegram.limits import MAX_TEXT, take_send_slot
 from vpnd_sandbox.telegram.methods.checks import caption_of, chat_of, parse_text, reply_markup, reply_target
@@ -88,7 +88,7 @@ def edit_message_text(fake: FakeTelegram, params: Params) -> JSONDict:
 
 def edit_message_caption(fake: FakeTelegram, params: Params) -> JSONDict:
     _, message = message_to_edit(fake, params)
-    if message.photo is None and message.document is None:
+    if message.photo is None and message.document is None and message.video is None and message.animation is None:
         raise bad_request("there is no caption in the message to edit")
     parsed = caption_of(params)
     markup = reply_markup(params)
@@ -146,18 +146,20 @@ def answer_callback_query(fake: FakeTelegram, params: Params) -> bool:
     return True
 
 
-def send_media(fake: FakeTelegram, params: Params, field: Literal["photo", "document"]) -> JSONDict:
+def send_media(fake: FakeTelegram, params: Params, field: MediaKind) -> JSONDict:
     user = chat_of(fake, params)
     stored = input_file(fake, params, field, field)
     caption = caption_of(params)
     markup = reply_markup(params)
     reply_to = reply_target(fake, user, params)
-    take_send_slot(fake, user.id)
+    take_send_slot(fake, user.id, paid=params.get_bool("allow_paid_broadcast"))
     message = fake._add_message(
         user,
         from_bot=True,
         photo=stored if field == "photo" else None,
         document=stored if field == "document" else None,
+        video=stored if field == "video" else None,
+        animation=stored if field == "animation" else None,
         caption=caption.text if caption else None,
         caption_entities=list(caption.entities) if caption else [],
         reply_markup=fake._apply_chat_keyboard(user, markup),
@@ -172,6 +174,14 @@ def send_photo(fake: FakeTelegram, params: Params) -> JSONDict:
 
 def send_document(fake: FakeTelegram, params: Params) -> JSONDict:
     return send_media(fake, params, "document")
+
+
+def send_video(fake: FakeTelegram, params: Params) -> JSONDict:
+    return send_media(fake, params, "video")
+
+
+def send_animation(fake: FakeTelegram, params: Params) -> JSONDict:
+    return send_media(fake, params, "animation")
 
 
 def get_file(fake: FakeTelegram, params: Params) -> JSONDict:

@@ -1,4 +1,4 @@
--- 0018: promo code kinds and conditions (idempotent). Existing codes are percent discounts.
+-- 0017: promo code kinds and conditions (idempotent). Existing codes are percent discounts.
 -- percent: a discount on the next plan (percent); amount: a fixed amount off the next plan
 -- (amount_minor in currency, never below [payments] min_price); days: grant_days added at once;
 -- balance: amount_minor credited to the balance at once (ledger). Conditions: plan_code (discounts

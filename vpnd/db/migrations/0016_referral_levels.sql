@@ -1,4 +1,4 @@
--- 0017: referral earnings as their own bucket of the balance, and withdrawal requests (idempotent).
+-- 0016: referral earnings as their own bucket of the balance, and withdrawal requests (idempotent).
 -- Referral earnings (vpnd/db/referrals.py): the part of a user's balance that came from referral rewards
 -- and may be withdrawn. A top-up never becomes withdrawable. `vpnd.db.ledger.record` keeps
 -- 0 <= withdrawable_minor <= users.balance_minor: a debit spends the rest of the balance first and

@@ -1,4 +1,4 @@
--- 0019: key rotations (idempotent). `vpnd admin rotate-keys` / the admin bot's "Rotate all keys" after a
+-- 0018: key rotations (idempotent). `vpnd admin rotate-keys` / the admin bot's "Rotate all keys" after a
 -- leak: every subscription's UUID and subscription token are replaced, a batch at a time, by the daemon
 -- (vpnd/workers/key_rotation.py). A batch rotates its users, queues their messages and moves the cursor
 -- in ONE transaction, so a restart or a kill -9 resumes after the last committed batch: nobody skipped,
