@@ -513,6 +513,8 @@ CREATE TABLE broadcast_recipients (
     message_id    bigint,
     error         text,
     sent_at       timestamptz,
+    -- Set just before the Bot API call (0019): pending with attempted_at = in flight at an unclean stop.
+    attempted_at  timestamptz,
     PRIMARY KEY (broadcast_id, user_id)
 );
 CREATE INDEX broadcast_recipients_pending_idx ON broadcast_recipients (broadcast_id, user_id)

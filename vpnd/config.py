@@ -432,6 +432,9 @@ class BroadcastConfig:
     progress_interval: float = 3.0
     #: Broadcast pace with `paid = true` (Telegram: up to 1000/s with allow_paid_broadcast, for Stars).
     paid_rate_per_second: float = 30.0
+    #: Recipients whose send was in flight at an unclean stop (kill -9): true sends them again (nobody
+    #: skipped, a few may get it twice), false skips them (nobody gets it twice, a few may get nothing).
+    resend_in_doubt: bool = True
     #: The operator's time zone (IANA name): a scheduled broadcast's "start at" is read in it.
     timezone: str = "UTC"
 
@@ -976,6 +979,7 @@ SECTION_READERS: dict[str, dict[str, Callable[[object], Any]]] = {
         "paid": read_bool,
         "progress_interval": positive(read_number),
         "paid_rate_per_second": in_range(read_number, 1, 1000),
+        "resend_in_doubt": read_bool,
         "timezone": read_timezone,
     },
     "devices": {"missing_hwid": one_of("allow", "deny")},

@@ -381,8 +381,9 @@ Eligibility = Literal["send", "skipped", "not_pending"]
 def skip_if_ineligible(conn: psycopg.Connection[Any], broadcast_id: int, user_id: int, segment: Segment) -> Eligibility:
     """Re-check the segment for one recipient just before sending.
 
-    "send": still pending and still in the segment; "skipped": no longer in it (now marked skipped);
-    "not_pending": already handled (sent, failed, skipped) — nothing to do.
+    "send": still pending and still in the segment, and the attempt is recorded (`attempted_at`: see
+    `settle_in_doubt`); "skipped": no longer in it (now marked skipped); "not_pending": already handled
+    (sent, failed, skipped) — nothing to do.
     """
     row = conn.execute(
         f"SELECT r.status, EXISTS (SELECT 1 FROM users u WHERE u.id = r.user_id AND {segment.predicate()}) "
@@ -392,6 +393,11 @@ def skip_if_ineligible(conn: psycopg.Connection[Any], broadcast_id: int, user_id
     if row is None or row[0] != "pending":
         return "not_pending"
     if row[1]:
+        # The attempt, recorded before the Bot API call: after an unclean stop it marks who was in flight.
+        conn.execute(
+            "UPDATE broadcast_recipients SET attempted_at = now() WHERE broadcast_id = %s AND user_id = %s",
+            (broadcast_id, user_id),
+        )
         return "send"
     conn.execute(
         "UPDATE broadcast_recipients SET status = 'skipped', error = 'no longer in the segment', sent_at = now() "
@@ -399,6 +405,31 @@ def skip_if_ineligible(conn: psycopg.Connection[Any], broadcast_id: int, user_id
         (broadcast_id, user_id),
     )
     return "skipped"
+
+
+IN_DOUBT_SKIPPED = "in doubt after an unclean stop: not sent again ([broadcast] resend_in_doubt = false)"
+
+
+def settle_in_doubt(conn: psycopg.Connection[Any], broadcast_id: int, *, resend: bool) -> list[int]:
+    """The recipients whose send was in flight when vpnd last stopped uncleanly (attempted, never marked).
+
+    Telegram cannot say whether they got the message. ``resend``: they go back to plain pending and are
+    sent again (nobody skipped; each may get it twice). Otherwise they are marked skipped with
+    `IN_DOUBT_SKIPPED` (nobody gets it twice; each may have got nothing). Call it only while no task of
+    this daemon sends this broadcast (at the start of a run)."""
+    if resend:
+        query = (
+            "UPDATE broadcast_recipients SET attempted_at = NULL "
+            "WHERE broadcast_id = %s AND status = 'pending' AND attempted_at IS NOT NULL RETURNING user_id"
+        )
+        params: tuple[Any, ...] = (broadcast_id,)
+    else:
+        query = (
+            "UPDATE broadcast_recipients SET status = 'skipped', error = %s, sent_at = now() "
+            "WHERE broadcast_id = %s AND status = 'pending' AND attempted_at IS NOT NULL RETURNING user_id"
+        )
+        params = (IN_DOUBT_SKIPPED, broadcast_id)
+    return sorted(int(r[0]) for r in conn.execute(query, params).fetchall())
 
 
 def mark_sent(conn: psycopg.Connection[Any], broadcast_id: int, user_id: int, message_id: int) -> None:

@@ -3,7 +3,7 @@
     broadcasts (run_broadcasts) ── supervisor loop: which broadcasts are running?
     └── one task per running broadcast
         ├── feeder: pending recipients in user id order (keyset batches) → a zero-size channel
-        ├── MAX_IN_FLIGHT workers: re-check the segment → send (shared limiter, BULK) → mark
+        ├── MAX_IN_FLIGHT workers: shared limiter (BULK) → re-check the segment + record the attempt → send → mark
         └── progress: edits the admin's message every [broadcast].progress_interval
 
 The database says what runs. The supervisor re-reads it when nudged (`Broadcasts.changed`, after
@@ -18,9 +18,13 @@ Stopping, and what the restart guarantee rests on:
   still pending, so a resume (or restart) sends each one exactly once.
 * **cancel** cancels the task at once (within a second of the press); a send in flight at that
   moment may be delivered without being marked — the broadcast is over, nobody resends it.
-* **SIGKILL** loses only the marks of the sends in flight (at most `max_in_flight` per broadcast, more
-  for a fast paid broadcast: see `in_flight_for`): those few recipients may get the message twice
-  after the restart.
+* **SIGKILL** (or a lost database connection) loses only the marks of the sends in flight (at most
+  `max_in_flight` per broadcast, more for a fast paid broadcast: see `in_flight_for`). Each send's
+  attempt is recorded before the Bot API call, so the next run knows exactly who those recipients are
+  ("in doubt": Telegram has no idempotency key to ask whether they got it) and, per `[broadcast]
+  resend_in_doubt`, sends them again (default: nobody skipped, those few may get it twice) or skips
+  them (nobody gets it twice). Logged as `event=broadcast_in_doubt`, counted in
+  `vpnd_broadcast_messages{result="in_doubt_resent"|"in_doubt_skipped"}`.
 
 Sending shares the daemon's `Sender` (its `OutboundLimiter`) with BULK priority, so replies to users
 keep priority, a 429 pauses everything, and 403 marks the user unreachable.
@@ -37,6 +41,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -76,6 +81,14 @@ MAX_IN_FLIGHT_FAST = 32
 BATCH_SIZE = 200
 #: How long the final edit/summary after a broadcast ends may take.
 FINAL_MESSAGE_TIMEOUT = 5.0
+
+
+class NotSending(Exception):
+    """The recipient, re-checked just before the send, is no longer pending or in the segment."""
+
+    def __init__(self, eligibility: str) -> None:
+        super().__init__(eligibility)
+        self.eligibility = eligibility
 
 
 @attrs.define(eq=False)
@@ -178,6 +191,7 @@ class Broadcasts:
         broadcast = await self.app.db.run(bdb.get_broadcast, task.broadcast_id)
         if broadcast is None or broadcast.status != "running":
             return
+        await self._settle_in_doubt(broadcast)
         counts = await self.app.db.run(bdb.counts, broadcast.id)
         task.progress = Progress(counts, trio.current_time(), counts.processed)
         lang = await self._admin_language(broadcast)
@@ -196,12 +210,27 @@ class Broadcasts:
         if done is not None:
             log.info("event=broadcast_done id=%d", broadcast.id)
 
+    async def _settle_in_doubt(self, broadcast: Broadcast) -> None:
+        """Recipients in flight at an unclean stop: sent again, or skipped (`[broadcast] resend_in_doubt`)."""
+        resend = self.app.config.broadcast.resend_in_doubt
+        in_doubt = await self.app.db.run(bdb.settle_in_doubt, broadcast.id, resend=resend)
+        if not in_doubt:
+            return
+        result = "in_doubt_resent" if resend else "in_doubt_skipped"
+        self.app.metrics.broadcast_sent.labels(result).inc(len(in_doubt))
+        log.warning(
+            "event=broadcast_in_doubt id=%d count=%d action=%s user_ids=%s",
+            broadcast.id,
+            len(in_doubt),
+            "resend" if resend else "skip",
+            ",".join(map(str, in_doubt[:50])),
+        )
+
     def in_flight_for(self, task: BroadcastTask) -> int:
         """Workers for one pass: `max_in_flight`, or about 100 ms of sends at the broadcast's pace (at
         most MAX_IN_FLIGHT_FAST), so that round trips do not hold a fast broadcast below its rate."""
         paid = self.app.config.broadcast.paid and not task.paid_refused
-        pace = self.sender.limiter.bulk_rate(paid=paid)
-        return max(self.max_in_flight, min(MAX_IN_FLIGHT_FAST, math.ceil(pace / 10)))
+        return workers_for(self.sender.limiter.bulk_rate(paid=paid), self.max_in_flight)
 
     def _stopped(self, task: BroadcastTask) -> bool:
         return task.stop.is_set() or self.app.lifecycle.stopping.is_set()
@@ -238,7 +267,14 @@ class Broadcasts:
                     task.progress.record(outcome)
                 self.app.metrics.broadcast_sent.labels(outcome).inc()
 
-    async def _send(self, task: BroadcastTask, broadcast: Broadcast, markup: Any, user_id: int) -> SentMessage:
+    async def _send(
+        self,
+        task: BroadcastTask,
+        broadcast: Broadcast,
+        markup: Any,
+        user_id: int,
+        before_send: Callable[[], Awaitable[None]],
+    ) -> SentMessage:
         paid = self.app.config.broadcast.paid and not task.paid_refused
         text = broadcast.text
         if broadcast.variants:
@@ -252,6 +288,7 @@ class Broadcasts:
                 markup,
                 priority=Priority.BULK,
                 paid=paid,
+                before_send=before_send,
                 media_kind=broadcast.media_kind,
                 media_file_id=broadcast.media_file_id,
             )
@@ -272,17 +309,26 @@ class Broadcasts:
             text,
             markup,
             priority=Priority.BULK,
+            before_send=before_send,
             media_kind=broadcast.media_kind,
             media_file_id=broadcast.media_file_id,
         )
 
     async def _deliver_one(self, task: BroadcastTask, broadcast: Broadcast, markup: Any, user_id: int) -> str:
         db = self.app.db
-        eligibility = await db.run(bdb.skip_if_ineligible, broadcast.id, user_id, broadcast.target)
-        if eligibility != "send":
-            return eligibility
+
+        async def check_and_record_attempt() -> None:
+            # After the limiter's go-ahead, just before the Bot API call: the segment is re-checked and the
+            # attempt recorded in one transaction, so an unclean stop leaves in doubt only the sends that
+            # were really on the wire (not the ones still queued at the limiter).
+            eligibility = await db.run(bdb.skip_if_ineligible, broadcast.id, user_id, broadcast.target)
+            if eligibility != "send":
+                raise NotSending(eligibility)
+
         try:
-            message = await self._send(task, broadcast, markup, user_id)
+            message = await self._send(task, broadcast, markup, user_id, check_and_record_attempt)
+        except NotSending as exc:
+            return exc.eligibility
         except ChatUnreachable as exc:
             await db.run(bdb.mark_failed, broadcast.id, user_id, f"unreachable: {exc}", unreachable=True)
             return "failed"
@@ -365,6 +411,12 @@ class Broadcasts:
             return self.texts.get(lang, key, **values)
 
         return t
+
+
+def workers_for(pace: float, max_in_flight: int = MAX_IN_FLIGHT) -> int:
+    """Sends in flight for a broadcast at `pace` messages per second (see `Broadcasts.in_flight_for`):
+    also the most recipients an unclean stop can leave in doubt."""
+    return max(max_in_flight, min(MAX_IN_FLIGHT_FAST, math.ceil(pace / 10)))
 
 
 def _refuses_paid_broadcast(exc: BadRequest) -> bool:

@@ -3,6 +3,7 @@ the broadcasts nursery (every recipient) and the admin's preview and test send (
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import telegram
@@ -37,10 +38,21 @@ async def send_content(
     media_file_id: str | None = None,
     priority: Priority = Priority.REPLY,
     paid: bool = False,
+    before_send: Callable[[], Awaitable[None]] | None = None,
 ) -> SentMessage:
-    """One broadcast message: the media (by file_id) with `text` as its HTML caption, or `text` alone."""
+    """One broadcast message: the media (by file_id) with `text` as its HTML caption, or `text` alone
+    (`before_send`: see `Sender.call`)."""
     if media_kind and media_file_id:
         return await sender.send_media(
-            chat_id, media_kind, media_file_id, text, priority=priority, paid=paid, reply_markup=markup
+            chat_id,
+            media_kind,
+            media_file_id,
+            text,
+            priority=priority,
+            paid=paid,
+            before_send=before_send,
+            reply_markup=markup,
         )
-    return await sender.send_message(chat_id, text, priority=priority, paid=paid, reply_markup=markup)
+    return await sender.send_message(
+        chat_id, text, priority=priority, paid=paid, before_send=before_send, reply_markup=markup
+    )

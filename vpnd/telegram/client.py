@@ -153,15 +153,20 @@ class Sender:
         priority: Priority = Priority.REPLY,
         counts_as_message: bool = True,
         paid: bool = False,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> T:
         """Run one Bot API call to `chat_id` under the rate limits, with retries.
 
-        `paid`: a broadcast message sent with `allow_paid_broadcast` (the limiter's paid lane)."""
+        `paid`: a broadcast message sent with `allow_paid_broadcast` (the limiter's paid lane).
+        `before_send`: awaited after the limiter let this call through and just before each attempt goes
+        on the wire (a broadcast records the attempt there); an exception from it aborts the call."""
         attempt = 0
         while True:
             attempt += 1
             if counts_as_message:
                 await self.limiter.acquire(chat_id, priority, paid=paid)
+            if before_send is not None:
+                await before_send()
             try:
                 return await fn()
             except RetryAfter as exc:
@@ -199,21 +204,36 @@ class Sender:
                 await trio.sleep(delay)
 
     async def send_message(
-        self, chat_id: int, text: str, *, priority: Priority = Priority.REPLY, paid: bool = False, **kwargs: Any
+        self,
+        chat_id: int,
+        text: str,
+        *,
+        priority: Priority = Priority.REPLY,
+        paid: bool = False,
+        before_send: Callable[[], Awaitable[None]] | None = None,
+        **kwargs: Any,
     ) -> SentMessage:
-        """`paid`: send with `allow_paid_broadcast` in the limiter's paid lane (broadcasts only)."""
+        """`paid`: send with `allow_paid_broadcast` in the limiter's paid lane (broadcasts only);
+        `before_send` as for `call`."""
         if paid:
             kwargs["allow_paid_broadcast"] = True
         wire = self.bot.wire
         if wire is not None:
             params = {"chat_id": chat_id, "text": text, "parse_mode": "HTML", **_json_params(kwargs)}
-            result = await self.call(chat_id, lambda: wire.call("sendMessage", params), priority=priority, paid=paid)
+            result = await self.call(
+                chat_id,
+                lambda: wire.call("sendMessage", params),
+                priority=priority,
+                paid=paid,
+                before_send=before_send,
+            )
             return SentMessage(chat_id, int(result["message_id"]))
         message = await self.call(
             chat_id,
             lambda: self.bot.send_message(chat_id, text, parse_mode="HTML", **_ptb_params(kwargs)),
             priority=priority,
             paid=paid,
+            before_send=before_send,
         )
         return SentMessage(chat_id, message.message_id)
 
@@ -226,10 +246,11 @@ class Sender:
         *,
         priority: Priority = Priority.REPLY,
         paid: bool = False,
+        before_send: Callable[[], Awaitable[None]] | None = None,
         **kwargs: Any,
     ) -> SentMessage:
         """sendPhoto / sendVideo / sendDocument / sendAnimation of a file Telegram already has (`file_id`),
-        with an HTML caption; `paid` as for `send_message`."""
+        with an HTML caption; `paid` and `before_send` as for `send_message`."""
         if kind not in ("photo", "video", "document", "animation"):
             raise ValueError(f"unknown media kind {kind!r}")
         if paid:
@@ -244,7 +265,9 @@ class Sender:
                 "parse_mode": "HTML",
                 **_json_params(kwargs),
             }
-            result = await self.call(chat_id, lambda: wire.call(method, params), priority=priority, paid=paid)
+            result = await self.call(
+                chat_id, lambda: wire.call(method, params), priority=priority, paid=paid, before_send=before_send
+            )
             return SentMessage(chat_id, int(result["message_id"]))
         send = getattr(self.bot, f"send_{kind}")
         message = await self.call(
@@ -252,6 +275,7 @@ class Sender:
             lambda: send(chat_id, file_id, caption=caption, parse_mode="HTML", **_ptb_params(kwargs)),
             priority=priority,
             paid=paid,
+            before_send=before_send,
         )
         return SentMessage(chat_id, message.message_id)
 
