@@ -5,12 +5,15 @@
     VPND_BENCH_QUICK=1 python -m bench broadcast    # 1,500 recipients
     python -m bench broadcast --recipients 100000 --rate 300             # the 30/s run, time-scaled x10
     python -m bench broadcast --recipients 100000 --paid 1000            # a paid broadcast at 1,000/s
+    python -m bench broadcast --recipients 100000 --rate 300 --interrupt  # SIGTERM at 30%, kill -9 at 60%
 
 `--rate R` scales Telegram's free limit (the fake counts it in a strict sliding one-second window)
 and vpnd's `rate_per_second` together: the ratio is what matters, so 100,000 recipients "at 30/s"
 can run in minutes at R = 300. `--paid R` turns on `[broadcast] paid` with `paid_rate_per_second = R`
 (the fake's paid lane allows R/s). The figures add vpnd's RSS sampled through the run (flat = constant
-memory) and the 429 count, which must be 0.
+memory) and the 429 count, which must be 0. `--interrupt` stops vpnd twice during the broadcast — SIGTERM
+at 30% of the recipients, kill -9 at 60% — and starts it again each time: the figures add how many
+recipients were in doubt after each stop (attempted, never marked), got the message twice, or never.
 
 The fake Bot API enforces Telegram's limits (30 messages/s overall, 1/s per chat with bursts of 5)
 and answers 429 + retry_after past them; vpnd runs with its default outbound limits
@@ -28,13 +31,16 @@ this benchmark is one long run; the window median is its "median of several".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import random
+import signal
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import trio
 
@@ -123,6 +129,7 @@ async def scenario(args: argparse.Namespace, db: BenchDatabase, workdir: Path) -
     probes = [PROBE_BASE + i for i in range(args.probes)]
     for user_id in probes:
         fake.add_user(user_id, "Probe")
+    stops: list[dict[str, Any]] = []
     async with trio.open_nursery() as nursery:
         telegram_url = await nursery.start(functools.partial(serve_fake_telegram, fake))
         bot = await start_vpnd(nursery, workdir, dsn, fake, telegram_url, **overrides)
@@ -131,6 +138,7 @@ async def scenario(args: argparse.Namespace, db: BenchDatabase, workdir: Path) -
             idle = await run_probes(fake, probes, args.probe_interval, args.idle_seconds, trio.Event())
 
             fake.record_times = True
+            cpu_before = 0.0  # CPU seconds of the processes stopped by --interrupt
             cpu0 = bot.meter.cpu_seconds()
             created_at = trio.current_time()
             broadcast = create_broadcast(dsn)
@@ -145,14 +153,37 @@ async def scenario(args: argparse.Namespace, db: BenchDatabase, workdir: Path) -
 
             async def sample_rss() -> None:
                 while not done.is_set():
-                    rss.append(bot.meter.rss_mib())
+                    with contextlib.suppress(psutil.Error):  # between a stop and the next start
+                        rss.append(bot.meter.rss_mib())
                     with trio.move_on_after(2.0):
                         await done.wait()
 
+            async def interrupt() -> None:
+                nonlocal bot, cpu_before, cpu0
+                for fraction, how in ((0.3, signal.SIGTERM), (0.6, signal.SIGKILL)):
+                    while True:
+                        if delivered_to(fake, recipients) >= fraction * len(recipients):
+                            break
+                        await trio.sleep(0.5)
+                    cpu_before += bot.meter.cpu_seconds() - cpu0
+                    bot.process.send_signal(how)
+                    await bot.process.wait()
+                    stop = {"signal": how.name, "delivered": delivered_to(fake, recipients), "in_doubt": in_doubt(dsn)}
+                    print(f"  … {how.name} at {stop['delivered']}: {stop['in_doubt']} in doubt; starting again")
+                    stops.append(stop)
+                    bot = await start_vpnd(nursery, workdir, dsn, fake, telegram_url, **overrides)
+                    cpu0 = bot.meter.cpu_seconds()
+
             nursery.start_soon(sample_rss)
+            if args.interrupt:
+                nursery.start_soon(interrupt)
             sent_times = await wait_for_broadcast(fake, recipients, len(recipients), args)
+            while True:  # its last marks and the finish
+                if bdb_status(dsn, broadcast.id) == "done":
+                    break
+                await trio.sleep(0.2)
             done.set()
-            cpu = bot.meter.cpu_seconds() - cpu0
+            cpu = cpu_before + bot.meter.cpu_seconds() - cpu0
             peak = bot.meter.peak_rss_mib()
             await trio.sleep(0.5)
         finally:
@@ -168,20 +199,52 @@ async def scenario(args: argparse.Namespace, db: BenchDatabase, workdir: Path) -
         "peak": peak,
         "fake": fake,
         "rss": rss,
+        "stops": stops,
+        "per_chat": per_chat(fake, recipients),
     }
+
+
+def delivered_to(fake: TimedTelegram, recipients: set[int]) -> int:
+    """Recipients that got the broadcast at least once."""
+    return sum(1 for chat in fake.last_output_at if chat in recipients)
+
+
+def per_chat(fake: TimedTelegram, recipients: set[int]) -> dict[int, int]:
+    """How many broadcast messages each recipient got."""
+    counts = dict.fromkeys(recipients, 0)
+    for _, chat in fake.output_log:
+        if chat in counts:
+            counts[chat] += 1
+    return counts
+
+
+def in_doubt(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM broadcast_recipients WHERE status = 'pending' AND attempted_at IS NOT NULL"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def bdb_status(dsn: str, broadcast_id: int) -> str:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return str(bdb.status_of(conn, broadcast_id))
 
 
 async def wait_for_broadcast(
     fake: TimedTelegram, recipients: set[int], total: int, args: argparse.Namespace
 ) -> list[float]:
-    """Wait until every recipient got the message; return the send times (trio time, sorted)."""
+    """Wait until every recipient got the message; return the send times (trio time, sorted) of the first
+    message to each."""
     deadline = trio.current_time() + total / min(15, args.rate / 2) + 120
     last_report = trio.current_time()
     seen = 0
     times: list[float] = []
+    reached: set[int] = set()
     while True:
         for at, chat in fake.output_log[seen:]:
-            if chat in recipients:
+            if chat in recipients and chat not in reached:
+                reached.add(chat)
                 times.append(at)
         seen = len(fake.output_log)
         if len(times) >= total:
@@ -250,6 +313,15 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
                 "vpnd RSS first / last quarter of the run, median (MiB)",
                 f"{median(rss[:quarter]):.1f} / {median(rss[-quarter:]):.1f}" if rss else "-",
             ],
+            *[
+                [f"{stop['signal']} at {stop['delivered']} delivered: recipients in doubt", stop["in_doubt"]]
+                for stop in result["stops"]
+            ],
+            [
+                "recipients who got it twice (or more) / never",
+                f"{sum(1 for c in result['per_chat'].values() if c > 1)}"
+                f" / {sum(1 for c in result['per_chat'].values() if c == 0)}",
+            ],
         ],
     )
 
@@ -270,6 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--idle-seconds", type=float, default=pick(15.0, 6.0))
     parser.add_argument("--rate", type=float, default=30.0, help="Telegram's free limit (msg/s), time scale")
     parser.add_argument("--paid", type=float, default=0.0, help="paid broadcast at this rate (msg/s)")
+    parser.add_argument(
+        "--interrupt", action="store_true", help="SIGTERM vpnd at 30%% and kill -9 it at 60%%, restarting it each time"
+    )
     args, _ = parser.parse_known_args(argv or [])
     print(f"# broadcast — {machine_line()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="vpnd-bench-") as tmp, bench_database() as db:

@@ -36,6 +36,7 @@ from vpnd.compose import Services, Started, Tuning, Vpnd, open_vpnd
 from vpnd.config import Config, load_config
 from vpnd.nurseries.broadcasts import Broadcasts
 from vpnd.telegram.client import Sender
+from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
 from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
 #: Kept under its old name: tests written against the harness import it from here.
@@ -240,6 +241,24 @@ async def start_vpnd(
 
     running: Running = await nursery.start(run)
     return running
+
+
+async def start_shop(
+    nursery: trio.Nursery,
+    write_config: Callable[..., Path],
+    db_dsn: str,
+    telegram: tuple[FakeTelegram, str],
+    cryptopay: tuple[FakeCryptoPay, str],
+    **sections: dict[str, Any],
+) -> Running:
+    """vpnd selling through Crypto Pay (the fake's webhooks go to this vpnd) and the fake Bot API;
+    `sections` override the config as for `bot_config`."""
+    fake, base_url = telegram
+    pay, pay_url = cryptopay
+    shop = {"enabled": True, "token": pay.token, "api_base_url": pay_url}
+    vpnd = await start_vpnd(nursery, bot_config(write_config, db_dsn, fake, base_url, cryptopay=shop, **sections))
+    pay.webhook_url = f"{vpnd.http_url}/webhooks/cryptopay"
+    return vpnd
 
 
 @asynccontextmanager

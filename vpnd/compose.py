@@ -212,7 +212,7 @@ async def open_vpnd(
             sender = Sender(bot, limiter, metrics, tuning.send_attempts, tuning.send_max_backoff)
             username = await identify_bot(app, bot) if "poller" in services else ""
             app.bot_username = username
-            ctx = BotContext(app, bot, sender, app.texts, cryptopay, checkout, bot_username=username)
+            ctx = BotContext(app, bot, sender, app.texts, cryptopay, checkout)
             async with trio.open_nursery() as root:
                 await notifier.notify("STATUS=starting: services")
                 started = await _start_services(root, ctx, services, tuning, notifier)

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import trio
 
-from tests.harness import bot_config, scalar, start_vpnd
+from tests.harness import bot_config, scalar, start_shop, start_vpnd
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
 from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
@@ -33,13 +33,9 @@ async def test_buy_with_crypto_pay_grants_once_via_signed_webhook(
     db_dsn: str,
     write_config: Callable[..., Path],
 ) -> None:
-    fake, base_url = fake_telegram
+    fake, _ = fake_telegram
     pay, pay_url = fake_cryptopay
-    config = bot_config(
-        write_config, db_dsn, fake, base_url, cryptopay={"enabled": True, "token": pay.token, "api_base_url": pay_url}
-    )
-    vpnd = await start_vpnd(nursery, config)
-    pay.webhook_url = f"{vpnd.http_url}/webhooks/cryptopay"
+    vpnd = await start_shop(nursery, write_config, db_dsn, fake_telegram, fake_cryptopay)
     pay.webhook_copies = 3  # Crypto Pay may deliver more than once
     fake.add_user(ALICE, "Alice")
     with trio.fail_after(30):

@@ -17,7 +17,7 @@ import httpx
 import psycopg
 import trio
 
-from tests.harness import bot_config, press, scalar, start_vpnd
+from tests.harness import bot_config, press, scalar, start_shop, start_vpnd
 from vpnd.connect_apps import load_catalog
 from vpnd.qr import qr_png
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
@@ -313,13 +313,9 @@ async def test_crypto_pay_payment_sends_the_key_photo_once(
     db_dsn: str,
     write_config: Callable[..., Path],
 ) -> None:
-    fake, base_url = fake_telegram
-    pay, pay_url = fake_cryptopay
-    config = bot_config(
-        write_config, db_dsn, fake, base_url, cryptopay={"enabled": True, "token": pay.token, "api_base_url": pay_url}
-    )
-    vpnd = await start_vpnd(nursery, config)
-    pay.webhook_url = f"{vpnd.http_url}/webhooks/cryptopay"
+    fake, _ = fake_telegram
+    pay, _ = fake_cryptopay
+    vpnd = await start_shop(nursery, write_config, db_dsn, fake_telegram, fake_cryptopay)
     pay.webhook_copies = 2
     fake.add_user(ALICE, "Alice", language_code="en")
     with trio.fail_after(40):

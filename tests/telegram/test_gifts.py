@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from tests.harness import bot_config, scalar, sql, start_vpnd
+from tests.harness import bot_config, scalar, sql, start_shop, start_vpnd
 from vpnd_sandbox.cryptopay_fake import FakeCryptoPay
 from vpnd_sandbox.telegram_fake import ChatMessage, FakeTelegram
 
@@ -57,13 +57,9 @@ async def test_gift_bought_with_crypto_pay_redeemed_once_by_link_and_listed(
     db_dsn: str,
     write_config: Callable[..., Path],
 ) -> None:
-    fake, base_url = fake_telegram
-    pay, pay_url = fake_cryptopay
-    config = bot_config(
-        write_config, db_dsn, fake, base_url, cryptopay={"enabled": True, "token": pay.token, "api_base_url": pay_url}
-    )
-    vpnd = await start_vpnd(nursery, config)
-    pay.webhook_url = f"{vpnd.http_url}/webhooks/cryptopay"
+    fake, _ = fake_telegram
+    pay, _ = fake_cryptopay
+    vpnd = await start_shop(nursery, write_config, db_dsn, fake_telegram, fake_cryptopay)
     pay.webhook_copies = 3  # the same payment seen three times gives one gift
     for user_id, name in ((ALICE, "Alice"), (BOB, "Bob"), (CAROL, "Carol")):
         fake.add_user(user_id, name, language_code="en")

@@ -42,10 +42,13 @@ class BotContext:
     cryptopay: CryptoPayClient | None = None
     #: The hosted checkout (YooKassa) when `[yookassa] enabled`, else None (its methods are not offered).
     checkout: HostedCheckout | None = None
-    #: The bot's @username from getMe at start (links such as t.me/<bot>?start=ref_...).
-    bot_username: str = ""
     #: Users recently confirmed as members of `[trial] required_channel`.
     membership: MembershipCache = attrs.field(factory=MembershipCache)
+
+    @property
+    def bot_username(self) -> str:
+        """The bot's @username from getMe at start (links such as t.me/<bot>?start=ref_...): `App.bot_username`."""
+        return self.app.bot_username
 
 
 @attrs.define(eq=False)

@@ -4,7 +4,7 @@ start a purchase, a trial, a pack or a promo code answered politely instead of r
 The state is read with the user's row at the start of every turn (`Turn.maintenance`). Nothing else
 is paused: payments that arrive (webhooks, successful payments, pre-checkout queries for invoices
 already issued) are granted, "My subscription", keys and the subscription URL keep working, and
-admins (`[telegram] admin_ids`) are never held back.
+staff (owners, admins and support: `[telegram] admin_ids`, `admin_roles`) are never held back.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from vpnd.roles import role_of
 from vpnd.telegram import keyboards as kb
 from vpnd.telegram.turn import Turn
 from vpnd.texts import Html
@@ -33,8 +34,11 @@ PAUSED_STATES = ("promo", "topup_amount")
 
 
 def holds(turn: Turn) -> bool:
-    """Whether maintenance holds this user back (it is on, and they are not an admin)."""
-    return turn.maintenance.on and turn.user.id not in turn.app.config.telegram.admin_ids
+    """Whether maintenance holds this user back: it is on, and they are not staff (an owner, an admin or
+    support — the people who check the shop before it opens again)."""
+    telegram_config = turn.app.config.telegram
+    staff = role_of(turn.user.id, telegram_config.admin_ids, telegram_config.admin_roles) is not None
+    return turn.maintenance.on and not staff
 
 
 def banner(turn: Turn) -> str:
