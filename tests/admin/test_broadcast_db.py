@@ -68,7 +68,7 @@ def test_keyset_batches_marks_and_finish(db_dsn: str) -> None:
             seen.extend(batch)
             after = batch[-1]
         assert seen == users
-        bdb.mark_sent(conn, b.id, users[0], 42)
+        bdb.mark_sent_many(conn, b.id, [(users[0], 42)])
         bdb.mark_failed(conn, b.id, users[1], "blocked", unreachable=True)
         assert bdb.skip_if_ineligible(conn, b.id, users[1], b.target) == "not_pending"
         assert bdb.skip_if_ineligible(conn, b.id, users[2], b.target) == "send"
@@ -82,6 +82,31 @@ def test_keyset_batches_marks_and_finish(db_dsn: str) -> None:
         assert done is not None and done.status == "done" and done.finished_at is not None
         assert not bdb.change_status(conn, b.id, "pause").changed
         assert not conn.execute("SELECT reachable FROM users WHERE id = %s", (users[1],)).fetchone()[0]
+
+
+@pytest.mark.parametrize("resend", [True, False])
+def test_one_transaction_per_send_marks_the_finished_and_records_the_attempt(db_dsn: str, resend: bool) -> None:
+    """`record_and_check` marks earlier sends (twice is harmless) and records the next attempt; after an
+    unclean stop `settle_in_doubt` finds exactly the attempted-but-unmarked recipients."""
+    users = seed_users(db_dsn, None, 2000, 6)
+    with psycopg.connect(db_dsn) as conn:
+        b = bdb.create_broadcast(conn, created_by=1, text="x", segment=Segment("all"))
+        assert bdb.record_and_check(conn, b.id, users[0], b.target, []) == "send"
+        assert bdb.record_and_check(conn, b.id, users[1], b.target, [(users[0], 10)]) == "send"
+        assert bdb.record_and_check(conn, b.id, users[2], b.target, [(users[0], 99), (users[1], 11)]) == "send"
+        assert bdb.record_and_check(conn, b.id, users[0], b.target, []) == "not_pending"
+        marked = conn.execute(
+            "SELECT user_id, message_id FROM broadcast_recipients WHERE status = 'sent' ORDER BY user_id"
+        ).fetchall()
+        assert marked == [(users[0], 10), (users[1], 11)]  # the first mark stands
+        # users[2] went on the wire and vpnd died: in doubt. users[3..] were never attempted.
+        assert bdb.settle_in_doubt(conn, b.id, resend=resend) == [users[2]]
+        assert bdb.settle_in_doubt(conn, b.id, resend=resend) == []  # settled once
+        status = conn.execute(
+            "SELECT status, error FROM broadcast_recipients WHERE user_id = %s", (users[2],)
+        ).fetchone()
+        assert status == (("pending", None) if resend else ("skipped", bdb.IN_DOUBT_SKIPPED))
+        assert bdb.counts(conn, b.id).pending == (4 if resend else 3)
 
 
 def test_status_transitions(db_dsn: str) -> None:

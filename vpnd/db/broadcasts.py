@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import attrs
@@ -432,12 +433,30 @@ def settle_in_doubt(conn: psycopg.Connection[Any], broadcast_id: int, *, resend:
     return sorted(int(r[0]) for r in conn.execute(query, params).fetchall())
 
 
-def mark_sent(conn: psycopg.Connection[Any], broadcast_id: int, user_id: int, message_id: int) -> None:
+def mark_sent_many(conn: psycopg.Connection[Any], broadcast_id: int, sent: Sequence[tuple[int, int]]) -> None:
+    """Mark recipients sent, `(user_id, message_id)` each, in one statement (rows no longer pending are
+    left as they are, so applying the same marks twice changes nothing)."""
+    if not sent:
+        return
     conn.execute(
-        "UPDATE broadcast_recipients SET status = 'sent', message_id = %s, sent_at = now(), error = NULL "
-        "WHERE broadcast_id = %s AND user_id = %s AND status = 'pending'",
-        (message_id, broadcast_id, user_id),
+        "UPDATE broadcast_recipients r SET status = 'sent', message_id = v.message_id, sent_at = now(), error = NULL "
+        "FROM unnest(%s::bigint[], %s::bigint[]) AS v (user_id, message_id) "
+        "WHERE r.broadcast_id = %s AND r.user_id = v.user_id AND r.status = 'pending'",
+        ([user_id for user_id, _ in sent], [message_id for _, message_id in sent], broadcast_id),
     )
+
+
+def record_and_check(
+    conn: psycopg.Connection[Any],
+    broadcast_id: int,
+    user_id: int,
+    segment: Segment,
+    sent: Sequence[tuple[int, int]],
+) -> Eligibility:
+    """One transaction per broadcast send: the marks of the sends that finished since the last one
+    (`mark_sent_many`), then `skip_if_ineligible` for the next recipient (which records its attempt)."""
+    mark_sent_many(conn, broadcast_id, sent)
+    return skip_if_ineligible(conn, broadcast_id, user_id, segment)
 
 
 def mark_failed(

@@ -130,6 +130,13 @@ class BroadcastTask:
     finished: trio.Event = attrs.field(factory=trio.Event)
     #: Telegram refused a paid send: the rest of this run goes at the free pace.
     paid_refused: bool = False
+    #: Sends that finished and are not yet marked in the database, `(user_id, message_id)`: the next
+    #: send's transaction marks them (`bdb.record_and_check`), so a send costs one transaction, not two.
+    unmarked: list[tuple[int, int]] = attrs.field(factory=list)
+
+    def take_unmarked(self) -> list[tuple[int, int]]:
+        taken, self.unmarked = self.unmarked, []
+        return taken
 
 
 @attrs.define(eq=False)
@@ -170,7 +177,10 @@ class Broadcasts:
         try:
             try:
                 with task.cancel_scope:
-                    await self._deliver(task)
+                    try:
+                        await self._deliver(task)
+                    finally:
+                        await self._mark_finished_sends(task)
             except CONNECTION_ERRORS as exc:
                 # PostgreSQL went away: progress is durable, so end this task; the next reconcile
                 # resumes the broadcast from its pending recipients once the database answers.
@@ -209,6 +219,19 @@ class Broadcasts:
         done = await self.app.db.run(bdb.finish_if_complete, broadcast.id)
         if done is not None:
             log.info("event=broadcast_done id=%d", broadcast.id)
+
+    async def _mark_finished_sends(self, task: BroadcastTask) -> None:
+        """Mark the sends that finished after the last send's transaction — also when the task is being
+        cancelled (shielded, briefly), so a cancelled broadcast's report counts what it delivered."""
+        if not task.unmarked:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(FINAL_MESSAGE_TIMEOUT):
+            sent = task.take_unmarked()
+            try:
+                await self.app.db.run(bdb.mark_sent_many, task.broadcast_id, sent)
+            except BaseException:
+                task.unmarked.extend(sent)  # not marked: in doubt at the next run, like a kill -9's
+                raise
 
     async def _settle_in_doubt(self, broadcast: Broadcast) -> None:
         """Recipients in flight at an unclean stop: sent again, or skipped (`[broadcast] resend_in_doubt`)."""
@@ -255,6 +278,7 @@ class Broadcasts:
                         await send_channel.send(user_id)
                         handed_out += 1
                     after = batch[-1]
+        await self._mark_finished_sends(task)  # before the next pass reads what is still pending
         return handed_out
 
     async def _worker(
@@ -318,10 +342,16 @@ class Broadcasts:
         db = self.app.db
 
         async def check_and_record_attempt() -> None:
-            # After the limiter's go-ahead, just before the Bot API call: the segment is re-checked and the
-            # attempt recorded in one transaction, so an unclean stop leaves in doubt only the sends that
-            # were really on the wire (not the ones still queued at the limiter).
-            eligibility = await db.run(bdb.skip_if_ineligible, broadcast.id, user_id, broadcast.target)
+            # After the limiter's go-ahead, just before the Bot API call, one transaction marks the sends
+            # that finished since the last one, re-checks the segment and records this attempt. So an
+            # unclean stop leaves in doubt only the sends on the wire or just finished (at most one per
+            # worker), not the ones still queued at the limiter.
+            finished = task.take_unmarked()
+            try:
+                eligibility = await db.run(bdb.record_and_check, broadcast.id, user_id, broadcast.target, finished)
+            except BaseException:
+                task.unmarked.extend(finished)  # marking twice is harmless; losing a mark is not
+                raise
             if eligibility != "send":
                 raise NotSending(eligibility)
 
@@ -341,7 +371,7 @@ class Broadcasts:
         except TelegramError as exc:  # e.g. a BadRequest for this one chat: record it and go on
             await db.run(bdb.mark_failed, broadcast.id, user_id, describe_telegram_error(exc))
             return "failed"
-        await db.run(bdb.mark_sent, broadcast.id, user_id, message.message_id)
+        task.unmarked.append((user_id, message.message_id))  # marked by the next send's transaction
         return "sent"
 
     # --- the admin's progress message ---------------------------------------------------------
@@ -425,8 +455,10 @@ def _refuses_paid_broadcast(exc: BadRequest) -> bool:
     return any(word in text for word in ("star", "balance", "paid", "payment"))
 
 
-def _markup(broadcast: Broadcast) -> telegram.InlineKeyboardMarkup | None:
-    return markup_of(broadcast.button_text, broadcast.button_url, broadcast.buttons)
+def _markup(broadcast: Broadcast) -> dict[str, Any] | None:
+    """The broadcast's keyboard as Bot API JSON, built once per run rather than per recipient."""
+    markup = markup_of(broadcast.button_text, broadcast.button_url, broadcast.buttons)
+    return markup.to_dict() if markup is not None else None
 
 
 def language_of(conn: Any, user_id: int) -> str | None:
