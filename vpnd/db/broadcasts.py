@@ -438,12 +438,14 @@ def mark_sent_many(conn: psycopg.Connection[Any], broadcast_id: int, sent: Seque
     left as they are, so applying the same marks twice changes nothing)."""
     if not sent:
         return
-    conn.execute(
-        "UPDATE broadcast_recipients r SET status = 'sent', message_id = v.message_id, sent_at = now(), error = NULL "
-        "FROM unnest(%s::bigint[], %s::bigint[]) AS v (user_id, message_id) "
-        "WHERE r.broadcast_id = %s AND r.user_id = v.user_id AND r.status = 'pending'",
-        ([user_id for user_id, _ in sent], [message_id for _, message_id in sent], broadcast_id),
-    )
+    # One primary-key update per row, pipelined: a join against unnest() was planned as a scan of the
+    # broadcast's pending rows (20 ms at 30,000 recipients before autovacuum's first ANALYZE).
+    with conn.cursor() as cur:
+        cur.executemany(
+            "UPDATE broadcast_recipients SET status = 'sent', message_id = %s, sent_at = now(), error = NULL "
+            "WHERE broadcast_id = %s AND user_id = %s AND status = 'pending'",
+            [(message_id, broadcast_id, user_id) for user_id, message_id in sent],
+        )
 
 
 def record_and_check(
