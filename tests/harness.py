@@ -247,14 +247,14 @@ async def start_shop(
     nursery: trio.Nursery,
     write_config: Callable[..., Path],
     db_dsn: str,
-    telegram: tuple[FakeTelegram, str],
-    cryptopay: tuple[FakeCryptoPay, str],
+    fake_telegram: tuple[FakeTelegram, str],
+    fake_cryptopay: tuple[FakeCryptoPay, str],
     **sections: dict[str, Any],
 ) -> Running:
     """vpnd selling through Crypto Pay (the fake's webhooks go to this vpnd) and the fake Bot API;
     `sections` override the config as for `bot_config`."""
-    fake, base_url = telegram
-    pay, pay_url = cryptopay
+    fake, base_url = fake_telegram
+    pay, pay_url = fake_cryptopay
     shop = {"enabled": True, "token": pay.token, "api_base_url": pay_url}
     vpnd = await start_vpnd(nursery, bot_config(write_config, db_dsn, fake, base_url, cryptopay=shop, **sections))
     pay.webhook_url = f"{vpnd.http_url}/webhooks/cryptopay"
