@@ -200,8 +200,23 @@ async def scenario(args: argparse.Namespace, db: BenchDatabase, workdir: Path) -
         "fake": fake,
         "rss": rss,
         "stops": stops,
+        "log_events": log_events(workdir),
         "per_chat": per_chat(fake, recipients),
     }
+
+
+def log_events(workdir: Path) -> dict[str, int]:
+    """Counts of the events worth a look in every vpnd log of the run (retries resend a message that
+    may have arrived; a duplicate without a stop points at them)."""
+    counts = dict.fromkeys(("telegram_retry", "telegram_429", "broadcast_in_doubt"), 0)
+    for path in workdir.rglob("*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            for event in counts:
+                if f"event={event} " in line:
+                    counts[event] += 1
+                    if event == "telegram_retry":
+                        print(f"  {line[:300]}")
+    return counts
 
 
 def delivered_to(fake: TimedTelegram, recipients: set[int]) -> int:
@@ -316,6 +331,10 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
             *[
                 [f"{stop['signal']} at {stop['delivered']} delivered: recipients in doubt", stop["in_doubt"]]
                 for stop in result["stops"]
+            ],
+            [
+                "vpnd log: telegram_retry / telegram_429 / broadcast_in_doubt events",
+                " / ".join(str(n) for n in result["log_events"].values()),
             ],
             [
                 "recipients who got it twice (or more) / never",
