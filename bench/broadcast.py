@@ -225,11 +225,15 @@ def delivered_to(fake: TimedTelegram, recipients: set[int]) -> int:
 
 
 def per_chat(fake: TimedTelegram, recipients: set[int]) -> dict[int, int]:
-    """How many broadcast messages each recipient got."""
+    """How many bot messages each recipient got; the ones with more than one are printed (the fake
+    keeps a chat's last few messages), so a duplicate can be told from another message."""
     counts = dict.fromkeys(recipients, 0)
     for _, chat in fake.output_log:
         if chat in counts:
             counts[chat] += 1
+    for chat in [c for c, n in counts.items() if n > 1][:10]:
+        texts = [(m.message_id, (m.text or m.caption or "")[:60]) for m in fake.messages.get(chat, []) if m.from_bot]
+        print(f"  chat {chat} got {counts[chat]} messages: {texts}")
     return counts
 
 
