@@ -208,13 +208,13 @@ async def scenario(args: argparse.Namespace, db: BenchDatabase, workdir: Path) -
 def log_events(workdir: Path) -> dict[str, int]:
     """Counts of the events worth a look in every vpnd log of the run (retries resend a message that
     may have arrived; a duplicate without a stop points at them)."""
-    counts = dict.fromkeys(("telegram_retry", "telegram_429", "broadcast_in_doubt"), 0)
+    counts = dict.fromkeys(("telegram_retry", "telegram_stale_connection", "telegram_429", "broadcast_in_doubt"), 0)
     for path in workdir.rglob("*.log"):
         for line in path.read_text(errors="replace").splitlines():
             for event in counts:
                 if f"event={event} " in line:
                     counts[event] += 1
-                    if event == "telegram_retry":
+                    if event in ("telegram_retry", "telegram_stale_connection"):
                         print(f"  {line[:300]}")
     return counts
 
@@ -337,7 +337,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
                 for stop in result["stops"]
             ],
             [
-                "vpnd log: telegram_retry / telegram_429 / broadcast_in_doubt events",
+                "vpnd log: telegram_retry / stale_connection / telegram_429 / broadcast_in_doubt",
                 " / ".join(str(n) for n in result["log_events"].values()),
             ],
             [

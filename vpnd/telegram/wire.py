@@ -29,6 +29,7 @@ The token is part of every request target; it never appears in reprs or exceptio
 from __future__ import annotations
 
 import json
+import logging
 import select
 import ssl
 from collections.abc import AsyncIterator
@@ -53,6 +54,8 @@ from telegram.error import (
 )
 
 __all__ = ["BotWire", "open_bot_wire"]
+
+log = logging.getLogger("vpnd.telegram.wire")
 
 RECEIVE_SIZE: Final = 65536
 POOL_TIMEOUT_MESSAGE: Final = (
@@ -178,8 +181,11 @@ class BotWire:
             if connection is not None:
                 try:
                     return await self._exchange(connection, target, body, read_timeout)
-                except _Stale:
-                    pass
+                except _Stale as exc:
+                    # A kept-alive connection the server had closed (its idle timeout): the request went
+                    # nowhere, so it goes again on a new connection. Logged, since a send repeated here is
+                    # what a duplicate would come from if the server had acted on it after all.
+                    log.info("event=telegram_stale_connection error=%s", _describe(exc.__cause__ or exc))
             connection = await self._connect()
             return await self._exchange(connection, target, body, read_timeout)
         finally:
