@@ -66,6 +66,44 @@ async def test_cancel_mid_transaction_rolls_back_and_keeps_pool_intact(database:
         assert await database.run(count_users) == 4
 
 
+def sleep_noting_the_backend(conn: psycopg.Connection[Any], pids: list[int], seconds: float) -> None:
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    pids.append(int(row[0]))
+    conn.execute("SELECT pg_sleep(%s)", (seconds,))
+
+
+def backend_alive(conn: psycopg.Connection[Any], pid: int) -> bool:
+    row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    return bool(row and row[0])
+
+
+async def test_a_cancelled_calls_connection_serves_no_other_call(database: Database) -> None:
+    """PostgreSQL may deliver a cancel request after the cancelled statement has ended — to the next
+    statement on that backend, which would fail "canceling statement due to user request" (seen in CI:
+    a broadcast cancelled, then its final report's query on the same pooled connection). So a connection
+    a cancel was sent to is closed, not handed to the next call; and quick cancels next to other calls
+    never fail those."""
+    pids: list[int] = []
+    with trio.fail_after(60):
+        with trio.move_on_after(0.3):
+            await database.run(sleep_noting_the_backend, pids, 30.0)
+        with trio.fail_after(5):
+            while await database.run(backend_alive, pids[0]):
+                await trio.sleep(0.05)
+
+        async def bystander() -> None:
+            for _ in range(40):
+                await database.run(sleep_noting_the_backend, [], 0.01)  # never cancelled: must not fail
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bystander)
+            for attempt in range(40):
+                with trio.move_on_after(0.005 + 0.001 * (attempt % 10)):
+                    await database.run(sleep_noting_the_backend, [], 0.015)
+    assert database.stats()["in_flight"] == 0
+
+
 HOLD_KEY = 4_242_001
 
 

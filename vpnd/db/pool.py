@@ -95,6 +95,9 @@ class _Call:
     conn: psycopg.Connection[Any] | None = None
     cancelled: bool = False
     finished: bool = False
+    #: A cancel request was sent (or is being sent) to `conn`'s backend; set when it has been.
+    cancel_sent: bool = False
+    cancel_done: threading.Event = attrs.field(factory=threading.Event)
 
     def attach(self, conn: psycopg.Connection[Any]) -> None:
         with self.lock:
@@ -118,12 +121,22 @@ class _Call:
                 raise _CallCancelled
 
     def cancel(self) -> psycopg.Connection[Any] | None:
-        """Mark cancelled; return the connection whose statement must be cancelled, if any."""
+        """Mark cancelled; return the connection whose statement must be cancelled, if any (the caller
+        then sends the cancel request and sets `cancel_done`)."""
         with self.lock:
             if self.finished:
                 return None
             self.cancelled = True
+            self.cancel_sent = self.conn is not None
             return self.conn
+
+    def let_go(self) -> bool:
+        """The worker is done with the connection: no cancel can be aimed at it any more. True when one
+        was: PostgreSQL may deliver it late, to whatever statement the backend runs next, so the
+        connection must not serve another call."""
+        with self.lock:
+            self.conn = None
+            return self.cancel_sent
 
 
 @attrs.define(eq=False)
@@ -195,6 +208,13 @@ class Database:
                             call.release()
                         finally:
                             conn._vpnd_used_at = time.monotonic()  # type: ignore[attr-defined]
+                            if call.let_go():
+                                # A cancel request went to this backend; it may land after our rollback,
+                                # on the next call's statement ("canceling statement due to user
+                                # request"). So once it has been sent, close the connection: the pool
+                                # replaces it.
+                                call.cancel_done.wait(CANCEL_REQUEST_TIMEOUT + 1.0)
+                                conn.close()
                 raise AssertionError("unreachable")
             except psycopg_pool.PoolTimeout as exc:
                 raise DatabaseUnavailable(f"no database connection within {self.acquire_timeout:g}s") from exc
@@ -247,7 +267,7 @@ async def _in_worker_thread(work: Callable[[], R], call: _Call) -> outcome.Outco
     def abort(raise_cancel: Any) -> trio.lowlevel.Abort:
         conn = call.cancel()
         if conn is not None:
-            trio.lowlevel.start_thread_soon(partial(_cancel_statement, conn), lambda _: None)
+            trio.lowlevel.start_thread_soon(partial(_cancel_statement, conn), lambda _: call.cancel_done.set())
         return trio.lowlevel.Abort.FAILED
 
     trio.lowlevel.start_thread_soon(work, deliver)
