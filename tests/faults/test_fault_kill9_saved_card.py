@@ -74,8 +74,11 @@ async def test_sigkill_between_card_charge_and_record_charges_once(
         supervisor = Supervisor(nursery, config_path, tmp_path, port)
         await supervisor.start()
         before = seed(db_dsn, shop)
-        with trio.fail_after(60):
-            await shop.wait_until(lambda: len(shop.saved_charges()) >= 1)  # charged, its answer withheld
+        try:
+            with trio.fail_after(60):
+                await shop.wait_until(lambda: len(shop.saved_charges()) >= 1)  # charged, its answer withheld
+        except trio.TooSlowError:
+            raise AssertionError(f"no card charge within 60 s; daemon log:\n{supervisor.tail()}") from None
         assert scalar(db_dsn, "SELECT count(*) FROM checkout_payments") == 0  # nothing of it recorded
         await supervisor.kill()
         assert len(shop.saved_charges()) == 1
