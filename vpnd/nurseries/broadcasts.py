@@ -18,8 +18,9 @@ Stopping, and what the restart guarantee rests on:
   still pending, so a resume (or restart) sends each one exactly once.
 * **cancel** cancels the task at once (within a second of the press); a send in flight at that
   moment may be delivered without being marked — the broadcast is over, nobody resends it.
-* **SIGKILL** (or a lost database connection) loses only the marks of the sends in flight (at most
-  `max_in_flight` per broadcast, more for a fast paid broadcast: see `in_flight_for`). Each send's
+* **SIGKILL** (or a lost database connection) loses only the marks of the sends on the wire or just
+  finished — a finished send is marked by the next send's transaction (`BroadcastTask.unmarked`) —
+  at most one per worker (`max_in_flight`, more for a fast paid broadcast: see `in_flight_for`). Each send's
   attempt is recorded before the Bot API call, so the next run knows exactly who those recipients are
   ("in doubt": Telegram has no idempotency key to ask whether they got it) and, per `[broadcast]
   resend_in_doubt`, sends them again (default: nobody skipped, those few may get it twice) or skips
